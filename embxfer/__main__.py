@@ -1,0 +1,3 @@
+from embxfer.runtime.cli import main
+
+raise SystemExit(main())

@@ -1,0 +1,76 @@
+"""Tensor bundles shared by the data-plane launchers and their torch reference.
+
+A *pool* stores, per block, the rows of every field for `block_size` tokens:
+
+    embeddings       [num_blocks, block_size, D]       bf16 | fp16 | fp32
+    deepstack        [num_blocks, block_size, K*D]     same dtype (optional)
+    fill_ids         [num_blocks, block_size]          int32
+    mrope_positions  [num_blocks, 3, block_size]       int32
+
+*Rows* are the same fields for a contiguous run of tokens, laid out as a payload:
+`embeddings [N, D]`, `fill_ids [N]`, `mrope_positions [3, N]`, `deepstack [N, K*D]`.
+
+A *span* names tokens `[start, start + count)` of a sequence whose tokens live, in
+order, in `blocks` (token t sits in `blocks[t // block_size]` at row `t % block_size`).
+Resume rounds start at `sent_tokens`, so `start` need not be block-aligned.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+from dataclasses import dataclass
+from typing import NamedTuple
+
+import torch
+
+
+class PoolTensors(NamedTuple):
+    embeddings: torch.Tensor
+    fill_ids: torch.Tensor
+    mrope_positions: torch.Tensor
+    deepstack: torch.Tensor | None = None
+
+    @property
+    def num_blocks(self) -> int:
+        return self.embeddings.shape[0]
+
+    @property
+    def block_size(self) -> int:
+        return self.embeddings.shape[1]
+
+
+class RowTensors(NamedTuple):
+    embeddings: torch.Tensor
+    fill_ids: torch.Tensor
+    mrope_positions: torch.Tensor
+    deepstack: torch.Tensor | None = None
+
+    @property
+    def num_tokens(self) -> int:
+        return self.embeddings.shape[0]
+
+
+@dataclass(frozen=True)
+class TokenSpan:
+    """Tokens `[start, start + count)` of a sequence stored in `blocks`."""
+
+    blocks: Sequence[int]
+    start: int
+    count: int
+
+
+def check_span(span: TokenSpan, num_blocks: int, block_size: int, *, what: str = "span") -> None:
+    """Host-side bounds check before any launch: a bad index is a ValueError, never an
+    out-of-bounds access."""
+    if span.start < 0 or span.count < 0:
+        raise ValueError(f"{what}: start={span.start}, count={span.count}: expected both >= 0")
+    end = span.start + span.count
+    if end > len(span.blocks) * block_size:
+        raise ValueError(
+            f"{what}: tokens [{span.start}, {end}) need {-(-end // block_size)} blocks, "
+            f"got {len(span.blocks)} blocks of {block_size}"
+        )
+    first, last = span.start // block_size, -(-end // block_size)
+    for b in span.blocks[first:last]:
+        if not 0 <= int(b) < num_blocks:
+            raise ValueError(f"{what}: block index {int(b)} out of range, expected 0..{num_blocks - 1}")

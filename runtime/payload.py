@@ -1,0 +1,167 @@
+"""`Payload`: what the encoder produces for one request, validated once at the door."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import torch
+
+EMBEDDING_DTYPES = (torch.bfloat16, torch.float16, torch.float32)
+INT64_MIN, INT64_MAX = -(1 << 63), (1 << 63) - 1
+
+# Bit-exact comparison reinterprets floats as integers of the same width, so NaN
+# payloads compare equal to themselves and -0.0 differs from +0.0.
+_BITS_VIEW = {torch.bfloat16: torch.int16, torch.float16: torch.int16, torch.float32: torch.int32}
+
+
+def _dtype_name(dtype: torch.dtype) -> str:
+    return str(dtype).removeprefix("torch.")
+
+
+def _check_tensor(name: str, value: object) -> torch.Tensor:
+    if not isinstance(value, torch.Tensor):
+        raise ValueError(f"payload.{name}: expected a torch.Tensor, got {type(value).__name__}")
+    return value
+
+
+@dataclass(frozen=True, eq=False)
+class Payload:
+    """One request's tensors: `embeddings [N, D]`, `fill_ids [N]` int32,
+    `mrope_positions [3, N]` int32, `mrope_delta` (int64 range) and optional
+    `deepstack [N, K*D]` in the embeddings' dtype. All on one device, contiguous."""
+
+    embeddings: torch.Tensor
+    fill_ids: torch.Tensor
+    mrope_positions: torch.Tensor
+    mrope_delta: int
+    deepstack: torch.Tensor | None = None
+
+    def __post_init__(self) -> None:
+        emb = _check_tensor("embeddings", self.embeddings)
+        if emb.dim() != 2:
+            raise ValueError(f"payload.embeddings: expected shape [N, D], got {list(emb.shape)}")
+        n, d = emb.shape
+        if n < 1:
+            raise ValueError(f"payload.embeddings: expected N >= 1 tokens, got N={n}")
+        if d < 1:
+            raise ValueError(f"payload.embeddings: expected D >= 1, got D={d}")
+        if emb.dtype not in EMBEDDING_DTYPES:
+            raise ValueError(
+                f"payload.embeddings: dtype {_dtype_name(emb.dtype)} not supported, "
+                "expected bfloat16, float16 or float32"
+            )
+        device = emb.device
+
+        ids = _check_tensor("fill_ids", self.fill_ids)
+        if ids.dim() != 1 or ids.shape[0] != n:
+            raise ValueError(f"payload.fill_ids: expected shape [{n}], got {list(ids.shape)}")
+        if ids.dtype != torch.int32:
+            raise ValueError(f"payload.fill_ids: expected dtype int32, got {_dtype_name(ids.dtype)}")
+
+        pos = _check_tensor("mrope_positions", self.mrope_positions)
+        if pos.dim() != 2 or tuple(pos.shape) != (3, n):
+            raise ValueError(f"payload.mrope_positions: expected shape [3, {n}], got {list(pos.shape)}")
+        if pos.dtype != torch.int32:
+            raise ValueError(
+                f"payload.mrope_positions: expected dtype int32, got {_dtype_name(pos.dtype)}"
+            )
+
+        delta = self.mrope_delta
+        if isinstance(delta, torch.Tensor):
+            if delta.numel() != 1 or delta.dtype.is_floating_point or delta.dtype == torch.bool:
+                raise ValueError(
+                    f"payload.mrope_delta: expected an integer scalar, got tensor {list(delta.shape)} "
+                    f"{_dtype_name(delta.dtype)}"
+                )
+            delta = int(delta.item())
+        elif isinstance(delta, bool) or not hasattr(delta, "__index__"):
+            raise ValueError(f"payload.mrope_delta: expected an int, got {type(delta).__name__}")
+        delta = int(delta)
+        if not INT64_MIN <= delta <= INT64_MAX:
+            raise ValueError(f"payload.mrope_delta={delta}: expected a value in the int64 range")
+        object.__setattr__(self, "mrope_delta", delta)
+
+        tensors = {"fill_ids": ids, "mrope_positions": pos}
+        if self.deepstack is not None:
+            deep = _check_tensor("deepstack", self.deepstack)
+            if deep.dim() != 2 or deep.shape[0] != n or deep.shape[1] < d or deep.shape[1] % d:
+                raise ValueError(
+                    f"payload.deepstack: expected shape [{n}, K*{d}] with K >= 1, got {list(deep.shape)}"
+                )
+            if deep.dtype != emb.dtype:
+                raise ValueError(
+                    f"payload.deepstack: expected dtype {_dtype_name(emb.dtype)} (same as embeddings), "
+                    f"got {_dtype_name(deep.dtype)}"
+                )
+            tensors["deepstack"] = deep
+        for name, tensor in tensors.items():
+            if tensor.device != device:
+                raise ValueError(
+                    f"payload.{name}: on {tensor.device}, expected {device} (same device as embeddings)"
+                )
+        for name in ("embeddings", *tensors):
+            tensor = getattr(self, name)
+            if not tensor.is_contiguous():
+                object.__setattr__(self, name, tensor.contiguous())
+
+    @property
+    def num_tokens(self) -> int:
+        return self.embeddings.shape[0]
+
+    @property
+    def dim(self) -> int:
+        return self.embeddings.shape[1]
+
+    @property
+    def deepstack_layers(self) -> int:
+        """K: how many extra hidden states each token carries (0 without deepstack)."""
+        return 0 if self.deepstack is None else self.deepstack.shape[1] // self.dim
+
+    @property
+    def dtype(self) -> torch.dtype:
+        return self.embeddings.dtype
+
+    @property
+    def device(self) -> torch.device:
+        return self.embeddings.device
+
+    @property
+    def nbytes(self) -> int:
+        total = sum(t.numel() * t.element_size() for t in (self.embeddings, self.fill_ids, self.mrope_positions))
+        if self.deepstack is not None:
+            total += self.deepstack.numel() * self.deepstack.element_size()
+        return total + 8  # mrope_delta
+
+    def to(self, device: torch.device | str) -> Payload:
+        return Payload(
+            embeddings=self.embeddings.to(device),
+            fill_ids=self.fill_ids.to(device),
+            mrope_positions=self.mrope_positions.to(device),
+            mrope_delta=self.mrope_delta,
+            deepstack=None if self.deepstack is None else self.deepstack.to(device),
+        )
+
+    def bit_equal(self, other: Payload) -> bool:
+        """True when every bit of every field agrees (NaN payloads included)."""
+        return not self.mismatches(other)
+
+    def mismatches(self, other: Payload) -> list[str]:
+        """Names of the fields that differ from `other`, bit for bit; empty when equal."""
+        diffs: list[str] = []
+        if self.mrope_delta != other.mrope_delta:
+            diffs.append("mrope_delta")
+        for name in ("embeddings", "fill_ids", "mrope_positions", "deepstack"):
+            a, b = getattr(self, name), getattr(other, name)
+            if a is None or b is None:
+                if a is not b:
+                    diffs.append(name)
+                continue
+            if a.shape != b.shape or a.dtype != b.dtype:
+                diffs.append(name)
+                continue
+            view = _BITS_VIEW.get(a.dtype)
+            if view is not None:
+                a, b = a.view(view), b.view(view)
+            if not torch.equal(a, b.to(a.device)):
+                diffs.append(name)
+        return diffs

@@ -1,0 +1,114 @@
+"""`BlockPool`: the per-field block storage of one engine on one device."""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+
+import torch
+
+from embxfer.kernels import PoolTensors, RowTensors, TokenSpan, gather, scatter
+
+from .payload import EMBEDDING_DTYPES, Payload
+
+
+class BlockPool:
+    """`num_blocks` blocks of `block_size` tokens; one block holds, for its tokens, the
+    rows of every field (embeddings, deepstack, fill_ids, mrope positions).
+
+    The mrope delta is per request, not per token: it travels in control records and
+    is never stored in (or read from) a block (SPEC R3).
+    """
+
+    def __init__(
+        self,
+        num_blocks: int,
+        block_size: int,
+        dim: int,
+        dtype: torch.dtype = torch.bfloat16,
+        deepstack_layers: int = 0,
+        device: torch.device | str = "cpu",
+    ) -> None:
+        for name, value, low in (
+            ("num_blocks", num_blocks, 1),
+            ("block_size", block_size, 1),
+            ("dim", dim, 1),
+            ("deepstack_layers", deepstack_layers, 0),
+        ):
+            if isinstance(value, bool) or not isinstance(value, int) or value < low:
+                raise ValueError(f"BlockPool.{name}={value!r}: expected an integer >= {low}")
+        if dtype not in EMBEDDING_DTYPES:
+            raise ValueError(f"BlockPool.dtype={dtype}: expected bfloat16, float16 or float32")
+        self.num_blocks = num_blocks
+        self.block_size = block_size
+        self.dim = dim
+        self.dtype = dtype
+        self.deepstack_layers = deepstack_layers
+        self.device = torch.device(device)
+        shape = (num_blocks, block_size)
+        self.tensors = PoolTensors(
+            embeddings=torch.empty(*shape, dim, dtype=dtype, device=self.device),
+            fill_ids=torch.empty(*shape, dtype=torch.int32, device=self.device),
+            mrope_positions=torch.empty(num_blocks, 3, block_size, dtype=torch.int32, device=self.device),
+            deepstack=(
+                torch.empty(*shape, deepstack_layers * dim, dtype=dtype, device=self.device)
+                if deepstack_layers
+                else None
+            ),
+        )
+
+    @property
+    def bytes_per_token(self) -> int:
+        element = torch.empty((), dtype=self.dtype).element_size()
+        return element * self.dim * (1 + self.deepstack_layers) + 4 * (1 + 3)
+
+    @property
+    def nbytes(self) -> int:
+        return sum(t.numel() * t.element_size() for t in self.tensors if t is not None)
+
+    def check_compatible(self, payload: Payload) -> None:
+        """ValueError naming the first field of `payload` that this pool cannot hold."""
+        if payload.dim != self.dim:
+            raise ValueError(f"payload.embeddings: D={payload.dim}, expected {self.dim} (the pool's dim)")
+        if payload.dtype != self.dtype:
+            raise ValueError(f"payload.embeddings: dtype {payload.dtype}, expected {self.dtype} (the pool's dtype)")
+        if payload.deepstack_layers != self.deepstack_layers:
+            raise ValueError(
+                f"payload.deepstack: K={payload.deepstack_layers}, expected {self.deepstack_layers} "
+                "(the pool's deepstack layers)"
+            )
+        if payload.device != self.device:
+            raise ValueError(f"payload.embeddings: on {payload.device}, expected {self.device} (the pool's device)")
+
+    def write(self, payload: Payload, blocks: Sequence[int], start: int = 0, count: int | None = None) -> None:
+        """Store payload tokens `[start, start + count)` in `blocks`, from the first block's row 0."""
+        self.check_compatible(payload)
+        count = payload.num_tokens - start if count is None else count
+        if start < 0 or count < 0 or start + count > payload.num_tokens:
+            raise ValueError(
+                f"write: tokens [{start}, {start + count}) outside the payload's {payload.num_tokens} tokens"
+            )
+        rows = RowTensors(payload.embeddings, payload.fill_ids, payload.mrope_positions, payload.deepstack)
+        scatter(rows, start, self.tensors, TokenSpan(blocks, 0, count))
+
+    def empty_rows(self, num_tokens: int) -> RowTensors:
+        """Uninitialised contiguous tensors for `num_tokens` tokens of this pool's shape."""
+        return RowTensors(
+            embeddings=torch.empty(num_tokens, self.dim, dtype=self.dtype, device=self.device),
+            fill_ids=torch.empty(num_tokens, dtype=torch.int32, device=self.device),
+            mrope_positions=torch.empty(3, num_tokens, dtype=torch.int32, device=self.device),
+            deepstack=(
+                torch.empty(num_tokens, self.deepstack_layers * self.dim, dtype=self.dtype, device=self.device)
+                if self.deepstack_layers
+                else None
+            ),
+        )
+
+    def read_into(self, blocks: Sequence[int], num_tokens: int, out: RowTensors, out_start: int = 0) -> None:
+        """Copy the first `num_tokens` tokens held in `blocks` into rows of `out` from `out_start`."""
+        gather(self.tensors, TokenSpan(blocks, 0, num_tokens), out, out_start)
+
+    def read(self, blocks: Sequence[int], num_tokens: int, mrope_delta: int) -> Payload:
+        """The first `num_tokens` tokens held in `blocks` as a contiguous `Payload`."""
+        rows = self.empty_rows(num_tokens)
+        self.read_into(blocks, num_tokens, rows)
+        return Payload(*rows[:3], mrope_delta=mrope_delta, deepstack=rows.deepstack)
