@@ -65,14 +65,18 @@ class BlockAllocator:
         """Up to enough blocks for `num_tokens` (capped at `max_tokens` if > 0) from what is
         free now; None when no block is free."""
         self._check_tokens(num_tokens)
+        if isinstance(max_tokens, bool) or not isinstance(max_tokens, int) or max_tokens < 0:
+            raise ValueError(f"max_tokens={max_tokens!r}: expected an integer >= 0 (0 = no cap)")
         count = self.blocks_for(num_tokens)
         if max_tokens > 0:
             count = min(count, max(1, max_tokens // self.block_size))
         count = min(count, len(self._free_stack))
         return self._pop(count) if count else None
 
-    def claim(self, blocks: Sequence[int]) -> None:
+    def claim(self, blocks: Iterable[int]) -> None:
         """Take exactly these blocks; ValueError if any is out of range, repeated or in use."""
+        # A one-shot iterable would be used up by the check and then claim nothing.
+        blocks = list(blocks)
         self._check_indices(blocks, want_in_use=False, action="claim")
         claimed = set(blocks)
         self._free_stack = [b for b in self._free_stack if b not in claimed]
@@ -88,6 +92,9 @@ class BlockAllocator:
             self._free_stack.append(b)
 
     def is_free(self, block: int) -> bool:
+        # bytearray would accept -1 (the last block) silently.
+        if isinstance(block, bool) or not isinstance(block, int) or not 0 <= block < self.num_blocks:
+            raise ValueError(f"is_free: block {block!r} out of range, expected 0..{self.num_blocks - 1}")
         return not self._in_use[block]
 
     def _pop(self, count: int) -> list[int]:

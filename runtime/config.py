@@ -90,7 +90,7 @@ class Config:
                 values[f.name] = kind(raw.strip())
             except ValueError:
                 raise ValueError(
-                    f"{ENV_PREFIX}{f.name.upper()}={raw!r}: expected {kind.__name__}"
+                    f"config.{f.name}: {ENV_PREFIX}{f.name.upper()}={raw!r}: expected {kind.__name__}"
                 ) from None
         values.update(overrides)
         return cls(**values)

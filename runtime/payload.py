@@ -68,11 +68,18 @@ class Payload:
 
         delta = self.mrope_delta
         if isinstance(delta, torch.Tensor):
-            if delta.numel() != 1 or delta.dtype.is_floating_point or delta.dtype == torch.bool:
+            if (
+                delta.numel() != 1
+                or delta.dtype.is_floating_point
+                or delta.dtype.is_complex
+                or delta.dtype == torch.bool
+            ):
                 raise ValueError(
                     f"payload.mrope_delta: expected an integer scalar, got tensor {list(delta.shape)} "
                     f"{_dtype_name(delta.dtype)}"
                 )
+            if delta.is_meta:
+                raise ValueError("payload.mrope_delta: a meta tensor holds no value, expected an int")
             delta = int(delta.item())
         elif isinstance(delta, bool) or not hasattr(delta, "__index__"):
             raise ValueError(f"payload.mrope_delta: expected an int, got {type(delta).__name__}")

@@ -5,7 +5,6 @@ from __future__ import annotations
 from collections.abc import Sequence
 
 import torch
-
 from embxfer.kernels import PoolTensors, RowTensors, TokenSpan, gather, scatter
 
 from .payload import EMBEDDING_DTYPES, Payload
@@ -43,18 +42,21 @@ class BlockPool:
         self.dim = dim
         self.dtype = dtype
         self.deepstack_layers = deepstack_layers
-        self.device = torch.device(device)
+        device = torch.device(device)
         shape = (num_blocks, block_size)
         self.tensors = PoolTensors(
-            embeddings=torch.empty(*shape, dim, dtype=dtype, device=self.device),
-            fill_ids=torch.empty(*shape, dtype=torch.int32, device=self.device),
-            mrope_positions=torch.empty(num_blocks, 3, block_size, dtype=torch.int32, device=self.device),
+            embeddings=torch.empty(*shape, dim, dtype=dtype, device=device),
+            fill_ids=torch.empty(*shape, dtype=torch.int32, device=device),
+            mrope_positions=torch.empty(num_blocks, 3, block_size, dtype=torch.int32, device=device),
             deepstack=(
-                torch.empty(*shape, deepstack_layers * dim, dtype=dtype, device=self.device)
+                torch.empty(*shape, deepstack_layers * dim, dtype=dtype, device=device)
                 if deepstack_layers
                 else None
             ),
         )
+        # The device the storage landed on: "cuda" resolves to "cuda:0", and a payload on
+        # cuda:0 must compare equal to it in check_compatible.
+        self.device = self.tensors.embeddings.device
 
     @property
     def bytes_per_token(self) -> int:
@@ -83,10 +85,17 @@ class BlockPool:
         """Store payload tokens `[start, start + count)` in `blocks`, from the first block's row 0."""
         self.check_compatible(payload)
         count = payload.num_tokens - start if count is None else count
+        for name, value in (("start", start), ("count", count)):
+            if isinstance(value, bool) or not isinstance(value, int):
+                raise ValueError(f"write: {name}={value!r}: expected an integer")
         if start < 0 or count < 0 or start + count > payload.num_tokens:
             raise ValueError(
                 f"write: tokens [{start}, {start + count}) outside the payload's {payload.num_tokens} tokens"
             )
+        # Two stretches of tokens landing in one block would silently overwrite each other.
+        used = [int(b) for b in blocks[: -(-count // self.block_size)]]
+        if len(set(used)) != len(used):
+            raise ValueError(f"write: block list {used} names a block more than once")
         rows = RowTensors(payload.embeddings, payload.fill_ids, payload.mrope_positions, payload.deepstack)
         scatter(rows, start, self.tensors, TokenSpan(blocks, 0, count))
 
@@ -109,6 +118,8 @@ class BlockPool:
 
     def read(self, blocks: Sequence[int], num_tokens: int, mrope_delta: int) -> Payload:
         """The first `num_tokens` tokens held in `blocks` as a contiguous `Payload`."""
+        if isinstance(num_tokens, bool) or not isinstance(num_tokens, int) or num_tokens < 1:
+            raise ValueError(f"read: num_tokens={num_tokens!r}: expected an integer >= 1")
         rows = self.empty_rows(num_tokens)
         self.read_into(blocks, num_tokens, rows)
         return Payload(*rows[:3], mrope_delta=mrope_delta, deepstack=rows.deepstack)

@@ -1,0 +1,178 @@
+"""Config: defaults, `EMBXFER_*` overrides and validation that names the field."""
+
+from __future__ import annotations
+
+import dataclasses
+
+import pytest
+
+from embxfer import Config
+
+DEFAULTS = {
+    "block_size": 128,
+    "default_alloc_tokens": 8192,
+    "encoder_pool_blocks": 1024,
+    "language_pool_blocks": 1024,
+    "max_resume_tokens": 0,
+    "staging_bytes": 32 << 20,
+    "staging_depth": 2,
+    "heartbeat_interval_s": 0.5,
+    "peer_timeout_s": 10.0,
+    "request_timeout_s": 120.0,
+    "ring_slots": 1024,
+    "ring_slot_bytes": 4096,
+}
+
+
+def test_defaults():
+    config = Config()
+    assert {f.name: getattr(config, f.name) for f in dataclasses.fields(config)} == DEFAULTS
+    assert config.default_alloc_blocks == 64
+
+
+def test_from_env_with_empty_env_is_defaults():
+    assert Config.from_env(env={}) == Config()
+
+
+def test_from_env_ignores_unrelated_variables():
+    env = {"BLOCK_SIZE": "7", "EMBXFER": "x", "OTHER_EMBXFER_BLOCK_SIZE": "3"}
+    assert Config.from_env(env=env) == Config()
+
+
+def test_every_field_reads_its_env_var():
+    env = {
+        "EMBXFER_BLOCK_SIZE": "64",
+        "EMBXFER_DEFAULT_ALLOC_TOKENS": "1000",
+        "EMBXFER_ENCODER_POOL_BLOCKS": "33",
+        "EMBXFER_LANGUAGE_POOL_BLOCKS": "44",
+        "EMBXFER_MAX_RESUME_TOKENS": "512",
+        "EMBXFER_STAGING_BYTES": "1048576",
+        "EMBXFER_STAGING_DEPTH": "3",
+        "EMBXFER_HEARTBEAT_INTERVAL_S": "0.25",
+        "EMBXFER_PEER_TIMEOUT_S": "5",
+        "EMBXFER_REQUEST_TIMEOUT_S": "30.5",
+        "EMBXFER_RING_SLOTS": "256",
+        "EMBXFER_RING_SLOT_BYTES": " 8192 ",
+    }
+    config = Config.from_env(env=env)
+    assert config.block_size == 64
+    assert config.default_alloc_tokens == 1000
+    assert config.encoder_pool_blocks == 33
+    assert config.language_pool_blocks == 44
+    assert config.max_resume_tokens == 512
+    assert config.staging_bytes == 1 << 20
+    assert config.staging_depth == 3
+    assert config.heartbeat_interval_s == 0.25
+    assert config.peer_timeout_s == 5.0 and isinstance(config.peer_timeout_s, float)
+    assert config.request_timeout_s == 30.5
+    assert config.ring_slots == 256
+    assert config.ring_slot_bytes == 8192
+    assert config.default_alloc_blocks == 16  # 1000 / 64 rounded up
+
+
+def test_keyword_overrides_win_over_env():
+    config = Config.from_env(env={"EMBXFER_BLOCK_SIZE": "64"}, block_size=32, ring_slots=8)
+    assert config.block_size == 32 and config.ring_slots == 8
+
+
+def test_from_env_reads_process_environment(monkeypatch):
+    monkeypatch.setenv("EMBXFER_STAGING_DEPTH", "5")
+    assert Config.from_env().staging_depth == 5
+
+
+@pytest.mark.parametrize(
+    "tokens, block_size, blocks",
+    [(8192, 128, 64), (1000, 128, 8), (1024, 128, 8), (1025, 128, 9), (1, 128, 1), (7, 1, 7), (2000, 1024, 2)],
+)
+def test_default_alloc_blocks_rounds_up(tokens, block_size, blocks):
+    config = Config(default_alloc_tokens=tokens, block_size=block_size)
+    assert config.default_alloc_blocks == blocks
+    assert config.default_alloc_blocks * block_size >= tokens
+
+
+INT_FIELDS = [
+    "block_size",
+    "default_alloc_tokens",
+    "encoder_pool_blocks",
+    "language_pool_blocks",
+    "staging_bytes",
+    "staging_depth",
+    "ring_slots",
+    "ring_slot_bytes",
+]
+SECONDS_FIELDS = ["heartbeat_interval_s", "peer_timeout_s", "request_timeout_s"]
+
+
+@pytest.mark.parametrize("field", INT_FIELDS)
+@pytest.mark.parametrize("value", [0, -1, 2.5, "8", True, None])
+def test_bad_positive_int_names_the_field(field, value):
+    with pytest.raises(ValueError, match=f"config.{field}"):
+        Config(**{field: value})
+
+
+@pytest.mark.parametrize("field", INT_FIELDS)
+@pytest.mark.parametrize("raw", ["0", "-3", "abc", "1.5", ""])
+def test_bad_positive_int_from_env_names_the_field(field, raw):
+    with pytest.raises(ValueError, match=f"config.{field}"):
+        Config.from_env(env={"EMBXFER_" + field.upper(): raw})
+
+
+@pytest.mark.parametrize("field", SECONDS_FIELDS)
+@pytest.mark.parametrize("value", [0, 0.0, -1.0, float("nan"), "1", True])
+def test_bad_seconds_names_the_field(field, value):
+    with pytest.raises(ValueError, match=f"config.{field}"):
+        Config(**{field: value})
+
+
+@pytest.mark.parametrize("field", SECONDS_FIELDS)
+@pytest.mark.parametrize("raw", ["0", "-0.5", "soon", "nan"])
+def test_bad_seconds_from_env_names_the_field(field, raw):
+    with pytest.raises(ValueError, match=f"config.{field}"):
+        Config.from_env(env={"EMBXFER_" + field.upper(): raw})
+
+
+@pytest.mark.parametrize("value", [1025, 2048, 1 << 20])
+def test_block_size_above_1024_rejected(value):
+    with pytest.raises(ValueError, match="config.block_size") as info:
+        Config(block_size=value)
+    assert "1024" in str(info.value)
+
+
+@pytest.mark.parametrize("value", [1, 1024])
+def test_block_size_limits_accepted(value):
+    assert Config(block_size=value).block_size == value
+
+
+@pytest.mark.parametrize("value", [-1, 1.5, "0", True])
+def test_bad_max_resume_tokens(value):
+    with pytest.raises(ValueError, match="config.max_resume_tokens"):
+        Config(max_resume_tokens=value)
+
+
+def test_peer_timeout_must_be_twice_heartbeat():
+    with pytest.raises(ValueError, match="config.peer_timeout_s"):
+        Config(heartbeat_interval_s=1.0, peer_timeout_s=1.9)
+    with pytest.raises(ValueError, match="config.peer_timeout_s"):
+        Config.from_env(env={"EMBXFER_HEARTBEAT_INTERVAL_S": "6"})  # default peer timeout 10 < 12
+    assert Config(heartbeat_interval_s=1.0, peer_timeout_s=2.0).peer_timeout_s == 2.0
+
+
+def test_replace_validates():
+    config = Config()
+    assert config.replace(block_size=64).block_size == 64
+    with pytest.raises(ValueError, match="config.block_size"):
+        config.replace(block_size=0)
+
+
+def test_config_is_frozen():
+    with pytest.raises(dataclasses.FrozenInstanceError):
+        Config().block_size = 3  # type: ignore[misc]
+
+
+def test_describe_lists_every_field_and_value():
+    text = Config(block_size=64).describe()
+    lines = text.splitlines()
+    assert len(lines) == len(DEFAULTS)
+    for name in DEFAULTS:
+        assert any(line.split()[0] == name for line in lines), name
+    assert any(line.split() == ["block_size", "=", "64"] for line in lines)
