@@ -2,19 +2,26 @@
 
 from __future__ import annotations
 
+from collections.abc import Sequence
+
 import torch
 
+from .layout import StagingLayout
 from .types import PoolTensors, RowTensors, TokenSpan
 
 
-def token_locations(span: TokenSpan, block_size: int, device: torch.device) -> tuple[torch.Tensor, torch.Tensor]:
+def token_locations(
+    span: TokenSpan, block_size: int, device: torch.device
+) -> tuple[torch.Tensor, torch.Tensor]:
     """(block index, row in block) of every token of the span."""
     tokens = torch.arange(span.start, span.start + span.count, device=device)
     blocks = torch.as_tensor(list(span.blocks), dtype=torch.long, device=device)
     return blocks[tokens // block_size], tokens % block_size
 
 
-def gather_reference(pool: PoolTensors, span: TokenSpan, out: RowTensors, out_start: int = 0) -> None:
+def gather_reference(
+    pool: PoolTensors, span: TokenSpan, out: RowTensors, out_start: int = 0
+) -> None:
     """Copy the span's tokens from the pool into rows `[out_start, out_start + count)` of `out`."""
     block, row = token_locations(span, pool.block_size, pool.embeddings.device)
     end = out_start + span.count
@@ -25,7 +32,9 @@ def gather_reference(pool: PoolTensors, span: TokenSpan, out: RowTensors, out_st
         out.deepstack[out_start:end] = pool.deepstack[block, row]
 
 
-def scatter_reference(rows: RowTensors, rows_start: int, pool: PoolTensors, span: TokenSpan) -> None:
+def scatter_reference(
+    rows: RowTensors, rows_start: int, pool: PoolTensors, span: TokenSpan
+) -> None:
     """Copy rows `[rows_start, rows_start + count)` of `rows` into the span's places in the pool."""
     block, row = token_locations(span, pool.block_size, pool.embeddings.device)
     end = rows_start + span.count
@@ -34,3 +43,36 @@ def scatter_reference(rows: RowTensors, rows_start: int, pool: PoolTensors, span
     pool.mrope_positions[block, :, row] = rows.mrope_positions[:, rows_start:end].T
     if pool.deepstack is not None:
         pool.deepstack[block, row] = rows.deepstack[rows_start:end]
+
+
+def pack_reference(
+    pool: PoolTensors, spans: Sequence[TokenSpan], staging: torch.Tensor, layout: StagingLayout
+) -> None:
+    """Gather every span's tokens, all fields, into its segment of `staging`."""
+    for i, span in enumerate(spans):
+        gather_reference(pool, span, layout.views(staging, i))
+
+
+def unpack_reference(
+    staging: torch.Tensor, layout: StagingLayout, pool: PoolTensors, spans: Sequence[TokenSpan]
+) -> None:
+    """Scatter segment i of `staging` into the pool rows named by `spans[i]`."""
+    for i, span in enumerate(spans):
+        scatter_reference(layout.views(staging, i), 0, pool, span)
+
+
+def unpack_to_rows_reference(
+    staging: torch.Tensor,
+    layout: StagingLayout,
+    outputs: Sequence[RowTensors],
+    out_starts: Sequence[int],
+) -> None:
+    """Copy segment i of `staging` into rows `[out_starts[i], out_starts[i] + counts[i])` of `outputs[i]`."""
+    for i, (out, start) in enumerate(zip(outputs, out_starts, strict=True)):
+        segment = layout.views(staging, i)
+        end = start + layout.counts[i]
+        out.embeddings[start:end] = segment.embeddings
+        out.fill_ids[start:end] = segment.fill_ids
+        out.mrope_positions[:, start:end] = segment.mrope_positions
+        if segment.deepstack is not None:
+            out.deepstack[start:end] = segment.deepstack

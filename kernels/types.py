@@ -73,4 +73,6 @@ def check_span(span: TokenSpan, num_blocks: int, block_size: int, *, what: str =
     first, last = span.start // block_size, -(-end // block_size)
     for b in span.blocks[first:last]:
         if not 0 <= int(b) < num_blocks:
-            raise ValueError(f"{what}: block index {int(b)} out of range, expected 0..{num_blocks - 1}")
+            raise ValueError(
+                f"{what}: block index {int(b)} out of range, expected 0..{num_blocks - 1}"
+            )
