@@ -1,0 +1,984 @@
+"""A single-writer, multi-reader ring of byte records in POSIX shared memory.
+
+One writer process publishes records; any number of reader processes (up to
+`max_readers`) each read every record published after they attached, in order, through
+their own cursor. The vocabulary is the LMAX Disruptor's: a *sequence* numbers every
+record (1, 2, 3, ...), the writer's *head* is the last sequence published, a reader's
+*cursor* is the last sequence it consumed, and the writer may reuse the slot of sequence
+`s` only when every reader's cursor is >= `s` (backpressure, never overwrite).
+
+Memory layout (one segment, native byte order, every offset a multiple of 64)::
+
+    0     static header (written once, before `magic`)
+          magic u64 | version u32 | header_bytes u32 | slots u32 | slot_bytes u32 |
+          max_readers u32 | reader_entry_bytes u32 | segment_bytes u64 |
+          writer_pid i64 | writer_start_ticks u64 | created_ns u64
+    64    head u64                                 <- writer, every publish (own line)
+    128   writer_state u64 (1 open, 2 closed) | writer_heartbeat_ns u64 |
+          writer_parked u64                        <- writer, rarely
+    192   writer doorbell name (64 bytes, NUL padded)
+    256   reader entry 0 (192 bytes = three lines)
+            +0    cursor u64                       <- reader, every record (own line)
+            +64   pid i64 | start_ticks u64 | parked u64 | heartbeat_ns u64
+            +128  doorbell name (64 bytes)
+          reader entry 1 ... reader entry max_readers-1
+    256 + 192 * max_readers
+          slot 0 .. slot slots-1, `slot_bytes` each; sequence s lives in slot (s-1) % slots
+            +0    sequence u64  (0 = never written)
+            +8    length u32
+            +12   checksum u32  (crc32 of the payload, seeded with the low 32 bits of
+                                 the sequence, so a stale slot cannot pass for a new one)
+            +16   payload (length bytes, at most slot_bytes - 16)
+
+Publishing (seqlock style, payload first): the writer copies the payload, then length
+and checksum, then the slot's sequence, then the head. A reader delivers sequence `s`
+only if the slot holds sequence `s`, the length fits, the checksum matches and the
+sequence still reads `s` after the copy; it stores its cursor only after that. A writer
+killed before storing the sequence leaves a slot that no reader delivers.
+
+Memory ordering. CPython has no fences; an aligned 8-byte store or load through a native
+`struct` format is one instruction. On x86-64 (TSO) stores become visible in program
+order and loads are not reordered with loads, so publish-after-write needs nothing
+more. The one store->load pattern in the ring is parking (Dekker: "I parked, then I
+look for work" against "I published, then I look for parked readers"); both sides
+execute a full fence between the store and the load, obtained from an uncontended
+lock acquire/release (a `lock`-prefixed instruction on x86-64). The checksum backs the
+ordering argument up: on a weakly ordered CPU a torn slot is caught and re-read, and a
+parked reader re-checks every PARK_SLICE_S anyway, which bounds any missed wake-up.
+
+Waiting (wait strategy "spin, then park"): a reader polls for `spin_s`, then sets its
+`parked` word, fences, re-polls, and sleeps on its `Doorbell` (a POSIX counting
+semaphore). After every publish the writer fences, reads all readers' `parked` words
+(one `struct` call) and posts the doorbell of each parked reader. The semaphore counts,
+so a post that arrives before the reader sleeps is not lost; the reader drains stale
+counts before re-polling. A blocked writer parks the same way on its own doorbell and
+readers post it after consuming. See the `Doorbell` and `wait_any` docstrings.
+
+Liveness: the writer and each reader record pid, process start time and a heartbeat
+timestamp (CLOCK_MONOTONIC ns). A participant is dead when its process is gone (or a
+zombie, or the pid was reused) or, if the caller gives a staleness threshold, when its
+heartbeat is older. A writer blocked on a dead reader raises `PeerDeadError` within one
+PARK_SLICE_S; a reader whose writer died (or closed the ring) gets every record that was
+completely published and then `PeerDeadError`.
+
+Hygiene: segment and doorbell names are `<prefix>-<pid>-<random>` and
+`<prefix>-db-<pid>-<random>`, created mode 0600; only the creator unlinks. See
+`hygiene.py` for the clean-up of what a crashed run left.
+"""
+
+from __future__ import annotations
+
+import fcntl
+import mmap
+import os
+import re
+import secrets
+import signal
+import struct
+import threading
+import time
+import zlib
+from collections.abc import Sequence
+from dataclasses import dataclass
+
+import posix_ipc
+
+from ._process import process_alive, process_start_ticks
+
+RING_MAGIC = int.from_bytes(b"EBXRING1", "little")
+RING_VERSION = 1
+HEADER_BYTES = 256
+READER_ENTRY_BYTES = 192
+SLOT_HEADER_BYTES = 16
+CACHE_LINE = 64
+MAX_READERS = 64
+MAX_SLOTS = 1 << 20
+MAX_SLOT_BYTES = 1 << 24
+NAME_FIELD_BYTES = 64
+# Longest a parked participant sleeps before it re-checks by itself (liveness, heartbeat).
+PARK_SLICE_S = 0.05
+DEFAULT_SPIN_S = 50e-6
+# Test hook: the writer stops itself (SIGSTOP) between payload and sequence of this sequence.
+PAUSE_ENV = "EMBXFER_RING_TEST_PAUSE_BEFORE_SEQUENCE"
+
+_OPEN, _CLOSED = 1, 2
+_STATIC = struct.Struct("=QIIIIIIQqQQ")
+_U64 = struct.Struct("Q")  # native: one aligned 8-byte load/store
+_I64 = struct.Struct("q")
+_SLOT_HEADER = struct.Struct("QII")
+_SIZE_CHECKSUM = struct.Struct("II")
+_ENTRY_COLD = struct.Struct("qQQQ")  # pid, start_ticks, parked, heartbeat_ns
+
+_HEAD = 64
+_WRITER_STATE = 128
+_WRITER_HEARTBEAT = 136
+_WRITER_PARKED = 144
+_WRITER_DOORBELL = 192
+_TABLE = HEADER_BYTES
+_CURSOR = 0
+_PID = 64
+_PARKED = 80
+_HEARTBEAT = 88
+_DOORBELL = 128
+
+_PREFIX_RE = re.compile(r"^[A-Za-z0-9_.]{1,24}$")
+_crc32 = zlib.crc32
+_monotonic = time.monotonic
+_monotonic_ns = time.monotonic_ns
+
+# A full memory fence from Python: acquiring and releasing an uncontended lock executes
+# atomic read-modify-write instructions (lock cmpxchg / lock xadd on x86-64).
+_fence_lock = threading.Lock()
+_fence_acquire = _fence_lock.acquire
+_fence_release = _fence_lock.release
+
+
+def _fence() -> None:
+    _fence_acquire()
+    _fence_release()
+
+
+class RingError(Exception):
+    """Base class of the ring's errors."""
+
+
+class IncompatibleRingError(RingError):
+    """The segment is not a ring of this version and shape."""
+
+
+class RingFullError(RingError):
+    """`publish` waited its whole deadline for a slow reader; `.slowest` names it."""
+
+    def __init__(self, message: str, slowest: PeerInfo) -> None:
+        super().__init__(message)
+        self.slowest = slowest
+
+
+class PeerDeadError(RingError):
+    """A participant the caller depends on is gone; `.peer` names it."""
+
+    def __init__(self, message: str, peer: PeerInfo) -> None:
+        super().__init__(message)
+        self.peer = peer
+
+
+class RingCorruptError(RingError):
+    """A published record failed validation; it was counted and skipped, never delivered."""
+
+    def __init__(self, message: str, sequence: int) -> None:
+        super().__init__(message)
+        self.sequence = sequence
+
+
+@dataclass(frozen=True)
+class PeerInfo:
+    """One participant of a ring as its header describes it."""
+
+    role: str  # "writer" or "reader"
+    index: int  # reader entry; -1 for the writer
+    pid: int
+    cursor: int  # last sequence consumed (reader) or published (writer)
+    lag: int  # records published and not yet consumed by this reader (0 for the writer)
+    heartbeat_age_s: float
+    alive: bool  # process running (not a zombie, same start time); False for a closed writer
+    parked: bool
+
+    def describe(self) -> str:
+        who = "writer" if self.role == "writer" else f"reader #{self.index}"
+        state = "alive" if self.alive else "dead"
+        return (
+            f"{who} (pid {self.pid}, {state}, cursor {self.cursor}, lag {self.lag}, "
+            f"heartbeat {self.heartbeat_age_s:.3f}s ago)"
+        )
+
+
+@dataclass(frozen=True)
+class ReaderStats:
+    delivered: int  # records returned to the caller
+    retried: int  # slots that failed validation once and passed on a re-read
+    rejected: int  # records that kept failing validation: counted, skipped, never delivered
+
+
+def slot_bytes_for(record_bytes: int) -> int:
+    """Smallest valid `slot_bytes` whose payload holds `record_bytes` bytes."""
+    if record_bytes < 0:
+        raise ValueError(f"record_bytes={record_bytes}: expected >= 0")
+    return -(-(record_bytes + SLOT_HEADER_BYTES) // CACHE_LINE) * CACHE_LINE
+
+
+def segment_bytes(slots: int, slot_bytes: int, max_readers: int) -> int:
+    return HEADER_BYTES + READER_ENTRY_BYTES * max_readers + slots * slot_bytes
+
+
+def _shm_name(name: str) -> str:
+    return name if name.startswith("/") else "/" + name
+
+
+def _check_prefix(prefix: str) -> None:
+    if not isinstance(prefix, str) or not _PREFIX_RE.match(prefix):
+        raise ValueError(
+            f"prefix={prefix!r}: expected 1-24 characters from [A-Za-z0-9_.] (names are "
+            "<prefix>-<pid>-<random>)"
+        )
+
+
+def _write_name(mm: mmap.mmap, offset: int, name: str) -> None:
+    raw = name.encode("ascii")
+    if len(raw) >= NAME_FIELD_BYTES:
+        raise ValueError(f"name {name!r} is longer than {NAME_FIELD_BYTES - 1} bytes")
+    mm[offset : offset + NAME_FIELD_BYTES] = raw.ljust(NAME_FIELD_BYTES, b"\0")
+
+
+def _read_name(mm: mmap.mmap, offset: int) -> str:
+    return mm[offset : offset + NAME_FIELD_BYTES].split(b"\0", 1)[0].decode("ascii", "replace")
+
+
+class Doorbell:
+    """A per-process wake-up: a POSIX counting semaphore that every ring this process
+    reads (or writes) posts when it has work for it.
+
+    A process that reads several rings attaches all its readers with one doorbell and
+    parks on it once (`wait_any`). Posts count, so one that arrives before `wait` is not
+    lost; `drain` drops counts left over from posts that raced with a wake-up.
+    """
+
+    def __init__(self, semaphore: posix_ipc.Semaphore, owner: bool) -> None:
+        self._semaphore = semaphore
+        self._owner = owner
+        self.name: str = semaphore.name
+
+    @classmethod
+    def create(cls, prefix: str = "embxfer") -> Doorbell:
+        """A new doorbell named `/<prefix>-db-<pid>-<random>`, mode 0600; its creator unlinks it."""
+        _check_prefix(prefix)
+        for _ in range(16):
+            name = f"/{prefix}-db-{os.getpid()}-{secrets.token_hex(4)}"
+            try:
+                semaphore = posix_ipc.Semaphore(name, posix_ipc.O_CREX, mode=0o600, initial_value=0)
+            except posix_ipc.ExistentialError:
+                continue
+            return cls(semaphore, owner=True)
+        raise RingError(f"could not create a doorbell with prefix {prefix!r}")
+
+    @classmethod
+    def open(cls, name: str) -> Doorbell:
+        """Another process's doorbell, to ring it; closing it does not unlink it."""
+        return cls(posix_ipc.Semaphore(_shm_name(name)), owner=False)
+
+    def wait(self, timeout: float) -> bool:
+        """Sleep until rung or `timeout` seconds pass; True if rung."""
+        try:
+            self._semaphore.acquire(max(0.0, timeout))
+        except posix_ipc.BusyError:
+            return False
+        return True
+
+    def ring(self) -> None:
+        self._semaphore.release()
+
+    def drain(self) -> int:
+        """Take every pending post without sleeping; the number taken."""
+        taken = 0
+        while self._semaphore.value > 0:
+            try:
+                self._semaphore.acquire(0)
+            except posix_ipc.BusyError:
+                break
+            taken += 1
+        return taken
+
+    def close(self) -> None:
+        """Release the handle; the creator also unlinks the name. Idempotent."""
+        semaphore, self._semaphore = self._semaphore, None
+        if semaphore is None:
+            return
+        if self._owner:
+            try:
+                semaphore.unlink()
+            except posix_ipc.ExistentialError:
+                pass
+        semaphore.close()
+
+    def __enter__(self) -> Doorbell:
+        return self
+
+    def __exit__(self, *exc_info: object) -> None:
+        self.close()
+
+
+class _DoorbellCache:
+    """Doorbells of other participants, opened by name on first use."""
+
+    def __init__(self) -> None:
+        self._by_name: dict[str, posix_ipc.Semaphore | None] = {}
+
+    def ring(self, name: str) -> None:
+        semaphore = self._by_name.get(name, False)
+        if semaphore is False:
+            try:
+                semaphore = posix_ipc.Semaphore(_shm_name(name)) if name else None
+            except (posix_ipc.ExistentialError, ValueError):
+                semaphore = None  # its owner is gone; nobody is left to wake
+            self._by_name[name] = semaphore
+        if semaphore is not None:
+            semaphore.release()
+
+    def close(self) -> None:
+        for semaphore in self._by_name.values():
+            if semaphore is not None:
+                semaphore.close()
+        self._by_name.clear()
+
+
+def _peer_infos(mm: mmap.mmap, max_readers: int, now_ns: int) -> list[PeerInfo]:
+    (_, _, _, _, _, _, _, _, writer_pid, writer_start, _) = _STATIC.unpack_from(mm, 0)
+    head = _U64.unpack_from(mm, _HEAD)[0]
+    state, heartbeat, parked = struct.unpack_from("QQQ", mm, _WRITER_STATE)
+    peers = [
+        PeerInfo(
+            "writer", -1, writer_pid, head, 0, (now_ns - heartbeat) / 1e9,
+            state == _OPEN and process_alive(writer_pid, writer_start), bool(parked),
+        )
+    ]
+    for index in range(max_readers):
+        entry = _TABLE + index * READER_ENTRY_BYTES
+        pid, start, parked, heartbeat = _ENTRY_COLD.unpack_from(mm, entry + _PID)
+        if pid == 0:
+            continue
+        cursor = _U64.unpack_from(mm, entry + _CURSOR)[0]
+        peers.append(
+            PeerInfo(
+                "reader", index, pid, cursor, head - cursor if cursor else 0,
+                (now_ns - heartbeat) / 1e9, process_alive(pid, start), bool(parked),
+            )
+        )
+    return peers
+
+
+def _dead(peers: list[PeerInfo], stale_after: float | None) -> list[PeerInfo]:
+    return [
+        peer
+        for peer in peers
+        if not peer.alive or (stale_after is not None and peer.heartbeat_age_s > stale_after)
+    ]
+
+
+class RingWriter:
+    """The single writer of a ring; it creates the segment and is the only one to unlink it."""
+
+    def __init__(
+        self,
+        shm: posix_ipc.SharedMemory,
+        mm: mmap.mmap,
+        slots: int,
+        slot_bytes: int,
+        max_readers: int,
+        doorbell: Doorbell,
+        owns_doorbell: bool,
+    ) -> None:
+        self._shm = shm
+        self._mm = mm
+        self._slots = slots
+        self._slot_bytes = slot_bytes
+        self._max_readers = max_readers
+        self._capacity = slot_bytes - SLOT_HEADER_BYTES
+        self._slot_base = HEADER_BYTES + READER_ENTRY_BYTES * max_readers
+        self._doorbell = doorbell
+        self._owns_doorbell = owns_doorbell
+        self._reader_doorbells = _DoorbellCache()
+        self._next = 1
+        self._limit = slots  # highest sequence publishable without looking at cursors again
+        # All readers' parked words in one call; all (cursor, pid) pairs in another.
+        self._parked_words = struct.Struct("@" + "80xQ104x" * max_readers)
+        self._cursor_words = struct.Struct("@" + "Q56xq120x" * max_readers)
+        pause = os.environ.get(PAUSE_ENV, "")
+        self._pause_sequence = int(pause) if pause.isdigit() else 0
+        self.name: str = shm.name.lstrip("/")
+        self._closed = False
+
+    @classmethod
+    def create(
+        cls,
+        slots: int,
+        slot_bytes: int,
+        max_readers: int,
+        prefix: str = "embxfer",
+        doorbell: Doorbell | None = None,
+    ) -> RingWriter:
+        """A new ring segment `/<prefix>-<pid>-<random>` (mode 0600).
+
+        slots >= 2; slot_bytes a multiple of 64 holding SLOT_HEADER_BYTES + the largest
+        record (see `slot_bytes_for`, `records.max_record_bytes`); max_readers in
+        [1, MAX_READERS]. `doorbell` is this process's wake-up for a blocked publish
+        (created, and closed with the ring, when not given).
+        """
+        for field, value, low, high in (
+            ("slots", slots, 2, MAX_SLOTS),
+            ("slot_bytes", slot_bytes, CACHE_LINE, MAX_SLOT_BYTES),
+            ("max_readers", max_readers, 1, MAX_READERS),
+        ):
+            if isinstance(value, bool) or not isinstance(value, int) or not low <= value <= high:
+                raise ValueError(f"RingWriter.create: {field}={value!r}, expected an integer in [{low}, {high}]")
+        if slot_bytes % CACHE_LINE:
+            raise ValueError(f"RingWriter.create: slot_bytes={slot_bytes}, expected a multiple of {CACHE_LINE}")
+        _check_prefix(prefix)
+        size = segment_bytes(slots, slot_bytes, max_readers)
+        shm = None
+        for _ in range(16):
+            name = f"/{prefix}-{os.getpid()}-{secrets.token_hex(8)}"
+            try:
+                shm = posix_ipc.SharedMemory(name, posix_ipc.O_CREX, mode=0o600, size=size)
+                break
+            except posix_ipc.ExistentialError:
+                continue
+        if shm is None:
+            raise RingError(f"could not create a ring segment with prefix {prefix!r}")
+        owns_doorbell = doorbell is None
+        try:
+            mm = mmap.mmap(shm.fd, size)
+            if doorbell is None:
+                doorbell = Doorbell.create(prefix)
+        except BaseException:
+            shm.unlink()
+            shm.close_fd()
+            raise
+        now = _monotonic_ns()
+        struct.pack_into("QQQ", mm, _WRITER_STATE, _OPEN, now, 0)
+        _write_name(mm, _WRITER_DOORBELL, doorbell.name)
+        pid = os.getpid()
+        _STATIC.pack_into(
+            mm, 0, 0, RING_VERSION, HEADER_BYTES, slots, slot_bytes, max_readers,
+            READER_ENTRY_BYTES, size, pid, process_start_ticks(pid), time.time_ns(),
+        )
+        _U64.pack_into(mm, 0, RING_MAGIC)  # last: an attacher never sees a half-made header
+        return cls(shm, mm, slots, slot_bytes, max_readers, doorbell, owns_doorbell)
+
+    @property
+    def slots(self) -> int:
+        return self._slots
+
+    @property
+    def slot_bytes(self) -> int:
+        return self._slot_bytes
+
+    @property
+    def capacity(self) -> int:
+        """Largest payload one record may have."""
+        return self._capacity
+
+    @property
+    def head(self) -> int:
+        """Last sequence published (0 before the first)."""
+        return self._next - 1
+
+    def publish(self, data: bytes, timeout: float = 10.0) -> int:
+        """Publish one record; its sequence. Waits up to `timeout` seconds for room when
+        the ring is full, then raises RingFullError naming the slowest reader; raises
+        PeerDeadError as soon as a reader it waits for is found dead."""
+        size = len(data)
+        if size > self._capacity:
+            raise ValueError(
+                f"record of {size} bytes does not fit ring {self.name}: slot_bytes={self._slot_bytes} "
+                f"holds at most {self._capacity} (size slots with slot_bytes_for(max_record_bytes(...)))"
+            )
+        sequence = self._next
+        if sequence > self._limit:
+            self._wait_for_room(sequence, timeout)
+        mm = self._mm
+        offset = self._slot_base + (sequence - 1) % self._slots * self._slot_bytes
+        mm[offset + SLOT_HEADER_BYTES : offset + SLOT_HEADER_BYTES + size] = data
+        _SIZE_CHECKSUM.pack_into(mm, offset + 8, size, _crc32(data, sequence & 0xFFFFFFFF))
+        if sequence == self._pause_sequence:
+            os.kill(os.getpid(), signal.SIGSTOP)
+        _U64.pack_into(mm, offset, sequence)
+        _U64.pack_into(mm, _HEAD, sequence)
+        self._next = sequence + 1
+        _fence()
+        if any(self._parked_words.unpack_from(mm, _TABLE)):
+            self._ring_parked_readers()
+        return sequence
+
+    def _ring_parked_readers(self) -> None:
+        for index, parked in enumerate(self._parked_words.unpack_from(self._mm, _TABLE)):
+            if parked:
+                entry = _TABLE + index * READER_ENTRY_BYTES
+                self._reader_doorbells.ring(_read_name(self._mm, entry + _DOORBELL))
+
+    def _lowest_cursor(self) -> tuple[int, int]:
+        """(lowest cursor over attached readers or the head if none, its reader index or -1)."""
+        words = self._cursor_words.unpack_from(self._mm, _TABLE)
+        lowest, slowest = self._next - 1, -1
+        for index in range(self._max_readers):
+            if words[2 * index + 1] and words[2 * index] < lowest:
+                lowest, slowest = words[2 * index], index
+        return lowest, slowest
+
+    def _blocking_readers(self, sequence: int) -> list[PeerInfo]:
+        needed = sequence - self._slots
+        return [
+            peer
+            for peer in _peer_infos(self._mm, self._max_readers, _monotonic_ns())
+            if peer.role == "reader" and peer.cursor < needed
+        ]
+
+    def _wait_for_room(self, sequence: int, timeout: float) -> None:
+        # A reader that attaches after a look at the cursors starts at a head at least as
+        # new as that look, so the limit computed here stays safe for it (see attach).
+        start = _monotonic()
+        deadline = start + timeout
+        spin_until = start + DEFAULT_SPIN_S
+        last_check = start
+        while True:
+            lowest, _ = self._lowest_cursor()
+            self._limit = lowest + self._slots
+            if sequence <= self._limit:
+                return
+            now = _monotonic()
+            if now < spin_until:
+                continue
+            if now - last_check >= PARK_SLICE_S or now >= deadline:
+                last_check = now
+                self.heartbeat()
+                blocking = self._blocking_readers(sequence)
+                for peer in blocking:
+                    if not peer.alive:
+                        raise PeerDeadError(
+                            f"ring {self.name}: publish of record {sequence} waits for "
+                            f"{peer.describe()}, whose process is gone",
+                            peer,
+                        )
+                if now >= deadline:
+                    slowest = min(blocking, key=lambda peer: peer.cursor) if blocking else None
+                    if slowest is None:
+                        continue
+                    raise RingFullError(
+                        f"ring {self.name} full for {timeout:.3f}s: record {sequence} waits for "
+                        f"the slowest reader, {slowest.describe()}",
+                        slowest,
+                    )
+            _U64.pack_into(self._mm, _WRITER_PARKED, 1)
+            _fence()
+            self._doorbell.drain()
+            lowest, _ = self._lowest_cursor()
+            if sequence <= lowest + self._slots:
+                _U64.pack_into(self._mm, _WRITER_PARKED, 0)
+                continue
+            self._doorbell.wait(min(PARK_SLICE_S, max(0.0, deadline - _monotonic())))
+            _U64.pack_into(self._mm, _WRITER_PARKED, 0)
+
+    def heartbeat(self) -> None:
+        _U64.pack_into(self._mm, _WRITER_HEARTBEAT, _monotonic_ns())
+
+    def readers(self) -> list[PeerInfo]:
+        """The attached readers: index, pid, cursor, lag, heartbeat age, alive."""
+        return [p for p in _peer_infos(self._mm, self._max_readers, _monotonic_ns()) if p.role == "reader"]
+
+    def dead_peers(self, stale_after: float | None = None) -> list[PeerInfo]:
+        """Attached readers whose process is gone, or whose heartbeat is older than
+        `stale_after` seconds when given."""
+        return _dead(self.readers(), stale_after)
+
+    def evict(self, index: int) -> None:
+        """Free the entry of reader `index`, whose process must be dead, so that publish
+        no longer waits for it."""
+        entry = _TABLE + index * READER_ENTRY_BYTES
+        if not 0 <= index < self._max_readers:
+            raise ValueError(f"evict: index={index}, expected [0, {self._max_readers})")
+        with _AttachLock(self._shm.fd):
+            pid, start, _, _ = _ENTRY_COLD.unpack_from(self._mm, entry + _PID)
+            if pid and process_alive(pid, start):
+                raise RingError(f"evict: reader #{index} (pid {pid}) is alive; it must close itself")
+            _ENTRY_COLD.pack_into(self._mm, entry + _PID, 0, 0, 0, 0)
+        self._limit = 0  # look at the cursors again before the next publish
+
+    def close(self) -> None:
+        """Mark the ring closed, wake every parked reader, unmap and unlink. Idempotent."""
+        if self._closed:
+            return
+        self._closed = True
+        try:
+            _U64.pack_into(self._mm, _WRITER_STATE, _CLOSED)
+            _fence()
+            self._ring_parked_readers()
+        finally:
+            self._reader_doorbells.close()
+            self._mm.close()
+            try:
+                self._shm.unlink()
+            except posix_ipc.ExistentialError:
+                pass
+            self._shm.close_fd()
+            if self._owns_doorbell:
+                self._doorbell.close()
+
+    def __enter__(self) -> RingWriter:
+        return self
+
+    def __exit__(self, *exc_info: object) -> None:
+        self.close()
+
+
+class _AttachLock:
+    """Serialises attach/detach/evict across processes: flock on the segment's fd.
+
+    The kernel drops it when its holder dies, and its syscalls order memory."""
+
+    def __init__(self, fd: int) -> None:
+        self._fd = fd
+
+    def __enter__(self) -> None:
+        fcntl.flock(self._fd, fcntl.LOCK_EX)
+
+    def __exit__(self, *exc_info: object) -> None:
+        fcntl.flock(self._fd, fcntl.LOCK_UN)
+
+
+class RingReader:
+    """One reader of a ring: its own cursor, starting after the head at attach time."""
+
+    def __init__(
+        self,
+        shm: posix_ipc.SharedMemory,
+        mm: mmap.mmap,
+        index: int,
+        doorbell: Doorbell,
+        owns_doorbell: bool,
+        spin_s: float,
+    ) -> None:
+        (_, _, _, slots, slot_bytes, max_readers, _, _, _, _, _) = _STATIC.unpack_from(mm, 0)
+        self._shm = shm
+        self._mm = mm
+        self._slots = slots
+        self._slot_bytes = slot_bytes
+        self._max_readers = max_readers
+        self._capacity = slot_bytes - SLOT_HEADER_BYTES
+        self._slot_base = HEADER_BYTES + READER_ENTRY_BYTES * max_readers
+        self._entry = _TABLE + index * READER_ENTRY_BYTES
+        self._cursor_offset = self._entry + _CURSOR
+        self._parked_offset = self._entry + _PARKED
+        self._doorbell = doorbell
+        self._owns_doorbell = owns_doorbell
+        self._writer_doorbell = _DoorbellCache()
+        self._writer_doorbell_name = _read_name(mm, _WRITER_DOORBELL)
+        self.index = index
+        self.name: str = shm.name.lstrip("/")
+        self.spin_s = spin_s
+        self._next = 1
+        self._delivered = 0
+        self._retried = 0
+        self._rejected = 0
+        self._closed = False
+
+    @classmethod
+    def attach(
+        cls, name: str, doorbell: Doorbell | None = None, spin_s: float = DEFAULT_SPIN_S
+    ) -> RingReader:
+        """Take a free reader entry of ring `name`; the reader sees every record published
+        after this returns. `doorbell` is shared by all rings this process reads (a private
+        one is created, and closed with the reader, when not given). `spin_s` is how long
+        `read` polls before it parks."""
+        try:
+            shm = posix_ipc.SharedMemory(_shm_name(name))
+        except posix_ipc.ExistentialError:
+            raise RingError(f"no ring segment named {name!r}") from None
+        try:
+            mm = cls._map_checked(shm, name)
+        except BaseException:
+            shm.close_fd()
+            raise
+        owns_doorbell = doorbell is None
+        try:
+            if doorbell is None:
+                prefix = shm.name.lstrip("/").split("-", 1)[0]
+                doorbell = Doorbell.create(prefix if _PREFIX_RE.match(prefix) else "embxfer")
+            index = cls._claim_entry(shm, mm, name, doorbell)
+        except BaseException:
+            if owns_doorbell and doorbell is not None:
+                doorbell.close()
+            mm.close()
+            shm.close_fd()
+            raise
+        reader = cls(shm, mm, index, doorbell, owns_doorbell, spin_s)
+        # The entry is visible (the flock syscalls ordered it) with cursor 0, which holds the
+        # writer back; only now read the head, so no record after it can be overwritten.
+        head = _U64.unpack_from(mm, _HEAD)[0]
+        _U64.pack_into(mm, reader._cursor_offset, head)
+        reader._next = head + 1
+        reader.heartbeat()
+        reader._wake_writer_if_parked()
+        return reader
+
+    @staticmethod
+    def _map_checked(shm: posix_ipc.SharedMemory, name: str) -> mmap.mmap:
+        size = shm.size
+        if size < HEADER_BYTES:
+            raise IncompatibleRingError(f"segment {name!r} has {size} bytes, too small for a ring header")
+        mm = mmap.mmap(shm.fd, size)
+        try:
+            (magic, version, header_bytes, slots, slot_bytes, max_readers, entry_bytes, declared, _, _, _) = (
+                _STATIC.unpack_from(mm, 0)
+            )
+            if magic != RING_MAGIC:
+                raise IncompatibleRingError(
+                    f"segment {name!r} is not an embxfer ring (magic {magic:#x}, expected {RING_MAGIC:#x})"
+                )
+            if version != RING_VERSION:
+                raise IncompatibleRingError(
+                    f"ring {name!r} has layout version {version}, this embxfer reads version {RING_VERSION}"
+                )
+            shape_ok = (
+                header_bytes == HEADER_BYTES
+                and entry_bytes == READER_ENTRY_BYTES
+                and 2 <= slots <= MAX_SLOTS
+                and CACHE_LINE <= slot_bytes <= MAX_SLOT_BYTES
+                and slot_bytes % CACHE_LINE == 0
+                and 1 <= max_readers <= MAX_READERS
+                and declared == segment_bytes(slots, slot_bytes, max_readers) == size
+            )
+            if not shape_ok:
+                raise IncompatibleRingError(
+                    f"ring {name!r} has an inconsistent shape: {size} bytes, header {header_bytes}, "
+                    f"entries {entry_bytes}, {slots} slots of {slot_bytes}, {max_readers} readers, "
+                    f"declared size {declared}"
+                )
+        except BaseException:
+            mm.close()
+            raise
+        return mm
+
+    @staticmethod
+    def _claim_entry(shm: posix_ipc.SharedMemory, mm: mmap.mmap, name: str, doorbell: Doorbell) -> int:
+        max_readers = _STATIC.unpack_from(mm, 0)[5]
+        pid = os.getpid()
+        with _AttachLock(shm.fd):
+            for index in range(max_readers):
+                entry = _TABLE + index * READER_ENTRY_BYTES
+                owner, owner_start, _, _ = _ENTRY_COLD.unpack_from(mm, entry + _PID)
+                if owner and process_alive(owner, owner_start):
+                    continue
+                # Cursor 0 before the pid: the writer never sees this entry with a stale cursor.
+                _U64.pack_into(mm, entry + _CURSOR, 0)
+                _write_name(mm, entry + _DOORBELL, doorbell.name)
+                _ENTRY_COLD.pack_into(mm, entry + _PID, pid, process_start_ticks(pid), 0, _monotonic_ns())
+                return index
+        raise RingError(f"ring {name!r}: all {max_readers} reader entries are taken by live processes")
+
+    @property
+    def next_sequence(self) -> int:
+        """Sequence of the next record this reader will deliver."""
+        return self._next
+
+    @property
+    def doorbell(self) -> Doorbell:
+        return self._doorbell
+
+    @property
+    def pending(self) -> int:
+        """Records published and not yet delivered to this reader."""
+        return max(0, _U64.unpack_from(self._mm, _HEAD)[0] - (self._next - 1))
+
+    @property
+    def stats(self) -> ReaderStats:
+        return ReaderStats(self._delivered, self._retried, self._rejected)
+
+    def poll(self) -> bytes | None:
+        """The next record, or None if none is published yet; never blocks.
+
+        Raises RingCorruptError (after counting and skipping it) for a record that keeps
+        failing validation; the following poll continues with the next record."""
+        expected = self._next
+        mm = self._mm
+        offset = self._slot_base + (expected - 1) % self._slots * self._slot_bytes
+        sequence, size, checksum = _SLOT_HEADER.unpack_from(mm, offset)
+        if sequence != expected or size > self._capacity:
+            return self._poll_slow(expected, offset)
+        start = offset + SLOT_HEADER_BYTES
+        data = mm[start : start + size]
+        if _crc32(data, expected & 0xFFFFFFFF) != checksum or _U64.unpack_from(mm, offset)[0] != expected:
+            return self._poll_slow(expected, offset)
+        self._advance(expected)
+        self._delivered += 1
+        return data
+
+    def _advance(self, sequence: int) -> None:
+        _U64.pack_into(self._mm, self._cursor_offset, sequence)
+        self._next = sequence + 1
+        _fence()
+        if _U64.unpack_from(self._mm, _WRITER_PARKED)[0]:
+            self._writer_doorbell.ring(self._writer_doorbell_name)
+
+    def _poll_slow(self, expected: int, offset: int) -> bytes | None:
+        mm = self._mm
+        if _U64.unpack_from(mm, _HEAD)[0] < expected:
+            return None  # not published yet: the usual case for an idle ring
+        # Published, so the slot must hold it. A slot can read wrong for a moment on a weakly
+        # ordered CPU; one that stays wrong is corrupt (or this reader was evicted and lapped).
+        problem = ""
+        for attempt in range(64):
+            sequence, size, checksum = _SLOT_HEADER.unpack_from(mm, offset)
+            if sequence != expected:
+                problem = f"slot holds sequence {sequence}"
+            elif size > self._capacity:
+                problem = f"length {size} exceeds the slot payload of {self._capacity}"
+            else:
+                start = offset + SLOT_HEADER_BYTES
+                data = mm[start : start + size]
+                if _crc32(data, expected & 0xFFFFFFFF) != checksum:
+                    problem = "checksum mismatch"
+                elif _U64.unpack_from(mm, offset)[0] != expected:
+                    problem = "sequence changed while reading"
+                else:
+                    if attempt:
+                        self._retried += 1
+                    self._advance(expected)
+                    self._delivered += 1
+                    return data
+            if attempt >= 8:
+                time.sleep(0)
+        self._rejected += 1
+        self._advance(expected)
+        raise RingCorruptError(f"ring {self.name}: record {expected} rejected ({problem}); skipped", expected)
+
+    def read(self, timeout: float, spin_s: float | None = None) -> bytes | None:
+        """The next record, waiting up to `timeout` seconds: polls for `spin_s` (default:
+        the reader's), then parks on its doorbell. None on timeout. Raises PeerDeadError
+        once the writer is gone (or closed the ring) and every record it completed has
+        been delivered."""
+        data = self.poll()
+        if data is not None:
+            return data
+        found = wait_any((self,), self._doorbell, timeout, self.spin_s if spin_s is None else spin_s)
+        return None if found is None else found[1]
+
+    def heartbeat(self) -> None:
+        _U64.pack_into(self._mm, self._entry + _HEARTBEAT, _monotonic_ns())
+
+    def _set_parked(self, parked: int) -> None:
+        _U64.pack_into(self._mm, self._parked_offset, parked)
+
+    def _wake_writer_if_parked(self) -> None:
+        _fence()
+        if _U64.unpack_from(self._mm, _WRITER_PARKED)[0]:
+            self._writer_doorbell.ring(self._writer_doorbell_name)
+
+    def writer(self) -> PeerInfo:
+        return _peer_infos(self._mm, self._max_readers, _monotonic_ns())[0]
+
+    def writer_alive(self) -> bool:
+        """False once the writer's process is gone or it closed the ring."""
+        return self.writer().alive
+
+    def readers(self) -> list[PeerInfo]:
+        return _peer_infos(self._mm, self._max_readers, _monotonic_ns())[1:]
+
+    def dead_peers(self, stale_after: float | None = None) -> list[PeerInfo]:
+        """The writer and readers of this ring whose process is gone (or whose heartbeat is
+        older than `stale_after` seconds when given)."""
+        return _dead(_peer_infos(self._mm, self._max_readers, _monotonic_ns()), stale_after)
+
+    def _raise_if_writer_dead(self) -> None:
+        writer = self.writer()
+        if not writer.alive:
+            closed = _U64.unpack_from(self._mm, _WRITER_STATE)[0] == _CLOSED
+            why = "closed the ring" if closed else "is gone"
+            raise PeerDeadError(f"ring {self.name}: the {writer.describe()} {why}", writer)
+
+    def close(self) -> None:
+        """Give the reader entry back (the segment stays). Idempotent."""
+        if self._closed:
+            return
+        self._closed = True
+        try:
+            with _AttachLock(self._shm.fd):
+                _ENTRY_COLD.pack_into(self._mm, self._entry + _PID, 0, 0, 0, 0)
+            self._wake_writer_if_parked()
+        finally:
+            self._writer_doorbell.close()
+            self._mm.close()
+            self._shm.close_fd()
+            if self._owns_doorbell:
+                self._doorbell.close()
+
+    def __enter__(self) -> RingReader:
+        return self
+
+    def __exit__(self, *exc_info: object) -> None:
+        self.close()
+
+
+def wait_any(
+    readers: Sequence[RingReader],
+    doorbell: Doorbell,
+    timeout: float,
+    spin_s: float = DEFAULT_SPIN_S,
+) -> tuple[RingReader, bytes] | None:
+    """The first record available on any of `readers` (all attached with `doorbell`), as
+    (reader, record); None after `timeout` seconds.
+
+    Spins for `spin_s`, then parks: sets every reader's parked word, fences, drains stale
+    posts, polls every reader once more and only then sleeps on the doorbell. A writer
+    that publishes after the poll sees a parked word (its own fence comes between its
+    publish and that look) and posts; a post before the sleep stays counted. Every
+    PARK_SLICE_S the parked reader wakes by itself to heartbeat and check its writers.
+    """
+    for reader in readers:
+        if reader._doorbell is not doorbell and reader._doorbell.name != doorbell.name:
+            raise ValueError(f"wait_any: reader of ring {reader.name} was attached with another doorbell")
+    start = _monotonic()
+    deadline = start + timeout
+    spin_until = start + min(spin_s, timeout)
+    while True:
+        for reader in readers:
+            data = reader.poll()
+            if data is not None:
+                return reader, data
+        if _monotonic() >= spin_until:
+            break
+    last_check = start
+    while True:
+        for reader in readers:
+            reader._set_parked(1)
+        _fence()
+        doorbell.drain()
+        try:
+            for reader in readers:
+                data = reader.poll()
+                if data is not None:
+                    return reader, data
+            now = _monotonic()
+            if now >= deadline:
+                for reader in readers:
+                    reader._raise_if_writer_dead()
+                return None
+            rung = doorbell.wait(min(PARK_SLICE_S, deadline - now))
+        finally:
+            for reader in readers:
+                reader._set_parked(0)
+        now = _monotonic()
+        if not rung or now - last_check >= PARK_SLICE_S:
+            last_check = now
+            for reader in readers:
+                reader.heartbeat()
+                if reader.pending:
+                    continue
+                reader._raise_if_writer_dead()
+
+
+__all__ = [
+    "DEFAULT_SPIN_S",
+    "PARK_SLICE_S",
+    "SLOT_HEADER_BYTES",
+    "Doorbell",
+    "IncompatibleRingError",
+    "PeerDeadError",
+    "PeerInfo",
+    "ReaderStats",
+    "RingCorruptError",
+    "RingError",
+    "RingFullError",
+    "RingReader",
+    "RingWriter",
+    "segment_bytes",
+    "slot_bytes_for",
+    "wait_any",
+]
