@@ -811,10 +811,12 @@ class RingReader:
         mm = self._mm
         if _U64.unpack_from(mm, _HEAD)[0] < expected:
             return None  # not published yet: the usual case for an idle ring
-        # Published, so the slot must hold it. A slot can read wrong for a moment on a weakly
-        # ordered CPU; one that stays wrong is corrupt (or this reader was evicted and lapped).
+        # Published, so the slot must hold it. On a weakly ordered CPU a slot can read wrong
+        # while the writer's stores drain from its store buffer (nanoseconds; a descheduled
+        # writer has drained them); one that stays wrong over a few re-reads is corrupt (or
+        # this reader was evicted and lapped).
         problem = ""
-        for attempt in range(64):
+        for attempt in range(16):
             sequence, size, checksum = _SLOT_HEADER.unpack_from(mm, offset)
             if sequence != expected:
                 problem = f"slot holds sequence {sequence}"
@@ -833,8 +835,6 @@ class RingReader:
                     self._advance(expected)
                     self._delivered += 1
                     return data
-            if attempt >= 8:
-                time.sleep(0)
         self._rejected += 1
         self._advance(expected)
         raise RingCorruptError(f"ring {self.name}: record {expected} rejected ({problem}); skipped", expected)

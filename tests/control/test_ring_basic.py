@@ -1,0 +1,304 @@
+"""The ring within one process: layout checks, backpressure errors, corruption, hygiene."""
+
+from __future__ import annotations
+
+import mmap
+import os
+import random
+import stat
+import struct
+import time
+
+import posix_ipc
+import pytest
+from ringworkers import TEST_PREFIX
+
+from embxfer.control import records as rec
+from embxfer.control.ring import (
+    HEADER_BYTES,
+    READER_ENTRY_BYTES,
+    SLOT_HEADER_BYTES,
+    Doorbell,
+    IncompatibleRingError,
+    PeerDeadError,
+    RingCorruptError,
+    RingError,
+    RingFullError,
+    RingReader,
+    RingWriter,
+    slot_bytes_for,
+    wait_any,
+)
+
+pytestmark = pytest.mark.timeout(60)
+
+
+@pytest.fixture
+def ring():
+    with RingWriter.create(4, 128, 2, prefix=TEST_PREFIX) as writer:
+        yield writer
+
+
+def _raw(name: str) -> tuple[posix_ipc.SharedMemory, mmap.mmap]:
+    shm = posix_ipc.SharedMemory("/" + name)
+    return shm, mmap.mmap(shm.fd, shm.size)
+
+
+def test_records_arrive_in_order_with_sequences(ring):
+    with RingReader.attach(ring.name) as reader:
+        assert reader.poll() is None
+        sequences = [ring.publish(b"r%d" % i, timeout=1) for i in range(3)]
+        assert sequences == [1, 2, 3]
+        assert ring.publish(b"", timeout=1) == 4  # empty records are records too
+        assert [reader.poll() for _ in range(5)] == [b"r0", b"r1", b"r2", b"", None]
+        assert reader.stats.delivered == 4 and reader.pending == 0
+
+
+def test_a_reader_sees_only_records_published_after_it_attached(ring):
+    ring.publish(b"before", timeout=1)
+    with RingReader.attach(ring.name) as reader:
+        ring.publish(b"after", timeout=1)
+        assert reader.read(timeout=1) == b"after"
+        assert reader.poll() is None
+
+
+def test_oversized_record_is_refused_with_the_slot_size(ring):
+    ring.publish(bytes(ring.capacity), timeout=1)
+    with pytest.raises(ValueError, match="slot_bytes=128 holds at most 112"):
+        ring.publish(bytes(ring.capacity + 1), timeout=1)
+
+
+def test_the_documented_worst_case_record_fits_a_slot_sized_for_it(prefix):
+    slot_bytes = slot_bytes_for(rec.max_record_bytes(1000))
+    assert slot_bytes <= 4096
+    blocks = tuple(range(rec.MAX_BLOCK_INDEX - 1999, rec.MAX_BLOCK_INDEX + 1, 2))
+    decision = rec.Decision(1, 2, rec.DecisionAction.RESUME, 10, 20, 1000 * 128, blocks, 0, 0)
+    with RingWriter.create(2, slot_bytes, 1, prefix=prefix) as writer, RingReader.attach(writer.name) as reader:
+        writer.publish(rec.encode(decision), timeout=1)
+        assert rec.decode(reader.poll()) == decision
+
+
+def test_full_ring_names_the_slowest_reader_and_its_lag(ring):
+    fast = RingReader.attach(ring.name)
+    slow = RingReader.attach(ring.name)
+    try:
+        for i in range(4):
+            ring.publish(b"%d" % i, timeout=1)
+        while fast.poll() is not None:
+            pass
+        slow.poll()
+        ring.publish(b"4", timeout=1)  # slot of record 1 is free now
+        start = time.monotonic()
+        with pytest.raises(RingFullError) as caught:
+            ring.publish(b"5", timeout=0.3)
+        elapsed = time.monotonic() - start
+        assert 0.3 <= elapsed < 1.0
+        peer = caught.value.slowest
+        assert (peer.index, peer.pid, peer.lag, peer.alive) == (slow.index, os.getpid(), 4, True)
+        assert f"reader #{slow.index} (pid {os.getpid()}, alive, cursor 1, lag 4" in str(caught.value)
+        assert slow.poll() == b"1"  # never overwritten
+        assert ring.publish(b"5", timeout=1) == 6
+    finally:
+        fast.close()
+        slow.close()
+
+
+def test_reader_close_releases_its_entry_and_unblocks_the_writer(prefix):
+    with RingWriter.create(2, 64, 1, prefix=prefix) as writer:
+        reader = RingReader.attach(writer.name)
+        with pytest.raises(RingError, match="all 1 reader entries are taken"):
+            RingReader.attach(writer.name)
+        writer.publish(b"a", timeout=1)
+        writer.publish(b"b", timeout=1)
+        reader.close()
+        reader.close()  # idempotent
+        assert writer.publish(b"c", timeout=0.1) == 3  # nobody left to wait for
+        with RingReader.attach(writer.name) as again:
+            assert again.index == 0
+
+
+def test_closed_ring_drains_then_reports_the_writer(prefix):
+    writer = RingWriter.create(4, 64, 1, prefix=prefix)
+    reader = RingReader.attach(writer.name)
+    try:
+        writer.publish(b"last words", timeout=1)
+        writer.close()
+        writer.close()  # idempotent
+        assert reader.read(timeout=1) == b"last words"
+        with pytest.raises(PeerDeadError, match="closed the ring") as caught:
+            reader.read(timeout=0.2)
+        assert caught.value.peer.role == "writer" and not reader.writer_alive()
+    finally:
+        reader.close()
+    with pytest.raises(RingError, match="no ring segment"):
+        RingReader.attach(writer.name)
+
+
+def test_corrupt_slots_are_rejected_counted_and_never_delivered(ring):
+    rng = random.Random(1234)
+    shm, raw = _raw(ring.name)
+    reader = RingReader.attach(ring.name)
+    slots_start = HEADER_BYTES + READER_ENTRY_BYTES * 2
+    delivered = corrupted = 0
+    try:
+        for _ in range(1500):
+            batch = []
+            for _ in range(rng.randint(1, 4)):
+                data = rng.randbytes(rng.randint(0, ring.capacity))
+                sequence = ring.publish(data, timeout=1)
+                slot = slots_start + (sequence - 1) % 4 * 128
+                damaged = rng.random() < 0.5
+                if damaged:
+                    for _ in range(rng.randint(1, 3)):
+                        position = slot + rng.randrange(SLOT_HEADER_BYTES + len(data))
+                        raw[position] ^= rng.randint(1, 255)
+                batch.append((data, damaged))
+            for data, damaged in batch:
+                if damaged:
+                    with pytest.raises(RingCorruptError, match="rejected"):
+                        reader.poll()
+                    corrupted += 1
+                else:
+                    assert reader.poll() == data
+                    delivered += 1
+        assert reader.poll() is None
+        assert reader.stats.rejected == corrupted > 500
+        assert reader.stats.delivered == delivered > 500
+    finally:
+        reader.close()
+        raw.close()
+        shm.close_fd()
+
+
+def test_random_garbage_over_whole_slots_never_crashes_or_leaks(ring):
+    rng = random.Random(99)
+    shm, raw = _raw(ring.name)
+    reader = RingReader.attach(ring.name)
+    slots_start = HEADER_BYTES + READER_ENTRY_BYTES * 2
+    try:
+        published = {}
+        for _ in range(300):
+            data = rng.randbytes(rng.randint(0, ring.capacity))
+            published[ring.publish(data, timeout=1)] = data
+            slot = rng.randrange(4)
+            if rng.random() < 0.5:
+                raw[slots_start + slot * 128 : slots_start + (slot + 1) * 128] = rng.randbytes(128)
+            try:
+                got = reader.poll()
+            except RingCorruptError as exc:
+                assert exc.sequence in published
+                continue
+            assert got == published[reader.next_sequence - 1]
+        assert reader.stats.delivered + reader.stats.rejected == 300
+    finally:
+        reader.close()
+        raw.close()
+        shm.close_fd()
+
+
+def test_attaching_to_an_incompatible_segment_fails_clearly(ring, prefix):
+    shm, raw = _raw(ring.name)
+    try:
+        original = raw[:64]
+        raw[8:12] = struct.pack("I", 99)
+        with pytest.raises(IncompatibleRingError, match="layout version 99"):
+            RingReader.attach(ring.name)
+        raw[:64] = original
+        raw[24:28] = struct.pack("I", 64)  # a different slot size than the segment holds
+        with pytest.raises(IncompatibleRingError, match="inconsistent shape"):
+            RingReader.attach(ring.name)
+        raw[:64] = original
+    finally:
+        raw.close()
+        shm.close_fd()
+    foreign = posix_ipc.SharedMemory(f"/{prefix}-{os.getpid()}-foreign", posix_ipc.O_CREX, mode=0o600, size=4096)
+    try:
+        with pytest.raises(IncompatibleRingError, match="not an embxfer ring"):
+            RingReader.attach(foreign.name)
+        tiny = posix_ipc.SharedMemory(f"/{prefix}-{os.getpid()}-tiny", posix_ipc.O_CREX, mode=0o600, size=16)
+        try:
+            with pytest.raises(IncompatibleRingError, match="too small"):
+                RingReader.attach(tiny.name)
+        finally:
+            tiny.unlink()
+            tiny.close_fd()
+    finally:
+        foreign.unlink()
+        foreign.close_fd()
+    with RingReader.attach(ring.name) as reader:  # the untouched ring still works
+        ring.publish(b"ok", timeout=1)
+        assert reader.poll() == b"ok"
+
+
+def test_segments_and_doorbells_are_private(ring):
+    with RingReader.attach(ring.name) as reader:
+        for path in (f"/dev/shm/{ring.name}", "/dev/shm/sem." + reader.doorbell.name.lstrip("/")):
+            assert stat.S_IMODE(os.stat(path).st_mode) == 0o600, path
+        assert reader.doorbell.name.lstrip("/").startswith(f"{TEST_PREFIX}-db-{os.getpid()}-")
+    assert ring.name.startswith(f"{TEST_PREFIX}-{os.getpid()}-")
+
+
+def test_create_validates_its_arguments(prefix):
+    for kwargs, message in [
+        ({"slots": 1}, "slots=1"),
+        ({"slot_bytes": 100}, "multiple of 64"),
+        ({"slot_bytes": 32}, "slot_bytes=32"),
+        ({"max_readers": 0}, "max_readers=0"),
+        ({"prefix": "bad/prefix"}, "prefix"),
+    ]:
+        arguments = {"slots": 4, "slot_bytes": 128, "max_readers": 1, "prefix": prefix, **kwargs}
+        with pytest.raises(ValueError, match=message):
+            RingWriter.create(**arguments)
+
+
+def test_wait_any_parks_on_one_doorbell_for_several_rings(prefix):
+    with Doorbell.create(prefix) as doorbell, RingWriter.create(4, 64, 2, prefix=prefix) as first, RingWriter.create(
+        4, 64, 1, prefix=prefix
+    ) as second:
+        readers = [RingReader.attach(first.name, doorbell), RingReader.attach(second.name, doorbell)]
+        try:
+            assert wait_any(readers, doorbell, timeout=0.05) is None
+            second.publish(b"two", timeout=1)
+            reader, data = wait_any(readers, doorbell, timeout=1)
+            assert (reader, data) == (readers[1], b"two")
+            with RingReader.attach(first.name) as other:
+                with pytest.raises(ValueError, match="another doorbell"):
+                    wait_any([other], doorbell, timeout=0)
+        finally:
+            for reader in readers:
+                reader.close()
+
+
+def test_doorbell_counts_posts_made_before_the_wait(prefix):
+    with Doorbell.create(prefix) as doorbell:
+        assert doorbell.wait(0) is False
+        doorbell.ring()
+        doorbell.ring()
+        assert doorbell.wait(1) is True
+        assert doorbell.drain() == 1
+        start = time.monotonic()
+        assert doorbell.wait(0.05) is False
+        assert time.monotonic() - start >= 0.04
+
+
+def test_liveness_reports_and_stale_heartbeats(ring):
+    with RingReader.attach(ring.name) as reader:
+        assert reader.writer_alive() and reader.dead_peers() == []
+        assert ring.dead_peers() == []
+        info = ring.readers()
+        assert [(p.index, p.pid, p.alive) for p in info] == [(reader.index, os.getpid(), True)]
+        time.sleep(0.05)
+        assert [p.role for p in ring.dead_peers(stale_after=0.01)] == ["reader"]
+        reader.heartbeat()
+        assert ring.dead_peers(stale_after=1.0) == []
+        time.sleep(0.05)
+        assert {p.role for p in reader.dead_peers(stale_after=0.01)} == {"writer", "reader"}
+        ring.heartbeat()
+        reader.heartbeat()
+        assert reader.dead_peers(stale_after=0.04) == []
+
+
+def test_evict_refuses_a_live_reader(ring):
+    with RingReader.attach(ring.name) as reader:
+        with pytest.raises(RingError, match="is alive"):
+            ring.evict(reader.index)
