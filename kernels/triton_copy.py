@@ -75,9 +75,14 @@ def _token_offsets(
     emb_words,
     ds_words,
     POOL: tl.constexpr,
+    VEC: tl.constexpr,
 ):
     """Per token of the tile: (embeddings row offset, deepstack row offset, fill_ids offset,
-    mrope t-row offset) on one side, plus that side's stride between the mrope rows."""
+    mrope t-row offset) on one side, plus that side's stride between the mrope rows.
+
+    The host proved every row offset a multiple of VEC words. The hint goes on the ops
+    that make the offsets, here: a hint on a jit function's argument would be lost when
+    the call is inlined."""
     if POOL:
         table_offset = tl.load(segment_row + side)
         first = tl.load(segment_row + side + 1)
@@ -87,10 +92,12 @@ def _token_offsets(
         slot = block * block_size + row
         mrope = block * (3 * block_size) + row
         mrope_stride = block_size.to(tl.int64)
-        return slot * emb_words, slot * ds_words, slot, mrope, mrope_stride
+        emb = tl.multiple_of(slot * emb_words, VEC)
+        ds = tl.multiple_of(slot * ds_words, VEC)
+        return emb, ds, slot, mrope, mrope_stride
     else:
-        emb = tl.load(segment_row + side) + tokens * emb_words
-        ds = tl.load(segment_row + side + 1) + tokens * ds_words
+        emb = tl.multiple_of(tl.load(segment_row + side) + tokens * emb_words, VEC)
+        ds = tl.multiple_of(tl.load(segment_row + side + 1) + tokens * ds_words, VEC)
         fill = tl.load(segment_row + side + 2) + tokens
         mrope = tl.load(segment_row + side + 3) + tokens
         mrope_stride = tl.load(segment_row + side + 4)
@@ -111,8 +118,6 @@ def _copy_rows(
 ):
     columns = first_column + tl.arange(0, BLOCK_W)
     columns = tl.max_contiguous(tl.multiple_of(columns, BLOCK_W), BLOCK_W)
-    src_rows = tl.multiple_of(src_rows, VEC)
-    dst_rows = tl.multiple_of(dst_rows, VEC)
     # row_words is a multiple of VEC: comparing in VEC units keeps the mask constant
     # over each 16-byte group, which the vectorizer needs.
     in_row = (columns // VEC) < (row_words // VEC)
@@ -157,7 +162,16 @@ def _copy_kernel(
     token_mask = tokens < count
 
     s_emb, s_ds, s_fill, s_mrope, s_mrope_stride = _token_offsets(
-        segment_row, table, SOURCE, tokens, token_mask, block_size, emb_words, ds_words, SRC_POOL
+        segment_row,
+        table,
+        SOURCE,
+        tokens,
+        token_mask,
+        block_size,
+        emb_words,
+        ds_words,
+        SRC_POOL,
+        VEC,
     )
     d_emb, d_ds, d_fill, d_mrope, d_mrope_stride = _token_offsets(
         segment_row,
@@ -169,6 +183,7 @@ def _copy_kernel(
         emb_words,
         ds_words,
         DST_POOL,
+        VEC,
     )
 
     if column_tile < emb_tiles:

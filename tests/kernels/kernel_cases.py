@@ -19,11 +19,17 @@ def random_bits(
     shape: tuple[int, ...], dtype: torch.dtype, generator: torch.Generator, device: str
 ) -> torch.Tensor:
     """Random bit patterns (NaNs, infinities and subnormals included): a copy that is
-    not bit-exact cannot hide behind float equality."""
+    not bit-exact cannot hide behind float equality. Drawn on `device`, seeded from
+    `generator`."""
     integer = SAME_SIZE_INT.get(dtype, dtype)
     info = torch.iinfo(integer)
-    bits = torch.randint(info.min, info.max, shape, generator=generator, dtype=torch.int64)
-    return bits.to(integer).view(dtype).to(device)
+    if torch.device(device).type != "cpu":
+        seed = int(torch.randint(0, 2**62, (1,), generator=generator))
+        generator = torch.Generator(device=device).manual_seed(seed)
+    bits = torch.randint(
+        info.min, info.max, shape, generator=generator, dtype=integer, device=device
+    )
+    return bits.view(dtype)
 
 
 def random_pool(

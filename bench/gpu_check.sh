@@ -1,0 +1,53 @@
+#!/usr/bin/env bash
+# GPU check, run on the device machine from anywhere: every GPU test of the project
+# (pytest -m gpu tests/) and the kernel benchmark. Results and logs go to $OUT
+# (default /tmp/embxfer-gpu-check), at most a handful of files, no sub-folders:
+#   gpu-tests.log, gpu-tests.xml, bench.log, kernels-<device>.json, kernels-<device>.png
+# Arguments are passed to bench/kernels.py (e.g. --sweep, --cases ab).
+# GPU_CHECK_SKIP_TESTS=1 skips the tests, GPU_CHECK_SKIP_BENCH=1 the benchmark.
+#
+# The package is not installed there: a temporary tree maps the three rooms under the
+# embxfer namespace exactly as pyproject.toml does (embxfer=embxfer/,
+# embxfer.kernels=kernels/, embxfer.control=control/, embxfer.runtime=runtime/).
+# Test dependencies missing there are installed from wheels in .whl/ when present
+# (see /work/.library/device/README.md for how to fetch them).
+set -u -o pipefail
+REPO=$(cd "$(dirname "${BASH_SOURCE[0]}")/.." && pwd)
+OUT=${OUT:-/tmp/embxfer-gpu-check}
+mkdir -p "$OUT"
+PKG=$(mktemp -d /tmp/embxfer-pkg.XXXXXX)
+mkdir -p "$PKG/embxfer"
+for entry in "$REPO"/embxfer/*; do
+    ln -s "$entry" "$PKG/embxfer/$(basename "$entry")"
+done
+for room in kernels control runtime; do
+    rm -rf "$PKG/embxfer/$room"
+    [ -d "$REPO/$room" ] && ln -s "$REPO/$room" "$PKG/embxfer/$room"
+done
+SITE=""
+if [ -d "$REPO/.whl" ] && ls "$REPO"/.whl/*.whl >/dev/null 2>&1; then
+    SITE=$(mktemp -d /tmp/embxfer-site.XXXXXX)
+    python3 -m pip install -q --no-index --no-deps --no-compile --no-cache-dir --upgrade \
+        --target "$SITE" "$REPO"/.whl/*.whl || echo "gpu_check: wheel install failed" >&2
+fi
+export PYTHONPATH="$PKG${SITE:+:$SITE}${PYTHONPATH:+:$PYTHONPATH}"
+export PYTHONUNBUFFERED=1
+cd "$REPO"
+python3 -c 'import torch, triton, embxfer.kernels; print("torch", torch.__version__, "triton", triton.__version__, torch.cuda.get_device_name())'
+nvidia-smi --query-gpu=name,driver_version,clocks.sm,clocks.mem,temperature.gpu --format=csv,noheader || true
+
+status=0
+if [ "${GPU_CHECK_SKIP_TESTS:-0}" != 1 ]; then
+    timeout "${GPU_CHECK_TEST_TIMEOUT:-360}" python3 -m pytest -m gpu tests/ -q -p no:cacheprovider -rs \
+        --junitxml="$OUT/gpu-tests.xml" 2>&1 | tee "$OUT/gpu-tests.log" | tail -40
+    status=${PIPESTATUS[0]}
+    echo "gpu tests exit status: $status"
+fi
+if [ "${GPU_CHECK_SKIP_BENCH:-0}" != 1 ]; then
+    python3 bench/kernels.py --json "$OUT/kernels-{device}.json" "$@" 2>&1 | tee "$OUT/bench.log"
+    bench_status=${PIPESTATUS[0]}
+    echo "bench exit status: $bench_status"
+    [ "$bench_status" = 0 ] || status=$bench_status
+fi
+rm -rf "$PKG" ${SITE:+"$SITE"}
+exit "$status"

@@ -1,0 +1,421 @@
+"""Kernel benchmark (issue 3): Triton pack/unpack against the device copy ceiling and two
+plain-torch baselines, measured in the same run.
+
+    python bench/kernels.py --json bench/results/kernels-{device}.json [--sweep]
+
+Cases (bf16, block 128, blocks shuffled over a pool twice the payload's size):
+  a. one request 16384 x 8192, fill_ids + mrope
+  b. 64 requests, lengths drawn from 64..4096 (seed 0), D = 3584
+  c. one small request 1000 x 4096
+  d. deepstack: 8192 x 4096, K = 3
+
+Bytes are counted honestly: every payload byte (embeddings, deepstack, fill_ids, mrope)
+once read and once written; the block table and padding are not counted. The ceiling
+is a 1 GiB device-to-device `copy_`, counted the same way (read + write).
+
+Times: `triton.testing.do_bench` medians of device-event times, with the L2 cache
+flushed before every call, so case c (8 MB) is not served from L2. Host work that
+overlaps the flush is not in `median_us`; `wall_us` is the host wall clock per call
+over back-to-back calls (synchronised at the end), which includes it.
+
+Baselines, per call, including their index construction:
+  torch: the best plain-torch composition: one device index per call (built on the host,
+         one copy), then per segment one `index_select(..., out=staging view)` per field
+         (pack) or `index_copy_` per field (unpack);
+  loop:  the upstream way: per block a slice per field, `torch.cat` per segment and field,
+         then a copy into the staging buffer (pack); a slice-copy per block and field (unpack).
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import re
+import sys
+import time
+from dataclasses import asdict
+from pathlib import Path
+
+import numpy as np
+import torch
+import triton
+import triton.testing
+
+from embxfer import kernels
+from embxfer.kernels import PoolTensors, TokenSpan, staging_layout
+from embxfer.kernels.triton_copy import TileConfig, set_tile_config
+
+BLOCK = 128
+DEVICE = "cuda"
+DTYPE = torch.bfloat16
+CASES = {
+    "a": {"dim": 8192, "layers": 0, "counts": [16384]},
+    "b": {"dim": 3584, "layers": 0, "counts": None},  # 64 lengths from 64..4096, seed 0
+    "c": {"dim": 4096, "layers": 0, "counts": [1000]},
+    "d": {"dim": 4096, "layers": 3, "counts": [8192]},
+}
+SWEEP = [
+    TileConfig(tile_words=w, max_block_w=b, num_warps=n)
+    for w in (4096, 8192, 16384)
+    for b in (1024, 2048)
+    for n in (4, 8)
+]
+
+
+def device_slug(name: str) -> str:
+    match = re.search(r"\b([a-z]\d{2,3}[a-z]?)\b", name.lower())
+    return match.group(1) if match else re.sub(r"[^a-z0-9]+", "-", name.lower()).strip("-")
+
+
+def case_counts(case: str) -> list[int]:
+    counts = CASES[case]["counts"]
+    if counts is None:
+        counts = np.random.default_rng(0).integers(64, 4097, size=64).tolist()
+    return counts
+
+
+class Case:
+    """A source pool with the case's requests on shuffled blocks, a destination pool of
+    the same shape, staging buffers and the host-side indices the torch baseline uses."""
+
+    def __init__(self, name: str) -> None:
+        spec = CASES[name]
+        self.name = name
+        self.dim, self.layers = spec["dim"], spec["layers"]
+        self.counts = case_counts(name)
+        needed = [-(-c // BLOCK) for c in self.counts]
+        num_blocks = 2 * sum(needed)
+        generator = torch.Generator(device=DEVICE).manual_seed(1)
+        self.source = self._pool(num_blocks, generator)
+        self.dest = self._pool(num_blocks, generator)
+        rng = np.random.default_rng(2)
+        order, dest_order = rng.permutation(num_blocks), rng.permutation(num_blocks)
+        self.spans, self.dest_spans, used = [], [], 0
+        for count, n in zip(self.counts, needed, strict=True):
+            self.spans.append(TokenSpan(order[used : used + n].tolist(), 0, count))
+            self.dest_spans.append(TokenSpan(dest_order[used : used + n].tolist(), 0, count))
+            used += n
+        self.layout = staging_layout(self.counts, self.dim, self.layers * self.dim, DTYPE)
+        self.staging = torch.empty(self.layout.nbytes, dtype=torch.uint8, device=DEVICE)
+        self.views = [self.layout.views(self.staging, i) for i in range(len(self.counts))]
+        self.payload_bytes = sum(self.counts) * (2 * self.dim * (1 + self.layers) + 16)
+
+    def _pool(self, num_blocks: int, generator: torch.Generator) -> PoolTensors:
+        def bits(shape, dtype):
+            """Random bit patterns (never zeros: they would hide unwritten rows)."""
+            integer = torch.int32 if dtype == torch.int32 else torch.int16
+            info = torch.iinfo(integer)
+            values = torch.randint(
+                info.min, info.max, shape, generator=generator, device=DEVICE, dtype=integer
+            )
+            return values.view(dtype)
+
+        return PoolTensors(
+            bits((num_blocks, BLOCK, self.dim), DTYPE),
+            bits((num_blocks, BLOCK), torch.int32),
+            bits((num_blocks, 3, BLOCK), torch.int32),
+            bits((num_blocks, BLOCK, self.layers * self.dim), DTYPE) if self.layers else None,
+        )
+
+    # --- Triton -------------------------------------------------------------------
+    def triton_pack(self) -> None:
+        kernels.pack(self.source, self.spans, self.staging, self.layout)
+
+    def triton_unpack(self) -> None:
+        kernels.unpack(self.staging, self.layout, self.dest, self.dest_spans)
+
+    # --- baseline (1): index_select / index_copy_ per field and segment ---------------
+    def _indices(self, spans: list[TokenSpan]) -> tuple[torch.Tensor, torch.Tensor]:
+        """Flat pool row of every token, and flat mrope index [3 x n per segment]."""
+        rows, mrope = [], []
+        for span in spans:
+            positions = np.arange(span.start, span.start + span.count)
+            blocks = np.asarray(span.blocks, dtype=np.int64)[positions // BLOCK]
+            row = positions % BLOCK
+            rows.append(blocks * BLOCK + row)
+            mrope.append((blocks * 3 * BLOCK + row)[None, :] + (np.arange(3) * BLOCK)[:, None])
+        flat = np.concatenate(rows + [m.reshape(-1) for m in mrope])
+        flat = torch.from_numpy(flat).to(DEVICE)
+        total = sum(s.count for s in spans)
+        return flat[:total], flat[total:]
+
+    def _torch_fields(self, pool: PoolTensors):
+        flat = [
+            pool.embeddings.view(-1, self.dim),
+            pool.fill_ids.view(-1),
+            pool.mrope_positions.view(-1),
+            None if pool.deepstack is None else pool.deepstack.view(-1, self.layers * self.dim),
+        ]
+        return flat
+
+    def torch_pack(self) -> None:
+        rows, mrope = self._indices(self.spans)
+        emb, fill, mrope_pool, ds = self._torch_fields(self.source)
+        a = m = 0
+        for view, count in zip(self.views, self.counts, strict=True):
+            index = rows[a : a + count]
+            torch.index_select(emb, 0, index, out=view.embeddings)
+            torch.index_select(fill, 0, index, out=view.fill_ids)
+            torch.index_select(
+                mrope_pool, 0, mrope[m : m + 3 * count], out=view.mrope_positions.view(-1)
+            )
+            if ds is not None:
+                torch.index_select(ds, 0, index, out=view.deepstack)
+            a, m = a + count, m + 3 * count
+
+    def torch_unpack(self) -> None:
+        rows, mrope = self._indices(self.dest_spans)
+        emb, fill, mrope_pool, ds = self._torch_fields(self.dest)
+        a = m = 0
+        for view, count in zip(self.views, self.counts, strict=True):
+            index = rows[a : a + count]
+            emb.index_copy_(0, index, view.embeddings)
+            fill.index_copy_(0, index, view.fill_ids)
+            mrope_pool.index_copy_(0, mrope[m : m + 3 * count], view.mrope_positions.view(-1))
+            if ds is not None:
+                ds.index_copy_(0, index, view.deepstack)
+            a, m = a + count, m + 3 * count
+
+    # --- baseline (2): the per-block Python loop + torch.cat ----------------------------
+    @staticmethod
+    def _pieces(span: TokenSpan):
+        position, end = span.start, span.start + span.count
+        while position < end:
+            block, row = span.blocks[position // BLOCK], position % BLOCK
+            take = min(BLOCK - row, end - position)
+            yield block, row, take
+            position += take
+
+    def loop_pack(self) -> None:
+        pool = self.source
+        for view, span in zip(self.views, self.spans, strict=True):
+            pieces = list(self._pieces(span))
+            view.embeddings.copy_(torch.cat([pool.embeddings[b, r : r + n] for b, r, n in pieces]))
+            view.fill_ids.copy_(torch.cat([pool.fill_ids[b, r : r + n] for b, r, n in pieces]))
+            view.mrope_positions.copy_(
+                torch.cat([pool.mrope_positions[b, :, r : r + n] for b, r, n in pieces], dim=1)
+            )
+            if pool.deepstack is not None:
+                view.deepstack.copy_(
+                    torch.cat([pool.deepstack[b, r : r + n] for b, r, n in pieces])
+                )
+
+    def loop_unpack(self) -> None:
+        pool = self.dest
+        for view, span in zip(self.views, self.dest_spans, strict=True):
+            a = 0
+            for b, r, n in self._pieces(span):
+                pool.embeddings[b, r : r + n].copy_(view.embeddings[a : a + n])
+                pool.fill_ids[b, r : r + n].copy_(view.fill_ids[a : a + n])
+                pool.mrope_positions[b, :, r : r + n].copy_(view.mrope_positions[:, a : a + n])
+                if pool.deepstack is not None:
+                    pool.deepstack[b, r : r + n].copy_(view.deepstack[a : a + n])
+                a += n
+
+
+def measure(fn, rep_ms: int = 200) -> float:
+    """Median device time of one call, in microseconds."""
+    return 1000 * triton.testing.do_bench(fn, warmup=25, rep=rep_ms, return_mode="median")
+
+
+def wall_clock(fn, calls: int = 10) -> float:
+    fn()
+    torch.cuda.synchronize()
+    start = time.perf_counter()
+    for _ in range(calls):
+        fn()
+    torch.cuda.synchronize()
+    return 1e6 * (time.perf_counter() - start) / calls
+
+
+def copy_ceiling() -> float:
+    """GB/s of a 1 GiB device-to-device copy, read + write bytes."""
+    nbytes = 1 << 30
+    src = torch.empty(nbytes, dtype=torch.uint8, device=DEVICE).random_()
+    dst = torch.empty_like(src)
+    seconds = measure(lambda: dst.copy_(src)) / 1e6
+    return 2 * nbytes / seconds / 1e9
+
+
+def check(case: Case) -> None:
+    """Kernel and baselines must agree bit-exact before anything is timed."""
+    case.staging.zero_()  # padding between fields is written by nobody
+    case.triton_pack()
+    expected = case.staging.clone()
+    for baseline in (case.torch_pack, case.loop_pack):
+        case.staging.zero_()
+        baseline()
+        if not torch.equal(case.staging, expected):
+            raise SystemExit(f"case {case.name}: {baseline.__name__} disagrees with the kernel")
+    results = []
+    for unpack in (case.triton_unpack, case.torch_unpack, case.loop_unpack):
+        for tensor in case.dest:
+            if tensor is not None:
+                tensor.view(torch.uint8).fill_(0xA5)
+        unpack()
+        results.append([t.clone() for t in case.dest if t is not None])
+    for other in results[1:]:
+        for a, b in zip(results[0], other, strict=True):
+            if not torch.equal(a.view(torch.uint8), b.view(torch.uint8)):
+                raise SystemExit(f"case {case.name}: unpack baselines disagree with the kernel")
+
+
+def run_cases(names: list[str], ceiling: float) -> list[dict]:
+    rows = []
+    for name in names:
+        case = Case(name)
+        check(case)
+        for op in ("pack", "unpack"):
+            kernel, torch_fn, loop_fn = (
+                getattr(case, f"{kind}_{op}") for kind in ("triton", "torch", "loop")
+            )
+            kernel_us = measure(kernel)
+            torch_us = measure(torch_fn)
+            loop_us = measure(loop_fn, rep_ms=100)
+            nbytes = 2 * case.payload_bytes
+            gbps = nbytes / kernel_us / 1e3
+            rows.append(
+                {
+                    "case": name,
+                    "op": op,
+                    "tokens": sum(case.counts),
+                    "segments": len(case.counts),
+                    "dim": case.dim,
+                    "deepstack_layers": case.layers,
+                    "bytes": nbytes,
+                    "median_us": round(kernel_us, 2),
+                    "gbps": round(gbps, 1),
+                    "fraction_of_ceiling": round(gbps / ceiling, 3),
+                    "speedup_vs_torch": round(torch_us / kernel_us, 2),
+                    "speedup_vs_loop": round(loop_us / kernel_us, 2),
+                    "torch_us": round(torch_us, 2),
+                    "loop_us": round(loop_us, 2),
+                    "wall_us": round(wall_clock(kernel), 2),
+                    "torch_wall_us": round(wall_clock(torch_fn), 2),
+                }
+            )
+            row = rows[-1]
+            print(
+                f"{name} {op:6s} {nbytes / 2**20:9.1f} MiB {kernel_us:9.1f} us {gbps:7.0f} GB/s "
+                f"{row['fraction_of_ceiling']:5.2f} x torch {row['speedup_vs_torch']:6.2f} "
+                f"x loop {row['speedup_vs_loop']:7.2f}  wall {row['wall_us']:.0f} us",
+                flush=True,
+            )
+        del case
+        torch.cuda.empty_cache()
+    return rows
+
+
+def sweep(names: list[str], ceiling: float) -> list[dict]:
+    results = []
+    for name in names:
+        case = Case(name)
+        for config in SWEEP:
+            previous = set_tile_config(config)
+            try:
+                for op in ("pack", "unpack"):
+                    us = measure(getattr(case, f"triton_{op}"), rep_ms=60)
+                    gbps = 2 * case.payload_bytes / us / 1e3
+                    results.append(
+                        {
+                            "case": name,
+                            "op": op,
+                            **asdict(config),
+                            "median_us": round(us, 2),
+                            "gbps": round(gbps, 1),
+                        }
+                    )
+                    print(
+                        f"sweep {name} {op:6s} {config} {gbps:7.0f} GB/s {gbps / ceiling:5.2f}",
+                        flush=True,
+                    )
+            finally:
+                set_tile_config(previous)
+        del case
+        torch.cuda.empty_cache()
+    return results
+
+
+def plot(result: dict, path: Path) -> None:
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    rows = result["cases"]
+    labels = [f"{r['case']} {r['op']}" for r in rows]
+    x = np.arange(len(rows))
+    width = 0.27
+    figure, axes = plt.subplots(figsize=(10, 5))
+    for shift, key, label in (
+        (-width, "gbps", "Triton (one launch)"),
+        (0, "torch_us", "torch index_select"),
+        (width, "loop_us", "per-block loop + cat"),
+    ):
+        values = [r["gbps"] if key == "gbps" else r["bytes"] / r[key] / 1e3 for r in rows]
+        axes.bar(x + shift, values, width, label=label)
+    axes.axhline(
+        result["ceiling_gbps"],
+        color="black",
+        linestyle="--",
+        label=f"D2D copy ceiling {result['ceiling_gbps']:.0f} GB/s",
+    )
+    axes.axhline(0.9 * result["ceiling_gbps"], color="gray", linestyle=":", label="90% of ceiling")
+    axes.set_xticks(x, labels)
+    axes.set_ylabel("GB/s (payload read + write)")
+    axes.set_title(
+        f"embxfer pack/unpack on {result['device']}: a 16384x8192, b 64 req D3584, c 1000x4096, d 8192x4096 K=3"
+    )
+    axes.legend(fontsize=8)
+    figure.tight_layout()
+    figure.savefig(path, dpi=120)
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(
+        description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
+    )
+    parser.add_argument(
+        "--json",
+        default="bench/results/kernels-{device}.json",
+        help="output path; {device} is replaced by the GPU's slug",
+    )
+    parser.add_argument("--cases", default="abcd")
+    parser.add_argument(
+        "--sweep", action="store_true", help="also time the kernel over a grid of tile configs"
+    )
+    args = parser.parse_args(argv)
+    if not torch.cuda.is_available():
+        print("bench/kernels.py needs a CUDA device", file=sys.stderr)
+        return 2
+    name = torch.cuda.get_device_name()
+    path = Path(args.json.format(device=device_slug(name)))
+    path.parent.mkdir(parents=True, exist_ok=True)
+    ceiling = copy_ceiling()
+    print(
+        f"{name}: torch {torch.__version__}, triton {triton.__version__}, copy ceiling {ceiling:.0f} GB/s",
+        flush=True,
+    )
+    result = {
+        "device": name,
+        "torch": torch.__version__,
+        "triton": triton.__version__,
+        "ceiling_gbps": round(ceiling, 1),
+        "config": {
+            "dtype": "bfloat16",
+            "block_size": BLOCK,
+            "tile": asdict(TileConfig()),
+            "cases": {k: CASES[k] | {"counts": case_counts(k)} for k in args.cases},
+        },
+        "cases": run_cases(list(args.cases), ceiling),
+    }
+    if args.sweep:
+        result["sweep"] = sweep([c for c in args.cases if c != "c"], ceiling)
+    path.write_text(json.dumps(result, indent=1) + "\n")
+    plot(result, path.with_suffix(".png"))
+    print(f"wrote {path} and {path.with_suffix('.png')}")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
