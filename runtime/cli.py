@@ -70,13 +70,26 @@ def build_parser() -> argparse.ArgumentParser:
     commands = parser.add_subparsers(dest="command", required=True, parser_class=_Parser, metavar="COMMAND")
     info = commands.add_parser("info", help="versions, devices and the effective configuration")
     info.set_defaults(handler=cmd_info)
+    from .demo import add_demo_arguments
+
+    demo = commands.add_parser("demo", help="stream synthetic payloads and verify them bit-exact (the main job)")
+    add_demo_arguments(demo)
+    demo.set_defaults(handler=cmd_demo)
     return parser
+
+
+def cmd_demo(args: argparse.Namespace) -> int:
+    from .demo import main as demo_main
+
+    return demo_main(args.raw_argv)
 
 
 def main(argv: Sequence[str] | None = None) -> int:
     parser = build_parser()
     try:
-        args = parser.parse_args(argv)
+        raw = list(sys.argv[1:] if argv is None else argv)
+        args = parser.parse_args(raw)
+        args.raw_argv = raw[raw.index(args.command) + 1:]
         return args.handler(args)
     except UsageError as exc:
         print(f"{exc}", file=sys.stderr)

@@ -5,6 +5,7 @@ from __future__ import annotations
 from collections.abc import Sequence
 
 import torch
+
 from embxfer.kernels import PoolTensors, RowTensors, TokenSpan, gather, scatter
 
 from .payload import EMBEDDING_DTYPES, Payload

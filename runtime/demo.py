@@ -1,0 +1,381 @@
+"""`embxfer demo`: stream synthetic payloads from encoder engines to a language engine,
+verify every one bit-exact on every language rank, and print a summary.
+
+Without torchrun it spawns its own local world; under torchrun
+(`torchrun --nproc-per-node K -m embxfer.demo ...`) each process is one rank.
+Payloads are generated from (seed, request id) on both sides, so the language side
+can verify without the data travelling twice. Embedding bits are drawn uniformly, so
+NaN and Inf patterns are part of every payload and must arrive bit-exact.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import logging
+import os
+import random
+import sys
+import time
+from collections.abc import Sequence
+from dataclasses import dataclass
+
+import torch
+
+from .config import Config
+from .payload import Payload
+from .state import RequestState
+from .topology import Role, Topology
+
+DTYPES = {"bf16": torch.bfloat16, "fp16": torch.float16, "fp32": torch.float32}
+_BITS = {torch.bfloat16: torch.int16, torch.float16: torch.int16, torch.float32: torch.int32}
+
+# Per-request outcome codes exchanged at the end of the run (int8 over gloo).
+NOT_MINE, VERIFIED, MISMATCH, FAILED, ABORTED, UNFINISHED = range(6)
+OUTCOME_NAMES = {VERIFIED: "verified", MISMATCH: "mismatch", FAILED: "failed", ABORTED: "aborted",
+                 UNFINISHED: "unfinished"}
+
+
+def add_demo_arguments(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument("--encoders", type=int, default=1, help="encoder engines (default 1)")
+    parser.add_argument("--encoder-tp", type=int, default=1, help="TP ranks per encoder engine (default 1)")
+    parser.add_argument("--language-tp", type=int, default=2, help="TP ranks of the language engine (default 2)")
+    parser.add_argument("--requests", type=int, default=24, help="requests to stream (default 24)")
+    parser.add_argument("--lengths", type=str, default=None, help="comma-separated token counts, cycled")
+    parser.add_argument("--min-tokens", type=int, default=64)
+    parser.add_argument("--max-tokens", type=int, default=20000)
+    parser.add_argument("--dim", type=int, default=1024, help="embedding dim D (default 1024)")
+    parser.add_argument("--dtype", choices=sorted(DTYPES), default="bf16")
+    parser.add_argument("--deepstack", type=int, default=0, metavar="K", help="deepstack layers K (default 0)")
+    parser.add_argument("--block-size", type=int, default=128)
+    parser.add_argument("--default-alloc-tokens", type=int, default=8192)
+    parser.add_argument("--language-pool-blocks", type=int, default=256)
+    parser.add_argument("--encoder-pool-blocks", type=int, default=512)
+    parser.add_argument("--staging-mb", type=float, default=8.0, help="bytes of one staging chunk, MiB")
+    parser.add_argument("--inflight", type=int, default=8, help="requests in flight per engine (default 8)")
+    parser.add_argument("--abort-rate", type=float, default=0.0,
+                        help="fraction of requests the language engine aborts at a random moment")
+    parser.add_argument("--device", choices=("auto", "cpu", "cuda"), default="auto")
+    parser.add_argument("--seed", type=int, default=0)
+    parser.add_argument("--json", type=str, default=None, metavar="PATH", help="write results as JSON")
+    parser.add_argument("--timeout", type=float, default=600.0, help="seconds for the whole run (default 600)")
+    parser.add_argument("--quiet", action="store_true", help="no progress bar")
+    parser.add_argument("--verbose", action="store_true", help="debug logs of every state transition")
+
+
+def validate_args(args: argparse.Namespace) -> None:
+    """ValueError with one line naming the flag; nothing is started before this passes."""
+    positive = ["encoders", "encoder_tp", "language_tp", "requests", "min_tokens", "max_tokens", "dim",
+                "block_size", "default_alloc_tokens", "language_pool_blocks", "encoder_pool_blocks",
+                "inflight"]
+    for name in positive:
+        value = getattr(args, name)
+        if value < 1:
+            raise ValueError(f"--{name.replace('_', '-')}={value}: expected a positive integer")
+    if args.deepstack < 0:
+        raise ValueError(f"--deepstack={args.deepstack}: expected K >= 0")
+    if not 0 < args.timeout:
+        raise ValueError(f"--timeout={args.timeout}: expected a positive number of seconds")
+    if not 0.0 <= args.abort_rate <= 1.0:
+        raise ValueError(f"--abort-rate={args.abort_rate}: expected 0..1")
+    if not args.staging_mb > 0:
+        raise ValueError(f"--staging-mb={args.staging_mb}: expected a positive size")
+    if args.min_tokens > args.max_tokens:
+        raise ValueError(f"--min-tokens={args.min_tokens} > --max-tokens={args.max_tokens}")
+    if args.block_size > 1024:
+        raise ValueError(f"--block-size={args.block_size}: expected 1..1024")
+    lengths = request_lengths(args)
+    capacity = args.encoder_pool_blocks * args.block_size
+    if max(lengths) > capacity:
+        raise ValueError(
+            f"--encoder-pool-blocks={args.encoder_pool_blocks}: holds {capacity} tokens, the longest "
+            f"request has {max(lengths)}"
+        )
+
+
+def request_lengths(args: argparse.Namespace) -> list[int]:
+    if args.lengths:
+        try:
+            given = [int(x) for x in args.lengths.split(",") if x.strip()]
+        except ValueError:
+            raise ValueError(f"--lengths={args.lengths!r}: expected comma-separated integers") from None
+        if not given or min(given) < 1:
+            raise ValueError(f"--lengths={args.lengths!r}: expected positive token counts")
+        return [given[i % len(given)] for i in range(args.requests)]
+    rng = random.Random(args.seed)
+    return [rng.randint(args.min_tokens, args.max_tokens) for _ in range(args.requests)]
+
+
+def make_payload(args: argparse.Namespace, request_id: int, num_tokens: int, device: torch.device) -> Payload:
+    """Deterministic payload of `request_id`: the same bits on every rank that makes it."""
+    dtype = DTYPES[args.dtype]
+    bits = _BITS[dtype]
+    info = torch.iinfo(bits)
+    gen = torch.Generator().manual_seed(args.seed * 1_000_003 + request_id)
+
+    def random_floats(cols: int) -> torch.Tensor:
+        raw = torch.randint(info.min, info.max, (num_tokens, cols), generator=gen, dtype=bits)
+        return raw.view(dtype).to(device)
+
+    embeddings = random_floats(args.dim)
+    fill_ids = torch.randint(0, 152_000, (num_tokens,), generator=gen, dtype=torch.int32).to(device)
+    positions = torch.randint(0, 1 << 20, (3, num_tokens), generator=gen, dtype=torch.int32).to(device)
+    delta = int(torch.randint(-(1 << 40), 1 << 40, (1,), generator=gen).item())
+    deepstack = random_floats(args.deepstack * args.dim) if args.deepstack else None
+    return Payload(embeddings, fill_ids, positions, mrope_delta=delta, deepstack=deepstack)
+
+
+@dataclass
+class Outcome:
+    code: int = NOT_MINE
+    error: str = ""
+    resumes: int = 0
+    latency_s: float = 0.0
+
+
+def topology_of(args: argparse.Namespace) -> Topology:
+    return Topology(args.encoders, args.encoder_tp, args.language_tp)
+
+
+def config_of(args: argparse.Namespace) -> Config:
+    return Config.from_env(
+        block_size=args.block_size,
+        default_alloc_tokens=args.default_alloc_tokens,
+        encoder_pool_blocks=args.encoder_pool_blocks,
+        language_pool_blocks=args.language_pool_blocks,
+        staging_bytes=int(args.staging_mb * (1 << 20)),
+        request_timeout_s=min(Config().request_timeout_s, args.timeout),
+    )
+
+
+# -- one rank -------------------------------------------------------------------------------
+def run_rank(args: argparse.Namespace) -> int:
+    from .bus import ShmBus
+    from .launch import init_world, pick_device
+    from .receiver import Receiver
+    from .sender import Sender
+    from .transport import TorchP2P
+
+    logging.basicConfig(level=logging.DEBUG if args.verbose else logging.ERROR,
+                        format="%(asctime)s %(name)s %(levelname)s %(message)s")
+    topology = topology_of(args)
+    config = config_of(args)
+    world_size = int(os.environ["WORLD_SIZE"])
+    if world_size != topology.world_size:
+        raise ValueError(f"world size {world_size} does not match the layout {topology.describe()} "
+                         f"({topology.world_size} ranks)")
+    world = init_world(pick_device(args.device, world_size), args.timeout)
+    rank = world.rank
+    bus = ShmBus.connect(rank, world_size, world.meta_group, slots=config.ring_slots,
+                         slot_bytes=config.ring_slot_bytes, publish_timeout=config.peer_timeout_s,
+                         peer_timeout=config.peer_timeout_s)
+    lengths = request_lengths(args)
+    common = dict(config=config, topology=topology, rank=rank, bus=bus, transport=TorchP2P(world.data_group, world.backend),
+                  dim=args.dim, dtype=DTYPES[args.dtype], deepstack_layers=args.deepstack, device=world.device)
+    deadline = time.monotonic() + args.timeout
+    outcomes = [Outcome() for _ in lengths]
+    started = time.monotonic()
+    try:
+        if topology.role(rank) is Role.ENCODER:
+            endpoint = Sender(**common)
+            run_encoder(args, endpoint, lengths, deadline)
+        else:
+            endpoint = Receiver(**common)
+            run_language(args, endpoint, lengths, outcomes, deadline, show_progress=endpoint.is_leader)
+        elapsed = time.monotonic() - started
+        codes, blocks = finish_together(world, endpoint, outcomes, deadline)
+        if rank == topology.language_leader:
+            return report(args, config, topology, lengths, outcomes, codes, blocks, endpoint, elapsed)
+        return 0
+    finally:
+        bus.close()
+        world.close()
+
+
+def run_encoder(args: argparse.Namespace, sender, lengths: list[int], deadline: float) -> None:
+    engine = sender.engine
+    todo = [rid for rid in range(len(lengths)) if rid % args.encoders == engine]
+    active: set[int] = set()
+    while (todo or active or sender.busy) and time.monotonic() < deadline:
+        while todo and len(active) < args.inflight:
+            rid = todo.pop(0)
+            sender.submit(rid, make_payload(args, rid, lengths[rid], sender.pool.device))
+            active.add(rid)
+        worked = sender.progress()
+        for rid in list(active):
+            if sender.requests[rid].state.terminal:
+                sender.release(rid)
+                active.discard(rid)
+        if not worked:
+            sender.wait(0.001 if sender.busy else 0.02)
+
+
+def run_language(args: argparse.Namespace, receiver, lengths: list[int], outcomes: list[Outcome],
+                 deadline: float, show_progress: bool) -> None:
+    rng = random.Random(args.seed + 17)
+    abort_after = {rid: rng.randint(0, 200) for rid in range(len(lengths)) if rng.random() < args.abort_rate}
+    todo = list(range(len(lengths)))
+    active: dict[int, float] = {}
+    polls: dict[int, int] = {}
+    bar = _progress_bar(len(lengths), show_progress and not args.quiet)
+    while (todo or active) and time.monotonic() < deadline:
+        while todo and len(active) < args.inflight:
+            rid = todo.pop(0)
+            receiver.admit(rid, encoder_engine=rid % args.encoders)
+            active[rid] = time.monotonic()
+        worked = receiver.progress()
+        for rid in list(active):
+            state = receiver.requests[rid].state if rid in receiver.requests else receiver.poll(rid)
+            if receiver.is_leader and rid in abort_after and not state.terminal:
+                polls[rid] = polls.get(rid, 0) + 1
+                if polls[rid] > abort_after[rid]:
+                    receiver.abort(rid, "demo --abort-rate")
+                    state = RequestState.FAILED
+            if not state.terminal:
+                continue
+            outcome = outcomes[rid]
+            outcome.latency_s = time.monotonic() - active.pop(rid)
+            request = receiver.requests[rid]
+            outcome.resumes = request.resumes
+            if state is RequestState.SUCCESS:
+                received = receiver.take(rid)
+                expected = make_payload(args, rid, lengths[rid], receiver.pool.device)
+                diffs = expected.mismatches(received)
+                outcome.code = MISMATCH if diffs else VERIFIED
+                outcome.error = f"fields differ: {', '.join(diffs)}" if diffs else ""
+            else:
+                outcome.error = request.error or "failed"
+                outcome.code = ABORTED if rid in abort_after and "user" in outcome.error.split(":")[0] else FAILED
+                receiver._retire(request)
+            if bar:
+                bar.update(1)
+        if not worked:
+            receiver.wait(0.001 if receiver.busy else 0.02)
+    for rid in active:
+        outcomes[rid].code = UNFINISHED
+        outcomes[rid].error = f"unfinished after --timeout={args.timeout:.0f}s"
+    if bar:
+        bar.close()
+
+
+def _progress_bar(total: int, enabled: bool):
+    if not enabled:
+        return None
+    try:
+        from tqdm import tqdm
+    except ImportError:
+        return None
+    return tqdm(total=total, unit="req", desc="embxfer demo", file=sys.stderr, dynamic_ncols=True)
+
+
+def finish_together(world, endpoint, outcomes: list[Outcome], deadline: float):
+    """Exchange per-request outcomes and blocks in use, while still serving the control
+    plane (heartbeats), so a rank that finished early is never taken for dead."""
+    import torch.distributed as dist
+
+    mine = torch.tensor([o.code for o in outcomes] + [endpoint.allocator.num_used], dtype=torch.int64)
+    gathered = [torch.zeros_like(mine) for _ in range(world.world_size)]
+    work = dist.all_gather(gathered, mine, group=world.meta_group, async_op=True)
+    while not work.is_completed():
+        if time.monotonic() > deadline:
+            raise TimeoutError("ranks did not finish together before --timeout")
+        endpoint.progress()
+        endpoint.wait(0.005)
+    work.wait()
+    codes = torch.stack([g[:-1] for g in gathered])
+    blocks = [int(g[-1]) for g in gathered]
+    return codes, blocks
+
+
+def report(args, config, topology: Topology, lengths, outcomes, codes, blocks, receiver, elapsed) -> int:
+    language = topology.language_ranks
+    rows = []
+    bad = []
+    for rid, tokens in enumerate(lengths):
+        per_rank = [int(codes[r][rid]) for r in language]
+        worst = max(per_rank, key=lambda c: (c != VERIFIED, c))
+        status = OUTCOME_NAMES.get(worst, "unknown")
+        verified = all(c == VERIFIED for c in per_rank)
+        row = {"id": rid, "tokens": tokens, "resumes": outcomes[rid].resumes, "status": status,
+               "verified": verified}
+        if not verified:
+            row["error"] = outcomes[rid].error or f"rank outcomes {per_rank}"
+            if worst != ABORTED:
+                bad.append(row)
+        rows.append(row)
+    verified_rows = [r for r in rows if r["verified"]]
+    token_count = sum(r["tokens"] for r in verified_rows)
+    payload_bytes = token_count * receiver.pool.bytes_per_token + 8 * len(verified_rows)
+    moved = payload_bytes * len(language)
+    latencies = sorted(o.latency_s for o, r in zip(outcomes, rows, strict=True) if r["verified"])
+    encoder_blocks = sum(blocks[r] for r in range(topology.language_leader))
+    language_blocks = sum(blocks[r] for r in language)
+    totals = {
+        "requests": len(rows),
+        "verified": len(verified_rows),
+        "failed": len(bad),
+        "aborted": sum(r["status"] == "aborted" for r in rows),
+        "tokens": token_count,
+        "gb_moved": moved / 1e9,
+        "seconds": elapsed,
+        "gbps": moved / 1e9 / elapsed if elapsed > 0 else 0.0,
+        "resumes": sum(r["resumes"] for r in rows),
+        "latency_p50_s": _quantile(latencies, 0.50),
+        "latency_p99_s": _quantile(latencies, 0.99),
+    }
+    leaks = {"encoder_blocks_in_use": encoder_blocks, "language_blocks_in_use": language_blocks}
+    print(
+        f"embxfer demo: {totals['verified']}/{totals['requests']} requests verified bit-exact on "
+        f"{len(language)} language rank(s); {totals['aborted']} aborted, {totals['failed']} failed\n"
+        f"  layout   {topology.describe()}; device {receiver.pool.device}, {args.dtype}, D={args.dim}, "
+        f"deepstack K={args.deepstack}\n"
+        f"  moved    {token_count} tokens, {totals['gb_moved']:.3f} GB in {elapsed:.2f}s "
+        f"= {totals['gbps']:.2f} GB/s; {totals['resumes']} resumes\n"
+        f"  latency  p50 {totals['latency_p50_s'] * 1e3:.1f} ms, p99 {totals['latency_p99_s'] * 1e3:.1f} ms\n"
+        f"  leaks    encoder blocks in use {encoder_blocks}, language blocks in use {language_blocks}"
+    )
+    if args.json:
+        with open(args.json, "w") as f:
+            json.dump({"config": {**vars(args), "effective": config.__dict__}, "requests": rows,
+                       "totals": totals, "leaks": leaks}, f, indent=2, default=str)
+    if bad or encoder_blocks or language_blocks:
+        first = bad[0] if bad else None
+        what = f"request {first['id']}: {first['error']}" if first else "blocks still in use"
+        print(f"embxfer demo: FAILED: {len(bad)} request(s) not verified (first: {what})", file=sys.stderr)
+        return 1
+    return 0
+
+
+def _quantile(values: list[float], q: float) -> float:
+    if not values:
+        return 0.0
+    return values[min(len(values) - 1, int(q * len(values)))]
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    from .cli import UsageError, _Parser
+    from .launch import CHILD_ENV, spawn_local_world, under_torchrun
+
+    parser = _Parser(prog="embxfer demo", description=__doc__.splitlines()[0])
+    add_demo_arguments(parser)
+    argv = list(sys.argv[1:] if argv is None else argv)
+    try:
+        args = parser.parse_args(argv)
+        validate_args(args)
+        topology = topology_of(args)
+        config_of(args)
+    except (UsageError, ValueError) as exc:
+        print(f"embxfer demo: error: {exc}" if isinstance(exc, ValueError) else str(exc), file=sys.stderr)
+        return 2
+    if under_torchrun() or os.environ.get(CHILD_ENV):
+        try:
+            return run_rank(args)
+        except Exception as exc:  # one line per failing rank, the full story in --verbose
+            logging.getLogger("embxfer").debug("rank failed", exc_info=True)
+            print(f"embxfer demo: rank {os.environ.get('RANK')}: {type(exc).__name__}: {exc}", file=sys.stderr)
+            return 1
+    return spawn_local_world("embxfer.demo", argv, topology.world_size, deadline_s=args.timeout + 60)
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())

@@ -1,0 +1,137 @@
+"""Roles from a torchrun world, process groups, and spawning a local world.
+
+`init_world` reads the torchrun environment (RANK, WORLD_SIZE, LOCAL_RANK,
+MASTER_ADDR, MASTER_PORT), joins (or reuses) the default process group and makes two
+groups of embxfer's own: `data_group` for point-to-point staging chunks (NCCL on GPUs,
+gloo on CPU) and `meta_group` (gloo) for the few collectives of set-up and tear-down,
+so embxfer's traffic never interleaves with the engine's collectives.
+`spawn_local_world` runs the same entry point as a local world of subprocesses when
+there is no torchrun, with a deadline and no orphans.
+"""
+
+from __future__ import annotations
+
+import os
+import signal
+import socket
+import subprocess
+import sys
+import time
+from dataclasses import dataclass
+from datetime import timedelta
+
+import torch
+import torch.distributed as dist
+
+CHILD_ENV = "EMBXFER_SPAWNED_CHILD"
+
+
+@dataclass
+class World:
+    rank: int
+    world_size: int
+    local_rank: int
+    device: torch.device
+    backend: str
+    data_group: object
+    meta_group: object
+
+    def close(self) -> None:
+        if dist.is_initialized():
+            dist.destroy_process_group()
+
+
+def under_torchrun() -> bool:
+    return "RANK" in os.environ and "WORLD_SIZE" in os.environ
+
+
+def pick_device(preference: str, world_size: int) -> str:
+    """`auto`: CUDA when every rank can have a GPU of its own, else CPU."""
+    if preference == "cpu":
+        return "cpu"
+    have = torch.cuda.device_count() if torch.cuda.is_available() else 0
+    if preference == "cuda":
+        if have < 1:
+            raise ValueError("--device cuda: no CUDA device is visible")
+        return "cuda"
+    return "cuda" if have >= world_size else "cpu"
+
+
+def init_world(device_kind: str, timeout_s: float) -> World:
+    rank = int(os.environ["RANK"])
+    world_size = int(os.environ["WORLD_SIZE"])
+    local_rank = int(os.environ.get("LOCAL_RANK", rank))
+    if device_kind == "cuda":
+        device = torch.device("cuda", local_rank % torch.cuda.device_count())
+        torch.cuda.set_device(device)
+        backend = "nccl"
+    else:
+        device = torch.device("cpu")
+        backend = "gloo"
+    timeout = timedelta(seconds=timeout_s)
+    if not dist.is_initialized():
+        dist.init_process_group(
+            backend="cpu:gloo,cuda:nccl" if backend == "nccl" else "gloo",
+            rank=rank, world_size=world_size, timeout=timeout,
+        )
+    data_group = dist.new_group(backend=backend, timeout=timeout)
+    meta_group = dist.new_group(backend="gloo", timeout=timeout)
+    return World(rank, world_size, local_rank, device, backend, data_group, meta_group)
+
+
+def free_port() -> int:
+    with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def spawn_local_world(module: str, argv: list[str], world_size: int, deadline_s: float) -> int:
+    """Run `python -m module argv` as ranks 0..world_size-1 of a local world.
+
+    Returns the worst exit status (0 when all succeeded). Past the deadline, or when one
+    rank fails while others still run, the rest are terminated (then killed) so nothing
+    is left behind; a rank that died of a signal reports 128 + the signal number.
+    """
+    port = free_port()
+    children: list[subprocess.Popen] = []
+    base = dict(os.environ, MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port),
+                WORLD_SIZE=str(world_size), **{CHILD_ENV: "1"})
+    base.setdefault("OMP_NUM_THREADS", "1")
+    try:
+        for rank in range(world_size):
+            env = dict(base, RANK=str(rank), LOCAL_RANK=str(rank))
+            children.append(subprocess.Popen([sys.executable, "-m", module, *argv], env=env))
+        deadline = time.monotonic() + deadline_s
+        while True:
+            codes = [c.poll() for c in children]
+            if all(code is not None for code in codes):
+                break
+            failed = [code for code in codes if code not in (None, 0)]
+            if failed:
+                # Give the survivors a moment to report the failure themselves.
+                grace = time.monotonic() + 15.0
+                while time.monotonic() < grace and any(c.poll() is None for c in children):
+                    time.sleep(0.05)
+                break
+            if time.monotonic() > deadline:
+                print(f"embxfer: the local world did not finish within {deadline_s:.0f}s; stopping it",
+                      file=sys.stderr)
+                break
+            time.sleep(0.05)
+    finally:
+        _stop(children)
+    codes = [c.returncode for c in children]
+    return max((code if code >= 0 else 128 - code) for code in codes) if codes else 1
+
+
+def _stop(children: list[subprocess.Popen]) -> None:
+    for child in children:
+        if child.poll() is None:
+            child.send_signal(signal.SIGTERM)
+    end = time.monotonic() + 5.0
+    for child in children:
+        try:
+            child.wait(timeout=max(0.0, end - time.monotonic()))
+        except subprocess.TimeoutExpired:
+            child.kill()
+            child.wait()

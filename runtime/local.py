@@ -1,0 +1,159 @@
+"""`LocalCluster`: a whole encoder/language layout inside one process.
+
+Every endpoint is real (Sender, Receiver, pools, allocators, staging channels, encoded
+records); only the two transports are in-process stand-ins: a `LocalBusHub` for the
+control records and a `LoopbackHub` for the staging chunks. Engine developers can use it
+to test their integration without processes or GPUs; embxfer's own tests use it to
+drive the protocol step by step and deterministically.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable, Iterable
+
+import torch
+
+from .bus import LocalBusHub
+from .config import Config
+from .payload import Payload
+from .receiver import Receiver
+from .sender import Sender
+from .state import RequestState
+from .topology import Role, Topology
+from .transport import LoopbackHub
+
+
+class LocalCluster:
+    def __init__(
+        self,
+        topology: Topology | None = None,
+        config: Config | None = None,
+        *,
+        dim: int = 64,
+        dtype: torch.dtype = torch.bfloat16,
+        deepstack_layers: int = 0,
+        device: torch.device | str = "cpu",
+    ) -> None:
+        self.topology = topology or Topology()
+        self.config = config or Config()
+        self.bus_hub = LocalBusHub()
+        self.p2p = LoopbackHub()
+        self.senders: dict[int, Sender] = {}
+        self.receivers: dict[int, Receiver] = {}
+        for rank in range(self.topology.world_size):
+            common = dict(
+                config=self.config, topology=self.topology, rank=rank, bus=self.bus_hub.bus(rank),
+                transport=self.p2p.transport(rank), dim=dim, dtype=dtype,
+                deepstack_layers=deepstack_layers, device=device,
+            )
+            if self.topology.role(rank) is Role.ENCODER:
+                self.senders[rank] = Sender(**common)
+            else:
+                self.receivers[rank] = Receiver(**common)
+
+    @property
+    def endpoints(self) -> list[Sender | Receiver]:
+        return [*self.senders.values(), *self.receivers.values()]
+
+    @property
+    def leader(self) -> Receiver:
+        return self.receivers[self.topology.language_leader]
+
+    def engine_senders(self, engine: int) -> list[Sender]:
+        return [self.senders[r] for r in self.topology.encoder_ranks(engine)]
+
+    def step(self) -> bool:
+        """One progress call on every endpoint; True if any did something."""
+        worked = False
+        for endpoint in self.endpoints:
+            worked |= endpoint.progress()
+        return worked
+
+    def run_until(self, done: Callable[[], bool], max_steps: int = 100_000,
+                  each_step: Callable[[], None] | None = None) -> int:
+        """Step until `done()`; RuntimeError if nothing moves any more (a deadlock) or
+        after `max_steps`."""
+        idle = 0
+        for steps in range(1, max_steps + 1):
+            if done():
+                return steps
+            worked = self.step()
+            if each_step is not None:
+                each_step()
+            idle = 0 if worked else idle + 1
+            if idle > 3:
+                raise RuntimeError(f"no progress after {steps} steps: {self.describe()}")
+        raise RuntimeError(f"not done after {max_steps} steps: {self.describe()}")
+
+    def submit(self, request_id: int, payload: Payload, engine: int = 0) -> None:
+        for sender in self.engine_senders(engine):
+            sender.submit(request_id, payload)
+
+    def admit(self, request_id: int, engine: int = 0) -> None:
+        for receiver in self.receivers.values():
+            receiver.admit(request_id, encoder_engine=engine)
+
+    def states(self, request_id: int) -> list[RequestState]:
+        return [r._lookup(request_id).state for r in self.receivers.values()]
+
+    def transfer(self, payloads: dict[int, Payload], engine_of: Callable[[int], int] = lambda rid: 0,
+                 **run_kwargs) -> dict[int, list[Payload]]:
+        """Admit and submit every payload, run to completion, take every copy.
+
+        Returns, per request id, the payload taken on each language rank (in rank order).
+        RuntimeError if any request ends FAILED."""
+        for rid, payload in payloads.items():
+            self.admit(rid, engine_of(rid))
+            self.submit(rid, payload, engine_of(rid))
+
+        def all_done() -> bool:
+            return all(s.terminal for rid in payloads for s in self.states(rid))
+
+        self.run_until(all_done, **run_kwargs)
+        failed = {rid: self.leader.error(rid) for rid in payloads if self.leader.poll(rid) is RequestState.FAILED}
+        if failed:
+            raise RuntimeError(f"requests failed: {failed}")
+        taken = {rid: [r.take(rid) for r in self.receivers.values()] for rid in payloads}
+        self.settle(**run_kwargs)
+        return taken
+
+    def settle(self, **run_kwargs) -> int:
+        """Step until no endpoint has anything in flight."""
+        return self.run_until(lambda: not any(e.busy for e in self.endpoints), **run_kwargs)
+
+    def blocks_in_use(self) -> dict[int, int]:
+        return {e.rank: e.allocator.num_used for e in self.endpoints}
+
+    def describe(self) -> str:
+        parts = []
+        for e in self.endpoints:
+            live = {rid: r.state.value for rid, r in e.requests.items()}
+            parts.append(f"rank {e.rank} ({e.role}): blocks used {e.allocator.num_used}, requests {live}")
+        return "; ".join(parts)
+
+    def close(self) -> None:
+        for endpoint in self.endpoints:
+            endpoint.close()
+
+
+def random_payload(num_tokens: int, dim: int = 64, *, dtype: torch.dtype = torch.bfloat16,
+                   deepstack_layers: int = 0, seed: int = 0, device: torch.device | str = "cpu") -> Payload:
+    """A payload of random bit patterns (NaN and Inf included) for tests and examples."""
+    gen = torch.Generator().manual_seed(seed)
+    bits = {torch.bfloat16: torch.int16, torch.float16: torch.int16, torch.float32: torch.int32}[dtype]
+    info = torch.iinfo(bits)
+
+    def floats(cols: int) -> torch.Tensor:
+        return torch.randint(info.min, info.max, (num_tokens, cols), generator=gen, dtype=bits).view(dtype).to(device)
+
+    return Payload(
+        embeddings=floats(dim),
+        fill_ids=torch.randint(0, 150_000, (num_tokens,), generator=gen, dtype=torch.int32).to(device),
+        mrope_positions=torch.randint(0, 1 << 20, (3, num_tokens), generator=gen, dtype=torch.int32).to(device),
+        mrope_delta=int(torch.randint(-(1 << 40), 1 << 40, (1,), generator=gen).item()),
+        deepstack=floats(deepstack_layers * dim) if deepstack_layers else None,
+    )
+
+
+def all_equal(items: Iterable[Payload], reference: Payload) -> bool:
+    return all(item.bit_equal(reference) for item in items)

@@ -1,0 +1,44 @@
+"""Request states and per-endpoint statistics."""
+
+from __future__ import annotations
+
+from dataclasses import asdict, dataclass
+from enum import Enum
+
+
+class RequestState(str, Enum):
+    """SPEC section 3: BOOTSTRAPPING -> WAITING_FOR_INPUT -> TRANSFERRING -> SUCCESS, or FAILED.
+
+    On the encoder side, BOOTSTRAPPING means "submitted, waiting for pool room or for the
+    language side's allocation"; WAITING_FOR_INPUT is not used there.
+    """
+
+    BOOTSTRAPPING = "BOOTSTRAPPING"
+    WAITING_FOR_INPUT = "WAITING_FOR_INPUT"
+    TRANSFERRING = "TRANSFERRING"
+    SUCCESS = "SUCCESS"
+    FAILED = "FAILED"
+
+    @property
+    def terminal(self) -> bool:
+        return self in (RequestState.SUCCESS, RequestState.FAILED)
+
+
+@dataclass
+class Stats:
+    requests: int = 0
+    succeeded: int = 0
+    failed: int = 0
+    aborted: int = 0
+    rounds: int = 0
+    resumes: int = 0
+    tokens: int = 0
+    bytes: int = 0
+    messages: int = 0
+    late_records: int = 0
+    rejected_records: int = 0
+    discarded_chunks: int = 0
+    blocks_in_use: int = 0
+
+    def as_dict(self) -> dict[str, int]:
+        return asdict(self)

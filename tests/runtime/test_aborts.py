@@ -1,0 +1,191 @@
+"""Aborts from either side in every state, bad input at the door, and late records.
+
+After each scenario another request must still go through bit-exact (an aborted
+request never shifts the point-to-point stream under the next one) and no block may
+stay in use anywhere.
+"""
+
+from __future__ import annotations
+
+import pytest
+import torch
+
+from embxfer.control import records as rec
+from embxfer.runtime import Config, Payload
+from embxfer.runtime.local import LocalCluster, random_payload
+from embxfer.runtime.state import RequestState
+from embxfer.runtime.topology import Topology
+
+DIM = 32
+
+
+def cluster_for(language_tp: int = 1, pool_blocks: int = 64) -> LocalCluster:
+    config = Config(block_size=128, default_alloc_tokens=1024, language_pool_blocks=pool_blocks,
+                    encoder_pool_blocks=256, staging_bytes=1 << 14)
+    return LocalCluster(Topology(1, 1, language_tp), config, dim=DIM)
+
+
+def assert_healthy_afterwards(cluster: LocalCluster, request_id: int = 999) -> None:
+    payload = random_payload(2500, DIM, seed=request_id)
+    copies = cluster.transfer({request_id: payload})[request_id]
+    assert all(c.bit_equal(payload) for c in copies)
+    cluster.settle()
+    assert cluster.blocks_in_use() == {rank: 0 for rank in cluster.blocks_in_use()}, cluster.describe()
+
+
+def start(cluster: LocalCluster, request_id: int, tokens: int) -> Payload:
+    payload = random_payload(tokens, DIM, seed=request_id)
+    cluster.admit(request_id)
+    cluster.submit(request_id, payload)
+    return payload
+
+
+def leader_request(cluster: LocalCluster, request_id: int):
+    return cluster.leader.requests[request_id]
+
+
+@pytest.mark.parametrize("language_tp", [1, 2])
+@pytest.mark.parametrize("side", ["language", "encoder"])
+def test_abort_before_allocation(side, language_tp):
+    cluster = cluster_for(language_tp, pool_blocks=8)  # one default allocation
+    start(cluster, 1, 900)
+    start(cluster, 2, 900)
+    cluster.step()
+    assert leader_request(cluster, 2).state is RequestState.BOOTSTRAPPING  # waiting for blocks
+    if side == "language":
+        for receiver in cluster.receivers.values():
+            receiver.abort(2)
+    else:
+        cluster.senders[0].abort(2)
+    cluster.settle()
+    assert cluster.leader.poll(2) is RequestState.FAILED
+    assert cluster.senders[0].poll(2) is RequestState.FAILED
+    assert cluster.leader.poll(1) is RequestState.SUCCESS
+    for receiver in cluster.receivers.values():
+        receiver.take(1)
+    assert_healthy_afterwards(cluster)
+
+
+@pytest.mark.parametrize("language_tp", [1, 2])
+@pytest.mark.parametrize("side", ["language", "encoder"])
+def test_abort_mid_round(side, language_tp):
+    cluster = cluster_for(language_tp)
+    start(cluster, 1, 3000)
+    channel = next(iter(cluster.leader.channels.values()))
+    cluster.run_until(lambda: channel.posted and channel.messages >= 2)
+    request = leader_request(cluster, 1)
+    assert request.state is RequestState.TRANSFERRING and 0 < request.round_tokens
+    if side == "language":
+        cluster.leader.abort(1)
+    else:
+        cluster.senders[0].abort(1)
+    cluster.settle()
+    assert cluster.leader.poll(1) is RequestState.FAILED
+    assert cluster.senders[0].poll(1) is RequestState.FAILED
+    assert "user" in cluster.leader.error(1)
+    assert channel.discarded > 0  # the rest of the round still moved, into nothing
+    assert_healthy_afterwards(cluster)
+
+
+def test_abort_between_rounds():
+    cluster = cluster_for(pool_blocks=8)
+    start(cluster, 1, 5000)
+    sender = cluster.senders[0]
+    cluster.run_until(lambda: sender.requests[1].round >= 1)
+    sender.abort(1, "encoder gave up")
+    cluster.settle()
+    assert cluster.leader.poll(1) is RequestState.FAILED
+    assert "encoder gave up" in cluster.leader.error(1)
+    assert_healthy_afterwards(cluster)
+
+
+def test_abort_after_success_before_take():
+    cluster = cluster_for()
+    start(cluster, 1, 700)
+    cluster.run_until(lambda: cluster.leader.poll(1) is RequestState.SUCCESS)
+    cluster.leader.abort(1)
+    with pytest.raises(KeyError):
+        cluster.leader.take(1)
+    assert_healthy_afterwards(cluster)
+
+
+def test_late_records_for_an_aborted_request_are_ignored_and_counted():
+    cluster = cluster_for()
+    start(cluster, 1, 3000)
+    channel = next(iter(cluster.leader.channels.values()))
+    cluster.run_until(lambda: channel.messages >= 1)
+    cluster.leader.abort(1)
+    cluster.settle()
+    before = cluster.leader.stats.late_records
+    stale = rec.Transfer(request_id=1, round=0, total_tokens=3000, sent_tokens=0, round_tokens=1024,
+                         mrope_delta=0, src_rank=0, dst_rank=1, chunk_tokens=1024)
+    cluster.leader._on_record(stale)
+    cluster.leader._on_record(rec.Abort(request_id=1, reason=rec.AbortReason.USER, message="again",
+                                        src_rank=0, dst_rank=-1))
+    cluster.leader.progress()
+    assert cluster.leader.stats.late_records >= before + 1
+
+
+def test_submit_rejects_bad_input_and_queues_nothing():
+    cluster = cluster_for()
+    sender = cluster.senders[0]
+    good = random_payload(10, DIM)
+    cases = [
+        (-1, good, "request_id"),
+        (1, "not a payload", "payload"),
+        (1, random_payload(10, DIM + 1), "payload.embeddings"),
+        (1, random_payload(10, DIM, dtype=torch.float32), "payload.embeddings"),
+        (1, random_payload(10, DIM, deepstack_layers=2), "payload.deepstack"),
+        (1, random_payload(256 * 128 + 1, DIM), "encoder pool"),
+    ]
+    for request_id, payload, needle in cases:
+        with pytest.raises(ValueError, match=needle):
+            sender.submit(request_id, payload)
+    assert sender.requests == {} and sender.allocator.num_used == 0
+    sender.submit(1, good)
+    with pytest.raises(ValueError, match="already submitted"):
+        sender.submit(1, good)
+
+
+def test_admit_rejects_bad_input():
+    cluster = cluster_for()
+    with pytest.raises(ValueError, match="encoder_engine"):
+        cluster.leader.admit(1, encoder_engine=3)
+    with pytest.raises(ValueError, match="request_id"):
+        cluster.leader.admit(2**63)
+    cluster.leader.admit(5)
+    with pytest.raises(ValueError, match="already admitted"):
+        cluster.leader.admit(5)
+    with pytest.raises(ValueError, match="take"):
+        cluster.leader.take(5)
+
+
+def test_invalid_resume_fails_the_request_not_the_endpoint():
+    cluster = cluster_for()
+    start(cluster, 1, 500)
+    sender = cluster.senders[0]
+    bogus = rec.Resume(request_id=1, round=0, sent_tokens=0, allocated_tokens=1000, blocks=(1, 2),
+                       src_rank=1, dst_rank=0)
+    sender._on_record(bogus)
+    assert sender.requests[1].state is RequestState.FAILED
+    assert "allocated_tokens" in sender.requests[1].error
+    cluster.settle()
+    assert_healthy_afterwards(cluster)
+
+
+def test_dead_encoder_fails_its_requests_and_frees_blocks():
+    cluster = cluster_for(language_tp=2)
+    start(cluster, 1, 3000)
+    channel = next(iter(cluster.leader.channels.values()))
+    cluster.run_until(lambda: channel.messages >= 1)
+    cluster.bus_hub.dead[0] = "rank 0 stopped publishing heartbeats"
+    for receiver in cluster.receivers.values():
+        receiver._next_heartbeat = 0.0
+        receiver.progress()
+    for receiver in cluster.receivers.values():
+        assert receiver.poll(1) is RequestState.FAILED
+        assert "peer_dead" in receiver.error(1)
+    for _ in range(5):
+        for receiver in cluster.receivers.values():
+            receiver.progress()
+    assert [r.allocator.num_used for r in cluster.receivers.values()] == [0, 0]

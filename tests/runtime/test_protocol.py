@@ -1,0 +1,268 @@
+"""The transfer protocol end to end, in one process (LocalCluster), step by step.
+
+One test per required behaviour of SPEC section 4 (R1-R7) with its worked numbers,
+TP layouts, backpressure and aborts. Every test ends by checking that no block is in
+use on any rank (no leak).
+"""
+
+from __future__ import annotations
+
+import pytest
+import torch
+
+from embxfer.control import records as rec
+from embxfer.runtime import Config
+from embxfer.runtime.local import LocalCluster, random_payload
+from embxfer.runtime.state import RequestState
+from embxfer.runtime.topology import Topology
+
+DIM = 32
+
+
+def make_cluster(topology: Topology | None = None, *, language_pool_blocks: int = 256, default_alloc_tokens: int = 8192,
+                 block_size: int = 128, dim: int = DIM, staging_bytes: int = 1 << 16, **kwargs) -> LocalCluster:
+    config = Config(block_size=block_size, default_alloc_tokens=default_alloc_tokens,
+                    language_pool_blocks=language_pool_blocks, encoder_pool_blocks=1024,
+                    staging_bytes=staging_bytes)
+    return LocalCluster(topology or Topology(), config, dim=dim, **kwargs)
+
+
+class RecordSpy:
+    """Keeps every record a rank publishes (decoded again, as a peer would see it)."""
+
+    def __init__(self, endpoint) -> None:
+        self.records: list[rec.Record] = []
+        publish = endpoint.bus.publish
+
+        def spy(record):
+            self.records.append(rec.decode(rec.encode(record)))
+            publish(record)
+
+        endpoint.bus.publish = spy
+
+    def of(self, kind, request_id=None):
+        return [r for r in self.records if isinstance(r, kind) and (request_id is None or r.request_id == request_id)]
+
+
+def assert_no_leaks(cluster: LocalCluster) -> None:
+    assert cluster.blocks_in_use() == {rank: 0 for rank in cluster.blocks_in_use()}, cluster.describe()
+
+
+def transfer_one(cluster: LocalCluster, num_tokens: int, seed: int = 0, request_id: int = 7):
+    payload = random_payload(num_tokens, cluster.leader.pool.dim, seed=seed,
+                             dtype=cluster.leader.pool.dtype, deepstack_layers=cluster.leader.pool.deepstack_layers)
+    copies = cluster.transfer({request_id: payload})[request_id]
+    for copy in copies:
+        assert copy.mismatches(payload) == []
+    return payload, copies
+
+
+def round_sizes(spy: RecordSpy, request_id: int = 7) -> list[int]:
+    return [t.round_tokens for t in spy.of(rec.Transfer, request_id)]
+
+
+@pytest.mark.parametrize("num_tokens, default, expected_rounds", [
+    (12000, 8192, [8192, 3808]),
+    (9168, 8192, [8192, 976]),
+    (2000, 1024, [1024, 976]),
+    (8192, 8192, [8192]),
+    (1, 8192, [1]),
+])
+def test_worked_numbers(num_tokens, default, expected_rounds):
+    cluster = make_cluster(default_alloc_tokens=default)
+    encoder = RecordSpy(cluster.senders[0])
+    transfer_one(cluster, num_tokens)
+    assert round_sizes(encoder) == expected_rounds
+    assert_no_leaks(cluster)
+
+
+def test_r1_resume_triggers_send():
+    """2000 tokens into a 1024-token default allocation complete: the resume is sent."""
+    cluster = make_cluster(default_alloc_tokens=1024)
+    leader, encoder = RecordSpy(cluster.leader), RecordSpy(cluster.senders[0])
+    transfer_one(cluster, 2000)
+    resumes = leader.of(rec.Resume)
+    assert [(r.round, r.sent_tokens, r.allocated_tokens) for r in resumes] == [(0, 0, 1024), (1, 1024, 1024)]
+    assert [(t.round, t.sent_tokens) for t in encoder.of(rec.Transfer)] == [(0, 0), (1, 1024)]
+    assert cluster.senders[0].stats.resumes == 1
+    assert_no_leaks(cluster)
+
+
+def test_r2_allocation_is_whole_blocks():
+    """A default of 1000 tokens with block 128 allocates 8 blocks = 1024 tokens, and that is
+    the number on the wire."""
+    cluster = make_cluster(default_alloc_tokens=1000)
+    leader, encoder = RecordSpy(cluster.leader), RecordSpy(cluster.senders[0])
+    transfer_one(cluster, 2500)
+    for resume in leader.of(rec.Resume):
+        assert resume.allocated_tokens == len(resume.blocks) * 128
+    assert [r.allocated_tokens for r in leader.of(rec.Resume)] == [1024, 1536]
+    assert round_sizes(encoder) == [1024, 1476]
+    assert_no_leaks(cluster)
+
+
+def test_r3_metadata_from_first_round_only():
+    """9168 tokens with 8192 default: mrope positions (3, 9168) equal to the source; the
+    resumed round's 976 tokens land in 8 blocks and carry no metadata of their own."""
+    cluster = make_cluster(default_alloc_tokens=8192)
+    leader = RecordSpy(cluster.leader)
+    payload, copies = transfer_one(cluster, 9168)
+    assert copies[0].mrope_positions.shape == (3, 9168)
+    assert torch.equal(copies[0].mrope_positions, payload.mrope_positions)
+    assert copies[0].mrope_delta == payload.mrope_delta
+    resumes = leader.of(rec.Resume)
+    assert [len(r.blocks) for r in resumes] == [64, 8]
+    assert_no_leaks(cluster)
+
+
+def test_r3_resume_round_with_different_metadata_is_rejected():
+    """A resumed TRANSFER that disagrees with the first round's N or delta fails the request."""
+    cluster = make_cluster(default_alloc_tokens=1024)
+    payload = random_payload(2000, DIM, seed=3)
+    cluster.admit(1)
+    cluster.submit(1, payload)
+    sender = cluster.senders[0]
+    original = sender._publish
+
+    def tamper(record):
+        if isinstance(record, rec.Transfer) and record.round == 1:
+            record = rec.Transfer(**{**record.__dict__, "mrope_delta": record.mrope_delta + 1})
+        original(record)
+
+    sender._publish = tamper
+    cluster.run_until(lambda: cluster.leader.poll(1).terminal)
+    assert cluster.leader.poll(1) is RequestState.FAILED
+    assert "delta" in cluster.leader.error(1)
+    cluster.run_until(lambda: not sender.busy and sender.poll(1).terminal)
+    assert_no_leaks(cluster)
+
+
+def test_r5_poll_is_idempotent_one_resume_per_round():
+    cluster = make_cluster(default_alloc_tokens=1024, language_pool_blocks=8)
+    leader = RecordSpy(cluster.leader)
+    payload = random_payload(5000, DIM, seed=5)
+    cluster.admit(3)
+    cluster.submit(3, payload)
+
+    def poll_a_lot():
+        for receiver in cluster.receivers.values():
+            for _ in range(25):
+                receiver.poll(3)
+
+    cluster.run_until(lambda: cluster.leader.poll(3).terminal, each_step=poll_a_lot)
+    resumes = leader.of(rec.Resume, 3)
+    assert [r.round for r in resumes] == [0, 1, 2, 3, 4]
+    assert [r.sent_tokens for r in resumes] == [0, 1024, 2048, 3072, 4096]
+    assert cluster.leader.take(3).bit_equal(payload)
+    cluster.settle()
+    assert_no_leaks(cluster)
+
+
+def test_r6_block_reuse_through_a_pool_of_one_default_allocation():
+    """50000 tokens with 8192 default through a pool of exactly 64 blocks: every round
+    reuses the same blocks, and the payload arrives bit-exact."""
+    cluster = make_cluster(default_alloc_tokens=8192, language_pool_blocks=64, staging_bytes=1 << 18)
+    leader = RecordSpy(cluster.leader)
+    transfer_one(cluster, 50000)
+    resumes = leader.of(rec.Resume)
+    assert len(resumes) == 7  # 8192 x 6 + 848
+    assert all(set(r.blocks) <= set(resumes[0].blocks) for r in resumes)
+    assert resumes[1].blocks == resumes[0].blocks  # the allocator handed back the same indices
+    assert_no_leaks(cluster)
+
+
+def test_r7_each_round_read_once():
+    cluster = make_cluster(default_alloc_tokens=1024, language_pool_blocks=8)
+    reads = []
+    pool = cluster.leader.pool
+    read_into = pool.read_into
+
+    def counting(blocks, num_tokens, out, out_start=0):
+        reads.append((num_tokens, out_start))
+        read_into(blocks, num_tokens, out, out_start)
+
+    pool.read_into = counting
+    transfer_one(cluster, 3000)
+    assert reads == [(1024, 0), (1024, 1024), (952, 2048)]
+    assert_no_leaks(cluster)
+
+
+@pytest.mark.parametrize("encoder_tp, language_tp", [(1, 2), (2, 1), (2, 2), (1, 3), (3, 2)])
+def test_tp_layouts(encoder_tp, language_tp):
+    cluster = make_cluster(Topology(1, encoder_tp, language_tp), default_alloc_tokens=1024)
+    payload, copies = transfer_one(cluster, 3333)
+    assert len(copies) == language_tp
+    dummies = [s for s in cluster.senders.values() if s.dummy]
+    assert len(dummies) == max(0, encoder_tp - language_tp)
+    for dummy in dummies:
+        assert dummy.stats.rounds == 2 and dummy.channels == {}
+    assert_no_leaks(cluster)
+
+
+def test_tp_ranks_agree_on_blocks():
+    """Every language rank holds the same block indices as the leader at every step (R4)."""
+    cluster = make_cluster(Topology(1, 1, 3), default_alloc_tokens=512, language_pool_blocks=12)
+    payloads = {rid: random_payload(300 + 700 * rid, DIM, seed=rid) for rid in range(6)}
+
+    def agree():
+        # A follower may lag behind the leader, but it never holds a block that the leader
+        # has already given to a different request.
+        owner = {b: rid for rid, r in cluster.leader.requests.items() for b in r.blocks}
+        for follower in list(cluster.receivers.values())[1:]:
+            for rid, request in follower.requests.items():
+                for block in request.blocks:
+                    assert owner.get(block, rid) == rid, (block, rid, owner.get(block))
+
+    for rid, payload in payloads.items():
+        cluster.admit(rid)
+        cluster.submit(rid, payload)
+    cluster.run_until(lambda: all(s.terminal for rid in payloads for s in cluster.states(rid)), each_step=agree)
+    for rid, payload in payloads.items():
+        for receiver in cluster.receivers.values():
+            assert receiver.take(rid).bit_equal(payload)
+    cluster.settle()
+    assert_no_leaks(cluster)
+
+
+def test_two_encoder_engines_feed_one_language_engine():
+    cluster = make_cluster(Topology(2, 1, 2), default_alloc_tokens=1024)
+    payloads = {rid: random_payload(500 + 611 * rid, DIM, seed=rid) for rid in range(8)}
+    taken = cluster.transfer(payloads, engine_of=lambda rid: rid % 2)
+    for rid, copies in taken.items():
+        assert all(c.bit_equal(payloads[rid]) for c in copies)
+    assert cluster.senders[0].stats.requests == 4 and cluster.senders[1].stats.requests == 4
+    assert_no_leaks(cluster)
+
+
+@pytest.mark.parametrize("dtype, dim, deepstack", [(torch.float32, 1000, 0), (torch.float16, 40, 3),
+                                                  (torch.bfloat16, 24, 3)])
+def test_dtypes_and_deepstack(dtype, dim, deepstack):
+    cluster = make_cluster(default_alloc_tokens=256, dim=dim, dtype=dtype, deepstack_layers=deepstack,
+                           staging_bytes=1 << 20)
+    payload, copies = transfer_one(cluster, 700)
+    assert copies[0].dtype == dtype and copies[0].deepstack_layers == deepstack
+    assert_no_leaks(cluster)
+
+
+def test_backpressure_64_requests_through_one_default_allocation():
+    cluster = make_cluster(Topology(1, 1, 2), default_alloc_tokens=1024, language_pool_blocks=8)
+    payloads = {rid: random_payload(1 + (rid * 397) % 3000, DIM, seed=rid) for rid in range(64)}
+    taken = cluster.transfer(payloads)
+    assert all(all(c.bit_equal(payloads[rid]) for c in copies) for rid, copies in taken.items())
+    assert_no_leaks(cluster)
+
+
+def test_request_larger_than_the_language_pool():
+    cluster = make_cluster(default_alloc_tokens=1024, language_pool_blocks=3, staging_bytes=1 << 14)
+    transfer_one(cluster, 5000)  # pool holds 384 tokens
+    assert_no_leaks(cluster)
+
+
+def test_resume_cap_limits_each_round():
+    config = Config(block_size=16, default_alloc_tokens=64, language_pool_blocks=64, max_resume_tokens=48,
+                    staging_bytes=1 << 16)
+    cluster = LocalCluster(Topology(), config, dim=DIM)
+    encoder = RecordSpy(cluster.senders[0])
+    transfer_one(cluster, 200)
+    assert round_sizes(encoder) == [64, 48, 48, 40]
+    assert_no_leaks(cluster)
