@@ -96,7 +96,7 @@ MAX_SLOTS = 1 << 20
 MAX_SLOT_BYTES = 1 << 24
 NAME_FIELD_BYTES = 64
 # Longest a parked participant sleeps before it re-checks by itself (liveness, heartbeat).
-PARK_SLICE_S = 0.05
+PARK_SLICE_S = 0.1
 DEFAULT_SPIN_S = 50e-6
 # Test hook: the writer stops itself (SIGSTOP) between payload and sequence of this sequence.
 PAUSE_ENV = "EMBXFER_RING_TEST_PAUSE_BEFORE_SEQUENCE"
@@ -330,16 +330,19 @@ class _DoorbellCache:
         self._by_name.clear()
 
 
-def _peer_infos(mm: mmap.mmap, max_readers: int, now_ns: int) -> list[PeerInfo]:
+def _writer_info(mm: mmap.mmap, now_ns: int) -> PeerInfo:
     (_, _, _, _, _, _, _, _, writer_pid, writer_start, _) = _STATIC.unpack_from(mm, 0)
     head = _U64.unpack_from(mm, _HEAD)[0]
     state, heartbeat, parked = struct.unpack_from("QQQ", mm, _WRITER_STATE)
-    peers = [
-        PeerInfo(
-            "writer", -1, writer_pid, head, 0, (now_ns - heartbeat) / 1e9,
-            state == _OPEN and process_alive(writer_pid, writer_start), bool(parked),
-        )
-    ]
+    return PeerInfo(
+        "writer", -1, writer_pid, head, 0, (now_ns - heartbeat) / 1e9,
+        state == _OPEN and process_alive(writer_pid, writer_start), bool(parked),
+    )
+
+
+def _peer_infos(mm: mmap.mmap, max_readers: int, now_ns: int) -> list[PeerInfo]:
+    peers = [_writer_info(mm, now_ns)]
+    head = peers[0].cursor
     for index in range(max_readers):
         entry = _TABLE + index * READER_ENTRY_BYTES
         pid, start, parked, heartbeat = _ENTRY_COLD.unpack_from(mm, entry + _PID)
@@ -493,7 +496,8 @@ class RingWriter:
         _U64.pack_into(mm, offset, sequence)
         _U64.pack_into(mm, _HEAD, sequence)
         self._next = sequence + 1
-        _fence()
+        _fence_acquire()
+        _fence_release()
         if any(self._parked_words.unpack_from(mm, _TABLE)):
             self._ring_parked_readers()
         return sequence
@@ -796,8 +800,14 @@ class RingReader:
         data = mm[start : start + size]
         if _crc32(data, expected & 0xFFFFFFFF) != checksum or _U64.unpack_from(mm, offset)[0] != expected:
             return self._poll_slow(expected, offset)
-        self._advance(expected)
+        # _advance, inlined: this is the per-record path
+        _U64.pack_into(mm, self._cursor_offset, expected)
+        self._next = expected + 1
         self._delivered += 1
+        _fence_acquire()
+        _fence_release()
+        if _U64.unpack_from(mm, _WRITER_PARKED)[0]:
+            self._writer_doorbell.ring(self._writer_doorbell_name)
         return data
 
     def _advance(self, sequence: int) -> None:
@@ -862,7 +872,8 @@ class RingReader:
             self._writer_doorbell.ring(self._writer_doorbell_name)
 
     def writer(self) -> PeerInfo:
-        return _peer_infos(self._mm, self._max_readers, _monotonic_ns())[0]
+        """The writer: pid, head, heartbeat age, alive (False once gone or closed)."""
+        return _writer_info(self._mm, _monotonic_ns())
 
     def writer_alive(self) -> bool:
         """False once the writer's process is gone or it closed the ring."""

@@ -1,0 +1,409 @@
+"""How fast is the control ring, against what the earlier implementation used?
+
+One run measures, on this machine:
+  embxfer_hot     round trip A -> B -> A through two rings, 64-byte records, readers spinning
+  embxfer_parked  the same with readers parked on their doorbells (no spinning at all)
+  zmq_ipc         the same round trip over a zmq PAIR socket pair on ipc://
+  mp_queue        the same over two multiprocessing.Queue
+  gloo_allreduce  one all_reduce(MAX) of two int64 between 2 processes (how TP ranks synced)
+plus the throughput of one writer and one reader (64-byte records) and the CPU used by a
+reader parked on an idle ring for 5 s.
+
+    python bench/ring.py --json bench/results/ring-cpu.json
+
+writes the JSON and a PNG of the latency distributions next to it, in under a minute.
+"""
+
+from __future__ import annotations
+
+import argparse
+import importlib.util
+import json
+import multiprocessing
+import os
+import platform
+import socket
+import sys
+import tempfile
+import time
+import types
+from pathlib import Path
+
+# embxfer/__init__.py imports the runtime and with it torch (about a second per process);
+# the control plane needs neither, so processes here load embxfer.control on its own.
+if "embxfer" not in sys.modules:
+    _spec = importlib.util.find_spec("embxfer")
+    _package = types.ModuleType("embxfer")
+    _package.__path__ = list(_spec.submodule_search_locations)
+    sys.modules["embxfer"] = _package
+
+from embxfer.control.ring import RingReader, RingWriter  # noqa: E402
+
+RECORD = bytes(range(64))
+STOP = b"stop"
+PREFIX = "embxferbench"
+TARGETS = {
+    "hot_p50_us": 10.0,
+    "hot_vs_zmq_ratio": 20.0,
+    "parked_p50_us": 200.0,
+    "throughput_records_per_s": 300_000,
+    "idle_cpu_fraction": 0.01,
+}
+
+
+def _percentile(values: list[float], q: float) -> float:
+    ordered = sorted(values)
+    return ordered[min(len(ordered) - 1, int(q * len(ordered)))]
+
+
+# ------------------------------------------------------------------ ring round trip
+
+
+def _ring_echo(conn, name: str, spin_s: float) -> None:
+    reader = RingReader.attach(name, spin_s=spin_s)
+    writer = RingWriter.create(64, 128, 1, prefix=PREFIX)
+    try:
+        conn.send(writer.name)
+        conn.recv()
+        while True:
+            data = reader.read(timeout=30.0)
+            if data is None or data == STOP:
+                break
+            writer.publish(data, timeout=5.0)
+    finally:
+        reader.close()
+        writer.close()
+
+
+def ring_round_trips(context, count: int, spin_s: float) -> list[float]:
+    with RingWriter.create(64, 128, 1, prefix=PREFIX) as writer:
+        parent, child = context.Pipe()
+        process = context.Process(target=_ring_echo, args=(child, writer.name, spin_s), daemon=True)
+        process.start()
+        try:
+            with RingReader.attach(parent.recv(), spin_s=spin_s) as reader:
+                parent.send("go")
+                while not writer.readers():
+                    time.sleep(0.001)
+                samples = []
+                clock = time.perf_counter_ns
+                for index in range(count + count // 10):
+                    start = clock()
+                    writer.publish(RECORD, timeout=5.0)
+                    reply = reader.read(timeout=5.0)
+                    elapsed = clock() - start
+                    if reply is None:
+                        raise TimeoutError("echo did not answer")
+                    if index >= count // 10:  # the first tenth warms up
+                        samples.append(elapsed / 1000)
+                writer.publish(STOP, timeout=5.0)
+        finally:
+            process.join(10)
+            if process.is_alive():
+                process.kill()
+    return samples
+
+
+# ------------------------------------------------------------------------- zmq
+
+
+def _zmq_echo(address: str) -> None:
+    import zmq
+
+    sock = zmq.Context.instance().socket(zmq.PAIR)
+    sock.setsockopt(zmq.LINGER, 0)
+    sock.connect(address)
+    try:
+        while True:
+            data = sock.recv()
+            if data == STOP:
+                break
+            sock.send(data)
+    finally:
+        sock.close(linger=0)
+
+
+def zmq_round_trips(context, count: int) -> list[float]:
+    import zmq
+
+    with tempfile.TemporaryDirectory() as scratch:
+        address = f"ipc://{scratch}/pair"
+        sock = zmq.Context.instance().socket(zmq.PAIR)
+        sock.setsockopt(zmq.LINGER, 0)
+        sock.bind(address)
+        process = context.Process(target=_zmq_echo, args=(address,), daemon=True)
+        process.start()
+        try:
+            samples = []
+            clock = time.perf_counter_ns
+            for index in range(count + count // 10):
+                start = clock()
+                sock.send(RECORD)
+                sock.recv()
+                if index >= count // 10:
+                    samples.append((clock() - start) / 1000)
+            sock.send(STOP)
+        finally:
+            process.join(10)
+            if process.is_alive():
+                process.kill()
+            sock.close(linger=0)
+    return samples
+
+
+# ------------------------------------------------------------ multiprocessing.Queue
+
+
+def _queue_echo(inbox, outbox) -> None:
+    while True:
+        data = inbox.get()
+        if data == STOP:
+            break
+        outbox.put(data)
+
+
+def queue_round_trips(context, count: int) -> list[float]:
+    inbox, outbox = context.Queue(), context.Queue()
+    process = context.Process(target=_queue_echo, args=(inbox, outbox), daemon=True)
+    process.start()
+    try:
+        samples = []
+        clock = time.perf_counter_ns
+        for index in range(count + count // 10):
+            start = clock()
+            inbox.put(RECORD)
+            outbox.get(timeout=5.0)
+            if index >= count // 10:
+                samples.append((clock() - start) / 1000)
+        inbox.put(STOP)
+    finally:
+        process.join(10)
+        if process.is_alive():
+            process.kill()
+    return samples
+
+
+# ------------------------------------------------------------------ gloo all_reduce
+
+
+def _gloo_rank(rank: int, port: int, count: int, conn) -> None:
+    import torch
+    import torch.distributed as dist
+
+    dist.init_process_group("gloo", init_method=f"tcp://127.0.0.1:{port}", rank=rank, world_size=2)
+    try:
+        values = torch.tensor([rank, 7 * rank], dtype=torch.int64)
+        samples = []
+        clock = time.perf_counter_ns
+        for index in range(count + count // 10):
+            start = clock()
+            dist.all_reduce(values, op=dist.ReduceOp.MAX)
+            if index >= count // 10:
+                samples.append((clock() - start) / 1000)
+        if conn is not None:
+            conn.send((samples, torch.__version__))
+    finally:
+        dist.destroy_process_group()
+
+
+def gloo_round_trips(context, count: int) -> tuple[list[float], str]:
+    with socket.socket() as probe:
+        probe.bind(("127.0.0.1", 0))
+        port = probe.getsockname()[1]
+    parent, child = context.Pipe()
+    ranks = [
+        context.Process(target=_gloo_rank, args=(0, port, count, child), daemon=True),
+        context.Process(target=_gloo_rank, args=(1, port, count, None), daemon=True),
+    ]
+    for process in ranks:
+        process.start()
+    try:
+        if not parent.poll(120):
+            raise TimeoutError("gloo ranks did not report")
+        return parent.recv()
+    finally:
+        for process in ranks:
+            process.join(10)
+            if process.is_alive():
+                process.kill()
+
+
+# ---------------------------------------------------------- throughput, idle CPU
+
+
+def _flood(name_conn, count: int) -> None:
+    writer = RingWriter.create(1024, 128, 1, prefix=PREFIX)
+    try:
+        name_conn.send(writer.name)
+        while not writer.readers():
+            time.sleep(0.001)
+        publish = writer.publish
+        for _ in range(count):
+            publish(RECORD, 5.0)
+        name_conn.recv()  # the reader got everything; only now unlink
+    finally:
+        writer.close()
+
+
+def throughput(context, count: int) -> float:
+    parent, child = context.Pipe()
+    process = context.Process(target=_flood, args=(child, count), daemon=True)
+    process.start()
+    try:
+        with RingReader.attach(parent.recv()) as reader:
+            read = reader.read
+            read(10.0, 10.0)
+            start = time.perf_counter()
+            for _ in range(count - 1):
+                if read(10.0, 10.0) is None:
+                    raise TimeoutError("flood stalled")
+            elapsed = time.perf_counter() - start
+        parent.send("done")
+    finally:
+        process.join(10)
+        if process.is_alive():
+            process.kill()
+    return (count - 1) / elapsed
+
+
+def _park(conn, name: str, seconds: float) -> None:
+    with RingReader.attach(name, spin_s=0.0) as reader:
+        conn.send("parked")
+        deadline = time.monotonic() + seconds
+        while time.monotonic() < deadline:
+            reader.read(timeout=deadline - time.monotonic())
+
+
+def _cpu_seconds(pid: int) -> float:
+    with open(f"/proc/{pid}/stat", "rb") as stat:
+        raw = stat.read()
+    fields = raw[raw.rindex(b")") + 2 :].split()
+    return (int(fields[11]) + int(fields[12])) / os.sysconf("SC_CLK_TCK")
+
+
+def idle_cpu_fraction(context, seconds: float) -> float:
+    with RingWriter.create(64, 128, 1, prefix=PREFIX) as writer:
+        parent, child = context.Pipe()
+        process = context.Process(target=_park, args=(child, writer.name, seconds + 1.0), daemon=True)
+        process.start()
+        try:
+            parent.recv()
+            time.sleep(0.3)
+            before, start = _cpu_seconds(process.pid), time.monotonic()
+            time.sleep(seconds)
+            used, elapsed = _cpu_seconds(process.pid) - before, time.monotonic() - start
+        finally:
+            process.join(10)
+            if process.is_alive():
+                process.kill()
+    return used / elapsed
+
+
+# --------------------------------------------------------------------- reporting
+
+
+def _machine(torch_version: str) -> dict[str, object]:
+    model = platform.processor() or platform.machine()
+    try:
+        with open("/proc/cpuinfo") as cpuinfo:
+            model = next(line.split(":", 1)[1].strip() for line in cpuinfo if line.startswith("model name"))
+    except (OSError, StopIteration):
+        pass
+    import posix_ipc
+    import zmq
+
+    return {
+        "device": "cpu",
+        "cpu": model,
+        "cores": os.cpu_count(),
+        "platform": platform.platform(),
+        "python": platform.python_version(),
+        "torch": torch_version,
+        "pyzmq": zmq.__version__,
+        "libzmq": zmq.zmq_version(),
+        "posix_ipc": posix_ipc.VERSION,
+        "loadavg_at_start": list(os.getloadavg()),
+    }
+
+
+def plot(cases: dict[str, list[float]], path: Path) -> None:
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    figure, axis = plt.subplots(figsize=(8, 4.5))
+    for name, samples in cases.items():
+        ordered = sorted(samples)
+        fractions = [(index + 1) / len(ordered) for index in range(len(ordered))]
+        axis.plot(ordered, fractions, label=f"{name} (p50 {_percentile(samples, 0.5):.1f} us)")
+    axis.set_xscale("log")
+    axis.set_xlabel("round trip / call latency (us, log scale)")
+    axis.set_ylabel("fraction of samples")
+    axis.set_title(f"control-plane latency, {os.cpu_count()}-core CPU")
+    axis.grid(True, which="both", alpha=0.3)
+    axis.legend(loc="lower right", fontsize=8)
+    figure.tight_layout()
+    figure.savefig(path, dpi=120)
+    plt.close(figure)
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--json", type=Path, default=Path("bench/results/ring-cpu.json"), help="output JSON path")
+    parser.add_argument("--scale", type=float, default=1.0, help="multiply every sample count")
+    args = parser.parse_args(argv)
+    context = multiprocessing.get_context("spawn")
+    scale = args.scale
+    began = time.monotonic()
+    samples: dict[str, list[float]] = {}
+    samples["embxfer_hot"] = ring_round_trips(context, int(20_000 * scale), spin_s=30.0)
+    samples["embxfer_parked"] = ring_round_trips(context, int(3_000 * scale), spin_s=0.0)
+    samples["zmq_ipc"] = zmq_round_trips(context, int(10_000 * scale))
+    samples["mp_queue"] = queue_round_trips(context, int(5_000 * scale))
+    samples["gloo_allreduce"], torch_version = gloo_round_trips(context, int(3_000 * scale))
+    records_per_s = throughput(context, int(1_000_000 * scale))
+    idle = idle_cpu_fraction(context, 5.0)
+    cases = [
+        {
+            "name": name,
+            "p50_us": round(_percentile(values, 0.5), 2),
+            "p99_us": round(_percentile(values, 0.99), 2),
+            "mean_us": round(sum(values) / len(values), 2),
+            "samples": len(values),
+        }
+        for name, values in samples.items()
+    ]
+    p50 = {case["name"]: case["p50_us"] for case in cases}
+    ratio = p50["zmq_ipc"] / p50["embxfer_hot"]
+    result = {
+        "benchmark": "ring",
+        "machine": _machine(torch_version),
+        "config": {"record_bytes": len(RECORD), "ring_slots": 64, "slot_bytes": 128, "throughput_slots": 1024},
+        "cases": cases,
+        "throughput_records_per_s": round(records_per_s),
+        "idle_cpu_fraction": round(idle, 5),
+        "hot_vs_zmq_ratio": round(ratio, 1),
+        "targets": TARGETS,
+        "met": {
+            "hot_p50_us": p50["embxfer_hot"] <= TARGETS["hot_p50_us"],
+            "hot_vs_zmq_ratio": ratio >= TARGETS["hot_vs_zmq_ratio"],
+            "parked_p50_us": p50["embxfer_parked"] <= TARGETS["parked_p50_us"],
+            "throughput_records_per_s": records_per_s >= TARGETS["throughput_records_per_s"],
+            "idle_cpu_fraction": idle < TARGETS["idle_cpu_fraction"],
+        },
+        "wall_s": round(time.monotonic() - began, 1),
+    }
+    args.json.parent.mkdir(parents=True, exist_ok=True)
+    args.json.write_text(json.dumps(result, indent=2) + "\n")
+    plot(samples, args.json.with_suffix(".png"))
+    for case in cases:
+        print(f"{case['name']:<16} p50 {case['p50_us']:>9.2f} us   p99 {case['p99_us']:>9.2f} us")
+    print(f"throughput       {records_per_s:,.0f} records/s")
+    print(f"idle parked CPU  {idle:.3%} of a core")
+    print(f"zmq / hot        {ratio:.1f}x   met: {result['met']}   ({result['wall_s']} s)")
+    return 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())
