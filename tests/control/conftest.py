@@ -4,9 +4,15 @@ segment or semaphore with it is left in /dev/shm when the session ends."""
 from __future__ import annotations
 
 import os
+import sys
 
 import pytest
-from ringworkers import TEST_PREFIX, leftovers
+
+# The worker module is imported by plain name here, in the tests and in spawned children
+# (which inherit sys.path), whether or not tests/ is a package.
+sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
+
+from ringworkers import TEST_PREFIX, leftovers  # noqa: E402
 
 
 @pytest.fixture(scope="session", autouse=True)
@@ -19,6 +25,18 @@ def no_shm_leftovers():
     yield
     left = leftovers()
     assert not left, f"/dev/shm entries left behind: {left}"
+
+
+@pytest.fixture(autouse=True)
+def no_leak_from_this_test():
+    before = set(leftovers())
+    yield
+    leaked = sorted(set(leftovers()) - before)
+    if leaked:
+        from embxfer.control.hygiene import remove_segments
+
+        remove_segments(prefix=TEST_PREFIX, stale_only=True)
+        pytest.fail(f"this test left /dev/shm entries behind: {leaked}")
 
 
 @pytest.fixture

@@ -102,6 +102,10 @@ def test_publish_blocked_on_a_killed_reader_raises_naming_it(spawn):
         assert [peer.pid for peer in writer.dead_peers()] == [process.pid]
         writer.evict(0)
         assert writer.publish(b"after eviction", timeout=1.0) == 5
+        process.join(10)
+        # The killed reader's doorbell is what a crash leaves; hygiene removes it.
+        removed = hygiene.remove_segments(prefix=TEST_PREFIX)
+        assert len(removed) == 1 and removed[0].startswith(f"{TEST_PREFIX}-db-{process.pid}-")
 
 
 @pytest.mark.timeout(60)
