@@ -32,6 +32,9 @@ if [ -d "$REPO/.whl" ] && ls "$REPO"/.whl/*.whl >/dev/null 2>&1; then
 fi
 export PYTHONPATH="$PKG${SITE:+:$SITE}${PYTHONPATH:+:$PYTHONPATH}"
 export PYTHONUNBUFFERED=1
+# The repository root holds a folder named embxfer (without the rooms): never let the
+# current directory shadow the mapped package, here or in processes the tests start.
+export PYTHONSAFEPATH=1
 cd "$REPO"
 python3 -c 'import torch, triton, embxfer.kernels; print("torch", torch.__version__, "triton", triton.__version__, torch.cuda.get_device_name())'
 nvidia-smi --query-gpu=name,driver_version,clocks.sm,clocks.mem,temperature.gpu --format=csv,noheader || true

@@ -51,12 +51,12 @@ def pack(
     checks.check_pool(pool)
     fields = checks.pool_fields(pool)
     checks.check_layout(layout, fields, [span.count for span in spans], staging)
-    plans = checks.covered_blocks(pool, spans, what="pack", written=False)
+    plan = checks.covered_blocks(pool, spans, what="pack", written=False)
     if _use_triton(backend, fields[3]):
         from .triton_copy import PoolSide, copy_segments
 
         copy_segments(
-            layout.counts, PoolSide(pool, plans), _staging_side(staging, layout), **_widths(layout)
+            layout.counts, PoolSide(pool, plan), _staging_side(staging, layout), **_widths(layout)
         )
     else:
         pack_reference(pool, spans, staging, layout)
@@ -75,12 +75,12 @@ def unpack(
     checks.check_pool(pool)
     fields = checks.pool_fields(pool)
     checks.check_layout(layout, fields, [span.count for span in spans], staging)
-    plans = checks.covered_blocks(pool, spans, what="unpack", written=True)
+    plan = checks.covered_blocks(pool, spans, what="unpack", written=True)
     if _use_triton(backend, fields[3]):
         from .triton_copy import PoolSide, copy_segments
 
         copy_segments(
-            layout.counts, _staging_side(staging, layout), PoolSide(pool, plans), **_widths(layout)
+            layout.counts, _staging_side(staging, layout), PoolSide(pool, plan), **_widths(layout)
         )
     else:
         unpack_reference(staging, layout, pool, spans)
@@ -134,14 +134,14 @@ def gather(
     fields = checks.pool_fields(pool)
     checks.check_rows(out, *fields, what="gather out")
     checks.check_row_range(out, out_start, span.count, what="gather out")
-    plans = checks.covered_blocks(pool, [span], what="gather", written=False)
+    plan = checks.covered_blocks(pool, [span], what="gather", written=False)
     if _use_triton(backend, fields[3]):
         from .triton_copy import PoolSide, copy_segments
 
         element = pool.embeddings.element_size()
         copy_segments(
             [span.count],
-            PoolSide(pool, plans),
+            PoolSide(pool, plan),
             _rows_side([out], [out_start], [span.count], element),
             dim=fields[0],
             deepstack_dim=fields[1],
@@ -164,7 +164,7 @@ def scatter(
     fields = checks.pool_fields(pool)
     checks.check_rows(rows, *fields, what="scatter rows")
     checks.check_row_range(rows, rows_start, span.count, what="scatter rows")
-    plans = checks.covered_blocks(pool, [span], what="scatter", written=True)
+    plan = checks.covered_blocks(pool, [span], what="scatter", written=True)
     if _use_triton(backend, fields[3]):
         from .triton_copy import PoolSide, copy_segments
 
@@ -172,7 +172,7 @@ def scatter(
         copy_segments(
             [span.count],
             _rows_side([rows], [rows_start], [span.count], element),
-            PoolSide(pool, plans),
+            PoolSide(pool, plan),
             dim=fields[0],
             deepstack_dim=fields[1],
             element_size=element,

@@ -7,6 +7,7 @@ field, the value and what was expected, never an out-of-bounds access on the dev
 from __future__ import annotations
 
 from collections.abc import Sequence
+from typing import NamedTuple
 
 import numpy as np
 import torch
@@ -146,56 +147,72 @@ def check_layout(
         raise ValueError(f"staging: on {staging.device}, expected {device}")
 
 
+class BlockPlan(NamedTuple):
+    """Where a batch of spans lives: the block indices holding each span's tokens, all
+    spans concatenated (`blocks`), how many of them belong to each span (`lengths`), and
+    each span's first token relative to its first block (`first_rows`)."""
+
+    blocks: np.ndarray
+    lengths: np.ndarray
+    first_rows: np.ndarray
+
+
 def covered_blocks(
     pool: PoolTensors, spans: Sequence[TokenSpan], *, what: str, written: bool
-) -> list[tuple[np.ndarray, int]]:
-    """Per span, the block indices that hold its tokens and the span's first token relative to
-    the first of them. Checks every index against the pool; when `written`, also checks that
-    no pool row is written twice in the batch (two spans, or one span naming a block twice)."""
+) -> BlockPlan:
+    """The blocks that hold the spans' tokens, every index checked against the pool; when
+    `written`, also checks that no pool row is written twice in the batch (two spans, or
+    one span naming a block twice). One numpy pass for the whole batch: this runs on
+    every call of the hot path."""
     num_blocks, block_size = pool.embeddings.shape[:2]
-    plans = []
+    blocks: list[int] = []
+    lengths, first_rows = [], []
     for i, span in enumerate(spans):
-        name = f"{what} span {i}"
-        if span.start < 0 or span.count < 0:
-            raise ValueError(f"{name}: start={span.start}, count={span.count}: expected both >= 0")
-        end = span.start + span.count
+        start, count = span.start, span.count
+        if start < 0 or count < 0:
+            raise ValueError(f"{what} span {i}: start={start}, count={count}: expected both >= 0")
+        end = start + count
         if end > len(span.blocks) * block_size:
             raise ValueError(
-                f"{name}: tokens [{span.start}, {end}) need {-(-end // block_size)} blocks, "
+                f"{what} span {i}: tokens [{start}, {end}) need {-(-end // block_size)} blocks, "
                 f"got {len(span.blocks)} blocks of {block_size}"
             )
-        first, last = span.start // block_size, -(-end // block_size)
-        blocks = np.asarray(span.blocks[first:last], dtype=np.int64).reshape(-1)
-        if span.count and (blocks.min() < 0 or blocks.max() >= num_blocks):
-            bad = int(blocks[(blocks < 0) | (blocks >= num_blocks)][0])
-            raise ValueError(
-                f"{name}: block index {bad} out of range, expected 0..{num_blocks - 1}"
-            )
-        plans.append((blocks if span.count else blocks[:0], span.start - first * block_size))
-    if written:
-        _check_disjoint_writes(plans, spans, block_size, what)
-    return plans
+        first = start // block_size
+        last = -(-end // block_size) if count else first
+        blocks.extend(span.blocks[first:last])
+        lengths.append(last - first)
+        first_rows.append(start - first * block_size)
+    plan = BlockPlan(
+        np.array(blocks, dtype=np.int64),
+        np.array(lengths, dtype=np.int64),
+        np.array(first_rows, dtype=np.int64),
+    )
+    if plan.blocks.size and (plan.blocks.min() < 0 or plan.blocks.max() >= num_blocks):
+        where = int(np.argmax((plan.blocks < 0) | (plan.blocks >= num_blocks)))
+        span = int(np.searchsorted(np.cumsum(plan.lengths), where, side="right"))
+        raise ValueError(
+            f"{what} span {span}: block index {int(plan.blocks[where])} out of range, "
+            f"expected 0..{num_blocks - 1}"
+        )
+    if written and len(np.unique(plan.blocks)) != plan.blocks.size:
+        _check_disjoint_writes(plan, spans, block_size, what)
+    return plan
 
 
 def _check_disjoint_writes(
-    plans: list[tuple[np.ndarray, int]], spans: Sequence[TokenSpan], block_size: int, what: str
+    plan: BlockPlan, spans: Sequence[TokenSpan], block_size: int, what: str
 ) -> None:
-    everything = np.concatenate([blocks for blocks, _ in plans]) if plans else np.zeros(0, np.int64)
-    if len(np.unique(everything)) == len(everything):
-        return
-    # Some block is named twice: find whether two written row ranges of it overlap.
-    block_ids, lows, highs, owners = [], [], [], []
-    for i, ((blocks, offset), span) in enumerate(zip(plans, spans, strict=True)):
-        position = np.arange(len(blocks))
-        low = np.where(position == 0, offset, 0)
-        high = np.minimum(offset + span.count - position * block_size, block_size)
-        block_ids.append(blocks)
-        lows.append(low)
-        highs.append(high)
-        owners.append(np.full(len(blocks), i))
-    block_ids, lows, highs, owners = map(np.concatenate, (block_ids, lows, highs, owners))
-    order = np.lexsort((lows, block_ids))
-    block_ids, lows, highs, owners = block_ids[order], lows[order], highs[order], owners[order]
+    """Some block is named twice: ValueError if two written row ranges of it overlap."""
+    owners = np.repeat(np.arange(len(spans)), plan.lengths)
+    position = np.arange(plan.blocks.size) - np.repeat(
+        np.cumsum(plan.lengths) - plan.lengths, plan.lengths
+    )
+    first_rows = plan.first_rows[owners]
+    counts = np.array([span.count for span in spans], dtype=np.int64)[owners]
+    lows = np.where(position == 0, first_rows, 0)
+    highs = np.minimum(first_rows + counts - position * block_size, block_size)
+    order = np.lexsort((lows, plan.blocks))
+    block_ids, lows, highs, owners = plan.blocks[order], lows[order], highs[order], owners[order]
     clash = (block_ids[1:] == block_ids[:-1]) & (lows[1:] < highs[:-1])
     if clash.any():
         k = int(np.argmax(clash))

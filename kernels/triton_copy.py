@@ -41,6 +41,7 @@ int32 byte offsets.
 from __future__ import annotations
 
 import math
+from collections.abc import Sequence
 from dataclasses import dataclass
 from typing import NamedTuple
 
@@ -49,6 +50,7 @@ import torch
 import triton
 import triton.language as tl
 
+from .checks import BlockPlan
 from .types import PoolTensors
 from .workspace import workspace_for
 
@@ -145,15 +147,24 @@ def _copy_kernel(
     emb_words,
     ds_words,
     emb_tiles,
+    column_tiles,
     SRC_POOL: tl.constexpr,
     DST_POOL: tl.constexpr,
     HAS_DS: tl.constexpr,
     TOKENS: tl.constexpr,
     BLOCK_W: tl.constexpr,
     VEC: tl.constexpr,
+    COLUMNS_FASTEST: tl.constexpr,
 ):
-    item = tl.program_id(0)
-    column_tile = tl.program_id(1)
+    if COLUMNS_FASTEST:
+        # 1-D grid, a token tile's column tiles on consecutive programs: the programs in
+        # flight at one time cover whole rows, i.e. long contiguous runs of the linear side.
+        program = tl.program_id(0)
+        item = program // column_tiles
+        column_tile = program % column_tiles
+    else:
+        item = tl.program_id(0)
+        column_tile = tl.program_id(1)
     segment = tl.load(work + 2 * item)
     first_token = tl.load(work + 2 * item + 1)
     segment_row = segments + segment * SEGMENT_COLUMNS
@@ -227,6 +238,7 @@ class TileConfig:
     tile_words: int = 4096
     max_block_w: int = 1024
     num_warps: int = 4
+    columns_fastest: bool = False
 
 
 _tile_config = TileConfig()
@@ -264,11 +276,10 @@ def pick_tile(row_words: int, max_tokens: int) -> tuple[int, int]:
 
 
 class PoolSide(NamedTuple):
-    """A pool, and per segment the blocks holding its tokens and its first token's row
-    relative to the first of them (from `checks.covered_blocks`)."""
+    """A pool, and where the batch's tokens sit in it (from `checks.covered_blocks`)."""
 
     pool: PoolTensors
-    plans: list[tuple[np.ndarray, int]]
+    plan: BlockPlan
 
 
 class LinearSide(NamedTuple):
@@ -290,60 +301,71 @@ Side = PoolSide | LinearSide
 
 
 def copy_segments(
-    counts: np.ndarray, src: Side, dst: Side, *, dim: int, deepstack_dim: int, element_size: int
+    counts: Sequence[int], src: Side, dst: Side, *, dim: int, deepstack_dim: int, element_size: int
 ) -> None:
     """Copy every field of every segment from `src` to `dst` in one launch. The caller has
-    validated everything (shapes, dtypes, devices, block bounds, disjoint writes)."""
+    validated everything (shapes, dtypes, devices, block bounds, disjoint writes).
+
+    Host cost matters here (it is paid on every call, and for a small request it is
+    longer than the kernel): the tables are built with a handful of whole-batch numpy
+    operations, never a Python loop over segments or blocks."""
     counts = np.asarray(counts, dtype=np.int64)
-    if not counts.any():
+    num_segments = counts.shape[0]
+    largest = int(counts.max()) if num_segments else 0
+    if largest == 0:
         return
     emb_row_bytes, ds_row_bytes = dim * element_size, deepstack_dim * element_size
     word, word_bytes, vec = pick_word(_alignment((emb_row_bytes, ds_row_bytes), src, dst, counts))
     emb_words, ds_words = emb_row_bytes // word_bytes, ds_row_bytes // word_bytes
-    tokens, block_w = pick_tile(max(emb_words, ds_words), int(counts.max()))
-
-    segment_table = np.zeros((counts.shape[0], SEGMENT_COLUMNS.value), dtype=np.int64)
-    segment_table[:, 0] = counts
-    block_tables = []
-    table_length = 0
-    for side, column in ((src, SOURCE.value), (dst, DESTINATION.value)):
-        if isinstance(side, PoolSide):
-            lengths = np.array([len(blocks) for blocks, _ in side.plans], dtype=np.int64)
-            segment_table[:, column] = table_length + np.cumsum(lengths) - lengths
-            segment_table[:, column + 1] = [offset for _, offset in side.plans]
-            block_tables.extend(blocks for blocks, _ in side.plans)
-            table_length += int(lengths.sum())
-        else:
-            live = counts > 0
-            words_ptr, ints_ptr = side.words_base.data_ptr(), side.ints_base.data_ptr()
-            columns = segment_table[:, column : column + 5]
-            columns[live, 0] = (side.emb_addresses[live] - words_ptr) // word_bytes
-            columns[live, 1] = (
-                (side.ds_addresses[live] - words_ptr) // word_bytes if ds_words else 0
-            )
-            columns[live, 2] = (side.fill_addresses[live] - ints_ptr) // 4
-            columns[live, 3] = (side.mrope_addresses[live] - ints_ptr) // 4
-            columns[live, 4] = side.mrope_strides[live]
-    block_table = np.concatenate(block_tables) if block_tables else np.zeros(0, dtype=np.int64)
+    tokens, block_w = pick_tile(max(emb_words, ds_words), largest)
 
     # Work items: (segment, first token) for every TOKENS tokens of every segment.
     tiles = -(-counts // tokens)
-    segment_of_item = np.repeat(np.arange(counts.shape[0], dtype=np.int64), tiles)
-    first_of_item = (
-        np.arange(segment_of_item.shape[0], dtype=np.int64)
-        - np.repeat(np.cumsum(tiles) - tiles, tiles)
+    num_items = int(tiles.sum())
+    item_segment = np.repeat(np.arange(num_segments, dtype=np.int64), tiles)
+    item_first = (
+        np.arange(num_items, dtype=np.int64) - np.repeat(np.cumsum(tiles) - tiles, tiles)
     ) * tokens
-    items = np.stack([segment_of_item, first_of_item], axis=1)
 
-    metadata, items_start, table_start = _pack_metadata(segment_table, items, block_table)
-    device = _device_of(src)
+    # One int64 array: [segment table | work items | block table], each section
+    # starting on a 16-byte boundary.
+    columns = SEGMENT_COLUMNS.value
+    items_start = num_segments * columns + (num_segments * columns) % 2
+    table_start = items_start + 2 * num_items
+    pool_sides = [side for side in (src, dst) if isinstance(side, PoolSide)]
+    table_length = sum(side.plan.blocks.size for side in pool_sides)
+    metadata = np.zeros(table_start + max(2, table_length), dtype=np.int64)
+    segment_table = metadata[: num_segments * columns].reshape(num_segments, columns)
+    segment_table[:, 0] = counts
+    items = metadata[items_start:table_start].reshape(num_items, 2)
+    items[:, 0] = item_segment
+    items[:, 1] = item_first
+    table_used = 0
+    for side, column in ((src, SOURCE.value), (dst, DESTINATION.value)):
+        if isinstance(side, PoolSide):
+            plan = side.plan
+            segment_table[:, column] = table_used + np.cumsum(plan.lengths) - plan.lengths
+            segment_table[:, column + 1] = plan.first_rows
+            metadata[table_start + table_used : table_start + table_used + plan.blocks.size] = (
+                plan.blocks
+            )
+            table_used += plan.blocks.size
+        else:
+            words_ptr, ints_ptr = side.words_base.data_ptr(), side.ints_base.data_ptr()
+            segment_table[:, column] = (side.emb_addresses - words_ptr) // word_bytes
+            segment_table[:, column + 1] = (
+                (side.ds_addresses - words_ptr) // word_bytes if ds_words else 0
+            )
+            segment_table[:, column + 2] = (side.fill_addresses - ints_ptr) // 4
+            segment_table[:, column + 3] = (side.mrope_addresses - ints_ptr) // 4
+            segment_table[:, column + 4] = side.mrope_strides
+
     emb_tiles = -(-emb_words // block_w)
-    grid = (items.shape[0], emb_tiles + (-(-ds_words // block_w) if ds_words else 0))
+    column_tiles = emb_tiles + (-(-ds_words // block_w) if ds_words else 0)
+    columns_fastest = _tile_config.columns_fastest
+    grid = (num_items * column_tiles,) if columns_fastest else (num_items, column_tiles)
     src_pointers, dst_pointers = _pointers(src, word), _pointers(dst, word)
-    src_pool, dst_pool = isinstance(src, PoolSide), isinstance(dst, PoolSide)
-    block_size = (
-        (src if src_pool else dst).pool.embeddings.shape[1] if (src_pool or dst_pool) else 1
-    )
+    block_size = pool_sides[0].pool.embeddings.shape[1] if pool_sides else 1
 
     def run(on_device: torch.Tensor) -> None:
         _copy_kernel[grid](
@@ -356,36 +378,29 @@ def copy_segments(
             emb_words,
             ds_words,
             emb_tiles,
-            SRC_POOL=src_pool,
-            DST_POOL=dst_pool,
+            column_tiles,
+            SRC_POOL=isinstance(src, PoolSide),
+            DST_POOL=isinstance(dst, PoolSide),
             HAS_DS=ds_words > 0,
             TOKENS=tokens,
             BLOCK_W=block_w,
             VEC=vec,
+            COLUMNS_FASTEST=columns_fastest,
             num_warps=_tile_config.num_warps,
         )
 
+    device = src_pointers[0].device
     if device.type != "cuda":
         run(torch.from_numpy(metadata))  # the interpreter: host memory, nothing in flight
         return
     workspace = workspace_for(device)
-    with workspace.lock, torch.cuda.device(device):
-        run(workspace.upload(metadata))
+    with workspace.lock:
+        if device.index == torch.cuda.current_device():
+            run(workspace.upload(metadata))
+        else:
+            with torch.cuda.device(device):
+                run(workspace.upload(metadata))
         workspace.release()
-
-
-def _pack_metadata(
-    segment_table: np.ndarray, items: np.ndarray, block_table: np.ndarray
-) -> tuple[np.ndarray, int, int]:
-    """[segment table | work items | block table] in one int64 array, each section
-    starting on a 16-byte boundary; returns it with the start of the items and the table."""
-    items_start = segment_table.size + segment_table.size % 2
-    table_start = items_start + items.size  # items.size is even
-    metadata = np.zeros(table_start + max(2, block_table.shape[0]), dtype=np.int64)
-    metadata[: segment_table.size] = segment_table.reshape(-1)
-    metadata[items_start:table_start] = items.reshape(-1)
-    metadata[table_start : table_start + block_table.shape[0]] = block_table
-    return metadata, items_start, table_start
 
 
 def _alignment(row_bytes: tuple[int, int], src: Side, dst: Side, counts: np.ndarray) -> int:
@@ -417,7 +432,3 @@ def _pointers(side: Side, word: torch.dtype) -> tuple[torch.Tensor, ...]:
         return emb, ds, pool.fill_ids, pool.mrope_positions
     words = side.words_base.view(word)
     return words, words, side.ints_base, side.ints_base
-
-
-def _device_of(side: Side) -> torch.device:
-    return side.pool.embeddings.device if isinstance(side, PoolSide) else side.words_base.device

@@ -11,6 +11,7 @@ from kernel_cases import DTYPES, OPS, assert_bitwise_equal, check_op, odd_batch,
 
 from embxfer import kernels
 from embxfer.kernels import PoolTensors, TokenSpan, staging_layout
+from embxfer.kernels.triton_copy import TileConfig, set_tile_config
 
 pytestmark = pytest.mark.gpu
 
@@ -42,6 +43,30 @@ def test_narrow_and_wide_rows_gpu(dim):
         check_op(
             op, [5, 1, 9, 300], [3, 0, 6, 17], 16, dim, 2, torch.bfloat16, seed=dim, device="cuda"
         )
+
+
+@pytest.mark.parametrize("columns_fastest", [False, True])
+@pytest.mark.parametrize("tile_words", [2048, 16384])
+def test_other_tile_configs_gpu(tile_words, columns_fastest):
+    config = TileConfig(
+        tile_words=tile_words, max_block_w=2048, num_warps=8, columns_fastest=columns_fastest
+    )
+    previous = set_tile_config(config)
+    try:
+        for op in OPS:
+            check_op(
+                op,
+                [1, 127, 128, 129],
+                [127, 0, 64, 1],
+                128,
+                3584,
+                3,
+                torch.bfloat16,
+                seed=tile_words,
+                device="cuda",
+            )
+    finally:
+        set_tile_config(previous)
 
 
 def _random_pool_cuda(num_blocks, block_size, dim, layers, dtype, seed):
