@@ -94,6 +94,9 @@ class RecordSender:
         self._socket = (context or zmq.Context.instance()).socket(zmq.PUSH)
         self._socket.setsockopt(zmq.LINGER, 0)
         self._socket.setsockopt(zmq.SNDHWM, high_water_mark)
+        # Queue only on a completed connection: with no receiver there, send times out
+        # instead of piling records up in a pipe nobody reads.
+        self._socket.setsockopt(zmq.IMMEDIATE, 1)
         try:
             self._socket.connect(endpoint)
         except zmq.ZMQError as exc:

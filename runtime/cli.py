@@ -75,7 +75,41 @@ def build_parser() -> argparse.ArgumentParser:
     demo = commands.add_parser("demo", help="stream synthetic payloads and verify them bit-exact (the main job)")
     add_demo_arguments(demo)
     demo.set_defaults(handler=cmd_demo)
+    ring = commands.add_parser("ring", help="list or remove control-ring segments left in /dev/shm")
+    ring_actions = ring.add_subparsers(dest="ring_action", required=True, parser_class=_Parser, metavar="ACTION")
+    ring_ls = ring_actions.add_parser("ls", help="ring segments and doorbells, with their creator and whether it runs")
+    ring_ls.add_argument("--prefix", default="embxfer", help="name prefix (default: embxfer)")
+    ring_rm = ring_actions.add_parser("rm", help="remove entries whose creator is gone (or the named ones)")
+    ring_rm.add_argument("names", nargs="*", metavar="NAME", help="entries to remove, as `ring ls` shows them")
+    ring_rm.add_argument("--prefix", default="embxfer", help="name prefix (default: embxfer)")
+    ring_rm.add_argument("--force", action="store_true", help="also remove entries whose creator still runs")
+    ring.set_defaults(handler=cmd_ring)
     return parser
+
+
+def cmd_ring(args: argparse.Namespace) -> int:
+    from embxfer.control.hygiene import list_segments, remove_segments
+
+    if args.ring_action == "ls":
+        entries = list_segments(args.prefix)
+        if not entries:
+            print(f"no ring segments or doorbells with prefix {args.prefix!r} in /dev/shm")
+            return 0
+        print(f"{'NAME':<48} {'KIND':<8} {'BYTES':>10} {'CREATOR':>8}  STATE")
+        for entry in entries:
+            state = "alive" if entry.alive else "stale (creator gone)"
+            print(f"{entry.name:<48} {entry.kind:<8} {entry.size:>10} {entry.creator_pid:>8}  {state}")
+        return 0
+    try:
+        removed = remove_segments(args.names or None, stale_only=not args.force, prefix=args.prefix)
+    except ValueError as exc:
+        raise UsageError(f"embxfer ring rm: {exc}") from None
+    for name in removed:
+        print(f"removed {name}")
+    for name in sorted({name.lstrip("/") for name in args.names} - set(removed)):
+        print(f"kept {name}: its creator still runs (--force removes it anyway)")
+    print(f"{len(removed)} removed")
+    return 0
 
 
 def cmd_demo(args: argparse.Namespace) -> int:
