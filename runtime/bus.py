@@ -38,6 +38,8 @@ class Bus(Protocol):
 
     def dead_ranks(self) -> dict[int, str]: ...
 
+    def forget(self, rank: int) -> None: ...
+
     def close(self) -> None: ...
 
 
@@ -85,6 +87,9 @@ class LocalBus:
     def dead_ranks(self) -> dict[int, str]:
         return {r: why for r, why in self.hub.dead.items() if r != self.rank}
 
+    def forget(self, rank: int) -> None:
+        return None
+
     def close(self) -> None:
         return None
 
@@ -118,11 +123,13 @@ class ShmBus:
         self.rejected = 0
         self._stash: list[tuple[int, bytes]] = []
         self._source_of = {id(reader): rank for rank, reader in readers.items()}
+        # A peer's pid is the pid of its ring's writer; it names the peer's reader entry in ours.
+        self._pids = {rank: reader.writer().pid for rank, reader in readers.items()}
         self._closed = False
 
     @classmethod
     def connect(cls, rank: int, world_size: int, group: object, *, slots: int, slot_bytes: int,
-                publish_timeout: float, peer_timeout: float) -> ShmBus:
+                publish_timeout: float, peer_timeout: float, prefix: str = "embxfer") -> ShmBus:
         """Collective over `group` (a gloo group of the whole world): create this rank's
         ring, learn every peer's ring name, attach to all of them, then barrier so no
         record is published before every reader is in place."""
@@ -131,11 +138,12 @@ class ShmBus:
 
         from embxfer.control.ring import Doorbell, RingReader, RingWriter
 
-        writer = RingWriter.create(slots=slots, slot_bytes=slot_bytes, max_readers=max(1, world_size - 1))
+        writer = RingWriter.create(slots=slots, slot_bytes=slot_bytes, max_readers=max(1, world_size - 1),
+                                   prefix=prefix)
         doorbell = None
         readers: dict[int, object] = {}
         try:
-            doorbell = Doorbell.create()
+            doorbell = Doorbell.create(prefix)
             encoded = writer.name.encode()
             if len(encoded) > NAME_BYTES:
                 raise ValueError(f"ring name {writer.name!r} longer than {NAME_BYTES} bytes")
@@ -159,7 +167,37 @@ class ShmBus:
         return cls(rank, writer, readers, doorbell, publish_timeout, peer_timeout)
 
     def publish(self, record: rec.Record) -> None:
-        self.writer.publish(rec.encode(record), timeout=self.publish_timeout)
+        """Publish to every peer. A full ring whose laggard is a dead process is cleared of
+        it and tried once more; otherwise the ring's error (naming the laggard) stands."""
+        from embxfer.control.ring import PeerDeadError, RingFullError
+
+        data = rec.encode(record)
+        try:
+            self.writer.publish(data, timeout=self.publish_timeout)
+        except (RingFullError, PeerDeadError):
+            if not self._evict_dead_readers():
+                raise
+            self.writer.publish(data, timeout=self.publish_timeout)
+
+    def _evict_dead_readers(self) -> bool:
+        from embxfer.control.ring import RingError
+
+        evicted = False
+        for info in self.writer.dead_peers():
+            if info.role == "reader":
+                try:
+                    self.writer.evict(info.index)
+                    evicted = True
+                except RingError:
+                    pass
+        return evicted
+
+    def forget(self, rank: int) -> None:
+        """Stop reading a dead peer's ring and stop waiting for it on ours."""
+        reader = self.readers.pop(rank, None)
+        if reader is not None:
+            reader.close()
+        self._evict_dead_readers()
 
     def drain(self) -> list[rec.Record]:
         out = []

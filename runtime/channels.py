@@ -29,6 +29,23 @@ from .pool import BlockPool
 from .transport import Handle, Transport
 
 
+def finished(handle: Handle) -> tuple[bool, str | None]:
+    """(done, error): a transfer that failed (peer gone, communicator aborted) is done,
+    with the reason; the channel it belongs to is then unusable."""
+    try:
+        done = handle.is_completed()
+    except Exception as exc:  # NCCL reports an aborted communicator here
+        return True, _one_line(exc)
+    error = getattr(handle, "error", None)
+    return done, (_one_line(error) if error is not None else None)
+
+
+def _one_line(exc: BaseException) -> str:
+    text = (str(exc).splitlines() or [""])[0]
+    text = text.split(" This is typically caused")[0]  # gloo's advice, not the error
+    return f"{type(exc).__name__}: {text[-200:]}"
+
+
 def make_layout_cache(pool: BlockPool) -> Callable[[int], object]:
     deepstack_dim = pool.deepstack_layers * pool.dim
 
@@ -79,13 +96,14 @@ class SendChannel:
         self.inflight: deque[_InFlight] = deque()
         self.queue: deque[SendChunk] = deque()
         self.dead = False
+        self.error: str | None = None
         self.messages = 0
         self.bytes = 0
         self.unpacked_sends = 0
 
     @property
     def idle(self) -> bool:
-        return not self.queue and not self.inflight
+        return self.dead or (not self.queue and not self.inflight)
 
     def enqueue(self, chunk: SendChunk) -> None:
         self.queue.append(chunk)
@@ -95,7 +113,13 @@ class SendChannel:
         if self.dead:
             return False
         worked = False
-        while self.inflight and self.inflight[0].handle.is_completed():
+        while self.inflight:
+            complete, error = finished(self.inflight[0].handle)
+            if error:
+                self.dead, self.error = True, f"send to rank {self.peer} failed: {error}"
+                return True
+            if not complete:
+                break
             done = self.inflight.popleft()
             self.free_slots.append(done.slot)
             self.messages += 1
@@ -156,6 +180,7 @@ class RecvChannel:
     posted: deque[_Posted] = field(init=False, default_factory=deque)
     free_slots: deque[int] = field(init=False)
     dead: bool = False
+    error: str | None = None
     messages: int = 0
     bytes: int = 0
     discarded: int = 0
@@ -169,7 +194,7 @@ class RecvChannel:
 
     @property
     def idle(self) -> bool:
-        return not self.rounds and not self.posted
+        return self.dead or (not self.rounds and not self.posted)
 
     def add_round(self, recv_round: RecvRound) -> None:
         self.rounds.append(recv_round)
@@ -189,7 +214,13 @@ class RecvChannel:
         if self.dead:
             return False
         worked = False
-        while self.posted and self.posted[0].handle.is_completed():
+        while self.posted:
+            complete, error = finished(self.posted[0].handle)
+            if error:
+                self.dead, self.error = True, f"receive from rank {self.peer} failed: {error}"
+                return True
+            if not complete:
+                break
             done = self.posted.popleft()
             r = done.round
             if r.discard or r.request.failed:

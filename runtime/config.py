@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import dataclasses
 import os
+import re
 from collections.abc import Mapping
 from dataclasses import dataclass, fields
 from typing import Any
@@ -37,6 +38,8 @@ class Config:
     request_timeout_s: float = 120.0
     ring_slots: int = 1024
     ring_slot_bytes: int = 4096
+    # Shared-memory names are <shm_prefix>-<pid>-<random>; `embxfer ring ls|rm` finds them.
+    shm_prefix: str = "embxfer"
 
     def __post_init__(self) -> None:
         self.validate()
@@ -70,6 +73,8 @@ class Config:
             value = getattr(self, name)
             if isinstance(value, bool) or not isinstance(value, (int, float)) or not value > 0:
                 raise ValueError(f"config.{name}={value!r}: expected a positive number of seconds")
+        if not isinstance(self.shm_prefix, str) or not re.fullmatch(r"[A-Za-z0-9_.]{1,24}", self.shm_prefix):
+            raise ValueError(f"config.shm_prefix={self.shm_prefix!r}: expected 1-24 characters from [A-Za-z0-9_.]")
         if self.peer_timeout_s < 2 * self.heartbeat_interval_s:
             raise ValueError(
                 f"config.peer_timeout_s={self.peer_timeout_s}: expected at least twice "

@@ -15,6 +15,7 @@ import json
 import logging
 import os
 import random
+import signal
 import sys
 import time
 from collections.abc import Sequence
@@ -164,11 +165,14 @@ def run_rank(args: argparse.Namespace) -> int:
     if world_size != topology.world_size:
         raise ValueError(f"world size {world_size} does not match the layout {topology.describe()} "
                          f"({topology.world_size} ranks)")
+    # SIGTERM (the spawner stopping the world, a scheduler) unwinds through the finally
+    # below, so this rank's shared-memory segments are unlinked.
+    signal.signal(signal.SIGTERM, lambda *_: sys.exit(128 + signal.SIGTERM))
     world = init_world(pick_device(args.device, world_size), args.timeout)
     rank = world.rank
     bus = ShmBus.connect(rank, world_size, world.meta_group, slots=config.ring_slots,
                          slot_bytes=config.ring_slot_bytes, publish_timeout=config.peer_timeout_s,
-                         peer_timeout=config.peer_timeout_s)
+                         peer_timeout=config.peer_timeout_s, prefix=config.shm_prefix)
     lengths = request_lengths(args)
     common = dict(config=config, topology=topology, rank=rank, bus=bus, transport=TorchP2P(world.data_group, world.backend),
                   dim=args.dim, dtype=DTYPES[args.dtype], deepstack_layers=args.deepstack, device=world.device)
@@ -183,6 +187,13 @@ def run_rank(args: argparse.Namespace) -> int:
             endpoint = Receiver(**common)
             run_language(args, endpoint, lengths, outcomes, deadline, show_progress=endpoint.is_leader)
         elapsed = time.monotonic() - started
+        if endpoint.dead_peers:
+            # A collective with a dead rank cannot complete: report what this rank saw.
+            peer, why = next(iter(endpoint.dead_peers.items()))
+            failed = sum(o.code not in (NOT_MINE, VERIFIED, ABORTED) for o in outcomes)
+            print(f"embxfer demo: rank {rank}: peer rank {peer} died ({why}); "
+                  f"{failed} request(s) on this rank failed or unfinished", file=sys.stderr)
+            return 1
         codes, blocks = finish_together(world, endpoint, outcomes, deadline)
         if rank == topology.language_leader:
             return report(args, config, topology, lengths, outcomes, codes, blocks, endpoint, elapsed)
@@ -372,7 +383,8 @@ def main(argv: Sequence[str] | None = None) -> int:
             return run_rank(args)
         except Exception as exc:  # one line per failing rank, the full story in --verbose
             logging.getLogger("embxfer").debug("rank failed", exc_info=True)
-            print(f"embxfer demo: rank {os.environ.get('RANK')}: {type(exc).__name__}: {exc}", file=sys.stderr)
+            first_line = (str(exc).splitlines() or [""])[0]
+            print(f"embxfer demo: rank {os.environ.get('RANK')}: {type(exc).__name__}: {first_line}", file=sys.stderr)
             return 1
     return spawn_local_world("embxfer.demo", argv, topology.world_size, deadline_s=args.timeout + 60)
 

@@ -99,6 +99,7 @@ class Endpoint:
         self.requests: dict[int, Request] = {}
         self.finished: OrderedDict[int, Request] = OrderedDict()
         self.stats = Stats()
+        self.channels: dict = {}  # peer rank -> SendChannel / RecvChannel (set by subclasses)
         self.dead_peers: dict[int, str] = {}
         self._next_heartbeat = 0.0
         self._closed = False
@@ -127,6 +128,9 @@ class Endpoint:
             self._on_record(record)
             worked = True
         worked |= self._pump()
+        for channel in self.channels.values():
+            if channel.error and channel.peer not in self.dead_peers:
+                self._peer_lost(channel.peer, channel.error)
         return worked
 
     def wait(self, timeout: float) -> None:
@@ -199,9 +203,7 @@ class Endpoint:
     def _check_liveness(self, now: float) -> None:
         for rank, why in self.bus.dead_ranks().items():
             if rank not in self.dead_peers:
-                self.dead_peers[rank] = why
-                log.error("rank=%d role=%s peer rank %d is dead: %s", self.rank, self.role, rank, why)
-                self._on_peer_dead(rank, why)
+                self._peer_lost(rank, why)
         timeout = self.config.request_timeout_s
         for request in list(self.requests.values()):
             if request.state.terminal or not self._timeout_applies(request):
@@ -216,6 +218,12 @@ class Endpoint:
 
     def _timeout_applies(self, request: Request) -> bool:
         return True
+
+    def _peer_lost(self, rank: int, why: str) -> None:
+        self.dead_peers[rank] = why
+        log.error("rank=%d role=%s peer rank %d is dead: %s", self.rank, self.role, rank, why)
+        self.bus.forget(rank)
+        self._on_peer_dead(rank, why)
 
     # -- subclass hooks ---------------------------------------------------------
     def _on_record(self, record: rec.Record) -> None:

@@ -93,6 +93,7 @@ def spawn_local_world(module: str, argv: list[str], world_size: int, deadline_s:
     is left behind; a rank that died of a signal reports 128 + the signal number.
     """
     port = free_port()
+    started = time.monotonic()
     children: list[subprocess.Popen] = []
     base = dict(os.environ, MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port),
                 WORLD_SIZE=str(world_size), **{CHILD_ENV: "1"})
@@ -102,26 +103,44 @@ def spawn_local_world(module: str, argv: list[str], world_size: int, deadline_s:
             env = dict(base, RANK=str(rank), LOCAL_RANK=str(rank))
             children.append(subprocess.Popen([sys.executable, "-m", module, *argv], env=env))
         deadline = time.monotonic() + deadline_s
+        first_failure: tuple[int, int] | None = None
         while True:
             codes = [c.poll() for c in children]
             if all(code is not None for code in codes):
                 break
-            failed = [code for code in codes if code not in (None, 0)]
-            if failed:
-                # Give the survivors a moment to report the failure themselves.
-                grace = time.monotonic() + 15.0
-                while time.monotonic() < grace and any(c.poll() is None for c in children):
-                    time.sleep(0.05)
-                break
+            if first_failure is None:
+                failed = [(rank, code) for rank, code in enumerate(codes) if code not in (None, 0)]
+                if failed:
+                    # Give the survivors time to notice and report the failure themselves.
+                    first_failure = failed[0]
+                    deadline = min(deadline, time.monotonic() + 30.0)
             if time.monotonic() > deadline:
-                print(f"embxfer: the local world did not finish within {deadline_s:.0f}s; stopping it",
-                      file=sys.stderr)
+                print(f"embxfer: stopping the local world ({'a rank failed' if first_failure else 'timeout'} "
+                      f"after {time.monotonic() - started:.0f}s)", file=sys.stderr)
                 break
             time.sleep(0.05)
     finally:
         _stop(children)
+        _remove_leftovers()
     codes = [c.returncode for c in children]
+    if first_failure is not None:
+        rank, code = first_failure
+        if code < 0:
+            print(f"embxfer: rank {rank} was killed by signal {-code}", file=sys.stderr)
+        return code if code > 0 else 128 - code
     return max((code if code >= 0 else 128 - code) for code in codes) if codes else 1
+
+
+def _remove_leftovers() -> None:
+    """Segments of ranks that died without closing (SIGKILL) would outlive the run."""
+    try:
+        from embxfer.control.hygiene import remove_segments
+
+        from .config import Config
+
+        remove_segments(stale_only=True, prefix=Config.from_env().shm_prefix)
+    except Exception as exc:  # cleanup must never hide the run's own outcome
+        print(f"embxfer: could not clean /dev/shm: {exc}", file=sys.stderr)
 
 
 def _stop(children: list[subprocess.Popen]) -> None:

@@ -69,6 +69,10 @@ class Receiver(Endpoint):
         request = Request(request_id, encoder_engine)
         self.requests[request_id] = request
         self.stats.requests += 1
+        gone = self._lost_peer_of(encoder_engine)
+        if gone is not None:
+            self._fail(request, rec.AbortReason.PEER_DEAD, gone, notify=False)
+            return
         if self.is_leader:
             self._admission.append(request)
             self._admit_waiting()
@@ -381,6 +385,14 @@ class Receiver(Endpoint):
         elif self.leader_rank in self.dead_peers:
             self._release_blocks(request)  # no decision will ever come
         # otherwise the follower frees when the leader's FAIL decision arrives
+
+    def _lost_peer_of(self, engine: int) -> str | None:
+        """Why requests from `engine` cannot be served (a rank it needs is dead), or None."""
+        needed = [*self.topology.encoder_ranks(engine), *self.topology.language_ranks]
+        for rank in needed:
+            if rank in self.dead_peers:
+                return f"rank {rank} is dead: {self.dead_peers[rank]}"
+        return None
 
     def _on_peer_dead(self, rank: int, why: str) -> None:
         if rank in self.channels:

@@ -66,6 +66,12 @@ class Sender(Endpoint):
                           mrope_delta=payload.mrope_delta, payload=payload)
         self.requests[request_id] = request
         self.stats.requests += 1
+        dead = [r for r in (*self.topology.language_ranks, *self.topology.encoder_ranks(self.engine))
+                if r in self.dead_peers]
+        if dead:
+            self._fail(request, rec.AbortReason.PEER_DEAD, f"rank {dead[0]} is dead: {self.dead_peers[dead[0]]}",
+                       notify=False)
+            return
         self._waiting_for_pool.append(request)
         early = self._early_allocations.pop(request_id, None)
         if early is not None:
