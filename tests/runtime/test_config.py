@@ -21,6 +21,7 @@ DEFAULTS = {
     "request_timeout_s": 120.0,
     "ring_slots": 1024,
     "ring_slot_bytes": 4096,
+    "shm_prefix": "embxfer",
 }
 
 
@@ -176,3 +177,9 @@ def test_describe_lists_every_field_and_value():
     for name in DEFAULTS:
         assert any(line.split()[0] == name for line in lines), name
     assert any(line.split() == ["block_size", "=", "64"] for line in lines)
+
+
+@pytest.mark.parametrize("prefix", ["", "has-dash", "a" * 25, "sl/ash"])
+def test_bad_shm_prefix_names_the_field(prefix):
+    with pytest.raises(ValueError, match="config.shm_prefix"):
+        Config(shm_prefix=prefix)
