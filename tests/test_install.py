@@ -26,11 +26,10 @@ def run_python(args: list[str], cwd: Path, **env: str) -> subprocess.CompletedPr
 
 
 def test_subpackages_import():
+    import embxfer
     import embxfer.control
     import embxfer.kernels
     import embxfer.runtime
-
-    import embxfer
 
     assert embxfer.kernels.__name__ == "embxfer.kernels"
     assert embxfer.control.__name__ == "embxfer.control"
@@ -38,11 +37,10 @@ def test_subpackages_import():
 
 
 def test_public_api_exported():
+    import embxfer
     from embxfer.runtime.allocator import BlockAllocator
     from embxfer.runtime.payload import Payload
     from embxfer.runtime.pool import BlockPool
-
-    import embxfer
 
     assert embxfer.Payload is Payload
     assert embxfer.BlockPool is BlockPool

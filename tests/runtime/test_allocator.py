@@ -5,12 +5,12 @@ from __future__ import annotations
 import copy
 
 import pytest
-from embxfer.runtime import allocated_tokens, blocks_for_tokens
 from hypothesis import HealthCheck, settings
 from hypothesis import strategies as st
 from hypothesis.stateful import RuleBasedStateMachine, invariant, precondition, rule
 
 from embxfer import BlockAllocator
+from embxfer.runtime import allocated_tokens, blocks_for_tokens
 
 
 def snapshot(alloc: BlockAllocator) -> tuple:

@@ -7,9 +7,9 @@ import zlib
 
 import pytest
 import torch
-from embxfer.kernels import RowTensors
 
 from embxfer import BlockPool, Payload
+from embxfer.kernels import RowTensors
 
 BITS = {torch.bfloat16: torch.int16, torch.float16: torch.int16, torch.float32: torch.int32}
 DTYPES = [torch.bfloat16, torch.float16, torch.float32]
