@@ -320,29 +320,39 @@ class Receiver(Endpoint):
     # -- followers: apply the leader's decisions ---------------------------------------------
     def _apply_decision(self, d: rec.Decision) -> None:
         request = self.requests.get(d.request_id)
-        if d.action is rec.DecisionAction.ADMIT:
-            if request is None:
-                request = Request(d.request_id, -1)
-                self.requests[d.request_id] = request
-                self.stats.requests += 1
-            self._release_blocks(request)
-            self.allocator.claim(list(d.blocks))
-            request.round = d.round
-            self._assign(request, list(d.blocks))
-            if not request.state.terminal:
-                self._set_state(request, RequestState.WAITING_FOR_INPUT)
-            return
-        if request is None:
+        if request is None and d.action is rec.DecisionAction.ADMIT and d.request_id not in self.finished:
+            request = self.requests[d.request_id] = Request(d.request_id, -1)  # admit() may come later
+            self.stats.requests += 1
+        if request is None or request.state.terminal and d.action is not rec.DecisionAction.FAIL:
             self.stats.late_records += 1
             return
-        self._release_blocks(request)
-        if d.action is rec.DecisionAction.RESUME:
-            self.allocator.claim(list(d.blocks))
+        if d.action in (rec.DecisionAction.ADMIT, rec.DecisionAction.RESUME):
+            if d.round != request.round + 1:
+                # A replay (round already applied) is late; a gap means a lost decision.
+                if d.round <= request.round:
+                    self.stats.late_records += 1
+                else:
+                    self.stats.rejected_records += 1
+                    self._fail(request, rec.AbortReason.INTERNAL,
+                               f"decision for round {d.round}, this rank is at round {request.round}", notify=True)
+                return
+            self._release_blocks(request)
+            try:
+                self.allocator.claim(list(d.blocks))
+            except ValueError as exc:  # the allocators disagree: never write into someone else's blocks
+                self.stats.rejected_records += 1
+                self._fail(request, rec.AbortReason.INTERNAL, f"cannot apply the leader's blocks: {exc}", notify=True)
+                return
             request.round = d.round
-            request.resumes += 1
-            self.stats.resumes += 1
             self._assign(request, list(d.blocks))
-        elif d.action is rec.DecisionAction.COMPLETE:
+            if d.action is rec.DecisionAction.ADMIT:
+                self._set_state(request, RequestState.WAITING_FOR_INPUT)
+            else:
+                request.resumes += 1
+                self.stats.resumes += 1
+            return
+        self._release_blocks(request)
+        if d.action is rec.DecisionAction.COMPLETE:
             if request.sent_tokens != d.total_tokens:
                 self._fail(request, rec.AbortReason.INTERNAL,
                            f"leader completed at {d.total_tokens} tokens, this rank read {request.sent_tokens}",

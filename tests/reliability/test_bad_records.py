@@ -1,0 +1,151 @@
+"""Records that are corrupt, truncated, replayed, out of order, forged or carry bad block
+indices: rejected (and counted) before anything uses them; the endpoint keeps serving.
+
+Runs the whole protocol in one process (LocalCluster) and injects records where a peer's
+would arrive: as bytes into the rank's inbox (what a ring would deliver after its own
+checksum check), or as decoded records into the endpoint.
+"""
+
+from __future__ import annotations
+
+import random
+
+import pytest
+
+from embxfer.control import records as rec
+from embxfer.runtime import Config
+from embxfer.runtime.local import LocalCluster, random_payload
+from embxfer.runtime.state import RequestState
+from embxfer.runtime.topology import Topology
+
+DIM = 16
+
+
+@pytest.fixture
+def cluster() -> LocalCluster:
+    config = Config(default_alloc_tokens=1024, language_pool_blocks=16, staging_bytes=1 << 14)
+    return LocalCluster(Topology(1, 1, 2), config, dim=DIM)
+
+
+def healthy(cluster: LocalCluster, request_id: int = 500) -> None:
+    payload = random_payload(3000, DIM, seed=request_id)
+    for copy in cluster.transfer({request_id: payload})[request_id]:
+        assert copy.bit_equal(payload)
+    cluster.settle()
+    assert set(cluster.blocks_in_use().values()) == {0}, cluster.describe()
+
+
+def resume(**overrides) -> rec.Resume:
+    fields = dict(request_id=1, round=0, sent_tokens=0, allocated_tokens=1024, blocks=tuple(range(8)),
+                  src_rank=1, dst_rank=0)
+    return rec.Resume(**{**fields, **overrides})
+
+
+def test_corrupt_and_truncated_bytes_are_dropped_and_counted(cluster):
+    follower = cluster.receivers[2]
+    good = rec.encode(resume())
+    rng = random.Random(7)
+    garbage = [good[: len(good) // 2], b"", b"\x00" * 64, bytes(rng.randrange(256) for _ in range(300)),
+               good + b"trailing"]
+    for _ in range(200):
+        flipped = bytearray(good)
+        flipped[rng.randrange(len(flipped))] ^= 1 << rng.randrange(8)
+        garbage.append(bytes(flipped))
+    inbox = cluster.bus_hub.inboxes[2]
+    for data in garbage:
+        inbox.append((1, data))
+    before = follower.bus.rejected
+    follower.progress()
+    assert follower.bus.rejected - before >= 5  # the structurally broken ones at least
+    healthy(cluster)
+
+
+def test_forged_source_is_dropped(cluster):
+    """A record claiming another rank as its source never reaches the endpoint."""
+    cluster.bus_hub.inboxes[0].append((2, rec.encode(resume())))  # rank 2 pretends to be the leader
+    cluster.senders[0].progress()
+    assert cluster.senders[0].bus.spoofed == 1
+    assert cluster.senders[0]._early_allocations == {}
+    healthy(cluster)
+
+
+def test_replayed_resume_sends_each_round_once(cluster):
+    payload = random_payload(5000, DIM, seed=3)
+    cluster.admit(1)
+    cluster.submit(1, payload)
+    sender = cluster.senders[0]
+    cluster.run_until(lambda: sender.requests[1].round >= 1)
+    late_before = sender.stats.late_records
+    rounds_before = sender.stats.rounds
+    sender._on_record(resume(round=0))  # replay of the first round's announce
+    sender._on_record(resume(round=1, sent_tokens=1024))  # replay of the resume just applied
+    assert sender.stats.late_records == late_before + 2
+    assert sender.stats.rounds == rounds_before
+    cluster.run_until(lambda: all(s.terminal for s in cluster.states(1)))
+    for receiver in cluster.receivers.values():
+        assert receiver.take(1).bit_equal(payload)
+    healthy(cluster)
+
+
+def test_out_of_order_resume_fails_only_that_request(cluster):
+    cluster.admit(1)
+    cluster.submit(1, random_payload(5000, DIM, seed=4))
+    sender = cluster.senders[0]
+    cluster.run_until(lambda: sender.requests[1].round >= 0 and sender.requests[1].state is RequestState.TRANSFERRING)
+    sender._on_record(resume(round=5, sent_tokens=1024))
+    assert sender.requests[1].state is RequestState.FAILED
+    assert "round 5" in sender.requests[1].error
+    cluster.settle()
+    assert all(s is RequestState.FAILED for s in cluster.states(1))
+    healthy(cluster)
+
+
+def admit_decision(blocks: tuple[int, ...]) -> rec.Decision:
+    return rec.Decision(request_id=9, round=0, action=rec.DecisionAction.ADMIT, sent_tokens=0, total_tokens=0,
+                        allocated_tokens=128 * len(blocks), blocks=blocks, src_rank=1, mrope_delta=0)
+
+
+def test_duplicated_block_indices_cannot_be_encoded():
+    with pytest.raises(ValueError, match="block"):
+        admit_decision((3, 3))
+
+
+@pytest.mark.parametrize("blocks", [(16, 17), (0, 99999)])
+def test_out_of_range_blocks_never_reach_a_kernel(cluster, blocks):
+    """Indices outside this rank's pool: the allocator refuses them before any kernel runs;
+    the request fails, the follower keeps serving."""
+    follower = cluster.receivers[2]
+    follower.admit(9)
+    follower._on_record(rec.decode(rec.encode(admit_decision(blocks))))
+    assert follower.requests[9].state is RequestState.FAILED
+    assert "blocks" in follower.requests[9].error or "block" in follower.requests[9].error
+    assert follower.allocator.num_used == 0
+    cluster.leader.abort(9)
+    cluster.settle()
+    healthy(cluster)
+
+
+def test_replayed_decision_is_late_not_applied_twice(cluster):
+    spy = []
+    leader_publish = cluster.leader.bus.publish
+
+    def keep(record):
+        spy.append(record)
+        leader_publish(record)
+
+    cluster.leader.bus.publish = keep
+    payload = random_payload(2500, DIM, seed=5)
+    cluster.admit(1)
+    cluster.submit(1, payload)
+    follower = cluster.receivers[2]
+    cluster.run_until(lambda: any(isinstance(r, rec.Decision) and r.action is rec.DecisionAction.RESUME
+                                  for r in spy))
+    cluster.step()
+    late = follower.stats.late_records
+    for record in [r for r in spy if isinstance(r, rec.Decision)]:
+        follower._on_record(record)  # every decision so far, again
+    assert follower.stats.late_records >= late + 2
+    cluster.run_until(lambda: all(s.terminal for s in cluster.states(1)))
+    assert follower.take(1).bit_equal(payload)
+    cluster.leader.take(1)
+    healthy(cluster)
