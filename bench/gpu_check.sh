@@ -6,7 +6,7 @@
 # Arguments are passed to bench/kernels.py (e.g. --sweep, --cases ab).
 # GPU_CHECK_SKIP_TESTS=1 skips the tests, GPU_CHECK_SKIP_BENCH=1 the benchmark.
 #
-# The package is not installed there: a temporary tree maps the three rooms under the
+# The package is not installed there: a sitecustomize maps the three rooms under the
 # embxfer namespace exactly as pyproject.toml does (embxfer=embxfer/,
 # embxfer.kernels=kernels/, embxfer.control=control/, embxfer.runtime=runtime/).
 # Test dependencies missing there are installed from wheels in .whl/ when present
@@ -16,14 +16,39 @@ REPO=$(cd "$(dirname "${BASH_SOURCE[0]}")/.." && pwd)
 OUT=${OUT:-/tmp/embxfer-gpu-check}
 mkdir -p "$OUT"
 PKG=$(mktemp -d /tmp/embxfer-pkg.XXXXXX)
-mkdir -p "$PKG/embxfer"
-for entry in "$REPO"/embxfer/*; do
-    ln -s "$entry" "$PKG/embxfer/$(basename "$entry")"
-done
-for room in kernels control runtime; do
-    rm -rf "$PKG/embxfer/$room"
-    [ -d "$REPO/$room" ] && ln -s "$REPO/$room" "$PKG/embxfer/$room"
-done
+# A sitecustomize on PYTHONPATH puts a finder first on sys.meta_path that maps the
+# four package names onto the repository's folders, whatever else is on sys.path
+# (pytest puts the repository root there, whose embxfer/ folder lacks the rooms).
+# It is inherited by every python3 the tests start. An existing sitecustomize still runs.
+ORIGINAL_SITECUSTOMIZE=$(python3 -c 'import sitecustomize; print(sitecustomize.__file__)' 2>/dev/null || true)
+cat >"$PKG/sitecustomize.py" <<PYTHON
+"""Written by bench/gpu_check.sh: the embxfer package mapped as pyproject.toml maps it."""
+import importlib.util
+import sys
+
+_ROOMS = {
+    "embxfer": "$REPO/embxfer",
+    "embxfer.kernels": "$REPO/kernels",
+    "embxfer.control": "$REPO/control",
+    "embxfer.runtime": "$REPO/runtime",
+}
+
+
+class _RoomFinder:
+    @staticmethod
+    def find_spec(name, path=None, target=None):
+        folder = _ROOMS.get(name)
+        if folder is None:
+            return None
+        return importlib.util.spec_from_file_location(
+            name, folder + "/__init__.py", submodule_search_locations=[folder]
+        )
+
+
+sys.meta_path.insert(0, _RoomFinder)
+if "$ORIGINAL_SITECUSTOMIZE":
+    exec(compile(open("$ORIGINAL_SITECUSTOMIZE").read(), "$ORIGINAL_SITECUSTOMIZE", "exec"))
+PYTHON
 SITE=""
 if [ -d "$REPO/.whl" ] && ls "$REPO"/.whl/*.whl >/dev/null 2>&1; then
     SITE=$(mktemp -d /tmp/embxfer-site.XXXXXX)
@@ -32,11 +57,8 @@ if [ -d "$REPO/.whl" ] && ls "$REPO"/.whl/*.whl >/dev/null 2>&1; then
 fi
 export PYTHONPATH="$PKG${SITE:+:$SITE}${PYTHONPATH:+:$PYTHONPATH}"
 export PYTHONUNBUFFERED=1
-# The repository root holds a folder named embxfer (without the rooms): never let the
-# current directory shadow the mapped package, here or in processes the tests start.
-export PYTHONSAFEPATH=1
 cd "$REPO"
-python3 -c 'import torch, triton, embxfer.kernels; print("torch", torch.__version__, "triton", triton.__version__, torch.cuda.get_device_name())'
+python3 -c 'import torch, triton, embxfer.kernels, embxfer.runtime; print("torch", torch.__version__, "triton", triton.__version__, "embxfer.kernels from", embxfer.kernels.__file__, torch.cuda.get_device_name() if torch.cuda.is_available() else "no CUDA")'
 nvidia-smi --query-gpu=name,driver_version,clocks.sm,clocks.mem,temperature.gpu --format=csv,noheader || true
 
 status=0

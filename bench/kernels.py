@@ -56,11 +56,15 @@ CASES = {
     "d": {"dim": 4096, "layers": 3, "counts": [8192]},
 }
 SWEEP = [
-    TileConfig(tile_words=w, max_block_w=b, num_warps=n, columns_fastest=f)
-    for w in (4096, 8192, 16384)
-    for b in (1024, 2048)
-    for n in (4, 8)
-    for f in (False, True)
+    TileConfig(tile_words=w, max_block_w=b, num_warps=n, programs_per_sm=p)
+    for w, b, n in (
+        (16384, 2048, 8),
+        (8192, 2048, 4),
+        (8192, 1024, 4),
+        (16384, 1024, 4),
+        (4096, 1024, 4),
+    )
+    for p in (0, 4, 8)
 ]
 
 

@@ -213,6 +213,7 @@ def _staging_side(staging: torch.Tensor, layout: StagingLayout):
         fill_addresses=base + offsets[2],
         mrope_addresses=base + offsets[3],
         mrope_strides=offsets[4],
+        staging=True,
     )
 
 

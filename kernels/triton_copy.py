@@ -12,21 +12,26 @@ a *source side* to a *destination side*. A side is either
 pack = pool -> linear (staging), unpack = linear -> pool, unpack_to_rows = linear ->
 linear, gather = pool -> linear (rows), scatter = linear (rows) -> pool.
 
-Grid. Axis 0 walks a flat list of work items, each `(segment, first token)` covering
-`TOKENS` tokens of one segment, built on the host so that one launch serves a batch
-of any shape (no program is spent on a segment it does not own). Axis 1 walks column
-tiles of `BLOCK_W` words across a token's row: first the embeddings tiles, then the
-deepstack tiles, so a wide row (D = 8192, or K*D = 24k) spreads over many programs
-and even one short request fills the GPU. The programs of column tile 0 also carry
-the token's fill_id and mrope positions (16 bytes a token, too few for their own
-programs).
+Grid. Work items are `(segment, first token)` tiles of `TOKENS` tokens, numbered
+segment after segment; each is split into column tiles of `BLOCK_W` words across the
+token's row (first the embeddings, then the deepstack), so a wide row (D = 8192, or
+K*D = 24k) spreads over several programs. The grid is 1-D with the column tiles
+fastest: program p does column tile p % column_tiles of item p // column_tiles, so the
+programs in flight together cover whole rows, i.e. long contiguous runs of the staging
+buffer (measured 2-5% faster on an H100 than items-fastest). A program finds its
+segment by binary search over the segments' first items, so one launch serves a batch
+of any shape and no table per item is built or copied. The programs of column tile 0
+also carry the token's fill_id and mrope positions (16 bytes a token, too few for
+programs of their own).
 
-Block shape. Each program moves a `TOKENS x BLOCK_W` tile, sized on the host to
-about `tile_words` 4-byte words (16 KiB by default): large enough that every thread
-has several independent 16-byte loads in flight before its first store (what a copy
-needs to reach HBM bandwidth), small enough to keep thousands of programs for the
-scheduler to balance. `BLOCK_W` is picked so that it wastes the fewest lanes on the
-row's last tile (D = 3584 bf16 is 1792 words = 7 x 256).
+Block shape. Each program moves a `TOKENS x BLOCK_W` tile of about `tile_words`
+4-byte words (64 KiB by default, 8 warps: each thread has 16 independent 16-byte
+loads in flight before its first store, what a copy needs to approach HBM bandwidth).
+`BLOCK_W` is the narrowest power of two that covers the row, or, for rows wider than
+2048 words, the width that wastes the fewest lanes on the row's last tile. For small
+requests TOKENS halves until the launch has at least `min_programs` programs, so that
+even 1000 tokens spread over every SM. The defaults are the best of a sweep on an
+H100 (bench/kernels.py --sweep; results in bench/results/kernels-h100.json).
 
 Width. Rows are copied as raw words (int32 when the row length and all base
 addresses allow, else int16): the copy is bit-exact whatever the dtype, and bf16,
@@ -40,6 +45,7 @@ int32 byte offsets.
 
 from __future__ import annotations
 
+import functools
 import math
 from collections.abc import Sequence
 from dataclasses import dataclass
@@ -54,21 +60,26 @@ from .checks import BlockPlan
 from .types import PoolTensors
 from .workspace import workspace_for
 
-# Segment table: one row of int64 per segment.
+# Metadata: one int64 array per launch, column-major over the S segments of the batch
+# (column c of segment s at c * S + s), then the block table:
 #   column 0: the segment's token count
-#   columns 1-5: source side, columns 6-10: destination side; for a side that is
+#   column 1: the segment's first work item (exclusive prefix sum of its token tiles)
+#   columns 2-6: source side, columns 7-11: destination side; for a side that is
 #     a pool:   (offset of the segment's blocks in the block table, first token
 #               relative to the first of those blocks, unused x3)
 #     linear:   (embeddings offset in words, deepstack offset in words, fill_ids offset
 #               in int32s, mrope offset in int32s, mrope stride between t/h/w rows)
-SEGMENT_COLUMNS = tl.constexpr(11)
-SOURCE = tl.constexpr(1)
-DESTINATION = tl.constexpr(6)
+#   then, from 12 * S: the block tables of the pool sides, concatenated.
+SEGMENT_COLUMNS = tl.constexpr(12)
+SOURCE = tl.constexpr(2)
+DESTINATION = tl.constexpr(7)
 
 
 @triton.jit
 def _token_offsets(
-    segment_row,
+    segments,
+    num_segments,
+    segment,
     table,
     side: tl.constexpr,
     tokens,
@@ -86,8 +97,8 @@ def _token_offsets(
     that make the offsets, here: a hint on a jit function's argument would be lost when
     the call is inlined."""
     if POOL:
-        table_offset = tl.load(segment_row + side)
-        first = tl.load(segment_row + side + 1)
+        table_offset = tl.load(segments + side * num_segments + segment)
+        first = tl.load(segments + (side + 1) * num_segments + segment)
         position = first + tokens
         block = tl.load(table + table_offset + position // block_size, mask=token_mask, other=0)
         row = position % block_size
@@ -98,11 +109,12 @@ def _token_offsets(
         ds = tl.multiple_of(slot * ds_words, VEC)
         return emb, ds, slot, mrope, mrope_stride
     else:
-        emb = tl.multiple_of(tl.load(segment_row + side) + tokens * emb_words, VEC)
-        ds = tl.multiple_of(tl.load(segment_row + side + 1) + tokens * ds_words, VEC)
-        fill = tl.load(segment_row + side + 2) + tokens
-        mrope = tl.load(segment_row + side + 3) + tokens
-        mrope_stride = tl.load(segment_row + side + 4)
+        column = segments + segment
+        emb = tl.multiple_of(tl.load(column + side * num_segments) + tokens * emb_words, VEC)
+        ds = tl.multiple_of(tl.load(column + (side + 1) * num_segments) + tokens * ds_words, VEC)
+        fill = tl.load(column + (side + 2) * num_segments) + tokens
+        mrope = tl.load(column + (side + 3) * num_segments) + tokens
+        mrope_stride = tl.load(column + (side + 4) * num_segments)
         return emb, ds, fill, mrope, mrope_stride
 
 
@@ -130,11 +142,12 @@ def _copy_rows(
     tl.store(dst + dst_rows[:, None] + columns[None, :], values, mask=mask)
 
 
-@triton.jit(do_not_specialize=["block_size"])
-def _copy_kernel(
-    work,
+@triton.jit
+def _copy_program(
+    program,
     segments,
-    table,
+    num_segments,
+    table_start,
     src_emb,
     src_ds,
     src_fill,
@@ -154,26 +167,32 @@ def _copy_kernel(
     TOKENS: tl.constexpr,
     BLOCK_W: tl.constexpr,
     VEC: tl.constexpr,
-    COLUMNS_FASTEST: tl.constexpr,
 ):
-    if COLUMNS_FASTEST:
-        # 1-D grid, a token tile's column tiles on consecutive programs: the programs in
-        # flight at one time cover whole rows, i.e. long contiguous runs of the linear side.
-        program = tl.program_id(0)
-        item = program // column_tiles
-        column_tile = program % column_tiles
-    else:
-        item = tl.program_id(0)
-        column_tile = tl.program_id(1)
-    segment = tl.load(work + 2 * item)
-    first_token = tl.load(work + 2 * item + 1)
-    segment_row = segments + segment * SEGMENT_COLUMNS
-    count = tl.load(segment_row)
+    """One `TOKENS x BLOCK_W` tile: program number -> (work item, column tile), column
+    tiles fastest, so the programs in flight at one time cover whole rows (long
+    contiguous runs on the linear side, which measured 2-5% faster than the other order)."""
+    item = program // column_tiles
+    column_tile = program % column_tiles
+    # The segment owning this work item: the last one whose first item is <= item
+    # (binary search over column 1; empty segments share their successor's first item).
+    low = 0
+    high = num_segments
+    while high - low > 1:
+        middle = (low + high) // 2
+        right = tl.load(segments + num_segments + middle) <= item
+        low = tl.where(right, middle, low)
+        high = tl.where(right, high, middle)
+    segment = low
+    first_token = (item - tl.load(segments + num_segments + segment)) * TOKENS
+    count = tl.load(segments + segment)
+    table = segments + table_start
     tokens = first_token + tl.arange(0, TOKENS).to(tl.int64)
     token_mask = tokens < count
 
     s_emb, s_ds, s_fill, s_mrope, s_mrope_stride = _token_offsets(
-        segment_row,
+        segments,
+        num_segments,
+        segment,
         table,
         SOURCE,
         tokens,
@@ -185,7 +204,9 @@ def _copy_kernel(
         VEC,
     )
     d_emb, d_ds, d_fill, d_mrope, d_mrope_stride = _token_offsets(
-        segment_row,
+        segments,
+        num_segments,
+        segment,
         table,
         DESTINATION,
         tokens,
@@ -231,14 +252,63 @@ def _copy_kernel(
             tl.store(dst_mrope + d_mrope + axis * d_mrope_stride, position, mask=token_mask)
 
 
+@triton.jit(do_not_specialize=["num_segments", "table_start", "block_size", "num_programs"])
+def _copy_kernel(
+    segments,
+    num_segments,
+    table_start,
+    src_emb,
+    src_ds,
+    src_fill,
+    src_mrope,
+    dst_emb,
+    dst_ds,
+    dst_fill,
+    dst_mrope,
+    block_size,
+    emb_words,
+    ds_words,
+    emb_tiles,
+    column_tiles,
+    num_programs,
+    SRC_POOL: tl.constexpr,
+    DST_POOL: tl.constexpr,
+    HAS_DS: tl.constexpr,
+    TOKENS: tl.constexpr,
+    BLOCK_W: tl.constexpr,
+    VEC: tl.constexpr,
+    PERSISTENT: tl.constexpr,
+):
+    """One program per tile, or (PERSISTENT) a grid sized to the machine whose programs
+    stride over the tiles."""
+    if PERSISTENT:
+        program = tl.program_id(0)
+        while program < num_programs:  # a while loop, which the interpreter also runs
+            _copy_program(
+                program, segments, num_segments, table_start,
+                src_emb, src_ds, src_fill, src_mrope, dst_emb, dst_ds, dst_fill, dst_mrope,
+                block_size, emb_words, ds_words, emb_tiles, column_tiles,
+                SRC_POOL, DST_POOL, HAS_DS, TOKENS, BLOCK_W, VEC,
+            )  # fmt: skip
+            program += tl.num_programs(0)
+    else:
+        _copy_program(
+            tl.program_id(0), segments, num_segments, table_start,
+            src_emb, src_ds, src_fill, src_mrope, dst_emb, dst_ds, dst_fill, dst_mrope,
+            block_size, emb_words, ds_words, emb_tiles, column_tiles,
+            SRC_POOL, DST_POOL, HAS_DS, TOKENS, BLOCK_W, VEC,
+        )  # fmt: skip
+
+
 @dataclass(frozen=True)
 class TileConfig:
     """Launch shape knobs (see the module docstring); the defaults are the tuned ones."""
 
-    tile_words: int = 4096
-    max_block_w: int = 1024
-    num_warps: int = 4
-    columns_fastest: bool = False
+    tile_words: int = 16384
+    max_block_w: int = 2048
+    num_warps: int = 8
+    programs_per_sm: int = 0  # 0: one program per tile; else a persistent grid
+    min_programs: int = 1024
 
 
 _tile_config = TileConfig()
@@ -260,9 +330,14 @@ def pick_word(alignment: int) -> tuple[torch.dtype, int, int]:
     return word, word_bytes, aligned // word_bytes
 
 
-def pick_tile(row_words: int, max_tokens: int) -> tuple[int, int]:
-    """(TOKENS, BLOCK_W) for rows of `row_words` words (the widest field)."""
+def pick_tile(emb_words: int, ds_words: int, counts: np.ndarray) -> tuple[int, int, int]:
+    """(TOKENS, BLOCK_W, work items) for rows of `emb_words` + `ds_words` words.
+
+    BLOCK_W covers a row with the fewest wasted lanes; TOKENS makes a tile of about
+    `tile_words`, then halves while the launch would have fewer than `min_programs`
+    programs, so that a small request still spreads over every SM."""
     config = _tile_config
+    row_words = max(emb_words, ds_words)
     candidates = [w for w in (64, 128, 256, 512, 1024, 2048, 4096) if w <= config.max_block_w]
     fitting = [w for w in candidates if w >= row_words]
     if fitting:
@@ -270,9 +345,14 @@ def pick_tile(row_words: int, max_tokens: int) -> tuple[int, int]:
     else:
         # Fewest wasted lanes on the last tile; ties go to the wider tile.
         block_w = min(candidates, key=lambda w: (-(-row_words // w) * w - row_words, -w))
+    column_tiles = -(-emb_words // block_w) + (-(-ds_words // block_w) if ds_words else 0)
     tokens = max(1, config.tile_words // block_w)
-    tokens = min(tokens, 1 << max(0, (max_tokens - 1).bit_length()))
-    return tokens, block_w
+    tokens = min(tokens, 1 << max(0, (int(counts.max()) - 1).bit_length()))
+    items = int((-(-counts // tokens)).sum())
+    while tokens > 1 and items * column_tiles < config.min_programs:
+        tokens //= 2
+        items = int((-(-counts // tokens)).sum())
+    return tokens, block_w, items
 
 
 class PoolSide(NamedTuple):
@@ -295,6 +375,7 @@ class LinearSide(NamedTuple):
     fill_addresses: np.ndarray
     mrope_addresses: np.ndarray
     mrope_strides: np.ndarray
+    staging: bool = False
 
 
 Side = PoolSide | LinearSide
@@ -317,61 +398,55 @@ def copy_segments(
     emb_row_bytes, ds_row_bytes = dim * element_size, deepstack_dim * element_size
     word, word_bytes, vec = pick_word(_alignment((emb_row_bytes, ds_row_bytes), src, dst, counts))
     emb_words, ds_words = emb_row_bytes // word_bytes, ds_row_bytes // word_bytes
-    tokens, block_w = pick_tile(max(emb_words, ds_words), largest)
+    tokens, block_w, num_items = pick_tile(emb_words, ds_words, counts)
 
-    # Work items: (segment, first token) for every TOKENS tokens of every segment.
+    # Work items are the TOKENS-token tiles of every segment, numbered segment after
+    # segment; the kernel finds an item's segment by binary search over column 1.
     tiles = -(-counts // tokens)
-    num_items = int(tiles.sum())
-    item_segment = np.repeat(np.arange(num_segments, dtype=np.int64), tiles)
-    item_first = (
-        np.arange(num_items, dtype=np.int64) - np.repeat(np.cumsum(tiles) - tiles, tiles)
-    ) * tokens
-
-    # One int64 array: [segment table | work items | block table], each section
-    # starting on a 16-byte boundary.
-    columns = SEGMENT_COLUMNS.value
-    items_start = num_segments * columns + (num_segments * columns) % 2
-    table_start = items_start + 2 * num_items
-    pool_sides = [side for side in (src, dst) if isinstance(side, PoolSide)]
-    table_length = sum(side.plan.blocks.size for side in pool_sides)
-    metadata = np.zeros(table_start + max(2, table_length), dtype=np.int64)
-    segment_table = metadata[: num_segments * columns].reshape(num_segments, columns)
-    segment_table[:, 0] = counts
-    items = metadata[items_start:table_start].reshape(num_items, 2)
-    items[:, 0] = item_segment
-    items[:, 1] = item_first
+    zeros = np.zeros(num_segments, dtype=np.int64)
+    columns = [counts, np.cumsum(tiles) - tiles]
+    blocks = []
     table_used = 0
-    for side, column in ((src, SOURCE.value), (dst, DESTINATION.value)):
+    for side in (src, dst):
         if isinstance(side, PoolSide):
             plan = side.plan
-            segment_table[:, column] = table_used + np.cumsum(plan.lengths) - plan.lengths
-            segment_table[:, column + 1] = plan.first_rows
-            metadata[table_start + table_used : table_start + table_used + plan.blocks.size] = (
-                plan.blocks
-            )
+            columns += [
+                table_used + np.cumsum(plan.lengths) - plan.lengths,
+                plan.first_rows,
+                zeros,
+                zeros,
+                zeros,
+            ]
+            blocks.append(plan.blocks)
             table_used += plan.blocks.size
         else:
             words_ptr, ints_ptr = side.words_base.data_ptr(), side.ints_base.data_ptr()
-            segment_table[:, column] = (side.emb_addresses - words_ptr) // word_bytes
-            segment_table[:, column + 1] = (
-                (side.ds_addresses - words_ptr) // word_bytes if ds_words else 0
-            )
-            segment_table[:, column + 2] = (side.fill_addresses - ints_ptr) // 4
-            segment_table[:, column + 3] = (side.mrope_addresses - ints_ptr) // 4
-            segment_table[:, column + 4] = side.mrope_strides
+            columns += [
+                (side.emb_addresses - words_ptr) // word_bytes,
+                (side.ds_addresses - words_ptr) // word_bytes if ds_words else zeros,
+                (side.fill_addresses - ints_ptr) // 4,
+                (side.mrope_addresses - ints_ptr) // 4,
+                side.mrope_strides,
+            ]
+    metadata = np.concatenate(columns + blocks + [zeros[:1]])  # never empty
+    table_start = SEGMENT_COLUMNS.value * num_segments  # x 8 bytes: 16-byte aligned
 
     emb_tiles = -(-emb_words // block_w)
     column_tiles = emb_tiles + (-(-ds_words // block_w) if ds_words else 0)
-    columns_fastest = _tile_config.columns_fastest
-    grid = (num_items * column_tiles,) if columns_fastest else (num_items, column_tiles)
     src_pointers, dst_pointers = _pointers(src, word), _pointers(dst, word)
+    num_programs = num_items * column_tiles
+    grid = (num_programs,)
+    if _tile_config.programs_per_sm:
+        processors = _multiprocessors(src_pointers[0].device)
+        grid = (min(num_programs, _tile_config.programs_per_sm * processors),)
+    pool_sides = [side for side in (src, dst) if isinstance(side, PoolSide)]
     block_size = pool_sides[0].pool.embeddings.shape[1] if pool_sides else 1
 
     def run(on_device: torch.Tensor) -> None:
         _copy_kernel[grid](
-            on_device[items_start:table_start],
-            on_device[:items_start],
-            on_device[table_start:],
+            on_device,
+            num_segments,
+            table_start,
             *src_pointers,
             *dst_pointers,
             block_size,
@@ -379,13 +454,14 @@ def copy_segments(
             ds_words,
             emb_tiles,
             column_tiles,
+            num_programs,
             SRC_POOL=isinstance(src, PoolSide),
             DST_POOL=isinstance(dst, PoolSide),
             HAS_DS=ds_words > 0,
             TOKENS=tokens,
             BLOCK_W=block_w,
             VEC=vec,
-            COLUMNS_FASTEST=columns_fastest,
+            PERSISTENT=grid[0] < num_programs,
             num_warps=_tile_config.num_warps,
         )
 
@@ -413,7 +489,7 @@ def _alignment(row_bytes: tuple[int, int], src: Side, dst: Side, counts: np.ndar
             values.append(side.pool.embeddings.data_ptr())
             if side.pool.deepstack is not None:
                 values.append(side.pool.deepstack.data_ptr())
-        else:
+        elif not side.staging:  # staging fields are 128-byte aligned in a 16-aligned buffer
             values.append(side.words_base.data_ptr())
             values.append(int(np.bitwise_or.reduce(side.emb_addresses[live])))
             if row_bytes[1]:
@@ -422,6 +498,13 @@ def _alignment(row_bytes: tuple[int, int], src: Side, dst: Side, counts: np.ndar
     for value in values:
         alignment = math.gcd(alignment, value)
     return alignment & -alignment
+
+
+@functools.cache
+def _multiprocessors(device: torch.device) -> int:
+    if device.type != "cuda":
+        return 2  # the interpreter: a small persistent grid, so that its loop is exercised
+    return torch.cuda.get_device_properties(device).multi_processor_count
 
 
 def _pointers(side: Side, word: torch.dtype) -> tuple[torch.Tensor, ...]:

@@ -30,6 +30,7 @@ NUM_SLOTS = 8
 class _Slot:
     def __init__(self) -> None:
         self.host: torch.Tensor | None = None
+        self.host_array: np.ndarray | None = None
         self.device: torch.Tensor | None = None
         self.event: torch.cuda.Event | None = None
         self.recorded = False
@@ -57,9 +58,10 @@ class DeviceWorkspace:
         if slot.host is None or slot.host.numel() < n:
             capacity = max(1024, 1 << (n - 1).bit_length())
             slot.host = torch.empty(capacity, dtype=torch.int64, pin_memory=True)
+            slot.host_array = slot.host.numpy()
             slot.device = torch.empty(capacity, dtype=torch.int64, device=self.device)
             slot.event = torch.cuda.Event()
-        slot.host.numpy()[:n] = metadata
+        slot.host_array[:n] = metadata
         slot.device[:n].copy_(slot.host[:n], non_blocking=True)
         self._current = slot
         return slot.device

@@ -36,7 +36,7 @@ GPU_TILES = TileConfig()
 # The interpreter pays per program, not per element: wider tiles keep the grid fast.
 # The kernel's logic does not depend on the tile shape; test_gpu_tile_shapes keeps the
 # shapes the GPU uses covered here too, and tests/kernels/test_kernels_gpu.py compiles them.
-INTERPRETER_TILES = TileConfig(tile_words=32768, max_block_w=4096)
+INTERPRETER_TILES = TileConfig(tile_words=32768, max_block_w=4096, min_programs=1)
 
 
 @pytest.fixture(autouse=True)
@@ -68,11 +68,11 @@ def test_odd_batch_matches_reference(op, case):
     check_op(op, counts, starts, block_size, dim, layers, dtype, seed)
 
 
-@pytest.mark.parametrize("columns_fastest", [False, True])
+@pytest.mark.parametrize("programs_per_sm", [0, 2])
 @pytest.mark.parametrize("op", OPS)
 @pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float32])
-def test_gpu_tile_shapes(op, dtype, columns_fastest):
-    set_tile_config(dataclasses.replace(GPU_TILES, columns_fastest=columns_fastest))
+def test_gpu_tile_shapes(op, dtype, programs_per_sm):
+    set_tile_config(dataclasses.replace(GPU_TILES, programs_per_sm=programs_per_sm))
     check_op(op, [1, 15, 16, 17], [15, 0, 8, 1], 16, 1000, 1, dtype, seed=11)
     check_op(op, [3, 5], [2, 1], 4, 3584, 0, dtype, seed=12)
 

@@ -45,11 +45,11 @@ def test_narrow_and_wide_rows_gpu(dim):
         )
 
 
-@pytest.mark.parametrize("columns_fastest", [False, True])
+@pytest.mark.parametrize("programs_per_sm", [0, 2])
 @pytest.mark.parametrize("tile_words", [2048, 16384])
-def test_other_tile_configs_gpu(tile_words, columns_fastest):
+def test_other_tile_configs_gpu(tile_words, programs_per_sm):
     config = TileConfig(
-        tile_words=tile_words, max_block_w=2048, num_warps=8, columns_fastest=columns_fastest
+        tile_words=tile_words, max_block_w=2048, num_warps=8, programs_per_sm=programs_per_sm
     )
     previous = set_tile_config(config)
     try:
