@@ -25,8 +25,10 @@ also carry the token's fill_id and mrope positions (16 bytes a token, too few fo
 programs of their own).
 
 Block shape. Each program moves a `TOKENS x BLOCK_W` tile of about `tile_words`
-4-byte words (64 KiB by default, 8 warps: each thread has 16 independent 16-byte
+4-byte words (32 KiB by default, 4 warps: each thread has 16 independent 16-byte
 loads in flight before its first store, what a copy needs to approach HBM bandwidth).
+A persistent grid (a few programs per SM striding over the tiles) measured 2-10%
+slower than one program per tile, and was dropped.
 `BLOCK_W` is the narrowest power of two that covers the row, or, for rows wider than
 2048 words, the width that wastes the fewest lanes on the row's last tile. For small
 requests TOKENS halves until the launch has at least `min_programs` programs, so that
@@ -45,7 +47,6 @@ int32 byte offsets.
 
 from __future__ import annotations
 
-import functools
 import math
 from collections.abc import Sequence
 from dataclasses import dataclass
@@ -142,9 +143,8 @@ def _copy_rows(
     tl.store(dst + dst_rows[:, None] + columns[None, :], values, mask=mask)
 
 
-@triton.jit
-def _copy_program(
-    program,
+@triton.jit(do_not_specialize=["num_segments", "table_start", "block_size"])
+def _copy_kernel(
     segments,
     num_segments,
     table_start,
@@ -168,9 +168,8 @@ def _copy_program(
     BLOCK_W: tl.constexpr,
     VEC: tl.constexpr,
 ):
-    """One `TOKENS x BLOCK_W` tile: program number -> (work item, column tile), column
-    tiles fastest, so the programs in flight at one time cover whole rows (long
-    contiguous runs on the linear side, which measured 2-5% faster than the other order)."""
+    """One `TOKENS x BLOCK_W` tile per program (see the module docstring)."""
+    program = tl.program_id(0)
     item = program // column_tiles
     column_tile = program % column_tiles
     # The segment owning this work item: the last one whose first item is <= item
@@ -252,62 +251,13 @@ def _copy_program(
             tl.store(dst_mrope + d_mrope + axis * d_mrope_stride, position, mask=token_mask)
 
 
-@triton.jit(do_not_specialize=["num_segments", "table_start", "block_size", "num_programs"])
-def _copy_kernel(
-    segments,
-    num_segments,
-    table_start,
-    src_emb,
-    src_ds,
-    src_fill,
-    src_mrope,
-    dst_emb,
-    dst_ds,
-    dst_fill,
-    dst_mrope,
-    block_size,
-    emb_words,
-    ds_words,
-    emb_tiles,
-    column_tiles,
-    num_programs,
-    SRC_POOL: tl.constexpr,
-    DST_POOL: tl.constexpr,
-    HAS_DS: tl.constexpr,
-    TOKENS: tl.constexpr,
-    BLOCK_W: tl.constexpr,
-    VEC: tl.constexpr,
-    PERSISTENT: tl.constexpr,
-):
-    """One program per tile, or (PERSISTENT) a grid sized to the machine whose programs
-    stride over the tiles."""
-    if PERSISTENT:
-        program = tl.program_id(0)
-        while program < num_programs:  # a while loop, which the interpreter also runs
-            _copy_program(
-                program, segments, num_segments, table_start,
-                src_emb, src_ds, src_fill, src_mrope, dst_emb, dst_ds, dst_fill, dst_mrope,
-                block_size, emb_words, ds_words, emb_tiles, column_tiles,
-                SRC_POOL, DST_POOL, HAS_DS, TOKENS, BLOCK_W, VEC,
-            )  # fmt: skip
-            program += tl.num_programs(0)
-    else:
-        _copy_program(
-            tl.program_id(0), segments, num_segments, table_start,
-            src_emb, src_ds, src_fill, src_mrope, dst_emb, dst_ds, dst_fill, dst_mrope,
-            block_size, emb_words, ds_words, emb_tiles, column_tiles,
-            SRC_POOL, DST_POOL, HAS_DS, TOKENS, BLOCK_W, VEC,
-        )  # fmt: skip
-
-
 @dataclass(frozen=True)
 class TileConfig:
     """Launch shape knobs (see the module docstring); the defaults are the tuned ones."""
 
-    tile_words: int = 16384
+    tile_words: int = 8192
     max_block_w: int = 2048
-    num_warps: int = 8
-    programs_per_sm: int = 0  # 0: one program per tile; else a persistent grid
+    num_warps: int = 4
     min_programs: int = 1024
 
 
@@ -434,11 +384,7 @@ def copy_segments(
     emb_tiles = -(-emb_words // block_w)
     column_tiles = emb_tiles + (-(-ds_words // block_w) if ds_words else 0)
     src_pointers, dst_pointers = _pointers(src, word), _pointers(dst, word)
-    num_programs = num_items * column_tiles
-    grid = (num_programs,)
-    if _tile_config.programs_per_sm:
-        processors = _multiprocessors(src_pointers[0].device)
-        grid = (min(num_programs, _tile_config.programs_per_sm * processors),)
+    grid = (num_items * column_tiles,)
     pool_sides = [side for side in (src, dst) if isinstance(side, PoolSide)]
     block_size = pool_sides[0].pool.embeddings.shape[1] if pool_sides else 1
 
@@ -454,14 +400,12 @@ def copy_segments(
             ds_words,
             emb_tiles,
             column_tiles,
-            num_programs,
             SRC_POOL=isinstance(src, PoolSide),
             DST_POOL=isinstance(dst, PoolSide),
             HAS_DS=ds_words > 0,
             TOKENS=tokens,
             BLOCK_W=block_w,
             VEC=vec,
-            PERSISTENT=grid[0] < num_programs,
             num_warps=_tile_config.num_warps,
         )
 
@@ -498,13 +442,6 @@ def _alignment(row_bytes: tuple[int, int], src: Side, dst: Side, counts: np.ndar
     for value in values:
         alignment = math.gcd(alignment, value)
     return alignment & -alignment
-
-
-@functools.cache
-def _multiprocessors(device: torch.device) -> int:
-    if device.type != "cuda":
-        return 2  # the interpreter: a small persistent grid, so that its loop is exercised
-    return torch.cuda.get_device_properties(device).multi_processor_count
 
 
 def _pointers(side: Side, word: torch.dtype) -> tuple[torch.Tensor, ...]:

@@ -6,7 +6,6 @@ The seed of each case is in its test id.
 
 from __future__ import annotations
 
-import dataclasses
 import zlib
 
 import pytest
@@ -68,11 +67,10 @@ def test_odd_batch_matches_reference(op, case):
     check_op(op, counts, starts, block_size, dim, layers, dtype, seed)
 
 
-@pytest.mark.parametrize("programs_per_sm", [0, 2])
 @pytest.mark.parametrize("op", OPS)
 @pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float32])
-def test_gpu_tile_shapes(op, dtype, programs_per_sm):
-    set_tile_config(dataclasses.replace(GPU_TILES, programs_per_sm=programs_per_sm))
+def test_gpu_tile_shapes(op, dtype):
+    set_tile_config(GPU_TILES)
     check_op(op, [1, 15, 16, 17], [15, 0, 8, 1], 16, 1000, 1, dtype, seed=11)
     check_op(op, [3, 5], [2, 1], 4, 3584, 0, dtype, seed=12)
 
