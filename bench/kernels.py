@@ -243,7 +243,7 @@ def host_time(fn, calls: int = 20) -> float:
     return 1e6 * float(np.median(times))
 
 
-def measure(fn, reps: int = 30) -> float:
+def measure(fn, reps: int = 50) -> float:
     """Median device time of one call, in microseconds: from an event just before the
     call's first kernel to one just after its last, L2 flushed before each call. A
     sleep kernel queued ahead of the start event holds the device while the host issues
@@ -443,10 +443,15 @@ def plot(result: dict, path: Path) -> None:
     axes.axhline(0.9 * result["ceiling_gbps"], color="gray", linestyle=":", label="90% of ceiling")
     axes.set_xticks(x, labels)
     axes.set_ylabel("GB/s (payload read + write)")
-    axes.set_title(
-        f"embxfer pack/unpack on {result['device']}: a 16384x8192, b 64 req D3584, c 1000x4096, d 8192x4096 K=3"
+    axes.set_title(f"embxfer pack/unpack, bf16, block 128, on {result['device']}")
+    axes.legend(fontsize=8, loc="upper center", bbox_to_anchor=(0.5, -0.1), ncol=3)
+    axes.text(
+        0.0,
+        -0.3,
+        "a: 16384 x 8192   b: 64 requests of 64..4096, D 3584   c: 1000 x 4096   d: 8192 x 4096, K = 3",
+        transform=axes.transAxes,
+        fontsize=8,
     )
-    axes.legend(fontsize=8)
     figure.tight_layout()
     figure.savefig(path, dpi=120)
 
