@@ -126,6 +126,31 @@ def make_payload(args: argparse.Namespace, request_id: int, num_tokens: int, dev
     return Payload(embeddings, fill_ids, positions, mrope_delta=delta, deepstack=deepstack)
 
 
+class ResourceProbe:
+    """Open fds, threads and this run's /dev/shm entries of this process, sampled once the
+    run is in steady state (the first `inflight` requests done, so lazily created threads
+    and connections exist) and again at the end: a soak must show no growth."""
+
+    def __init__(self, prefix: str, steady_after: int) -> None:
+        self.prefix = prefix
+        self.steady_after = steady_after
+        self.start: list[int] | None = None
+        self.end: list[int] = [0, 0, 0]
+
+    def sample(self) -> list[int]:
+        shm = sum(n.removeprefix("sem.").startswith(self.prefix + "-") for n in os.listdir("/dev/shm"))
+        return [len(os.listdir("/proc/self/fd")), len(os.listdir("/proc/self/task")), shm]
+
+    def done(self, finished: int) -> None:
+        if self.start is None and finished >= self.steady_after:
+            self.start = self.sample()
+
+    def finish(self) -> None:
+        self.end = self.sample()
+        if self.start is None:
+            self.start = self.end
+
+
 @dataclass
 class Outcome:
     code: int = NOT_MINE
@@ -178,14 +203,15 @@ def run_rank(args: argparse.Namespace) -> int:
                   dim=args.dim, dtype=DTYPES[args.dtype], deepstack_layers=args.deepstack, device=world.device)
     deadline = time.monotonic() + args.timeout
     outcomes = [Outcome() for _ in lengths]
+    probe = ResourceProbe(config.shm_prefix, steady_after=min(args.inflight, len(lengths)))
     started = time.monotonic()
     try:
         if topology.role(rank) is Role.ENCODER:
             endpoint = Sender(**common)
-            run_encoder(args, endpoint, lengths, deadline)
+            run_encoder(args, endpoint, lengths, deadline, probe)
         else:
             endpoint = Receiver(**common)
-            run_language(args, endpoint, lengths, outcomes, deadline, show_progress=endpoint.is_leader)
+            run_language(args, endpoint, lengths, outcomes, deadline, show_progress=endpoint.is_leader, probe=probe)
         elapsed = time.monotonic() - started
         if endpoint.dead_peers:
             # A collective with a dead rank cannot complete: report what this rank saw.
@@ -194,19 +220,21 @@ def run_rank(args: argparse.Namespace) -> int:
             print(f"embxfer demo: rank {rank}: peer rank {peer} died ({why}); "
                   f"{failed} request(s) on this rank failed or unfinished", file=sys.stderr)
             return 1
-        codes, blocks = finish_together(world, endpoint, outcomes, deadline)
+        codes, blocks, resources = finish_together(world, endpoint, outcomes, probe, deadline)
         if rank == topology.language_leader:
-            return report(args, config, topology, lengths, outcomes, codes, blocks, endpoint, elapsed)
+            return report(args, config, topology, lengths, outcomes, codes, blocks, resources, endpoint, elapsed)
         return 0
     finally:
         bus.close()
         world.close()
 
 
-def run_encoder(args: argparse.Namespace, sender, lengths: list[int], deadline: float) -> None:
+def run_encoder(args: argparse.Namespace, sender, lengths: list[int], deadline: float,
+                probe: ResourceProbe) -> None:
     engine = sender.engine
     todo = [rid for rid in range(len(lengths)) if rid % args.encoders == engine]
     active: set[int] = set()
+    finished = 0
     while (todo or active or sender.busy) and time.monotonic() < deadline:
         while todo and len(active) < args.inflight:
             rid = todo.pop(0)
@@ -217,12 +245,15 @@ def run_encoder(args: argparse.Namespace, sender, lengths: list[int], deadline: 
             if sender.requests[rid].state.terminal:
                 sender.release(rid)
                 active.discard(rid)
+                finished += 1
+                probe.done(finished)
         if not worked:
             sender.wait(0.001 if sender.busy else 0.02)
+    probe.finish()
 
 
 def run_language(args: argparse.Namespace, receiver, lengths: list[int], outcomes: list[Outcome],
-                 deadline: float, show_progress: bool) -> None:
+                 deadline: float, show_progress: bool, probe: ResourceProbe) -> None:
     rng = random.Random(args.seed + 17)
     abort_after = {rid: rng.randint(0, 200) for rid in range(len(lengths)) if rng.random() < args.abort_rate}
     todo = list(range(len(lengths)))
@@ -257,11 +288,13 @@ def run_language(args: argparse.Namespace, receiver, lengths: list[int], outcome
             else:
                 outcome.error = request.error or "failed"
                 outcome.code = ABORTED if rid in abort_after and "user" in outcome.error.split(":")[0] else FAILED
-                receiver._retire(request)
+                receiver.release(rid)
+            probe.done(len(lengths) - len(todo) - len(active))
             if bar:
                 bar.update(1)
         if not worked:
             receiver.wait(0.001 if receiver.busy else 0.02)
+    probe.finish()
     for rid in active:
         outcomes[rid].code = UNFINISHED
         outcomes[rid].error = f"unfinished after --timeout={args.timeout:.0f}s"
@@ -279,12 +312,14 @@ def _progress_bar(total: int, enabled: bool):
     return tqdm(total=total, unit="req", desc="embxfer demo", file=sys.stderr, dynamic_ncols=True)
 
 
-def finish_together(world, endpoint, outcomes: list[Outcome], deadline: float):
-    """Exchange per-request outcomes and blocks in use, while still serving the control
-    plane (heartbeats), so a rank that finished early is never taken for dead."""
+def finish_together(world, endpoint, outcomes: list[Outcome], probe: ResourceProbe, deadline: float):
+    """Exchange per-request outcomes, blocks in use and resource samples, while still
+    serving the control plane (heartbeats), so a rank that finished early is never taken
+    for dead."""
     import torch.distributed as dist
 
-    mine = torch.tensor([o.code for o in outcomes] + [endpoint.allocator.num_used], dtype=torch.int64)
+    tail = [endpoint.allocator.num_used, *probe.start, *probe.end]
+    mine = torch.tensor([o.code for o in outcomes] + tail, dtype=torch.int64)
     gathered = [torch.zeros_like(mine) for _ in range(world.world_size)]
     work = dist.all_gather(gathered, mine, group=world.meta_group, async_op=True)
     while not work.is_completed():
@@ -293,12 +328,19 @@ def finish_together(world, endpoint, outcomes: list[Outcome], deadline: float):
         endpoint.progress()
         endpoint.wait(0.005)
     work.wait()
-    codes = torch.stack([g[:-1] for g in gathered])
-    blocks = [int(g[-1]) for g in gathered]
-    return codes, blocks
+    n = len(outcomes)
+    codes = torch.stack([g[:n] for g in gathered])
+    blocks = [int(g[n]) for g in gathered]
+    names = ("fds", "threads", "shm_entries")
+    resources = {
+        f"{name}_{when}": [int(g[n + 1 + offset + i]) for g in gathered]
+        for offset, when in ((0, "start"), (3, "end")) for i, name in enumerate(names)
+    }
+    return codes, blocks, resources
 
 
-def report(args, config, topology: Topology, lengths, outcomes, codes, blocks, receiver, elapsed) -> int:
+def report(args, config, topology: Topology, lengths, outcomes, codes, blocks, resources, receiver,
+           elapsed) -> int:
     language = topology.language_ranks
     rows = []
     bad = []
@@ -348,7 +390,7 @@ def report(args, config, topology: Topology, lengths, outcomes, codes, blocks, r
     if args.json:
         with open(args.json, "w") as f:
             json.dump({"config": {**vars(args), "effective": config.__dict__}, "requests": rows,
-                       "totals": totals, "leaks": leaks}, f, indent=2, default=str)
+                       "totals": totals, "leaks": leaks, "resources": resources}, f, indent=2, default=str)
     if bad or encoder_blocks or language_blocks:
         first = bad[0] if bad else None
         what = f"request {first['id']}: {first['error']}" if first else "blocks still in use"

@@ -35,10 +35,18 @@ class World:
     backend: str
     data_group: object
     meta_group: object
+    owns_default_group: bool = True
 
     def close(self) -> None:
-        if dist.is_initialized():
+        """Destroy embxfer's groups; the default group only if `init_world` created it (an
+        engine that initialised torch.distributed itself keeps it)."""
+        if not dist.is_initialized():
+            return
+        if self.owns_default_group:
             dist.destroy_process_group()
+        else:
+            for group in (self.data_group, self.meta_group):
+                dist.destroy_process_group(group)
 
 
 def under_torchrun() -> bool:
@@ -69,14 +77,15 @@ def init_world(device_kind: str, timeout_s: float) -> World:
         device = torch.device("cpu")
         backend = "gloo"
     timeout = timedelta(seconds=timeout_s)
-    if not dist.is_initialized():
+    owns_default_group = not dist.is_initialized()
+    if owns_default_group:
         dist.init_process_group(
             backend="cpu:gloo,cuda:nccl" if backend == "nccl" else "gloo",
             rank=rank, world_size=world_size, timeout=timeout,
         )
     data_group = dist.new_group(backend=backend, timeout=timeout)
     meta_group = dist.new_group(backend="gloo", timeout=timeout)
-    return World(rank, world_size, local_rank, device, backend, data_group, meta_group)
+    return World(rank, world_size, local_rank, device, backend, data_group, meta_group, owns_default_group)
 
 
 def free_port() -> int:

@@ -53,6 +53,7 @@ class Receiver(Endpoint):
         self._admission: deque[Request] = deque()  # leader: FIFO of requests waiting for blocks
         self._resume_waiting: deque[Request] = deque()  # leader: rounds done, no free block yet
         self._unknown_since: dict[int, float] = {}
+        self._awaiting_free: dict[int, Request] = {}  # follower: released, blocks not yet freed
 
     # -- public API -----------------------------------------------------------------
     def admit(self, request_id: int, encoder_engine: int = 0) -> None:
@@ -62,9 +63,10 @@ class Receiver(Endpoint):
         self.topology.check_engine(encoder_engine)
         request = self.requests.get(request_id)
         if request is not None:
-            if self.is_leader or request.engine != encoder_engine:
-                raise ValueError(f"request_id={request_id}: already admitted and not taken")
-            return  # a follower may learn of the request from the leader's decision first
+            if not self.is_leader and request.engine in (-1, encoder_engine):
+                request.engine = encoder_engine  # the leader's decision came first
+                return
+            raise ValueError(f"request_id={request_id}: already admitted and not taken (release() it first)")
         self.finished.pop(request_id, None)
         request = Request(request_id, encoder_engine)
         self.requests[request_id] = request
@@ -80,14 +82,15 @@ class Receiver(Endpoint):
     def take(self, request_id: int) -> Payload:
         """The completed payload as contiguous tensors; the request is forgotten."""
         request = self._lookup(check_request_id(request_id))
-        if request.state is not RequestState.SUCCESS or request.outputs is None:
+        if request.state is RequestState.SUCCESS and request.outputs is None:
+            raise ValueError(f"request_id={request_id}: already taken")
+        if request.state is not RequestState.SUCCESS:
             raise ValueError(
                 f"request_id={request_id}: take() needs state SUCCESS, it is {request.state.value}"
                 + (f" ({request.error})" if request.error else "")
             )
         outputs, request.outputs = request.outputs, None
-        self.requests.pop(request_id, None)
-        self.finished.pop(request_id, None)
+        self._retire(request)  # remembered (bounded) so that late records are known as late
         return Payload(outputs.embeddings, outputs.fill_ids, outputs.mrope_positions,
                        mrope_delta=request.mrope_delta, deepstack=outputs.deepstack)
 
@@ -100,6 +103,21 @@ class Receiver(Endpoint):
             del self.requests[request_id]
             return
         self._fail(request, rec.AbortReason.USER, message, notify=True)
+
+    def release(self, request_id: int) -> None:
+        """Forget a FAILED request (the engine has seen its state and error), so that its id
+        can be admitted again. A request in flight must be aborted first."""
+        request = self._lookup(check_request_id(request_id))
+        if request.state is not RequestState.FAILED:
+            raise ValueError(f"request_id={request_id}: release() needs state FAILED, it is {request.state.value} "
+                             "(take() a SUCCESS, abort() one in flight)")
+        if request.blocks:
+            # A follower frees only on the leader's FAIL decision, which may still be on its
+            # way; keep the old incarnation apart so a re-admitted id cannot be confused with it.
+            self.requests.pop(request_id, None)
+            self._awaiting_free[request_id] = request
+        else:
+            self._retire(request)
 
     @property
     def busy(self) -> bool:
@@ -319,7 +337,12 @@ class Receiver(Endpoint):
 
     # -- followers: apply the leader's decisions ---------------------------------------------
     def _apply_decision(self, d: rec.Decision) -> None:
+        if d.action is rec.DecisionAction.FAIL and d.request_id in self._awaiting_free:
+            self._release_blocks(self._awaiting_free.pop(d.request_id))
+            return
         request = self.requests.get(d.request_id)
+        if request is None and d.action is rec.DecisionAction.FAIL:
+            request = self.finished.get(d.request_id)
         if request is None and d.action is rec.DecisionAction.ADMIT and d.request_id not in self.finished:
             request = self.requests[d.request_id] = Request(d.request_id, -1)  # admit() may come later
             self.stats.requests += 1
@@ -415,5 +438,6 @@ class Receiver(Endpoint):
         for request in doomed:
             self._fail(request, rec.AbortReason.PEER_DEAD, why, notify=self.is_leader)
         if rank == self.leader_rank:
-            for request in self.requests.values():
+            for request in [*self.requests.values(), *self._awaiting_free.values()]:
                 self._release_blocks(request)
+            self._awaiting_free.clear()

@@ -9,7 +9,7 @@ identified by number and `sent_tokens`, never by block indices (R5, R6).
 from __future__ import annotations
 
 import time
-from collections import deque
+from collections import OrderedDict, deque
 
 from embxfer.control import records as rec
 
@@ -42,8 +42,9 @@ class Sender(Endpoint):
             for peer in self.targets
         }
         self._waiting_for_pool: deque[Request] = deque()
-        # Allocations announced before the engine submitted the payload.
+        # Allocations and aborts announced before the engine submitted the payload.
         self._early_allocations: dict[int, rec.Resume] = {}
+        self._early_aborts: OrderedDict[int, str] = OrderedDict()
         self._deferred_frees: set[Request] = set()
 
     # -- public API ---------------------------------------------------------------
@@ -73,6 +74,10 @@ class Sender(Endpoint):
                        notify=False)
             return
         self._waiting_for_pool.append(request)
+        aborted = self._early_aborts.pop(request_id, None)
+        if aborted is not None:
+            self._fail(request, rec.AbortReason.USER, aborted, notify=False)
+            return
         early = self._early_allocations.pop(request_id, None)
         if early is not None:
             request.pending_resume = early
@@ -104,9 +109,15 @@ class Sender(Endpoint):
         elif isinstance(record, rec.Abort):
             if record.dst_rank in (-1, self.rank, self.leader_rank):
                 request = self.requests.get(record.request_id)
-                if request is None:
-                    self._early_allocations.pop(record.request_id, None)
+                if request is None and record.request_id in self.finished:
                     self.stats.late_records += 1
+                elif request is None:
+                    # The language side gave up before this engine submitted: remember it
+                    # (bounded), so the submit fails at once instead of holding blocks.
+                    self._early_allocations.pop(record.request_id, None)
+                    self._early_aborts[record.request_id] = f"aborted by rank {record.src_rank}: {record.message}"
+                    while len(self._early_aborts) > MAX_PENDING_ALLOCATIONS:
+                        self._early_aborts.popitem(last=False)
                 else:
                     self._fail(request, rec.AbortReason(record.reason),
                                f"aborted by rank {record.src_rank}: {record.message}", notify=False)

@@ -189,3 +189,59 @@ def test_dead_encoder_fails_its_requests_and_frees_blocks():
         for receiver in cluster.receivers.values():
             receiver.progress()
     assert [r.allocator.num_used for r in cluster.receivers.values()] == [0, 0]
+
+
+def test_release_lets_a_failed_request_id_be_admitted_again():
+    cluster = cluster_for()
+    start(cluster, 1, 300)
+    cluster.leader.abort(1)
+    cluster.settle()
+    with pytest.raises(ValueError, match="already admitted"):
+        cluster.leader.admit(1)
+    cluster.leader.release(1)
+    cluster.senders[0].release(1)
+    payload = random_payload(300, DIM, seed=11)
+    copies = cluster.transfer({1: payload})[1]
+    assert copies[0].bit_equal(payload)
+
+
+def test_release_refuses_a_request_in_flight():
+    cluster = cluster_for()
+    start(cluster, 1, 300)
+    with pytest.raises(ValueError, match="FAILED"):
+        cluster.leader.release(1)
+
+
+def test_abort_before_the_encoder_submits_fails_the_submit_at_once():
+    cluster = cluster_for()
+    cluster.admit(3)
+    cluster.leader.abort(3)
+    cluster.step()
+    cluster.step()
+    sender = cluster.senders[0]
+    sender.submit(3, random_payload(400, DIM, seed=3))
+    assert sender.poll(3) is RequestState.FAILED
+    assert "aborted by rank 1" in sender.error(3)
+    assert sender.allocator.num_used == 0
+    assert_healthy_afterwards(cluster)
+
+
+def test_follower_release_before_the_leaders_fail_decision_keeps_incarnations_apart():
+    """A follower sees the ABORT, fails, is released and re-admits the same id before the
+    leader's FAIL decision arrives: the decision frees the old blocks and leaves the new
+    incarnation alone."""
+    cluster = cluster_for(language_tp=2)
+    start(cluster, 1, 3000)
+    follower = cluster.receivers[2]
+    cluster.run_until(lambda: follower.requests[1].blocks and follower.requests[1].state is RequestState.TRANSFERRING)
+    held = list(follower.requests[1].blocks)
+    follower._on_record(rec.Abort(request_id=1, reason=rec.AbortReason.USER, message="from the engine",
+                                  src_rank=0, dst_rank=-1))
+    assert follower.poll(1) is RequestState.FAILED and follower.requests[1].blocks == held
+    follower.release(1)
+    follower.admit(1)  # the new incarnation
+    assert follower.requests[1].state is RequestState.BOOTSTRAPPING
+    follower._on_record(rec.Decision(request_id=1, round=0, action=rec.DecisionAction.FAIL, sent_tokens=0,
+                                     total_tokens=3000, allocated_tokens=0, blocks=(), src_rank=1, mrope_delta=0))
+    assert follower.allocator.num_used == 0
+    assert follower.requests[1].state is RequestState.BOOTSTRAPPING
