@@ -9,7 +9,6 @@ import torch
 from .layout import StagingLayout
 from .types import PoolTensors, RowTensors, TokenSpan
 
-
 # Copies go through same-width integer views: they move bits (a NaN payload stays that
 # NaN), and torch's CPU index kernels on bf16/fp16 views slow down by ~100x on NaN and
 # denormal patterns, which synthetic and real embeddings both contain.
