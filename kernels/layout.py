@@ -70,7 +70,7 @@ class StagingLayout:
 
     @property
     def element_size(self) -> int:
-        return torch.empty((), dtype=self.dtype).element_size()
+        return self.dtype.itemsize
 
     @cached_property
     def offset_arrays(self) -> np.ndarray:
@@ -132,7 +132,7 @@ def staging_layout(
             raise ValueError(f"staging_layout: counts[{i}]={n!r}, expected an integer >= 0")
     if dtype not in EMBEDDING_DTYPES:
         raise ValueError(f"staging_layout: dtype={dtype}, expected bfloat16, float16 or float32")
-    element = torch.empty((), dtype=dtype).element_size()
+    element = dtype.itemsize
     segments, embeddings, deepstack, fill_ids, mrope = [], [], [], [], []
     offset = 0
     for n in counts:
