@@ -17,7 +17,12 @@ import sys
 import time
 import types
 
-TEST_PREFIX = "embxfertest"
+# One prefix per test session (children inherit it through the environment), so two
+# sessions running at once on one machine never mistake each other's segments for leaks.
+BASE_PREFIX = "embxfertest"
+TEST_PREFIX = os.environ.setdefault("EMBXFER_TEST_RING_PREFIX", f"{BASE_PREFIX}{os.getpid()}")
+# What hygiene should look at: this session's names only (not embxfertest<pid>1... of another).
+SCAN_PREFIX = TEST_PREFIX + "-"
 
 if multiprocessing.parent_process() is not None and "embxfer" not in sys.modules:
     _spec = importlib.util.find_spec("embxfer")
@@ -35,7 +40,7 @@ def leftovers(prefix: str = TEST_PREFIX) -> list[str]:
     return sorted(
         entry
         for entry in os.listdir("/dev/shm")
-        if entry.startswith(prefix) or entry.startswith("sem." + prefix)
+        if entry.startswith(prefix + "-") or entry.startswith(f"sem.{prefix}-")
     )
 
 

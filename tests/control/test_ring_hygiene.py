@@ -11,6 +11,7 @@ from pathlib import Path
 
 import pytest
 import ringworkers
+from ringworkers import SCAN_PREFIX
 
 from embxfer.control import hygiene
 from embxfer.control.ring import RingReader, RingWriter
@@ -22,13 +23,13 @@ CONTROL_DIR = Path(__file__).resolve().parents[2] / "control"
 
 def test_live_segments_are_listed_and_kept(prefix):
     with RingWriter.create(4, 64, 1, prefix=prefix) as writer, RingReader.attach(writer.name) as reader:
-        listed = {info.name: info for info in hygiene.list_segments(prefix)}
+        listed = {info.name: info for info in hygiene.list_segments(SCAN_PREFIX)}
         ring = listed[writer.name]
         assert (ring.kind, ring.creator_pid, ring.alive) == ("ring", os.getpid(), True)
         assert ring.size == writer.slots * writer.slot_bytes + 256 + 192
         doorbell = listed[reader.doorbell.name.lstrip("/")]
         assert (doorbell.kind, doorbell.creator_pid, doorbell.alive) == ("doorbell", os.getpid(), True)
-        assert hygiene.remove_segments(prefix=prefix) == []  # nothing stale
+        assert hygiene.remove_segments(prefix=SCAN_PREFIX) == []  # nothing stale
         with pytest.raises(ValueError, match="no such segment"):
             hygiene.remove_segments([f"{prefix}-1-missing"])
 
@@ -41,10 +42,10 @@ def test_a_crashed_writer_leaves_what_remove_segments_takes_away(spawn, prefix):
         assert parent_end.recv() == "go"
         process.kill()
         process.join(10)
-        stale = [info for info in hygiene.list_segments(prefix) if info.creator_pid == process.pid]
+        stale = [info for info in hygiene.list_segments(SCAN_PREFIX) if info.creator_pid == process.pid]
         assert {info.kind for info in stale} == {"ring", "doorbell"}
         assert not any(info.alive for info in stale)
-        removed = hygiene.remove_segments(prefix=prefix)
+        removed = hygiene.remove_segments(prefix=SCAN_PREFIX)
         assert sorted(removed) == sorted(info.name for info in stale)
         assert reader.doorbell.name.lstrip("/") not in removed  # ours is alive
         # the next run is not disturbed: a new ring with the same prefix works
@@ -58,7 +59,7 @@ def test_remove_named_live_entries_only_when_forced(prefix):
     try:
         assert hygiene.remove_segments([writer.name], stale_only=True) == []
         assert hygiene.remove_segments([writer.name], stale_only=False) == [writer.name]
-        assert writer.name not in {info.name for info in hygiene.list_segments(prefix)}
+        assert writer.name not in {info.name for info in hygiene.list_segments(SCAN_PREFIX)}
     finally:
         writer.close()  # unlinking an already removed segment is fine
 
