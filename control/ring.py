@@ -671,6 +671,7 @@ class RingReader:
         self._delivered = 0
         self._retried = 0
         self._rejected = 0
+        self._liveness_checked_at = float("-inf")
         self._closed = False
 
     @classmethod
@@ -887,7 +888,12 @@ class RingReader:
         older than `stale_after` seconds when given)."""
         return _dead(_peer_infos(self._mm, self._max_readers, _monotonic_ns()), stale_after)
 
-    def _raise_if_writer_dead(self) -> None:
+    def _raise_if_writer_dead(self, now: float) -> None:
+        # At most once per PARK_SLICE_S: an event loop calling read/wait_any with tiny
+        # timeouts must not pay a /proc lookup on every call.
+        if now - self._liveness_checked_at < PARK_SLICE_S:
+            return
+        self._liveness_checked_at = now
         writer = self.writer()
         if not writer.alive:
             closed = _U64.unpack_from(self._mm, _WRITER_STATE)[0] == _CLOSED
@@ -959,7 +965,7 @@ def wait_any(
             now = _monotonic()
             if now >= deadline:
                 for reader in readers:
-                    reader._raise_if_writer_dead()
+                    reader._raise_if_writer_dead(now)
                 return None
             rung = doorbell.wait(min(PARK_SLICE_S, deadline - now))
         finally:
@@ -970,9 +976,8 @@ def wait_any(
             last_check = now
             for reader in readers:
                 reader.heartbeat()
-                if reader.pending:
-                    continue
-                reader._raise_if_writer_dead()
+                if not reader.pending:
+                    reader._raise_if_writer_dead(now)
 
 
 __all__ = [
