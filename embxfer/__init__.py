@@ -1,11 +1,37 @@
 """embxfer: move multimodal embeddings from encoder engines to language engines.
 
 The public face; the work lives in `embxfer.kernels` (data plane), `embxfer.control`
-(control plane) and `embxfer.runtime` (engine layer).
+(control plane) and `embxfer.runtime` (engine layer). Names are resolved lazily, so
+`import embxfer.control` in a process that only needs the ring does not load torch.
 """
 
-from embxfer.runtime import BlockAllocator, BlockPool, Config, Payload
+from __future__ import annotations
+
+import importlib
+from typing import Any
 
 __version__ = "0.1.0"
 
-__all__ = ["BlockAllocator", "BlockPool", "Config", "Payload", "__version__"]
+_EXPORTS = {
+    "BlockAllocator": "embxfer.runtime",
+    "BlockPool": "embxfer.runtime",
+    "Config": "embxfer.runtime",
+    "Payload": "embxfer.runtime",
+    "Receiver": "embxfer.runtime.receiver",
+    "Sender": "embxfer.runtime.sender",
+    "Topology": "embxfer.runtime.topology",
+    "RequestState": "embxfer.runtime.state",
+}
+
+__all__ = [*_EXPORTS, "__version__"]
+
+
+def __getattr__(name: str) -> Any:
+    module = _EXPORTS.get(name)
+    if module is None:
+        raise AttributeError(f"module 'embxfer' has no attribute {name!r}")
+    return getattr(importlib.import_module(module), name)
+
+
+def __dir__() -> list[str]:
+    return sorted(__all__)

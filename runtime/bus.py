@@ -206,8 +206,18 @@ class ShmBus:
             record = _decode_from(source, data, self)
             if record is not None:
                 out.append(record)
+        from embxfer.control.ring import RingCorruptError
+
         for source, reader in self.readers.items():
-            while (data := reader.poll()) is not None:
+            while True:
+                try:
+                    data = reader.poll()
+                except RingCorruptError as exc:  # counted and skipped by the ring; go on
+                    self.rejected += 1
+                    log.warning("rank %d: skipped a corrupt slot in rank %d's ring: %s", self.rank, source, exc)
+                    continue
+                if data is None:
+                    break
                 record = _decode_from(source, data, self)
                 if record is not None:
                     out.append(record)

@@ -219,7 +219,12 @@ def run_rank(args: argparse.Namespace) -> int:
             failed = sum(o.code not in (NOT_MINE, VERIFIED, ABORTED) for o in outcomes)
             print(f"embxfer demo: rank {rank}: peer rank {peer} died ({why}); "
                   f"{failed} request(s) on this rank failed or unfinished", file=sys.stderr)
-            return 1
+            # Tearing the process group down would wait on transfers the dead peer never
+            # finishes (a stopped peer keeps its sockets open): clean up what is ours, go.
+            bus.close()
+            sys.stdout.flush()
+            sys.stderr.flush()
+            os._exit(1)
         codes, blocks, resources = finish_together(world, endpoint, outcomes, probe, deadline)
         if rank == topology.language_leader:
             return report(args, config, topology, lengths, outcomes, codes, blocks, resources, endpoint, elapsed)

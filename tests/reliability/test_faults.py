@@ -24,7 +24,7 @@ pytestmark = pytest.mark.timeout(300)
 ENV = {"EMBXFER_HEARTBEAT_INTERVAL_S": "0.2", "EMBXFER_PEER_TIMEOUT_S": "2.0"}
 LAYOUT = ["--encoders", "1", "--encoder-tp", "1", "--language-tp", "2", "--requests", "400",
           "--min-tokens", "500", "--max-tokens", "6000", "--default-alloc-tokens", "2048",
-          "--language-pool-blocks", "48", "--dim", "512", "--staging-mb", "0.5", "--timeout", "120", "--verbose"]
+          "--language-pool-blocks", "48", "--dim", "512", "--staging-mb", "0.5", "--timeout", "120"]
 
 
 def kill_mid_transfer(victim: int, sig: int, seed: int):
