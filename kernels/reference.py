@@ -11,7 +11,8 @@ from .types import PoolTensors, RowTensors, TokenSpan
 
 # Copies go through same-width integer views: they move bits (a NaN payload stays that
 # NaN), and torch's CPU index kernels on bf16/fp16 views slow down by ~100x on NaN and
-# denormal patterns, which synthetic and real embeddings both contain.
+# denormal patterns, which synthetic and real embeddings both contain. Rows that are
+# contiguous in the pool are moved as slices (memcpy), not through index kernels.
 _BITS = {torch.bfloat16: torch.int16, torch.float16: torch.int16, torch.float32: torch.int32}
 
 
@@ -28,14 +29,26 @@ def token_locations(
     return blocks[tokens // block_size], tokens % block_size
 
 
-def _pool_rows(pool: PoolTensors, span: TokenSpan) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
-    """(block, row, block * block_size + row): where each token of the span lives."""
-    block, row = token_locations(span, pool.block_size, pool.embeddings.device)
-    return block, row, block * pool.block_size + row
+def _runs(span: TokenSpan, block_size: int) -> list[tuple[int, int, int]]:
+    """(first pool row, rows, offset in the span) of each stretch of the span that is
+    contiguous in the pool viewed as `[num_blocks * block_size]` rows. Consecutive block
+    indices merge into one stretch, so an unfragmented span is a single memcpy."""
+    runs: list[tuple[int, int, int]] = []
+    token, end = span.start, span.start + span.count
+    while token < end:
+        row = token % block_size
+        count = min(block_size - row, end - token)
+        first = int(span.blocks[token // block_size]) * block_size + row
+        if runs and runs[-1][0] + runs[-1][1] == first:
+            runs[-1] = (runs[-1][0], runs[-1][1] + count, runs[-1][2])
+        else:
+            runs.append((first, count, token - span.start))
+        token += count
+    return runs
 
 
 def _flat(field: torch.Tensor) -> torch.Tensor:
-    """[num_blocks, block_size, W] as [num_blocks * block_size, W] rows, bit view."""
+    """[num_blocks, block_size, ...] as [num_blocks * block_size, W] rows, bit view."""
     return _bits(field).view(field.shape[0] * field.shape[1], -1)
 
 
@@ -43,26 +56,28 @@ def gather_reference(
     pool: PoolTensors, span: TokenSpan, out: RowTensors, out_start: int = 0
 ) -> None:
     """Copy the span's tokens from the pool into rows `[out_start, out_start + count)` of `out`."""
-    block, row, flat = _pool_rows(pool, span)
-    end = out_start + span.count
-    torch.index_select(_flat(pool.embeddings), 0, flat, out=_bits(out.embeddings[out_start:end]))
-    out.fill_ids[out_start:end] = pool.fill_ids.view(-1)[flat]
-    out.mrope_positions[:, out_start:end] = pool.mrope_positions[block, :, row].T
+    fields = [(_flat(pool.embeddings), _bits(out.embeddings)), (_flat(pool.fill_ids), out.fill_ids.view(-1, 1))]
     if pool.deepstack is not None:
-        torch.index_select(_flat(pool.deepstack), 0, flat, out=_bits(out.deepstack[out_start:end]))
+        fields.append((_flat(pool.deepstack), _bits(out.deepstack)))
+    for first, count, offset in _runs(span, pool.block_size):
+        for pool_rows, out_rows in fields:
+            out_rows[out_start + offset : out_start + offset + count].copy_(pool_rows[first : first + count])
+    block, row = token_locations(span, pool.block_size, pool.embeddings.device)
+    out.mrope_positions[:, out_start : out_start + span.count] = pool.mrope_positions[block, :, row].T
 
 
 def scatter_reference(
     rows: RowTensors, rows_start: int, pool: PoolTensors, span: TokenSpan
 ) -> None:
     """Copy rows `[rows_start, rows_start + count)` of `rows` into the span's places in the pool."""
-    block, row, flat = _pool_rows(pool, span)
-    end = rows_start + span.count
-    _flat(pool.embeddings).index_copy_(0, flat, _bits(rows.embeddings[rows_start:end]))
-    pool.fill_ids.view(-1)[flat] = rows.fill_ids[rows_start:end]
-    pool.mrope_positions[block, :, row] = rows.mrope_positions[:, rows_start:end].T
+    fields = [(_flat(pool.embeddings), _bits(rows.embeddings)), (_flat(pool.fill_ids), rows.fill_ids.view(-1, 1))]
     if pool.deepstack is not None:
-        _flat(pool.deepstack).index_copy_(0, flat, _bits(rows.deepstack[rows_start:end]))
+        fields.append((_flat(pool.deepstack), _bits(rows.deepstack)))
+    for first, count, offset in _runs(span, pool.block_size):
+        for pool_rows, source_rows in fields:
+            pool_rows[first : first + count].copy_(source_rows[rows_start + offset : rows_start + offset + count])
+    block, row = token_locations(span, pool.block_size, pool.embeddings.device)
+    pool.mrope_positions[block, :, row] = rows.mrope_positions[:, rows_start : rows_start + span.count].T
 
 
 def pack_reference(

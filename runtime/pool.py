@@ -113,9 +113,11 @@ class BlockPool:
             ),
         )
 
-    def read_into(self, blocks: Sequence[int], num_tokens: int, out: RowTensors, out_start: int = 0) -> None:
-        """Copy the first `num_tokens` tokens held in `blocks` into rows of `out` from `out_start`."""
-        gather(self.tensors, TokenSpan(blocks, 0, num_tokens), out, out_start)
+    def read_into(self, blocks: Sequence[int], num_tokens: int, out: RowTensors, out_start: int = 0,
+                  start: int = 0) -> None:
+        """Copy tokens `[start, start + num_tokens)` held in `blocks` into rows of `out` from
+        `out_start`."""
+        gather(self.tensors, TokenSpan(blocks, start, num_tokens), out, out_start)
 
     def read(self, blocks: Sequence[int], num_tokens: int, mrope_delta: int) -> Payload:
         """The first `num_tokens` tokens held in `blocks` as a contiguous `Payload`."""
