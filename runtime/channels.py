@@ -18,7 +18,7 @@ from __future__ import annotations
 
 from collections import deque
 from collections.abc import Callable
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from functools import lru_cache
 
 import torch
@@ -70,6 +70,41 @@ def chunk_tokens_for(pool: BlockPool, staging_bytes: int) -> int:
     return count
 
 
+class _StagingChannel:
+    """What both directions share: `depth` staging buffers allocated once, the transfers in
+    flight (completing in post order), and the channel's health."""
+
+    def __init__(self, peer: int, transport: Transport, pool: BlockPool, depth: int, staging_bytes: int) -> None:
+        self.peer = peer
+        self.transport = transport
+        self.pool = pool
+        self.staging_bytes = staging_bytes
+        self.layout = make_layout_cache(pool)
+        self.staging = [torch.empty(staging_bytes, dtype=torch.uint8, device=pool.device) for _ in range(depth)]
+        self.free_slots: deque[int] = deque(range(depth))
+        self.dead = False
+        self.error: str | None = None
+        self.messages = 0
+        self.bytes = 0
+
+    def _retire(self, inflight: deque, what: str):
+        """The oldest transfer of `inflight` if it has finished (its buffer is free again),
+        else None. A failed transfer kills the channel: nothing after it can be trusted."""
+        if not inflight:
+            return None
+        complete, error = finished(inflight[0].handle)
+        if error:
+            self.dead, self.error = True, f"{what} rank {self.peer} failed: {error}"
+            return None
+        if not complete:
+            return None
+        done = inflight.popleft()
+        self.free_slots.append(done.slot)
+        self.messages += 1
+        self.bytes += done.nbytes
+        return done
+
+
 @dataclass(eq=False)
 class SendChunk:
     request: object  # has .blocks and .failed
@@ -81,24 +116,15 @@ class SendChunk:
 class _InFlight:
     slot: int
     handle: Handle
-    payload_bytes: int
-    chunk: object
+    nbytes: int
+    chunk: SendChunk
 
 
-class SendChannel:
+class SendChannel(_StagingChannel):
     def __init__(self, peer: int, transport: Transport, pool: BlockPool, depth: int, staging_bytes: int) -> None:
-        self.peer = peer
-        self.transport = transport
-        self.pool = pool
-        self.layout = make_layout_cache(pool)
-        self.staging = [torch.empty(staging_bytes, dtype=torch.uint8, device=pool.device) for _ in range(depth)]
-        self.free_slots: deque[int] = deque(range(depth))
+        super().__init__(peer, transport, pool, depth, staging_bytes)
         self.inflight: deque[_InFlight] = deque()
         self.queue: deque[SendChunk] = deque()
-        self.dead = False
-        self.error: str | None = None
-        self.messages = 0
-        self.bytes = 0
         self.unpacked_sends = 0
 
     @property
@@ -113,18 +139,10 @@ class SendChannel:
         if self.dead:
             return False
         worked = False
-        while self.inflight:
-            complete, error = finished(self.inflight[0].handle)
-            if error:
-                self.dead, self.error = True, f"send to rank {self.peer} failed: {error}"
-                return True
-            if not complete:
-                break
-            done = self.inflight.popleft()
-            self.free_slots.append(done.slot)
-            self.messages += 1
-            self.bytes += done.payload_bytes
+        while self._retire(self.inflight, "send to") is not None:
             worked = True
+        if self.dead:
+            return True
         while self.queue and self.free_slots:
             chunk = self.queue.popleft()
             slot = self.free_slots.popleft()
@@ -168,29 +186,12 @@ class _Posted:
     nbytes: int
 
 
-@dataclass(eq=False)
-class RecvChannel:
-    peer: int
-    transport: Transport
-    pool: BlockPool
-    depth: int
-    staging_bytes: int
-    staging: list[torch.Tensor] = field(init=False)
-    rounds: deque[RecvRound] = field(init=False, default_factory=deque)
-    posted: deque[_Posted] = field(init=False, default_factory=deque)
-    free_slots: deque[int] = field(init=False)
-    dead: bool = False
-    error: str | None = None
-    messages: int = 0
-    bytes: int = 0
-    discarded: int = 0
-
-    def __post_init__(self) -> None:
-        self.layout = make_layout_cache(self.pool)
-        self.staging = [
-            torch.empty(self.staging_bytes, dtype=torch.uint8, device=self.pool.device) for _ in range(self.depth)
-        ]
-        self.free_slots = deque(range(self.depth))
+class RecvChannel(_StagingChannel):
+    def __init__(self, peer: int, transport: Transport, pool: BlockPool, depth: int, staging_bytes: int) -> None:
+        super().__init__(peer, transport, pool, depth, staging_bytes)
+        self.rounds: deque[RecvRound] = deque()
+        self.posted: deque[_Posted] = deque()
+        self.discarded = 0
 
     @property
     def idle(self) -> bool:
@@ -217,14 +218,7 @@ class RecvChannel:
         if self.dead:
             return False
         worked = False
-        while self.posted:
-            complete, error = finished(self.posted[0].handle)
-            if error:
-                self.dead, self.error = True, f"receive from rank {self.peer} failed: {error}"
-                return True
-            if not complete:
-                break
-            done = self.posted.popleft()
+        while (done := self._retire(self.posted, "receive from")) is not None:
             r = done.round
             if r.discard or r.request.failed:
                 self.discarded += 1
@@ -232,14 +226,13 @@ class RecvChannel:
                 span = TokenSpan(r.request.blocks, done.offset, done.count)
                 unpack(self.staging[done.slot], self.layout(done.count), self.pool.tensors, [span])
                 chunk_landed(r, done.offset, done.count)
-            self.free_slots.append(done.slot)
-            self.messages += 1
-            self.bytes += done.nbytes
             r.received_tokens += done.count
             if r.received_tokens == r.round_tokens:
                 self.rounds.remove(r)
                 round_received(r)
             worked = True
+        if self.dead:
+            return True
         for r in list(self.rounds):
             if not self.free_slots:
                 break
