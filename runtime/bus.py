@@ -26,7 +26,8 @@ NAME_BYTES = 128
 
 class Bus(Protocol):
     rank: int
-    spoofed: int
+    spoofed: int  # records dropped: their src_rank was not the ring's owner
+    rejected: int  # records dropped: malformed or corrupt
 
     def publish(self, record: rec.Record) -> None: ...
 
@@ -123,8 +124,6 @@ class ShmBus:
         self.rejected = 0
         self._stash: list[tuple[int, bytes]] = []
         self._source_of = {id(reader): rank for rank, reader in readers.items()}
-        # A peer's pid is the pid of its ring's writer; it names the peer's reader entry in ours.
-        self._pids = {rank: reader.writer().pid for rank, reader in readers.items()}
         self._closed = False
 
     @classmethod

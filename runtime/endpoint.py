@@ -49,9 +49,7 @@ class Request:
     allocated_tokens: int = 0
     resumes: int = 0
     error: str | None = None
-    created: float = field(default_factory=time.monotonic)
     last_progress: float = field(default_factory=time.monotonic)
-    finished: float | None = None
     # encoder side
     payload: Payload | None = None
     pending_resume: rec.Resume | None = None
@@ -142,8 +140,15 @@ class Endpoint:
         return any(not r.state.terminal for r in self.requests.values())
 
     def snapshot_stats(self) -> dict[str, int]:
-        self.stats.blocks_in_use = self.allocator.num_used
-        return self.stats.as_dict()
+        """Counters for an engine's metrics; data-plane figures come from the channels,
+        records the bus dropped (malformed, forged) count as rejected."""
+        stats = self.stats
+        stats.blocks_in_use = self.allocator.num_used
+        stats.messages = sum(c.messages for c in self.channels.values())
+        stats.bytes = sum(c.bytes for c in self.channels.values())
+        stats.discarded_chunks = sum(getattr(c, "discarded", 0) + getattr(c, "unpacked_sends", 0)
+                                     for c in self.channels.values())
+        return {**stats.as_dict(), "rejected_records": stats.rejected_records + self.bus.rejected + self.bus.spoofed}
 
     def close(self) -> None:
         self._closed = True
@@ -166,7 +171,6 @@ class Endpoint:
         request.state = state
         request.last_progress = time.monotonic()
         if state.terminal:
-            request.finished = time.monotonic()
             if state is RequestState.SUCCESS:
                 self.stats.succeeded += 1
             else:

@@ -9,7 +9,7 @@ drive the protocol step by step and deterministically.
 
 from __future__ import annotations
 
-from collections.abc import Callable, Iterable
+from collections.abc import Callable
 
 import torch
 
@@ -154,6 +154,3 @@ def random_payload(num_tokens: int, dim: int = 64, *, dtype: torch.dtype = torch
         deepstack=floats(deepstack_layers * dim) if deepstack_layers else None,
     )
 
-
-def all_equal(items: Iterable[Payload], reference: Payload) -> bool:
-    return all(item.bit_equal(reference) for item in items)

@@ -281,3 +281,15 @@ def test_resume_cap_limits_each_round():
     transfer_one(cluster, 200)
     assert round_sizes(encoder) == [64, 48, 48, 40]
     assert_no_leaks(cluster)
+
+
+def test_statistics_count_what_happened():
+    cluster = make_cluster(default_alloc_tokens=1024, staging_bytes=1 << 14)
+    transfer_one(cluster, 2000)
+    encoder, leader = cluster.senders[0].snapshot_stats(), cluster.leader.snapshot_stats()
+    for stats in (encoder, leader):
+        assert stats["requests"] == 1 and stats["succeeded"] == 1 and stats["failed"] == 0
+        assert stats["rounds"] == 2 and stats["resumes"] == 1 and stats["tokens"] == 2000
+        assert stats["blocks_in_use"] == 0 and stats["discarded_chunks"] == 0
+    assert encoder["messages"] == leader["messages"] == cluster.p2p.messages > 2
+    assert encoder["bytes"] == leader["bytes"] == cluster.p2p.bytes > 2000 * DIM * 2
