@@ -2,7 +2,8 @@
 # GPU check, run on the device machine from anywhere: every GPU test of the project
 # (pytest -m gpu tests/) and the kernel benchmark. Results and logs go to $OUT
 # (default /tmp/embxfer-gpu-check), at most a handful of files, no sub-folders:
-#   gpu-tests.log, gpu-tests.xml, bench.log, kernels-<device>.json, kernels-<device>.png
+#   gpu-tests.log, gpu-tests.xml, bench.log, kernels-<device>.json, kernels-<device>.png,
+#   pipeline.log, pipeline-<device>.json, pipeline-<device>.png
 # Arguments are passed to bench/kernels.py (e.g. --sweep, --cases ab).
 # GPU_CHECK_SKIP_TESTS=1 skips the tests, GPU_CHECK_SKIP_BENCH=1 the benchmark.
 #
@@ -73,6 +74,10 @@ if [ "${GPU_CHECK_SKIP_BENCH:-0}" != 1 ]; then
     bench_status=${PIPESTATUS[0]}
     echo "bench exit status: $bench_status"
     [ "$bench_status" = 0 ] || status=$bench_status
+    python3 bench/pipeline.py --json "$OUT/pipeline-{device}.json" 2>&1 | tee "$OUT/pipeline.log"
+    pipeline_status=${PIPESTATUS[0]}
+    echo "pipeline exit status: $pipeline_status"
+    [ "$pipeline_status" = 0 ] || status=$pipeline_status
 fi
 rm -rf "$PKG" ${SITE:+"$SITE"}
 exit "$status"

@@ -1,0 +1,149 @@
+"""The runtime's data path on one GPU: how close does a whole request, through the real
+Sender/Receiver state machines, come to the device's copy bandwidth?
+
+    python bench/pipeline.py --json bench/results/pipeline-{device}.json
+
+One process, `LocalCluster` on CUDA: every step an engine pays is there (submit into the
+encoder pool, pack into staging chunks, unpack into the language pool, read into the
+output tensors, the control records, the round logic) except the wire: the loopback
+transport moves each staging chunk with one device `copy_` where NCCL would send it.
+That makes 5 passes over the payload (scatter, pack, move, unpack, read), each reading
+and writing every byte; `fraction_of_ideal` compares the measured time with 5 such
+passes at the copy ceiling measured in the same run. It answers "is the runtime host- or
+device-bound, and at which chunk size", which the two-GPU benchmark (bench/e2e.py)
+builds on; it says nothing about NCCL.
+
+Cases (bf16, block 128), each with 32 MiB and 256 MiB staging chunks:
+  one_round  16384 x 8192, full allocation
+  resume     the same with an 8192-token default allocation and a pool of 64 blocks
+  batch      64 requests of 64..4096 tokens (seed 0), D = 3584
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import random
+import re
+import statistics
+import sys
+import time
+from pathlib import Path
+
+import torch
+
+from embxfer.runtime import Config
+from embxfer.runtime.local import LocalCluster, random_payload
+
+PASSES = 5
+
+
+def copy_ceiling() -> float:
+    """GB/s of a 1 GiB device-to-device copy, read + write bytes (median of 20)."""
+    src = torch.empty(1 << 30, dtype=torch.uint8, device="cuda").random_()
+    dst = torch.empty_like(src)
+    times = []
+    for _ in range(23):
+        start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
+        start.record()
+        dst.copy_(src)
+        end.record()
+        end.synchronize()
+        times.append(start.elapsed_time(end) / 1e3)
+    return 2 * src.numel() / statistics.median(times[3:]) / 1e9
+
+
+def run_case(name: str, lengths: list[int], dim: int, default_alloc: int, pool_blocks: int, staging_mb: int,
+             reps: int) -> dict:
+    config = Config(default_alloc_tokens=default_alloc, language_pool_blocks=pool_blocks,
+                    encoder_pool_blocks=sum(-(-n // 128) for n in lengths) + 8, staging_bytes=staging_mb << 20)
+    cluster = LocalCluster(config=config, dim=dim, device="cuda")
+    payloads = [random_payload(n, dim, seed=i, device="cuda") for i, n in enumerate(lengths)]
+    nbytes = sum(p.nbytes for p in payloads)
+    seconds = []
+    next_id = 0
+    for rep in range(reps + 2):  # two warm-ups: compile, size workspaces
+        batch = {next_id + i: p for i, p in enumerate(payloads)}
+        next_id += len(payloads)
+        torch.cuda.synchronize()
+        started = time.perf_counter()
+        taken = cluster.transfer(batch)
+        torch.cuda.synchronize()
+        elapsed = time.perf_counter() - started
+        if rep == 0:
+            for rid, copies in taken.items():
+                if not copies[0].bit_equal(batch[rid]):
+                    raise SystemExit(f"{name}: request {rid} is not bit-exact")
+        if rep >= 2:
+            seconds.append(elapsed)
+    median = statistics.median(seconds)
+    return {"case": name, "staging_mb": staging_mb, "requests": len(lengths), "tokens": sum(lengths), "dim": dim,
+            "bytes": nbytes, "median_s": median, "gbps": nbytes / median / 1e9,
+            "resumes": cluster.leader.stats.resumes // (reps + 2),
+            "messages_per_rep": cluster.p2p.messages // (reps + 2)}
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--json", default="bench/results/pipeline-{device}.json")
+    parser.add_argument("--reps", type=int, default=5)
+    args = parser.parse_args(argv)
+    if not torch.cuda.is_available():
+        print("bench/pipeline.py: needs a CUDA device", file=sys.stderr)
+        return 2
+    device = torch.cuda.get_device_name()
+    ceiling = copy_ceiling()
+    batch = [random.Random(0).randint(64, 4096) for _ in range(64)]
+    cases = []
+    for staging_mb in (32, 256):
+        cases.append(run_case("one_round", [16384], 8192, 16384, 256, staging_mb, args.reps))
+        cases.append(run_case("resume", [16384], 8192, 8192, 64, staging_mb, args.reps))
+        cases.append(run_case("batch", batch, 3584, 8192, 2048, staging_mb, args.reps))
+    for case in cases:
+        ideal = PASSES * 2 * case["bytes"] / (ceiling * 1e9)
+        case["ideal_s"] = ideal
+        case["fraction_of_ideal"] = ideal / case["median_s"]
+    slug = re.sub(r"[^a-z0-9]+", "-", device.lower().replace("nvidia", "")).strip("-")
+    path = Path(args.json.replace("{device}", slug.split("-")[0] if slug else "gpu"))
+    path.parent.mkdir(parents=True, exist_ok=True)
+    out = {"benchmark": "pipeline", "device": device, "torch": torch.__version__, "ceiling_gbps": ceiling,
+           "passes": PASSES, "cases": cases}
+    path.write_text(json.dumps(out, indent=2))
+    print(f"{device}: copy ceiling {ceiling:.0f} GB/s (read + write)")
+    for c in cases:
+        print(f"  {c['case']:<10} staging {c['staging_mb']:>3} MiB  {c['bytes'] / 1e6:8.1f} MB  "
+              f"{c['median_s'] * 1e3:8.2f} ms  {c['gbps']:7.1f} GB/s payload  "
+              f"{c['fraction_of_ideal']:.2f} of {PASSES} passes at the ceiling  ({c['messages_per_rep']} chunks, "
+              f"{c['resumes']} resumes)")
+    plot(out, path.with_suffix(".png"))
+    return 0
+
+
+def plot(out: dict, path: Path) -> None:
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    fig, ax = plt.subplots(figsize=(8, 4.2))
+    names = sorted({c["case"] for c in out["cases"]}, key=["one_round", "resume", "batch"].index)
+    width = 0.38
+    for offset, staging in ((-width / 2, 32), (width / 2, 256)):
+        values = [next(c["gbps"] for c in out["cases"] if c["case"] == n and c["staging_mb"] == staging)
+                  for n in names]
+        bars = ax.bar([i + offset for i in range(len(names))], values, width, label=f"staging {staging} MiB")
+        ax.bar_label(bars, fmt="%.0f", fontsize=8)
+    ideal = out["ceiling_gbps"] / (2 * out["passes"])
+    ax.axhline(ideal, color="firebrick", linestyle="--", linewidth=1)
+    ax.text(-0.45, ideal * 1.02, f"{out['passes']} passes at the copy ceiling: {ideal:.0f} GB/s", color="firebrick",
+            fontsize=8)
+    ax.set_xticks(range(len(names)), names)
+    ax.set_ylabel("payload GB/s (median)")
+    ax.set_title(f"embxfer runtime data path on one GPU (loopback wire): {out['device']}", fontsize=10)
+    ax.legend(fontsize=8)
+    fig.tight_layout()
+    fig.savefig(path, dpi=110)
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())
