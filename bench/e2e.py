@@ -383,7 +383,11 @@ def run_rank(args: argparse.Namespace) -> int:
     world = init_world(device_kind, args.timeout)
     rows = max(args.tokens, args.mix_max)
     source = make_source(args, rows, world.device)
-    base = Config.from_env(request_timeout_s=args.timeout)
+    # On GPUs every staging chunk costs a few fixed kernel launches (bench/results/
+    # pipeline-NOTES.md): use 256 MiB chunks there unless EMBXFER_STAGING_BYTES says otherwise.
+    gpu_staging = ({"staging_bytes": 256 << 20}
+                   if world.device.type == "cuda" and "EMBXFER_STAGING_BYTES" not in os.environ else {})
+    base = Config.from_env(request_timeout_s=args.timeout, **gpu_staging)
     bus = ShmBus.connect(world.rank, world_size, world.meta_group, slots=base.ring_slots,
                          slot_bytes=base.ring_slot_bytes, publish_timeout=base.peer_timeout_s,
                          peer_timeout=base.peer_timeout_s)
