@@ -137,7 +137,10 @@ class Endpoint:
 
     @property
     def busy(self) -> bool:
-        return any(not r.state.terminal for r in self.requests.values())
+        """Anything in flight: a request not finished, or a transfer not retired."""
+        return any(not r.state.terminal for r in self.requests.values()) or any(
+            not c.idle for c in self.channels.values()
+        )
 
     def snapshot_stats(self) -> dict[str, int]:
         """Counters for an engine's metrics; data-plane figures come from the channels,

@@ -120,10 +120,6 @@ class Receiver(Endpoint):
         else:
             self._retire(request)
 
-    @property
-    def busy(self) -> bool:
-        return super().busy or any(not c.idle for c in self.channels.values())
-
     # -- records ------------------------------------------------------------------------
     def _on_record(self, record: rec.Record) -> None:
         if isinstance(record, rec.Transfer):

@@ -73,11 +73,11 @@ class Sender(Endpoint):
             self._fail(request, rec.AbortReason.PEER_DEAD, f"rank {dead[0]} is dead: {self.dead_peers[dead[0]]}",
                        notify=False)
             return
-        self._waiting_for_pool.append(request)
         aborted = self._early_aborts.pop(request_id, None)
         if aborted is not None:
             self._fail(request, rec.AbortReason.USER, aborted, notify=False)
             return
+        self._waiting_for_pool.append(request)
         early = self._early_allocations.pop(request_id, None)
         if early is not None:
             request.pending_resume = early
@@ -93,10 +93,6 @@ class Sender(Endpoint):
         request = self.requests.get(request_id)
         if request is not None and request.state.terminal:
             self._retire(request)
-
-    @property
-    def busy(self) -> bool:
-        return super().busy or any(not c.idle for c in self.channels.values())
 
     # -- records ------------------------------------------------------------------
     def _on_record(self, record: rec.Record) -> None:
@@ -235,8 +231,9 @@ class Sender(Endpoint):
 
     # -- failure --------------------------------------------------------------------
     def _timeout_applies(self, request: Request) -> bool:
-        # Waiting for pool room is backpressure, not a fault.
-        return bool(request.blocks)
+        # Waiting for pool room here, or for admission on the language side, is
+        # backpressure, not a fault (a dead language side is caught by liveness).
+        return request.state is RequestState.TRANSFERRING
 
     def _fail_cleanup(self, request: Request) -> None:
         request.payload = None
