@@ -198,6 +198,8 @@ class Receiver(Endpoint):
         return True
 
     def _check_transfer(self, request: Request, t: rec.Transfer) -> str | None:
+        if request.engine == -1:  # a follower that learnt of the request from the leader only
+            request.engine = self.topology.engine_of(t.src_rank)
         if request.engine != self.topology.engine_of(t.src_rank):
             return f"TRANSFER from rank {t.src_rank}, which is not in encoder engine {request.engine}"
         if request.total_tokens is not None and (

@@ -293,3 +293,18 @@ def test_statistics_count_what_happened():
         assert stats["blocks_in_use"] == 0 and stats["discarded_chunks"] == 0
     assert encoder["messages"] == leader["messages"] == cluster.p2p.messages > 2
     assert encoder["bytes"] == leader["bytes"] == cluster.p2p.bytes > 2000 * DIM * 2
+
+
+def test_follower_that_never_called_admit_still_receives():
+    """A follower may learn of a request from the leader's decision before (or without) its
+    engine calling admit(); the data is still received and verified."""
+    cluster = make_cluster(Topology(2, 1, 2), default_alloc_tokens=1024)
+    payload = random_payload(1500, DIM, seed=9)
+    cluster.leader.admit(4, encoder_engine=1)
+    cluster.submit(4, payload, engine=1)
+    follower = cluster.receivers[cluster.topology.language_ranks[1]]
+    cluster.run_until(lambda: 4 in follower.requests and follower.requests[4].state.terminal)
+    assert follower.take(4).bit_equal(payload)
+    assert cluster.leader.take(4).bit_equal(payload)
+    cluster.settle()
+    assert_no_leaks(cluster)
