@@ -198,7 +198,7 @@ class Endpoint:
         if notify:
             self._publish(
                 rec.Abort(
-                    request_id=request.request_id, reason=reason, message=message[:200],
+                    request_id=request.request_id, reason=reason, message=rec.clip_message(message),
                     src_rank=self.rank, dst_rank=-1,
                 )
             )

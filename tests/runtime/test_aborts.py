@@ -245,3 +245,12 @@ def test_follower_release_before_the_leaders_fail_decision_keeps_incarnations_ap
                                      total_tokens=3000, allocated_tokens=0, blocks=(), src_rank=1, mrope_delta=0))
     assert follower.allocator.num_used == 0
     assert follower.requests[1].state is RequestState.BOOTSTRAPPING
+
+
+def test_abort_message_of_any_length_and_script_is_carried():
+    cluster = cluster_for()
+    start(cluster, 1, 300)
+    cluster.leader.abort(1, "détail " * 200 + "終")
+    cluster.settle()
+    assert cluster.senders[0].poll(1) is RequestState.FAILED
+    assert "détail" in cluster.senders[0].error(1)
