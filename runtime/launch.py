@@ -97,9 +97,10 @@ def free_port() -> int:
 def spawn_local_world(module: str, argv: list[str], world_size: int, deadline_s: float) -> int:
     """Run `python -m module argv` as ranks 0..world_size-1 of a local world.
 
-    Returns the worst exit status (0 when all succeeded). Past the deadline, or when one
-    rank fails while others still run, the rest are terminated (then killed) so nothing
-    is left behind; a rank that died of a signal reports 128 + the signal number.
+    Returns 0 when every rank succeeded, else the status of the first rank that failed by
+    itself (128 + the signal number for one killed by a signal). Once a rank has failed
+    the others get 30 s to report it themselves; past that, or past the deadline, they
+    are terminated (then killed), and what dead ranks left in /dev/shm is removed.
     """
     port = free_port()
     started = time.monotonic()
