@@ -87,6 +87,15 @@ class _StagingChannel:
         self.messages = 0
         self.bytes = 0
 
+    def _post(self, post: Callable[[torch.Tensor, int], Handle], buffer: torch.Tensor, what: str) -> Handle | None:
+        """Post one transfer; a transport that refuses (its connection to the peer is gone)
+        kills the channel instead of the caller."""
+        try:
+            return post(buffer, self.peer)
+        except Exception as exc:
+            self.dead, self.error = True, f"{what} rank {self.peer} failed: {_one_line(exc)}"
+            return None
+
     def _retire(self, inflight: deque, what: str):
         """The oldest transfer of `inflight` if it has finished (its buffer is free again),
         else None. A failed transfer kills the channel: nothing after it can be trusted."""
@@ -154,7 +163,9 @@ class SendChannel(_StagingChannel):
                 span = TokenSpan(chunk.request.blocks, chunk.start, chunk.count)
                 pack(self.pool.tensors, [span], self.staging[slot], layout)
             chunk.request.queued_chunks -= 1
-            handle = self.transport.isend(buffer, self.peer)
+            handle = self._post(self.transport.isend, buffer, "send to")
+            if handle is None:
+                return True
             self.inflight.append(_InFlight(slot, handle, layout.nbytes, chunk))
             worked = True
         return worked
@@ -246,7 +257,9 @@ class RecvChannel(_StagingChannel):
                 count = min(r.chunk_tokens, r.round_tokens - r.posted_tokens)
                 slot = self.free_slots.popleft()
                 nbytes = self.layout(count).nbytes
-                handle = self.transport.irecv(self.staging[slot][:nbytes], self.peer)
+                handle = self._post(self.transport.irecv, self.staging[slot][:nbytes], "receive from")
+                if handle is None:
+                    return True
                 self.posted.append(_Posted(slot, handle, r, r.posted_tokens, count, nbytes))
                 r.posted_tokens += count
                 worked = True

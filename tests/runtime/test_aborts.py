@@ -254,3 +254,25 @@ def test_abort_message_of_any_length_and_script_is_carried():
     cluster.settle()
     assert cluster.senders[0].poll(1) is RequestState.FAILED
     assert "終終終" in cluster.senders[0].error(1)
+
+
+@pytest.mark.parametrize("side", ["send", "receive"])
+def test_a_transport_that_refuses_to_post_fails_the_peer_not_the_rank(side):
+    """gloo raises from isend/irecv at once when its connection to the peer is gone: that
+    kills the channel and fails the affected requests; progress() does not raise."""
+    cluster = cluster_for()
+    endpoint = cluster.senders[0] if side == "send" else cluster.leader
+
+    def refuse(tensor, peer):
+        raise RuntimeError("Connection closed by peer [127.0.0.1]:1234. This is typically caused by ...")
+
+    if side == "send":
+        endpoint.transport.isend = refuse
+    else:
+        endpoint.transport.irecv = refuse
+    start(cluster, 1, 2000)
+    for _ in range(20):
+        cluster.step()
+    assert endpoint.poll(1) is RequestState.FAILED
+    assert "Connection closed by peer" in endpoint.error(1) and "typically" not in endpoint.error(1)
+    assert endpoint.allocator.num_used == 0
