@@ -68,6 +68,7 @@ def language_step(receiver: Receiver, scheduled: list[int], in_flight: set[int],
         elif state is RequestState.FAILED:
             if receiver.is_leader:
                 print(f"request {request_id}: FAILED ({receiver.error(request_id)})")
+            receiver.release(request_id)  # forget it: the id may be admitted again
             in_flight.discard(request_id)
     return worked
 
