@@ -4,6 +4,7 @@ several TP layouts; and its command line."""
 from __future__ import annotations
 
 import json
+import os
 import subprocess
 import sys
 
@@ -54,3 +55,32 @@ def test_bad_flags_exit_2_with_one_line(flags, needle):
     lines = result.stderr.strip().splitlines()
     assert len(lines) == 1 and needle in lines[0], result.stderr
     assert "Traceback" not in result.stderr
+
+
+def test_demo_under_torchrun(tmp_path):
+    """`torchrun --nproc-per-node 3 -m embxfer.demo` runs the same job, one rank per process."""
+    path = tmp_path / "demo.json"
+    prefix = unique_prefix()
+    env = {k: v for k, v in os.environ.items() if k not in ("RANK", "WORLD_SIZE")}
+    env["EMBXFER_SHM_PREFIX"] = prefix
+    result = subprocess.run(
+        [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc-per-node", "3",
+         "-m", "embxfer.demo", "--quiet", "--requests", "4", "--lengths", "9168,100",
+         "--json", str(path)],
+        capture_output=True, text=True, timeout=180, env=env, cwd=tmp_path,
+    )
+    assert result.returncode == 0, result.stderr[-3000:]
+    assert "4/4 requests verified" in result.stdout
+    assert json.loads(path.read_text())["totals"]["verified"] == 4
+    assert not shm_entries(prefix)
+
+
+def test_world_size_that_does_not_match_the_layout_is_a_clear_error(tmp_path):
+    env = {k: v for k, v in os.environ.items() if k not in ("RANK", "WORLD_SIZE")}
+    result = subprocess.run(
+        [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc-per-node", "2",
+         "-m", "embxfer.demo", "--quiet", "--language-tp", "2"],
+        capture_output=True, text=True, timeout=120, env=env, cwd=tmp_path,
+    )
+    assert result.returncode != 0
+    assert "world size 2 does not match the layout" in result.stderr
