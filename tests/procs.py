@@ -99,3 +99,17 @@ def unique_prefix() -> str:
 def shm_entries(prefix: str) -> set[str]:
     """Segments and doorbells in /dev/shm whose names start with `prefix-`."""
     return {n for n in os.listdir("/dev/shm") if n.removeprefix("sem.").startswith(prefix + "-")}
+
+
+def run_group(cmd: list[str], timeout: float, **kwargs) -> subprocess.CompletedProcess:
+    """subprocess.run in a process group of its own, killed whole on timeout, so a stuck
+    launcher (torchrun) leaves no ranks behind."""
+    process = subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
+                               start_new_session=True, **kwargs)
+    try:
+        out, err = process.communicate(timeout=timeout)
+    except subprocess.TimeoutExpired:
+        os.killpg(process.pid, signal.SIGKILL)
+        out, err = process.communicate()
+        raise AssertionError(f"{cmd[:6]} did not finish within {timeout}s:\n{err[-3000:]}") from None
+    return subprocess.CompletedProcess(cmd, process.returncode, out, err)

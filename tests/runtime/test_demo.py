@@ -10,7 +10,7 @@ import sys
 
 import pytest
 
-from tests.procs import run_demo, shm_entries, unique_prefix
+from tests.procs import run_demo, run_group, shm_entries, unique_prefix
 
 pytestmark = pytest.mark.timeout(300)
 
@@ -63,11 +63,11 @@ def test_demo_under_torchrun(tmp_path):
     prefix = unique_prefix()
     env = {k: v for k, v in os.environ.items() if k not in ("RANK", "WORLD_SIZE")}
     env["EMBXFER_SHM_PREFIX"] = prefix
-    result = subprocess.run(
+    result = run_group(
         [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc-per-node", "3",
          "-m", "embxfer.demo", "--quiet", "--requests", "4", "--lengths", "9168,100",
          "--json", str(path)],
-        capture_output=True, text=True, timeout=180, env=env, cwd=tmp_path,
+        timeout=180, env=env, cwd=tmp_path,
     )
     assert result.returncode == 0, result.stderr[-3000:]
     assert "4/4 requests verified" in result.stdout
@@ -77,10 +77,10 @@ def test_demo_under_torchrun(tmp_path):
 
 def test_world_size_that_does_not_match_the_layout_is_a_clear_error(tmp_path):
     env = {k: v for k, v in os.environ.items() if k not in ("RANK", "WORLD_SIZE")}
-    result = subprocess.run(
+    result = run_group(
         [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc-per-node", "2",
          "-m", "embxfer.demo", "--quiet", "--language-tp", "2"],
-        capture_output=True, text=True, timeout=120, env=env, cwd=tmp_path,
+        timeout=120, env=env, cwd=tmp_path,
     )
     assert result.returncode != 0
     assert "world size 2 does not match the layout" in result.stderr
