@@ -230,10 +230,14 @@ class ShmBus:
         if not self.readers:
             time.sleep(timeout)
             return
+        import posix_ipc
+
         try:
             found = wait_any(list(self.readers.values()), self.doorbell, timeout, spin_s=min(timeout, 50e-6))
         except PeerDeadError:
             return  # liveness is checked (and reported) by the endpoint's heartbeat
+        except posix_ipc.SignalError:
+            return  # a signal cut the sleep short; its Python handler runs next
         if found is not None:
             reader, data = found
             self._stash.append((self._source_of[id(reader)], data))

@@ -443,7 +443,13 @@ def main(argv: Sequence[str] | None = None) -> int:
             first_line = (str(exc).splitlines() or [""])[0]
             print(f"embxfer demo: rank {os.environ.get('RANK')}: {type(exc).__name__}: {first_line}", file=sys.stderr)
             return 1
-    return spawn_local_world("embxfer.demo", argv, topology.world_size, deadline_s=args.timeout + 60)
+        except KeyboardInterrupt:  # Ctrl-C reaches every rank; the finally blocks cleaned up
+            return 130
+    try:
+        return spawn_local_world("embxfer.demo", argv, topology.world_size, deadline_s=args.timeout + 60)
+    except KeyboardInterrupt:
+        print("embxfer demo: interrupted; the local world was stopped", file=sys.stderr)
+        return 130
 
 
 if __name__ == "__main__":

@@ -108,6 +108,8 @@ def spawn_local_world(module: str, argv: list[str], world_size: int, deadline_s:
     base = dict(os.environ, MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port),
                 WORLD_SIZE=str(world_size), **{CHILD_ENV: "1"})
     base.setdefault("OMP_NUM_THREADS", "1")
+    # Stopping the spawner (SIGTERM from a scheduler, SIGINT) stops the world with it.
+    previous = signal.signal(signal.SIGTERM, lambda *_: sys.exit(128 + signal.SIGTERM))
     try:
         for rank in range(world_size):
             env = dict(base, RANK=str(rank), LOCAL_RANK=str(rank))
@@ -132,6 +134,7 @@ def spawn_local_world(module: str, argv: list[str], world_size: int, deadline_s:
     finally:
         _stop(children)
         _remove_leftovers()
+        signal.signal(signal.SIGTERM, previous)
     codes = [c.returncode for c in children]
     if first_failure is not None:
         rank, code = first_failure

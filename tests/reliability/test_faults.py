@@ -75,3 +75,17 @@ def test_sigstop_peer_times_out_instead_of_hanging():
           f"(peer_timeout_s={ENV['EMBXFER_PEER_TIMEOUT_S']})")
     assert float(ENV["EMBXFER_PEER_TIMEOUT_S"]) * 0.9 < detection_s < 2 * float(ENV["EMBXFER_PEER_TIMEOUT_S"]) + 1
     assert not shm_entries(prefix)
+
+
+def test_sigterm_to_the_launcher_stops_the_world_and_cleans_up():
+    prefix = unique_prefix()
+    run = start_demo(*LAYOUT, env=ENV, prefix=prefix)
+    ranks = run.wait_until_connected(world_size=3)
+    time.sleep(0.5)
+    os.kill(run.process.pid, signal.SIGTERM)
+    code, out, err = run.finish(timeout=30)
+    assert code == 128 + signal.SIGTERM
+    for pid in ranks.values():
+        assert not os.path.exists(f"/proc/{pid}") or open(f"/proc/{pid}/stat").read().split()[2] == "Z"
+    assert not shm_entries(prefix)
+    assert "Traceback" not in err
