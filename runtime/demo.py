@@ -211,6 +211,13 @@ def run_rank(args: argparse.Namespace) -> int:
     lengths = request_lengths(args)
     common = dict(config=config, topology=topology, rank=rank, bus=bus, transport=TorchP2P(world.data_group, world.backend),
                   dim=args.dim, dtype=DTYPES[args.dtype], deepstack_layers=args.deepstack, device=world.device)
+    if rank == topology.language_leader:
+        print(f"embxfer demo: {len(lengths)} requests of {min(lengths)}..{max(lengths)} tokens; "
+              f"{topology.describe()}; {world.backend} on {world.device}; block {config.block_size}, default "
+              f"allocation {config.default_alloc_blocks * config.block_size} tokens, pools "
+              f"{config.encoder_pool_blocks}/{config.language_pool_blocks} blocks, staging "
+              f"{config.staging_depth} x {config.staging_bytes / 2**20:g} MiB", flush=True)
+        logging.getLogger("embxfer").debug("configuration:\n%s", config.describe())
     deadline = time.monotonic() + args.timeout
     outcomes = [Outcome() for _ in lengths]
     probe = ResourceProbe(config.shm_prefix, steady_after=min(args.inflight, len(lengths)))
