@@ -43,12 +43,7 @@ def check_pool(pool: PoolTensors) -> None:
                 f"pool.deepstack: width {ds.shape[2]} is not a multiple of D={emb.shape[2]}"
             )
         expected["deepstack"] = (tuple(ds.shape), emb.dtype)
-    for name, (shape, dtype) in expected.items():
-        tensor = getattr(pool, name)
-        if tuple(tensor.shape) != shape or tensor.dtype != dtype:
-            raise ValueError(
-                f"pool.{name}: shape {_shape(tensor)} dtype {tensor.dtype}, expected {list(shape)} {dtype}"
-            )
+    _check_shapes(pool, expected, "pool")
     for name in pool._fields:
         tensor = getattr(pool, name)
         if tensor is None:
@@ -59,6 +54,16 @@ def check_pool(pool: PoolTensors) -> None:
             )
         if not tensor.is_contiguous():
             raise ValueError(f"pool.{name}: not contiguous")
+
+
+def _check_shapes(bundle: PoolTensors | RowTensors, expected: dict, what: str) -> None:
+    """ValueError naming the first field whose shape or dtype is not `expected[name]`."""
+    for name, (shape, dtype) in expected.items():
+        tensor = getattr(bundle, name)
+        if tuple(tensor.shape) != shape or tensor.dtype != dtype:
+            raise ValueError(
+                f"{what}.{name}: shape {_shape(tensor)} dtype {tensor.dtype}, expected {list(shape)} {dtype}"
+            )
 
 
 def check_rows(
@@ -92,12 +97,7 @@ def check_rows(
     expected = {"fill_ids": ((n,), torch.int32), "mrope_positions": ((3, n), torch.int32)}
     if deepstack_dim:
         expected["deepstack"] = ((n, deepstack_dim), dtype)
-    for name, (shape, field_dtype) in expected.items():
-        tensor = getattr(rows, name)
-        if tuple(tensor.shape) != shape or tensor.dtype != field_dtype:
-            raise ValueError(
-                f"{what}.{name}: shape {_shape(tensor)} dtype {tensor.dtype}, expected {list(shape)} {field_dtype}"
-            )
+    _check_shapes(rows, expected, what)
     for name in rows._fields:
         tensor = getattr(rows, name)
         if tensor is None:
