@@ -16,7 +16,7 @@ Total length and mrope delta come from the first round's TRANSFER record only (R
 from __future__ import annotations
 
 import time
-from collections import deque
+from collections import OrderedDict, deque
 
 from embxfer.control import records as rec
 
@@ -29,6 +29,7 @@ from .topology import Role
 # A TRANSFER whose request this rank has never heard of waits this long at the head of
 # its channel for the leader's ADMIT decision before its data is discarded.
 UNKNOWN_REQUEST_GRACE_S = 5.0
+EARLY_ABORT_MEMORY = 4096
 
 
 class Receiver(Endpoint):
@@ -55,6 +56,9 @@ class Receiver(Endpoint):
         self._resume_waiting: deque[Request] = deque()  # leader: rounds done, no free block yet
         self._unknown_since: dict[int, float] = {}
         self._awaiting_free: dict[int, Request] = {}  # follower: released, blocks not yet freed
+        # Aborts that arrived before this rank's engine admitted the id (a follower's engine
+        # may lag its leader; an encoder may give up first): the later admit fails at once.
+        self._early_aborts: OrderedDict[int, str] = OrderedDict()
 
     # -- public API -----------------------------------------------------------------
     def admit(self, request_id: int, encoder_engine: int = 0) -> None:
@@ -75,6 +79,10 @@ class Receiver(Endpoint):
         gone = self._lost_peer_of(encoder_engine)
         if gone is not None:
             self._fail(request, rec.AbortReason.PEER_DEAD, gone, notify=False)
+            return
+        aborted = self._early_aborts.pop(request_id, None)
+        if aborted is not None:
+            self._fail(request, rec.AbortReason.USER, aborted, notify=False)
             return
         if self.is_leader:
             self._admission.append(request)
@@ -134,6 +142,11 @@ class Receiver(Endpoint):
         elif isinstance(record, rec.Abort):
             if record.dst_rank in (-1, self.rank, self.leader_rank):
                 request = self.requests.get(record.request_id)
+                if request is None and record.request_id not in self.finished:
+                    self._early_aborts[record.request_id] = f"aborted by rank {record.src_rank}: {record.message}"
+                    while len(self._early_aborts) > EARLY_ABORT_MEMORY:
+                        self._early_aborts.popitem(last=False)
+                    return
                 if request is None or request.state.terminal:
                     self.stats.late_records += 1
                     return

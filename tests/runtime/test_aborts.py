@@ -276,3 +276,24 @@ def test_a_transport_that_refuses_to_post_fails_the_peer_not_the_rank(side):
     assert endpoint.poll(1) is RequestState.FAILED
     assert "Connection closed by peer" in endpoint.error(1) and "typically" not in endpoint.error(1)
     assert endpoint.allocator.num_used == 0
+
+
+def test_follower_admitting_after_the_leaders_abort_fails_at_once():
+    """The leader aborts a request before the follower's engine admitted it (followers may
+    lag): the follower's later admit must not wait forever for a decision."""
+    cluster = cluster_for(language_tp=2, pool_blocks=8)
+    start(cluster, 1, 900)  # holds the whole pool, so request 2 stays in admission
+    cluster.leader.admit(2)
+    cluster.step()
+    cluster.leader.abort(2, "client went away")
+    cluster.step()
+    follower = cluster.receivers[2]
+    follower.admit(2)
+    assert follower.poll(2) is RequestState.FAILED
+    assert "client went away" in follower.error(2)
+    follower.release(2)
+    cluster.leader.release(2)
+    cluster.settle()
+    for receiver in cluster.receivers.values():
+        receiver.take(1)
+    assert_healthy_afterwards(cluster)
