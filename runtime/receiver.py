@@ -363,6 +363,8 @@ class Receiver(Endpoint):
         if request is None and d.action is rec.DecisionAction.ADMIT and d.request_id not in self.finished:
             request = self.requests[d.request_id] = Request(d.request_id, -1)  # admit() may come later
             self.stats.requests += 1
+            # An abort seen before this decision is the leader's to act on: its FAIL follows.
+            self._early_aborts.pop(d.request_id, None)
         if request is None or request.state.terminal and d.action is not rec.DecisionAction.FAIL:
             self.stats.late_records += 1
             return
