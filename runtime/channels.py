@@ -214,17 +214,14 @@ class RecvChannel(_StagingChannel):
     def pump(
         self,
         start_round: Callable[[RecvRound], bool],
-        chunk_landed: Callable[[RecvRound, int, int], None],
         round_received: Callable[[RecvRound], None],
     ) -> bool:
         """Post receives in stream order and unpack what arrived.
 
         `start_round(r)` is asked once per round when it reaches the head of the line;
         it returns False to wait (the request's blocks are not known yet), and sets
-        `r.request` / `r.discard` when it accepts. `chunk_landed(r, offset, count)` runs
-        once per chunk unpacked into the blocks (not for discarded ones), while the next
-        chunks are still moving; `round_received(r)` runs once per round after its last
-        chunk was unpacked (or discarded).
+        `r.request` / `r.discard` when it accepts. `round_received(r)` runs once per
+        round after its last chunk was unpacked (or discarded).
         """
         if self.dead:
             return False
@@ -236,7 +233,6 @@ class RecvChannel(_StagingChannel):
             else:
                 span = TokenSpan(r.request.blocks, done.offset, done.count)
                 unpack(self.staging[done.slot], self.layout(done.count), self.pool.tensors, [span])
-                chunk_landed(r, done.offset, done.count)
             r.received_tokens += done.count
             if r.received_tokens == r.round_tokens:
                 self.rounds.remove(r)

@@ -5,11 +5,11 @@ a round is complete on every language rank, and it is edge-triggered: each compl
 round is decided once, so polling any number of times cannot issue a second resume
 (SPEC R5). The leader's allocator is the single source of truth for block indices; the
 followers apply its DECISION records (claim, free) in ring order, so indices agree on
-every rank (R4). Each chunk of a round is read from its landing blocks into the
-request's output tensors exactly once, as soon as it has landed (R7: never on a poll,
-never twice); `sent_tokens` advances only when the whole round is in. The blocks go
-back to the pool before the next round's blocks are taken, so a request larger than the
-whole pool still completes and the allocator may hand back the very same indices (R6).
+every rank (R4). A round's data is read from its landing blocks into the request's
+output tensors exactly once, when the round is complete (R7: never on a poll, never
+twice), and the blocks go back to the pool before the next round's blocks are taken,
+so a request larger than the whole pool still completes and the allocator may hand
+back the very same indices (R6).
 Total length and mrope delta come from the first round's TRANSFER record only (R3).
 """
 
@@ -231,18 +231,14 @@ class Receiver(Endpoint):
                     f"allocated {request.allocated_tokens})")
         return None
 
-    def _chunk_landed(self, r: RecvRound, offset: int, count: int) -> None:
-        """R7: each landed chunk is read out of its blocks exactly once, right away, into the
-        output tensors, so that reading overlaps the chunks still moving. Progress
-        (`sent_tokens`) still counts whole rounds only."""
-        request = r.request
-        self.pool.read_into(request.blocks, count, request.outputs, request.sent_tokens + offset, start=offset)
-
     def _round_received(self, r: RecvRound) -> None:
-        """All chunks of a round have landed and been read (or were discarded)."""
+        """All chunks of a round have landed (or were discarded)."""
         request = r.request
         if r.discard or request is None or request.state.terminal:
             return
+        # R7: read the round once, now that it is complete, into the output tensors (one
+        # launch per round on a GPU); then the blocks may go back to the pool.
+        self.pool.read_into(request.blocks, request.round_tokens, request.outputs, request.sent_tokens)
         request.sent_tokens += request.round_tokens
         request.round_read = True
         request.last_progress = time.monotonic()
@@ -413,8 +409,7 @@ class Receiver(Endpoint):
     def _pump(self) -> bool:
         worked = self._admit_waiting() if self.is_leader else False
         for channel in self.channels.values():
-            worked |= channel.pump(lambda r, c=channel: self._start_round(c, r), self._chunk_landed,
-                                   self._round_received)
+            worked |= channel.pump(lambda r, c=channel: self._start_round(c, r), self._round_received)
         return worked
 
     def _channel_broken(self, channel: RecvChannel, why: str) -> None:
