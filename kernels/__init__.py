@@ -34,7 +34,7 @@ from .reference import (
     unpack_reference,
     unpack_to_rows_reference,
 )
-from .types import PoolTensors, RowTensors, TokenSpan, check_span
+from .types import PoolTensors, RowTensors, TokenSpan
 
 BACKENDS = ("triton", "torch")
 
@@ -48,18 +48,7 @@ def pack(
     backend: str | None = None,
 ) -> None:
     """Gather every field of `spans[i]`'s tokens into segment i of `staging`."""
-    checks.check_pool(pool)
-    fields = checks.pool_fields(pool)
-    checks.check_layout(layout, fields, [span.count for span in spans], staging)
-    plan = checks.covered_blocks(pool, spans, what="pack", written=False)
-    if _use_triton(backend, fields[3]):
-        from .triton_copy import PoolSide, copy_segments
-
-        copy_segments(
-            layout.counts, PoolSide(pool, plan), _staging_side(staging, layout), **_widths(layout)
-        )
-    else:
-        pack_reference(pool, spans, staging, layout)
+    _between_staging_and_pool(pool, spans, staging, layout, backend, into_pool=False)
 
 
 def unpack(
@@ -72,18 +61,35 @@ def unpack(
 ) -> None:
     """Scatter segment i of `staging` into the pool rows of `spans[i]` (which may start
     mid-block); no pool row may be written twice in one batch."""
+    _between_staging_and_pool(pool, spans, staging, layout, backend, into_pool=True)
+
+
+def _between_staging_and_pool(
+    pool: PoolTensors,
+    spans: Sequence[TokenSpan],
+    staging: torch.Tensor,
+    layout: StagingLayout,
+    backend: str | None,
+    *,
+    into_pool: bool,
+) -> None:
+    """pack (pool -> staging) and unpack (staging -> pool): the same checks and the same
+    kernel, in opposite directions."""
+    what = "unpack" if into_pool else "pack"
     checks.check_pool(pool)
     fields = checks.pool_fields(pool)
     checks.check_layout(layout, fields, [span.count for span in spans], staging)
-    plan = checks.covered_blocks(pool, spans, what="unpack", written=True)
+    plan = checks.covered_blocks(pool, spans, what=what, written=into_pool)
     if _use_triton(backend, fields[3]):
         from .triton_copy import PoolSide, copy_segments
 
-        copy_segments(
-            layout.counts, _staging_side(staging, layout), PoolSide(pool, plan), **_widths(layout)
-        )
-    else:
+        pool_side, staging_side = PoolSide(pool, plan), _staging_side(staging, layout)
+        src, dst = (staging_side, pool_side) if into_pool else (pool_side, staging_side)
+        copy_segments(layout.counts, src, dst, **_widths(layout))
+    elif into_pool:
         unpack_reference(staging, layout, pool, spans)
+    else:
+        pack_reference(pool, spans, staging, layout)
 
 
 def unpack_to_rows(
@@ -130,25 +136,7 @@ def gather(
     backend: str | None = None,
 ) -> None:
     """Read a span of pool tokens into contiguous rows (the language side's final read)."""
-    checks.check_pool(pool)
-    fields = checks.pool_fields(pool)
-    checks.check_rows(out, *fields, what="gather out")
-    checks.check_row_range(out, out_start, span.count, what="gather out")
-    plan = checks.covered_blocks(pool, [span], what="gather", written=False)
-    if _use_triton(backend, fields[3]):
-        from .triton_copy import PoolSide, copy_segments
-
-        element = pool.embeddings.element_size()
-        copy_segments(
-            [span.count],
-            PoolSide(pool, plan),
-            _rows_side([out], [out_start], [span.count], element),
-            dim=fields[0],
-            deepstack_dim=fields[1],
-            element_size=element,
-        )
-    else:
-        gather_reference(pool, span, out, out_start)
+    _between_rows_and_pool(pool, span, out, out_start, backend, into_pool=False)
 
 
 def scatter(
@@ -160,25 +148,38 @@ def scatter(
     backend: str | None = None,
 ) -> None:
     """Write contiguous rows into a span of pool tokens (the encoder side's submit)."""
+    _between_rows_and_pool(pool, span, rows, rows_start, backend, into_pool=True)
+
+
+def _between_rows_and_pool(
+    pool: PoolTensors,
+    span: TokenSpan,
+    rows: RowTensors,
+    rows_start: int,
+    backend: str | None,
+    *,
+    into_pool: bool,
+) -> None:
+    """gather (pool -> rows) and scatter (rows -> pool), one span, one launch."""
+    what = "scatter" if into_pool else "gather"
+    label = f"{what} rows" if into_pool else f"{what} out"
     checks.check_pool(pool)
     fields = checks.pool_fields(pool)
-    checks.check_rows(rows, *fields, what="scatter rows")
-    checks.check_row_range(rows, rows_start, span.count, what="scatter rows")
-    plan = checks.covered_blocks(pool, [span], what="scatter", written=True)
+    checks.check_rows(rows, *fields, what=label)
+    checks.check_row_range(rows, rows_start, span.count, what=label)
+    plan = checks.covered_blocks(pool, [span], what=what, written=into_pool)
     if _use_triton(backend, fields[3]):
         from .triton_copy import PoolSide, copy_segments
 
         element = pool.embeddings.element_size()
-        copy_segments(
-            [span.count],
-            _rows_side([rows], [rows_start], [span.count], element),
-            PoolSide(pool, plan),
-            dim=fields[0],
-            deepstack_dim=fields[1],
-            element_size=element,
-        )
-    else:
+        pool_side = PoolSide(pool, plan)
+        rows_side = _rows_side([rows], [rows_start], [span.count], element)
+        src, dst = (rows_side, pool_side) if into_pool else (pool_side, rows_side)
+        copy_segments([span.count], src, dst, dim=fields[0], deepstack_dim=fields[1], element_size=element)
+    elif into_pool:
         scatter_reference(rows, rows_start, pool, span)
+    else:
+        gather_reference(pool, span, rows, rows_start)
 
 
 def _use_triton(backend: str | None, device: torch.device) -> bool:
@@ -242,7 +243,6 @@ __all__ = [
     "RowTensors",
     "StagingLayout",
     "TokenSpan",
-    "check_span",
     "gather",
     "pack",
     "scatter",

@@ -87,11 +87,6 @@ class StagingLayout:
             dtype=np.int64,
         ).reshape(5, len(self.counts))
 
-    def segment_nbytes(self, index: int) -> int:
-        """Bytes from segment `index`'s start to the next segment's start (or the end)."""
-        end = self.segment_offsets[index + 1] if index + 1 < self.num_segments else self.nbytes
-        return end - self.segment_offsets[index]
-
     def views(self, staging: torch.Tensor, index: int) -> RowTensors:
         """Segment `index` of `staging` as payload-shaped tensors (views, no copy)."""
         check_staging(staging, self)

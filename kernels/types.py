@@ -57,22 +57,3 @@ class TokenSpan:
     blocks: Sequence[int]
     start: int
     count: int
-
-
-def check_span(span: TokenSpan, num_blocks: int, block_size: int, *, what: str = "span") -> None:
-    """Host-side bounds check before any launch: a bad index is a ValueError, never an
-    out-of-bounds access."""
-    if span.start < 0 or span.count < 0:
-        raise ValueError(f"{what}: start={span.start}, count={span.count}: expected both >= 0")
-    end = span.start + span.count
-    if end > len(span.blocks) * block_size:
-        raise ValueError(
-            f"{what}: tokens [{span.start}, {end}) need {-(-end // block_size)} blocks, "
-            f"got {len(span.blocks)} blocks of {block_size}"
-        )
-    first, last = span.start // block_size, -(-end // block_size)
-    for b in span.blocks[first:last]:
-        if not 0 <= int(b) < num_blocks:
-            raise ValueError(
-                f"{what}: block index {int(b)} out of range, expected 0..{num_blocks - 1}"
-            )
