@@ -176,8 +176,6 @@ class Rank:
             self.check_deadline("barrier")
             if endpoint is not None:
                 endpoint.progress()
-            else:
-                self.bus.heartbeat()
             time.sleep(0.0005)
         work.wait()
 
@@ -221,7 +219,7 @@ def encoder_loop(rank: Rank, sender, payloads: dict, window: int) -> None:
             active.add(request_id)
         worked = sender.progress()
         for request_id in list(active):
-            state = sender.poll(request_id)
+            state = sender.state(request_id)
             if state is RequestState.FAILED:
                 raise RuntimeError(f"request {request_id} failed on the encoder: {sender.error(request_id)}")
             if state is RequestState.SUCCESS:
@@ -248,7 +246,7 @@ def language_loop(rank: Rank, receiver, payloads: dict, window: int, verify: boo
             admitted[request_id] = time.monotonic()
         worked = receiver.progress()
         for request_id in list(admitted):
-            state = receiver.poll(request_id)
+            state = receiver.state(request_id)
             if state is RequestState.FAILED:
                 raise RuntimeError(f"request {request_id} failed on the language side: "
                                    f"{receiver.error(request_id)}")
@@ -318,7 +316,7 @@ def transfer_case(rank: Rank, name: str, config, lengths: list[int], window: int
                 net_allocations.append(allocations)
                 resumes.append(endpoint.stats.resumes - resumes_before)
         rank.barrier(endpoint)
-        leaked = endpoint.allocator.num_used
+        leaked = endpoint._blocks_in_use()
         if leaked:
             raise RuntimeError(f"{name}: {leaked} blocks still in use on rank {rank.role} after the case")
     finally:
@@ -335,7 +333,7 @@ def transfer_case(rank: Rank, name: str, config, lengths: list[int], window: int
         p99_s=quantile(ordered, 0.99) if len(lengths) > 1 else None,
         config={"default_alloc_tokens": config.default_alloc_tokens,
                 "language_pool_blocks": config.language_pool_blocks,
-                "encoder_pool_blocks": config.encoder_pool_blocks, "window": window},
+                "window": window},
         net_device_allocations=net_allocations,
     )
 
@@ -369,7 +367,7 @@ def quantile(ordered: list[float], q: float) -> float:
 def run_rank(args: argparse.Namespace) -> int:
     from embxfer.runtime.bus import ShmBus
     from embxfer.runtime.config import Config
-    from embxfer.runtime.launch import init_world, pick_device
+    from embxfer.runtime.launch import group_exchange, init_world, pick_device
     from embxfer.runtime.transport import TorchP2P
 
     run_started = time.monotonic()
@@ -388,9 +386,9 @@ def run_rank(args: argparse.Namespace) -> int:
     gpu_staging = ({"staging_bytes": 256 << 20}
                    if world.device.type == "cuda" and "EMBXFER_STAGING_BYTES" not in os.environ else {})
     base = Config.from_env(request_timeout_s=args.timeout, **gpu_staging)
-    bus = ShmBus.connect(world.rank, world_size, world.meta_group, slots=base.ring_slots,
-                         slot_bytes=base.ring_slot_bytes, publish_timeout=base.peer_timeout_s,
-                         peer_timeout=base.peer_timeout_s)
+    bus = ShmBus.create(world.rank, [1 - world.rank], group_exchange(world.meta_group, world_size),
+                        slots=base.ring_slots, slot_bytes=base.slot_bytes, peer_timeout=base.peer_timeout_s,
+                        heartbeat_interval=base.heartbeat_interval_s, limits=base.limits, prefix=base.shm_prefix)
     transport = TorchP2P(world.data_group, world.backend)
     rank = Rank(args, world, bus, transport, source, deadline)
     try:
@@ -399,17 +397,15 @@ def run_rank(args: argparse.Namespace) -> int:
         resume_blocks = -(-args.resume_alloc_tokens // block)
         lengths = mix_lengths(args)
         mix_blocks = args.window * base.default_alloc_blocks
-        encoder_blocks = max(whole, -(-sum(sorted(lengths)[-args.window:]) // block), base.encoder_pool_blocks)
         results = [
             transfer_case(rank, "one_round", base.replace(
-                default_alloc_tokens=whole * block, language_pool_blocks=whole, encoder_pool_blocks=encoder_blocks,
+                default_alloc_tokens=whole * block, language_pool_blocks=whole,
             ), [args.tokens], 1, args.reps),
             transfer_case(rank, "resume_3", base.replace(
                 default_alloc_tokens=args.resume_alloc_tokens, language_pool_blocks=resume_blocks,
-                encoder_pool_blocks=encoder_blocks,
             ), [args.tokens], 1, args.reps),
             transfer_case(rank, "mix", base.replace(
-                language_pool_blocks=max(mix_blocks, base.default_alloc_blocks), encoder_pool_blocks=encoder_blocks,
+                language_pool_blocks=max(mix_blocks, base.default_alloc_blocks),
             ), lengths, args.window, args.mix_reps),
         ]
         one_round_bytes = results[0].bytes

@@ -56,7 +56,7 @@ def copy_ceiling() -> float:
 def run_case(name: str, lengths: list[int], dim: int, default_alloc: int, pool_blocks: int, staging_mb: int,
              reps: int) -> dict:
     config = Config(default_alloc_tokens=default_alloc, language_pool_blocks=pool_blocks,
-                    encoder_pool_blocks=sum(-(-n // 128) for n in lengths) + 8, staging_bytes=staging_mb << 20)
+                    staging_bytes=staging_mb << 20)
     cluster = LocalCluster(config=config, dim=dim, device="cuda")
     payloads = [random_payload(n, dim, seed=i, device="cuda") for i, n in enumerate(lengths)]
     nbytes = sum(p.nbytes for p in payloads)

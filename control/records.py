@@ -1,4 +1,4 @@
-"""Control records: what a transfer, resume, completion, abort, heartbeat and TP decision
+"""Control records: what a transfer, resume, completion, abort, announce and TP decision
 look like on the wire.
 
 Every record is a frozen dataclass with `to_bytes()` / `from_bytes()`; `encode()` and
@@ -11,57 +11,79 @@ Wire layout (all integers little-endian)::
     header   8 bytes   magic b"EX" | version u8 | record type u8 | body length u32
     body     per type  fixed fields (int64 unless noted), then the variable part
 
-    TRANSFER    request_id, round, total_tokens, sent_tokens, round_tokens, mrope_delta,
-                src_rank, dst_rank, chunk_tokens                          72 bytes
+    TRANSFER    src_rank, dst_rank, message, nbytes, segment count u16,
+                then per segment: request_id, round u32, start u32, count u32,
+                total_tokens u32, mrope_delta                      34 + 32 * segments
     RESUME      request_id, round, sent_tokens, allocated_tokens, src_rank, dst_rank
-                + block list                                            48 + blocks
-    COMPLETION  request_id, round, sent_tokens, total_tokens, src_rank, dst_rank
                                                                           48 bytes
+    COMPLETION  request_id, round, sent_tokens, total_tokens, src_rank, dst_rank,
+                flags u8                                                  49 bytes
     ABORT       request_id, reason u8, src_rank, dst_rank, message length u16,
                 message (UTF-8, at most MAX_MESSAGE_BYTES)       27 + message
-    HEARTBEAT   src_rank, pid, timestamp_ns, role                         32 bytes
+    ANNOUNCE    request_id, total_tokens, src_rank, dst_rank              32 bytes
     DECISION    request_id, round, action u8, sent_tokens, total_tokens,
-                allocated_tokens, src_rank, mrope_delta                 57 + blocks
+                allocated_tokens, src_rank, mrope_delta, hash length u8,
+                content hash (at most 32 bytes), block list     58 + hash + blocks
+
+A TRANSFER describes one staging message (one P2P send) of an encoder rank: its
+segments, in the staging layout's order, each a stretch `[start, start + count)` of one
+round of one request. The first round's segments carry N (`total_tokens`) and the mrope
+delta; the receiver takes them from the first round only (SPEC R3). A RESUME carries no
+block list: with two-sided P2P the receiver unpacks into its own blocks, so the encoder
+only needs how much it may send (`allocated_tokens`, whole blocks: R2); the blocks
+travel to the language TP followers in DECISION, which must apply exactly them.
 
 Block lists keep their order (token order follows block order) and are written in the
-smaller of two forms, both with a fixed item width of 1, 2 or 3 bytes chosen from the
-largest index (indices are at most MAX_BLOCK_INDEX = 2**24 - 1)::
+smaller of two forms, both with the narrowest item width (1, 2 or 3 bytes) that holds
+the largest index (indices are at most MAX_BLOCK_INDEX = 2**24 - 1)::
 
     block list  block count u32 | item count u32 | form u8 | item width u8 | items
     form 0      empty list, no items
     form 1      plain: one item per block
-    form 2      runs:  (start, length - 1) per run of consecutive indices
+    form 2      runs:  (start, length - 1) per maximal run of consecutive indices
 
-Runs are used only when they are shorter than the plain form, so a list of n blocks
-never takes more than 10 + 3 * n bytes (10 + 2 * n while indices stay below 65536).
-`max_record_bytes(max_blocks)` turns that into the largest record of any type; a
-resume or decision for 1000 fully fragmented blocks is at most 3075 bytes and fits a
-4096-byte ring slot.
+Runs are used only when they are strictly shorter than the plain form, so a list of n
+blocks never takes more than 10 + 3 * n bytes. **One encoding per record**: `decode`
+accepts only what `encode` writes (narrowest width, the shorter form, maximal runs,
+exact lengths), so `encode(decode(data)) == data` for every accepted `data`.
+
+**Bounded by the receiver**: `decode(data, limits)` rejects a block list longer than
+`limits.max_blocks` or an index at or past it, and a TRANSFER with more than
+`limits.max_segments` segments, from the headers, before anything is expanded: a
+72-byte record can never make the receiver build a million-entry list.
+`max_record_bytes(limits)` is the largest record such a receiver accepts; ring slots are
+sized from it (`ring.slot_bytes_for`), so any allocation of the pool fits one slot.
+
+Several records may travel back to back in one ring slot or network message (a
+*frame*): `encode_frame` / `decode_frame`.
 """
 
 from __future__ import annotations
 
+import math
 import operator
 import struct
 from dataclasses import dataclass
 from enum import IntEnum
-from typing import ClassVar
-
-import numpy as np
+from typing import ClassVar, NamedTuple
 
 MAGIC = b"EX"
-VERSION = 1
+VERSION = 2
 
 MAX_MESSAGE_BYTES = 512
 MAX_BLOCKS = 1 << 20
 MAX_BLOCK_INDEX = (1 << 24) - 1
+MAX_SEGMENTS = 4096
+MAX_HASH_BYTES = 32
 BROADCAST_RANK = -1
 
 _INT64_MIN = -(1 << 63)
 _INT64_MAX = (1 << 63) - 1
+_U32_MAX = (1 << 32) - 1
 
 _HEADER = struct.Struct("<2sBBI")
 _BLOCKS_HEADER = struct.Struct("<IIBB")
+_SEGMENT = struct.Struct("<qIIIIq")
 _FORM_EMPTY, _FORM_PLAIN, _FORM_RUNS = 0, 1, 2
 
 
@@ -74,7 +96,7 @@ class RecordType(IntEnum):
     RESUME = 2
     COMPLETION = 3
     ABORT = 4
-    HEARTBEAT = 5
+    ANNOUNCE = 5
     DECISION = 6
 
 
@@ -85,6 +107,7 @@ class AbortReason(IntEnum):
     INVALID = 4
     SHUTDOWN = 5
     INTERNAL = 6
+    BUDGET = 7
 
 
 class DecisionAction(IntEnum):
@@ -93,6 +116,36 @@ class DecisionAction(IntEnum):
     COMPLETE = 3
     FAIL = 4
     FREE = 5
+    CACHED = 6
+
+
+COMPLETION_CACHED = 1  # Completion.flags: served from the language side's cache, no data moved
+
+
+@dataclass(frozen=True)
+class Limits:
+    """What a receiver can use: block lists of at most `max_blocks` blocks with indices at
+    most `max_block_index`, TRANSFERs of at most `max_segments` segments. A receiver with
+    a pool of n blocks uses `Limits.for_pool(n, ...)`."""
+
+    max_blocks: int = MAX_BLOCKS
+    max_segments: int = MAX_SEGMENTS
+    max_block_index: int = MAX_BLOCK_INDEX
+
+    @classmethod
+    def for_pool(cls, pool_blocks: int, max_segments: int = MAX_SEGMENTS) -> Limits:
+        return cls(max_blocks=pool_blocks, max_segments=max_segments, max_block_index=pool_blocks - 1)
+
+    def __post_init__(self) -> None:
+        if not 0 <= self.max_blocks <= MAX_BLOCKS:
+            raise ValueError(f"Limits.max_blocks={self.max_blocks}: expected an integer in [0, {MAX_BLOCKS}]")
+        if not 1 <= self.max_segments <= MAX_SEGMENTS:
+            raise ValueError(f"Limits.max_segments={self.max_segments}: expected [1, {MAX_SEGMENTS}]")
+        if not -1 <= self.max_block_index <= MAX_BLOCK_INDEX:
+            raise ValueError(f"Limits.max_block_index={self.max_block_index}: expected [-1, {MAX_BLOCK_INDEX}]")
+
+
+NO_LIMITS = Limits()
 
 
 # ---------------------------------------------------------------------------- checks
@@ -100,17 +153,18 @@ class DecisionAction(IntEnum):
 
 def _int_field(record: object, name: str, low: int, high: int = _INT64_MAX) -> int:
     value = getattr(record, name)
-    if isinstance(value, bool):
-        raise RecordError(f"{type(record).__name__}.{name}={value!r}: expected an integer")
-    try:
-        value = operator.index(value)
-    except TypeError:
-        raise RecordError(f"{type(record).__name__}.{name}={value!r}: expected an integer") from None
+    if type(value) is not int:
+        if isinstance(value, bool):
+            raise RecordError(f"{type(record).__name__}.{name}={value!r}: expected an integer")
+        try:
+            value = operator.index(value)
+        except TypeError:
+            raise RecordError(f"{type(record).__name__}.{name}={value!r}: expected an integer") from None
+        object.__setattr__(record, name, value)
     if not low <= value <= high:
         raise RecordError(
             f"{type(record).__name__}.{name}={value}: expected an integer in [{low}, {high}]"
         )
-    object.__setattr__(record, name, value)
     return value
 
 
@@ -132,19 +186,19 @@ def _ranks(record: object, *, dst: bool = True) -> None:
         _int_field(record, "dst_rank", BROADCAST_RANK)
 
 
-def _blocks_field(record: Resume | Decision) -> tuple[int, ...]:
+def _blocks_field(record: Decision) -> tuple[int, ...]:
     value = record.blocks
     owner = type(record).__name__
     if isinstance(value, (str, bytes, bytearray)) or not hasattr(value, "__len__"):
         raise RecordError(f"{owner}.blocks={value!r:.60}: expected a sequence of block indices")
     if len(value) > MAX_BLOCKS:
         raise RecordError(f"{owner}.blocks: {len(value)} blocks, expected at most {MAX_BLOCKS}")
+    if any(type(b) is bool for b in value):
+        raise RecordError(f"{owner}.blocks={value!r:.60}: expected integer block indices, not bool")
     try:
         blocks = tuple(map(operator.index, value))
     except TypeError:
         raise RecordError(f"{owner}.blocks={value!r:.60}: expected integer block indices") from None
-    if any(type(b) is bool for b in value):
-        raise RecordError(f"{owner}.blocks={value!r:.60}: expected integer block indices, not bool")
     if blocks and (min(blocks) < 0 or max(blocks) > MAX_BLOCK_INDEX):
         bad = min(blocks) if min(blocks) < 0 else max(blocks)
         raise RecordError(f"{owner}.blocks: index {bad} outside [0, {MAX_BLOCK_INDEX}]")
@@ -154,29 +208,26 @@ def _blocks_field(record: Resume | Decision) -> tuple[int, ...]:
     return blocks
 
 
-def _check_allocation(record: object, blocks: tuple[int, ...], allocated_tokens: int) -> None:
+def _check_allocation(record: object, blocks_count: int, allocated_tokens: int) -> None:
     # allocated_tokens == len(blocks) * block_size (SPEC R2); block_size is not on the
     # wire, so what can be checked is that such a block_size >= 1 exists.
     owner = type(record).__name__
-    if not blocks:
+    if not blocks_count:
         if allocated_tokens != 0:
             raise RecordError(
                 f"{owner}.allocated_tokens={allocated_tokens}: expected 0 with an empty block list"
             )
-    elif allocated_tokens < len(blocks) or allocated_tokens % len(blocks):
+    elif allocated_tokens < blocks_count or allocated_tokens % blocks_count:
         raise RecordError(
             f"{owner}.allocated_tokens={allocated_tokens}: expected len(blocks) * block_size "
-            f"with {len(blocks)} blocks"
+            f"with {blocks_count} blocks"
         )
 
 
-def _check_progress(record: object, sent_tokens: int, total_tokens: int, extra: int = 0) -> None:
-    if sent_tokens + extra > total_tokens:
+def _check_progress(record: object, sent_tokens: int, total_tokens: int) -> None:
+    if sent_tokens > total_tokens:
         owner = type(record).__name__
-        what = "sent_tokens + round_tokens" if extra else "sent_tokens"
-        raise RecordError(
-            f"{owner}.{what}={sent_tokens + extra}: expected at most total_tokens={total_tokens}"
-        )
+        raise RecordError(f"{owner}.sent_tokens={sent_tokens}: expected at most total_tokens={total_tokens}")
 
 
 # -------------------------------------------------------------------- block lists
@@ -186,70 +237,92 @@ def _item_width(largest: int) -> int:
     return 1 if largest <= 0xFF else 2 if largest <= 0xFFFF else 3
 
 
+def _runs(blocks: tuple[int, ...]) -> list[int]:
+    """(start, length - 1) of each maximal run of consecutive indices, flattened."""
+    items = [blocks[0], 0]
+    for previous, block in zip(blocks, blocks[1:]):  # noqa: B905 - offset by one on purpose
+        if block == previous + 1:
+            items[-1] += 1
+        else:
+            items += (block, 0)
+    return items
+
+
 def _encode_blocks(blocks: tuple[int, ...]) -> bytes:
     count = len(blocks)
     if count == 0:
         return _BLOCKS_HEADER.pack(0, 0, _FORM_EMPTY, 1)
-    indices = np.fromiter(blocks, dtype=np.int64, count=count)
-    width = _item_width(int(indices.max()))
-    run_starts = np.flatnonzero(np.diff(indices) != 1) + 1
-    if 2 * (len(run_starts) + 1) < count:
-        bounds = np.concatenate(([0], run_starts, [count]))
-        items = np.empty(2 * (len(bounds) - 1), dtype=np.int64)
-        items[0::2] = indices[bounds[:-1]]
-        items[1::2] = np.diff(bounds) - 1
-        form = _FORM_RUNS
+    width = _item_width(max(blocks))
+    runs = _runs(blocks)
+    if len(runs) < count:
+        items, form = runs, _FORM_RUNS
     else:
-        items = indices
-        form = _FORM_PLAIN
-    packed = items.astype("<u4").view(np.uint8).reshape(-1, 4)[:, :width].tobytes()
+        items, form = blocks, _FORM_PLAIN
+    if width == 1:
+        packed = bytes(items)
+    elif width == 2:
+        packed = struct.pack(f"<{len(items)}H", *items)
+    else:
+        packed = b"".join(item.to_bytes(3, "little") for item in items)
     return _BLOCKS_HEADER.pack(count, len(items), form, width) + packed
 
 
-def _decode_blocks(owner: str, data: memoryview, offset: int) -> tuple[tuple[int, ...], int]:
-    """(blocks, offset after the list); every count and index is checked before use."""
+def _decode_blocks(owner: str, data: memoryview, offset: int, limits: Limits) -> tuple[tuple[int, ...], int]:
+    """(blocks, offset after the list); counts are checked against `limits` before
+    anything is expanded, and only the canonical encoding is accepted."""
     if len(data) - offset < _BLOCKS_HEADER.size:
         raise RecordError(f"{owner}.blocks: truncated block-list header")
     count, item_count, form, width = _BLOCKS_HEADER.unpack_from(data, offset)
+    start = offset
     offset += _BLOCKS_HEADER.size
-    if count > MAX_BLOCKS:
-        raise RecordError(f"{owner}.blocks: count {count}, expected at most {MAX_BLOCKS}")
+    if count > limits.max_blocks:
+        raise RecordError(f"{owner}.blocks: count {count}, this receiver holds at most {limits.max_blocks} blocks")
     if width not in (1, 2, 3):
         raise RecordError(f"{owner}.blocks: item width {width}, expected 1, 2 or 3")
     if form == _FORM_EMPTY:
-        if count or item_count:
-            raise RecordError(f"{owner}.blocks: empty form with count {count}, items {item_count}")
+        if count or item_count or width != 1:
+            raise RecordError(f"{owner}.blocks: empty form with count {count}, items {item_count}, width {width}")
         return (), offset
     if form == _FORM_PLAIN:
         if item_count != count or count == 0:
             raise RecordError(f"{owner}.blocks: plain form with count {count}, items {item_count}")
     elif form == _FORM_RUNS:
-        if item_count % 2 or not 0 < item_count // 2 <= count:
+        if item_count % 2 or not 0 < item_count < count:
             raise RecordError(f"{owner}.blocks: runs form with count {count}, items {item_count}")
     else:
         raise RecordError(f"{owner}.blocks: form {form}, expected 0 (empty), 1 (plain) or 2 (runs)")
     end = offset + item_count * width
     if end > len(data):
         raise RecordError(f"{owner}.blocks: {item_count} items of {width} bytes overrun the record")
-    padded = np.zeros((item_count, 4), dtype=np.uint8)
-    padded[:, :width] = np.frombuffer(data, dtype=np.uint8, count=item_count * width, offset=offset).reshape(
-        item_count, width
-    )
-    items = padded.view("<u4").reshape(item_count).astype(np.int64)
-    if form == _FORM_PLAIN:
-        indices = items
+    raw = bytes(data[offset:end])
+    if width == 1:
+        items = list(raw)
+    elif width == 2:
+        items = list(struct.unpack(f"<{item_count}H", raw))
     else:
-        starts, lengths = items[0::2], items[1::2] + 1
-        if int(lengths.sum()) != count:
-            raise RecordError(f"{owner}.blocks: runs cover {int(lengths.sum())} blocks, header says {count}")
-        last = starts + lengths - 1
-        if int(last.max()) > MAX_BLOCK_INDEX:
-            raise RecordError(f"{owner}.blocks: run ends at {int(last.max())}, past {MAX_BLOCK_INDEX}")
-        run_offsets = np.cumsum(lengths) - lengths
-        indices = np.repeat(starts - run_offsets, lengths) + np.arange(count, dtype=np.int64)
-    if len(np.unique(indices)) != count:
+        items = [int.from_bytes(raw[i : i + 3], "little") for i in range(0, len(raw), 3)]
+    if form == _FORM_PLAIN:
+        blocks = tuple(items)
+    else:
+        if sum(items[1::2]) + item_count // 2 != count:
+            raise RecordError(f"{owner}.blocks: runs cover {sum(items[1::2]) + item_count // 2} blocks, "
+                              f"header says {count}")
+        blocks = tuple(b for first, extra in zip(items[0::2], items[1::2], strict=True)
+                       for b in range(first, first + extra + 1))
+    if max(blocks) > limits.max_block_index:
+        raise RecordError(f"{owner}.blocks: index {max(blocks)}, this receiver's pool has "
+                          f"{limits.max_block_index + 1} blocks")
+    if len(set(blocks)) != count:
         raise RecordError(f"{owner}.blocks: runs overlap or an index repeats")
-    return tuple(indices.tolist()), end
+    if _encode_blocks(blocks) != bytes(data[start:end]):
+        raise RecordError(f"{owner}.blocks: not the canonical encoding (narrowest width, shorter form, "
+                          "maximal runs)")
+    return blocks, end
+
+
+def block_list_bytes(max_blocks: int, max_block_index: int = MAX_BLOCK_INDEX) -> int:
+    """Largest encoded block list of at most `max_blocks` indices up to `max_block_index`."""
+    return _BLOCKS_HEADER.size + _item_width(max(0, max_block_index)) * max_blocks
 
 
 # ------------------------------------------------------------------------ records
@@ -263,8 +336,8 @@ class _Record:
         return _HEADER.pack(MAGIC, VERSION, self.RECORD_TYPE, len(body)) + body
 
     @classmethod
-    def from_bytes(cls, data: bytes | bytearray | memoryview) -> Record:
-        record = decode(data)
+    def from_bytes(cls, data: bytes | bytearray | memoryview, limits: Limits = NO_LIMITS) -> Record:
+        record = decode(data, limits)
         if not isinstance(record, cls):
             raise RecordError(f"expected a {cls.__name__} record, got {type(record).__name__}")
         return record
@@ -273,57 +346,97 @@ class _Record:
         raise NotImplementedError
 
 
-@dataclass(frozen=True)
-class Transfer(_Record):
-    """Encoder -> language rank: round `round` carries tokens [sent_tokens,
-    sent_tokens + round_tokens) of the request, as P2P messages of chunk_tokens tokens."""
+class Segment(NamedTuple):
+    """One stretch of a staging message: tokens `[start, start + count)` of round `round`
+    of request `request_id`, whose total is `total_tokens` with mrope delta
+    `mrope_delta` (both meaningful in round 0 only, repeated after it and checked)."""
 
     request_id: int
     round: int
+    start: int
+    count: int
     total_tokens: int
-    sent_tokens: int
-    round_tokens: int
     mrope_delta: int
+
+
+def _check_segment(index: int, segment: object) -> Segment:
+    where = f"Transfer.segments[{index}]"
+    if not isinstance(segment, tuple) or len(segment) != 6:
+        raise RecordError(f"{where}={segment!r:.80}: expected a Segment")
+    for name, value in zip(Segment._fields, segment, strict=True):
+        if type(value) is not int:
+            raise RecordError(f"{where}.{name}={value!r}: expected an integer")
+    request_id, round_, start, count, total, delta = segment
+    for name, value, low, high in (("request_id", request_id, 0, _INT64_MAX), ("round", round_, 0, _U32_MAX),
+                                   ("start", start, 0, _U32_MAX), ("count", count, 1, _U32_MAX),
+                                   ("total_tokens", total, 1, _U32_MAX), ("mrope_delta", delta, _INT64_MIN, _INT64_MAX)):
+        if not low <= value <= high:
+            raise RecordError(f"{where}.{name}={value}: expected an integer in [{low}, {high}]")
+    if start + count > total:
+        raise RecordError(f"{where}: tokens [{start}, {start + count}) past total_tokens={total}")
+    return segment if type(segment) is Segment else Segment(*segment)
+
+
+@dataclass(frozen=True)
+class Transfer(_Record):
+    """Encoder rank -> the language ranks it serves: what staging message number `message`
+    of its stream holds (`nbytes` bytes: the staging layout of the segments' counts)."""
+
     src_rank: int
     dst_rank: int
-    chunk_tokens: int
+    message: int
+    nbytes: int
+    segments: tuple[Segment, ...]
 
     RECORD_TYPE: ClassVar[RecordType] = RecordType.TRANSFER
-    _FIXED: ClassVar[struct.Struct] = struct.Struct("<9q")
+    _FIXED: ClassVar[struct.Struct] = struct.Struct("<qqqqH")
 
     def __post_init__(self) -> None:
-        _int_field(self, "request_id", 0)
-        _int_field(self, "round", 0)
-        total = _int_field(self, "total_tokens", 0)
-        sent = _int_field(self, "sent_tokens", 0)
-        this_round = _int_field(self, "round_tokens", 0)
-        _int_field(self, "mrope_delta", _INT64_MIN)
         _ranks(self)
-        _int_field(self, "chunk_tokens", 1)
-        _check_progress(self, sent, total, this_round)
+        _int_field(self, "message", 0)
+        _int_field(self, "nbytes", 1)
+        segments = self.segments
+        if not isinstance(segments, (tuple, list)) or not 1 <= len(segments) <= MAX_SEGMENTS:
+            raise RecordError(f"Transfer.segments: {len(segments) if hasattr(segments, '__len__') else segments!r}"
+                              f" segments, expected 1..{MAX_SEGMENTS}")
+        object.__setattr__(self, "segments", tuple(_check_segment(i, seg) for i, seg in enumerate(segments)))
 
     def _body(self) -> bytes:
-        return self._FIXED.pack(
-            self.request_id, self.round, self.total_tokens, self.sent_tokens, self.round_tokens,
-            self.mrope_delta, self.src_rank, self.dst_rank, self.chunk_tokens,
-        )
+        fixed = self._FIXED.pack(self.src_rank, self.dst_rank, self.message, self.nbytes, len(self.segments))
+        return fixed + b"".join(_SEGMENT.pack(*segment) for segment in self.segments)
 
     @classmethod
-    def _parse(cls, body: memoryview) -> Transfer:
-        _expect_size(cls, body, cls._FIXED.size)
-        return cls(*cls._FIXED.unpack_from(body))
+    def _parse(cls, body: memoryview, limits: Limits) -> Transfer:
+        if len(body) < cls._FIXED.size:
+            raise RecordError(f"{cls.__name__}: body of {len(body)} bytes is truncated")
+        src, dst, message, nbytes, count = cls._FIXED.unpack_from(body)
+        if not 1 <= count <= limits.max_segments:
+            raise RecordError(f"Transfer: {count} segments, this receiver takes 1..{limits.max_segments}")
+        _expect_size(cls, body, cls._FIXED.size + count * _SEGMENT.size)
+        segments = tuple(map(Segment._make, _SEGMENT.iter_unpack(body[cls._FIXED.size :])))
+        # Unpacked integers are integers and the u32 fields are in range: only the bounds
+        # that the format does not imply are left to check (what __post_init__ would do).
+        for index, (request_id, _, start, count, total, _) in enumerate(segments):
+            if request_id < 0 or count < 1 or total < 1 or start + count > total:
+                _check_segment(index, segments[index])
+        if src < 0 or dst < BROADCAST_RANK or message < 0 or nbytes < 1:
+            return cls(src, dst, message, nbytes, segments)  # raises, naming the field
+        record = object.__new__(cls)
+        for name, value in (("src_rank", src), ("dst_rank", dst), ("message", message), ("nbytes", nbytes),
+                            ("segments", segments)):
+            object.__setattr__(record, name, value)
+        return record
 
 
 @dataclass(frozen=True)
 class Resume(_Record):
-    """Language leader -> encoder: destination blocks for the next round (round 0 is the
-    initial announce, sent_tokens 0)."""
+    """Language leader -> encoder: send round `round`, starting at `sent_tokens`, at most
+    `allocated_tokens` tokens (whole blocks, R2). Round 0 is the initial announce."""
 
     request_id: int
     round: int
     sent_tokens: int
     allocated_tokens: int
-    blocks: tuple[int, ...]
     src_rank: int
     dst_rank: int
 
@@ -334,39 +447,34 @@ class Resume(_Record):
         _int_field(self, "request_id", 0)
         _int_field(self, "round", 0)
         _int_field(self, "sent_tokens", 0)
-        allocated = _int_field(self, "allocated_tokens", 0)
-        blocks = _blocks_field(self)
+        _int_field(self, "allocated_tokens", 1)
         _ranks(self)
-        _check_allocation(self, blocks, allocated)
 
     def _body(self) -> bytes:
-        fixed = self._FIXED.pack(
-            self.request_id, self.round, self.sent_tokens, self.allocated_tokens,
-            self.src_rank, self.dst_rank,
-        )
-        return fixed + _encode_blocks(self.blocks)
+        return self._FIXED.pack(self.request_id, self.round, self.sent_tokens, self.allocated_tokens,
+                                self.src_rank, self.dst_rank)
 
     @classmethod
-    def _parse(cls, body: memoryview) -> Resume:
-        if len(body) < cls._FIXED.size:
-            raise RecordError(f"{cls.__name__}: body of {len(body)} bytes is truncated")
-        request_id, round_, sent, allocated, src, dst = cls._FIXED.unpack_from(body)
-        blocks, end = _decode_blocks(cls.__name__, body, cls._FIXED.size)
-        _expect_size(cls, body, end)
-        return cls(request_id, round_, sent, allocated, blocks, src, dst)
+    def _parse(cls, body: memoryview, limits: Limits) -> Resume:
+        _expect_size(cls, body, cls._FIXED.size)
+        return cls(*cls._FIXED.unpack_from(body))
 
 
 @dataclass(frozen=True)
 class Completion(_Record):
+    """A language rank read round `round` (follower -> leader), or the request is complete
+    (leader -> encoder leader; `flags & COMPLETION_CACHED`: served from the cache)."""
+
     request_id: int
     round: int
     sent_tokens: int
     total_tokens: int
     src_rank: int
     dst_rank: int
+    flags: int = 0
 
     RECORD_TYPE: ClassVar[RecordType] = RecordType.COMPLETION
-    _FIXED: ClassVar[struct.Struct] = struct.Struct("<6q")
+    _FIXED: ClassVar[struct.Struct] = struct.Struct("<6qB")
 
     def __post_init__(self) -> None:
         _int_field(self, "request_id", 0)
@@ -374,16 +482,15 @@ class Completion(_Record):
         sent = _int_field(self, "sent_tokens", 0)
         total = _int_field(self, "total_tokens", 0)
         _ranks(self)
+        _int_field(self, "flags", 0, COMPLETION_CACHED)
         _check_progress(self, sent, total)
 
     def _body(self) -> bytes:
-        return self._FIXED.pack(
-            self.request_id, self.round, self.sent_tokens, self.total_tokens,
-            self.src_rank, self.dst_rank,
-        )
+        return self._FIXED.pack(self.request_id, self.round, self.sent_tokens, self.total_tokens,
+                                self.src_rank, self.dst_rank, self.flags)
 
     @classmethod
-    def _parse(cls, body: memoryview) -> Completion:
+    def _parse(cls, body: memoryview, limits: Limits) -> Completion:
         _expect_size(cls, body, cls._FIXED.size)
         return cls(*cls._FIXED.unpack_from(body))
 
@@ -424,7 +531,7 @@ class Abort(_Record):
         return fixed + text
 
     @classmethod
-    def _parse(cls, body: memoryview) -> Abort:
+    def _parse(cls, body: memoryview, limits: Limits) -> Abort:
         if len(body) < cls._FIXED.size:
             raise RecordError(f"{cls.__name__}: body of {len(body)} bytes is truncated")
         request_id, reason, src, dst, size = cls._FIXED.unpack_from(body)
@@ -439,26 +546,29 @@ class Abort(_Record):
 
 
 @dataclass(frozen=True)
-class Heartbeat(_Record):
-    src_rank: int
-    pid: int
-    timestamp_ns: int
-    role: int
+class Announce(_Record):
+    """Encoder leader -> language leader: request `request_id` will have `total_tokens`
+    tokens (known after preprocessing, before the payload exists), so its first
+    allocation can be exact."""
 
-    RECORD_TYPE: ClassVar[RecordType] = RecordType.HEARTBEAT
+    request_id: int
+    total_tokens: int
+    src_rank: int
+    dst_rank: int
+
+    RECORD_TYPE: ClassVar[RecordType] = RecordType.ANNOUNCE
     _FIXED: ClassVar[struct.Struct] = struct.Struct("<4q")
 
     def __post_init__(self) -> None:
-        _ranks(self, dst=False)
-        _int_field(self, "pid", 1)
-        _int_field(self, "timestamp_ns", 0)
-        _int_field(self, "role", 0)
+        _int_field(self, "request_id", 0)
+        _int_field(self, "total_tokens", 1)
+        _ranks(self)
 
     def _body(self) -> bytes:
-        return self._FIXED.pack(self.src_rank, self.pid, self.timestamp_ns, self.role)
+        return self._FIXED.pack(self.request_id, self.total_tokens, self.src_rank, self.dst_rank)
 
     @classmethod
-    def _parse(cls, body: memoryview) -> Heartbeat:
+    def _parse(cls, body: memoryview, limits: Limits) -> Announce:
         _expect_size(cls, body, cls._FIXED.size)
         return cls(*cls._FIXED.unpack_from(body))
 
@@ -468,7 +578,8 @@ class Decision(_Record):
     """The TP leader's decision that every rank applies to its own pool (SPEC R4, section 8).
 
     total_tokens 0 means "not known yet" (an ADMIT before the first transfer). For ADMIT
-    and RESUME, allocated_tokens must be len(blocks) * block_size."""
+    and RESUME, allocated_tokens must be len(blocks) * block_size. CACHED names the
+    cache entry in `content_hash`."""
 
     request_id: int
     round: int
@@ -479,9 +590,10 @@ class Decision(_Record):
     blocks: tuple[int, ...]
     src_rank: int
     mrope_delta: int
+    content_hash: bytes = b""
 
     RECORD_TYPE: ClassVar[RecordType] = RecordType.DECISION
-    _FIXED: ClassVar[struct.Struct] = struct.Struct("<qqBqqqqq")
+    _FIXED: ClassVar[struct.Struct] = struct.Struct("<qqBqqqqqB")
 
     def __post_init__(self) -> None:
         _int_field(self, "request_id", 0)
@@ -493,32 +605,41 @@ class Decision(_Record):
         blocks = _blocks_field(self)
         _ranks(self, dst=False)
         _int_field(self, "mrope_delta", _INT64_MIN)
+        if not isinstance(self.content_hash, bytes) or len(self.content_hash) > MAX_HASH_BYTES:
+            raise RecordError(f"Decision.content_hash={self.content_hash!r:.60}: expected at most "
+                              f"{MAX_HASH_BYTES} bytes")
         if total:
             _check_progress(self, sent, total)
         if self.action in (DecisionAction.ADMIT, DecisionAction.RESUME):
-            _check_allocation(self, blocks, allocated)
+            _check_allocation(self, len(blocks), allocated)
 
     def _body(self) -> bytes:
         fixed = self._FIXED.pack(
             self.request_id, self.round, self.action, self.sent_tokens, self.total_tokens,
-            self.allocated_tokens, self.src_rank, self.mrope_delta,
+            self.allocated_tokens, self.src_rank, self.mrope_delta, len(self.content_hash),
         )
-        return fixed + _encode_blocks(self.blocks)
+        return fixed + self.content_hash + _encode_blocks(self.blocks)
 
     @classmethod
-    def _parse(cls, body: memoryview) -> Decision:
+    def _parse(cls, body: memoryview, limits: Limits) -> Decision:
         if len(body) < cls._FIXED.size:
             raise RecordError(f"{cls.__name__}: body of {len(body)} bytes is truncated")
-        request_id, round_, action, sent, total, allocated, src, delta = cls._FIXED.unpack_from(body)
-        blocks, end = _decode_blocks(cls.__name__, body, cls._FIXED.size)
+        request_id, round_, action, sent, total, allocated, src, delta, hash_size = cls._FIXED.unpack_from(body)
+        if hash_size > MAX_HASH_BYTES:
+            raise RecordError(f"Decision.content_hash: length {hash_size}, expected at most {MAX_HASH_BYTES}")
+        offset = cls._FIXED.size + hash_size
+        if offset > len(body):
+            raise RecordError(f"{cls.__name__}: body of {len(body)} bytes is truncated")
+        content_hash = bytes(body[cls._FIXED.size : offset])
+        blocks, end = _decode_blocks(cls.__name__, body, offset, limits)
         _expect_size(cls, body, end)
-        return cls(request_id, round_, action, sent, total, allocated, blocks, src, delta)
+        return cls(request_id, round_, action, sent, total, allocated, blocks, src, delta, content_hash)
 
 
-Record = Transfer | Resume | Completion | Abort | Heartbeat | Decision
+Record = Transfer | Resume | Completion | Abort | Announce | Decision
 
 _BY_TYPE: dict[int, type[_Record]] = {
-    cls.RECORD_TYPE: cls for cls in (Transfer, Resume, Completion, Abort, Heartbeat, Decision)
+    cls.RECORD_TYPE: cls for cls in (Transfer, Resume, Completion, Abort, Announce, Decision)
 }
 
 
@@ -527,27 +648,26 @@ def _expect_size(cls: type, body: memoryview, size: int) -> None:
         raise RecordError(f"{cls.__name__}: body of {len(body)} bytes, expected {size}")
 
 
-def max_record_bytes(max_blocks: int, max_block_index: int = MAX_BLOCK_INDEX) -> int:
-    """Largest encoded record of any type whose block list holds at most `max_blocks`
-    indices, none above `max_block_index`. Size a ring slot from this (plus the ring's
-    slot header, see `ring.slot_bytes_for`)."""
-    if not 0 <= max_blocks <= MAX_BLOCKS:
-        raise ValueError(f"max_blocks={max_blocks}: expected an integer in [0, {MAX_BLOCKS}]")
-    if not 0 <= max_block_index <= MAX_BLOCK_INDEX:
-        raise ValueError(f"max_block_index={max_block_index}: expected [0, {MAX_BLOCK_INDEX}]")
-    blocks = _BLOCKS_HEADER.size + _item_width(max_block_index) * max_blocks
+def max_record_bytes(limits: Limits = NO_LIMITS) -> int:
+    """Largest encoded record a receiver with these `limits` accepts. Size a ring slot
+    from this (plus the ring's slot header, see `ring.slot_bytes_for`)."""
     largest_body = max(
-        Transfer._FIXED.size,
-        Resume._FIXED.size + blocks,
+        Transfer._FIXED.size + limits.max_segments * _SEGMENT.size,
+        Resume._FIXED.size,
         Completion._FIXED.size,
         Abort._FIXED.size + MAX_MESSAGE_BYTES,
-        Heartbeat._FIXED.size,
-        Decision._FIXED.size + blocks,
+        Announce._FIXED.size,
+        Decision._FIXED.size + MAX_HASH_BYTES + block_list_bytes(limits.max_blocks, limits.max_block_index),
     )
     return _HEADER.size + largest_body
 
 
-MAX_RECORD_BYTES = max_record_bytes(MAX_BLOCKS)
+def segments_that_fit(record_bytes: int) -> int:
+    """The most segments a TRANSFER of at most `record_bytes` bytes can hold."""
+    return max(0, (record_bytes - _HEADER.size - Transfer._FIXED.size) // _SEGMENT.size)
+
+
+MAX_RECORD_BYTES = max_record_bytes()
 
 
 def clip_message(text: str, limit: int = MAX_MESSAGE_BYTES) -> str:
@@ -565,16 +685,24 @@ def encode(record: Record) -> bytes:
     return record.to_bytes()
 
 
-def decode(data: bytes | bytearray | memoryview) -> Record:
-    """The record in `data`; RecordError if anything about it is malformed."""
+def _view(data: object) -> memoryview:
+    """`data` as a 1-D byte view; RecordError for anything else (never TypeError)."""
     if not isinstance(data, (bytes, bytearray, memoryview)):
         raise RecordError(f"decode: expected bytes, got {type(data).__name__}")
-    view = memoryview(data).cast("B") if isinstance(data, memoryview) else memoryview(data)
-    if len(view) < _HEADER.size:
-        raise RecordError(f"record of {len(view)} bytes is shorter than the {_HEADER.size}-byte header")
-    if len(view) > MAX_RECORD_BYTES:
-        raise RecordError(f"record of {len(view)} bytes, expected at most {MAX_RECORD_BYTES}")
-    magic, version, record_type, body_length = _HEADER.unpack_from(view)
+    try:
+        view = memoryview(data)
+        if view.ndim != 1 or not view.c_contiguous:
+            raise RecordError(f"decode: expected a contiguous 1-D byte buffer, got {view.ndim}-D"
+                              f"{'' if view.c_contiguous else ' non-contiguous'}")
+        return view.cast("B") if view.format != "B" else view
+    except (ValueError, TypeError) as exc:  # a released view, an odd format
+        raise RecordError(f"decode: unusable buffer ({exc})") from None
+
+
+def _decode_one(view: memoryview, offset: int, limits: Limits) -> tuple[Record, int]:
+    if len(view) - offset < _HEADER.size:
+        raise RecordError(f"record of {len(view) - offset} bytes is shorter than the {_HEADER.size}-byte header")
+    magic, version, record_type, body_length = _HEADER.unpack_from(view, offset)
     if magic != MAGIC:
         raise RecordError(f"record magic {bytes(magic)!r}, expected {MAGIC!r}")
     if version != VERSION:
@@ -582,33 +710,81 @@ def decode(data: bytes | bytearray | memoryview) -> Record:
     cls = _BY_TYPE.get(record_type)
     if cls is None:
         raise RecordError(f"record type {record_type}, expected one of {sorted(_BY_TYPE)}")
-    if body_length != len(view) - _HEADER.size:
-        raise RecordError(
-            f"{cls.__name__}: header says {body_length} body bytes, got {len(view) - _HEADER.size}"
-        )
-    return cls._parse(view[_HEADER.size:])  # type: ignore[attr-defined]
+    end = offset + _HEADER.size + body_length
+    if end > len(view):
+        raise RecordError(f"{cls.__name__}: header says {body_length} body bytes, got {len(view) - offset - _HEADER.size}")
+    return cls._parse(view[offset + _HEADER.size : end], limits), end  # type: ignore[attr-defined]
+
+
+def decode(data: bytes | bytearray | memoryview, limits: Limits = NO_LIMITS) -> Record:
+    """The one record in `data`; RecordError if anything about it is malformed or more than
+    a receiver with `limits` can use."""
+    view = _view(data)
+    if len(view) > max_record_bytes(limits):
+        raise RecordError(f"record of {len(view)} bytes, expected at most {max_record_bytes(limits)}")
+    record, end = _decode_one(view, 0, limits)
+    if end != len(view):
+        raise RecordError(f"{type(record).__name__}: {len(view) - end} bytes after the record")
+    return record
+
+
+def encode_frame(records: list[Record] | tuple[Record, ...]) -> bytes:
+    """Several records back to back: one ring slot or one network message."""
+    return b"".join(encode(record) for record in records)
+
+
+def decode_frame(data: bytes | bytearray | memoryview, limits: Limits = NO_LIMITS) -> tuple[list[Record], str | None]:
+    """The records of a frame, and why the rest of it was dropped (None if nothing was).
+    Decoding stops at the first malformed record: nothing after it can be framed."""
+    view = _view(data)
+    records: list[Record] = []
+    offset = 0
+    while offset < len(view):
+        try:
+            record, offset = _decode_one(view, offset, limits)
+        except RecordError as exc:
+            return records, str(exc)
+        records.append(record)
+    return records, None
+
+
+def check_finite_timeout(name: str, value: object) -> float:
+    """`value` as seconds, or ValueError naming `name` (NaN, inf, negative, non-numbers)."""
+    if isinstance(value, bool) or not isinstance(value, (int, float)) or not math.isfinite(value) or value < 0:
+        raise ValueError(f"{name}={value!r}: expected a finite number of seconds >= 0")
+    return float(value)
 
 
 __all__ = [
     "BROADCAST_RANK",
+    "COMPLETION_CACHED",
+    "Limits",
     "MAX_BLOCKS",
     "MAX_BLOCK_INDEX",
+    "MAX_HASH_BYTES",
     "MAX_MESSAGE_BYTES",
     "MAX_RECORD_BYTES",
+    "MAX_SEGMENTS",
+    "NO_LIMITS",
     "Abort",
     "AbortReason",
+    "Announce",
     "Completion",
     "Decision",
     "DecisionAction",
-    "Heartbeat",
     "Record",
     "RecordError",
     "RecordType",
     "Resume",
+    "Segment",
     "Transfer",
     "VERSION",
+    "block_list_bytes",
     "clip_message",
     "decode",
+    "decode_frame",
     "encode",
+    "encode_frame",
     "max_record_bytes",
+    "segments_that_fit",
 ]

@@ -7,12 +7,12 @@ field, the value and what was expected, never an out-of-bounds access on the dev
 from __future__ import annotations
 
 from collections.abc import Sequence
-from typing import NamedTuple
 
 import numpy as np
 import torch
 
 from .layout import EMBEDDING_DTYPES, StagingLayout, check_staging
+from .plan import BlockPlan
 from .types import PoolTensors, RowTensors, TokenSpan
 
 
@@ -145,16 +145,6 @@ def check_layout(
     check_staging(staging, layout)
     if staging.device != device:
         raise ValueError(f"staging: on {staging.device}, expected {device}")
-
-
-class BlockPlan(NamedTuple):
-    """Where a batch of spans lives: the block indices holding each span's tokens, all
-    spans concatenated (`blocks`), how many of them belong to each span (`lengths`), and
-    each span's first token relative to its first block (`first_rows`)."""
-
-    blocks: np.ndarray
-    lengths: np.ndarray
-    first_rows: np.ndarray
 
 
 def covered_blocks(

@@ -1,29 +1,33 @@
 """The staging buffer's byte layout: the one place it is defined.
 
 A staging buffer is a 1-D `torch.uint8` tensor that carries a *batch* of segments in
-one message; segment `i` holds `counts[i]` tokens of one request. pack writes it,
-unpack / unpack_to_rows read it, and the wire carries it as opaque bytes.
+one message; segment `i` holds `counts[i]` tokens of one request (or one round of it).
+pack / pack_rows write it, unpack / unpack_to_rows read it, and the wire carries it as
+opaque bytes. With T = sum(counts) tokens in the batch, the buffer holds one region per
+field, each a C-contiguous array in payload shape over all T tokens:
 
-Segments follow each other in batch order. Inside a segment the fields follow each
-other in this order, each one a C-contiguous array in payload shape:
+    offset (bytes)                    field             shape        dtype
+    --------------------------------  ----------------  -----------  ----------
+    0                                 embeddings        [T, D]       dtype
+    deepstack_offset (if K*D > 0)     deepstack         [T, K*D]     dtype
+    fill_ids_offset                   fill_ids          [T]          int32
+    mrope_offset                      mrope_positions   [3, T]       int32
+                                                        (row t over all T tokens,
+                                                        then h, then w)
 
-    offset (bytes)                              field             shape       dtype
-    ------------------------------------------  ----------------  ----------  ----------
-    segment_offsets[i]      = embeddings_offsets[i]   embeddings  [n, D]      dtype
-    deepstack_offsets[i]    (only if deepstack_dim)   deepstack   [n, K*D]    dtype
-    fill_ids_offsets[i]                               fill_ids    [n]         int32
-    mrope_offsets[i]                                  mrope       [3, n]      int32
-                                                      (row t, then h, then w)
+Segment i owns tokens `[token_offsets[i], token_offsets[i] + counts[i])` of every
+region, in batch order. Every region starts on a multiple of `ALIGNMENT` = 128 bytes
+(padding between regions is unspecified), and `nbytes` is the end of the last region
+rounded up to 128. A segment's rows start at a multiple of the row length inside its
+region, so they are exactly as aligned as rows of a pool or of a payload: every copy
+can use 16-byte accesses whenever the row length allows. The staging tensor itself
+must start on a 16-byte boundary (any torch allocation does).
 
-Every field starts on a multiple of `ALIGNMENT` = 128 bytes (padding bytes between
-them are unspecified), so every section can be read with full-width 16-byte vector
-accesses and a 128-byte line never holds two fields. A segment of 0 tokens takes no
-bytes. `nbytes` is the end of the last field rounded up to 128 bytes. The staging
-tensor itself must start on a 16-byte boundary (any torch allocation does).
-
-Field-after-field inside a segment (rather than all embeddings of all segments first)
-keeps one request's data in one range of bytes, so a segment can be viewed, checked or
-forwarded without touching the others.
+Why field after field over the whole batch (rather than segment after segment): a
+message of S segments is then 4 contiguous regions, so the torch path (CPU) packs it
+with one `torch.cat` per field and unpacks it with one indexed copy per field, however
+many requests it holds: its fixed cost per message does not grow with S. `views(i)`
+still gives one segment as payload-shaped tensors (its mrope view is strided).
 """
 
 from __future__ import annotations
@@ -53,20 +57,18 @@ class StagingLayout:
     dim: int
     deepstack_dim: int
     dtype: torch.dtype
-    segment_offsets: tuple[int, ...]
-    embeddings_offsets: tuple[int, ...]
-    deepstack_offsets: tuple[int, ...]
-    fill_ids_offsets: tuple[int, ...]
-    mrope_offsets: tuple[int, ...]
+    token_offsets: tuple[int, ...]
+    num_tokens: int
+    deepstack_offset: int
+    fill_ids_offset: int
+    mrope_offset: int
     nbytes: int
+
+    embeddings_offset = 0
 
     @property
     def num_segments(self) -> int:
         return len(self.counts)
-
-    @property
-    def num_tokens(self) -> int:
-        return sum(self.counts)
 
     @property
     def element_size(self) -> int:
@@ -74,40 +76,46 @@ class StagingLayout:
 
     @cached_property
     def offset_arrays(self) -> np.ndarray:
-        """int64 [5, S]: embeddings, deepstack, fill_ids and mrope byte offsets, then the
-        stride between mrope rows (the count), per segment (for the launchers)."""
-        return np.array(
-            [
-                self.embeddings_offsets,
-                self.deepstack_offsets,
-                self.fill_ids_offsets,
-                self.mrope_offsets,
-                self.counts,
-            ],
-            dtype=np.int64,
-        ).reshape(5, len(self.counts))
+        """int64 [5, S]: per segment, the byte offsets of its embeddings, deepstack,
+        fill_ids and mrope t-row in the buffer, then the element stride between the mrope
+        rows (T). What the Triton launcher needs to address a staging side."""
+        tokens = np.asarray(self.token_offsets, dtype=np.int64).reshape(-1)
+        row = self.dim * self.element_size
+        deep_row = self.deepstack_dim * self.element_size
+        return np.stack([
+            tokens * row,
+            self.deepstack_offset + tokens * deep_row,
+            self.fill_ids_offset + 4 * tokens,
+            self.mrope_offset + 4 * tokens,
+            np.full_like(tokens, self.num_tokens),
+        ])
+
+    def regions(self, staging: torch.Tensor) -> RowTensors:
+        """The whole batch as payload-shaped tensors over all T tokens (views, no copy)."""
+        check_staging(staging, self)
+        return self._regions(staging)
+
+    def _regions(self, staging: torch.Tensor) -> RowTensors:
+        t, element = self.num_tokens, self.element_size
+        embeddings = staging[: t * self.dim * element].view(self.dtype).view(t, self.dim)
+        deepstack = None
+        if self.deepstack_dim:
+            end = self.deepstack_offset + t * self.deepstack_dim * element
+            deepstack = staging[self.deepstack_offset : end].view(self.dtype).view(t, self.deepstack_dim)
+        fill_ids = staging[self.fill_ids_offset : self.fill_ids_offset + 4 * t].view(torch.int32)
+        mrope = staging[self.mrope_offset : self.mrope_offset + 12 * t].view(torch.int32).view(3, t)
+        return RowTensors(embeddings, fill_ids, mrope, deepstack)
 
     def views(self, staging: torch.Tensor, index: int) -> RowTensors:
         """Segment `index` of `staging` as payload-shaped tensors (views, no copy)."""
-        check_staging(staging, self)
-        n = self.counts[index]
-        element = self.element_size
-
-        def field(offset: int, nbytes: int, dtype: torch.dtype) -> torch.Tensor:
-            return staging[offset : offset + nbytes].view(dtype)
-
-        embeddings = field(self.embeddings_offsets[index], n * self.dim * element, self.dtype)
-        deepstack = None
-        if self.deepstack_dim:
-            deepstack = field(
-                self.deepstack_offsets[index], n * self.deepstack_dim * element, self.dtype
-            )
-            deepstack = deepstack.view(n, self.deepstack_dim)
+        regions = self.regions(staging)
+        first = self.token_offsets[index]
+        end = first + self.counts[index]
         return RowTensors(
-            embeddings=embeddings.view(n, self.dim),
-            fill_ids=field(self.fill_ids_offsets[index], 4 * n, torch.int32),
-            mrope_positions=field(self.mrope_offsets[index], 12 * n, torch.int32).view(3, n),
-            deepstack=deepstack,
+            embeddings=regions.embeddings[first:end],
+            fill_ids=regions.fill_ids[first:end],
+            mrope_positions=regions.mrope_positions[:, first:end],
+            deepstack=None if regions.deepstack is None else regions.deepstack[first:end],
         )
 
 
@@ -122,41 +130,46 @@ def staging_layout(
     for name, value, low in (("dim", dim, 1), ("deepstack_dim", deepstack_dim, 0)):
         if isinstance(value, bool) or not isinstance(value, int) or value < low:
             raise ValueError(f"staging_layout: {name}={value!r}, expected an integer >= {low}")
+    offsets = []
+    total = 0
     for i, n in enumerate(counts):
         if isinstance(n, bool) or not isinstance(n, int) or n < 0:
             raise ValueError(f"staging_layout: counts[{i}]={n!r}, expected an integer >= 0")
+        offsets.append(total)
+        total += n
     if dtype not in EMBEDDING_DTYPES:
         raise ValueError(f"staging_layout: dtype={dtype}, expected bfloat16, float16 or float32")
     element = dtype.itemsize
-    segments, embeddings, deepstack, fill_ids, mrope = [], [], [], [], []
-    offset = 0
-    for n in counts:
-        segments.append(offset)
-        embeddings.append(offset)
-        offset = _align(offset + n * dim * element)
-        deepstack.append(offset)
-        offset = _align(offset + n * deepstack_dim * element)
-        fill_ids.append(offset)
-        offset = _align(offset + 4 * n)
-        mrope.append(offset)
-        offset = _align(offset + 12 * n)
+    deepstack_offset = _align(total * dim * element)
+    fill_ids_offset = _align(deepstack_offset + total * deepstack_dim * element)
+    mrope_offset = _align(fill_ids_offset + 4 * total)
     return StagingLayout(
         counts=counts,
         dim=dim,
         deepstack_dim=deepstack_dim,
         dtype=dtype,
-        segment_offsets=tuple(segments),
-        embeddings_offsets=tuple(embeddings),
-        deepstack_offsets=tuple(deepstack),
-        fill_ids_offsets=tuple(fill_ids),
-        mrope_offsets=tuple(mrope),
-        nbytes=offset,
+        token_offsets=tuple(offsets),
+        num_tokens=total,
+        deepstack_offset=deepstack_offset,
+        fill_ids_offset=fill_ids_offset,
+        mrope_offset=mrope_offset,
+        nbytes=_align(mrope_offset + 12 * total),
     )
 
 
-def staging_nbytes(counts: Sequence[int], dim: int, deepstack_dim: int, dtype: torch.dtype) -> int:
-    """Bytes a staging buffer needs for segments of `counts` tokens (see `staging_layout`)."""
-    return staging_layout(counts, dim, deepstack_dim, dtype).nbytes
+def staging_nbytes(num_tokens: int, dim: int, deepstack_dim: int, dtype: torch.dtype) -> int:
+    """Bytes a staging buffer needs for `num_tokens` tokens in any number of segments (the
+    layout depends only on the total)."""
+    return staging_layout([num_tokens], dim, deepstack_dim, dtype).nbytes
+
+
+def tokens_that_fit(nbytes: int, dim: int, deepstack_dim: int, dtype: torch.dtype) -> int:
+    """The most tokens whose staged form fits `nbytes` bytes (0 if not even one)."""
+    per_token = dtype.itemsize * (dim + deepstack_dim) + 16
+    count = max(0, nbytes // per_token)
+    while count and staging_nbytes(count, dim, deepstack_dim, dtype) > nbytes:
+        count -= 1
+    return count
 
 
 def check_staging(staging: torch.Tensor, layout: StagingLayout) -> None:

@@ -1,18 +1,27 @@
-"""Plain-torch data plane: the CPU path and the oracle the Triton kernels are tested against."""
+"""Plain-torch data plane: the CPU path, and the oracle the Triton kernels are tested against.
+
+Each operation is a handful of whole-batch torch calls (one per field), whatever the
+number of segments: the staging layout keeps each field of a batch in one region
+(`layout.py`), and pool rows are addressed through one flat row index per batch
+(`plan_rows`). On a CPU, a torch call costs microseconds of fixed overhead, so a
+per-segment or per-block loop would cost more than the copy itself for small requests.
+
+Copies go through same-width integer views: they move bits (a NaN payload stays that
+NaN), and torch's CPU index kernels on bf16/fp16 slow down by ~100x on NaN and
+denormal patterns, which synthetic and real embeddings both contain.
+"""
 
 from __future__ import annotations
 
 from collections.abc import Sequence
 
+import numpy as np
 import torch
 
 from .layout import StagingLayout
-from .types import PoolTensors, RowTensors, TokenSpan
+from .plan import BlockPlan
+from .types import PoolTensors, RowTensors
 
-# Copies go through same-width integer views: they move bits (a NaN payload stays that
-# NaN), and torch's CPU index kernels on bf16/fp16 views slow down by ~100x on NaN and
-# denormal patterns, which synthetic and real embeddings both contain. Rows that are
-# contiguous in the pool are moved as slices (memcpy), not through index kernels.
 _BITS = {torch.bfloat16: torch.int16, torch.float16: torch.int16, torch.float32: torch.int32}
 
 
@@ -20,80 +29,120 @@ def _bits(tensor: torch.Tensor) -> torch.Tensor:
     return tensor.view(_BITS.get(tensor.dtype, tensor.dtype))
 
 
-def token_locations(
-    span: TokenSpan, block_size: int, device: torch.device
-) -> tuple[torch.Tensor, torch.Tensor]:
-    """(block index, row in block) of every token of the span."""
-    tokens = torch.arange(span.start, span.start + span.count, device=device)
-    blocks = torch.as_tensor(list(span.blocks), dtype=torch.long, device=device)
-    return blocks[tokens // block_size], tokens % block_size
+def plan_rows(plan: BlockPlan, counts: np.ndarray, block_size: int) -> np.ndarray:
+    """The flat pool row (block * block_size + row) of every token of the batch, segment
+    after segment: int64 [sum(counts)]."""
+    counts = np.asarray(counts, dtype=np.int64)
+    total = int(counts.sum())
+    if total == 0:
+        return np.zeros(0, dtype=np.int64)
+    segment = np.repeat(np.arange(counts.shape[0]), counts)
+    first_token = np.cumsum(counts) - counts
+    position = plan.first_rows[segment] + (np.arange(total) - first_token[segment])
+    first_block = np.cumsum(plan.lengths) - plan.lengths
+    blocks = plan.blocks[first_block[segment] + position // block_size]
+    return blocks * block_size + position % block_size
 
 
-def _runs(span: TokenSpan, block_size: int) -> list[tuple[int, int, int]]:
-    """(first pool row, rows, offset in the span) of each stretch of the span that is
-    contiguous in the pool viewed as `[num_blocks * block_size]` rows. Consecutive block
-    indices merge into one stretch, so an unfragmented span is a single memcpy."""
-    runs: list[tuple[int, int, int]] = []
-    token, end = span.start, span.start + span.count
-    while token < end:
-        row = token % block_size
-        count = min(block_size - row, end - token)
-        first = int(span.blocks[token // block_size]) * block_size + row
-        if runs and runs[-1][0] + runs[-1][1] == first:
-            runs[-1] = (runs[-1][0], runs[-1][1] + count, runs[-1][2])
-        else:
-            runs.append((first, count, token - span.start))
-        token += count
-    return runs
+class _PoolRows:
+    """A pool's fields as flat rows (bit views): `[num_blocks * block_size, W]`, and the
+    mrope positions as `[3, num_blocks * block_size]` addressed by `mrope_index`."""
 
+    def __init__(self, pool: PoolTensors) -> None:
+        blocks, block_size = pool.embeddings.shape[:2]
+        self.block_size = block_size
+        self.embeddings = _bits(pool.embeddings).view(blocks * block_size, -1)
+        self.fill_ids = pool.fill_ids.view(-1)
+        self.deepstack = None if pool.deepstack is None else _bits(pool.deepstack).view(blocks * block_size, -1)
+        self.mrope = pool.mrope_positions.view(-1)
 
-def _flat(field: torch.Tensor) -> torch.Tensor:
-    """[num_blocks, block_size, ...] as [num_blocks * block_size, W] rows, bit view."""
-    return _bits(field).view(field.shape[0] * field.shape[1], -1)
-
-
-def gather_reference(
-    pool: PoolTensors, span: TokenSpan, out: RowTensors, out_start: int = 0
-) -> None:
-    """Copy the span's tokens from the pool into rows `[out_start, out_start + count)` of `out`."""
-    fields = [(_flat(pool.embeddings), _bits(out.embeddings)), (_flat(pool.fill_ids), out.fill_ids.view(-1, 1))]
-    if pool.deepstack is not None:
-        fields.append((_flat(pool.deepstack), _bits(out.deepstack)))
-    for first, count, offset in _runs(span, pool.block_size):
-        for pool_rows, out_rows in fields:
-            out_rows[out_start + offset : out_start + offset + count].copy_(pool_rows[first : first + count])
-    block, row = token_locations(span, pool.block_size, pool.embeddings.device)
-    out.mrope_positions[:, out_start : out_start + span.count] = pool.mrope_positions[block, :, row].T
-
-
-def scatter_reference(
-    rows: RowTensors, rows_start: int, pool: PoolTensors, span: TokenSpan
-) -> None:
-    """Copy rows `[rows_start, rows_start + count)` of `rows` into the span's places in the pool."""
-    fields = [(_flat(pool.embeddings), _bits(rows.embeddings)), (_flat(pool.fill_ids), rows.fill_ids.view(-1, 1))]
-    if pool.deepstack is not None:
-        fields.append((_flat(pool.deepstack), _bits(rows.deepstack)))
-    for first, count, offset in _runs(span, pool.block_size):
-        for pool_rows, source_rows in fields:
-            pool_rows[first : first + count].copy_(source_rows[rows_start + offset : rows_start + offset + count])
-    block, row = token_locations(span, pool.block_size, pool.embeddings.device)
-    pool.mrope_positions[block, :, row] = rows.mrope_positions[:, rows_start : rows_start + span.count].T
+    def mrope_index(self, rows: torch.Tensor) -> torch.Tensor:
+        """Flat mrope element of every (axis, row): [3, n] for flat pool rows `rows`."""
+        block, within = rows // self.block_size, rows % self.block_size
+        base = block * (3 * self.block_size) + within
+        axis = torch.arange(3, dtype=torch.int64, device=rows.device).view(3, 1) * self.block_size
+        return base.view(1, -1) + axis
 
 
 def pack_reference(
-    pool: PoolTensors, spans: Sequence[TokenSpan], staging: torch.Tensor, layout: StagingLayout
+    pool: PoolTensors, plan: BlockPlan, staging: torch.Tensor, layout: StagingLayout
 ) -> None:
-    """Gather every span's tokens, all fields, into its segment of `staging`."""
-    for i, span in enumerate(spans):
-        gather_reference(pool, span, layout.views(staging, i))
+    """Gather every segment's tokens, all fields, from the pool into `staging`."""
+    _pool_to_rows(pool, plan, layout.counts, layout._regions(staging))
 
 
 def unpack_reference(
-    staging: torch.Tensor, layout: StagingLayout, pool: PoolTensors, spans: Sequence[TokenSpan]
+    staging: torch.Tensor, layout: StagingLayout, pool: PoolTensors, plan: BlockPlan,
+    segments: Sequence[int] | None = None,
 ) -> None:
-    """Scatter segment i of `staging` into the pool rows named by `spans[i]`."""
-    for i, span in enumerate(spans):
-        scatter_reference(layout.views(staging, i), 0, pool, span)
+    """Scatter every segment of `staging` (or only `segments`, ascending; `plan` then
+    covers only them) into its pool rows."""
+    regions = layout._regions(staging)
+    counts = layout.counts
+    if segments is not None:
+        counts = [layout.counts[i] for i in segments]
+        tokens = torch.cat([torch.arange(layout.token_offsets[i], layout.token_offsets[i] + layout.counts[i])
+                            for i in segments]).to(staging.device)
+        regions = RowTensors(_bits(regions.embeddings)[tokens], regions.fill_ids[tokens],
+                             regions.mrope_positions[:, tokens],
+                             None if regions.deepstack is None else _bits(regions.deepstack)[tokens])
+    _rows_to_pool(regions, pool, plan, counts)
+
+
+def gather_reference(
+    pool: PoolTensors,
+    plan: BlockPlan,
+    counts: Sequence[int],
+    outputs: Sequence[RowTensors],
+    out_starts: Sequence[int],
+) -> None:
+    """Copy segment i's pool tokens into rows `[out_starts[i], out_starts[i] + counts[i])`
+    of `outputs[i]`."""
+    if len(outputs) == 1:
+        out, start, n = outputs[0], out_starts[0], int(counts[0])
+        _pool_to_rows(pool, plan, counts, _row_slice(out, start, n))
+        return
+    rows = torch.from_numpy(plan_rows(plan, counts, pool.embeddings.shape[1])).to(pool.embeddings.device)
+    flat = _PoolRows(pool)
+    first = 0
+    for out, start, n in zip(outputs, out_starts, counts, strict=True):
+        if n:
+            _select(flat, rows[first : first + n], _row_slice(out, start, n))
+        first += n
+
+
+def scatter_reference(
+    rows: Sequence[RowTensors],
+    row_starts: Sequence[int],
+    counts: Sequence[int],
+    pool: PoolTensors,
+    plan: BlockPlan,
+) -> None:
+    """Copy rows `[row_starts[i], row_starts[i] + counts[i])` of `rows[i]` into segment i's
+    pool rows."""
+    index = torch.from_numpy(plan_rows(plan, counts, pool.embeddings.shape[1])).to(pool.embeddings.device)
+    flat = _PoolRows(pool)
+    first = 0
+    for source, start, n in zip(rows, row_starts, counts, strict=True):
+        if n:
+            _index_copy(flat, index[first : first + n], _row_slice(source, start, n))
+        first += n
+
+
+def pack_rows_reference(
+    rows: Sequence[RowTensors], row_starts: Sequence[int], staging: torch.Tensor, layout: StagingLayout
+) -> None:
+    """Copy rows `[row_starts[i], row_starts[i] + counts[i])` of `rows[i]` into segment i of
+    `staging`: one `torch.cat` per field for the whole batch."""
+    regions = layout._regions(staging)
+    parts = [_row_slice(r, s, n) for r, s, n in zip(rows, row_starts, layout.counts, strict=True) if n]
+    if not parts:
+        return
+    torch.cat([_bits(p.embeddings) for p in parts], out=_bits(regions.embeddings))
+    torch.cat([p.fill_ids for p in parts], out=regions.fill_ids)
+    torch.cat([p.mrope_positions for p in parts], dim=1, out=regions.mrope_positions)
+    if regions.deepstack is not None:
+        torch.cat([_bits(p.deepstack) for p in parts], out=_bits(regions.deepstack))
 
 
 def unpack_to_rows_reference(
@@ -102,12 +151,63 @@ def unpack_to_rows_reference(
     outputs: Sequence[RowTensors],
     out_starts: Sequence[int],
 ) -> None:
-    """Copy segment i of `staging` into rows `[out_starts[i], out_starts[i] + counts[i])` of `outputs[i]`."""
-    for i, (out, start) in enumerate(zip(outputs, out_starts, strict=True)):
-        segment = layout.views(staging, i)
-        end = start + layout.counts[i]
-        _bits(out.embeddings[start:end]).copy_(_bits(segment.embeddings))
-        out.fill_ids[start:end] = segment.fill_ids
-        out.mrope_positions[:, start:end] = segment.mrope_positions
-        if segment.deepstack is not None:
-            _bits(out.deepstack[start:end]).copy_(_bits(segment.deepstack))
+    """Copy segment i of `staging` into rows `[out_starts[i], out_starts[i] + counts[i])` of
+    `outputs[i]`."""
+    regions = layout._regions(staging)
+    for out, start, first, n in zip(outputs, out_starts, layout.token_offsets, layout.counts, strict=True):
+        if n:
+            _copy_rows(_row_slice(regions, first, n), _row_slice(out, start, n))
+
+
+# -- helpers ------------------------------------------------------------------------
+
+
+def _row_slice(rows: RowTensors, start: int, count: int) -> RowTensors:
+    end = start + count
+    return RowTensors(
+        rows.embeddings[start:end],
+        rows.fill_ids[start:end],
+        rows.mrope_positions[:, start:end],
+        None if rows.deepstack is None else rows.deepstack[start:end],
+    )
+
+
+def _copy_rows(source: RowTensors, target: RowTensors) -> None:
+    _bits(target.embeddings).copy_(_bits(source.embeddings))
+    target.fill_ids.copy_(source.fill_ids)
+    target.mrope_positions.copy_(source.mrope_positions)
+    if source.deepstack is not None:
+        _bits(target.deepstack).copy_(_bits(source.deepstack))
+
+
+def _pool_to_rows(pool: PoolTensors, plan: BlockPlan, counts: Sequence[int], out: RowTensors) -> None:
+    """All of the batch's pool tokens into `out` (rows in batch order)."""
+    rows = torch.from_numpy(plan_rows(plan, counts, pool.embeddings.shape[1])).to(pool.embeddings.device)
+    if rows.numel():
+        _select(_PoolRows(pool), rows, out)
+
+
+def _rows_to_pool(source: RowTensors, pool: PoolTensors, plan: BlockPlan, counts: Sequence[int]) -> None:
+    rows = torch.from_numpy(plan_rows(plan, counts, pool.embeddings.shape[1])).to(pool.embeddings.device)
+    if rows.numel():
+        _index_copy(_PoolRows(pool), rows, source)
+
+
+def _select(flat: _PoolRows, rows: torch.Tensor, out: RowTensors) -> None:
+    out_embeddings = _bits(out.embeddings)
+    if out_embeddings.is_contiguous():
+        torch.index_select(flat.embeddings, 0, rows, out=out_embeddings)
+    else:
+        out_embeddings.copy_(flat.embeddings.index_select(0, rows))
+    out.fill_ids.copy_(flat.fill_ids.index_select(0, rows))
+    out.mrope_positions.copy_(flat.mrope[flat.mrope_index(rows)])
+    if flat.deepstack is not None:
+        _bits(out.deepstack).copy_(flat.deepstack.index_select(0, rows))
+
+
+def _index_copy(flat: _PoolRows, rows: torch.Tensor, source: RowTensors) -> None:
+    flat.embeddings.index_copy_(0, rows, _bits(source.embeddings))
+    flat.fill_ids.index_copy_(0, rows, source.fill_ids)
+    flat.mrope.index_copy_(0, flat.mrope_index(rows).reshape(-1), source.mrope_positions.reshape(-1))
+    if flat.deepstack is not None:
+        flat.deepstack.index_copy_(0, rows, _bits(source.deepstack))

@@ -57,7 +57,7 @@ import torch
 import triton
 import triton.language as tl
 
-from .checks import BlockPlan
+from .plan import BlockPlan
 from .types import PoolTensors
 from .workspace import workspace_for
 
@@ -261,14 +261,35 @@ class TileConfig:
     min_programs: int = 1024
 
 
-_tile_config = TileConfig()
+# Per-device defaults, matched against the device name (bench/kernels.py --sweep picks
+# them; bench/results/kernels-NOTES.md has the sweeps). Devices not listed use TileConfig().
+DEVICE_TILE_CONFIGS: dict[str, TileConfig] = {}
+
+_override: TileConfig | None = None
+_by_device: dict[int, TileConfig] = {}
 
 
-def set_tile_config(config: TileConfig) -> TileConfig:
-    """Swap the launch shape (benchmark sweeps); returns the previous one."""
-    global _tile_config
-    previous, _tile_config = _tile_config, config
+def set_tile_config(config: TileConfig | None) -> TileConfig | None:
+    """Force one launch shape on every device (benchmark sweeps, tests); None goes back to
+    the per-device defaults. Returns the previous override."""
+    global _override
+    previous, _override = _override, config
     return previous
+
+
+def tile_config(device: torch.device) -> TileConfig:
+    """The launch shape for `device`: the override if set, else its per-device default."""
+    if _override is not None:
+        return _override
+    if device.type != "cuda":
+        return TileConfig()
+    index = device.index if device.index is not None else torch.cuda.current_device()
+    config = _by_device.get(index)
+    if config is None:
+        name = torch.cuda.get_device_name(index)
+        config = next((c for key, c in DEVICE_TILE_CONFIGS.items() if key in name), TileConfig())
+        _by_device[index] = config
+    return config
 
 
 def pick_word(alignment: int) -> tuple[torch.dtype, int, int]:
@@ -280,15 +301,18 @@ def pick_word(alignment: int) -> tuple[torch.dtype, int, int]:
     return word, word_bytes, aligned // word_bytes
 
 
-def pick_tile(emb_words: int, ds_words: int, counts: np.ndarray) -> tuple[int, int, int]:
+_BLOCK_WIDTHS = (64, 128, 256, 512, 1024, 2048, 4096)
+
+
+def pick_tile(emb_words: int, ds_words: int, counts: np.ndarray, config: TileConfig | None = None) -> tuple[int, int, int]:
     """(TOKENS, BLOCK_W, work items) for rows of `emb_words` + `ds_words` words.
 
     BLOCK_W covers a row with the fewest wasted lanes; TOKENS makes a tile of about
     `tile_words`, then halves while the launch would have fewer than `min_programs`
     programs, so that a small request still spreads over every SM."""
-    config = _tile_config
+    config = config or TileConfig()
     row_words = max(emb_words, ds_words)
-    candidates = [w for w in (64, 128, 256, 512, 1024, 2048, 4096) if w <= config.max_block_w]
+    candidates = [w for w in _BLOCK_WIDTHS if w <= config.max_block_w]
     fitting = [w for w in candidates if w >= row_words]
     if fitting:
         block_w = fitting[0]
@@ -306,7 +330,7 @@ def pick_tile(emb_words: int, ds_words: int, counts: np.ndarray) -> tuple[int, i
 
 
 class PoolSide(NamedTuple):
-    """A pool, and where the batch's tokens sit in it (from `checks.covered_blocks`)."""
+    """A pool, and where the batch's tokens sit in it (a `BlockPlan`)."""
 
     pool: PoolTensors
     plan: BlockPlan
@@ -316,7 +340,10 @@ class LinearSide(NamedTuple):
     """Contiguous per-segment rows. Addresses are absolute byte addresses, one per
     segment; the kernel reaches them as offsets from `words_base` (embeddings and
     deepstack) and `ints_base` (fill_ids and mrope), which must be live tensors on the
-    same device (the staging buffer, or the first output's tensors)."""
+    same device (the staging buffer, or the first output's tensors).
+
+    `staging`: the addresses are a staging buffer's (a 128-byte aligned region base plus
+    whole rows), so their alignment follows from the row length alone."""
 
     words_base: torch.Tensor
     ints_base: torch.Tensor
@@ -332,123 +359,207 @@ Side = PoolSide | LinearSide
 
 
 def copy_segments(
-    counts: Sequence[int], src: Side, dst: Side, *, dim: int, deepstack_dim: int, element_size: int
+    counts: Sequence[int] | np.ndarray, src: Side, dst: Side, *, dim: int, deepstack_dim: int, element_size: int
 ) -> None:
     """Copy every field of every segment from `src` to `dst` in one launch. The caller has
     validated everything (shapes, dtypes, devices, block bounds, disjoint writes).
 
-    Host cost matters here (it is paid on every call, and for a small request it is
-    longer than the kernel): the tables are built with a handful of whole-batch numpy
-    operations, never a Python loop over segments or blocks."""
+    Host cost matters here: it is paid on every call, and for a small request it is longer
+    than the kernel. The tables are written with a handful of whole-batch numpy
+    operations straight into the pinned upload buffer (never a Python loop over segments
+    or blocks), pointers travel as integers, and on CUDA the compiled kernel is launched
+    directly (`_DirectLauncher`) instead of through Triton's JIT dispatcher."""
     counts = np.asarray(counts, dtype=np.int64)
     num_segments = counts.shape[0]
-    largest = int(counts.max()) if num_segments else 0
-    if largest == 0:
+    if num_segments == 0 or int(counts.max()) == 0:
         return
     emb_row_bytes, ds_row_bytes = dim * element_size, deepstack_dim * element_size
     word, word_bytes, vec = pick_word(_alignment((emb_row_bytes, ds_row_bytes), src, dst, counts))
     emb_words, ds_words = emb_row_bytes // word_bytes, ds_row_bytes // word_bytes
-    tokens, block_w, num_items = pick_tile(emb_words, ds_words, counts)
-
-    # Work items are the TOKENS-token tiles of every segment, numbered segment after
-    # segment; the kernel finds an item's segment by binary search over column 1.
-    tiles = -(-counts // tokens)
-    zeros = np.zeros(num_segments, dtype=np.int64)
-    columns = [counts, np.cumsum(tiles) - tiles]
-    blocks = []
-    table_used = 0
-    for side in (src, dst):
-        if isinstance(side, PoolSide):
-            plan = side.plan
-            columns += [
-                table_used + np.cumsum(plan.lengths) - plan.lengths,
-                plan.first_rows,
-                zeros,
-                zeros,
-                zeros,
-            ]
-            blocks.append(plan.blocks)
-            table_used += plan.blocks.size
-        else:
-            words_ptr, ints_ptr = side.words_base.data_ptr(), side.ints_base.data_ptr()
-            columns += [
-                (side.emb_addresses - words_ptr) // word_bytes,
-                (side.ds_addresses - words_ptr) // word_bytes if ds_words else zeros,
-                (side.fill_addresses - ints_ptr) // 4,
-                (side.mrope_addresses - ints_ptr) // 4,
-                side.mrope_strides,
-            ]
-    metadata = np.concatenate(columns + blocks + [zeros[:1]])  # never empty
-    table_start = SEGMENT_COLUMNS.value * num_segments  # x 8 bytes: 16-byte aligned
-
+    device = (src.pool.embeddings if isinstance(src, PoolSide) else src.words_base).device
+    config = tile_config(device)
+    tokens, block_w, num_items = pick_tile(emb_words, ds_words, counts, config)
     emb_tiles = -(-emb_words // block_w)
     column_tiles = emb_tiles + (-(-ds_words // block_w) if ds_words else 0)
-    src_pointers, dst_pointers = _pointers(src, word), _pointers(dst, word)
-    grid = (num_items * column_tiles,)
+
+    table_size = sum(side.plan.blocks.size for side in (src, dst) if isinstance(side, PoolSide))
+    size = SEGMENT_COLUMNS.value * num_segments + table_size + 1
+    src_pointers, dst_pointers = _addresses(src, word_bytes), _addresses(dst, word_bytes)
     pool_sides = [side for side in (src, dst) if isinstance(side, PoolSide)]
     block_size = pool_sides[0].pool.embeddings.shape[1] if pool_sides else 1
+    constants = (isinstance(src, PoolSide), isinstance(dst, PoolSide), ds_words > 0, tokens, block_w, vec)
+    scalars = (num_segments, SEGMENT_COLUMNS.value * num_segments, *src_pointers, *dst_pointers,
+               block_size, emb_words, ds_words, emb_tiles, column_tiles)
+    grid = num_items * column_tiles
 
-    def run(on_device: torch.Tensor) -> None:
-        _copy_kernel[grid](
-            on_device,
-            num_segments,
-            table_start,
-            *src_pointers,
-            *dst_pointers,
-            block_size,
-            emb_words,
-            ds_words,
-            emb_tiles,
-            column_tiles,
-            SRC_POOL=isinstance(src, PoolSide),
-            DST_POOL=isinstance(dst, PoolSide),
-            HAS_DS=ds_words > 0,
-            TOKENS=tokens,
-            BLOCK_W=block_w,
-            VEC=vec,
-            num_warps=_tile_config.num_warps,
-        )
-
-    device = src_pointers[0].device
-    if device.type != "cuda":
-        run(torch.from_numpy(metadata))  # the interpreter: host memory, nothing in flight
+    if device.type != "cuda":  # the interpreter: host memory, nothing in flight
+        metadata = np.empty(size, dtype=np.int64)
+        _fill_metadata(metadata, counts, tokens, src, dst, word_bytes, ds_words)
+        _launch_jit(torch.from_numpy(metadata), scalars, constants, grid, src, dst, word, config.num_warps)
         return
     workspace = workspace_for(device)
     with workspace.lock:
-        if device.index == torch.cuda.current_device():
-            run(workspace.upload(metadata))
-        else:
-            with torch.cuda.device(device):
-                run(workspace.upload(metadata))
-        workspace.release()
+        host, slot = workspace.acquire(size)
+        _fill_metadata(host, counts, tokens, src, dst, word_bytes, ds_words)
+        metadata = workspace.upload(slot, size)
+        with _on_device(device):
+            _LAUNCHER.launch(metadata, scalars, constants, grid, src, dst, word, config.num_warps, device)
+        workspace.release(slot)
 
 
-def _alignment(row_bytes: tuple[int, int], src: Side, dst: Side, counts: np.ndarray) -> int:
-    """The largest power of two (<= 16) dividing every row length and every base address
-    of the embeddings and deepstack on both sides."""
-    values = [16, *row_bytes]
-    live = counts > 0
-    for side in (src, dst):
+def _fill_metadata(out: np.ndarray, counts: np.ndarray, tokens: int, src: Side, dst: Side, word_bytes: int,
+                   ds_words: int) -> None:
+    """The launch's int64 table (layout at the top of this file), written into `out`."""
+    s = counts.shape[0]
+    tiles = -(-counts // tokens)
+    out[0:s] = counts
+    np.cumsum(tiles, out=out[s : 2 * s])
+    out[s : 2 * s] -= tiles
+    table_used = 0
+    table = SEGMENT_COLUMNS.value * s
+    for base, side in ((2 * s, src), (7 * s, dst)):
         if isinstance(side, PoolSide):
-            values.append(side.pool.embeddings.data_ptr())
-            if side.pool.deepstack is not None:
-                values.append(side.pool.deepstack.data_ptr())
-        elif not side.staging:  # staging fields are 128-byte aligned in a 16-aligned buffer
-            values.append(side.words_base.data_ptr())
-            values.append(int(np.bitwise_or.reduce(side.emb_addresses[live])))
-            if row_bytes[1]:
-                values.append(int(np.bitwise_or.reduce(side.ds_addresses[live])))
-    alignment = 0
-    for value in values:
-        alignment = math.gcd(alignment, value)
-    return alignment & -alignment
+            plan = side.plan
+            first_block = out[base : base + s]
+            np.cumsum(plan.lengths, out=first_block)
+            first_block += table_used - plan.lengths
+            out[base + s : base + 2 * s] = plan.first_rows
+            out[base + 2 * s : base + 5 * s] = 0
+            n = plan.blocks.size
+            out[table + table_used : table + table_used + n] = plan.blocks
+            table_used += n
+        else:
+            words_ptr, ints_ptr = side.words_base.data_ptr(), side.ints_base.data_ptr()
+            np.subtract(side.emb_addresses, words_ptr, out=out[base : base + s])
+            out[base : base + s] //= word_bytes
+            if ds_words:
+                np.subtract(side.ds_addresses, words_ptr, out=out[base + s : base + 2 * s])
+                out[base + s : base + 2 * s] //= word_bytes
+            else:
+                out[base + s : base + 2 * s] = 0
+            np.subtract(side.fill_addresses, ints_ptr, out=out[base + 2 * s : base + 3 * s])
+            np.subtract(side.mrope_addresses, ints_ptr, out=out[base + 3 * s : base + 4 * s])
+            out[base + 2 * s : base + 4 * s] //= 4
+            out[base + 4 * s : base + 5 * s] = side.mrope_strides
+    out[table + table_used] = 0  # never empty
 
 
-def _pointers(side: Side, word: torch.dtype) -> tuple[torch.Tensor, ...]:
+def _addresses(side: Side, word_bytes: int) -> tuple[int, int, int, int]:
+    """(embeddings, deepstack, fill_ids, mrope) base addresses of a side."""
+    if isinstance(side, PoolSide):
+        pool = side.pool
+        emb = pool.embeddings.data_ptr()
+        ds = pool.deepstack.data_ptr() if pool.deepstack is not None else emb
+        return emb, ds, pool.fill_ids.data_ptr(), pool.mrope_positions.data_ptr()
+    words, ints = side.words_base.data_ptr(), side.ints_base.data_ptr()
+    return words, words, ints, ints
+
+
+def _tensors(side: Side, word: torch.dtype) -> tuple[torch.Tensor, ...]:
+    """The same four bases as typed tensors (what Triton's JIT dispatcher needs)."""
     if isinstance(side, PoolSide):
         pool = side.pool
         emb = pool.embeddings.view(word)
         ds = pool.deepstack.view(word) if pool.deepstack is not None else emb
         return emb, ds, pool.fill_ids, pool.mrope_positions
     words = side.words_base.view(word)
-    return words, words, side.ints_base, side.ints_base
+    ints = side.ints_base.view(torch.int32)
+    return words, words, ints, ints
+
+
+def _jit_arguments(metadata: torch.Tensor, scalars: tuple, src: Side, dst: Side, word: torch.dtype) -> list:
+    """The kernel's arguments in signature order, pointers as tensors."""
+    return [metadata, scalars[0], scalars[1], *_tensors(src, word), *_tensors(dst, word), *scalars[10:]]
+
+
+def _launch_jit(metadata: torch.Tensor, scalars: tuple, constants: tuple, grid: int, src: Side, dst: Side,
+                word: torch.dtype, num_warps: int):
+    src_pool, dst_pool, has_ds, tokens, block_w, vec = constants
+    return _copy_kernel[(grid,)](
+        *_jit_arguments(metadata, scalars, src, dst, word),
+        SRC_POOL=src_pool, DST_POOL=dst_pool, HAS_DS=has_ds, TOKENS=tokens, BLOCK_W=block_w, VEC=vec,
+        num_warps=num_warps,
+    )
+
+
+class _DirectLauncher:
+    """Launches compiled `_copy_kernel` variants without Triton's JIT dispatcher.
+
+    The dispatcher re-derives on every call what does not change between calls of one
+    shape (argument binding, specialization key, cache lookup, launch hooks); on the GPU
+    machine's CPU that costs tens of microseconds per call. Here the first call of a
+    variant goes through the dispatcher, which compiles it (or finds it in Triton's
+    cache); the compiled kernel is kept under a key that is at least as fine as Triton's
+    own specialization (16-byte alignment of every pointer; for every specialized
+    integer: == 1, multiple of 16, fits int32), and later calls with that key launch it
+    directly with integer pointers. Anything unexpected (a Triton without these
+    internals, launch hooks set by a profiler) falls back to the dispatcher."""
+
+    def __init__(self) -> None:
+        self._kernels: dict[tuple, object] = {}
+        self._usable = True
+
+    def launch(self, metadata: torch.Tensor, scalars: tuple, constants: tuple, grid: int, src: Side, dst: Side,
+               word: torch.dtype, num_warps: int, device: torch.device) -> None:
+        from triton import knobs
+
+        hooks = knobs.runtime.launch_enter_hook is not None or knobs.runtime.launch_exit_hook is not None
+        if not self._usable or hooks:
+            _launch_jit(metadata, scalars, constants, grid, src, dst, word, num_warps)
+            return
+        pointers = (metadata.data_ptr(), *scalars[2:10])
+        key = (constants, num_warps, word, device.index,
+               tuple(p % 16 == 0 for p in pointers),
+               tuple((v == 1, v % 16 == 0, v < 2**31) for v in (*scalars[:2], *scalars[10:])))
+        kernel = self._kernels.get(key)
+        if kernel is None:
+            kernel = _launch_jit(metadata, scalars, constants, grid, src, dst, word, num_warps)
+            try:
+                kernel.run  # noqa: B018 - loads the module, makes the launcher
+                kernel.function, kernel.packed_metadata  # noqa: B018
+            except AttributeError:
+                self._usable = False
+                return
+            self._kernels[key] = kernel
+            return
+        stream = torch._C._cuda_getCurrentRawStream(device.index)
+        kernel.run(grid, 1, 1, stream, kernel.function, kernel.packed_metadata, None, None, None,
+                   pointers[0], *scalars[:2], *pointers[1:], *scalars[10:], *constants)
+
+
+_LAUNCHER = _DirectLauncher()
+
+
+class _on_device:
+    """`with torch.cuda.device(d)` only when `d` is not already current (it costs a few
+    microseconds per call)."""
+
+    def __init__(self, device: torch.device) -> None:
+        self.device = device
+        self.switch = None
+
+    def __enter__(self) -> None:
+        if self.device.index is not None and self.device.index != torch.cuda.current_device():
+            self.switch = torch.cuda.device(self.device)
+            self.switch.__enter__()
+
+    def __exit__(self, *exc_info: object) -> None:
+        if self.switch is not None:
+            self.switch.__exit__(*exc_info)
+
+
+def _alignment(row_bytes: tuple[int, int], src: Side, dst: Side, counts: np.ndarray) -> int:
+    """The largest power of two (<= 16) dividing every row length and every base address
+    of the embeddings and deepstack on both sides."""
+    value = 16 | row_bytes[0] | row_bytes[1]
+    for side in (src, dst):
+        if isinstance(side, PoolSide):
+            value |= side.pool.embeddings.data_ptr()
+            if side.pool.deepstack is not None:
+                value |= side.pool.deepstack.data_ptr()
+        elif not side.staging:
+            live = counts > 0
+            value |= side.words_base.data_ptr() | int(np.bitwise_or.reduce(side.emb_addresses[live]))
+            if row_bytes[1]:
+                value |= int(np.bitwise_or.reduce(side.ds_addresses[live]))
+    return value & -value

@@ -4,6 +4,9 @@ Each launch needs a few kilobytes of int64 metadata on the device. Allocating it
 would put a device allocation on the hot path, so each device keeps a small ring of
 slots; a slot is a pinned host buffer plus a device buffer of the same size plus an
 event, and both buffers grow geometrically (doubling) only when a bigger batch comes.
+The launcher writes its table straight into the slot's pinned buffer (`acquire`), so
+nothing is built twice, and the upload copies a power-of-two prefix through views made
+once per size, so no tensor is sliced per call.
 
 Why reusing a slot is safe: the H2D copy out of the pinned buffer is asynchronous
 (`non_blocking=True`), so the host may not overwrite that buffer until the copy has
@@ -25,50 +28,61 @@ import numpy as np
 import torch
 
 NUM_SLOTS = 8
+MIN_CAPACITY = 1024
 
 
 class _Slot:
     def __init__(self) -> None:
-        self.host: torch.Tensor | None = None
+        self.capacity = 0
         self.host_array: np.ndarray | None = None
+        self.uploads: dict[int, tuple[torch.Tensor, torch.Tensor]] = {}  # size -> (device, host) views
         self.device: torch.Tensor | None = None
         self.event: torch.cuda.Event | None = None
         self.recorded = False
 
 
 class DeviceWorkspace:
-    """The slots of one CUDA device. Use `with workspace.lock:` around upload + launch +
-    `release`, so that concurrent callers never share a slot."""
+    """The slots of one CUDA device. Use `with workspace.lock:` around acquire + upload +
+    launch + `release`, so that concurrent callers never share a slot."""
 
     def __init__(self, device: torch.device) -> None:
         self.device = device
         self.lock = threading.Lock()
         self._slots = [_Slot() for _ in range(NUM_SLOTS)]
         self._next = 0
-        self._current: _Slot | None = None
 
-    def upload(self, metadata: np.ndarray) -> torch.Tensor:
-        """Copy `metadata` (1-D int64) to the device; returns a device view of it, valid
-        until `release()` has been called and NUM_SLOTS further uploads have happened."""
+    def acquire(self, n: int) -> tuple[np.ndarray, _Slot]:
+        """A pinned int64 host array of `n` elements to fill, and its slot. The array is
+        safe to write: the last launch that read this slot has finished."""
         slot = self._slots[self._next]
         self._next = (self._next + 1) % NUM_SLOTS
         if slot.recorded:
             slot.event.synchronize()
-        n = metadata.shape[0]
-        if slot.host is None or slot.host.numel() < n:
-            capacity = max(1024, 1 << (n - 1).bit_length())
-            slot.host = torch.empty(capacity, dtype=torch.int64, pin_memory=True)
-            slot.host_array = slot.host.numpy()
+            slot.recorded = False
+        if slot.capacity < n:
+            capacity = max(MIN_CAPACITY, 1 << (n - 1).bit_length())
+            host = torch.empty(capacity, dtype=torch.int64, pin_memory=True)
             slot.device = torch.empty(capacity, dtype=torch.int64, device=self.device)
+            slot.host_array = host.numpy()
+            slot.uploads = {}
+            size = MIN_CAPACITY
+            while size <= capacity:
+                slot.uploads[size] = (slot.device[:size], host[:size])
+                size *= 2
             slot.event = torch.cuda.Event()
-        slot.host_array[:n] = metadata
-        slot.device[:n].copy_(slot.host[:n], non_blocking=True)
-        self._current = slot
+            slot.capacity = capacity
+        return slot.host_array[:n], slot
+
+    def upload(self, slot: _Slot, n: int) -> torch.Tensor:
+        """Copy the first `n` elements of the slot to the device (asynchronously, on the
+        current stream); returns the slot's device buffer."""
+        size = max(MIN_CAPACITY, 1 << (n - 1).bit_length())
+        device, host = slot.uploads[size]
+        device.copy_(host, non_blocking=True)
         return slot.device
 
-    def release(self) -> None:
-        """Mark the last uploaded slot in use by everything queued on the current stream."""
-        slot, self._current = self._current, None
+    def release(self, slot: _Slot) -> None:
+        """Mark the slot in use by everything queued on the current stream."""
         slot.event.record(torch.cuda.current_stream(self.device))
         slot.recorded = True
 
@@ -79,7 +93,8 @@ _WORKSPACES_LOCK = threading.Lock()
 
 def workspace_for(device: torch.device) -> DeviceWorkspace:
     index = device.index if device.index is not None else torch.cuda.current_device()
-    with _WORKSPACES_LOCK:
-        if index not in _WORKSPACES:
-            _WORKSPACES[index] = DeviceWorkspace(torch.device("cuda", index))
-        return _WORKSPACES[index]
+    workspace = _WORKSPACES.get(index)
+    if workspace is None:
+        with _WORKSPACES_LOCK:
+            workspace = _WORKSPACES.setdefault(index, DeviceWorkspace(torch.device("cuda", index)))
+    return workspace

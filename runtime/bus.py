@@ -5,16 +5,31 @@ writer), and reads every peer's ring with one reader cursor each; all those read
 share one doorbell, so an idle process parks on a single semaphore. `LocalBusHub`
 gives endpoints living in one process the same interface (tests, examples).
 
-Records always travel encoded (`embxfer.control.records`), also in-process, so the
-wire format is exercised everywhere. A record whose `src_rank` disagrees with the
-ring it came from is dropped and counted: a peer can only speak for itself.
+What every bus does the same way:
+
+- `publish` only queues: the records an endpoint publishes during one `progress()`
+  step leave together at its end (`flush`), packed into as few frames (ring slots) as
+  fit, so a step that admits 64 requests costs a few slot writes, not 64.
+- `flush` never waits: a full ring keeps the rest queued for the next step. If a reader
+  has blocked the ring for longer than `peer_timeout` it is reported by `dead_ranks`
+  (a reader that does not read is as lost as a dead one; its requests fail, the others
+  go on).
+- Records always travel encoded (`embxfer.control.records`), also in-process, so the
+  wire format is exercised everywhere; frames are decoded against the receiver's
+  `Limits` (its pool), and a record whose `src_rank` disagrees with the ring it came
+  from is dropped and counted: a peer can only speak for itself.
+- Liveness does not ride on the engine's loop: `ShmBus` beats (the ring's heartbeat
+  words) from a thread of its own every `heartbeat_interval`, so a long engine step
+  never makes a live process look dead, while a stopped or killed one goes stale.
 """
 
 from __future__ import annotations
 
 import logging
+import threading
 import time
 from collections import defaultdict, deque
+from collections.abc import Callable
 from typing import Protocol
 
 from embxfer.control import records as rec
@@ -31,11 +46,11 @@ class Bus(Protocol):
 
     def publish(self, record: rec.Record) -> None: ...
 
+    def flush(self) -> None: ...
+
     def drain(self) -> list[rec.Record]: ...
 
     def wait(self, timeout: float) -> None: ...
-
-    def heartbeat(self) -> None: ...
 
     def dead_ranks(self) -> dict[int, str]: ...
 
@@ -44,46 +59,101 @@ class Bus(Protocol):
     def close(self) -> None: ...
 
 
-class LocalBusHub:
-    """In-process bus: every published record is appended to every other rank's inbox."""
+class _Outbox:
+    """Encoded records waiting for the end of the step, cut into frames of at most
+    `capacity` bytes (one record never exceeds it: slots are sized from the limits)."""
 
-    def __init__(self) -> None:
+    def __init__(self, capacity: int) -> None:
+        self.capacity = capacity
+        self.records: deque[bytes] = deque()
+
+    def add(self, record: rec.Record) -> None:
+        data = rec.encode(record)
+        if len(data) > self.capacity:
+            raise ValueError(f"{type(record).__name__} of {len(data)} bytes exceeds the {self.capacity}-byte frame")
+        self.records.append(data)
+
+    def next_frame(self) -> tuple[bytes, int]:
+        """The next frame and how many records it holds (not yet removed)."""
+        size = count = 0
+        for data in self.records:
+            if size + len(data) > self.capacity:
+                break
+            size += len(data)
+            count += 1
+        return b"".join(self.records[i] for i in range(count)), count
+
+    def consumed(self, count: int) -> None:
+        for _ in range(count):
+            self.records.popleft()
+
+
+class _Decoder:
+    """Frames in, records out, with the counters every bus keeps."""
+
+    rank: int
+    limits: rec.Limits
+    spoofed: int
+    rejected: int
+
+    def _decode(self, source: int, data: bytes | memoryview, out: list[rec.Record]) -> None:
+        records, error = rec.decode_frame(data, self.limits)
+        if error is not None:
+            self.rejected += 1
+            log.warning("rank %d: dropped a malformed record from rank %d: %s", self.rank, source, error)
+        for record in records:
+            if record.src_rank != source:
+                self.spoofed += 1
+                log.warning("rank %d: dropped a record from rank %d claiming src_rank=%d",
+                            self.rank, source, record.src_rank)
+            else:
+                out.append(record)
+
+
+class LocalBusHub:
+    """In-process bus: every flushed frame is appended to every other rank's inbox."""
+
+    def __init__(self, limits: rec.Limits = rec.NO_LIMITS, frame_bytes: int = 4080) -> None:
         self.inboxes: dict[int, deque[tuple[int, bytes]]] = defaultdict(deque)
         self.dead: dict[int, str] = {}
+        self.limits = limits
+        self.frame_bytes = max(frame_bytes, rec.max_record_bytes(limits))
 
     def bus(self, rank: int) -> LocalBus:
         self.inboxes[rank]  # register so earlier publishers reach it
         return LocalBus(self, rank)
 
 
-class LocalBus:
+class LocalBus(_Decoder):
     def __init__(self, hub: LocalBusHub, rank: int) -> None:
         self.hub = hub
         self.rank = rank
+        self.limits = hub.limits
         self.spoofed = 0
         self.rejected = 0
+        self.outbox = _Outbox(hub.frame_bytes)
 
     def publish(self, record: rec.Record) -> None:
-        data = rec.encode(record)
-        for rank, inbox in self.hub.inboxes.items():
-            if rank != self.rank:
-                inbox.append((self.rank, data))
+        self.outbox.add(record)
+
+    def flush(self) -> None:
+        while self.outbox.records:
+            frame, count = self.outbox.next_frame()
+            for rank, inbox in self.hub.inboxes.items():
+                if rank != self.rank:
+                    inbox.append((self.rank, frame))
+            self.outbox.consumed(count)
 
     def drain(self) -> list[rec.Record]:
         inbox = self.hub.inboxes[self.rank]
-        out = []
+        out: list[rec.Record] = []
         while inbox:
             source, data = inbox.popleft()
-            record = _decode_from(source, data, self)
-            if record is not None:
-                out.append(record)
+            self._decode(source, data, out)
         return out
 
     def wait(self, timeout: float) -> None:
-        return None
-
-    def heartbeat(self) -> None:
-        return None
+        self.flush()
 
     def dead_ranks(self) -> dict[int, str]:
         return {r: why for r, why in self.hub.dead.items() if r != self.rank}
@@ -92,52 +162,66 @@ class LocalBus:
         return None
 
     def close(self) -> None:
-        return None
+        self.flush()
 
 
-def _decode_from(source: int, data: bytes, bus: LocalBus | ShmBus) -> rec.Record | None:
-    try:
-        record = rec.decode(data)
-    except ValueError as exc:
-        bus.rejected += 1
-        log.warning("rank %d: dropped a malformed record from rank %d: %s", bus.rank, source, exc)
-        return None
-    if getattr(record, "src_rank", source) != source:
-        bus.spoofed += 1
-        log.warning("rank %d: dropped a record from rank %d claiming src_rank=%d", bus.rank, source, record.src_rank)
-        return None
-    return record
+class Heartbeat:
+    """A daemon thread that calls `beat()` every `interval` seconds until stopped: the
+    process's liveness, independent of how long the engine's own loop steps take."""
+
+    def __init__(self, beat: Callable[[], None], interval: float, name: str) -> None:
+        self._beat = beat
+        self._interval = interval
+        self._stop = threading.Event()
+        self._thread = threading.Thread(target=self._run, name=name, daemon=True)
+        self._thread.start()
+
+    def _run(self) -> None:
+        while not self._stop.wait(self._interval):
+            try:
+                self._beat()
+            except Exception as exc:  # a closed ring: the owner is shutting down
+                log.debug("heartbeat stopped: %s", exc)
+                return
+
+    def stop(self) -> None:
+        self._stop.set()
+        if self._thread is not threading.current_thread():
+            self._thread.join(timeout=5 * self._interval + 1.0)
 
 
-class ShmBus:
+class ShmBus(_Decoder):
     """Rings in POSIX shared memory between the processes of one node."""
 
-    def __init__(self, rank: int, writer: object, readers: dict[int, object], doorbell: object,
-                 publish_timeout: float, peer_timeout: float) -> None:
+    def __init__(self, rank: int, writer: object, readers: dict[int, object], doorbell: object, *,
+                 peer_timeout: float, heartbeat_interval: float, limits: rec.Limits) -> None:
         self.rank = rank
         self.writer = writer
         self.readers = readers
         self.doorbell = doorbell
-        self.publish_timeout = publish_timeout
         self.peer_timeout = peer_timeout
+        self.limits = limits
         self.spoofed = 0
         self.rejected = 0
+        self.outbox = _Outbox(writer.capacity)
+        self._blocked_since: float | None = None
         self._stash: list[tuple[int, bytes]] = []
         self._source_of = {id(reader): rank for rank, reader in readers.items()}
         self._closed = False
+        self._lock = threading.Lock()  # the heartbeat thread against close()
+        self._heartbeat = Heartbeat(self._beat, heartbeat_interval, f"embxfer-heartbeat-{rank}")
 
     @classmethod
-    def connect(cls, rank: int, world_size: int, group: object, *, slots: int, slot_bytes: int,
-                publish_timeout: float, peer_timeout: float, prefix: str = "embxfer") -> ShmBus:
-        """Collective over `group` (a gloo group of the whole world): create this rank's
-        ring, learn every peer's ring name, attach to all of them, then barrier so no
-        record is published before every reader is in place."""
-        import torch
-        import torch.distributed as dist
-
+    def create(cls, rank: int, peers: list[int], exchange: Callable[[bytes], dict[int, bytes]], *,
+               slots: int, slot_bytes: int, peer_timeout: float, heartbeat_interval: float,
+               limits: rec.Limits, prefix: str = "embxfer") -> ShmBus:
+        """Create this rank's ring, learn each peer's ring name through `exchange` (a
+        collective over this node's ranks: it takes this rank's bytes and returns every
+        participant's, by rank), attach to the peers' rings, then exchange once more as a
+        barrier, so no record is published before every reader is in place."""
         from embxfer.control.ring import Doorbell, RingReader, RingWriter
 
-        writer = RingWriter.create(slots=slots, slot_bytes=slot_bytes, max_readers=max(1, world_size - 1),
+        writer = RingWriter.create(slots=slots, slot_bytes=slot_bytes, max_readers=max(1, len(peers)),
                                    prefix=prefix)
         doorbell = None
         readers: dict[int, object] = {}
@@ -146,16 +230,10 @@ class ShmBus:
             encoded = writer.name.encode()
             if len(encoded) > NAME_BYTES:
                 raise ValueError(f"ring name {writer.name!r} longer than {NAME_BYTES} bytes")
-            mine = torch.zeros(NAME_BYTES, dtype=torch.uint8)
-            mine[: len(encoded)] = torch.tensor(list(encoded), dtype=torch.uint8)
-            gathered = [torch.zeros(NAME_BYTES, dtype=torch.uint8) for _ in range(world_size)]
-            dist.all_gather(gathered, mine, group=group)
-            for peer, raw in enumerate(gathered):
-                if peer == rank:
-                    continue
-                name = bytes(raw.tolist()).rstrip(b"\0").decode()
-                readers[peer] = RingReader.attach(name, doorbell=doorbell)
-            dist.barrier(group=group)
+            names = exchange(encoded)
+            for peer in peers:
+                readers[peer] = RingReader.attach(names[peer].decode(), doorbell=doorbell)
+            exchange(b"attached")
         except BaseException:
             for reader in readers.values():
                 reader.close()
@@ -163,20 +241,30 @@ class ShmBus:
                 doorbell.close()
             writer.close()
             raise
-        return cls(rank, writer, readers, doorbell, publish_timeout, peer_timeout)
+        return cls(rank, writer, readers, doorbell, peer_timeout=peer_timeout,
+                   heartbeat_interval=heartbeat_interval, limits=limits)
 
+    # -- out -----------------------------------------------------------------------
     def publish(self, record: rec.Record) -> None:
-        """Publish to every peer. A full ring whose laggard is a dead process is cleared of
-        it and tried once more; otherwise the ring's error (naming the laggard) stands."""
+        self.outbox.add(record)
+
+    def flush(self) -> None:
+        """Write queued records, frame by frame, without waiting: what does not fit a full
+        ring stays queued for the next step."""
         from embxfer.control.ring import PeerDeadError, RingFullError
 
-        data = rec.encode(record)
-        try:
-            self.writer.publish(data, timeout=self.publish_timeout)
-        except (RingFullError, PeerDeadError):
-            if not self._evict_dead_readers():
-                raise
-            self.writer.publish(data, timeout=self.publish_timeout)
+        while self.outbox.records:
+            frame, count = self.outbox.next_frame()
+            try:
+                self.writer.publish(frame, timeout=0.0)
+            except (RingFullError, PeerDeadError):
+                if not self._evict_dead_readers():
+                    if self._blocked_since is None:
+                        self._blocked_since = time.monotonic()
+                    return
+                continue
+            self.outbox.consumed(count)
+            self._blocked_since = None
 
     def _evict_dead_readers(self) -> bool:
         from embxfer.control.ring import RingError
@@ -198,15 +286,14 @@ class ShmBus:
             reader.close()
         self._evict_dead_readers()
 
+    # -- in ------------------------------------------------------------------------
     def drain(self) -> list[rec.Record]:
-        out = []
-        stash, self._stash = self._stash, []
-        for source, data in stash:
-            record = _decode_from(source, data, self)
-            if record is not None:
-                out.append(record)
         from embxfer.control.ring import RingCorruptError
 
+        out: list[rec.Record] = []
+        stash, self._stash = self._stash, []
+        for source, data in stash:
+            self._decode(source, data, out)
         for source, reader in self.readers.items():
             while True:
                 try:
@@ -217,16 +304,15 @@ class ShmBus:
                     continue
                 if data is None:
                     break
-                record = _decode_from(source, data, self)
-                if record is not None:
-                    out.append(record)
+                self._decode(source, data, out)
         return out
 
     def wait(self, timeout: float) -> None:
-        """Park on the doorbell (after a short spin) until a peer publishes or `timeout`
-        passes; a record that woke us is kept for the next `drain`."""
+        """Flush, then park on the doorbell (after a short spin) until a peer publishes or
+        `timeout` passes; a record that woke us is kept for the next `drain`."""
         from embxfer.control.ring import PeerDeadError, wait_any
 
+        self.flush()
         if not self.readers:
             time.sleep(timeout)
             return
@@ -235,17 +321,21 @@ class ShmBus:
         try:
             found = wait_any(list(self.readers.values()), self.doorbell, timeout, spin_s=min(timeout, 50e-6))
         except PeerDeadError:
-            return  # liveness is checked (and reported) by the endpoint's heartbeat
+            return  # liveness is checked (and reported) by the endpoint
         except posix_ipc.SignalError:
             return  # a signal cut the sleep short; its Python handler runs next
         if found is not None:
             reader, data = found
             self._stash.append((self._source_of[id(reader)], data))
 
-    def heartbeat(self) -> None:
-        self.writer.heartbeat()
-        for reader in self.readers.values():
-            reader.heartbeat()
+    # -- liveness --------------------------------------------------------------------
+    def _beat(self) -> None:
+        with self._lock:
+            if self._closed:
+                return
+            self.writer.heartbeat()
+            for reader in list(self.readers.values()):
+                reader.heartbeat()
 
     def dead_ranks(self) -> dict[int, str]:
         dead = {}
@@ -256,14 +346,27 @@ class ShmBus:
             elif writer.heartbeat_age_s > self.peer_timeout:
                 dead[rank] = (f"rank {rank} (pid {writer.pid}) published no heartbeat for "
                               f"{writer.heartbeat_age_s:.1f}s (peer_timeout_s={self.peer_timeout})")
+        if self._blocked_since is not None and time.monotonic() - self._blocked_since > self.peer_timeout:
+            waited = time.monotonic() - self._blocked_since
+            for info in self.writer.readers():
+                laggard = next((r for r, reader in self.readers.items() if reader_pid(reader) == info.pid), None)
+                if laggard is not None and info.lag > 0 and laggard not in dead:
+                    dead[laggard] = (f"rank {laggard} (pid {info.pid}) has not read this rank's control ring "
+                                     f"for {waited:.1f}s (peer_timeout_s={self.peer_timeout}; ring full)")
         return dead
 
     def close(self) -> None:
         if self._closed:
             return
-        self._closed = True
+        self._heartbeat.stop()
+        with self._lock:
+            self._closed = True
         for reader in self.readers.values():
             reader.close()
         self.doorbell.close()
         self.writer.close()
 
+
+def reader_pid(reader: object) -> int:
+    """The pid of the writer of the ring `reader` reads (the peer's process)."""
+    return reader.writer().pid

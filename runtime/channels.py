@@ -1,37 +1,50 @@
-"""Pipelined staging channels: one per (this rank, peer) pair and direction.
+"""Staging channels: the encoder rank's stream of staging messages to the language ranks it
+serves, and each language rank's end of it.
 
-A round of a request is cut into chunks of at most `chunk_tokens` tokens; each chunk
-is one P2P message of one staging buffer. A channel owns `depth` staging buffers,
-allocated once, so staging memory is bounded and nothing is allocated in steady
-state. With depth 2 the pack of chunk k+1 (sender) and the unpack of chunk k-1
-(receiver) overlap the move of chunk k.
+A **message** is one staging buffer sent with one P2P send per peer. It carries as many
+*segments* as fit (up to `staging_bytes` of staged tokens and
+`max_segments_per_message` segments): a segment is a stretch of one round of one
+request, so one message may hold the rounds of many requests, and a round larger than
+one buffer spans several messages. The encoder rank packs a message with one launch
+(from the payloads the engine submitted) and publishes a TRANSFER record that lists its
+segments; each language rank learns the composition from that record *before* it posts
+the matching receive, and unpacks the whole message into its landing blocks with one
+launch. A channel owns `depth` staging buffers, allocated once, so staging memory is
+bounded and nothing is allocated in steady state; with depth 2 the pack of message k+1
+and the unpack of message k-1 overlap the move of message k.
 
 Point-to-point messages between two ranks are matched in the order they were posted,
-so both sides must walk chunks in exactly the same order. The receiver therefore
-takes rounds strictly in the order their TRANSFER records arrived from that peer
-(head-of-line), and a chunk of a request that failed meanwhile is still moved — the
-sender sends the staging buffer without packing it, the receiver receives it and
-does not unpack it — so one failed request never shifts the stream under the next.
+so both ends walk messages in exactly the same order: the sender numbers them, the
+receiver takes TRANSFER records strictly in that order (head-of-line) and treats a gap
+as a broken stream. A request that fails is simply not packed any more: chunks not yet
+in a message are dropped before the record is written, and a segment already announced
+is still moved and skipped at unpack, so one failed request never shifts the stream
+under the others.
+
+The encoder rank's channel fans out: every language rank it serves gets the same
+messages (one pack, one send per peer); a peer that is lost is dropped from the fan-out
+and the others go on.
 """
 
 from __future__ import annotations
 
 from collections import deque
 from collections.abc import Callable
-from dataclasses import dataclass
-from functools import lru_cache
+from dataclasses import dataclass, field
 
+import numpy as np
 import torch
 
-from embxfer.kernels import TokenSpan, pack, staging_layout, unpack
+from embxfer.control import records as rec
+from embxfer.kernels import StagingLayout, ops, staging_layout, tokens_that_fit
+from embxfer.kernels.plan import BlockPlan
 
-from .pool import BlockPool
 from .transport import Handle, Transport
 
 
 def finished(handle: Handle) -> tuple[bool, str | None]:
     """(done, error): a transfer that failed (peer gone, communicator aborted) is done,
-    with the reason; the channel it belongs to is then unusable."""
+    with the reason; the stream it belongs to is then unusable."""
     try:
         done = handle.is_completed()
     except Exception as exc:  # NCCL reports an aborted communicator here
@@ -46,219 +59,281 @@ def _one_line(exc: BaseException) -> str:
     return f"{type(exc).__name__}: {text[-200:]}"
 
 
-def make_layout_cache(pool: BlockPool) -> Callable[[int], object]:
-    deepstack_dim = pool.deepstack_layers * pool.dim
+class _Layouts:
+    """Staging layouts by segment counts (a message's shape repeats: cache a few)."""
 
-    @lru_cache(maxsize=64)
-    def layout(count: int) -> object:
-        return staging_layout([count], pool.dim, deepstack_dim, pool.dtype)
+    def __init__(self, spec) -> None:
+        self.spec = spec
+        self._cache: dict[tuple[int, ...], StagingLayout] = {}
 
-    return layout
+    def __call__(self, counts: tuple[int, ...]) -> StagingLayout:
+        layout = self._cache.get(counts)
+        if layout is None:
+            if len(self._cache) > 256:
+                self._cache.clear()
+            layout = self._cache[counts] = staging_layout(counts, self.spec.dim, self.spec.deepstack_dim,
+                                                          self.spec.dtype)
+        return layout
 
 
-def chunk_tokens_for(pool: BlockPool, staging_bytes: int) -> int:
-    """The most tokens whose staged form fits one staging buffer."""
-    layout = make_layout_cache(pool)
-    count = max(1, staging_bytes // pool.bytes_per_token)
-    while count > 1 and layout(count).nbytes > staging_bytes:
-        count -= max(1, count // 64)
-    if layout(count).nbytes > staging_bytes:
+def message_tokens(spec, staging_bytes: int) -> int:
+    """The most tokens one staging message holds."""
+    tokens = tokens_that_fit(staging_bytes, spec.dim, spec.deepstack_dim, spec.dtype)
+    if tokens < 1:
         raise ValueError(
-            f"config.staging_bytes={staging_bytes}: too small for one token "
-            f"({layout(1).nbytes} bytes staged)"
+            f"config.staging_bytes={staging_bytes}: too small for one token of D={spec.dim}, "
+            f"K={spec.deepstack_layers}, {spec.dtype}"
         )
-    return count
+    return tokens
 
 
-class _StagingChannel:
-    """What both directions share: `depth` staging buffers allocated once, the transfers in
-    flight (completing in post order), and the channel's health."""
+class _Staging:
+    """What both ends share: `depth` staging buffers allocated once, messages counted."""
 
-    def __init__(self, peer: int, transport: Transport, pool: BlockPool, depth: int, staging_bytes: int) -> None:
-        self.peer = peer
-        self.transport = transport
-        self.pool = pool
+    def __init__(self, spec, depth: int, staging_bytes: int) -> None:
+        self.spec = spec
         self.staging_bytes = staging_bytes
-        self.layout = make_layout_cache(pool)
-        self.staging = [torch.empty(staging_bytes, dtype=torch.uint8, device=pool.device) for _ in range(depth)]
+        self.layout = _Layouts(spec)
+        self.staging = [torch.empty(staging_bytes, dtype=torch.uint8, device=spec.device) for _ in range(depth)]
         self.free_slots: deque[int] = deque(range(depth))
-        self.dead = False
-        self.error: str | None = None
         self.messages = 0
         self.bytes = 0
+        self.discarded = 0
+        self._errors: list[tuple[int, str]] = []
 
-    def _post(self, post: Callable[[torch.Tensor, int], Handle], buffer: torch.Tensor, what: str) -> Handle | None:
-        """Post one transfer; a transport that refuses (its connection to the peer is gone)
-        kills the channel instead of the caller."""
-        try:
-            return post(buffer, self.peer)
-        except Exception as exc:
-            self.dead, self.error = True, f"{what} rank {self.peer} failed: {_one_line(exc)}"
-            return None
+    def take_errors(self) -> list[tuple[int, str]]:
+        """(peer, why) of every peer whose transfer failed since the last call."""
+        errors, self._errors = self._errors, []
+        return errors
 
-    def _retire(self, inflight: deque, what: str):
-        """The oldest transfer of `inflight` if it has finished (its buffer is free again),
-        else None. A failed transfer kills the channel: nothing after it can be trusted."""
-        if not inflight:
-            return None
-        complete, error = finished(inflight[0].handle)
-        if error:
-            self.dead, self.error = True, f"{what} rank {self.peer} failed: {error}"
-            return None
-        if not complete:
-            return None
-        done = inflight.popleft()
-        self.free_slots.append(done.slot)
-        self.messages += 1
-        self.bytes += done.nbytes
-        return done
+
+# -- the encoder rank's end ----------------------------------------------------------
 
 
 @dataclass(eq=False)
 class SendChunk:
-    request: object  # has .blocks and .failed
-    start: int  # first token of the chunk in the request's sequence
+    """Tokens `[start, start + count)` of round `round` of `request`, not yet in a message."""
+
+    request: object  # an endpoint Request with .payload, .addresses, .state
+    round: int
+    start: int
     count: int
 
 
 @dataclass(eq=False)
-class _InFlight:
+class _Sent:
     slot: int
-    handle: Handle
+    handles: list[tuple[int, Handle]]
     nbytes: int
-    chunk: SendChunk
 
 
-class SendChannel(_StagingChannel):
-    def __init__(self, peer: int, transport: Transport, pool: BlockPool, depth: int, staging_bytes: int) -> None:
-        super().__init__(peer, transport, pool, depth, staging_bytes)
-        self.inflight: deque[_InFlight] = deque()
+class SendChannel(_Staging):
+    def __init__(self, rank: int, peers: list[int], transport: Transport, spec, *, depth: int, staging_bytes: int,
+                 max_segments: int, publish: Callable[[rec.Record], None]) -> None:
+        super().__init__(spec, depth, staging_bytes)
+        self.rank = rank
+        self.peers = list(peers)
+        self.transport = transport
+        self.max_segments = max_segments
+        self.capacity = message_tokens(spec, staging_bytes)
+        self.publish = publish
         self.queue: deque[SendChunk] = deque()
-        self.unpacked_sends = 0
+        self.inflight: deque[_Sent] = deque()
+        self.next_message = 0
+
+    @property
+    def dead(self) -> bool:
+        return not self.peers
 
     @property
     def idle(self) -> bool:
         return self.dead or (not self.queue and not self.inflight)
 
     def enqueue(self, chunk: SendChunk) -> None:
-        self.queue.append(chunk)
+        if not self.dead:
+            self.queue.append(chunk)
+
+    def drop_peer(self, peer: int) -> None:
+        """Stop sending to `peer` (lost); with no peer left, drop everything queued."""
+        if peer in self.peers:
+            self.peers.remove(peer)
+        if self.dead:
+            self.queue.clear()
 
     def pump(self) -> bool:
-        """Retire finished sends, then pack and send queued chunks while buffers are free."""
-        if self.dead:
-            return False
+        """Retire finished sends, then build, pack and send messages while buffers are free."""
+        worked = self._retire()
+        while self.queue and self.free_slots and not self.dead:
+            worked |= self._send_one()
+        return worked
+
+    def _retire(self) -> bool:
         worked = False
-        while self._retire(self.inflight, "send to") is not None:
-            worked = True
-        if self.dead:
-            return True
-        while self.queue and self.free_slots:
-            chunk = self.queue.popleft()
-            slot = self.free_slots.popleft()
-            layout = self.layout(chunk.count)
-            buffer = self.staging[slot][: layout.nbytes]
-            if chunk.request.failed:
-                self.unpacked_sends += 1
-            else:
-                span = TokenSpan(chunk.request.blocks, chunk.start, chunk.count)
-                pack(self.pool.tensors, [span], self.staging[slot], layout)
-            chunk.request.queued_chunks -= 1
-            handle = self._post(self.transport.isend, buffer, "send to")
-            if handle is None:
-                return True
-            self.inflight.append(_InFlight(slot, handle, layout.nbytes, chunk))
+        while self.inflight:
+            sent = self.inflight[0]
+            pending = False
+            for peer, handle in sent.handles:
+                done, error = finished(handle)
+                if error:
+                    self._errors.append((peer, f"send to rank {peer} failed: {error}"))
+                    self.drop_peer(peer)
+                elif not done:
+                    pending = True
+            if pending:
+                return worked
+            self.inflight.popleft()
+            self.free_slots.append(sent.slot)
+            self.messages += 1
+            self.bytes += sent.nbytes
             worked = True
         return worked
 
+    def _send_one(self) -> bool:
+        segments, requests = [], []
+        tokens = 0
+        while self.queue and len(segments) < self.max_segments and tokens < self.capacity:
+            chunk = self.queue[0]
+            request = chunk.request
+            if request.state.terminal:  # failed meanwhile: none of it is announced
+                self.queue.popleft()
+                continue
+            take = min(chunk.count, self.capacity - tokens)
+            segments.append(rec.Segment(request.request_id, chunk.round, chunk.start, take,
+                                        request.total_tokens, request.mrope_delta))
+            requests.append(request)
+            tokens += take
+            if take == chunk.count:
+                self.queue.popleft()
+            else:
+                chunk.start += take
+                chunk.count -= take
+        if not segments:
+            return False
+        layout = self.layout(tuple(s.count for s in segments))
+        slot = self.free_slots.popleft()
+        staging = self.staging[slot]
+        starts = [s.start for s in segments]
+        if self.spec.device.type == "cuda":
+            addresses = np.array([r.addresses for r in requests], dtype=np.int64)
+            ops.pack_addressed_rows(requests[0].payload, addresses, np.array(starts, dtype=np.int64),
+                                    [r.payload for r in requests], staging, layout)
+        else:
+            ops.pack_rows([r.payload for r in requests], starts, staging, layout)
+        self.publish(rec.Transfer(src_rank=self.rank, dst_rank=rec.BROADCAST_RANK, message=self.next_message,
+                                  nbytes=layout.nbytes, segments=tuple(segments)))
+        self.next_message += 1
+        buffer = staging[: layout.nbytes]
+        handles = []
+        for peer in list(self.peers):
+            try:
+                handles.append((peer, self.transport.isend(buffer, peer)))
+            except Exception as exc:  # the transport's connection to the peer is gone
+                self._errors.append((peer, f"send to rank {peer} failed: {_one_line(exc)}"))
+                self.drop_peer(peer)
+        self.inflight.append(_Sent(slot, handles, layout.nbytes))
+        return True
+
+
+# -- a language rank's end -------------------------------------------------------------
+
 
 @dataclass(eq=False)
-class RecvRound:
-    """One TRANSFER record: `round_tokens` tokens in chunks of `chunk_tokens`."""
+class RecvMessage:
+    """One TRANSFER record: what the next staging message from the peer holds. `requests[i]`
+    is segment i's request once the message was accepted (None: not unpacked)."""
 
-    request_id: int
-    round: int
-    round_tokens: int
-    chunk_tokens: int
-    record: object
-    request: object | None = None  # bound when the round starts (head of line and ready)
-    discard: bool = False
-    posted_tokens: int = 0
-    received_tokens: int = 0
-    started: bool = False
+    record: rec.Transfer
+    layout: StagingLayout
+    requests: list = field(default_factory=list)
+    first_seen: float = 0.0
 
 
 @dataclass(eq=False)
 class _Posted:
     slot: int
     handle: Handle
-    round: RecvRound
-    offset: int
-    count: int
-    nbytes: int
+    message: RecvMessage
 
 
-class RecvChannel(_StagingChannel):
-    def __init__(self, peer: int, transport: Transport, pool: BlockPool, depth: int, staging_bytes: int) -> None:
-        super().__init__(peer, transport, pool, depth, staging_bytes)
-        self.rounds: deque[RecvRound] = deque()
+class RecvChannel(_Staging):
+    def __init__(self, peer: int, transport: Transport, spec, *, depth: int, staging_bytes: int) -> None:
+        super().__init__(spec, depth, staging_bytes)
+        self.peer = peer
+        self.transport = transport
+        self.pending: deque[RecvMessage] = deque()
         self.posted: deque[_Posted] = deque()
-        self.discarded = 0
+        self.next_message = 0
+        self.dead = False
 
     @property
     def idle(self) -> bool:
-        return self.dead or (not self.rounds and not self.posted)
+        return self.dead or (not self.pending and not self.posted)
 
-    def add_round(self, recv_round: RecvRound) -> None:
-        self.rounds.append(recv_round)
+    def add(self, record: rec.Transfer) -> str | None:
+        """Queue a TRANSFER record; why the stream is broken, if it is (a gap in the
+        message numbers, or a message this rank cannot hold or lay out)."""
+        if record.message != self.next_message:
+            return (f"rank {self.peer} announced staging message {record.message}, expected "
+                    f"{self.next_message}: a TRANSFER record was lost")
+        self.next_message += 1
+        layout = self.layout(tuple(s.count for s in record.segments))
+        if layout.nbytes != record.nbytes or layout.nbytes > self.staging_bytes:
+            return (f"rank {self.peer} sends a message of {record.nbytes} bytes; its segments make "
+                    f"{layout.nbytes} bytes here, and this rank's staging buffer holds {self.staging_bytes}")
+        self.pending.append(RecvMessage(record, layout))
+        return None
 
-    def pump(
-        self,
-        start_round: Callable[[RecvRound], bool],
-        round_received: Callable[[RecvRound], None],
-    ) -> bool:
-        """Post receives in stream order and unpack what arrived.
+    def pump(self, accept: Callable[[RecvMessage], bool], landed: Callable[[RecvMessage, torch.Tensor], None]) -> bool:
+        """Unpack what arrived, then post receives in stream order.
 
-        `start_round(r)` is asked once per round when it reaches the head of the line;
-        it returns False to wait (the request's blocks are not known yet), and sets
-        `r.request` / `r.discard` when it accepts. `round_received(r)` runs once per
-        round after its last chunk was unpacked (or discarded).
-        """
+        `accept(m)` is asked when `m` is at the head of the line with a buffer free; it
+        returns False to wait (a request's blocks are not known on this rank yet) and
+        fills `m.requests` when it accepts. `landed(m, staging)` runs once per message
+        after it arrived, to unpack it."""
         if self.dead:
             return False
         worked = False
-        while (done := self._retire(self.posted, "receive from")) is not None:
-            r = done.round
-            if r.discard or r.request.failed:
-                self.discarded += 1
-            else:
-                span = TokenSpan(r.request.blocks, done.offset, done.count)
-                unpack(self.staging[done.slot], self.layout(done.count), self.pool.tensors, [span])
-            r.received_tokens += done.count
-            if r.received_tokens == r.round_tokens:
-                self.rounds.remove(r)
-                round_received(r)
+        while self.posted:
+            posted = self.posted[0]
+            done, error = finished(posted.handle)
+            if error:
+                self.dead = True
+                self._errors.append((self.peer, f"receive from rank {self.peer} failed: {error}"))
+                return True
+            if not done:
+                break
+            self.posted.popleft()
+            self.messages += 1
+            self.bytes += posted.message.layout.nbytes
+            landed(posted.message, self.staging[posted.slot])
+            self.free_slots.append(posted.slot)
             worked = True
-        if self.dead:
-            return True
-        for r in list(self.rounds):
-            if not self.free_slots:
+        while self.pending and self.free_slots:
+            message = self.pending[0]
+            if not accept(message):
                 break
-            if r.posted_tokens == r.round_tokens:
-                continue
-            if not r.started:
-                if not start_round(r):
-                    break  # head of line: later rounds must wait for this one
-                r.started = True
-            while self.free_slots and r.posted_tokens < r.round_tokens:
-                count = min(r.chunk_tokens, r.round_tokens - r.posted_tokens)
-                slot = self.free_slots.popleft()
-                nbytes = self.layout(count).nbytes
-                handle = self._post(self.transport.irecv, self.staging[slot][:nbytes], "receive from")
-                if handle is None:
-                    return True
-                self.posted.append(_Posted(slot, handle, r, r.posted_tokens, count, nbytes))
-                r.posted_tokens += count
-                worked = True
-            if r.posted_tokens < r.round_tokens:
-                break
+            self.pending.popleft()
+            slot = self.free_slots.popleft()
+            try:
+                handle = self.transport.irecv(self.staging[slot][: message.layout.nbytes], self.peer)
+            except Exception as exc:  # the transport's connection to the peer is gone
+                self.dead = True
+                self._errors.append((self.peer, f"receive from rank {self.peer} failed: {_one_line(exc)}"))
+                return True
+            self.posted.append(_Posted(slot, handle, message))
+            worked = True
         return worked
+
+
+def segment_plan(blocks: list[np.ndarray], offsets: list[int], counts: list[int], block_size: int) -> BlockPlan:
+    """The plan of segments that start `offsets[i]` tokens into the token sequence held by
+    `blocks[i]` (one request round's landing blocks each)."""
+    pieces, lengths, first_rows = [], [], []
+    for array, offset, count in zip(blocks, offsets, counts, strict=True):
+        first = offset // block_size
+        last = -(-(offset + count) // block_size)
+        pieces.append(array[first:last])
+        lengths.append(last - first)
+        first_rows.append(offset - first * block_size)
+    return BlockPlan(np.concatenate(pieces), np.array(lengths, dtype=np.int64),
+                     np.array(first_rows, dtype=np.int64))

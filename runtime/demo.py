@@ -48,10 +48,11 @@ def add_demo_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--dim", type=int, default=1024, help="embedding dim D (default 1024)")
     parser.add_argument("--dtype", choices=sorted(DTYPES), default="bf16")
     parser.add_argument("--deepstack", type=int, default=0, metavar="K", help="deepstack layers K (default 0)")
-    parser.add_argument("--block-size", type=int, default=128)
-    parser.add_argument("--default-alloc-tokens", type=int, default=8192)
-    parser.add_argument("--language-pool-blocks", type=int, default=256)
-    parser.add_argument("--encoder-pool-blocks", type=int, default=512)
+    parser.add_argument("--block-size", type=int, default=None, help="tokens per block (default: config)")
+    parser.add_argument("--default-alloc-tokens", type=int, default=None,
+                        help="first allocation of a request of unknown size (default: config)")
+    parser.add_argument("--language-pool-blocks", type=int, default=None,
+                        help="landing blocks per language rank (default: 256, or EMBXFER_LANGUAGE_POOL_BLOCKS)")
     parser.add_argument("--staging-mb", type=float, default=None,
                         help="bytes of one staging chunk, MiB (default 8 on CPU, 256 on GPUs, where "
                              "each chunk costs fixed launch overhead)")
@@ -69,11 +70,10 @@ def add_demo_arguments(parser: argparse.ArgumentParser) -> None:
 def validate_args(args: argparse.Namespace) -> None:
     """ValueError with one line naming the flag; nothing is started before this passes."""
     positive = ["encoders", "encoder_tp", "language_tp", "requests", "min_tokens", "max_tokens", "dim",
-                "block_size", "default_alloc_tokens", "language_pool_blocks", "encoder_pool_blocks",
-                "inflight"]
+                "block_size", "default_alloc_tokens", "language_pool_blocks", "inflight"]
     for name in positive:
         value = getattr(args, name)
-        if value < 1:
+        if value is not None and value < 1:
             raise ValueError(f"--{name.replace('_', '-')}={value}: expected a positive integer")
     if args.deepstack < 0:
         raise ValueError(f"--deepstack={args.deepstack}: expected K >= 0")
@@ -85,15 +85,9 @@ def validate_args(args: argparse.Namespace) -> None:
         raise ValueError(f"--staging-mb={args.staging_mb}: expected a positive size")
     if args.min_tokens > args.max_tokens:
         raise ValueError(f"--min-tokens={args.min_tokens} > --max-tokens={args.max_tokens}")
-    if args.block_size > 1024:
+    if args.block_size is not None and args.block_size > 1024:
         raise ValueError(f"--block-size={args.block_size}: expected 1..1024")
-    lengths = request_lengths(args)
-    capacity = args.encoder_pool_blocks * args.block_size
-    if max(lengths) > capacity:
-        raise ValueError(
-            f"--encoder-pool-blocks={args.encoder_pool_blocks}: holds {capacity} tokens, the longest "
-            f"request has {max(lengths)}"
-        )
+    request_lengths(args)
 
 
 def request_lengths(args: argparse.Namespace) -> list[int]:
@@ -166,27 +160,24 @@ def topology_of(args: argparse.Namespace) -> Topology:
 
 
 def config_of(args: argparse.Namespace, device_kind: str = "cpu") -> Config:
-    """The flags over `EMBXFER_*` over the defaults; the staging size, when no flag gives it,
-    comes from the environment or else suits the device."""
-    staging = {}
+    """Flags over `EMBXFER_*` over the demo's defaults over `Config`'s: what runs is what the
+    start-up line and the JSON report print. The demo's own defaults (a smaller pool; a
+    staging size that suits the device) apply only where neither a flag nor the
+    environment says anything."""
+    demo_defaults = {"language_pool_blocks": 256,
+                     "staging_bytes": (256 if device_kind == "cuda" else 8) << 20,
+                     "request_timeout_s": min(Config().request_timeout_s, args.timeout)}
+    flags = {name: getattr(args, name) for name in ("block_size", "default_alloc_tokens", "language_pool_blocks")
+             if getattr(args, name) is not None}
     if args.staging_mb is not None:
-        staging["staging_bytes"] = int(args.staging_mb * (1 << 20))
-    elif "EMBXFER_STAGING_BYTES" not in os.environ:
-        staging["staging_bytes"] = (256 if device_kind == "cuda" else 8) << 20
-    return Config.from_env(
-        block_size=args.block_size,
-        default_alloc_tokens=args.default_alloc_tokens,
-        encoder_pool_blocks=args.encoder_pool_blocks,
-        language_pool_blocks=args.language_pool_blocks,
-        **staging,
-        request_timeout_s=min(Config().request_timeout_s, args.timeout),
-    )
+        flags["staging_bytes"] = int(args.staging_mb * (1 << 20))
+    return Config(**{**demo_defaults, **Config.env_values(), **flags})
 
 
 # -- one rank -------------------------------------------------------------------------------
 def run_rank(args: argparse.Namespace) -> int:
     from .bus import ShmBus
-    from .launch import init_world, pick_device
+    from .launch import group_exchange, init_world, pick_device
     from .receiver import Receiver
     from .sender import Sender
     from .transport import TorchP2P
@@ -205,17 +196,18 @@ def run_rank(args: argparse.Namespace) -> int:
     signal.signal(signal.SIGTERM, lambda *_: sys.exit(128 + signal.SIGTERM))
     world = init_world(device_kind, args.timeout)
     rank = world.rank
-    bus = ShmBus.connect(rank, world_size, world.meta_group, slots=config.ring_slots,
-                         slot_bytes=config.ring_slot_bytes, publish_timeout=config.peer_timeout_s,
-                         peer_timeout=config.peer_timeout_s, prefix=config.shm_prefix)
+    bus = ShmBus.create(rank, [r for r in range(world_size) if r != rank], group_exchange(world.meta_group, world_size),
+                        slots=config.ring_slots, slot_bytes=config.slot_bytes, peer_timeout=config.peer_timeout_s,
+                        heartbeat_interval=config.heartbeat_interval_s, limits=config.limits,
+                        prefix=config.shm_prefix)
     lengths = request_lengths(args)
     common = dict(config=config, topology=topology, rank=rank, bus=bus, transport=TorchP2P(world.data_group, world.backend),
                   dim=args.dim, dtype=DTYPES[args.dtype], deepstack_layers=args.deepstack, device=world.device)
     if rank == topology.language_leader:
         print(f"embxfer demo: {len(lengths)} requests of {min(lengths)}..{max(lengths)} tokens; "
               f"{topology.describe()}; {world.backend} on {world.device}; block {config.block_size}, default "
-              f"allocation {config.default_alloc_blocks * config.block_size} tokens, pools "
-              f"{config.encoder_pool_blocks}/{config.language_pool_blocks} blocks, staging "
+              f"allocation {config.default_alloc_blocks * config.block_size} tokens, language pool "
+              f"{config.language_pool_blocks} blocks, staging "
               f"{config.staging_depth} x {config.staging_bytes / 2**20:g} MiB", flush=True)
         logging.getLogger("embxfer").debug("configuration:\n%s", config.describe())
     deadline = time.monotonic() + args.timeout
@@ -260,11 +252,11 @@ def run_encoder(args: argparse.Namespace, sender, lengths: list[int], deadline: 
     while (todo or active or sender.busy) and time.monotonic() < deadline:
         while todo and len(active) < args.inflight:
             rid = todo.pop(0)
-            sender.submit(rid, make_payload(args, rid, lengths[rid], sender.pool.device))
+            sender.submit(rid, make_payload(args, rid, lengths[rid], sender.spec.device))
             active.add(rid)
         worked = sender.progress()
         for rid in list(active):
-            if sender.requests[rid].state.terminal:
+            if sender.state(rid).terminal:
                 sender.release(rid)
                 active.discard(rid)
                 finished += 1
@@ -289,7 +281,7 @@ def run_language(args: argparse.Namespace, receiver, lengths: list[int], outcome
             active[rid] = time.monotonic()
         worked = receiver.progress()
         for rid in list(active):
-            state = receiver.requests[rid].state if rid in receiver.requests else receiver.poll(rid)
+            state = receiver.state(rid)
             if receiver.is_leader and rid in abort_after and not state.terminal:
                 polls[rid] = polls.get(rid, 0) + 1
                 if polls[rid] > abort_after[rid]:
@@ -299,7 +291,7 @@ def run_language(args: argparse.Namespace, receiver, lengths: list[int], outcome
                 continue
             outcome = outcomes[rid]
             outcome.latency_s = time.monotonic() - active.pop(rid)
-            request = receiver.requests[rid]
+            request = receiver._lookup(rid)
             outcome.resumes = request.resumes
             if state is RequestState.SUCCESS:
                 received = receiver.take(rid)
@@ -340,7 +332,7 @@ def finish_together(world, endpoint, outcomes: list[Outcome], probe: ResourcePro
     for dead."""
     import torch.distributed as dist
 
-    tail = [endpoint.allocator.num_used, *probe.start, *probe.end]
+    tail = [endpoint._blocks_in_use(), *probe.start, *probe.end]
     mine = torch.tensor([o.code for o in outcomes] + tail, dtype=torch.int64)
     gathered = [torch.zeros_like(mine) for _ in range(world.world_size)]
     work = dist.all_gather(gathered, mine, group=world.meta_group, async_op=True)

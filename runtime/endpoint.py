@@ -4,18 +4,17 @@ from __future__ import annotations
 
 import logging
 import time
-from collections import OrderedDict
+from collections import OrderedDict, deque
 from dataclasses import dataclass, field
 
+import numpy as np
 import torch
 
 from embxfer.control import records as rec
 
-from .allocator import BlockAllocator
 from .bus import Bus
 from .config import Config
-from .payload import Payload
-from .pool import BlockPool
+from .payload import EMBEDDING_DTYPES, Payload
 from .state import RequestState, Stats
 from .topology import Topology
 from .transport import Transport
@@ -23,8 +22,8 @@ from .transport import Transport
 log = logging.getLogger("embxfer")
 
 MAX_REQUEST_ID = (1 << 63) - 1
-# Finished requests are remembered (bounded) so that poll() stays answerable and late
-# records for them are recognised as late rather than as unknown.
+# Finished requests are remembered (bounded) so that state queries stay answerable and
+# late records for them are recognised as late rather than as unknown.
 FINISHED_MEMORY = 4096
 
 
@@ -49,14 +48,24 @@ class Request:
     allocated_tokens: int = 0
     resumes: int = 0
     error: str | None = None
+    reason: rec.AbortReason | None = None
+    admitted_at: float = field(default_factory=time.monotonic)
     last_progress: float = field(default_factory=time.monotonic)
     # encoder side
     payload: Payload | None = None
+    addresses: tuple[int, ...] | None = None  # the payload's row addresses (CUDA pack)
     pending_resume: rec.Resume | None = None
-    queued_chunks: int = 0
+    cached: bool = False
     # language side
-    round_tokens: int = 0
+    engine_admitted: bool = False  # this rank's engine called admit() (a follower may learn first)
+    expected_tokens: int | None = None
+    content_hash: bytes | None = None
+    block_array: np.ndarray | None = None
+    round_tokens: int = 0  # tokens of the current round: min(remaining, allocated)
+    round_accepted: int = 0  # of them, announced in messages this rank accepted
+    round_landed: int = 0  # of them, unpacked into the landing blocks
     outputs: object | None = None
+    output_bytes: int = 0
     acks: set[int] = field(default_factory=set)
     round_read: bool = False
     resume_due: bool = False
@@ -64,6 +73,45 @@ class Request:
     @property
     def failed(self) -> bool:
         return self.state is RequestState.FAILED
+
+
+@dataclass(frozen=True)
+class RowSpec:
+    """The shape of one token's rows: what both sides must agree on."""
+
+    dim: int
+    deepstack_layers: int
+    dtype: torch.dtype
+    device: torch.device
+
+    def __post_init__(self) -> None:
+        for name, value, low in (("dim", self.dim, 1), ("deepstack_layers", self.deepstack_layers, 0)):
+            if isinstance(value, bool) or not isinstance(value, int) or value < low:
+                raise ValueError(f"{name}={value!r}: expected an integer >= {low}")
+        if self.dtype not in EMBEDDING_DTYPES:
+            raise ValueError(f"dtype={self.dtype}: expected torch.bfloat16, torch.float16 or torch.float32")
+
+    @property
+    def deepstack_dim(self) -> int:
+        return self.dim * self.deepstack_layers
+
+    @property
+    def bytes_per_token(self) -> int:
+        return self.dtype.itemsize * (self.dim + self.deepstack_dim) + 4 * (1 + 3)
+
+    def check_payload(self, payload: Payload) -> None:
+        """ValueError naming the first field of `payload` this endpoint cannot carry."""
+        if payload.dim != self.dim:
+            raise ValueError(f"payload.embeddings: D={payload.dim}, expected {self.dim} (the endpoint's dim)")
+        if payload.dtype != self.dtype:
+            raise ValueError(f"payload.embeddings: dtype {payload.dtype}, expected {self.dtype} (the endpoint's dtype)")
+        if payload.deepstack_layers != self.deepstack_layers:
+            raise ValueError(
+                f"payload.deepstack: K={payload.deepstack_layers}, expected {self.deepstack_layers} "
+                "(the endpoint's deepstack layers)"
+            )
+        if payload.device != self.device:
+            raise ValueError(f"payload.embeddings: on {payload.device}, expected {self.device} (the endpoint's device)")
 
 
 class Endpoint:
@@ -84,7 +132,6 @@ class Endpoint:
         dtype: torch.dtype = torch.bfloat16,
         deepstack_layers: int = 0,
         device: torch.device | str = "cpu",
-        pool_blocks: int,
     ) -> None:
         topology.check_rank(rank)
         self.config = config
@@ -92,47 +139,65 @@ class Endpoint:
         self.rank = rank
         self.bus = bus
         self.transport = transport
-        self.pool = BlockPool(pool_blocks, config.block_size, dim, dtype, deepstack_layers, device)
-        self.allocator = BlockAllocator(pool_blocks, config.block_size)
+        device = torch.device(device)
+        if device.type == "cuda" and device.index is None:
+            device = torch.device("cuda", torch.cuda.current_device())
+        self.spec = RowSpec(dim, deepstack_layers, dtype, device)
         self.requests: dict[int, Request] = {}
-        self.finished: OrderedDict[int, Request] = OrderedDict()
+        self.retired: OrderedDict[int, Request] = OrderedDict()  # terminal and handed back
         self.stats = Stats()
+        self.metrics = None  # set by embxfer.runtime.metrics when an engine asks for metrics
         self.channels: dict = {}  # peer rank -> SendChannel / RecvChannel (set by subclasses)
         self.dead_peers: dict[int, str] = {}
-        self._next_heartbeat = 0.0
+        # Ids finished since the last finished() call; bounded, for engines that never ask.
+        self._just_finished: deque[int] = deque(maxlen=16 * FINISHED_MEMORY)
+        self._next_liveness = 0.0
         self._closed = False
 
     # -- public ---------------------------------------------------------------
+    def state(self, request_id: int) -> RequestState:
+        """The request's state, without doing any work (cheap; see `progress`)."""
+        return self._lookup(check_request_id(request_id)).state
+
     def poll(self, request_id: int) -> RequestState:
-        """Make progress, then return the request's state. Cheap and idempotent."""
+        """Make progress, then return the request's state. Idempotent: prefer one
+        `progress()` per loop iteration and `finished()`."""
         self.progress()
-        return self._lookup(request_id).state
+        return self.state(request_id)
 
     def error(self, request_id: int) -> str | None:
         return self._lookup(request_id).error
 
+    def finished(self) -> list[int]:
+        """Ids that turned SUCCESS or FAILED since the last call, in the order they did."""
+        done = list(self._just_finished)
+        self._just_finished.clear()
+        return done
+
     def progress(self) -> bool:
-        """One non-blocking step: liveness, incoming records, data movement. True if
-        anything happened."""
+        """One non-blocking step: liveness, incoming records, data movement, outgoing
+        records. True if anything happened."""
         if self._closed:
             return False
         now = time.monotonic()
-        worked = False
-        if now >= self._next_heartbeat:
-            self._next_heartbeat = now + self.config.heartbeat_interval_s
-            self.bus.heartbeat()
+        if now >= self._next_liveness:
+            self._next_liveness = now + self.config.heartbeat_interval_s
             self._check_liveness(now)
+        worked = False
         for record in self.bus.drain():
             self._on_record(record)
             worked = True
         worked |= self._pump()
-        for channel in self.channels.values():
-            if channel.error and channel.peer not in self.dead_peers:
-                self._peer_lost(channel.peer, channel.error)
+        for channel in list(self.channels.values()):
+            for peer, why in channel.take_errors():
+                if peer not in self.dead_peers:
+                    self._peer_lost(peer, why)
+        self.bus.flush()
         return worked
 
     def wait(self, timeout: float) -> None:
         """Park until a record may have arrived or `timeout` passed (idle loops)."""
+        rec.check_finite_timeout("timeout", timeout)
         self.bus.wait(timeout)
 
     @property
@@ -146,19 +211,22 @@ class Endpoint:
         """Counters for an engine's metrics; data-plane figures come from the channels,
         records the bus dropped (malformed, forged) count as rejected."""
         stats = self.stats
-        stats.blocks_in_use = self.allocator.num_used
+        stats.blocks_in_use = self._blocks_in_use()
         stats.messages = sum(c.messages for c in self.channels.values())
         stats.bytes = sum(c.bytes for c in self.channels.values())
-        stats.discarded_chunks = sum(getattr(c, "discarded", 0) + getattr(c, "unpacked_sends", 0)
-                                     for c in self.channels.values())
+        stats.discarded_segments = sum(c.discarded for c in self.channels.values())
+        stats.in_flight = sum(not r.state.terminal for r in self.requests.values())
         return {**stats.as_dict(), "rejected_records": stats.rejected_records + self.bus.rejected + self.bus.spoofed}
 
     def close(self) -> None:
         self._closed = True
 
     # -- shared machinery -------------------------------------------------------
+    def _blocks_in_use(self) -> int:
+        return 0
+
     def _lookup(self, request_id: int) -> Request:
-        request = self.requests.get(request_id) or self.finished.get(request_id)
+        request = self.requests.get(request_id) or self.retired.get(request_id)
         if request is None:
             raise KeyError(f"request {request_id} is not known on rank {self.rank} ({self.role})")
         return request
@@ -167,32 +235,36 @@ class Endpoint:
         """The one place a transition happens (and is logged)."""
         if request.state is state:
             return
-        log.debug(
-            "rank=%d role=%s request=%d %s -> %s%s",
-            self.rank, self.role, request.request_id, request.state.value, state.value, f" ({why})" if why else "",
-        )
+        if log.isEnabledFor(logging.DEBUG):
+            log.debug("rank=%d role=%s request=%d %s -> %s%s", self.rank, self.role, request.request_id,
+                      request.state.value, state.value, f" ({why})" if why else "")
         request.state = state
         request.last_progress = time.monotonic()
         if state.terminal:
+            self._just_finished.append(request.request_id)
             if state is RequestState.SUCCESS:
                 self.stats.succeeded += 1
             else:
                 self.stats.failed += 1
+            if self.metrics is not None:
+                self.metrics.finished(self, request)
 
     def _retire(self, request: Request) -> None:
         """Move a terminal request to the bounded memory of finished ones."""
         self.requests.pop(request.request_id, None)
-        self.finished[request.request_id] = request
-        while len(self.finished) > FINISHED_MEMORY:
-            self.finished.popitem(last=False)
+        self.retired[request.request_id] = request
+        while len(self.retired) > FINISHED_MEMORY:
+            self.retired.popitem(last=False)
 
     def _fail(self, request: Request, reason: rec.AbortReason, message: str, *, notify: bool) -> None:
         """Turn a request FAILED (once), free what this rank may free, tell peers if asked."""
         if request.state.terminal:
             return
         request.error = f"{reason.name.lower()}: {message}"
+        request.reason = reason
         self._set_state(request, RequestState.FAILED, request.error)
-        log.warning("rank=%d role=%s request=%d failed: %s", self.rank, self.role, request.request_id, request.error)
+        log.warning("rank=%d role=%s request=%d failed: %s", self.rank, self.role, request.request_id,
+                    rec.clip_message(request.error, 1024))
         if reason is rec.AbortReason.USER:
             self.stats.aborted += 1
         if notify:

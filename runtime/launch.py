@@ -49,6 +49,23 @@ class World:
                 dist.destroy_process_group(group)
 
 
+def group_exchange(group: object, world_size: int, size: int = 128):
+    """An `exchange(bytes) -> {rank: bytes}` over a gloo group (all_gather of fixed-size,
+    zero-padded byte tensors: no pickle)."""
+
+    def exchange(data: bytes) -> dict[int, bytes]:
+        if len(data) > size:
+            raise ValueError(f"exchange: {len(data)} bytes, at most {size}")
+        mine = torch.zeros(size + 1, dtype=torch.uint8)
+        mine[0] = len(data)
+        mine[1 : 1 + len(data)] = torch.frombuffer(bytearray(data), dtype=torch.uint8) if data else mine[1:1]
+        gathered = [torch.zeros_like(mine) for _ in range(world_size)]
+        dist.all_gather(gathered, mine, group=group)
+        return {rank: bytes(t[1 : 1 + int(t[0])].tolist()) for rank, t in enumerate(gathered)}
+
+    return exchange
+
+
 def under_torchrun() -> bool:
     return "RANK" in os.environ and "WORLD_SIZE" in os.environ
 

@@ -36,7 +36,7 @@ class LocalCluster:
     ) -> None:
         self.topology = topology or Topology()
         self.config = config or Config()
-        self.bus_hub = LocalBusHub()
+        self.bus_hub = LocalBusHub(self.config.limits, self.config.slot_bytes - 16)
         self.p2p = LoopbackHub()
         self.senders: dict[int, Sender] = {}
         self.receivers: dict[int, Receiver] = {}
@@ -110,7 +110,7 @@ class LocalCluster:
             return all(s.terminal for rid in payloads for s in self.states(rid))
 
         self.run_until(all_done, **run_kwargs)
-        failed = {rid: self.leader.error(rid) for rid in payloads if self.leader.poll(rid) is RequestState.FAILED}
+        failed = {rid: self.leader.error(rid) for rid in payloads if self.leader.state(rid) is RequestState.FAILED}
         if failed:
             raise RuntimeError(f"requests failed: {failed}")
         taken = {rid: [r.take(rid) for r in self.receivers.values()] for rid in payloads}
@@ -122,13 +122,13 @@ class LocalCluster:
         return self.run_until(lambda: not any(e.busy for e in self.endpoints), **run_kwargs)
 
     def blocks_in_use(self) -> dict[int, int]:
-        return {e.rank: e.allocator.num_used for e in self.endpoints}
+        return {e.rank: e._blocks_in_use() for e in self.endpoints}
 
     def describe(self) -> str:
         parts = []
         for e in self.endpoints:
             live = {rid: r.state.value for rid, r in e.requests.items()}
-            parts.append(f"rank {e.rank} ({e.role}): blocks used {e.allocator.num_used}, requests {live}")
+            parts.append(f"rank {e.rank} ({e.role}): blocks used {e._blocks_in_use()}, requests {live}")
         return "; ".join(parts)
 
     def close(self) -> None:

@@ -100,6 +100,10 @@ class BlockPool:
         rows = RowTensors(payload.embeddings, payload.fill_ids, payload.mrope_positions, payload.deepstack)
         scatter(rows, start, self.tensors, TokenSpan(blocks, 0, count))
 
+    def clone_rows(self, rows: RowTensors) -> RowTensors:
+        """A new copy of payload-shaped rows (on this pool's device)."""
+        return RowTensors(*(None if t is None else t.clone() for t in rows))
+
     def empty_rows(self, num_tokens: int) -> RowTensors:
         """Uninitialised contiguous tensors for `num_tokens` tokens of this pool's shape."""
         return RowTensors(

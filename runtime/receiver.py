@@ -5,12 +5,20 @@ a round is complete on every language rank, and it is edge-triggered: each compl
 round is decided once, so polling any number of times cannot issue a second resume
 (SPEC R5). The leader's allocator is the single source of truth for block indices; the
 followers apply its DECISION records (claim, free) in ring order, so indices agree on
-every rank (R4). A round's data is read from its landing blocks into the request's
-output tensors exactly once, when the round is complete (R7: never on a poll, never
-twice), and the blocks go back to the pool before the next round's blocks are taken,
-so a request larger than the whole pool still completes and the allocator may hand
-back the very same indices (R6).
-Total length and mrope delta come from the first round's TRANSFER record only (R3).
+every rank (R4). Total length and mrope delta come from the first round's segments only
+(R3).
+
+Where the data lives (one model, `docs/integration.md` "Memory"): a round lands in the
+request's landing blocks of this rank's pool (one unpack launch per staging message,
+whatever it holds), and is read out of them exactly once, when the round is complete,
+into the request's output tensors (R7; one launch for all the rounds that completed in
+the same step). Then the blocks go back to the pool before the next round's blocks are
+taken, so a request larger than the whole pool streams through it, and the allocator
+may hand back the very same indices (R6). The outputs are drawn from a bounded budget
+(`output_budget_bytes`) when the first round is read out: a request waits for budget
+holding only its landing blocks (no data of it is in flight then, so waiting can never
+block the stream that would free the budget), and one larger than the whole budget
+fails with a clear error.
 """
 
 from __future__ import annotations
@@ -18,62 +26,85 @@ from __future__ import annotations
 import time
 from collections import OrderedDict, deque
 
-from embxfer.control import records as rec
+import numpy as np
 
-from .channels import RecvChannel, RecvRound
+from embxfer.control import records as rec
+from embxfer.kernels import ops
+
+from .allocator import BlockAllocator
+from .cache import PayloadCache
+from .channels import RecvChannel, RecvMessage, segment_plan
 from .endpoint import Endpoint, Request, check_request_id
 from .payload import Payload
+from .pool import BlockPool
 from .state import RequestState
 from .topology import Role
 
 # A TRANSFER whose request this rank has never heard of waits this long at the head of
 # its channel for the leader's ADMIT decision before its data is discarded.
 UNKNOWN_REQUEST_GRACE_S = 5.0
-EARLY_ABORT_MEMORY = 4096
+EARLY_MEMORY = 4096
 
 
 class Receiver(Endpoint):
     role = "language"
 
-    def __init__(self, **kwargs) -> None:
-        kwargs.setdefault("pool_blocks", kwargs["config"].language_pool_blocks)
+    def __init__(self, *, pool_blocks: int | None = None, **kwargs) -> None:
         super().__init__(**kwargs)
         topo = self.topology
         if topo.role(self.rank) is not Role.LANGUAGE:
             raise ValueError(f"rank {self.rank} is not a language rank in {topo.describe()}")
+        blocks = self.config.language_pool_blocks if pool_blocks is None else pool_blocks
+        spec = self.spec
+        self.pool = BlockPool(blocks, self.config.block_size, spec.dim, spec.dtype, spec.deepstack_layers, spec.device)
+        self.allocator = BlockAllocator(blocks, self.config.block_size)
+        self.cache = PayloadCache(self.config.cache_bytes)
         self.leader_rank = topo.language_leader
         self.is_leader = self.rank == self.leader_rank
         self.followers = [r for r in topo.language_ranks if r != self.leader_rank]
-        self.default_tokens = min(self.config.default_alloc_blocks, self.pool.num_blocks) * self.pool.block_size
+        self.default_tokens = min(self.config.default_alloc_blocks, blocks) * self.config.block_size
         self.channels = {
-            topo.serving_encoder_rank(self.rank, engine): RecvChannel(
-                topo.serving_encoder_rank(self.rank, engine), self.transport, self.pool,
-                self.config.staging_depth, self.config.staging_bytes,
-            )
-            for engine in range(topo.encoders)
+            peer: RecvChannel(peer, self.transport, spec, depth=self.config.staging_depth,
+                              staging_bytes=self.config.staging_bytes)
+            for peer in {topo.serving_encoder_rank(self.rank, engine) for engine in range(topo.encoders)}
         }
+        self.output_bytes = 0  # outputs of requests in flight and not taken
         self._admission: deque[Request] = deque()  # leader: FIFO of requests waiting for blocks
         self._resume_waiting: deque[Request] = deque()  # leader: rounds done, no free block yet
-        self._unknown_since: dict[int, float] = {}
+        self._landed_rounds: list[Request] = []  # rounds complete in this step, read out together
+        self._budget_waiting: deque[Request] = deque()  # complete first rounds waiting for budget
         self._awaiting_free: dict[int, Request] = {}  # follower: released, blocks not yet freed
-        # Aborts that arrived before this rank's engine admitted the id (a follower's engine
-        # may lag its leader; an encoder may give up first): the later admit fails at once.
+        # Aborts and size announcements that arrived before this rank's engine admitted
+        # the id (a follower's engine may lag its leader; an encoder may be first).
         self._early_aborts: OrderedDict[int, str] = OrderedDict()
+        self._announced: OrderedDict[int, int] = OrderedDict()
 
     # -- public API -----------------------------------------------------------------
-    def admit(self, request_id: int, encoder_engine: int = 0) -> None:
-        """Start receiving `request_id` from `encoder_engine`: the leader reserves the default
-        allocation (now, or as soon as blocks are free) and announces it."""
+    def admit(self, request_id: int, encoder_engine: int = 0, *, expected_tokens: int | None = None,
+              content_hash: bytes | str | None = None) -> None:
+        """Start receiving `request_id` from `encoder_engine`. The leader reserves the first
+        allocation (now, or as soon as blocks are free) and announces it: exactly
+        `expected_tokens` (rounded up to blocks, capped by the pool) when the size is known
+        by then (given here, or announced by the encoder side), else the default
+        allocation. With `content_hash` (e.g. the engine's mm_hash) a payload still in
+        the cache completes the request at once, without a transfer."""
         check_request_id(request_id)
         self.topology.check_engine(encoder_engine)
+        if expected_tokens is not None and (isinstance(expected_tokens, bool) or not isinstance(expected_tokens, int)
+                                            or not 1 <= expected_tokens <= 0xFFFFFFFF):
+            raise ValueError(f"expected_tokens={expected_tokens!r}: expected None or an integer in 1..2**32-1")
+        content_hash = _content_hash(content_hash)
         request = self.requests.get(request_id)
         if request is not None:
-            if not self.is_leader and request.engine in (-1, encoder_engine):
+            if not self.is_leader and not request.engine_admitted and request.engine in (-1, encoder_engine):
                 request.engine = encoder_engine  # the leader's decision came first
+                request.engine_admitted = True
                 return
-            raise ValueError(f"request_id={request_id}: already admitted and not taken (release() it first)")
-        self.finished.pop(request_id, None)
-        request = Request(request_id, encoder_engine)
+            raise ValueError(f"request_id={request_id}: already admitted and {request.state.value} "
+                             "(take() a SUCCESS, release() a FAILED one first)")
+        self.retired.pop(request_id, None)
+        request = Request(request_id, encoder_engine, expected_tokens=expected_tokens, content_hash=content_hash,
+                          engine_admitted=True)
         self.requests[request_id] = request
         self.stats.requests += 1
         gone = self._lost_peer_of(encoder_engine)
@@ -85,41 +116,61 @@ class Receiver(Endpoint):
             self._fail(request, rec.AbortReason.USER, aborted, notify=False)
             return
         if self.is_leader:
+            announced = self._announced.pop(request_id, None)
+            if request.expected_tokens is None:
+                request.expected_tokens = announced
+            if content_hash is not None:
+                if self.cache.contains(content_hash):
+                    self._complete_from_cache(request)
+                    return
+                self.cache.misses += 1
             self._admission.append(request)
             self._admit_waiting()
 
     def take(self, request_id: int) -> Payload:
-        """The completed payload as contiguous tensors; the request is forgotten."""
-        request = self._lookup(check_request_id(request_id))
-        if request.state is RequestState.SUCCESS and request.outputs is None:
-            raise ValueError(f"request_id={request_id}: already taken")
+        """The completed payload as contiguous tensors; the request is forgotten. The
+        tensors are the engine's from now on (and no longer count against the budget)."""
+        check_request_id(request_id)
+        request = self.requests.get(request_id)
+        if request is None:
+            if request_id in self.retired:
+                raise ValueError(f"request_id={request_id}: already taken or released")
+            raise KeyError(f"request {request_id} is not known on rank {self.rank} ({self.role})")
         if request.state is not RequestState.SUCCESS:
             raise ValueError(
                 f"request_id={request_id}: take() needs state SUCCESS, it is {request.state.value}"
                 + (f" ({request.error})" if request.error else "")
             )
-        outputs, request.outputs = request.outputs, None
+        outputs = request.outputs
+        self._drop_outputs(request)
         self._retire(request)  # remembered (bounded) so that late records are known as late
         return Payload(outputs.embeddings, outputs.fill_ids, outputs.mrope_positions,
                        mrope_delta=request.mrope_delta, deepstack=outputs.deepstack)
 
     def abort(self, request_id: int, message: str = "aborted by the language engine") -> None:
+        """Fail a request in flight, on both sides; a finished one is released (a SUCCESS
+        not taken drops its payload and counts as aborted). Unknown ids: nothing to do."""
         request = self.requests.get(check_request_id(request_id))
         if request is None:
             return
         if request.state is RequestState.SUCCESS:
-            # Blocks are already free; dropping the payload is all that is left to do.
-            del self.requests[request_id]
+            self.stats.aborted += 1
+        if request.state.terminal:
+            self.release(request_id)
             return
         self._fail(request, rec.AbortReason.USER, message, notify=True)
 
     def release(self, request_id: int) -> None:
-        """Forget a FAILED request (the engine has seen its state and error), so that its id
-        can be admitted again. A request in flight must be aborted first."""
-        request = self._lookup(check_request_id(request_id))
-        if request.state is not RequestState.FAILED:
-            raise ValueError(f"request_id={request_id}: release() needs state FAILED, it is {request.state.value} "
-                             "(take() a SUCCESS, abort() one in flight)")
+        """Forget a finished request (a SUCCESS not taken drops its payload; a FAILED one has
+        been seen by the engine), so that its id can be admitted again. ValueError for one
+        in flight (abort it first); an unknown or already released id: nothing to do."""
+        request = self.requests.get(check_request_id(request_id))
+        if request is None:
+            return
+        if not request.state.terminal:
+            raise ValueError(f"request_id={request_id}: release() needs a finished request, it is "
+                             f"{request.state.value} (abort() it first)")
+        self._drop_outputs(request)
         if request.blocks:
             # A follower frees only on the leader's FAIL decision, which may still be on its
             # way; keep the old incarnation apart so a re-admitted id cannot be confused with it.
@@ -130,127 +181,195 @@ class Receiver(Endpoint):
 
     # -- records ------------------------------------------------------------------------
     def _on_record(self, record: rec.Record) -> None:
-        if isinstance(record, rec.Transfer):
-            if record.dst_rank == self.rank:
-                self._on_transfer(record)
-        elif isinstance(record, rec.Decision):
+        kind = type(record)
+        if kind is rec.Transfer:
+            self._on_transfer(record)
+        elif kind is rec.Decision:
             if not self.is_leader and record.src_rank == self.leader_rank:
                 self._apply_decision(record)
-        elif isinstance(record, rec.Completion):
+        elif kind is rec.Completion:
             if self.is_leader and record.dst_rank == self.rank and record.src_rank in self.followers:
                 self._on_follower_ack(record)
-        elif isinstance(record, rec.Abort):
+        elif kind is rec.Abort:
             if record.dst_rank in (-1, self.rank, self.leader_rank):
-                request = self.requests.get(record.request_id)
-                if request is None and record.request_id not in self.finished:
-                    self._early_aborts[record.request_id] = f"aborted by rank {record.src_rank}: {record.message}"
-                    while len(self._early_aborts) > EARLY_ABORT_MEMORY:
-                        self._early_aborts.popitem(last=False)
-                    return
-                if request is None or request.state.terminal:
-                    self.stats.late_records += 1
-                    return
-                self._fail(request, rec.AbortReason(record.reason),
-                           f"aborted by rank {record.src_rank}: {record.message}", notify=False)
+                self._on_abort(record)
+        elif kind is rec.Announce:
+            if self.is_leader and record.dst_rank == self.rank and self.topology.role(record.src_rank) is Role.ENCODER:
+                self._on_announce(record)
 
-    def _on_transfer(self, transfer: rec.Transfer) -> None:
-        channel = self.channels.get(transfer.src_rank)
-        if channel is None:
-            self.stats.rejected_records += 1  # not a rank that serves this one
+    def _on_abort(self, record: rec.Abort) -> None:
+        request = self.requests.get(record.request_id)
+        if request is None and record.request_id not in self.retired:
+            _remember(self._early_aborts, record.request_id, f"aborted by rank {record.src_rank}: {record.message}")
             return
-        channel.add_round(RecvRound(transfer.request_id, transfer.round, transfer.round_tokens,
-                                    transfer.chunk_tokens, transfer))
-
-    def _start_round(self, channel: RecvChannel, r: RecvRound) -> bool:
-        """Head-of-line gate for a TRANSFER: bind it to its request or decide to discard."""
-        transfer: rec.Transfer = r.record
-        if channel.layout(min(r.chunk_tokens, r.round_tokens)).nbytes > channel.staging_bytes:
-            # The stream from this peer cannot be followed any more: nothing after it can be trusted.
-            self._channel_broken(channel, f"rank {channel.peer} sends chunks of {r.chunk_tokens} tokens, "
-                                          f"larger than this rank's staging buffer ({channel.staging_bytes} bytes)")
-            return False
-        request = self.requests.get(r.request_id)
-        if request is None:
-            if r.request_id in self.finished:
-                r.discard = True
-                self.stats.late_records += 1
-                return True
-            first_seen = self._unknown_since.setdefault(r.request_id, time.monotonic())
-            if time.monotonic() - first_seen < UNKNOWN_REQUEST_GRACE_S:
-                return False
-            self._unknown_since.pop(r.request_id, None)
-            r.discard = True
-            self.stats.rejected_records += 1
-            return True
-        self._unknown_since.pop(r.request_id, None)
-        if request.state.terminal:
-            r.discard = True
+        if request is None or request.state.terminal:
             self.stats.late_records += 1
-            return True
-        if request.round != transfer.round or not request.blocks:
-            if transfer.round < request.round:
-                r.discard = True
-                self.stats.late_records += 1
-                return True
-            return False  # this rank has not applied the leader's decision for that round yet
-        problem = self._check_transfer(request, transfer)
-        if problem:
-            r.discard = True
+            return
+        self._fail(request, rec.AbortReason(record.reason), f"aborted by rank {record.src_rank}: {record.message}",
+                   notify=False)
+
+    def _on_announce(self, record: rec.Announce) -> None:
+        request = self.requests.get(record.request_id)
+        if request is None:
+            if record.request_id not in self.retired:
+                _remember(self._announced, record.request_id, record.total_tokens)
+            return
+        if request.state is RequestState.BOOTSTRAPPING and request.expected_tokens is None \
+                and request.engine == self.topology.engine_of(record.src_rank):
+            request.expected_tokens = record.total_tokens  # still waiting for blocks: allocate exactly
+
+    def _on_transfer(self, record: rec.Transfer) -> None:
+        channel = self.channels.get(record.src_rank)
+        if channel is None or record.dst_rank not in (rec.BROADCAST_RANK, self.rank):
+            return  # a stream to other ranks
+        if channel.dead:
+            return
+        broken = channel.add(record)
+        if broken:
             self.stats.rejected_records += 1
-            self._fail(request, rec.AbortReason.INVALID, problem, notify=True)
-            return True
-        if request.total_tokens is None:  # first round: the only source of N and delta (R3)
-            request.total_tokens = transfer.total_tokens
-            request.mrope_delta = transfer.mrope_delta
-            request.outputs = self.pool.empty_rows(transfer.total_tokens)
-        request.round_tokens = transfer.round_tokens
-        request.round_read = False
-        self._set_state(request, RequestState.TRANSFERRING)
-        request.last_progress = time.monotonic()
-        r.request = request
+            self._channel_broken(channel, broken)
+
+    def _accept(self, channel: RecvChannel, message: RecvMessage) -> bool:
+        """Head-of-line gate of a staging message: bind each segment to its request (or to
+        nothing: discard), or wait until every request is known on this rank."""
+        now = time.monotonic()
+        for segment in message.record.segments:
+            request = self.requests.get(segment.request_id)
+            if request is None:
+                if segment.request_id in self.retired:
+                    continue
+                if not message.first_seen:
+                    message.first_seen = now
+                if now - message.first_seen < UNKNOWN_REQUEST_GRACE_S:
+                    return False  # the leader's ADMIT decision may not have reached this rank yet
+                continue
+            if not request.state.terminal and (segment.round > request.round
+                                               or segment.round == request.round and not request.blocks):
+                return False  # this rank has not applied the leader's decision for that round yet
+        engine = self.topology.engine_of(channel.peer)
+        message.requests = [self._bind(segment, engine) for segment in message.record.segments]
         return True
 
-    def _check_transfer(self, request: Request, t: rec.Transfer) -> str | None:
+    def _bind(self, segment: rec.Segment, engine: int) -> Request | None:
+        request = self.requests.get(segment.request_id)
+        if request is None:
+            if segment.request_id in self.retired:
+                self.stats.late_records += 1
+            else:
+                self.stats.rejected_records += 1
+            return None
+        if request.state.terminal or segment.round < request.round:
+            self.stats.late_records += 1
+            return None
+        problem = self._check_segment(request, segment, engine)
+        if problem:
+            self.stats.rejected_records += 1
+            self._fail(request, rec.AbortReason.INVALID, problem, notify=True)
+            return None
+        if request.total_tokens is None:  # first round: the only source of N and delta (R3)
+            need = segment.total_tokens * self.spec.bytes_per_token
+            if need > self.config.output_budget_bytes:
+                self._fail(request, rec.AbortReason.BUDGET,
+                           f"N={segment.total_tokens} tokens need {need} bytes of outputs, more than "
+                           f"output_budget_bytes={self.config.output_budget_bytes}", notify=True)
+                return None
+            request.total_tokens = segment.total_tokens
+            request.mrope_delta = segment.mrope_delta
+            request.round_tokens = min(request.total_tokens - request.sent_tokens, request.allocated_tokens)
+            self._set_state(request, RequestState.TRANSFERRING)
+        request.round_accepted += segment.count
+        request.last_progress = time.monotonic()
+        return request
+
+    def _check_segment(self, request: Request, s: rec.Segment, engine: int) -> str | None:
         if request.engine == -1:  # a follower that learnt of the request from the leader only
-            request.engine = self.topology.engine_of(t.src_rank)
-        if request.engine != self.topology.engine_of(t.src_rank):
-            return f"TRANSFER from rank {t.src_rank}, which is not in encoder engine {request.engine}"
-        if request.total_tokens is not None and (
-            t.total_tokens != request.total_tokens or t.mrope_delta != request.mrope_delta
-        ):
-            return (f"TRANSFER round {t.round} says N={t.total_tokens}, delta={t.mrope_delta}; "
+            request.engine = engine
+        if request.engine != engine:
+            return f"TRANSFER from encoder engine {engine}, the request was admitted from engine {request.engine}"
+        if request.total_tokens is not None and (s.total_tokens != request.total_tokens
+                                                 or s.mrope_delta != request.mrope_delta):
+            return (f"TRANSFER round {s.round} says N={s.total_tokens}, delta={s.mrope_delta}; "
                     f"the first round said N={request.total_tokens}, delta={request.mrope_delta}")
-        if t.total_tokens < 1:
-            return f"TRANSFER total_tokens={t.total_tokens}: expected >= 1"
-        if t.sent_tokens != request.sent_tokens:
-            return f"TRANSFER sent_tokens={t.sent_tokens}, this rank has {request.sent_tokens}"
-        expected = min(t.total_tokens - request.sent_tokens, request.allocated_tokens)
-        if t.round_tokens != expected or t.chunk_tokens < 1:
-            return (f"TRANSFER round_tokens={t.round_tokens} (chunk {t.chunk_tokens}), expected "
-                    f"{expected} = min(remaining {t.total_tokens - request.sent_tokens}, "
+        expected_start = request.sent_tokens + request.round_accepted
+        if s.start != expected_start:
+            return f"TRANSFER segment starts at token {s.start}, expected {expected_start}"
+        round_tokens = min(s.total_tokens - request.sent_tokens, request.allocated_tokens)
+        if s.start + s.count > request.sent_tokens + round_tokens:
+            return (f"TRANSFER segment [{s.start}, {s.start + s.count}) overruns round {s.round} "
+                    f"[{request.sent_tokens}, {request.sent_tokens + round_tokens}) = min(remaining, "
                     f"allocated {request.allocated_tokens})")
         return None
 
-    def _round_received(self, r: RecvRound) -> None:
-        """All chunks of a round have landed (or were discarded)."""
-        request = r.request
-        if r.discard or request is None or request.state.terminal:
+    def _landed(self, message: RecvMessage, staging) -> None:
+        """A staging message arrived: unpack its live segments with one launch."""
+        live, blocks, offsets, counts = [], [], [], []
+        for index, (segment, request) in enumerate(zip(message.record.segments, message.requests, strict=True)):
+            if request is None or request.state.terminal:
+                continue
+            live.append(index)
+            blocks.append(request.block_array)
+            offsets.append(segment.start - request.sent_tokens)
+            counts.append(segment.count)
+        channel = self.channels[message.record.src_rank]
+        channel.discarded += len(message.requests) - len(live)
+        if not live:
             return
-        # R7: read the round once, now that it is complete, into the output tensors (one
-        # launch per round on a GPU); then the blocks may go back to the pool.
-        self.pool.read_into(request.blocks, request.round_tokens, request.outputs, request.sent_tokens)
-        request.sent_tokens += request.round_tokens
-        request.round_read = True
-        request.last_progress = time.monotonic()
-        self.stats.rounds += 1
-        self.stats.tokens += request.round_tokens
-        if self.is_leader:
-            self._decide(request)
-        else:
-            self._publish(rec.Completion(
-                request_id=request.request_id, round=request.round, sent_tokens=request.sent_tokens,
-                total_tokens=request.total_tokens, src_rank=self.rank, dst_rank=self.leader_rank,
-            ))
+        plan = segment_plan(blocks, offsets, counts, self.config.block_size)
+        segments = None if len(live) == len(message.requests) else live
+        ops.unpack(staging, message.layout, self.pool.tensors, plan, segments=segments)
+        now = time.monotonic()
+        for index, count in zip(live, counts, strict=True):
+            request = message.requests[index]
+            request.round_landed += count
+            request.last_progress = now
+            if request.round_landed == request.round_tokens:
+                self._landed_rounds.append(request)
+
+    def _read_out(self) -> None:
+        """Read every round that completed in this step out of its landing blocks into the
+        request's outputs, with one launch (R7: once per round, when it is complete). A
+        first round takes its outputs from the budget first, in arrival order; one that
+        does not fit waits (holding only its landing blocks) and every first round behind
+        it waits too."""
+        candidates = [*self._budget_waiting, *self._landed_rounds]
+        self._budget_waiting, self._landed_rounds = deque(), []
+        ready = []
+        for request in candidates:
+            if request.state.terminal:
+                continue
+            if request.outputs is None:
+                need = request.total_tokens * self.spec.bytes_per_token
+                if self._budget_waiting or self.output_bytes + need > self.config.output_budget_bytes:
+                    self._budget_waiting.append(request)
+                    continue
+                request.outputs = self.pool.empty_rows(request.total_tokens)
+                request.output_bytes = need
+                self.output_bytes += need
+            ready.append(request)
+        if not ready:
+            return
+        counts = [r.round_tokens for r in ready]
+        plan = segment_plan([r.block_array for r in ready], [0] * len(ready), counts, self.config.block_size)
+        ops.gather(self.pool.tensors, plan, counts, [r.outputs for r in ready], [r.sent_tokens for r in ready])
+        now = time.monotonic()
+        for request in ready:
+            request.sent_tokens += request.round_tokens
+            request.round_read = True
+            request.last_progress = now
+            self.stats.rounds += 1
+            self.stats.tokens += request.round_tokens
+            if self.is_leader:
+                self._decide(request)
+            else:
+                self._publish(rec.Completion(
+                    request_id=request.request_id, round=request.round, sent_tokens=request.sent_tokens,
+                    total_tokens=request.total_tokens, src_rank=self.rank, dst_rank=self.leader_rank,
+                ))
+
+    def _drop_outputs(self, request: Request) -> None:
+        self.output_bytes -= request.output_bytes
+        request.output_bytes = 0
+        request.outputs = None
 
     # -- leader: decisions ------------------------------------------------------------------
     def _on_follower_ack(self, ack: rec.Completion) -> None:
@@ -267,11 +386,10 @@ class Receiver(Endpoint):
             return
         request.round_read = False
         request.acks.clear()
-        self.allocator.free(request.blocks)
-        request.blocks, request.allocated_tokens = [], 0
+        self._release_blocks(request)
         if request.sent_tokens == request.total_tokens:
-            self._broadcast_decision(request, rec.DecisionAction.COMPLETE)
-            self._set_state(request, RequestState.SUCCESS)
+            self._broadcast_decision(request, rec.DecisionAction.COMPLETE, request.content_hash or b"")
+            self._complete(request, request.content_hash)
             self._publish(rec.Completion(
                 request_id=request.request_id, round=request.round, sent_tokens=request.sent_tokens,
                 total_tokens=request.total_tokens, src_rank=self.rank,
@@ -281,6 +399,13 @@ class Receiver(Endpoint):
         request.resume_due = True
         if not self._try_resume(request):
             self._resume_waiting.append(request)
+
+    def _complete(self, request: Request, content_hash: bytes | None) -> None:
+        """SUCCESS; with the leader's `content_hash`, a copy goes into the cache (on every
+        rank in decision order, so the ranks' caches stay identical)."""
+        if content_hash:
+            self.cache.insert(content_hash, request.outputs, request.mrope_delta)
+        self._set_state(request, RequestState.SUCCESS)
 
     def _try_resume(self, request: Request) -> bool:
         remaining = request.total_tokens - request.sent_tokens
@@ -314,7 +439,10 @@ class Receiver(Endpoint):
             if request.state is not RequestState.BOOTSTRAPPING:
                 self._admission.popleft()
                 continue
-            blocks = self.allocator.allocate(self.default_tokens)
+            tokens = self.default_tokens
+            if request.expected_tokens is not None:
+                tokens = min(request.expected_tokens, self.allocator.num_blocks * self.config.block_size)
+            blocks = self.allocator.allocate(tokens)
             if blocks is None:
                 break
             self._admission.popleft()
@@ -328,25 +456,58 @@ class Receiver(Endpoint):
 
     def _assign(self, request: Request, blocks: list[int]) -> None:
         request.blocks = blocks
+        request.block_array = np.asarray(blocks, dtype=np.int64)
         request.allocated_tokens = self.allocator.allocated_tokens(blocks)  # R2
+        request.round_accepted = request.round_landed = 0
+        if request.total_tokens is not None:
+            request.round_tokens = min(request.total_tokens - request.sent_tokens, request.allocated_tokens)
         request.last_progress = time.monotonic()
 
     def _announce(self, request: Request) -> None:
         self._publish(rec.Resume(
             request_id=request.request_id, round=request.round, sent_tokens=request.sent_tokens,
-            allocated_tokens=request.allocated_tokens, blocks=tuple(request.blocks),
-            src_rank=self.rank, dst_rank=self.topology.encoder_leader(request.engine),
+            allocated_tokens=request.allocated_tokens, src_rank=self.rank,
+            dst_rank=self.topology.encoder_leader(request.engine),
         ))
 
-    def _broadcast_decision(self, request: Request, action: rec.DecisionAction) -> None:
+    def _broadcast_decision(self, request: Request, action: rec.DecisionAction, content_hash: bytes = b"") -> None:
         if not self.followers:
             return
         self._publish(rec.Decision(
-            request_id=request.request_id, round=request.round, action=action,
+            request_id=request.request_id, round=max(request.round, 0), action=action,
             sent_tokens=request.sent_tokens, total_tokens=request.total_tokens or 0,
             allocated_tokens=request.allocated_tokens, blocks=tuple(request.blocks),
-            src_rank=self.rank, mrope_delta=request.mrope_delta,
+            src_rank=self.rank, mrope_delta=request.mrope_delta, content_hash=content_hash,
         ))
+
+    # -- the cache ------------------------------------------------------------------------
+    def _complete_from_cache(self, request: Request) -> None:
+        """Leader: the payload of `request.content_hash` is cached: complete everywhere at
+        once, without a transfer (followers serve their own copy)."""
+        self._broadcast_decision(request, rec.DecisionAction.CACHED, request.content_hash)
+        self._publish(rec.Completion(
+            request_id=request.request_id, round=0, sent_tokens=0, total_tokens=0, src_rank=self.rank,
+            dst_rank=self.topology.encoder_leader(request.engine), flags=rec.COMPLETION_CACHED,
+        ))
+        self._serve_cached(request, request.content_hash)
+
+    def _serve_cached(self, request: Request, content_hash: bytes) -> None:
+        """Complete `request` from the cache entry the leader named (a copy: cached tensors
+        are never handed out twice as the same object)."""
+        entry = self.cache.hit(content_hash)
+        if entry is None:
+            self._fail(request, rec.AbortReason.INTERNAL,
+                       "the TP leader served this request from its cache, which this rank does not hold",
+                       notify=self.is_leader)
+            return
+        rows, delta = entry
+        request.total_tokens = request.sent_tokens = rows.embeddings.shape[0]
+        request.mrope_delta = delta
+        request.outputs = self.pool.clone_rows(rows)
+        request.output_bytes = request.total_tokens * self.spec.bytes_per_token
+        self.output_bytes += request.output_bytes
+        self.stats.cached += 1
+        self._set_state(request, RequestState.SUCCESS, "served from the cache")
 
     # -- followers: apply the leader's decisions ---------------------------------------------
     def _apply_decision(self, d: rec.Decision) -> None:
@@ -354,15 +515,17 @@ class Receiver(Endpoint):
             self._release_blocks(self._awaiting_free.pop(d.request_id))
             return
         request = self.requests.get(d.request_id)
-        if request is None and d.action is rec.DecisionAction.FAIL:
-            request = self.finished.get(d.request_id)
-        if request is None and d.action is rec.DecisionAction.ADMIT and d.request_id not in self.finished:
+        if request is None and d.action in (rec.DecisionAction.ADMIT, rec.DecisionAction.CACHED) \
+                and d.request_id not in self.retired:
             request = self.requests[d.request_id] = Request(d.request_id, -1)  # admit() may come later
             self.stats.requests += 1
             # An abort seen before this decision is the leader's to act on: its FAIL follows.
             self._early_aborts.pop(d.request_id, None)
         if request is None or request.state.terminal and d.action is not rec.DecisionAction.FAIL:
             self.stats.late_records += 1
+            return
+        if d.action is rec.DecisionAction.CACHED:
+            self._serve_cached(request, d.content_hash)
             return
         if d.action in (rec.DecisionAction.ADMIT, rec.DecisionAction.RESUME):
             if d.round != request.round + 1:
@@ -396,21 +559,26 @@ class Receiver(Endpoint):
                            f"leader completed at {d.total_tokens} tokens, this rank read {request.sent_tokens}",
                            notify=True)
             else:
-                self._set_state(request, RequestState.SUCCESS)
+                self._complete(request, d.content_hash)
         else:  # FAIL / FREE: the leader has freed the blocks; so does this rank
             self._fail(request, rec.AbortReason.INTERNAL, "failed by the TP leader", notify=False)
 
     def _release_blocks(self, request: Request) -> None:
         if request.blocks:
             self.allocator.free(request.blocks)
-            request.blocks, request.allocated_tokens = [], 0
+            request.blocks, request.block_array, request.allocated_tokens = [], None, 0
 
     # -- pumping and failure ---------------------------------------------------------------
     def _pump(self) -> bool:
         worked = self._admit_waiting() if self.is_leader else False
         for channel in self.channels.values():
-            worked |= channel.pump(lambda r, c=channel: self._start_round(c, r), self._round_received)
+            worked |= channel.pump(lambda m, c=channel: self._accept(c, m), self._landed)
+        if self._landed_rounds or self._budget_waiting:
+            self._read_out()
         return worked
+
+    def _blocks_in_use(self) -> int:
+        return self.allocator.num_used
 
     def _channel_broken(self, channel: RecvChannel, why: str) -> None:
         channel.dead = True
@@ -424,7 +592,7 @@ class Receiver(Endpoint):
         return request.state is not RequestState.BOOTSTRAPPING
 
     def _fail_cleanup(self, request: Request) -> None:
-        request.outputs = None
+        self._drop_outputs(request)
         request.resume_due = False
         if self.is_leader:
             self._release_blocks(request)
@@ -456,3 +624,25 @@ class Receiver(Endpoint):
             for request in [*self.requests.values(), *self._awaiting_free.values()]:
                 self._release_blocks(request)
             self._awaiting_free.clear()
+
+
+def _content_hash(value: bytes | str | None) -> bytes | None:
+    """An engine's content hash as at most 32 bytes (longer ones, e.g. hex strings of a
+    SHA-256, are hashed down with BLAKE2b)."""
+    if value is None:
+        return None
+    if isinstance(value, str):
+        value = value.encode()
+    if not isinstance(value, bytes) or not value:
+        raise ValueError(f"content_hash={value!r:.60}: expected None, or non-empty bytes or str")
+    if len(value) > rec.MAX_HASH_BYTES:
+        import hashlib
+
+        value = hashlib.blake2b(value, digest_size=rec.MAX_HASH_BYTES).digest()
+    return value
+
+
+def _remember(memory: OrderedDict, key: int, value: object) -> None:
+    memory[key] = value
+    while len(memory) > EARLY_MEMORY:
+        memory.popitem(last=False)

@@ -37,8 +37,10 @@ class Stats:
     messages: int = 0
     late_records: int = 0
     rejected_records: int = 0
-    discarded_chunks: int = 0
+    discarded_segments: int = 0
+    cached: int = 0
     blocks_in_use: int = 0
+    in_flight: int = 0
 
     def as_dict(self) -> dict[str, int]:
         return asdict(self)

@@ -75,7 +75,7 @@ def language_step(receiver: Receiver, scheduled: list[int], in_flight: set[int],
 
 def main() -> int:
     # Defaults, then EMBXFER_* environment variables, then these explicit values.
-    config = Config.from_env(default_alloc_tokens=1024, language_pool_blocks=24, encoder_pool_blocks=64,
+    config = Config.from_env(default_alloc_tokens=1024, language_pool_blocks=24,
                              staging_bytes=1 << 20)
     cluster = LocalCluster(Topology(encoders=1, encoder_tp=1, language_tp=2), config, dim=DIM)
     sender = cluster.senders[0]
@@ -123,7 +123,7 @@ def main() -> int:
     stats = leader.snapshot_stats()
     print(f"language leader: {stats['succeeded']} succeeded, {stats['failed']} failed, "
           f"{stats['resumes']} resumes, {stats['tokens']} tokens")
-    in_use = {e.rank: e.allocator.num_used for e in cluster.endpoints}
+    in_use = cluster.blocks_in_use()
     print(f"blocks in use: {in_use}")
     ok &= not any(in_use.values())
     cluster.close()

@@ -69,10 +69,10 @@ def test_oversized_record_is_refused_with_the_slot_size(ring):
 
 
 def test_the_documented_worst_case_record_fits_a_slot_sized_for_it(prefix):
-    slot_bytes = slot_bytes_for(rec.max_record_bytes(1000))
+    slot_bytes = slot_bytes_for(rec.max_record_bytes(rec.Limits.for_pool(1024, 64)))
     assert slot_bytes <= 4096
-    blocks = tuple(range(rec.MAX_BLOCK_INDEX - 1999, rec.MAX_BLOCK_INDEX + 1, 2))
-    decision = rec.Decision(1, 2, rec.DecisionAction.RESUME, 10, 20, 1000 * 128, blocks, 0, 0)
+    blocks = tuple(range(0, 1024, 2)) + tuple(range(1023, 0, -2))
+    decision = rec.Decision(1, 2, rec.DecisionAction.RESUME, 10, 20, 1024 * 128, blocks, 0, 0, b"h" * 32)
     with RingWriter.create(2, slot_bytes, 1, prefix=prefix) as writer, RingReader.attach(writer.name) as reader:
         writer.publish(rec.encode(decision), timeout=1)
         assert rec.decode(reader.poll()) == decision

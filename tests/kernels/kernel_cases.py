@@ -123,7 +123,7 @@ def assert_bitwise_equal(actual, expected, what: str = "") -> None:
             )
 
 
-OPS = ("pack", "unpack", "unpack_to_rows", "gather", "scatter")
+OPS = ("pack", "pack_rows", "unpack", "unpack_to_rows", "gather", "gather_many", "scatter")
 
 
 def odd_batch(block_size: int) -> tuple[list[int], list[int]]:
@@ -206,6 +206,37 @@ def check_op(
                 kernels.gather(pool, span, out, 2, backend=backend)
                 results.extend(out)
             return tuple(results)
+
+    elif op == "gather_many":
+        # Segment 0 gets its own output; the others share one, with a gap of 3 rows.
+        shared_starts = [3 + sum(counts[1:i]) + 3 * i for i in range(1, len(counts))]
+
+        def run(backend):
+            own = empty_rows(counts[0] + 2, dim, layers, dtype, device)
+            shared = empty_rows(shared_starts[-1] + counts[-1] + 1 if len(counts) > 1 else 0,
+                                dim, layers, dtype, device)
+            outputs = [own] + [shared] * (len(counts) - 1)
+            kernels.gather_many(pool, spans, outputs, [2, *shared_starts], backend=backend)
+            return tuple(own) + tuple(shared)
+
+    elif op == "pack_rows":
+        # Every segment reads its own payload-shaped source, from an offset row.
+        sources = [
+            RowTensors(*(None if t is None else random_bits(tuple(t.shape), t.dtype, generator, device)
+                         for t in empty_rows(count + 5, dim, layers, dtype, device)))
+            for count in counts
+        ]
+
+        def run(backend):
+            staging = poison(torch.empty(layout.nbytes + 256, dtype=torch.uint8, device=device))
+            kernels.pack_rows(sources, [3] * len(counts), staging, layout, backend=backend)
+            for i, (source, count) in enumerate(zip(sources, counts, strict=True)):
+                segment = layout.views(staging, i)
+                expected = RowTensors(source.embeddings[3 : 3 + count], source.fill_ids[3 : 3 + count],
+                                      source.mrope_positions[:, 3 : 3 + count],
+                                      None if source.deepstack is None else source.deepstack[3 : 3 + count])
+                assert_bitwise_equal(tuple(segment), tuple(expected), what=f"{what} pack_rows segment {i}")
+            return staging
 
     elif op == "scatter":
         rows = empty_rows(max(counts) + 1, dim, layers, dtype, device)

@@ -156,7 +156,7 @@ def test_unpack_to_rows_mismatches(backend):
     layout = staging_layout([3, 2], DIM, 0, torch.float32)
     staging = _staging(layout)
     out = empty_rows(6, DIM, 0, torch.float32)
-    with pytest.raises(ValueError, match="1 outputs and 2 starts for 2 segments"):
+    with pytest.raises(ValueError, match="1 row sets and 2 starts for 2 segments"):
         kernels.unpack_to_rows(staging, layout, [out], [0, 3], backend=backend)
     with pytest.raises(ValueError, match="segments 0 and 1 write overlapping rows"):
         kernels.unpack_to_rows(staging, layout, [out, out], [0, 2], backend=backend)
@@ -206,19 +206,25 @@ def test_unknown_backend(pool):
 
 
 def test_layout_is_aligned_and_views_round_trip():
+    """Field after field over the whole batch: every region 128-byte aligned, a segment's
+    rows at whole rows inside each region, an empty segment takes no bytes."""
     layout = staging_layout([3, 0, 5], 1000, 2000, torch.bfloat16)
-    offsets = (
-        layout.embeddings_offsets
-        + layout.deepstack_offsets
-        + layout.fill_ids_offsets
-        + layout.mrope_offsets
-    )
-    assert all(offset % 128 == 0 for offset in offsets)
+    regions = (0, layout.deepstack_offset, layout.fill_ids_offset, layout.mrope_offset)
+    assert all(offset % 128 == 0 for offset in regions)
     assert layout.nbytes % 128 == 0
-    assert layout.segment_offsets[1] == layout.segment_offsets[2]  # an empty segment takes no bytes
-    assert layout.nbytes == kernels.staging_nbytes([3, 0, 5], 1000, 2000, torch.bfloat16)
+    assert layout.token_offsets == (0, 3, 3) and layout.num_tokens == 8
+    assert layout.deepstack_offset >= 8 * 1000 * 2
+    assert layout.fill_ids_offset >= layout.deepstack_offset + 8 * 2000 * 2
+    assert layout.mrope_offset >= layout.fill_ids_offset + 8 * 4
+    assert layout.nbytes >= layout.mrope_offset + 12 * 8
+    assert layout.nbytes == kernels.staging_nbytes(8, 1000, 2000, torch.bfloat16)
     staging = _staging(layout)
     view = layout.views(staging, 2)
     assert view.embeddings.shape == (5, 1000) and view.deepstack.shape == (5, 2000)
-    assert view.mrope_positions.shape == (3, 5)
-    assert view.embeddings.data_ptr() - staging.data_ptr() == layout.embeddings_offsets[2]
+    assert view.mrope_positions.shape == (3, 5) and view.mrope_positions.stride() == (8, 1)
+    assert view.embeddings.data_ptr() - staging.data_ptr() == 3 * 1000 * 2
+    assert view.deepstack.data_ptr() - staging.data_ptr() == layout.deepstack_offset + 3 * 2000 * 2
+    assert view.fill_ids.data_ptr() - staging.data_ptr() == layout.fill_ids_offset + 3 * 4
+    assert view.mrope_positions.data_ptr() - staging.data_ptr() == layout.mrope_offset + 3 * 4
+    assert kernels.tokens_that_fit(layout.nbytes, 1000, 2000, torch.bfloat16) == 8
+    assert kernels.tokens_that_fit(layout.nbytes - 1, 1000, 2000, torch.bfloat16) == 7

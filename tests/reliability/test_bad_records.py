@@ -36,7 +36,7 @@ def healthy(cluster: LocalCluster, request_id: int = 500) -> None:
 
 
 def resume(**overrides) -> rec.Resume:
-    fields = dict(request_id=1, round=0, sent_tokens=0, allocated_tokens=1024, blocks=tuple(range(8)),
+    fields = dict(request_id=1, round=0, sent_tokens=0, allocated_tokens=1024,
                   src_rank=1, dst_rank=0)
     return rec.Resume(**{**fields, **overrides})
 

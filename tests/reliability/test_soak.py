@@ -17,7 +17,7 @@ def test_soak_2000_requests_with_random_aborts(tmp_path):
     prefix = unique_prefix()
     code, out, err = run_demo(
         "--requests", "2000", "--min-tokens", "1", "--max-tokens", "3000", "--dim", "64", "--abort-rate", "0.1",
-        "--language-pool-blocks", "16", "--default-alloc-tokens", "1024", "--encoder-pool-blocks", "64",
+        "--language-pool-blocks", "16", "--default-alloc-tokens", "1024",
         "--timeout", "300", "--json", str(path), timeout=360, prefix=prefix,
     )
     assert code == 0, err[-3000:]

@@ -11,16 +11,18 @@ from embxfer import Config
 DEFAULTS = {
     "block_size": 128,
     "default_alloc_tokens": 8192,
-    "encoder_pool_blocks": 1024,
     "language_pool_blocks": 1024,
+    "output_budget_bytes": 8 << 30,
     "max_resume_tokens": 0,
     "staging_bytes": 32 << 20,
     "staging_depth": 2,
+    "max_segments_per_message": 64,
     "heartbeat_interval_s": 0.5,
     "peer_timeout_s": 10.0,
     "request_timeout_s": 120.0,
+    "cache_bytes": 0,
     "ring_slots": 1024,
-    "ring_slot_bytes": 4096,
+    "ring_slot_bytes": 0,
     "shm_prefix": "embxfer",
 }
 
@@ -44,8 +46,10 @@ def test_every_field_reads_its_env_var():
     env = {
         "EMBXFER_BLOCK_SIZE": "64",
         "EMBXFER_DEFAULT_ALLOC_TOKENS": "1000",
-        "EMBXFER_ENCODER_POOL_BLOCKS": "33",
         "EMBXFER_LANGUAGE_POOL_BLOCKS": "44",
+        "EMBXFER_OUTPUT_BUDGET_BYTES": "1000000",
+        "EMBXFER_MAX_SEGMENTS_PER_MESSAGE": "8",
+        "EMBXFER_CACHE_BYTES": "4096",
         "EMBXFER_MAX_RESUME_TOKENS": "512",
         "EMBXFER_STAGING_BYTES": "1048576",
         "EMBXFER_STAGING_DEPTH": "3",
@@ -58,8 +62,10 @@ def test_every_field_reads_its_env_var():
     config = Config.from_env(env=env)
     assert config.block_size == 64
     assert config.default_alloc_tokens == 1000
-    assert config.encoder_pool_blocks == 33
     assert config.language_pool_blocks == 44
+    assert config.output_budget_bytes == 1_000_000
+    assert config.max_segments_per_message == 8
+    assert config.cache_bytes == 4096
     assert config.max_resume_tokens == 512
     assert config.staging_bytes == 1 << 20
     assert config.staging_depth == 3
@@ -94,12 +100,12 @@ def test_default_alloc_blocks_rounds_up(tokens, block_size, blocks):
 INT_FIELDS = [
     "block_size",
     "default_alloc_tokens",
-    "encoder_pool_blocks",
     "language_pool_blocks",
+    "output_budget_bytes",
     "staging_bytes",
     "staging_depth",
+    "max_segments_per_message",
     "ring_slots",
-    "ring_slot_bytes",
 ]
 SECONDS_FIELDS = ["heartbeat_interval_s", "peer_timeout_s", "request_timeout_s"]
 
@@ -119,14 +125,14 @@ def test_bad_positive_int_from_env_names_the_field(field, raw):
 
 
 @pytest.mark.parametrize("field", SECONDS_FIELDS)
-@pytest.mark.parametrize("value", [0, 0.0, -1.0, float("nan"), "1", True])
+@pytest.mark.parametrize("value", [0, 0.0, -1.0, float("nan"), float("inf"), "1", True])
 def test_bad_seconds_names_the_field(field, value):
     with pytest.raises(ValueError, match=f"config.{field}"):
         Config(**{field: value})
 
 
 @pytest.mark.parametrize("field", SECONDS_FIELDS)
-@pytest.mark.parametrize("raw", ["0", "-0.5", "soon", "nan"])
+@pytest.mark.parametrize("raw", ["0", "-0.5", "soon", "nan", "inf", "-inf"])
 def test_bad_seconds_from_env_names_the_field(field, raw):
     with pytest.raises(ValueError, match=f"config.{field}"):
         Config.from_env(env={"EMBXFER_" + field.upper(): raw})
@@ -144,10 +150,29 @@ def test_block_size_limits_accepted(value):
     assert Config(block_size=value).block_size == value
 
 
+@pytest.mark.parametrize("field", ["max_resume_tokens", "cache_bytes", "ring_slot_bytes"])
 @pytest.mark.parametrize("value", [-1, 1.5, "0", True])
-def test_bad_max_resume_tokens(value):
-    with pytest.raises(ValueError, match="config.max_resume_tokens"):
-        Config(max_resume_tokens=value)
+def test_bad_zero_or_more_ints(field, value):
+    with pytest.raises(ValueError, match=f"config.{field}"):
+        Config(**{field: value})
+
+
+def test_ring_slot_must_hold_the_largest_record():
+    """A slot too small for the largest record the pool produces is refused at start-up
+    (it used to crash a rank at run time); 0 derives the size from the pool."""
+    with pytest.raises(ValueError, match="config.ring_slot_bytes=64: expected a multiple of 64 of at least"):
+        Config(ring_slot_bytes=64)
+    with pytest.raises(ValueError, match="config.ring_slot_bytes"):
+        Config.from_env(env={"EMBXFER_RING_SLOT_BYTES": "64"})
+    assert Config().slot_bytes == 4096
+    big = Config(language_pool_blocks=100_000, block_size=1)
+    assert big.slot_bytes >= 3 * 100_000  # a fully fragmented allocation of the whole pool fits
+    assert Config(ring_slot_bytes=8192).slot_bytes == 8192
+
+
+def test_pool_beyond_the_wire_index_is_refused():
+    with pytest.raises(ValueError, match="config.language_pool_blocks"):
+        Config(language_pool_blocks=(1 << 24) + 1)
 
 
 def test_peer_timeout_must_be_twice_heartbeat():
@@ -173,6 +198,7 @@ def test_config_is_frozen():
 def test_describe_lists_every_field_and_value():
     text = Config(block_size=64).describe()
     lines = text.splitlines()
+    assert "(derived: 4096)" in text
     assert len(lines) == len(DEFAULTS)
     for name in DEFAULTS:
         assert any(line.split()[0] == name for line in lines), name

@@ -45,7 +45,7 @@ def test_demo_layouts_verify_every_request(tmp_path, layout):
     (["--min-tokens", "900", "--max-tokens", "10"], "--min-tokens"),
     (["--lengths", "5,x"], "--lengths"),
     (["--block-size", "4096"], "--block-size"),
-    (["--encoder-pool-blocks", "1", "--lengths", "500"], "--encoder-pool-blocks"),
+    (["--staging-mb", "-1"], "--staging-mb"),
     (["--bogus"], "unrecognized"),
 ])
 def test_bad_flags_exit_2_with_one_line(flags, needle):

@@ -12,6 +12,7 @@ import torch
 
 from embxfer.control import records as rec
 from embxfer.runtime import Config
+from embxfer.runtime import receiver as receiver_module
 from embxfer.runtime.local import LocalCluster, random_payload
 from embxfer.runtime.state import RequestState
 from embxfer.runtime.topology import Topology
@@ -22,7 +23,7 @@ DIM = 32
 def make_cluster(topology: Topology | None = None, *, language_pool_blocks: int = 256, default_alloc_tokens: int = 8192,
                  block_size: int = 128, dim: int = DIM, staging_bytes: int = 1 << 16, **kwargs) -> LocalCluster:
     config = Config(block_size=block_size, default_alloc_tokens=default_alloc_tokens,
-                    language_pool_blocks=language_pool_blocks, encoder_pool_blocks=1024,
+                    language_pool_blocks=language_pool_blocks,
                     staging_bytes=staging_bytes)
     return LocalCluster(topology or Topology(), config, dim=dim, **kwargs)
 
@@ -43,6 +44,11 @@ class RecordSpy:
     def of(self, kind, request_id=None):
         return [r for r in self.records if isinstance(r, kind) and (request_id is None or r.request_id == request_id)]
 
+    def segments(self, request_id=None):
+        """Every segment of every TRANSFER (staging message) published, in order."""
+        return [s for t in self.of(rec.Transfer) for s in t.segments
+                if request_id is None or s.request_id == request_id]
+
 
 def assert_no_leaks(cluster: LocalCluster) -> None:
     assert cluster.blocks_in_use() == {rank: 0 for rank in cluster.blocks_in_use()}, cluster.describe()
@@ -58,7 +64,25 @@ def transfer_one(cluster: LocalCluster, num_tokens: int, seed: int = 0, request_
 
 
 def round_sizes(spy: RecordSpy, request_id: int = 7) -> list[int]:
-    return [t.round_tokens for t in spy.of(rec.Transfer, request_id)]
+    """Tokens sent per round (a round may span several staging messages)."""
+    sizes: dict[int, int] = {}
+    for segment in spy.segments(request_id):
+        sizes[segment.round] = sizes.get(segment.round, 0) + segment.count
+    return [sizes[r] for r in sorted(sizes)]
+
+
+class AllocationSpy:
+    """Keeps the block list of every allocation the leader makes (round by round)."""
+
+    def __init__(self, receiver) -> None:
+        self.blocks: list[list[int]] = []
+        assign = receiver._assign
+
+        def spy(request, blocks):
+            self.blocks.append(list(blocks))
+            assign(request, blocks)
+
+        receiver._assign = spy
 
 
 @pytest.mark.parametrize("num_tokens, default, expected_rounds", [
@@ -83,7 +107,10 @@ def test_r1_resume_triggers_send():
     transfer_one(cluster, 2000)
     resumes = leader.of(rec.Resume)
     assert [(r.round, r.sent_tokens, r.allocated_tokens) for r in resumes] == [(0, 0, 1024), (1, 1024, 1024)]
-    assert [(t.round, t.sent_tokens) for t in encoder.of(rec.Transfer)] == [(0, 0), (1, 1024)]
+    first_segments = {}
+    for segment in encoder.segments():
+        first_segments.setdefault(segment.round, segment.start)
+    assert first_segments == {0: 0, 1: 1024}
     assert cluster.senders[0].stats.resumes == 1
     assert_no_leaks(cluster)
 
@@ -93,9 +120,10 @@ def test_r2_allocation_is_whole_blocks():
     the number on the wire."""
     cluster = make_cluster(default_alloc_tokens=1000)
     leader, encoder = RecordSpy(cluster.leader), RecordSpy(cluster.senders[0])
+    allocations = AllocationSpy(cluster.leader)
     transfer_one(cluster, 2500)
-    for resume in leader.of(rec.Resume):
-        assert resume.allocated_tokens == len(resume.blocks) * 128
+    for resume, blocks in zip(leader.of(rec.Resume), allocations.blocks, strict=True):
+        assert resume.allocated_tokens == len(blocks) * 128
     assert [r.allocated_tokens for r in leader.of(rec.Resume)] == [1024, 1536]
     assert round_sizes(encoder) == [1024, 1476]
     assert_no_leaks(cluster)
@@ -110,8 +138,7 @@ def test_r3_metadata_from_first_round_only():
     assert copies[0].mrope_positions.shape == (3, 9168)
     assert torch.equal(copies[0].mrope_positions, payload.mrope_positions)
     assert copies[0].mrope_delta == payload.mrope_delta
-    resumes = leader.of(rec.Resume)
-    assert [len(r.blocks) for r in resumes] == [64, 8]
+    assert [r.allocated_tokens for r in leader.of(rec.Resume)] == [8192, 1024]  # 64 blocks, then 8
     assert_no_leaks(cluster)
 
 
@@ -122,14 +149,16 @@ def test_r3_resume_round_with_different_metadata_is_rejected():
     cluster.admit(1)
     cluster.submit(1, payload)
     sender = cluster.senders[0]
-    original = sender._publish
+    original = sender.bus.publish
 
     def tamper(record):
-        if isinstance(record, rec.Transfer) and record.round == 1:
-            record = rec.Transfer(**{**record.__dict__, "mrope_delta": record.mrope_delta + 1})
+        if isinstance(record, rec.Transfer):
+            segments = tuple(s._replace(mrope_delta=s.mrope_delta + 1) if s.round == 1 else s
+                             for s in record.segments)
+            record = rec.Transfer(**{**record.__dict__, "segments": segments})
         original(record)
 
-    sender._publish = tamper
+    sender.bus.publish = tamper
     cluster.run_until(lambda: cluster.leader.poll(1).terminal)
     assert cluster.leader.poll(1) is RequestState.FAILED
     assert "delta" in cluster.leader.error(1)
@@ -163,27 +192,27 @@ def test_r6_block_reuse_through_a_pool_of_one_default_allocation():
     reuses the same blocks, and the payload arrives bit-exact."""
     cluster = make_cluster(default_alloc_tokens=8192, language_pool_blocks=64, staging_bytes=1 << 18)
     leader = RecordSpy(cluster.leader)
+    allocations = AllocationSpy(cluster.leader)
     transfer_one(cluster, 50000)
     resumes = leader.of(rec.Resume)
     assert len(resumes) == 7  # 8192 x 6 + 848
-    assert all(set(r.blocks) <= set(resumes[0].blocks) for r in resumes)
-    assert resumes[1].blocks == resumes[0].blocks  # the allocator handed back the same indices
+    assert all(set(blocks) <= set(allocations.blocks[0]) for blocks in allocations.blocks)
+    assert allocations.blocks[1] == allocations.blocks[0]  # the allocator handed back the same indices
     assert_no_leaks(cluster)
 
 
-def test_r7_each_round_read_once():
+def test_r7_each_round_read_once(monkeypatch):
     """Each round is read out of its landing blocks exactly once, when it is complete;
     polling in between reads nothing."""
     cluster = make_cluster(default_alloc_tokens=1024, language_pool_blocks=8, staging_bytes=1 << 14)
     reads = []
-    pool = cluster.leader.pool
-    read_into = pool.read_into
+    gather = receiver_module.ops.gather
 
-    def counting(blocks, num_tokens, out, out_start=0, start=0):
-        reads.append((num_tokens, out_start))
-        read_into(blocks, num_tokens, out, out_start, start)
+    def counting(pool, plan, counts, outputs, out_starts, **kwargs):
+        reads.extend(zip(counts, out_starts, strict=True))
+        gather(pool, plan, counts, outputs, out_starts, **kwargs)
 
-    pool.read_into = counting
+    monkeypatch.setattr(receiver_module.ops, "gather", counting)
 
     def poll_a_lot():
         if 7 in cluster.leader.requests:
@@ -288,7 +317,7 @@ def test_statistics_count_what_happened():
     for stats in (encoder, leader):
         assert stats["requests"] == 1 and stats["succeeded"] == 1 and stats["failed"] == 0
         assert stats["rounds"] == 2 and stats["resumes"] == 1 and stats["tokens"] == 2000
-        assert stats["blocks_in_use"] == 0 and stats["discarded_chunks"] == 0
+        assert stats["blocks_in_use"] == 0 and stats["discarded_segments"] == 0
     assert encoder["messages"] == leader["messages"] == cluster.p2p.messages > 2
     assert encoder["bytes"] == leader["bytes"] == cluster.p2p.bytes > 2000 * DIM * 2
 
