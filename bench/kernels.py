@@ -45,7 +45,7 @@ import torch
 import triton
 
 from embxfer import kernels
-from embxfer.kernels import PoolTensors, TokenSpan, staging_layout
+from embxfer.kernels import PoolTensors, TokenSpan, ops, plan_spans, staging_layout
 from embxfer.kernels.triton_copy import TileConfig, set_tile_config
 
 BLOCK = 128
@@ -59,7 +59,7 @@ CASES = {
 }
 SWEEP = [
     TileConfig(tile_words=w, max_block_w=b, num_warps=n)
-    for w in (4096, 8192, 16384)
+    for w in (4096, 8192, 16384, 32768)
     for b in (1024, 2048)
     for n in (4, 8)
 ]
@@ -101,6 +101,9 @@ class Case:
         self.layout = staging_layout(self.counts, self.dim, self.layers * self.dim, DTYPE)
         self.staging = torch.empty(self.layout.nbytes, dtype=torch.uint8, device=DEVICE)
         self.views = [self.layout.views(self.staging, i) for i in range(len(self.counts))]
+        self.regions = self.layout.regions(self.staging)
+        self.plan = plan_spans(self.spans, BLOCK)
+        self.dest_plan = plan_spans(self.dest_spans, BLOCK)
         self.payload_bytes = sum(self.counts) * (2 * self.dim * (1 + self.layers) + 16)
 
     def _pool(self, num_blocks: int, generator: torch.Generator) -> PoolTensors:
@@ -127,20 +130,26 @@ class Case:
     def triton_unpack(self) -> None:
         kernels.unpack(self.staging, self.layout, self.dest, self.dest_spans)
 
-    # --- baseline (1): index_select / index_copy_ per field and segment ---------------
+    # --- the runtime's path: plans made once, no checks (embxfer.kernels.ops) ----------
+    def runtime_pack(self) -> None:
+        ops.pack(self.source, self.plan, self.staging, self.layout)
+
+    def runtime_unpack(self) -> None:
+        ops.unpack(self.staging, self.layout, self.dest, self.dest_plan)
+
+    # --- baseline (1): one index per call, one index_select / index_copy_ per field ------
     def _indices(self, spans: list[TokenSpan]) -> tuple[torch.Tensor, torch.Tensor]:
-        """Flat pool row of every token, and flat mrope index [3 x n per segment]."""
-        rows, mrope = [], []
+        """Flat pool row of every token, and flat mrope index [3, T] (row t of every token,
+        then h, then w: the staging region's order)."""
+        rows = []
         for span in spans:
             positions = np.arange(span.start, span.start + span.count)
             blocks = np.asarray(span.blocks, dtype=np.int64)[positions // BLOCK]
-            row = positions % BLOCK
-            rows.append(blocks * BLOCK + row)
-            mrope.append((blocks * 3 * BLOCK + row)[None, :] + (np.arange(3) * BLOCK)[:, None])
-        flat = np.concatenate(rows + [m.reshape(-1) for m in mrope])
-        flat = torch.from_numpy(flat).to(DEVICE)
-        total = sum(s.count for s in spans)
-        return flat[:total], flat[total:]
+            rows.append(blocks * BLOCK + positions % BLOCK)
+        rows = np.concatenate(rows)
+        mrope = ((rows // BLOCK) * 3 * BLOCK + rows % BLOCK)[None, :] + (np.arange(3) * BLOCK)[:, None]
+        flat = torch.from_numpy(np.concatenate([rows, mrope.reshape(-1)])).to(DEVICE)
+        return flat[: rows.size], flat[rows.size :]
 
     def _torch_fields(self, pool: PoolTensors):
         flat = [
@@ -154,30 +163,22 @@ class Case:
     def torch_pack(self) -> None:
         rows, mrope = self._indices(self.spans)
         emb, fill, mrope_pool, ds = self._torch_fields(self.source)
-        a = m = 0
-        for view, count in zip(self.views, self.counts, strict=True):
-            index = rows[a : a + count]
-            torch.index_select(emb, 0, index, out=view.embeddings)
-            torch.index_select(fill, 0, index, out=view.fill_ids)
-            torch.index_select(
-                mrope_pool, 0, mrope[m : m + 3 * count], out=view.mrope_positions.view(-1)
-            )
-            if ds is not None:
-                torch.index_select(ds, 0, index, out=view.deepstack)
-            a, m = a + count, m + 3 * count
+        regions = self.regions
+        torch.index_select(emb, 0, rows, out=regions.embeddings)
+        torch.index_select(fill, 0, rows, out=regions.fill_ids)
+        torch.index_select(mrope_pool, 0, mrope, out=regions.mrope_positions.view(-1))
+        if ds is not None:
+            torch.index_select(ds, 0, rows, out=regions.deepstack)
 
     def torch_unpack(self) -> None:
         rows, mrope = self._indices(self.dest_spans)
         emb, fill, mrope_pool, ds = self._torch_fields(self.dest)
-        a = m = 0
-        for view, count in zip(self.views, self.counts, strict=True):
-            index = rows[a : a + count]
-            emb.index_copy_(0, index, view.embeddings)
-            fill.index_copy_(0, index, view.fill_ids)
-            mrope_pool.index_copy_(0, mrope[m : m + 3 * count], view.mrope_positions.view(-1))
-            if ds is not None:
-                ds.index_copy_(0, index, view.deepstack)
-            a, m = a + count, m + 3 * count
+        regions = self.regions
+        emb.index_copy_(0, rows, regions.embeddings)
+        fill.index_copy_(0, rows, regions.fill_ids)
+        mrope_pool.index_copy_(0, mrope, regions.mrope_positions.reshape(-1))
+        if ds is not None:
+            ds.index_copy_(0, rows, regions.deepstack)
 
     # --- baseline (2): the per-block Python loop + torch.cat ----------------------------
     @staticmethod
@@ -348,6 +349,7 @@ def run_cases(names: list[str], ceiling: float) -> list[dict]:
                     "torch_us": round(torch_us, 2),
                     "loop_us": round(loop_us, 2),
                     "host_us": round(host_time(kernel), 2),
+                    "host_runtime_us": round(host_time(getattr(case, f"runtime_{op}")), 2),
                     "wall_us": round(wall["triton"], 2),
                     "torch_wall_us": round(wall["torch"], 2),
                     "loop_wall_us": round(wall["loop"], 2),
@@ -359,13 +361,83 @@ def run_cases(names: list[str], ceiling: float) -> list[dict]:
             print(
                 f"{name} {op:6s} {nbytes / 2**20:9.1f} MiB {kernel_us:9.1f} us {gbps:7.0f} GB/s "
                 f"{row['fraction_of_ceiling']:5.2f} x torch {row['speedup_vs_torch']:6.2f} "
-                f"x loop {row['speedup_vs_loop']:7.2f} | host {row['host_us']:.0f} us wall {row['wall_us']:.0f} us "
+                f"x loop {row['speedup_vs_loop']:7.2f} | host {row['host_us']:.0f} us (runtime path {row['host_runtime_us']:.0f}) wall {row['wall_us']:.0f} us "
                 f"wall x torch {row['wall_speedup_vs_torch']:.2f} x loop {row['wall_speedup_vs_loop']:.2f}",
                 flush=True,
             )
         del case
         torch.cuda.empty_cache()
     return rows
+
+
+def host_breakdown(name: str = "b") -> dict[str, float]:
+    """Median host microseconds of each step of one pack call of case `name` (64 segments
+    for case b): the public API's checks and plan, building the launch table, uploading
+    it, and the launch itself; then the whole call through each path."""
+    from embxfer.kernels import checks
+    from embxfer.kernels.ops import staging_side
+    from embxfer.kernels.triton_copy import (
+        _LAUNCHER,
+        SEGMENT_COLUMNS,
+        PoolSide,
+        _addresses,
+        _fill_metadata,
+        pick_tile,
+        pick_word,
+        tile_config,
+    )
+    from embxfer.kernels.workspace import workspace_for
+
+    case = Case(name)
+    case.triton_pack()
+    device = torch.device(DEVICE, torch.cuda.current_device())
+    src, dst = PoolSide(case.source, case.plan), staging_side(case.staging, case.layout)
+    counts = np.asarray(case.layout.counts, dtype=np.int64)
+    word, word_bytes, vec = pick_word(16)
+    emb_words = case.dim * 2 // word_bytes
+    tokens, block_w, items = pick_tile(emb_words, 0, counts, tile_config(device))
+    size = SEGMENT_COLUMNS.value * len(counts) + case.plan.blocks.size + 1
+    table = np.empty(size, dtype=np.int64)
+    workspace = workspace_for(device)
+
+    def checks_and_plan():
+        checks.check_pool(case.source)
+        checks.check_layout(case.layout, checks.pool_fields(case.source), case.counts, case.staging)
+        checks.covered_blocks(case.source, case.spans, what="pack", written=False)
+
+    def upload():
+        host, slot = workspace.acquire(size)
+        host[:] = table
+        workspace.upload(slot, size)
+        workspace.release(slot)
+
+    host, slot = workspace.acquire(size)
+    _fill_metadata(host, counts, tokens, src, dst, word_bytes, 0)
+    metadata = workspace.upload(slot, size)
+    workspace.release(slot)
+    emb_tiles = -(-emb_words // block_w)
+    scalars = (len(counts), SEGMENT_COLUMNS.value * len(counts), *_addresses(src, word_bytes),
+               *_addresses(dst, word_bytes), BLOCK, emb_words, 0, emb_tiles, emb_tiles)
+    constants = (True, False, False, tokens, block_w, vec)
+
+    def launch():
+        _LAUNCHER.launch(metadata, scalars, constants, items * emb_tiles, src, dst, word,
+                         tile_config(device).num_warps, device)
+
+    steps = {
+        "checks_and_plan_us": checks_and_plan,
+        "table_us": lambda: _fill_metadata(table, counts, tokens, src, dst, word_bytes, 0),
+        "upload_us": upload,
+        "launch_us": launch,
+        "public_call_us": case.triton_pack,
+        "runtime_call_us": case.runtime_pack,
+    }
+    result = {"case": name, "segments": len(case.counts)}
+    for label, fn in steps.items():
+        fn()
+        result[label] = round(host_time(fn, calls=50), 2)
+    print("host breakdown (pack, case " + name + "): " + ", ".join(f"{k} {v}" for k, v in result.items()), flush=True)
+    return result
 
 
 def sweep(names: list[str], ceiling: float) -> list[dict]:
@@ -498,6 +570,7 @@ def main(argv: list[str] | None = None) -> int:
             "cases": {k: CASES[k] | {"counts": case_counts(k)} for k in args.cases},
         },
         "cases": run_cases(list(args.cases), ceiling),
+        "host_breakdown": host_breakdown("b") if "b" in args.cases else None,
     }
     if args.profile_host:
         profile_host()

@@ -97,18 +97,49 @@ def gather_reference(
     out_starts: Sequence[int],
 ) -> None:
     """Copy segment i's pool tokens into rows `[out_starts[i], out_starts[i] + counts[i])`
-    of `outputs[i]`."""
+    of `outputs[i]`: the indices of the whole batch are built once, then each output
+    takes one indexed read per field straight into its rows."""
     if len(outputs) == 1:
         out, start, n = outputs[0], out_starts[0], int(counts[0])
         _pool_to_rows(pool, plan, counts, _row_slice(out, start, n))
         return
-    rows = torch.from_numpy(plan_rows(plan, counts, pool.embeddings.shape[1])).to(pool.embeddings.device)
+    block_size = pool.embeddings.shape[1]
+    rows_np = plan_rows(plan, counts, block_size)
+    device = pool.embeddings.device
+    rows = torch.from_numpy(rows_np).to(device)
+    mrope = torch.from_numpy(_segment_mrope_index(rows_np, counts, block_size)).to(device)
     flat = _PoolRows(pool)
     first = 0
     for out, start, n in zip(outputs, out_starts, counts, strict=True):
         if n:
-            _select(flat, rows[first : first + n], _row_slice(out, start, n))
+            index = rows[first : first + n]
+            end = start + n
+            torch.index_select(flat.embeddings, 0, index, out=_bits(out.embeddings)[start:end])
+            torch.index_select(flat.fill_ids, 0, index, out=out.fill_ids[start:end])
+            positions = out.mrope_positions[:, start:end]
+            if positions.is_contiguous():
+                torch.index_select(flat.mrope, 0, mrope[3 * first : 3 * (first + n)], out=positions.view(-1))
+            else:
+                positions.copy_(flat.mrope[mrope[3 * first : 3 * (first + n)]].view(3, n))
+            if flat.deepstack is not None:
+                torch.index_select(flat.deepstack, 0, index, out=_bits(out.deepstack)[start:end])
         first += n
+
+
+def _segment_mrope_index(rows: np.ndarray, counts: Sequence[int], block_size: int) -> np.ndarray:
+    """Flat pool mrope element of every (segment, axis, token), each segment's [3, n] block
+    contiguous: segment s with first token f and n tokens owns [3f, 3f + 3n)."""
+    counts = np.asarray(counts, dtype=np.int64)
+    total = rows.shape[0]
+    segment = np.repeat(np.arange(counts.shape[0]), counts)
+    first = (np.cumsum(counts) - counts)[segment]
+    token = np.arange(total) - first
+    base = (rows // block_size) * (3 * block_size) + rows % block_size
+    out = np.empty(3 * total, dtype=np.int64)
+    n = counts[segment]
+    for axis in range(3):
+        out[3 * first + axis * n + token] = base + axis * block_size
+    return out
 
 
 def scatter_reference(

@@ -35,17 +35,20 @@ class BlockAllocator:
                 raise ValueError(f"BlockAllocator.{name}={value!r}: expected a positive integer")
         self.num_blocks = num_blocks
         self.block_size = block_size
-        # Top of the stack is the end of the list; block 0 is handed out first.
+        # Top of the stack is the end of the list; block 0 is handed out first. `claim` does
+        # not search the stack: it marks the blocks in use and leaves their entries behind,
+        # which `_pop` skips and `_compact` drops (a follower claims on every decision).
         self._free_stack: list[int] = list(range(num_blocks - 1, -1, -1))
         self._in_use = bytearray(num_blocks)
+        self._free = num_blocks
 
     @property
     def num_free(self) -> int:
-        return len(self._free_stack)
+        return self._free
 
     @property
     def num_used(self) -> int:
-        return self.num_blocks - len(self._free_stack)
+        return self.num_blocks - self._free
 
     def blocks_for(self, num_tokens: int) -> int:
         return blocks_for_tokens(num_tokens, self.block_size)
@@ -57,7 +60,7 @@ class BlockAllocator:
         """Blocks for `num_tokens` tokens, or None when not enough are free (never a partial list)."""
         self._check_tokens(num_tokens)
         count = self.blocks_for(num_tokens)
-        if count > len(self._free_stack):
+        if count > self._free:
             return None
         return self._pop(count)
 
@@ -70,7 +73,7 @@ class BlockAllocator:
         count = self.blocks_for(num_tokens)
         if max_tokens > 0:
             count = min(count, max(1, max_tokens // self.block_size))
-        count = min(count, len(self._free_stack))
+        count = min(count, self._free)
         return self._pop(count) if count else None
 
     def claim(self, blocks: Iterable[int]) -> None:
@@ -78,10 +81,9 @@ class BlockAllocator:
         # A one-shot iterable would be used up by the check and then claim nothing.
         blocks = list(blocks)
         self._check_indices(blocks, want_in_use=False, action="claim")
-        claimed = set(blocks)
-        self._free_stack = [b for b in self._free_stack if b not in claimed]
         for b in blocks:
             self._in_use[b] = 1
+        self._free -= len(blocks)
 
     def free(self, blocks: Iterable[int]) -> None:
         """Give blocks back; the next allocation returns them first, in the same order."""
@@ -90,6 +92,9 @@ class BlockAllocator:
         for b in reversed(blocks):
             self._in_use[b] = 0
             self._free_stack.append(b)
+        self._free += len(blocks)
+        if len(self._free_stack) > 2 * self.num_blocks:
+            self._compact()
 
     def is_free(self, block: int) -> bool:
         # bytearray would accept -1 (the last block) silently.
@@ -98,11 +103,27 @@ class BlockAllocator:
         return not self._in_use[block]
 
     def _pop(self, count: int) -> list[int]:
-        taken = self._free_stack[-count:][::-1]
-        del self._free_stack[-count:]
-        for b in taken:
-            self._in_use[b] = 1
+        stack, in_use = self._free_stack, self._in_use
+        taken = []
+        while len(taken) < count:
+            b = stack.pop()
+            if not in_use[b]:  # else: an entry a claim left behind
+                in_use[b] = 1
+                taken.append(b)
+        self._free -= count
         return taken
+
+    def _compact(self) -> None:
+        """Drop the entries of claimed blocks and duplicates, keeping the stack order (the
+        top entry of a block is the one that counts)."""
+        seen = bytearray(self.num_blocks)
+        kept = []
+        for b in reversed(self._free_stack):
+            if not self._in_use[b] and not seen[b]:
+                seen[b] = 1
+                kept.append(b)
+        kept.reverse()
+        self._free_stack = kept
 
     def _check_tokens(self, num_tokens: int) -> None:
         if isinstance(num_tokens, bool) or not isinstance(num_tokens, int) or num_tokens < 1:

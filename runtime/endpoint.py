@@ -149,6 +149,7 @@ class Endpoint:
         self.metrics = None  # set by embxfer.runtime.metrics when an engine asks for metrics
         self.channels: dict = {}  # peer rank -> SendChannel / RecvChannel (set by subclasses)
         self.dead_peers: dict[int, str] = {}
+        self.in_flight = 0  # requests not finished (kept as a count: busy is asked every loop)
         # Ids finished since the last finished() call; bounded, for engines that never ask.
         self._just_finished: deque[int] = deque(maxlen=16 * FINISHED_MEMORY)
         self._next_liveness = 0.0
@@ -203,9 +204,7 @@ class Endpoint:
     @property
     def busy(self) -> bool:
         """Anything in flight: a request not finished, or a transfer not retired."""
-        return any(not r.state.terminal for r in self.requests.values()) or any(
-            not c.idle for c in self.channels.values()
-        )
+        return self.in_flight > 0 or any(not c.idle for c in self.channels.values())
 
     def snapshot_stats(self) -> dict[str, int]:
         """Counters for an engine's metrics; data-plane figures come from the channels,
@@ -215,7 +214,7 @@ class Endpoint:
         stats.messages = sum(c.messages for c in self.channels.values())
         stats.bytes = sum(c.bytes for c in self.channels.values())
         stats.discarded_segments = sum(c.discarded for c in self.channels.values())
-        stats.in_flight = sum(not r.state.terminal for r in self.requests.values())
+        stats.in_flight = self.in_flight
         return {**stats.as_dict(), "rejected_records": stats.rejected_records + self.bus.rejected + self.bus.spoofed}
 
     def close(self) -> None:
@@ -224,6 +223,12 @@ class Endpoint:
     # -- shared machinery -------------------------------------------------------
     def _blocks_in_use(self) -> int:
         return 0
+
+    def _add(self, request: Request) -> Request:
+        self.requests[request.request_id] = request
+        self.stats.requests += 1
+        self.in_flight += 1
+        return request
 
     def _lookup(self, request_id: int) -> Request:
         request = self.requests.get(request_id) or self.retired.get(request_id)
@@ -241,6 +246,7 @@ class Endpoint:
         request.state = state
         request.last_progress = time.monotonic()
         if state.terminal:
+            self.in_flight -= 1
             self._just_finished.append(request.request_id)
             if state is RequestState.SUCCESS:
                 self.stats.succeeded += 1

@@ -115,6 +115,10 @@ class LocalCluster:
             raise RuntimeError(f"requests failed: {failed}")
         taken = {rid: [r.take(rid) for r in self.receivers.values()] for rid in payloads}
         self.settle(**run_kwargs)
+        for sender in self.senders.values():
+            for rid in payloads:
+                if rid in sender.requests:
+                    sender.release(rid)
         return taken
 
     def settle(self, **run_kwargs) -> int:

@@ -111,6 +111,17 @@ class Payload:
             if not tensor.is_contiguous():
                 object.__setattr__(self, name, tensor.contiguous())
 
+    @classmethod
+    def _trusted(cls, embeddings: torch.Tensor, fill_ids: torch.Tensor, mrope_positions: torch.Tensor,
+                 mrope_delta: int, deepstack: torch.Tensor | None = None) -> Payload:
+        """A Payload of tensors embxfer made itself (validated by construction): no checks."""
+        payload = object.__new__(cls)
+        for name, value in (("embeddings", embeddings), ("fill_ids", fill_ids),
+                            ("mrope_positions", mrope_positions), ("mrope_delta", mrope_delta),
+                            ("deepstack", deepstack)):
+            object.__setattr__(payload, name, value)
+        return payload
+
     @property
     def num_tokens(self) -> int:
         return self.embeddings.shape[0]

@@ -105,8 +105,7 @@ class Receiver(Endpoint):
         self.retired.pop(request_id, None)
         request = Request(request_id, encoder_engine, expected_tokens=expected_tokens, content_hash=content_hash,
                           engine_admitted=True)
-        self.requests[request_id] = request
-        self.stats.requests += 1
+        self._add(request)
         gone = self._lost_peer_of(encoder_engine)
         if gone is not None:
             self._fail(request, rec.AbortReason.PEER_DEAD, gone, notify=False)
@@ -144,8 +143,8 @@ class Receiver(Endpoint):
         outputs = request.outputs
         self._drop_outputs(request)
         self._retire(request)  # remembered (bounded) so that late records are known as late
-        return Payload(outputs.embeddings, outputs.fill_ids, outputs.mrope_positions,
-                       mrope_delta=request.mrope_delta, deepstack=outputs.deepstack)
+        return Payload._trusted(outputs.embeddings, outputs.fill_ids, outputs.mrope_positions,
+                                request.mrope_delta, outputs.deepstack)
 
     def abort(self, request_id: int, message: str = "aborted by the language engine") -> None:
         """Fail a request in flight, on both sides; a finished one is released (a SUCCESS
@@ -517,8 +516,7 @@ class Receiver(Endpoint):
         request = self.requests.get(d.request_id)
         if request is None and d.action in (rec.DecisionAction.ADMIT, rec.DecisionAction.CACHED) \
                 and d.request_id not in self.retired:
-            request = self.requests[d.request_id] = Request(d.request_id, -1)  # admit() may come later
-            self.stats.requests += 1
+            request = self._add(Request(d.request_id, -1))  # admit() may come later
             # An abort seen before this decision is the leader's to act on: its FAIL follows.
             self._early_aborts.pop(d.request_id, None)
         if request is None or request.state.terminal and d.action is not rec.DecisionAction.FAIL:

@@ -73,8 +73,7 @@ class Sender(Endpoint):
             raise ValueError(f"payload.embeddings: N={payload.num_tokens}, expected at most 2**32 - 1 tokens")
         self.retired.pop(request_id, None)
         request = Request(request_id, self.engine, total_tokens=payload.num_tokens, mrope_delta=payload.mrope_delta)
-        self.requests[request_id] = request
-        self.stats.requests += 1
+        self._add(request)
         lost = self.lost_peer()
         if lost is not None:
             self._fail(request, rec.AbortReason.PEER_DEAD, lost, notify=False)

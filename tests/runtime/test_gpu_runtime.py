@@ -19,7 +19,7 @@ pytestmark = pytest.mark.gpu
 
 
 def cluster(deepstack: int = 0, language_tp: int = 2) -> LocalCluster:
-    config = Config(default_alloc_tokens=2048, language_pool_blocks=64, encoder_pool_blocks=512,
+    config = Config(default_alloc_tokens=2048, language_pool_blocks=64,
                     staging_bytes=4 << 20)
     return LocalCluster(Topology(1, 1, language_tp), config, dim=1000, deepstack_layers=deepstack, device="cuda")
 
