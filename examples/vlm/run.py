@@ -15,6 +15,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import os
 import platform
 import sys
 import time
@@ -24,6 +25,7 @@ if __package__ in (None, ""):
     # Run as a script: make the repository root importable so `examples.vlm` resolves. It
     # goes last so that an installed embxfer wins over the repository's bare embxfer/ folder.
     sys.path.append(str(Path(__file__).resolve().parents[2]))
+os.environ.setdefault("HF_HUB_OFFLINE", "1")  # before transformers (and huggingface_hub) load
 
 import torch  # noqa: E402
 import transformers  # noqa: E402
@@ -49,6 +51,7 @@ def prompts(config: transformers.PreTrainedConfig) -> dict[str, Prompt]:
         "one_image": Prompt("one_image", (12, image(4, 6), 20)),
         "two_images": Prompt("two_images", (8, image(3, 5), 10, image(6, 4), 16)),
         "long": Prompt("long", (300, image(10, 8), 250, image(4, 4), 40)),
+        "large": Prompt("large", (1000, image(30, 40), 500, image(20, 20), 100)),
     }
 
 
@@ -57,6 +60,7 @@ CASES = [
     ("two_images", Topology(1, 1, 2)),
     ("two_images", Topology(1, 2, 1)),
     ("long", Topology(1, 3, 2)),
+    ("large", Topology(1, 2, 2)),
 ]
 
 

@@ -7,8 +7,12 @@ image_grid_thw, mm_token_type_ids)` bit for bit, and the greedy tokens those of
 `model.generate`. fp32 on the CPU; weights and inputs from fixed seeds.
 """
 
+import json
 import os
+import subprocess
+import sys
 from dataclasses import replace
+from pathlib import Path
 
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
 
@@ -125,3 +129,21 @@ def test_every_field_is_needed(model, references) -> None:
             assert not torch.equal(out.step_logits[1:], reference.step_logits[1:3]), field
         else:
             assert not torch.equal(out.prefill_logits, reference.prefill_logits), field
+
+
+def test_run_script(tmp_path) -> None:
+    """examples/vlm/run.py, as the GPU check calls it (here on the CPU, one model, short)."""
+    script = Path(__file__).resolve().parents[2] / "examples" / "vlm" / "run.py"
+    out = tmp_path / "vlm.json"
+    result = subprocess.run(
+        [sys.executable, str(script), "--model", "qwen2_5_vl", "--device", "cpu", "--repeats", "1",
+         "--new-tokens", "3", "--json", str(out)],
+        capture_output=True, text=True, timeout=240,
+    )
+    assert result.returncode == 0, result.stdout + result.stderr
+    assert "vlm example: ok" in result.stdout
+    report = json.loads(out.read_text())
+    assert report["ok"] and report["dtype"] == "fp32" and report["scale"] == "tiny"
+    by_prompt = {case["prompt"]: case for case in report["cases"]}
+    assert by_prompt["long"]["resumes"] >= 2
+    assert all(rank["prefill_logits_max_abs_diff"] == 0.0 for case in report["cases"] for rank in case["ranks"])
