@@ -4,18 +4,21 @@ The encoder engine runs everything of the model's forward that needs the images,
 nothing after it; the language engine runs everything after it from the `Payload` alone.
 What crosses, per request of N prompt tokens (D = text hidden size, K = deepstack layers):
 
-| Payload field      | made by the encoder engine from                          | used by the language engine as                          |
-|--------------------|----------------------------------------------------------|---------------------------------------------------------|
-| `embeddings [N,D]` | `embed_tokens(input_ids)` with the vision tower's merged | `inputs_embeds` of the decoder                          |
-|                    | image features scattered into the image placeholders     |                                                         |
-| `fill_ids [N]`     | `input_ids` (int32)                                      | the visual mask: `fill_ids == image/video token id`     |
-| `mrope_positions`  | `get_rope_index(input_ids, mm_token_type_ids, grids)`    | `position_ids [3, 1, N]` of the prefill                 |
-| `[3, N]`           | rows t, h, w                                             |                                                         |
-| `mrope_delta`      | the same call: `max(position) + 1 - N`                   | decode position of the token at sequence index i:       |
-|                    |                                                          | `i + mrope_delta` on all three rows                     |
-| `deepstack`        | Qwen3-VL only: the K deepstack mergers' outputs at the   | `deepstack_visual_embeds[k] = deepstack[visual, kD:(k+1)D]`, |
-| `[N, K*D]`         | visual rows (layer k in columns kD..(k+1)D), zeros at    | added to the hidden states of decoder layer k at the    |
-|                    | text rows                                                | visual positions                                        |
+- `embeddings [N, D]`: `embed_tokens(input_ids)` with the vision tower's merged image
+  features scattered into the image placeholder rows (`masked_scatter`, as the model's
+  forward does). The language engine feeds it to the decoder as `inputs_embeds`.
+- `fill_ids [N]` int32: `input_ids`. The language engine finds the visual rows in it
+  (`fill_ids == image or video token id`), the same mask the model builds from `input_ids`.
+- `mrope_positions [3, N]` int32: rows t, h, w from the model's `get_rope_index(input_ids,
+  mm_token_type_ids, image_grid_thw)`. The prefill's `position_ids` (`[3, 1, N]`).
+- `mrope_delta`: the same call's `max(position) + 1 - N` (negative when images compress
+  positions). After the prompt, text advances all three rows together: the token at
+  sequence index i (i >= N) is at position `i + mrope_delta` on every row.
+- `deepstack [N, K * D]` (Qwen3-VL; `None` for Qwen2.5-VL): the K deepstack mergers'
+  outputs, layer k in columns `k * D .. (k + 1) * D`, at the visual rows; zeros at the text
+  rows. The language engine passes the visual rows of block k as
+  `deepstack_visual_embeds[k]`, which the decoder adds to the output of its layer k at the
+  visual positions.
 
 The zero rows cost `(N - visual) * K * D` elements on the wire; in exchange the field keeps
 the payload's one-row-per-token shape, so blocks, resumes and TP copies need no special
@@ -59,7 +62,6 @@ class EncoderEngine:
 
     def __init__(self, model: PreTrainedModel) -> None:
         self.base = model.model
-        self.config = model.config
         self.deepstack_layers = deepstack_layers(model)
 
     @property
@@ -115,11 +117,13 @@ class LanguageEngine:
             "inputs_embeds": payload.embeddings.unsqueeze(0),
             "position_ids": payload.mrope_positions.to(torch.int64).unsqueeze(1),  # [3, 1, N]
         }
-        if payload.deepstack is not None:
+        if payload.deepstack is None:
+            return inputs
+        visual = torch.isin(payload.fill_ids, torch.tensor(self.placeholder_ids, dtype=torch.int32,
+                                                            device=payload.fill_ids.device))
+        if visual.any():  # as in the model's forward: deepstack only where there are images
             dim = payload.embeddings.shape[1]
             layers = payload.deepstack.shape[1] // dim
-            visual = torch.isin(payload.fill_ids, torch.tensor(self.placeholder_ids, dtype=torch.int32,
-                                                                device=payload.fill_ids.device))
             inputs["visual_pos_masks"] = visual.unsqueeze(0)
             inputs["deepstack_visual_embeds"] = [
                 payload.deepstack[visual, k * dim:(k + 1) * dim] for k in range(layers)
@@ -128,7 +132,8 @@ class LanguageEngine:
 
     @torch.no_grad()
     def generate(self, payload: Payload, max_new_tokens: int) -> Greedy:
-        """Prefill from the payload, then greedy decode up to `max_new_tokens` tokens."""
+        """Prefill from the payload, then choose `max_new_tokens` tokens greedily (the first
+        from the prefill, each further one from a decode step)."""
         if max_new_tokens < 1:
             raise ValueError(f"max_new_tokens={max_new_tokens}: expected >= 1")
         cache = DynamicCache(config=self.decoder.config)

@@ -40,6 +40,7 @@ PROMPTS = {
     "two_images": Prompt("two_images", (8, Image(48, 80), 10, Image(96, 64), 16)),
     # 690 tokens against a blind 256-token allocation in a 256-token pool: three rounds.
     "long": Prompt("long", (300, Image(160, 128), 250, Image(64, 64), 40)),
+    "text_only": Prompt("text_only", (40,)),
 }
 
 CASES = [
@@ -49,6 +50,7 @@ CASES = [
     ("two_images", Topology(1, 1, 2)),  # language TP 2: two identical copies
     ("two_images", Topology(1, 2, 1)),  # encoder TP rank 1 serves no language rank: a dummy
     ("long", Topology(1, 3, 2)),  # language TP 2, encoder rank 2 a dummy, with resumes
+    ("text_only", Topology(1, 1, 1)),  # no image: zero deepstack rows, delta 0
 ]
 
 
