@@ -17,6 +17,7 @@ import argparse
 import json
 import os
 import platform
+import re
 import sys
 import time
 from pathlib import Path
@@ -62,6 +63,15 @@ CASES = [
     ("long", Topology(1, 3, 2)),
     ("large", Topology(1, 2, 2)),
 ]
+
+
+def device_label(device: torch.device) -> str:
+    """A short name for file names: the GPU's model ("h200") or "cpu"."""
+    if device.type != "cuda":
+        return device.type
+    name = torch.cuda.get_device_name(device).lower()
+    model = re.search(r"\b([a-z]\d{2,3}[a-z]?)\b", name)
+    return model.group(1) if model else re.sub(r"[^a-z0-9]+", "-", name).strip("-")
 
 
 def max_abs_diff(a: torch.Tensor, b: torch.Tensor) -> float:
@@ -139,7 +149,8 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     parser.add_argument("--repeats", type=int, default=3,
                         help="monolithic runs per case, to measure its run-to-run spread (default 3)")
     parser.add_argument("--seed", type=int, default=1, help="seed of the prompts (weights: seed 0)")
-    parser.add_argument("--json", type=Path, default=None, help="write the results here")
+    parser.add_argument("--json", default=None,
+                        help="write the results here; {device} becomes the GPU's model (h200) or cpu")
     args = parser.parse_args(argv)
     if args.device == "auto":
         args.device = "cuda" if torch.cuda.is_available() else "cpu"
@@ -190,8 +201,10 @@ def main(argv: list[str] | None = None) -> int:
         "cases": results,
     }
     if args.json is not None:
-        args.json.parent.mkdir(parents=True, exist_ok=True)
-        args.json.write_text(json.dumps(report, indent=2) + "\n")
+        path = Path(args.json.replace("{device}", device_label(device)))
+        path.parent.mkdir(parents=True, exist_ok=True)
+        path.write_text(json.dumps(report, indent=2) + "\n")
+        print(f"wrote {path}")
     print(f"vlm example: {'ok' if ok else 'MISMATCH'} ({sum(r['ok'] for r in results)}/{len(results)} cases)")
     return 0 if ok else 1
 
