@@ -181,17 +181,17 @@ def _make_gloo(store: dist.Store, rank: int, world_size: int, timeout: timedelta
     return gloo(store, rank, world_size, timeout)
 
 
-def _make_nccl(store: dist.Store, rank: int, world_size: int, timeout: timedelta,
-               device: torch.device) -> Any:
-    """An NCCL backend, connected eagerly on `device` (a collective of the whole world).
+def _make_nccl(store: dist.Store, rank: int, world_size: int, timeout: timedelta) -> Any:
+    """An NCCL backend whose communicators are made lazily, as `dist.new_group` makes them.
 
-    Eager connection means set-up fails here rather than in the first send, and torch
-    versions that have it (`eager_connect_single_device`) then run point-to-point on the
-    world communicator instead of making a two-rank communicator inside the first
-    isend/irecv of each pair, which would block until the peer posts its side.
+    The first isend/irecv between two ranks makes their two-rank communicator (and blocks
+    until the peer posts its side); after that each pair has a stream of its own, so a
+    receive from a slow peer never holds up traffic with another. Connecting eagerly
+    (`data.eager_connect_single_device(device)`) would fail earlier, but newer torch then
+    runs all of a rank's P2P on the world communicator's single stream.
     """
     if not dist.is_nccl_available():
-        raise RuntimeError(f"device={device}: torch {torch.__version__} was built without NCCL")
+        raise RuntimeError(f"device=cuda: torch {torch.__version__} was built without NCCL")
     nccl = _backend_class("ProcessGroupNCCL")
     try:
         options = nccl.Options()
@@ -201,11 +201,7 @@ def _make_nccl(store: dist.Store, rank: int, world_size: int, timeout: timedelta
             f"torch {torch.__version__}: ProcessGroupNCCL.Options has no _timeout ({exc}); "
             "embxfer's stateless NCCL group needs it"
         ) from None
-    backend = nccl(store, rank, world_size, options)
-    eager_connect = getattr(backend, "eager_connect_single_device", None)
-    if eager_connect is not None:
-        eager_connect(device)
-    return backend
+    return nccl(store, rank, world_size, options)
 
 
 def _sever_gloo(backend: Any, rank: int, world_size: int) -> None:
@@ -302,7 +298,7 @@ class StatelessGroups:
             self.meta = _make_gloo(dist.PrefixStore("meta/", store), rank, world_size, set_up, local_address)
             data_store = dist.PrefixStore("data/", store)
             if self.backend == "nccl":
-                self.data = _make_nccl(data_store, rank, world_size, operations, self.device)
+                self.data = _make_nccl(data_store, rank, world_size, operations)
             else:
                 self.data = _make_gloo(data_store, rank, world_size, operations, local_address)
         except BaseException:
@@ -312,16 +308,18 @@ class StatelessGroups:
 
     # -- point to point on the data group
 
-    def isend(self, tensor: torch.Tensor, peer: int) -> Any:
+    def isend(self, tensor: torch.Tensor, peer: int) -> dist.Work:
         """Post a send of `tensor` to global rank `peer`; returns the backend's Work.
 
-        On gloo a Work learns it completed only inside `wait()` (see transport.TorchP2P)."""
+        On gloo a Work learns it completed only inside `wait()` (see transport.TorchP2P).
+        On NCCL the sends and receives between two ranks run in posting order on one
+        stream: a receive posted before a send that the peer waits for deadlocks."""
         self._check_p2p(tensor, peer, "isend")
         work = self.data.send([tensor], peer, P2P_TAG)
         self._track(work)
         return work
 
-    def irecv(self, tensor: torch.Tensor, peer: int) -> Any:
+    def irecv(self, tensor: torch.Tensor, peer: int) -> dist.Work:
         """Post a receive into `tensor` from global rank `peer`; returns the backend's Work."""
         self._check_p2p(tensor, peer, "irecv")
         work = self.data.recv([tensor], peer, P2P_TAG)
@@ -668,6 +666,9 @@ def rendezvous(
             op_timeout_s=op_timeout_s, local_address=local_address,
             describe_rank=lambda r: names.get(r, f"rank {r}"),
         )
+        # From here on the store serves NCCL's lazy communicator set-up inside a pair's
+        # first isend/irecv, which may wait for the peer as long as any P2P may.
+        root.set_timeout(timedelta(seconds=op_timeout_s))
     except (ValueError, TimeoutError, ConnectionError) as exc:
         # The error says what happened; its frames would keep the store (and, on the
         # leader, its listening socket) alive for as long as the caller keeps the error.

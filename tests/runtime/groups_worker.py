@@ -39,8 +39,11 @@ def exchange(membership: Membership) -> int:
     inboxes = {peer: torch.full((ELEMENTS,), float("nan"), device=device) for peer in others}
     works = []
     for peer in others:
-        works.append(membership.groups.irecv(inboxes[peer], peer))
-        works.append(membership.groups.isend(pattern(membership.rank, peer, device), peer))
+        receive = (membership.groups.irecv, inboxes[peer])
+        send = (membership.groups.isend, pattern(membership.rank, peer, device))
+        # NCCL runs a pair's operations in order on one stream: the lower rank sends first.
+        for post, tensor in (send, receive) if membership.rank < peer else (receive, send):
+            works.append(post(tensor, peer))
     for work in works:
         work.wait()
     for peer, inbox in inboxes.items():
