@@ -1,11 +1,13 @@
 #!/usr/bin/env bash
 # GPU check, run on the device machine from anywhere: every GPU test of the project
-# (pytest -m gpu tests/) and the kernel benchmark. Results and logs go to $OUT
-# (default /tmp/embxfer-gpu-check), at most a handful of files, no sub-folders:
-#   gpu-tests.log, gpu-tests.xml, bench.log, kernels-<device>.json, kernels-<device>.png,
-#   pipeline.log, pipeline-<device>.json, pipeline-<device>.png
+# (pytest -m gpu tests/), the kernel and pipeline benchmarks (the copy ceiling measured in
+# the same run) and the real-model example in bf16. Results go to $OUT (default
+# /tmp/embxfer-gpu-check), six files, no sub-folders (the device tool brings back 8):
+#   gpu-check.log (everything printed), kernels-<device>.json/.png,
+#   pipeline-<device>.json/.png, vlm-<device>.json
 # Arguments are passed to bench/kernels.py (e.g. --sweep, --cases ab).
-# GPU_CHECK_SKIP_TESTS=1 skips the tests, GPU_CHECK_SKIP_BENCH=1 the benchmark.
+# GPU_CHECK_SKIP_TESTS=1 skips the tests, GPU_CHECK_SKIP_BENCH=1 the benchmarks,
+# GPU_CHECK_SKIP_VLM=1 the example.
 #
 # The package is not installed there: a sitecustomize maps the three rooms under the
 # embxfer namespace exactly as pyproject.toml does (embxfer=embxfer/,
@@ -62,22 +64,30 @@ cd "$REPO"
 python3 -c 'import torch, triton, embxfer.kernels, embxfer.runtime; print("torch", torch.__version__, "triton", triton.__version__, "embxfer.kernels from", embxfer.kernels.__file__, torch.cuda.get_device_name() if torch.cuda.is_available() else "no CUDA")'
 nvidia-smi --query-gpu=name,driver_version,clocks.sm,clocks.mem,temperature.gpu --format=csv,noheader || true
 
+LOG="$OUT/gpu-check.log"
 status=0
 if [ "${GPU_CHECK_SKIP_TESTS:-0}" != 1 ]; then
-    timeout "${GPU_CHECK_TEST_TIMEOUT:-360}" python3 -m pytest -m gpu tests/ -q -p no:cacheprovider -rs --continue-on-collection-errors \
-        --junitxml="$OUT/gpu-tests.xml" 2>&1 | tee "$OUT/gpu-tests.log" | tail -40
+    timeout "${GPU_CHECK_TEST_TIMEOUT:-360}" python3 -m pytest -m gpu tests/ -q -p no:cacheprovider -rs \
+        --continue-on-collection-errors 2>&1 | tee -a "$LOG" | tail -25
     status=${PIPESTATUS[0]}
-    echo "gpu tests exit status: $status"
+    echo "gpu tests exit status: $status" | tee -a "$LOG"
 fi
 if [ "${GPU_CHECK_SKIP_BENCH:-0}" != 1 ]; then
-    python3 bench/kernels.py --json "$OUT/kernels-{device}.json" "$@" 2>&1 | tee "$OUT/bench.log"
+    python3 bench/kernels.py --json "$OUT/kernels-{device}.json" "$@" 2>&1 | tee -a "$LOG"
     bench_status=${PIPESTATUS[0]}
-    echo "bench exit status: $bench_status"
+    echo "kernels bench exit status: $bench_status" | tee -a "$LOG"
     [ "$bench_status" = 0 ] || status=$bench_status
-    python3 bench/pipeline.py --json "$OUT/pipeline-{device}.json" 2>&1 | tee "$OUT/pipeline.log"
+    python3 bench/pipeline.py --json "$OUT/pipeline-{device}.json" 2>&1 | tee -a "$LOG"
     pipeline_status=${PIPESTATUS[0]}
-    echo "pipeline exit status: $pipeline_status"
+    echo "pipeline exit status: $pipeline_status" | tee -a "$LOG"
     [ "$pipeline_status" = 0 ] || status=$pipeline_status
+fi
+if [ "${GPU_CHECK_SKIP_VLM:-0}" != 1 ]; then
+    HF_HUB_OFFLINE=1 python3 examples/vlm/run.py --device cuda --dtype bf16 --json "$OUT/vlm-{device}.json" 2>&1 \
+        | tee -a "$LOG" | tail -15
+    vlm_status=${PIPESTATUS[0]}
+    echo "vlm example exit status: $vlm_status" | tee -a "$LOG"
+    [ "$vlm_status" = 0 ] || status=$vlm_status
 fi
 rm -rf "$PKG" ${SITE:+"$SITE"}
 exit "$status"
