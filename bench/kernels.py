@@ -58,10 +58,12 @@ CASES = {
     "d": {"dim": 4096, "layers": 3, "counts": [8192]},
 }
 SWEEP = [
-    TileConfig(tile_words=w, max_block_w=b, num_warps=n)
-    for w in (4096, 8192, 16384, 32768)
-    for b in (1024, 2048)
-    for n in (4, 8)
+    TileConfig(tile_words=w, max_block_w=b, num_warps=n, streaming_stores=stream)
+    for w in (1024, 2048, 4096, 8192)
+    for b in (256, 512, 1024)
+    for n in (2, 4)
+    for stream in (False, True)
+    if b <= w
 ]
 
 
@@ -418,7 +420,7 @@ def host_breakdown(name: str = "b") -> dict[str, float]:
     emb_tiles = -(-emb_words // block_w)
     scalars = (len(counts), SEGMENT_COLUMNS.value * len(counts), *_addresses(src, word_bytes),
                *_addresses(dst, word_bytes), BLOCK, emb_words, 0, emb_tiles, emb_tiles)
-    constants = (True, False, False, tokens, block_w, vec)
+    constants = (True, False, False, tokens, block_w, vec, tile_config(device).streaming_stores)
 
     def launch():
         _LAUNCHER.launch(metadata, scalars, constants, items * emb_tiles, src, dst, word,

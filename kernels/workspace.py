@@ -83,7 +83,7 @@ class DeviceWorkspace:
 
     def release(self, slot: _Slot) -> None:
         """Mark the slot in use by everything queued on the current stream."""
-        slot.event.record(torch.cuda.current_stream(self.device))
+        slot.event.record()  # the current stream of the current device (the launch's)
         slot.recorded = True
 
 

@@ -60,7 +60,7 @@ def test_many_requests_per_message_on_cuda_use_the_direct_launcher():
     from embxfer.kernels import triton_copy
 
     c = cluster(deepstack=2)
-    payloads = {rid: random_payload(1 + 37 * rid, 1000, deepstack_layers=2, seed=rid, device="cuda")
+    payloads = {rid: random_payload(1 + 7 * rid, 1000, deepstack_layers=2, seed=rid, device="cuda")
                 for rid in range(48)}
     for _ in range(2):  # the second round runs on kernels compiled by the first
         taken = c.transfer({rid + 1000 * _: p for rid, p in payloads.items()})
@@ -68,5 +68,5 @@ def test_many_requests_per_message_on_cuda_use_the_direct_launcher():
             for copy in copies:
                 assert copy.mismatches(payloads[rid % 1000]) == [], rid
     assert triton_copy._LAUNCHER._usable and triton_copy._LAUNCHER._kernels
-    assert c.senders[0].snapshot_stats()["messages"] < 2 * len(payloads)
+    assert c.senders[0].snapshot_stats()["messages"] < len(payloads)  # 96 requests in fewer messages
     assert set(c.blocks_in_use().values()) == {0}
