@@ -73,7 +73,6 @@ import mmap
 import os
 import re
 import secrets
-import signal
 import struct
 import threading
 import time
@@ -98,8 +97,6 @@ NAME_FIELD_BYTES = 64
 # Longest a parked participant sleeps before it re-checks by itself (liveness, heartbeat).
 PARK_SLICE_S = 0.1
 DEFAULT_SPIN_S = 50e-6
-# Test hook: the writer stops itself (SIGSTOP) between payload and sequence of this sequence.
-PAUSE_ENV = "EMBXFER_RING_TEST_PAUSE_BEFORE_SEQUENCE"
 
 _OPEN, _CLOSED = 1, 2
 _STATIC = struct.Struct("=QIIIIIIQqQQ")
@@ -394,8 +391,6 @@ class RingWriter:
         # All readers' parked words in one call; all (cursor, pid) pairs in another.
         self._parked_words = struct.Struct("@" + "80xQ104x" * max_readers)
         self._cursor_words = struct.Struct("@" + "Q56xq120x" * max_readers)
-        pause = os.environ.get(PAUSE_ENV, "")
-        self._pause_sequence = int(pause) if pause.isdigit() else 0
         self.name: str = shm.name.lstrip("/")
         self._closed = False
 
@@ -491,8 +486,6 @@ class RingWriter:
         offset = self._slot_base + (sequence - 1) % self._slots * self._slot_bytes
         mm[offset + SLOT_HEADER_BYTES : offset + SLOT_HEADER_BYTES + size] = data
         _SIZE_CHECKSUM.pack_into(mm, offset + 8, size, _crc32(data, sequence & 0xFFFFFFFF))
-        if sequence == self._pause_sequence:
-            os.kill(os.getpid(), signal.SIGSTOP)
         _U64.pack_into(mm, offset, sequence)
         _U64.pack_into(mm, _HEAD, sequence)
         self._next = sequence + 1

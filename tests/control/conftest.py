@@ -56,18 +56,9 @@ def spawn():
     context = multiprocessing.get_context("spawn")
     started = []
 
-    def start(target, *args, env: dict[str, str] | None = None):
-        saved = {key: os.environ.get(key) for key in (env or {})}
-        os.environ.update(env or {})
-        try:
-            process = context.Process(target=target, args=args, daemon=True)
-            process.start()
-        finally:
-            for key, value in saved.items():
-                if value is None:
-                    os.environ.pop(key, None)
-                else:
-                    os.environ[key] = value
+    def start(target, *args):
+        process = context.Process(target=target, args=args, daemon=True)
+        process.start()
         started.append(process)
         return process
 

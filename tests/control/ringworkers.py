@@ -12,6 +12,7 @@ import importlib.util
 import multiprocessing
 import os
 import random
+import signal
 import struct
 import sys
 import time
@@ -143,8 +144,36 @@ def echo(conn, name_in: str, park_slice: float) -> None:
         writer.close()
 
 
-def publishing_writer(conn, readers: int, slots: int) -> None:
-    """Publish numbered records as fast as the readers allow, until killed."""
+class StopBeforeSequenceStore:
+    """Stands in for the ring module's 8-byte store (`ring._U64`) in a writer process:
+    just before the sequence number `sequence` is stored into its slot, the process
+    stops itself (SIGSTOP), leaving that slot with the new payload and the old sequence,
+    as a writer killed mid-publish would. Every other use passes through.
+
+    This relies on how `publish` is written (payload, length and checksum first, then
+    the slot's sequence through `_U64.pack_into`); if that changes, the test that uses
+    it fails with "writer never reached the pause point" rather than passing."""
+
+    def __init__(self, store: struct.Struct, sequence: int, slot_base: int) -> None:
+        self._store = store
+        self._sequence = sequence
+        self._slot_base = slot_base
+
+    def pack_into(self, buffer, offset: int, value: int) -> None:
+        if value == self._sequence and offset >= self._slot_base:
+            os.kill(os.getpid(), signal.SIGSTOP)
+        self._store.pack_into(buffer, offset, value)
+
+    def __getattr__(self, name: str):
+        return getattr(self._store, name)
+
+
+def publishing_writer(conn, readers: int, slots: int, stop_before_sequence: int = 0) -> None:
+    """Publish numbered records as fast as the readers allow, until killed. With
+    `stop_before_sequence`, the writer stops itself mid-publish of that record."""
+    if stop_before_sequence:
+        slot_base = ring.HEADER_BYTES + ring.READER_ENTRY_BYTES * readers
+        ring._U64 = StopBeforeSequenceStore(ring._U64, stop_before_sequence, slot_base)
     writer = RingWriter.create(slots, 128, readers, prefix=TEST_PREFIX)
     try:
         conn.send(writer.name)

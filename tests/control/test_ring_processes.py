@@ -16,7 +16,6 @@ from ringworkers import SCAN_PREFIX, TEST_PREFIX, payload, read_until_writer_dea
 from embxfer.control import hygiene
 from embxfer.control.ring import (
     HEADER_BYTES,
-    PAUSE_ENV,
     READER_ENTRY_BYTES,
     SLOT_HEADER_BYTES,
     PeerDeadError,
@@ -112,7 +111,7 @@ def test_publish_blocked_on_a_killed_reader_raises_naming_it(spawn):
 def test_writer_killed_between_payload_and_sequence(spawn):
     pause_at = 37
     parent_end, child_end = spawn.context.Pipe()
-    process = spawn(ringworkers.publishing_writer, child_end, 1, 8, env={PAUSE_ENV: str(pause_at)})
+    process = spawn(ringworkers.publishing_writer, child_end, 1, 8, pause_at)
     name = _recv(parent_end)
     reader = RingReader.attach(name)
     try:
