@@ -97,6 +97,7 @@ NAME_FIELD_BYTES = 64
 # Longest a parked participant sleeps before it re-checks by itself (liveness, heartbeat).
 PARK_SLICE_S = 0.1
 DEFAULT_SPIN_S = 50e-6
+SHM_DIR = "/dev/shm"
 
 _OPEN, _CLOSED = 1, 2
 _STATIC = struct.Struct("=QIIIIIIQqQQ")

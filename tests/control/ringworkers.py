@@ -22,8 +22,6 @@ import types
 # sessions running at once on one machine never mistake each other's segments for leaks.
 BASE_PREFIX = "embxfertest"
 TEST_PREFIX = os.environ.setdefault("EMBXFER_TEST_RING_PREFIX", f"{BASE_PREFIX}{os.getpid()}")
-# What hygiene should look at: this session's names only (not embxfertest<pid>1... of another).
-SCAN_PREFIX = TEST_PREFIX + "-"
 
 if multiprocessing.parent_process() is not None and "embxfer" not in sys.modules:
     _spec = importlib.util.find_spec("embxfer")

@@ -11,7 +11,7 @@ import time
 
 import pytest
 import ringworkers
-from ringworkers import SCAN_PREFIX, TEST_PREFIX, payload, read_until_writer_dead
+from ringworkers import TEST_PREFIX, payload, read_until_writer_dead
 
 from embxfer.control import hygiene
 from embxfer.control.ring import (
@@ -103,7 +103,7 @@ def test_publish_blocked_on_a_killed_reader_raises_naming_it(spawn):
         assert writer.publish(b"after eviction", timeout=1.0) == 5
         process.join(10)
         # The killed reader's doorbell is what a crash leaves; hygiene removes it.
-        removed = hygiene.remove_segments(prefix=SCAN_PREFIX)
+        removed = hygiene.remove_segments(prefix=TEST_PREFIX)
         assert len(removed) == 1 and removed[0].startswith(f"{TEST_PREFIX}-db-{process.pid}-")
 
 
@@ -142,7 +142,7 @@ def test_writer_killed_between_payload_and_sequence(spawn):
         reader.close()
         process.kill()
         process.join(10)
-        removed = hygiene.remove_segments(prefix=SCAN_PREFIX)
+        removed = hygiene.remove_segments(prefix=TEST_PREFIX)
     assert any(entry.startswith(TEST_PREFIX) for entry in removed)
 
 
@@ -170,7 +170,7 @@ def test_writer_killed_at_random_points(spawn, attempt):
         reader.close()
         process.kill()
         process.join(10)
-        hygiene.remove_segments(prefix=SCAN_PREFIX)
+        hygiene.remove_segments(prefix=TEST_PREFIX)
 
 
 @pytest.mark.timeout(120)
