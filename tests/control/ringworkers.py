@@ -15,6 +15,7 @@ import random
 import signal
 import struct
 import sys
+import threading
 import time
 import types
 
@@ -198,3 +199,26 @@ def read_until_writer_dead(reader: RingReader, timeout: float) -> list[bytes]:
         if data is not None:
             received.append(data)
     raise TimeoutError("the writer's death was not reported")
+
+
+def blocked_writer(conn, beat_every: float) -> None:
+    """Create a ring, then block the owning thread in `conn.recv()` (a long engine step)
+    while, when `beat_every` > 0, a helper thread heartbeats every `beat_every` seconds."""
+    writer = RingWriter.create(4, 64, 1, prefix=TEST_PREFIX)
+    stop = threading.Event()
+
+    def beat() -> None:
+        while not stop.wait(beat_every):
+            writer.heartbeat()
+
+    helper = threading.Thread(target=beat, daemon=True)
+    try:
+        if beat_every > 0:
+            helper.start()
+        conn.send(writer.name)
+        conn.recv()
+    finally:
+        stop.set()
+        if helper.is_alive():
+            helper.join(5)
+        writer.close()
