@@ -76,12 +76,16 @@ heartbeat after `close` does nothing. Any other use of a closed handle raises
 `RingClosedError`; `close` is idempotent.
 
 Hygiene: segment and doorbell names are `<prefix>-<pid>-<random>` and
-`<prefix>-db-<pid>-<random>`, created mode 0600; only the creator unlinks. See
-`hygiene.py` for the clean-up of what a crashed run left.
+`<prefix>-db-<pid>-<random>`, created mode 0600; only the creator unlinks. `create`
+checks the segment against the free space of /dev/shm (and MAX_SEGMENT_BYTES) before
+it creates anything, then reserves its pages (posix_fallocate), so a ring that was
+created cannot fault on a full /dev/shm later. See `hygiene.py` for the clean-up of
+what a crashed run left.
 """
 
 from __future__ import annotations
 
+import errno
 import fcntl
 import math
 import mmap
@@ -109,6 +113,8 @@ CACHE_LINE = 64
 MAX_READERS = 64
 MAX_SLOTS = 1 << 20
 MAX_SLOT_BYTES = 1 << 24
+# A control ring holds records of a few kB; a segment beyond this is a mistake.
+MAX_SEGMENT_BYTES = 1 << 32
 NAME_FIELD_BYTES = 64
 # Longest a parked participant sleeps before it re-checks by itself (liveness, heartbeat).
 PARK_SLICE_S = 0.1
@@ -260,6 +266,13 @@ def _check_segment_name(where: str, name: object) -> str:
             "(1-250 characters from [A-Za-z0-9_.-], at most one leading '/')"
         )
     return _shm_name(name)
+
+
+def _format_bytes(count: int) -> str:
+    for unit, shift in (("TiB", 40), ("GiB", 30), ("MiB", 20), ("KiB", 10)):
+        if count >= 1 << shift:
+            return f"{count / (1 << shift):.3g} {unit}"
+    return f"{count} bytes"
 
 
 def _byte_view(data: object, where: str) -> bytes | bytearray | memoryview:
@@ -521,7 +534,9 @@ class RingWriter:
         slots >= 2; slot_bytes a multiple of 64 holding SLOT_HEADER_BYTES + the largest
         record (see `slot_bytes_for`, `records.max_record_bytes`); max_readers in
         [1, MAX_READERS]. `doorbell` is this process's wake-up for a blocked publish
-        (created, and closed with the ring, when not given).
+        (created, and closed with the ring, when not given). A segment that /dev/shm has
+        no room for, or larger than MAX_SEGMENT_BYTES, is refused before anything is
+        created; the segment's pages are reserved at creation.
         """
         for field, value, low, high in (
             ("slots", slots, 2, MAX_SLOTS),
@@ -538,6 +553,7 @@ class RingWriter:
                 raise TypeError(f"RingWriter.create: doorbell={doorbell!r}, expected a Doorbell or None")
             doorbell._open_semaphore()
         size = segment_bytes(slots, slot_bytes, max_readers)
+        _check_room_for(size, slots, slot_bytes)
         shm = None
         for _ in range(16):
             name = f"/{prefix}-{os.getpid()}-{secrets.token_hex(8)}"
@@ -550,6 +566,7 @@ class RingWriter:
             raise RingError(f"could not create a ring segment with prefix {prefix!r}")
         owns_doorbell = doorbell is None
         try:
+            _reserve(shm, size)
             mm = mmap.mmap(shm.fd, size)
             if doorbell is None:
                 doorbell = Doorbell.create(prefix)
@@ -761,6 +778,39 @@ class RingWriter:
 
     def __exit__(self, *exc_info: object) -> None:
         self.close()
+
+
+def _check_room_for(size: int, slots: int, slot_bytes: int) -> None:
+    """Refuse a segment /dev/shm cannot hold, or one beyond MAX_SEGMENT_BYTES."""
+    shape = f"{slots} slots of {_format_bytes(slot_bytes)}"
+    try:
+        fs = os.statvfs(SHM_DIR)
+    except OSError:
+        fs = None  # no /dev/shm to ask: posix_fallocate is the check then
+    if fs is not None and size > fs.f_bavail * fs.f_frsize:
+        raise RingError(
+            f"RingWriter.create: a ring of {_format_bytes(size)} ({shape}) does not fit {SHM_DIR}: "
+            f"{_format_bytes(fs.f_bavail * fs.f_frsize)} free"
+        )
+    if size > MAX_SEGMENT_BYTES:
+        raise ValueError(
+            f"RingWriter.create: a ring of {_format_bytes(size)} ({shape}) is larger than "
+            f"MAX_SEGMENT_BYTES ({_format_bytes(MAX_SEGMENT_BYTES)}); control records need a few kB a slot"
+        )
+
+
+def _reserve(shm: posix_ipc.SharedMemory, size: int) -> None:
+    """Allocate the segment's pages now: a full /dev/shm fails here, with a message,
+    not later as a SIGBUS in the middle of a publish."""
+    try:
+        os.posix_fallocate(shm.fd, 0, size)
+    except OSError as exc:
+        if exc.errno in (errno.ENOSPC, errno.ENOMEM, errno.EFBIG):
+            raise RingError(
+                f"RingWriter.create: a ring of {_format_bytes(size)} does not fit {SHM_DIR}: {exc.strerror}"
+            ) from None
+        if exc.errno not in (errno.EOPNOTSUPP, errno.EINVAL, errno.ENOSYS):
+            raise
 
 
 class _AttachLock:
@@ -1176,6 +1226,7 @@ def _wait_any(
 
 __all__ = [
     "DEFAULT_SPIN_S",
+    "MAX_SEGMENT_BYTES",
     "PARK_SLICE_S",
     "SLOT_HEADER_BYTES",
     "Doorbell",

@@ -1,10 +1,12 @@
 """Bad input and misuse of the ring, within one process: every deadline is checked, a
 closed handle says so, malformed names and buffers are refused with the documented error
-types, and heartbeats may come from a helper thread."""
+types, a ring /dev/shm cannot hold is never created, and heartbeats may come from a
+helper thread."""
 
 from __future__ import annotations
 
 import array
+import errno
 import os
 import re
 import statistics
@@ -12,10 +14,13 @@ import threading
 import time
 
 import pytest
-from ringworkers import TEST_PREFIX
+from ringworkers import TEST_PREFIX, leftovers
 
 import embxfer.control.ring as ring_module
 from embxfer.control.ring import (
+    MAX_SEGMENT_BYTES,
+    MAX_SLOT_BYTES,
+    MAX_SLOTS,
     Doorbell,
     RingClosedError,
     RingError,
@@ -255,6 +260,61 @@ def test_publish_takes_byte_buffers_and_refuses_other_buffers_clearly(ring):
                 ring.publish(data, timeout=1)
             assert message in str(caught.value)
         assert ring.head == head and reader.poll() is None
+
+
+# --- 4. size against the filesystem ---------------------------------------------------
+
+
+def _refused(error: type[Exception], match: str, *args: object, prefix: str) -> None:
+    """RingWriter.create(*args) must raise; a ring it makes anyway is closed (not leaked)."""
+    with pytest.raises(error, match=match):
+        RingWriter.create(*args, prefix=prefix).close()
+
+
+class _FakeStatvfs:
+    def __init__(self, free_bytes: int) -> None:
+        self.f_frsize = 4096
+        self.f_bavail = free_bytes // 4096
+
+
+def test_a_ring_larger_than_dev_shm_is_refused_before_anything_is_created(prefix):
+    before = leftovers()
+    free = os.statvfs("/dev/shm").f_bavail * os.statvfs("/dev/shm").f_frsize
+    assert MAX_SLOTS * MAX_SLOT_BYTES > free  # 16 TiB
+    message = r"a ring of 16 TiB \(1048576 slots of 16 MiB\) does not fit /dev/shm: .* free"
+    _refused(RingError, message, MAX_SLOTS, MAX_SLOT_BYTES, 1, prefix=prefix)
+    assert leftovers() == before
+
+
+def test_dev_shm_free_space_decides(prefix, monkeypatch):
+    before = leftovers()
+    monkeypatch.setattr(ring_module.os, "statvfs", lambda path: _FakeStatvfs(1 << 20))
+    message = r"a ring of 2 MiB \(32 slots of 64 KiB\) does not fit /dev/shm: 1 MiB free"
+    _refused(RingError, message, 32, 64 << 10, 1, prefix=prefix)
+    assert leftovers() == before
+    with RingWriter.create(4, 64 << 10, 1, prefix=prefix) as writer:  # 256 KiB fits
+        assert writer.slots == 4
+
+
+def test_absurd_rings_are_capped_even_where_dev_shm_is_huge(prefix, monkeypatch):
+    before = leftovers()
+    monkeypatch.setattr(ring_module.os, "statvfs", lambda path: _FakeStatvfs(1 << 50))
+    _refused(ValueError, r"a ring of 8 GiB .* larger than MAX_SEGMENT_BYTES \(4 GiB\)", 1 << 20, 8192, 1, prefix=prefix)
+    assert MAX_SEGMENT_BYTES == 1 << 32
+    assert leftovers() == before
+
+
+def test_a_reservation_that_fails_leaves_nothing_behind(prefix, monkeypatch):
+    """/dev/shm filling up between the check and the creation: the pages cannot be
+    reserved, the segment is unlinked and the error says why."""
+    before = leftovers()
+
+    def no_space(fd: int, offset: int, length: int) -> None:
+        raise OSError(errno.ENOSPC, os.strerror(errno.ENOSPC))
+
+    monkeypatch.setattr(ring_module.os, "posix_fallocate", no_space)
+    _refused(RingError, "does not fit /dev/shm: No space left on device", 4, 128, 1, prefix=prefix)
+    assert leftovers() == before
 
 
 # --- 6. heartbeats from another thread --------------------------------------------------
