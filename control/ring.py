@@ -61,19 +61,38 @@ heartbeat is older. A writer blocked on a dead reader raises `PeerDeadError` wit
 PARK_SLICE_S; a reader whose writer died (or closed the ring) gets every record that was
 completely published and then `PeerDeadError`.
 
+Deadlines: every `timeout`, `spin_s` and `stale_after` is a finite number of seconds
+>= 0 (an int or a float, not a bool); anything else (nan, inf, a negative, a string)
+raises ValueError naming the argument. `publish(data, timeout=0)` never spins nor
+parks: on a full ring it raises RingFullError (or PeerDeadError) at once, after one
+look at the cursors and one liveness check of the readers it waits for.
+
+Threads: a `RingWriter` or `RingReader` belongs to the thread that publishes or reads
+through it (`publish`, `poll`, `read`, `wait_any`, `evict`, `close`). `heartbeat()` is
+the exception: it only stores an aligned 8-byte timestamp, under a per-handle lock that
+`close` also takes, so a helper thread may keep a participant alive while its owner is
+busy (a SIGSTOPped process still goes stale: its helper thread stops too), and a
+heartbeat after `close` does nothing. Any other use of a closed handle raises
+`RingClosedError`; `close` is idempotent.
+
 Hygiene: segment and doorbell names are `<prefix>-<pid>-<random>` and
-`<prefix>-db-<pid>-<random>`, created mode 0600; only the creator unlinks. See
-`hygiene.py` for the clean-up of what a crashed run left.
+`<prefix>-db-<pid>-<random>`, created mode 0600; only the creator unlinks. `create`
+checks the segment against the free space of /dev/shm (and MAX_SEGMENT_BYTES) before
+it creates anything, then reserves its pages (posix_fallocate), so a ring that was
+created cannot fault on a full /dev/shm later. See `hygiene.py` for the clean-up of
+what a crashed run left.
 """
 
 from __future__ import annotations
 
+import errno
 import fcntl
+import math
 import mmap
+import numbers
 import os
 import re
 import secrets
-import signal
 import struct
 import threading
 import time
@@ -94,12 +113,16 @@ CACHE_LINE = 64
 MAX_READERS = 64
 MAX_SLOTS = 1 << 20
 MAX_SLOT_BYTES = 1 << 24
+# A control ring holds records of a few kB; a segment beyond this is a mistake.
+MAX_SEGMENT_BYTES = 1 << 32
 NAME_FIELD_BYTES = 64
 # Longest a parked participant sleeps before it re-checks by itself (liveness, heartbeat).
 PARK_SLICE_S = 0.1
 DEFAULT_SPIN_S = 50e-6
-# Test hook: the writer stops itself (SIGSTOP) between payload and sequence of this sequence.
-PAUSE_ENV = "EMBXFER_RING_TEST_PAUSE_BEFORE_SEQUENCE"
+SHM_DIR = "/dev/shm"
+# posix_ipc turns a very long semaphore wait into an overflowed timespec (an immediate
+# BusyError); longer waits are taken in pieces of this length.
+_LONGEST_SEMAPHORE_WAIT_S = 86400.0
 
 _OPEN, _CLOSED = 1, 2
 _STATIC = struct.Struct("=QIIIIIIQqQQ")
@@ -122,6 +145,9 @@ _HEARTBEAT = 88
 _DOORBELL = 128
 
 _PREFIX_RE = re.compile(r"^[A-Za-z0-9_.]{1,24}$")
+# What attach/open accept: the names this module makes, and any like them. posix_ipc
+# is never handed a NUL (it crashes the interpreter) nor a second '/'.
+_SEGMENT_NAME_RE = re.compile(r"^/?(?=[A-Za-z0-9_.-]*[A-Za-z0-9])[A-Za-z0-9_.-]{1,250}$")
 _crc32 = zlib.crc32
 _monotonic = time.monotonic
 _monotonic_ns = time.monotonic_ns
@@ -140,6 +166,10 @@ def _fence() -> None:
 
 class RingError(Exception):
     """Base class of the ring's errors."""
+
+
+class RingClosedError(RingError):
+    """A ring handle (or doorbell) was used after `close`."""
 
 
 class IncompatibleRingError(RingError):
@@ -214,6 +244,61 @@ def _shm_name(name: str) -> str:
     return name if name.startswith("/") else "/" + name
 
 
+def _check_seconds(where: str, argument: str, value: object) -> float:
+    """`value` as a float if it is a finite number of seconds >= 0; else ValueError."""
+    if type(value) is float and 0.0 <= value < math.inf:
+        return value  # the common case, without the generic checks below (nan fails both)
+    if isinstance(value, numbers.Real) and not isinstance(value, bool):
+        try:
+            seconds = float(value)
+        except OverflowError:  # an int beyond any float
+            seconds = math.inf
+        if 0.0 <= seconds < math.inf:
+            return seconds
+    raise ValueError(f"{where}: {argument}={value!r}: expected a finite number of seconds >= 0")
+
+
+def _check_segment_name(where: str, name: object) -> str:
+    """`name` with its leading '/', if it can name a ring segment or a doorbell."""
+    if not isinstance(name, str) or not _SEGMENT_NAME_RE.match(name):
+        raise ValueError(
+            f"{where}: name={name!r}: expected a name such as 'embxfer-1234-0123456789abcdef' "
+            "(1-250 characters from [A-Za-z0-9_.-], at most one leading '/')"
+        )
+    return _shm_name(name)
+
+
+def _format_bytes(count: int) -> str:
+    for unit, shift in (("TiB", 40), ("GiB", 30), ("MiB", 20), ("KiB", 10)):
+        if count >= 1 << shift:
+            return f"{count / (1 << shift):.3g} {unit}"
+    return f"{count} bytes"
+
+
+def _byte_view(data: object, where: str) -> bytes | bytearray | memoryview:
+    """`data` as something `len` counts in bytes and a slice assignment copies whole:
+    bytes, a bytearray, or a C-contiguous 1-D memoryview of unsigned bytes."""
+    if isinstance(data, (bytes, bytearray)):
+        return data
+    try:
+        view = memoryview(data)  # type: ignore[arg-type]
+    except TypeError:
+        raise TypeError(
+            f"{where}: expected bytes, a bytearray or a buffer of unsigned bytes, got {type(data).__name__}"
+        ) from None
+    except ValueError:
+        raise ValueError(f"{where}: the memoryview was released") from None
+    if view.format != "B" or view.ndim != 1:
+        raise ValueError(
+            f"{where}: expected a 1-D buffer of unsigned bytes (format 'B'), got format "
+            f"{view.format!r} with itemsize {view.itemsize} and ndim {view.ndim} "
+            "(memoryview.cast('B') reinterprets a contiguous buffer as bytes)"
+        )
+    if not view.c_contiguous:
+        raise ValueError(f"{where}: the buffer is not contiguous (copy it with bytes(view) first)")
+    return view
+
+
 def _check_prefix(prefix: str) -> None:
     if not isinstance(prefix, str) or not _PREFIX_RE.match(prefix):
         raise ValueError(
@@ -263,25 +348,53 @@ class Doorbell:
     @classmethod
     def open(cls, name: str) -> Doorbell:
         """Another process's doorbell, to ring it; closing it does not unlink it."""
-        return cls(posix_ipc.Semaphore(_shm_name(name)), owner=False)
+        path = _check_segment_name("Doorbell.open", name)
+        try:
+            return cls(posix_ipc.Semaphore(path), owner=False)
+        except posix_ipc.ExistentialError:
+            raise RingError(f"no doorbell named {name!r}") from None
+        except (posix_ipc.Error, OSError) as exc:
+            raise RingError(f"doorbell {name!r} cannot be opened: {exc}") from None
+
+    def _open_semaphore(self) -> posix_ipc.Semaphore:
+        semaphore = self._semaphore
+        if semaphore is None:
+            raise RingClosedError(f"doorbell {self.name} is closed")
+        return semaphore
 
     def wait(self, timeout: float) -> bool:
-        """Sleep until rung or `timeout` seconds pass; True if rung."""
-        try:
-            self._semaphore.acquire(max(0.0, timeout))
-        except posix_ipc.BusyError:
-            return False
-        return True
+        """Sleep until rung or `timeout` seconds (finite, >= 0) pass; True if rung."""
+        return self._sleep(_check_seconds("Doorbell.wait", "timeout", timeout))
+
+    def _sleep(self, timeout: float) -> bool:
+        semaphore = self._open_semaphore()
+        if timeout <= _LONGEST_SEMAPHORE_WAIT_S:
+            try:
+                semaphore.acquire(timeout)
+            except posix_ipc.BusyError:
+                return False
+            return True
+        deadline = _monotonic() + timeout
+        while True:
+            remaining = deadline - _monotonic()
+            if remaining <= 0:
+                return False
+            try:
+                semaphore.acquire(min(remaining, _LONGEST_SEMAPHORE_WAIT_S))
+            except posix_ipc.BusyError:
+                continue
+            return True
 
     def ring(self) -> None:
-        self._semaphore.release()
+        self._open_semaphore().release()
 
     def drain(self) -> int:
         """Take every pending post without sleeping; the number taken."""
+        semaphore = self._open_semaphore()
         taken = 0
-        while self._semaphore.value > 0:
+        while semaphore.value > 0:
             try:
-                self._semaphore.acquire(0)
+                semaphore.acquire(0)
             except posix_ipc.BusyError:
                 break
             taken += 1
@@ -316,8 +429,9 @@ class _DoorbellCache:
         semaphore = self._by_name.get(name, False)
         if semaphore is False:
             try:
-                semaphore = posix_ipc.Semaphore(_shm_name(name)) if name else None
-            except (posix_ipc.ExistentialError, ValueError):
+                # The name comes from the shared header: only a well-formed one reaches posix_ipc.
+                semaphore = posix_ipc.Semaphore(_shm_name(name)) if _SEGMENT_NAME_RE.match(name) else None
+            except (posix_ipc.Error, ValueError, OSError):
                 semaphore = None  # its owner is gone; nobody is left to wake
             self._by_name[name] = semaphore
         if semaphore is not None:
@@ -340,25 +454,31 @@ def _writer_info(mm: mmap.mmap, now_ns: int) -> PeerInfo:
     )
 
 
+def _reader_info(mm: mmap.mmap, index: int, head: int, now_ns: int) -> PeerInfo | None:
+    entry = _TABLE + index * READER_ENTRY_BYTES
+    pid, start, parked, heartbeat = _ENTRY_COLD.unpack_from(mm, entry + _PID)
+    if pid == 0:
+        return None
+    cursor = _U64.unpack_from(mm, entry + _CURSOR)[0]
+    return PeerInfo(
+        "reader", index, pid, cursor, max(0, head - cursor),
+        (now_ns - heartbeat) / 1e9, process_alive(pid, start), bool(parked),
+    )
+
+
+def _reader_infos(mm: mmap.mmap, max_readers: int, now_ns: int) -> list[PeerInfo]:
+    head = _U64.unpack_from(mm, _HEAD)[0]
+    infos = (_reader_info(mm, index, head, now_ns) for index in range(max_readers))
+    return [info for info in infos if info is not None]
+
+
 def _peer_infos(mm: mmap.mmap, max_readers: int, now_ns: int) -> list[PeerInfo]:
-    peers = [_writer_info(mm, now_ns)]
-    head = peers[0].cursor
-    for index in range(max_readers):
-        entry = _TABLE + index * READER_ENTRY_BYTES
-        pid, start, parked, heartbeat = _ENTRY_COLD.unpack_from(mm, entry + _PID)
-        if pid == 0:
-            continue
-        cursor = _U64.unpack_from(mm, entry + _CURSOR)[0]
-        peers.append(
-            PeerInfo(
-                "reader", index, pid, cursor, head - cursor if cursor else 0,
-                (now_ns - heartbeat) / 1e9, process_alive(pid, start), bool(parked),
-            )
-        )
-    return peers
+    return [_writer_info(mm, now_ns), *_reader_infos(mm, max_readers, now_ns)]
 
 
 def _dead(peers: list[PeerInfo], stale_after: float | None) -> list[PeerInfo]:
+    """The peers whose process is gone, or (when `stale_after` is given, already checked)
+    whose heartbeat is older than that many seconds."""
     return [
         peer
         for peer in peers
@@ -394,10 +514,11 @@ class RingWriter:
         # All readers' parked words in one call; all (cursor, pid) pairs in another.
         self._parked_words = struct.Struct("@" + "80xQ104x" * max_readers)
         self._cursor_words = struct.Struct("@" + "Q56xq120x" * max_readers)
-        pause = os.environ.get(PAUSE_ENV, "")
-        self._pause_sequence = int(pause) if pause.isdigit() else 0
         self.name: str = shm.name.lstrip("/")
         self._closed = False
+        # Taken by heartbeat() (any thread) and close(): no heartbeat lands on an unmapped
+        # segment. The publishing path never takes it.
+        self._lifecycle_lock = threading.Lock()
 
     @classmethod
     def create(
@@ -413,7 +534,9 @@ class RingWriter:
         slots >= 2; slot_bytes a multiple of 64 holding SLOT_HEADER_BYTES + the largest
         record (see `slot_bytes_for`, `records.max_record_bytes`); max_readers in
         [1, MAX_READERS]. `doorbell` is this process's wake-up for a blocked publish
-        (created, and closed with the ring, when not given).
+        (created, and closed with the ring, when not given). A segment that /dev/shm has
+        no room for, or larger than MAX_SEGMENT_BYTES, is refused before anything is
+        created; the segment's pages are reserved at creation.
         """
         for field, value, low, high in (
             ("slots", slots, 2, MAX_SLOTS),
@@ -425,7 +548,12 @@ class RingWriter:
         if slot_bytes % CACHE_LINE:
             raise ValueError(f"RingWriter.create: slot_bytes={slot_bytes}, expected a multiple of {CACHE_LINE}")
         _check_prefix(prefix)
+        if doorbell is not None:
+            if not isinstance(doorbell, Doorbell):
+                raise TypeError(f"RingWriter.create: doorbell={doorbell!r}, expected a Doorbell or None")
+            doorbell._open_semaphore()
         size = segment_bytes(slots, slot_bytes, max_readers)
+        _check_room_for(size, slots, slot_bytes)
         shm = None
         for _ in range(16):
             name = f"/{prefix}-{os.getpid()}-{secrets.token_hex(8)}"
@@ -438,6 +566,7 @@ class RingWriter:
             raise RingError(f"could not create a ring segment with prefix {prefix!r}")
         owns_doorbell = doorbell is None
         try:
+            _reserve(shm, size)
             mm = mmap.mmap(shm.fd, size)
             if doorbell is None:
                 doorbell = Doorbell.create(prefix)
@@ -474,10 +603,22 @@ class RingWriter:
         """Last sequence published (0 before the first)."""
         return self._next - 1
 
-    def publish(self, data: bytes, timeout: float = 10.0) -> int:
-        """Publish one record; its sequence. Waits up to `timeout` seconds for room when
-        the ring is full, then raises RingFullError naming the slowest reader; raises
-        PeerDeadError as soon as a reader it waits for is found dead."""
+    def _closed_error(self) -> RingClosedError:
+        return RingClosedError(f"ring {self.name}: the writer was closed")
+
+    def publish(self, data: bytes | bytearray | memoryview, timeout: float = 10.0) -> int:
+        """Publish one record; its sequence.
+
+        `data` is bytes, a bytearray or a contiguous 1-D buffer of unsigned bytes. When
+        the ring is full, waits up to `timeout` seconds (finite, >= 0) for room, then
+        raises RingFullError naming the slowest reader; raises PeerDeadError as soon as
+        a reader it waits for is found dead. With timeout=0 it never waits: a full ring
+        raises at once."""
+        if self._closed:
+            raise self._closed_error()
+        if type(data) is not bytes:
+            data = _byte_view(data, f"ring {self.name}: publish")
+        timeout = _check_seconds("RingWriter.publish", "timeout", timeout)
         size = len(data)
         if size > self._capacity:
             raise ValueError(
@@ -491,8 +632,6 @@ class RingWriter:
         offset = self._slot_base + (sequence - 1) % self._slots * self._slot_bytes
         mm[offset + SLOT_HEADER_BYTES : offset + SLOT_HEADER_BYTES + size] = data
         _SIZE_CHECKSUM.pack_into(mm, offset + 8, size, _crc32(data, sequence & 0xFFFFFFFF))
-        if sequence == self._pause_sequence:
-            os.kill(os.getpid(), signal.SIGSTOP)
         _U64.pack_into(mm, offset, sequence)
         _U64.pack_into(mm, _HEAD, sequence)
         self._next = sequence + 1
@@ -508,86 +647,104 @@ class RingWriter:
                 entry = _TABLE + index * READER_ENTRY_BYTES
                 self._reader_doorbells.ring(_read_name(self._mm, entry + _DOORBELL))
 
-    def _lowest_cursor(self) -> tuple[int, int]:
-        """(lowest cursor over attached readers or the head if none, its reader index or -1)."""
+    def _has_room(self, sequence: int) -> bool:
+        """Looks at the cursors again; True if `sequence` may overwrite its slot."""
         words = self._cursor_words.unpack_from(self._mm, _TABLE)
-        lowest, slowest = self._next - 1, -1
+        lowest = self._next - 1
         for index in range(self._max_readers):
             if words[2 * index + 1] and words[2 * index] < lowest:
-                lowest, slowest = words[2 * index], index
-        return lowest, slowest
+                lowest = words[2 * index]
+        self._limit = lowest + self._slots
+        return sequence <= self._limit
 
     def _blocking_readers(self, sequence: int) -> list[PeerInfo]:
+        """The readers whose cursor keeps `sequence` out of its slot (a /proc look each)."""
         needed = sequence - self._slots
-        return [
-            peer
-            for peer in _peer_infos(self._mm, self._max_readers, _monotonic_ns())
-            if peer.role == "reader" and peer.cursor < needed
-        ]
+        words = self._cursor_words.unpack_from(self._mm, _TABLE)
+        head, now_ns = self._next - 1, _monotonic_ns()
+        infos = (
+            _reader_info(self._mm, index, head, now_ns)
+            for index in range(self._max_readers)
+            if words[2 * index + 1] and words[2 * index] < needed
+        )
+        return [info for info in infos if info is not None and info.cursor < needed]
 
     def _wait_for_room(self, sequence: int, timeout: float) -> None:
         # A reader that attaches after a look at the cursors starts at a head at least as
         # new as that look, so the limit computed here stays safe for it (see attach).
         start = _monotonic()
         deadline = start + timeout
-        spin_until = start + DEFAULT_SPIN_S
+        spin_until = start + min(DEFAULT_SPIN_S, timeout)
         last_check = start
-        while True:
-            lowest, _ = self._lowest_cursor()
-            self._limit = lowest + self._slots
-            if sequence <= self._limit:
-                return
+        while not self._has_room(sequence):
             now = _monotonic()
             if now < spin_until:
                 continue
-            if now - last_check >= PARK_SLICE_S or now >= deadline:
+            expired = now >= deadline
+            if expired or now - last_check >= PARK_SLICE_S:
                 last_check = now
                 self.heartbeat()
-                blocking = self._blocking_readers(sequence)
-                for peer in blocking:
-                    if not peer.alive:
-                        raise PeerDeadError(
-                            f"ring {self.name}: publish of record {sequence} waits for "
-                            f"{peer.describe()}, whose process is gone",
-                            peer,
-                        )
-                if now >= deadline:
-                    slowest = min(blocking, key=lambda peer: peer.cursor) if blocking else None
-                    if slowest is None:
-                        continue
-                    raise RingFullError(
-                        f"ring {self.name} full for {timeout:.3f}s: record {sequence} waits for "
-                        f"the slowest reader, {slowest.describe()}",
-                        slowest,
-                    )
-            _U64.pack_into(self._mm, _WRITER_PARKED, 1)
+                self._raise_for_blocking_readers(sequence, timeout, expired)
+                continue  # nobody blocks any more, or not yet expired: look again first
+            self._park_until_room(sequence, min(PARK_SLICE_S, deadline - now))
+
+    def _raise_for_blocking_readers(self, sequence: int, timeout: float, expired: bool) -> None:
+        blocking = self._blocking_readers(sequence)
+        for peer in blocking:
+            if not peer.alive:
+                raise PeerDeadError(
+                    f"ring {self.name}: publish of record {sequence} waits for "
+                    f"{peer.describe()}, whose process is gone",
+                    peer,
+                )
+        if expired and blocking:
+            slowest = min(blocking, key=lambda peer: peer.cursor)
+            waited = "(publish timeout 0)" if timeout == 0 else f"for {timeout:.3f}s"
+            raise RingFullError(
+                f"ring {self.name} full {waited}: record {sequence} waits for the slowest "
+                f"reader, {slowest.describe()}",
+                slowest,
+            )
+
+    def _park_until_room(self, sequence: int, seconds: float) -> None:
+        mm = self._mm
+        _U64.pack_into(mm, _WRITER_PARKED, 1)
+        try:
             _fence()
             self._doorbell.drain()
-            lowest, _ = self._lowest_cursor()
-            if sequence <= lowest + self._slots:
-                _U64.pack_into(self._mm, _WRITER_PARKED, 0)
-                continue
-            self._doorbell.wait(min(PARK_SLICE_S, max(0.0, deadline - _monotonic())))
-            _U64.pack_into(self._mm, _WRITER_PARKED, 0)
+            if not self._has_room(sequence):  # a reader that moved before our parked word showed
+                self._doorbell._sleep(max(0.0, seconds))
+        finally:
+            _U64.pack_into(mm, _WRITER_PARKED, 0)
 
     def heartbeat(self) -> None:
-        _U64.pack_into(self._mm, _WRITER_HEARTBEAT, _monotonic_ns())
+        """Store the current time as the writer's heartbeat. Safe from any thread (one
+        aligned 8-byte store under the handle's lifecycle lock); does nothing once closed."""
+        with self._lifecycle_lock:
+            if not self._closed:
+                _U64.pack_into(self._mm, _WRITER_HEARTBEAT, _monotonic_ns())
 
     def readers(self) -> list[PeerInfo]:
         """The attached readers: index, pid, cursor, lag, heartbeat age, alive."""
-        return [p for p in _peer_infos(self._mm, self._max_readers, _monotonic_ns()) if p.role == "reader"]
+        if self._closed:
+            raise self._closed_error()
+        return _reader_infos(self._mm, self._max_readers, _monotonic_ns())
 
     def dead_peers(self, stale_after: float | None = None) -> list[PeerInfo]:
         """Attached readers whose process is gone, or whose heartbeat is older than
-        `stale_after` seconds when given."""
+        `stale_after` seconds (finite, >= 0) when given."""
+        if stale_after is not None:
+            stale_after = _check_seconds("RingWriter.dead_peers", "stale_after", stale_after)
         return _dead(self.readers(), stale_after)
 
     def evict(self, index: int) -> None:
         """Free the entry of reader `index`, whose process must be dead, so that publish
         no longer waits for it."""
+        if self._closed:
+            raise self._closed_error()
+        if isinstance(index, bool) or not isinstance(index, int) or not 0 <= index < self._max_readers:
+            raise ValueError(f"evict: index={index!r}, expected an integer in [0, {self._max_readers})")
         entry = _TABLE + index * READER_ENTRY_BYTES
-        if not 0 <= index < self._max_readers:
-            raise ValueError(f"evict: index={index}, expected [0, {self._max_readers})")
         with _AttachLock(self._shm.fd):
             pid, start, _, _ = _ENTRY_COLD.unpack_from(self._mm, entry + _PID)
             if pid and process_alive(pid, start):
@@ -597,29 +754,63 @@ class RingWriter:
 
     def close(self) -> None:
         """Mark the ring closed, wake every parked reader, unmap and unlink. Idempotent."""
-        if self._closed:
-            return
-        self._closed = True
-        try:
-            _U64.pack_into(self._mm, _WRITER_STATE, _CLOSED)
-            _fence()
-            self._ring_parked_readers()
-        finally:
-            self._reader_doorbells.close()
-            self._mm.close()
+        with self._lifecycle_lock:
+            if self._closed:
+                return
+            self._closed = True
             try:
-                self._shm.unlink()
-            except posix_ipc.ExistentialError:
-                pass
-            self._shm.close_fd()
-            if self._owns_doorbell:
-                self._doorbell.close()
+                _U64.pack_into(self._mm, _WRITER_STATE, _CLOSED)
+                _fence()
+                self._ring_parked_readers()
+            finally:
+                self._reader_doorbells.close()
+                self._mm.close()
+                try:
+                    self._shm.unlink()
+                except posix_ipc.ExistentialError:
+                    pass
+                self._shm.close_fd()
+                if self._owns_doorbell:
+                    self._doorbell.close()
 
     def __enter__(self) -> RingWriter:
         return self
 
     def __exit__(self, *exc_info: object) -> None:
         self.close()
+
+
+def _check_room_for(size: int, slots: int, slot_bytes: int) -> None:
+    """Refuse a segment /dev/shm cannot hold, or one beyond MAX_SEGMENT_BYTES."""
+    shape = f"{slots} slots of {_format_bytes(slot_bytes)}"
+    try:
+        fs = os.statvfs(SHM_DIR)
+    except OSError:
+        fs = None  # no /dev/shm to ask: posix_fallocate is the check then
+    if fs is not None and size > fs.f_bavail * fs.f_frsize:
+        raise RingError(
+            f"RingWriter.create: a ring of {_format_bytes(size)} ({shape}) does not fit {SHM_DIR}: "
+            f"{_format_bytes(fs.f_bavail * fs.f_frsize)} free"
+        )
+    if size > MAX_SEGMENT_BYTES:
+        raise ValueError(
+            f"RingWriter.create: a ring of {_format_bytes(size)} ({shape}) is larger than "
+            f"MAX_SEGMENT_BYTES ({_format_bytes(MAX_SEGMENT_BYTES)}); control records need a few kB a slot"
+        )
+
+
+def _reserve(shm: posix_ipc.SharedMemory, size: int) -> None:
+    """Allocate the segment's pages now: a full /dev/shm fails here, with a message,
+    not later as a SIGBUS in the middle of a publish."""
+    try:
+        os.posix_fallocate(shm.fd, 0, size)
+    except OSError as exc:
+        if exc.errno in (errno.ENOSPC, errno.ENOMEM, errno.EFBIG):
+            raise RingError(
+                f"RingWriter.create: a ring of {_format_bytes(size)} does not fit {SHM_DIR}: {exc.strerror}"
+            ) from None
+        if exc.errno not in (errno.EOPNOTSUPP, errno.EINVAL, errno.ENOSYS):
+            raise
 
 
 class _AttachLock:
@@ -673,6 +864,8 @@ class RingReader:
         self._rejected = 0
         self._liveness_checked_at = float("-inf")
         self._closed = False
+        # Taken by heartbeat() (any thread) and close(): see RingWriter.
+        self._lifecycle_lock = threading.Lock()
 
     @classmethod
     def attach(
@@ -681,11 +874,23 @@ class RingReader:
         """Take a free reader entry of ring `name`; the reader sees every record published
         after this returns. `doorbell` is shared by all rings this process reads (a private
         one is created, and closed with the reader, when not given). `spin_s` is how long
-        `read` polls before it parks."""
+        `read` polls before it parks (finite, >= 0)."""
+        path = _check_segment_name("RingReader.attach", name)
+        spin_s = _check_seconds("RingReader.attach", "spin_s", spin_s)
+        if doorbell is not None:
+            if not isinstance(doorbell, Doorbell):
+                raise TypeError(f"RingReader.attach: doorbell={doorbell!r}, expected a Doorbell or None")
+            doorbell._open_semaphore()
         try:
-            shm = posix_ipc.SharedMemory(_shm_name(name))
+            shm = posix_ipc.SharedMemory(path)
         except posix_ipc.ExistentialError:
             raise RingError(f"no ring segment named {name!r}") from None
+        except posix_ipc.PermissionsError:
+            raise RingError(
+                f"ring {name!r}: permission denied (segments are mode 0600: attach as the user that created it)"
+            ) from None
+        except (posix_ipc.Error, OSError) as exc:
+            raise RingError(f"ring {name!r} cannot be opened: {exc}") from None
         try:
             mm = cls._map_checked(shm, name)
         except BaseException:
@@ -780,6 +985,8 @@ class RingReader:
     @property
     def pending(self) -> int:
         """Records published and not yet delivered to this reader."""
+        if self._closed:
+            raise self._closed_error()
         return max(0, _U64.unpack_from(self._mm, _HEAD)[0] - (self._next - 1))
 
     @property
@@ -791,6 +998,8 @@ class RingReader:
 
         Raises RingCorruptError (after counting and skipping it) for a record that keeps
         failing validation; the following poll continues with the next record."""
+        if self._closed:
+            raise self._closed_error()
         expected = self._next
         mm = self._mm
         offset = self._slot_base + (expected - 1) % self._slots * self._slot_bytes
@@ -852,17 +1061,26 @@ class RingReader:
 
     def read(self, timeout: float, spin_s: float | None = None) -> bytes | None:
         """The next record, waiting up to `timeout` seconds: polls for `spin_s` (default:
-        the reader's), then parks on its doorbell. None on timeout. Raises PeerDeadError
-        once the writer is gone (or closed the ring) and every record it completed has
-        been delivered."""
+        the reader's), then parks on its doorbell; both finite and >= 0. None on timeout.
+        Raises PeerDeadError once the writer is gone (or closed the ring) and every
+        record it completed has been delivered."""
+        timeout = _check_seconds("RingReader.read", "timeout", timeout)
+        spin_s = _check_seconds("RingReader.read", "spin_s", self.spin_s if spin_s is None else spin_s)
         data = self.poll()
         if data is not None:
             return data
-        found = wait_any((self,), self._doorbell, timeout, self.spin_s if spin_s is None else spin_s)
+        found = _wait_any((self,), self._doorbell, timeout, spin_s)
         return None if found is None else found[1]
 
     def heartbeat(self) -> None:
-        _U64.pack_into(self._mm, self._entry + _HEARTBEAT, _monotonic_ns())
+        """Store the current time as this reader's heartbeat. Safe from any thread (one
+        aligned 8-byte store under the handle's lifecycle lock); does nothing once closed."""
+        with self._lifecycle_lock:
+            if not self._closed:
+                _U64.pack_into(self._mm, self._entry + _HEARTBEAT, _monotonic_ns())
+
+    def _closed_error(self) -> RingClosedError:
+        return RingClosedError(f"ring {self.name}: reader #{self.index} was closed")
 
     def _set_parked(self, parked: int) -> None:
         _U64.pack_into(self._mm, self._parked_offset, parked)
@@ -874,6 +1092,8 @@ class RingReader:
 
     def writer(self) -> PeerInfo:
         """The writer: pid, head, heartbeat age, alive (False once gone or closed)."""
+        if self._closed:
+            raise self._closed_error()
         return _writer_info(self._mm, _monotonic_ns())
 
     def writer_alive(self) -> bool:
@@ -881,11 +1101,18 @@ class RingReader:
         return self.writer().alive
 
     def readers(self) -> list[PeerInfo]:
-        return _peer_infos(self._mm, self._max_readers, _monotonic_ns())[1:]
+        """Every attached reader of this ring, this one included."""
+        if self._closed:
+            raise self._closed_error()
+        return _reader_infos(self._mm, self._max_readers, _monotonic_ns())
 
     def dead_peers(self, stale_after: float | None = None) -> list[PeerInfo]:
         """The writer and readers of this ring whose process is gone (or whose heartbeat is
-        older than `stale_after` seconds when given)."""
+        older than `stale_after` seconds, finite and >= 0, when given)."""
+        if self._closed:
+            raise self._closed_error()
+        if stale_after is not None:
+            stale_after = _check_seconds("RingReader.dead_peers", "stale_after", stale_after)
         return _dead(_peer_infos(self._mm, self._max_readers, _monotonic_ns()), stale_after)
 
     def _raise_if_writer_dead(self, now: float) -> None:
@@ -902,19 +1129,20 @@ class RingReader:
 
     def close(self) -> None:
         """Give the reader entry back (the segment stays). Idempotent."""
-        if self._closed:
-            return
-        self._closed = True
-        try:
-            with _AttachLock(self._shm.fd):
-                _ENTRY_COLD.pack_into(self._mm, self._entry + _PID, 0, 0, 0, 0)
-            self._wake_writer_if_parked()
-        finally:
-            self._writer_doorbell.close()
-            self._mm.close()
-            self._shm.close_fd()
-            if self._owns_doorbell:
-                self._doorbell.close()
+        with self._lifecycle_lock:
+            if self._closed:
+                return
+            self._closed = True
+            try:
+                with _AttachLock(self._shm.fd):
+                    _ENTRY_COLD.pack_into(self._mm, self._entry + _PID, 0, 0, 0, 0)
+                self._wake_writer_if_parked()
+            finally:
+                self._writer_doorbell.close()
+                self._mm.close()
+                self._shm.close_fd()
+                if self._owns_doorbell:
+                    self._doorbell.close()
 
     def __enter__(self) -> RingReader:
         return self
@@ -937,10 +1165,26 @@ def wait_any(
     that publishes after the poll sees a parked word (its own fence comes between its
     publish and that look) and posts; a post before the sleep stays counted. Every
     PARK_SLICE_S the parked reader wakes by itself to heartbeat and check its writers.
+    `timeout` and `spin_s` are finite numbers of seconds >= 0.
     """
+    timeout = _check_seconds("wait_any", "timeout", timeout)
+    spin_s = _check_seconds("wait_any", "spin_s", spin_s)
+    if not isinstance(doorbell, Doorbell):
+        raise TypeError(f"wait_any: doorbell={doorbell!r}, expected a Doorbell")
+    doorbell._open_semaphore()
     for reader in readers:
+        if not isinstance(reader, RingReader):
+            raise TypeError(f"wait_any: {reader!r} is not a RingReader")
+        if reader._closed:
+            raise reader._closed_error()
         if reader._doorbell is not doorbell and reader._doorbell.name != doorbell.name:
             raise ValueError(f"wait_any: reader of ring {reader.name} was attached with another doorbell")
+    return _wait_any(readers, doorbell, timeout, spin_s)
+
+
+def _wait_any(
+    readers: Sequence[RingReader], doorbell: Doorbell, timeout: float, spin_s: float
+) -> tuple[RingReader, bytes] | None:
     start = _monotonic()
     deadline = start + timeout
     spin_until = start + min(spin_s, timeout)
@@ -967,7 +1211,7 @@ def wait_any(
                 for reader in readers:
                     reader._raise_if_writer_dead(now)
                 return None
-            rung = doorbell.wait(min(PARK_SLICE_S, deadline - now))
+            rung = doorbell._sleep(min(PARK_SLICE_S, deadline - now))
         finally:
             for reader in readers:
                 reader._set_parked(0)
@@ -982,6 +1226,7 @@ def wait_any(
 
 __all__ = [
     "DEFAULT_SPIN_S",
+    "MAX_SEGMENT_BYTES",
     "PARK_SLICE_S",
     "SLOT_HEADER_BYTES",
     "Doorbell",
@@ -989,6 +1234,7 @@ __all__ = [
     "PeerDeadError",
     "PeerInfo",
     "ReaderStats",
+    "RingClosedError",
     "RingCorruptError",
     "RingError",
     "RingFullError",

@@ -4,6 +4,7 @@ segment or semaphore with it is left in /dev/shm when the session ends."""
 from __future__ import annotations
 
 import os
+import re
 import sys
 
 import pytest
@@ -12,20 +13,22 @@ import pytest
 # (which inherit sys.path), whether or not tests/ is a package.
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
 
-from ringworkers import BASE_PREFIX, SCAN_PREFIX, TEST_PREFIX, leftovers  # noqa: E402
+from ringworkers import BASE_PREFIX, TEST_PREFIX, leftovers  # noqa: E402
+
+_SESSION_PREFIX = re.compile(rf"^(?:sem\.)?({BASE_PREFIX}(\d+))-")
 
 
 @pytest.fixture(scope="session", autouse=True)
 def no_shm_leftovers():
     from embxfer.control._process import process_alive
-    from embxfer.control.hygiene import list_segments, remove_segments
+    from embxfer.control.hygiene import remove_segments
 
     # What crashed earlier sessions left must not break this one; a session still running
     # (its pid is in the prefix) may be reading a dead writer's ring on purpose.
-    for info in list_segments(BASE_PREFIX):
-        session = info.name[len(BASE_PREFIX) :].split("-", 1)[0]
-        if session.isdigit() and not process_alive(int(session)) and not info.alive:
-            remove_segments([info.name], stale_only=True)
+    sessions = {match[1]: int(match[2]) for match in map(_SESSION_PREFIX.match, os.listdir("/dev/shm")) if match}
+    for session_prefix, session_pid in sessions.items():
+        if session_prefix != TEST_PREFIX and not process_alive(session_pid):
+            remove_segments(prefix=session_prefix, stale_only=True)
     yield
     left = leftovers()
     assert not left, f"/dev/shm entries left behind: {left}"
@@ -39,7 +42,7 @@ def no_leak_from_this_test():
     if leaked:
         from embxfer.control.hygiene import remove_segments
 
-        remove_segments(prefix=SCAN_PREFIX, stale_only=True)
+        remove_segments(prefix=TEST_PREFIX, stale_only=True)
         pytest.fail(f"this test left /dev/shm entries behind: {leaked}")
 
 
@@ -56,18 +59,9 @@ def spawn():
     context = multiprocessing.get_context("spawn")
     started = []
 
-    def start(target, *args, env: dict[str, str] | None = None):
-        saved = {key: os.environ.get(key) for key in (env or {})}
-        os.environ.update(env or {})
-        try:
-            process = context.Process(target=target, args=args, daemon=True)
-            process.start()
-        finally:
-            for key, value in saved.items():
-                if value is None:
-                    os.environ.pop(key, None)
-                else:
-                    os.environ[key] = value
+    def start(target, *args):
+        process = context.Process(target=target, args=args, daemon=True)
+        process.start()
         started.append(process)
         return process
 

@@ -12,8 +12,10 @@ import importlib.util
 import multiprocessing
 import os
 import random
+import signal
 import struct
 import sys
+import threading
 import time
 import types
 
@@ -21,8 +23,6 @@ import types
 # sessions running at once on one machine never mistake each other's segments for leaks.
 BASE_PREFIX = "embxfertest"
 TEST_PREFIX = os.environ.setdefault("EMBXFER_TEST_RING_PREFIX", f"{BASE_PREFIX}{os.getpid()}")
-# What hygiene should look at: this session's names only (not embxfertest<pid>1... of another).
-SCAN_PREFIX = TEST_PREFIX + "-"
 
 if multiprocessing.parent_process() is not None and "embxfer" not in sys.modules:
     _spec = importlib.util.find_spec("embxfer")
@@ -143,8 +143,36 @@ def echo(conn, name_in: str, park_slice: float) -> None:
         writer.close()
 
 
-def publishing_writer(conn, readers: int, slots: int) -> None:
-    """Publish numbered records as fast as the readers allow, until killed."""
+class StopBeforeSequenceStore:
+    """Stands in for the ring module's 8-byte store (`ring._U64`) in a writer process:
+    just before the sequence number `sequence` is stored into its slot, the process
+    stops itself (SIGSTOP), leaving that slot with the new payload and the old sequence,
+    as a writer killed mid-publish would. Every other use passes through.
+
+    This relies on how `publish` is written (payload, length and checksum first, then
+    the slot's sequence through `_U64.pack_into`); if that changes, the test that uses
+    it fails with "writer never reached the pause point" rather than passing."""
+
+    def __init__(self, store: struct.Struct, sequence: int, slot_base: int) -> None:
+        self._store = store
+        self._sequence = sequence
+        self._slot_base = slot_base
+
+    def pack_into(self, buffer, offset: int, value: int) -> None:
+        if value == self._sequence and offset >= self._slot_base:
+            os.kill(os.getpid(), signal.SIGSTOP)
+        self._store.pack_into(buffer, offset, value)
+
+    def __getattr__(self, name: str):
+        return getattr(self._store, name)
+
+
+def publishing_writer(conn, readers: int, slots: int, stop_before_sequence: int = 0) -> None:
+    """Publish numbered records as fast as the readers allow, until killed. With
+    `stop_before_sequence`, the writer stops itself mid-publish of that record."""
+    if stop_before_sequence:
+        slot_base = ring.HEADER_BYTES + ring.READER_ENTRY_BYTES * readers
+        ring._U64 = StopBeforeSequenceStore(ring._U64, stop_before_sequence, slot_base)
     writer = RingWriter.create(slots, 128, readers, prefix=TEST_PREFIX)
     try:
         conn.send(writer.name)
@@ -171,3 +199,26 @@ def read_until_writer_dead(reader: RingReader, timeout: float) -> list[bytes]:
         if data is not None:
             received.append(data)
     raise TimeoutError("the writer's death was not reported")
+
+
+def blocked_writer(conn, beat_every: float) -> None:
+    """Create a ring, then block the owning thread in `conn.recv()` (a long engine step)
+    while, when `beat_every` > 0, a helper thread heartbeats every `beat_every` seconds."""
+    writer = RingWriter.create(4, 64, 1, prefix=TEST_PREFIX)
+    stop = threading.Event()
+
+    def beat() -> None:
+        while not stop.wait(beat_every):
+            writer.heartbeat()
+
+    helper = threading.Thread(target=beat, daemon=True)
+    try:
+        if beat_every > 0:
+            helper.start()
+        conn.send(writer.name)
+        conn.recv()
+    finally:
+        stop.set()
+        if helper.is_alive():
+            helper.join(5)
+        writer.close()

@@ -11,12 +11,11 @@ import time
 
 import pytest
 import ringworkers
-from ringworkers import SCAN_PREFIX, TEST_PREFIX, payload, read_until_writer_dead
+from ringworkers import TEST_PREFIX, payload, read_until_writer_dead
 
 from embxfer.control import hygiene
 from embxfer.control.ring import (
     HEADER_BYTES,
-    PAUSE_ENV,
     READER_ENTRY_BYTES,
     SLOT_HEADER_BYTES,
     PeerDeadError,
@@ -104,7 +103,7 @@ def test_publish_blocked_on_a_killed_reader_raises_naming_it(spawn):
         assert writer.publish(b"after eviction", timeout=1.0) == 5
         process.join(10)
         # The killed reader's doorbell is what a crash leaves; hygiene removes it.
-        removed = hygiene.remove_segments(prefix=SCAN_PREFIX)
+        removed = hygiene.remove_segments(prefix=TEST_PREFIX)
         assert len(removed) == 1 and removed[0].startswith(f"{TEST_PREFIX}-db-{process.pid}-")
 
 
@@ -112,7 +111,7 @@ def test_publish_blocked_on_a_killed_reader_raises_naming_it(spawn):
 def test_writer_killed_between_payload_and_sequence(spawn):
     pause_at = 37
     parent_end, child_end = spawn.context.Pipe()
-    process = spawn(ringworkers.publishing_writer, child_end, 1, 8, env={PAUSE_ENV: str(pause_at)})
+    process = spawn(ringworkers.publishing_writer, child_end, 1, 8, pause_at)
     name = _recv(parent_end)
     reader = RingReader.attach(name)
     try:
@@ -143,7 +142,7 @@ def test_writer_killed_between_payload_and_sequence(spawn):
         reader.close()
         process.kill()
         process.join(10)
-        removed = hygiene.remove_segments(prefix=SCAN_PREFIX)
+        removed = hygiene.remove_segments(prefix=TEST_PREFIX)
     assert any(entry.startswith(TEST_PREFIX) for entry in removed)
 
 
@@ -171,7 +170,7 @@ def test_writer_killed_at_random_points(spawn, attempt):
         reader.close()
         process.kill()
         process.join(10)
-        hygiene.remove_segments(prefix=SCAN_PREFIX)
+        hygiene.remove_segments(prefix=TEST_PREFIX)
 
 
 @pytest.mark.timeout(120)
@@ -223,3 +222,64 @@ def test_idle_parked_reader_uses_no_cpu(spawn):
         process.join(10)
     fraction = (cpu_after - cpu_before) / elapsed
     assert fraction < 0.01, f"parked reader used {fraction:.2%} of a core"
+
+
+@pytest.mark.timeout(60)
+def test_publish_with_timeout_0_reports_a_killed_reader_at_once(spawn):
+    with RingWriter.create(4, 128, 1, prefix=TEST_PREFIX) as writer:
+        parent_end, child_end = spawn.context.Pipe()
+        process = spawn(ringworkers.idle_reader, child_end, writer.name)
+        assert _recv(parent_end)[0] == "attached"
+        for index in range(4):
+            writer.publish(b"record %d" % index, timeout=1.0)
+        os.kill(process.pid, signal.SIGKILL)
+        process.join(10)
+        start = time.perf_counter()
+        with pytest.raises(PeerDeadError) as caught:
+            writer.publish(b"blocked", timeout=0)
+        elapsed = time.perf_counter() - start
+        assert caught.value.peer.pid == process.pid and not caught.value.peer.alive
+        assert elapsed < 0.05, f"publish(timeout=0) took {elapsed * 1e3:.1f} ms"
+        writer.evict(0)
+        assert writer.publish(b"after eviction", timeout=0) == 5
+    hygiene.remove_segments(prefix=TEST_PREFIX)  # the killed reader's doorbell
+
+
+@pytest.mark.timeout(60)
+@pytest.mark.parametrize("helper_thread", [True, False], ids=["helper-heartbeats", "no-helper"])
+def test_a_blocked_writer_stays_alive_while_a_helper_thread_heartbeats(spawn, helper_thread):
+    """The owning thread is blocked (a long engine step): with a helper thread beating,
+    the writer never looks stale; without one it does. SIGSTOP stops the helper too, so a
+    stopped process still goes stale."""
+    stale_after = 0.3
+    parent_end, child_end = spawn.context.Pipe()
+    process = spawn(ringworkers.blocked_writer, child_end, 0.05 if helper_thread else 0.0)
+    name = _recv(parent_end)
+    reader = RingReader.attach(name)
+
+    def writer_stale() -> bool:
+        return "writer" in {peer.role for peer in reader.dead_peers(stale_after=stale_after)}
+
+    try:
+        deadline = time.monotonic() + 1.5
+        stale_seen = False
+        while time.monotonic() < deadline:
+            stale_seen |= writer_stale()
+            time.sleep(0.02)
+        assert stale_seen is not helper_thread
+        if helper_thread:
+            os.kill(process.pid, signal.SIGSTOP)
+            try:
+                deadline = time.monotonic() + 10
+                while not writer_stale():
+                    assert time.monotonic() < deadline, "a stopped writer never went stale"
+                    time.sleep(0.02)
+                writer = reader.writer()
+                assert writer.alive and writer.heartbeat_age_s > stale_after
+            finally:
+                os.kill(process.pid, signal.SIGCONT)
+        parent_end.send("stop")
+        process.join(10)
+        assert process.exitcode == 0
+    finally:
+        reader.close()
