@@ -131,6 +131,21 @@ def test_round_trip_in_one_process_in_order(make_link):
     assert stats_b.forged == stats_b.replayed == stats_b.malformed == 0, stats_b
 
 
+def test_each_sources_frames_arrive_in_its_order(make_link):
+    receiver = make_link(9)
+    senders = [make_link(rank) for rank in (3, 4, 5)]
+    for sender in senders:
+        sender.connect({9: receiver.endpoint})
+        _send(sender, 9, b"start")
+    for index in range(200):  # interleaved, as three peers on other nodes would send
+        for sender in senders:
+            _send(sender, 9, sender.rank.to_bytes(1, "little") + index.to_bytes(4, "little"))
+    frames = _collect(receiver, 3 * 201)
+    for sender in senders:
+        mine = [frame for source, frame in frames if source == sender.rank]
+        assert mine == [b"start"] + [sender.rank.to_bytes(1, "little") + i.to_bytes(4, "little") for i in range(200)]
+
+
 def test_on_receive_rings_and_wait_wakes(make_link):
     rung = threading.Event()
     a = make_link(0)
