@@ -658,8 +658,11 @@ class RemoteLink:
                 self._heartbeat_now = False
                 self._send_heartbeats()
                 next_heartbeat = now + self._interval
+            readable = full  # after a pause, look at the socket that was not polled
             for ready, _ in events:
-                if ready is not pull:
+                if ready is pull:
+                    readable = True
+                else:
                     try:
                         os.read(self._wake_read, 4096)
                     except BlockingIOError:
@@ -674,7 +677,7 @@ class RemoteLink:
                     self._paused_since = None
             elif not full and self._paused_since is not None:
                 self._paused_since = None
-            if not full:
+            if readable and not full:
                 self._drain(pull)
 
     def _send_heartbeats(self) -> None:
