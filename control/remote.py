@@ -345,6 +345,7 @@ class RemoteLink:
         self._unknown_dropped = 0
         self._heartbeat_now = False
         self._release_on_exit = False
+        self._released = False
         self._stop = False
         self._closed = False
         self._close_lock = threading.Lock()
@@ -484,6 +485,8 @@ class RemoteLink:
         """Block until frames are waiting in the inbox or `timeout` seconds pass; True
         if frames are waiting. Returns False at once on a closed link."""
         seconds = _check_seconds("timeout", timeout, allow_zero=True)
+        if self._closed:
+            return False
         if self._inbox:
             return True
         deadline = _monotonic() + seconds
@@ -500,18 +503,18 @@ class RemoteLink:
                 remaining = deadline - _monotonic()
                 if remaining <= 0:
                     return False
+                # Open while this thread is counted in _waiters, even after close().
+                select.select([self._ready_read], [], [], remaining)
                 try:
-                    select.select([self._ready_read], [], [], remaining)
                     os.read(self._ready_read, 4096)
                 except BlockingIOError:
                     pass
-                except (OSError, ValueError):  # the pipe was closed by close()
-                    return False
                 ready = bool(self._inbox)
             return True
         finally:
             with self._inbox_lock:
                 self._waiters -= 1
+                self._close_ready_pipe_if_unused()
 
     def dead_peers(self, peer_timeout_s: float) -> dict[int, str]:
         """Peers silent (no verified frame or heartbeat) for more than `peer_timeout_s`:
@@ -600,16 +603,27 @@ class RemoteLink:
             raise RuntimeError(f"RemoteLink rank {self.rank}: {verb} after close()")
 
     def _wake(self) -> None:
-        try:
-            os.write(self._wake_write, b"\0")
-        except OSError:
-            pass  # a full pipe is already a pending wake-up; a closed one has no reader
+        with self._inbox_lock:  # never write to the number of a pipe _release() closed
+            if self._released:
+                return
+            try:
+                os.write(self._wake_write, b"\0")
+            except BlockingIOError:
+                pass  # a full pipe is already a pending wake-up
 
     def _wake_waiters(self) -> None:
+        # Called by the link thread or by close(), both before _release().
         try:
             os.write(self._ready_write, b"\0")
-        except OSError:
+        except BlockingIOError:
             pass
+
+    def _close_ready_pipe_if_unused(self) -> None:
+        """With _inbox_lock held: the last one out (close or a waiter) closes it."""
+        if self._released and not self._waiters and self._ready_read >= 0:
+            os.close(self._ready_read)
+            os.close(self._ready_write)
+            self._ready_read = self._ready_write = -1
 
     def _release(self) -> None:
         """Close what the caller side owns, once the link thread has closed the PULL."""
@@ -618,11 +632,11 @@ class RemoteLink:
         for peer in peers:
             with peer.lock:
                 peer.socket.close(linger=0)
-        for fd in (self._wake_read, self._wake_write, self._ready_read, self._ready_write):
-            try:
-                os.close(fd)
-            except OSError:
-                pass
+        with self._inbox_lock:
+            self._released = True
+            os.close(self._wake_read)
+            os.close(self._wake_write)
+            self._close_ready_pipe_if_unused()
         self._context.term()
 
     def _run(self) -> None:

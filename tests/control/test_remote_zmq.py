@@ -6,6 +6,7 @@ from __future__ import annotations
 import contextlib
 import hmac
 import math
+import os
 import secrets
 import socket
 import threading
@@ -363,8 +364,9 @@ def test_arguments_are_checked(make_link, secret):
         assert everywhere.endpoint.startswith("tcp://10.1.2.3:")
 
 
-def test_close_is_idempotent_and_leaves_no_thread(make_link, secret):
+def test_close_is_idempotent_and_leaves_no_thread_or_fd(make_link, secret):
     before = set(threading.enumerate())
+    fds_before = sorted(os.listdir("/proc/self/fd"))
     with contextlib.ExitStack() as stack:
         a = stack.enter_context(RemoteLink(0, secret, HOST, max_frame_bytes=64, heartbeat_interval_s=0.05))
         b = stack.enter_context(RemoteLink(1, secret, HOST, max_frame_bytes=64, heartbeat_interval_s=0.05))
@@ -373,9 +375,14 @@ def test_close_is_idempotent_and_leaves_no_thread(make_link, secret):
         _send(a, 1, b"x")
         assert _collect(b, 1) == [(0, b"x")]
         assert len(set(threading.enumerate()) - before) == 2
+        waiter = threading.Thread(target=b.wait, args=(10.0,))
+        waiter.start()  # still waiting when the link closes
+        time.sleep(0.05)
         started = time.monotonic()
     assert time.monotonic() - started < 1.0
+    waiter.join(5)
     assert set(threading.enumerate()) - before == set()
+    assert sorted(os.listdir("/proc/self/fd")) == fds_before  # sockets, pipes, zmq's own
     a.close()
     b.close()
     with pytest.raises(RuntimeError, match="after close"):
