@@ -6,8 +6,16 @@ One run measures, on this machine:
   zmq_ipc         the same round trip over a zmq PAIR socket pair on ipc://
   mp_queue        the same over two multiprocessing.Queue
   gloo_allreduce  one all_reduce(MAX) of two int64 between 2 processes (how TP ranks synced)
+  remote_link_tcp the cross-node path: round trip of a 100-byte frame between two
+                  processes over RemoteLink (HMAC-signed, link threads) on TCP loopback,
+                  each caller parked in RemoteLink.wait
+  remote_link_doorbell  the same with each caller parked on a POSIX-semaphore Doorbell
+                  that on_receive rings, as the runtime's loop parks
+  zmq_tcp         the same 100-byte round trip over plain zmq PUSH/PULL on TCP loopback,
+                  no signature, no threads of ours (the floor RemoteLink builds on)
 plus the throughput of one writer and one reader (64-byte records, best of three runs)
-and the CPU used by a reader parked on an idle ring for 5 s.
+and the CPU used by a reader parked on an idle ring for 5 s and by an idle process
+holding a connected RemoteLink (heartbeats every 0.5 s, the runtime's default).
 
     python bench/ring.py --json bench/results/ring-cpu.json
 
@@ -40,6 +48,8 @@ if "embxfer" not in sys.modules:
 from embxfer.control.ring import RingReader, RingWriter  # noqa: E402
 
 RECORD = bytes(range(64))
+# A cross-node control record: a TRANSFER record is ~100 bytes before signing.
+FRAME = bytes(range(100))
 STOP = b"stop"
 PREFIX = "embxferbench"
 # Each latency case stops after this long even if it has fewer samples (a loaded machine).
@@ -50,7 +60,12 @@ TARGETS = {
     "parked_p50_us": 200.0,
     "throughput_records_per_s": 300_000,
     "idle_cpu_fraction": 0.01,
+    "remote_p50_us": 150.0,
+    "remote_idle_cpu_fraction": 0.01,
 }
+# The RemoteLink cases: a per-job secret, and heartbeats at the runtime's default.
+LINK_SECRET = bytes(range(32))
+LINK_HEARTBEAT_S = 0.5
 
 
 # Where the two processes of a case run: "split" pins them to two different cores (how
@@ -177,6 +192,197 @@ def zmq_round_trips(context, count: int, cpus: tuple) -> list[float]:
                 process.kill()
             sock.close(linger=0)
     return samples
+
+
+# ------------------------------------------------------------- cross-node (TCP)
+
+
+class _Parking:
+    """How a caller sleeps until its link has frames: "wait" parks in RemoteLink.wait;
+    "doorbell" parks on a POSIX-semaphore Doorbell that on_receive rings, as the
+    runtime's loop does (one doorbell for its rings and its link)."""
+
+    def __init__(self, how: str) -> None:
+        from embxfer.control.ring import Doorbell
+
+        self.doorbell = Doorbell.create(PREFIX) if how == "doorbell" else None
+        self.on_receive = self.doorbell.ring if self.doorbell else None
+
+    def wait(self, link, timeout: float) -> bool:
+        if self.doorbell is None:
+            return link.wait(timeout)
+        # Frames that came with an earlier ring are taken by the caller's receive();
+        # a stale post only costs one empty look.
+        deadline = time.monotonic() + timeout
+        while not link.pending:
+            if not self.doorbell.wait(deadline - time.monotonic()):
+                return bool(link.pending)
+        return True
+
+    def close(self) -> None:
+        if self.doorbell is not None:
+            self.doorbell.close()
+
+
+def _link_echo(conn, cpu: int | None, seconds_idle: float, how: str = "wait") -> None:
+    from embxfer.control.remote import RemoteLink
+
+    _pin(cpu)
+    parking = _Parking(how)
+    try:
+        with RemoteLink(
+            1, LINK_SECRET, "127.0.0.1", max_frame_bytes=256, heartbeat_interval_s=LINK_HEARTBEAT_S,
+            on_receive=parking.on_receive,
+        ) as link:
+            conn.send(link.endpoint)
+            link.connect({0: conn.recv()})
+            if seconds_idle:  # the idle-CPU case: nothing but heartbeats
+                time.sleep(seconds_idle)
+                return
+            while parking.wait(link, 30.0):
+                for _, frame in link.receive():
+                    if frame == STOP:
+                        return
+                    while not link.send(0, frame):
+                        time.sleep(0.0001)
+    finally:
+        parking.close()
+
+
+def remote_round_trips(context, count: int, cpus: tuple, how: str) -> list[float]:
+    """Ping-pong over two RemoteLinks, each caller parked between frames (`_Parking`)."""
+    from embxfer.control.remote import RemoteLink
+
+    _pin(cpus[0])
+    parent, child = context.Pipe()
+    process = context.Process(target=_link_echo, args=(child, cpus[1], 0.0, how), daemon=True)
+    process.start()
+    parking = _Parking(how)
+    try:
+        with RemoteLink(
+            0, LINK_SECRET, "127.0.0.1", max_frame_bytes=256, heartbeat_interval_s=LINK_HEARTBEAT_S,
+            on_receive=parking.on_receive,
+        ) as link:
+            link.connect({1: parent.recv()})
+            parent.send(link.endpoint)
+            deadline = time.monotonic() + 10.0
+            while not link.send(1, FRAME):  # until the TCP connection is up
+                if time.monotonic() > deadline:
+                    raise TimeoutError("RemoteLink echo never connected")
+                time.sleep(0.001)
+            parking.wait(link, 5.0)
+            link.receive()
+            samples = []
+            clock = time.perf_counter_ns
+            stop_at = clock() + int(CASE_BUDGET_S * 1e9)
+            for index in range(count + count // 10):
+                start = clock()
+                if start > stop_at:
+                    break
+                if not link.send(1, FRAME):
+                    raise RuntimeError(f"send failed: {link.stats.last_error}")
+                if not parking.wait(link, 5.0):
+                    raise TimeoutError("RemoteLink echo did not answer")
+                link.receive()
+                if index >= count // 10:
+                    samples.append((clock() - start) / 1000)
+            link.send(1, STOP)
+    finally:
+        process.join(10)
+        if process.is_alive():
+            process.kill()
+        parking.close()
+    return samples
+
+
+def _zmq_tcp_echo(conn, cpu: int | None) -> None:
+    import zmq
+
+    _pin(cpu)
+    context = zmq.Context()
+    inbox, outbox = context.socket(zmq.PULL), context.socket(zmq.PUSH)
+    for sock in (inbox, outbox):
+        sock.setsockopt(zmq.LINGER, 0)
+    try:
+        inbox.bind("tcp://127.0.0.1:*")
+        conn.send(inbox.getsockopt_string(zmq.LAST_ENDPOINT))
+        outbox.connect(conn.recv())
+        while True:
+            data = inbox.recv()
+            if data == STOP:
+                break
+            outbox.send(data)
+    finally:
+        inbox.close(linger=0)
+        outbox.close(linger=0)
+        context.term()
+
+
+def zmq_tcp_round_trips(context, count: int, cpus: tuple) -> list[float]:
+    """The same ping-pong over bare PUSH/PULL sockets (one per direction, as RemoteLink)."""
+    import zmq
+
+    _pin(cpus[0])
+    zmq_context = zmq.Context()
+    inbox, outbox = zmq_context.socket(zmq.PULL), zmq_context.socket(zmq.PUSH)
+    for sock in (inbox, outbox):
+        sock.setsockopt(zmq.LINGER, 0)
+    parent, child = context.Pipe()
+    process = context.Process(target=_zmq_tcp_echo, args=(child, cpus[1]), daemon=True)
+    process.start()
+    try:
+        inbox.bind("tcp://127.0.0.1:*")
+        outbox.connect(parent.recv())
+        parent.send(inbox.getsockopt_string(zmq.LAST_ENDPOINT))
+        samples = []
+        clock = time.perf_counter_ns
+        stop_at = clock() + int(CASE_BUDGET_S * 1e9)
+        for index in range(count + count // 10):
+            start = clock()
+            if start > stop_at:
+                break
+            outbox.send(FRAME)
+            if not inbox.poll(5000):
+                raise TimeoutError("zmq echo did not answer")
+            inbox.recv()
+            if index >= count // 10:
+                samples.append((clock() - start) / 1000)
+        outbox.send(STOP)
+    finally:
+        process.join(10)
+        if process.is_alive():
+            process.kill()
+        inbox.close(linger=0)
+        outbox.close(linger=0)
+        zmq_context.term()
+    return samples
+
+
+def remote_idle_cpu_fraction(context, seconds: float) -> float:
+    """CPU of a process whose only activity is a connected RemoteLink (its link thread,
+    zmq's I/O thread, heartbeats both ways), over `seconds`."""
+    from embxfer.control.remote import RemoteLink
+
+    parent, child = context.Pipe()
+    process = context.Process(target=_link_echo, args=(child, None, seconds + 1.5), daemon=True)
+    process.start()
+    try:
+        with RemoteLink(
+            0, LINK_SECRET, "127.0.0.1", max_frame_bytes=256, heartbeat_interval_s=LINK_HEARTBEAT_S
+        ) as link:
+            link.connect({1: parent.recv()})
+            parent.send(link.endpoint)
+            time.sleep(0.5)
+            before, start = _cpu_seconds(process.pid), time.monotonic()
+            time.sleep(seconds)
+            used, elapsed = _cpu_seconds(process.pid) - before, time.monotonic() - start
+            if link.dead_peers(2 * LINK_HEARTBEAT_S + 0.5):
+                raise RuntimeError(f"idle link looked dead: {link.dead_peers(1.5)}")
+    finally:
+        process.join(10)
+        if process.is_alive():
+            process.kill()
+    return used / elapsed
 
 
 # ------------------------------------------------------------ multiprocessing.Queue
@@ -408,11 +614,15 @@ def main(argv: list[str] | None = None) -> int:
     samples["zmq_ipc"] = zmq_round_trips(context, int(20_000 * scale), cpus)
     samples["mp_queue"] = queue_round_trips(context, int(10_000 * scale), cpus)
     samples["gloo_allreduce"], torch_version = gloo_round_trips(context, int(5_000 * scale), cpus)
+    samples["remote_link_tcp"] = remote_round_trips(context, int(10_000 * scale), cpus, "wait")
+    samples["remote_link_doorbell"] = remote_round_trips(context, int(10_000 * scale), cpus, "doorbell")
+    samples["zmq_tcp"] = zmq_tcp_round_trips(context, int(10_000 * scale), cpus)
     # Two spinning processes own both cores of the development machine: anything else
     # that runs meanwhile halves the rate, so the best of three runs is the headline.
     throughput_runs = [throughput(context, int(500_000 * scale), cpus) for _ in range(3)]
     records_per_s = max(throughput_runs)
     idle = idle_cpu_fraction(context, 5.0)
+    remote_idle = remote_idle_cpu_fraction(context, 5.0)
     cases = [
         {
             "name": name,
@@ -433,6 +643,8 @@ def main(argv: list[str] | None = None) -> int:
             "ring_slots": 64,
             "slot_bytes": 128,
             "throughput_slots": 1024,
+            "remote_frame_bytes": len(FRAME),
+            "remote_heartbeat_interval_s": LINK_HEARTBEAT_S,
             "placement": args.placement,
             "cpus": list(cpus),
         },
@@ -441,6 +653,10 @@ def main(argv: list[str] | None = None) -> int:
         "throughput_runs_records_per_s": [round(rate) for rate in throughput_runs],
         "idle_cpu_fraction": round(idle, 5),
         "hot_vs_zmq_ratio": round(ratio, 1) if ratio == ratio else None,
+        "remote_idle_cpu_fraction": round(remote_idle, 5),
+        "remote_vs_zmq_tcp_ratio": round(p50["remote_link_tcp"] / p50["zmq_tcp"], 2)
+        if p50["remote_link_tcp"] and p50["zmq_tcp"]
+        else None,
         "targets": TARGETS,
         "met": {
             "hot_p50_us": bool(p50["embxfer_hot"]) and p50["embxfer_hot"] <= TARGETS["hot_p50_us"],
@@ -448,6 +664,8 @@ def main(argv: list[str] | None = None) -> int:
             "parked_p50_us": p50["embxfer_parked"] <= TARGETS["parked_p50_us"],
             "throughput_records_per_s": records_per_s >= TARGETS["throughput_records_per_s"],
             "idle_cpu_fraction": idle < TARGETS["idle_cpu_fraction"],
+            "remote_p50_us": bool(p50["remote_link_tcp"]) and p50["remote_link_tcp"] <= TARGETS["remote_p50_us"],
+            "remote_idle_cpu_fraction": remote_idle < TARGETS["remote_idle_cpu_fraction"],
         },
         "loadavg_at_end": [round(load, 2) for load in os.getloadavg()],
         "wall_s": round(time.monotonic() - began, 1),
@@ -456,9 +674,10 @@ def main(argv: list[str] | None = None) -> int:
     args.json.write_text(json.dumps(result, indent=2) + "\n")
     plot(samples, args.json.with_suffix(".png"), args.placement)
     for case in cases:
-        print(f"{case['name']:<16} p50 {case['p50_us']} us   p99 {case['p99_us']} us")
+        print(f"{case['name']:<21} p50 {case['p50_us']} us   p99 {case['p99_us']} us")
     print(f"throughput       {records_per_s:,.0f} records/s")
     print(f"idle parked CPU  {idle:.3%} of a core")
+    print(f"idle link CPU    {remote_idle:.3%} of a core")
     print(f"zmq / hot        {ratio:.1f}x   met: {result['met']}   ({result['wall_s']} s)")
     return 0
 

@@ -6,6 +6,7 @@ Knows bytes, not tensors.
   decision records (`encode` / `decode`, `max_record_bytes`).
 - `ring`: the single-writer, multi-reader ring in POSIX shared memory (`RingWriter`,
   `RingReader`, `Doorbell`, `wait_any`); its docstring draws the memory layout.
-- `remote`: the same records between nodes over zmq (`RecordSender`, `RecordReceiver`).
+- `remote`: frames (encoded records, opaque bytes) between nodes over zmq/TCP, signed
+  with the job's secret, with heartbeats and dead-peer reports (`RemoteLink`).
 - `hygiene`: list and remove what crashed runs left in /dev/shm (`embxfer ring ls|rm`).
 """

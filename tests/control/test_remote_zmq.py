@@ -1,64 +1,416 @@
-"""Records between nodes over zmq: loopback by default, validated on receipt, timeouts."""
+"""RemoteLink within one process: round trips in order, every bad frame dropped and
+counted while good traffic goes on, liveness, bounds, clean close, idle CPU."""
 
 from __future__ import annotations
 
-import pytest
+import contextlib
+import hmac
+import math
+import os
+import secrets
+import socket
+import threading
+import time
 
-from embxfer.control.records import (
-    Abort,
-    AbortReason,
-    Decision,
-    DecisionAction,
-    Segment,
-    Transfer,
-    encode,
-)
-from embxfer.control.remote import RecordReceiver, RecordSender
+import pytest
+import zmq
+
+from embxfer.control.remote import HEADER_BYTES, MAC_BYTES, RemoteLink
 
 pytestmark = pytest.mark.timeout(30)
 
-
-def test_records_cross_over_loopback_and_malformed_ones_are_dropped():
-    with RecordReceiver() as receiver, RecordSender(receiver.endpoint) as sender:
-        assert receiver.endpoint.startswith("tcp://127.0.0.1:")
-        records = [
-            Transfer(0, 3, 0, 1024, (Segment(1, 0, 0, 8192, 9168, -4),)),
-            Decision(1, 1, DecisionAction.RESUME, 8192, 9168, 1024, tuple(range(64, 72)), 3, -4),
-            Abort(2, AbortReason.TIMEOUT, "no progress for 120 s", 3, 0),
-        ]
-        sender.send(records[0], timeout=5)
-        sender.send_bytes(b"garbage", timeout=5)
-        sender.send_bytes(encode(records[1])[:-1], timeout=5)
-        sender.send(records[1], timeout=5)
-        sender.send(records[2], timeout=5)
-        assert [receiver.recv(timeout=5) for _ in records] == records
-        assert receiver.recv(timeout=0.05) is None
-        stats = receiver.stats
-        assert (stats.received, stats.rejected) == (3, 2)
-        assert "body bytes" in stats.last_error
+HOST = "127.0.0.1"
+MAX_FRAME = 256
 
 
-def test_oversized_messages_never_reach_python():
-    with RecordReceiver(max_record_bytes=256) as receiver:
-        with RecordSender(receiver.endpoint) as sender:
-            sender.send_bytes(bytes(1000), timeout=5)
-        assert receiver.recv(timeout=0.3) is None
-        with RecordSender(receiver.endpoint) as sender:
-            record = Transfer(0, 1, 0, 16, (Segment(1, 0, 0, 10, 10, 0),))
-            sender.send(record, timeout=5)
-            assert receiver.recv(timeout=5) == record
+@pytest.fixture
+def secret() -> bytes:
+    return secrets.token_bytes(32)
 
 
-def test_send_times_out_without_a_peer_and_close_is_idempotent(tmp_path):
-    # An ipc endpoint nobody binds: a closed TCP port can be taken again meanwhile, and a
-    # loopback connect to a port in the ephemeral range can even connect to itself.
-    sender = RecordSender(f"ipc://{tmp_path}/nobody-listens", high_water_mark=1)
-    with pytest.raises(TimeoutError, match="accepted nothing"):
-        sender.send(Transfer(0, 1, 0, 16, (Segment(1, 0, 0, 10, 10, 0),)), timeout=0.1)
+@pytest.fixture
+def make_link(secret):
+    """RemoteLink factory; every link is closed after the test, pass or fail."""
+    links: list[RemoteLink] = []
+
+    def make(rank: int, **options) -> RemoteLink:
+        options.setdefault("max_frame_bytes", MAX_FRAME)
+        options.setdefault("heartbeat_interval_s", 0.1)
+        link = RemoteLink(rank, options.pop("secret", secret), HOST, **options)
+        links.append(link)
+        return link
+
+    yield make
+    for link in links:
+        link.close()
+
+
+@pytest.fixture
+def raw_sockets():
+    """Plain zmq sockets standing in for a hostile or recording peer; closed afterwards."""
+    context = zmq.Context()
+    sockets: list[zmq.Socket] = []
+
+    def make(kind: int) -> zmq.Socket:
+        sock = context.socket(kind)
+        sock.setsockopt(zmq.LINGER, 0)
+        sockets.append(sock)
+        return sock
+
+    yield make
+    for sock in sockets:
+        sock.close(linger=0)
+    context.term()
+
+
+def _pair(make_link, **options) -> tuple[RemoteLink, RemoteLink]:
+    a, b = make_link(0, **options), make_link(1, **options)
+    a.connect({1: b.endpoint})
+    b.connect({0: a.endpoint})
+    return a, b
+
+
+def _send(link: RemoteLink, peer: int, frame: bytes, timeout: float = 5.0) -> None:
+    """Send, retrying while the TCP connection comes up (send never waits by itself)."""
+    deadline = time.monotonic() + timeout
+    while not link.send(peer, frame):
+        assert time.monotonic() < deadline, f"send to {peer} kept failing: {link.stats.last_error}"
+        time.sleep(0.002)
+
+
+def _collect(link: RemoteLink, count: int, timeout: float = 5.0) -> list[tuple[int, bytes]]:
+    frames: list[tuple[int, bytes]] = []
+    deadline = time.monotonic() + timeout
+    while len(frames) < count:
+        remaining = deadline - time.monotonic()
+        assert remaining > 0, f"got {len(frames)} of {count} frames; stats {link.stats}"
+        link.wait(remaining)
+        frames += link.receive()
+    return frames
+
+
+def _until(predicate, timeout: float = 5.0, what: str = "condition") -> None:
+    deadline = time.monotonic() + timeout
+    while not predicate():
+        assert time.monotonic() < deadline, f"timed out waiting for {what}"
+        time.sleep(0.01)
+
+
+def _record_wire(make_link, raw_sockets, destination: int, frames: list[bytes]) -> list[bytes]:
+    """Signed wire messages of a rank-0 link to `destination`, recorded by a raw PULL
+    socket posing as that destination (heartbeats left out)."""
+    recorder = raw_sockets(zmq.PULL)
+    recorder.bind(f"tcp://{HOST}:*")
+    sender = make_link(0, heartbeat_interval_s=5.0)
+    sender.connect({destination: recorder.getsockopt_string(zmq.LAST_ENDPOINT)})
+    for frame in frames:
+        _send(sender, destination, frame)
+    wire = []
+    while len(wire) < len(frames):
+        assert recorder.poll(5000), "the recorder got nothing"
+        message = recorder.recv()
+        if message[5] == 1:  # kind: data
+            wire.append(message)
     sender.close()
-    sender.close()
+    return wire
 
 
-def test_bad_bind_address_is_a_clear_error():
-    with pytest.raises(OSError, match="cannot bind"):
-        RecordReceiver(host="203.0.113.1")
+def test_round_trip_in_one_process_in_order(make_link):
+    a, b = _pair(make_link)
+    assert a.endpoint.startswith(f"tcp://{HOST}:") and a.endpoint != b.endpoint
+    frames = [b"", bytes(MAX_FRAME)] + [i.to_bytes(4, "little") * (i % 50) for i in range(300)]
+    _send(a, 1, frames[0])
+    for frame in frames[1:]:
+        _send(a, 1, frame)
+    assert _collect(b, len(frames)) == [(0, frame) for frame in frames]
+    for frame in frames[:50]:
+        _send(b, 0, frame)
+    assert _collect(a, 50) == [(1, frame) for frame in frames[:50]]
+    assert b.receive() == [] and not b.wait(0.0)
+    stats_a, stats_b = a.stats, b.stats
+    assert (stats_a.sent, stats_a.received, stats_b.sent, stats_b.received) == (len(frames), 50, 50, len(frames))
+    assert stats_b.forged == stats_b.replayed == stats_b.malformed == 0, stats_b
+
+
+def test_each_sources_frames_arrive_in_its_order(make_link):
+    receiver = make_link(9)
+    senders = [make_link(rank) for rank in (3, 4, 5)]
+    for sender in senders:
+        sender.connect({9: receiver.endpoint})
+        _send(sender, 9, b"start")
+    for index in range(200):  # interleaved, as three peers on other nodes would send
+        for sender in senders:
+            _send(sender, 9, sender.rank.to_bytes(1, "little") + index.to_bytes(4, "little"))
+    frames = _collect(receiver, 3 * 201)
+    for sender in senders:
+        mine = [frame for source, frame in frames if source == sender.rank]
+        assert mine == [b"start"] + [sender.rank.to_bytes(1, "little") + i.to_bytes(4, "little") for i in range(200)]
+
+
+def test_on_receive_rings_and_wait_wakes(make_link):
+    rung = threading.Event()
+    a = make_link(0)
+    b = make_link(1, on_receive=rung.set)
+    a.connect({1: b.endpoint})
+    assert not b.wait(0.05)
+    _send(a, 1, b"ping")
+    assert rung.wait(5) and b.wait(5) and b.pending == 1
+    assert b.receive() == [(0, b"ping")] and b.pending == 0
+
+    # A waiter on another thread is woken by a frame, and by close().
+    result: list[bool] = []
+    waiter = threading.Thread(target=lambda: result.append(b.wait(10.0)))
+    waiter.start()
+    time.sleep(0.05)
+    _send(a, 1, b"pong")
+    waiter.join(5)
+    assert result == [True]
+    b.receive()
+    waiter = threading.Thread(target=lambda: result.append(b.wait(10.0)))
+    waiter.start()
+    time.sleep(0.05)
+    started = time.monotonic()
+    b.close()
+    waiter.join(5)
+    assert result == [True, False] and time.monotonic() - started < 2
+
+
+def test_send_without_a_peer_returns_false_and_counts(make_link):
+    a = make_link(0)
+    assert a.send(7, b"x") is False
+    assert "peer 7 is not connected" in a.stats.last_error
+    # A port where nobody listens (bound, never listening): refused, zmq keeps retrying.
+    with socket.socket() as reserved:
+        reserved.bind((HOST, 0))
+        endpoint = f"tcp://{HOST}:{reserved.getsockname()[1]}"
+        a.connect({3: endpoint})
+        started = time.perf_counter()
+        assert a.send(3, b"x") is False
+        assert time.perf_counter() - started < 0.05  # never waits on the network
+    stats = a.stats
+    assert (stats.sent, stats.send_dropped) == (0, 2)
+    assert endpoint in stats.last_error and "peer 3" in stats.last_error
+
+
+def test_forged_tampered_replayed_and_misrouted_frames_are_dropped_and_counted(
+    make_link, raw_sockets, secret
+):
+    wire = _record_wire(make_link, raw_sockets, destination=1, frames=[b"first", b"second"])
+    receiver = make_link(1)
+    intruder = raw_sockets(zmq.PUSH)
+    intruder.connect(receiver.endpoint)
+
+    # Signed with another secret, not signed at all, and one payload byte flipped.
+    body = wire[0][:-MAC_BYTES]
+    tampered = bytearray(wire[0])
+    tampered[HEADER_BYTES] ^= 0x01
+    for message in (body + hmac.digest(secrets.token_bytes(32), body, "sha256"), body + bytes(MAC_BYTES), tampered):
+        intruder.send(bytes(message))
+    _until(lambda: receiver.stats.forged == 3, what="three forged frames counted")
+    assert "bad MAC on a frame claiming rank 0" in receiver.stats.last_error
+
+    # The recorded frames once (accepted, in order), then again (replays).
+    for message in wire + wire:
+        intruder.send(message)
+    assert _collect(receiver, 2) == [(0, b"first"), (0, b"second")]
+    _until(lambda: receiver.stats.replayed == 2, what="two replays counted")
+    assert "replay from rank 0" in receiver.stats.last_error
+
+    # The same signed frame delivered to rank 2: right secret, wrong destination.
+    other = make_link(2)
+    misroute = raw_sockets(zmq.PUSH)
+    misroute.connect(other.endpoint)
+    misroute.send(wire[0])
+    _until(lambda: other.stats.forged == 1, what="the misrouted frame counted")
+    assert "to rank 1 arrived at rank 2" in other.stats.last_error
+
+    # Valid traffic goes on from a real peer after all that.
+    sender = make_link(3)
+    sender.connect({1: receiver.endpoint})
+    _send(sender, 1, b"still here")
+    assert _collect(receiver, 1) == [(3, b"still here")]
+    stats = receiver.stats
+    assert (stats.received, stats.forged, stats.replayed, stats.malformed) == (3, 3, 2, 0), stats
+    assert other.receive() == []
+
+
+def test_malformed_and_oversized_messages_are_dropped(make_link, raw_sockets):
+    receiver = make_link(1)
+    intruder = raw_sockets(zmq.PUSH)
+    intruder.connect(receiver.endpoint)
+    longest = HEADER_BYTES + MAX_FRAME + MAC_BYTES
+    for garbage in (b"", b"garbage", bytes(HEADER_BYTES + MAC_BYTES), bytes(longest + 1)):
+        intruder.send(garbage)
+    _until(lambda: receiver.stats.malformed == 4, what="four malformed messages counted")
+    assert "malformed" in receiver.stats.last_error
+    assert receiver.receive() == []
+
+
+def test_oversized_messages_never_reach_python(make_link, raw_sockets):
+    receiver = make_link(1)
+    intruder = raw_sockets(zmq.PUSH)
+    intruder.connect(receiver.endpoint)
+    intruder.send(bytes(4 * (HEADER_BYTES + MAX_FRAME + MAC_BYTES)))  # over zmq's MAXMSGSIZE
+    sender = make_link(0)
+    sender.connect({1: receiver.endpoint})
+    _send(sender, 1, b"after the flood")
+    assert _collect(receiver, 1) == [(0, b"after the flood")]
+    assert receiver.stats.malformed == 0  # zmq cut that connection; Python never saw it
+    with pytest.raises(ValueError, match="over max_frame_bytes"):
+        sender.send(1, bytes(MAX_FRAME + 1))
+
+
+def test_a_restarted_sender_needs_a_fresh_incarnation(make_link, raw_sockets):
+    wire = _record_wire(make_link, raw_sockets, destination=1, frames=[b"old life"])
+    receiver = make_link(1)
+    intruder = raw_sockets(zmq.PUSH)
+    intruder.connect(receiver.endpoint)
+    intruder.send(wire[0])
+    assert _collect(receiver, 1) == [(0, b"old life")]
+    reborn = make_link(0)  # same rank, new nonce: a restart
+    reborn.connect({1: receiver.endpoint})
+    _send(reborn, 1, b"new life")
+    assert _collect(receiver, 1) == [(0, b"new life")]
+    intruder.send(wire[0])  # the old incarnation's frame, once more
+    _until(lambda: receiver.stats.replayed == 1, what="the retired incarnation refused")
+    assert "retired incarnation of rank 0" in receiver.stats.last_error
+    assert receiver.stats.restarted == 1 and receiver.receive() == []
+
+
+def test_a_closed_link_is_reported_dead_and_the_others_go_on(make_link):
+    interval, timeout = 0.1, 0.5
+    a, b, c = (make_link(rank, heartbeat_interval_s=interval) for rank in range(3))
+    for link in (a, b, c):
+        link.connect({other.rank: other.endpoint for other in (a, b, c) if other is not link})
+    time.sleep(2 * timeout)
+    assert a.dead_peers(timeout) == {} and b.dead_peers(timeout) == {}
+    c_endpoint = c.endpoint
+    c.close()  # a network cut, as far as a and b can tell
+    cut = time.monotonic()
+    _until(lambda: 2 in a.dead_peers(timeout) and 2 in b.dead_peers(timeout), timeout=5, what="c reported dead")
+    assert time.monotonic() - cut <= timeout + interval + 0.3
+    reason = a.dead_peers(timeout)[2]
+    assert reason.startswith(f"peer rank 2 at {c_endpoint}: silent ") and "peer_timeout_s=0.5" in reason
+    assert set(a.dead_peers(timeout)) == {2}
+    _send(a, 1, b"a to b")
+    assert _collect(b, 1) == [(0, b"a to b")]
+    assert not a.send(2, b"to the dead")  # its connection is gone: refused, not queued
+
+
+def test_a_peer_never_heard_from_counts_from_connect(make_link):
+    a = make_link(0)
+    with socket.socket() as reserved:
+        reserved.bind((HOST, 0))
+        a.connect({5: f"tcp://{HOST}:{reserved.getsockname()[1]}"})
+        connected = time.monotonic()
+        assert a.dead_peers(0.3) == {}
+        _until(lambda: 5 in a.dead_peers(0.3), what="rank 5 reported")
+        assert time.monotonic() - connected >= 0.3
+        assert "never heard from since connect()" in a.dead_peers(0.3)[5]
+
+
+def test_a_full_inbox_pushes_back_without_losing_frames_or_liveness(make_link):
+    size = 16384
+    a = make_link(0, max_frame_bytes=size, send_queue_frames=4)
+    b = make_link(1, max_frame_bytes=size, max_pending_bytes=2 * size)
+    a.connect({1: b.endpoint})
+    b.connect({0: a.endpoint})
+    _send(a, 1, b"hello")
+    _until(lambda: b.pending == 1, what="first frame")
+    dropped_before = a.stats.send_dropped  # while the connection came up
+    sent, refused = 0, 0
+    deadline = time.monotonic() + 10
+    while refused < 20 and time.monotonic() < deadline:  # b's caller takes nothing meanwhile
+        if a.send(1, sent.to_bytes(4, "little") * (size // 4)):
+            sent += 1
+        else:
+            refused += 1
+            time.sleep(0.002)
+    assert refused == 20, (sent, a.stats)  # the queue filled up: send said so, did not wait
+    time.sleep(0.5)
+    assert b.dead_peers(0.3) == {}  # not reading is b's doing, not a's silence
+    frames = b.receive()
+    frames += _collect(b, sent + 1 - len(frames), timeout=10)
+    assert [frame for _, frame in frames] == [b"hello"] + [i.to_bytes(4, "little") * (size // 4) for i in range(sent)]
+    assert a.stats.send_dropped - dropped_before == refused
+
+
+def test_arguments_are_checked(make_link, secret):
+    options = {"max_frame_bytes": 64, "heartbeat_interval_s": 0.5}
+    with pytest.raises(ValueError, match="listens on every interface"):
+        RemoteLink(0, secret, "0.0.0.0", **options)
+    with pytest.raises(ValueError, match="listens on every interface"):
+        RemoteLink(0, secret, "*", **options)
+    with pytest.raises(ValueError, match="secret: expected >= 32 bytes"):
+        RemoteLink(0, secret[:16], HOST, **options)
+    with pytest.raises(ValueError, match="heartbeat_interval_s"):
+        RemoteLink(0, secret, HOST, max_frame_bytes=64, heartbeat_interval_s=math.inf)
+    with pytest.raises(OSError, match=r"cannot bind 203\.0\.113\.1:4242"):
+        RemoteLink(0, secret, "203.0.113.1", 4242, **options)
+    link = make_link(0)
+    with pytest.raises(OSError, match=r"cannot bind 127\.0\.0\.1:\d+"):
+        RemoteLink(1, secret, HOST, int(link.endpoint.rsplit(":", 1)[1]), **options)
+    for bad in (math.nan, math.inf, -1.0):
+        with pytest.raises(ValueError, match="timeout="):
+            link.wait(bad)
+        with pytest.raises(ValueError, match="peer_timeout_s="):
+            link.dead_peers(bad)
+    with pytest.raises(ValueError, match="own rank"):
+        link.connect({0: link.endpoint})
+    for endpoint in ("127.0.0.1:5000", "tcp://127.0.0.1", "tcp://*:5000", "ipc:///tmp/x"):
+        with pytest.raises(ValueError, match="expected tcp://HOST:PORT"):
+            link.connect({1: endpoint})
+    with RemoteLink(2, secret, "0.0.0.0", advertise_host="10.1.2.3", **options) as everywhere:
+        assert everywhere.endpoint.startswith("tcp://10.1.2.3:")
+
+
+def test_close_is_idempotent_and_leaves_no_thread_or_fd(make_link, secret):
+    before = set(threading.enumerate())
+    fds_before = sorted(os.listdir("/proc/self/fd"))
+    with contextlib.ExitStack() as stack:
+        a = stack.enter_context(RemoteLink(0, secret, HOST, max_frame_bytes=64, heartbeat_interval_s=0.05))
+        b = stack.enter_context(RemoteLink(1, secret, HOST, max_frame_bytes=64, heartbeat_interval_s=0.05))
+        a.connect({1: b.endpoint})
+        b.connect({0: a.endpoint})
+        _send(a, 1, b"x")
+        assert _collect(b, 1) == [(0, b"x")]
+        assert len(set(threading.enumerate()) - before) == 2
+        waiter = threading.Thread(target=b.wait, args=(10.0,))
+        waiter.start()  # still waiting when the link closes
+        time.sleep(0.05)
+        started = time.monotonic()
+    assert time.monotonic() - started < 1.0
+    waiter.join(5)
+    assert set(threading.enumerate()) - before == set()
+    assert sorted(os.listdir("/proc/self/fd")) == fds_before  # sockets, pipes, zmq's own
+    a.close()
+    b.close()
+    with pytest.raises(RuntimeError, match="after close"):
+        a.send(1, b"x")
+    assert not a.wait(0.0)
+
+
+def test_close_from_on_receive_does_not_deadlock(make_link, secret):
+    before = set(threading.enumerate())
+    holder: list[RemoteLink] = []
+    b = RemoteLink(1, secret, HOST, max_frame_bytes=64, heartbeat_interval_s=0.1, on_receive=lambda: holder[0].close())
+    holder.append(b)
+    try:
+        a = make_link(0)
+        a.connect({1: b.endpoint})
+        _send(a, 1, b"bye")
+        _until(lambda: not b._thread.is_alive(), what="b's thread gone")
+        assert set(threading.enumerate()) - before == {a._thread}
+    finally:
+        b.close()
+
+
+def test_an_idle_link_uses_little_cpu(make_link):
+    a, b = _pair(make_link, heartbeat_interval_s=0.5)  # the runtime's default
+    time.sleep(0.3)
+    cpu, wall = time.process_time(), time.monotonic()
+    time.sleep(2.0)
+    used = (time.process_time() - cpu) / (time.monotonic() - wall)
+    # Both ends of the link live in this process: a process with one link uses half.
+    assert used < 0.01, f"two idle links used {used:.2%} of a core"
+    assert a.dead_peers(1.5) == {} and b.dead_peers(1.5) == {}
