@@ -13,14 +13,16 @@ from typing import Any
 __version__ = "0.1.0"
 
 _EXPORTS = {
-    "BlockAllocator": "embxfer.runtime",
-    "BlockPool": "embxfer.runtime",
+    "connect": "embxfer.runtime.api",
     "Config": "embxfer.runtime",
     "Payload": "embxfer.runtime",
-    "Receiver": "embxfer.runtime.receiver",
-    "Sender": "embxfer.runtime.sender",
-    "Topology": "embxfer.runtime.topology",
     "RequestState": "embxfer.runtime.state",
+    "Sender": "embxfer.runtime.sender",
+    "Receiver": "embxfer.runtime.receiver",
+    "Topology": "embxfer.runtime.topology",
+    "LocalCluster": "embxfer.runtime.local",
+    "BlockAllocator": "embxfer.runtime",
+    "BlockPool": "embxfer.runtime",
 }
 
 __all__ = [*_EXPORTS, "__version__"]

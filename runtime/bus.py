@@ -1,9 +1,14 @@
 """The control bus of one process: records out to every peer, records in from every peer.
 
 `ShmBus` is the node-local fast path: this process writes its own ring (single
-writer), and reads every peer's ring with one reader cursor each; all those readers
-share one doorbell, so an idle process parks on a single semaphore. `LocalBusHub`
-gives endpoints living in one process the same interface (tests, examples).
+writer), and reads the ring of every peer on its node with one reader cursor each; all
+those readers share one doorbell, so an idle process parks on a single semaphore. Peers
+on other nodes are reached through a `RemoteLink` (`embxfer.control.remote`: zmq over
+TCP, every frame signed with the job's secret): the same frames go to the ring and to
+each remote peer, frames from remote peers are decoded like ring slots, and the link
+rings the same doorbell when something arrives, so the endpoint above sees one bus.
+`LocalBusHub` gives endpoints living in one process the same interface (tests,
+examples).
 
 What every bus does the same way:
 
@@ -205,6 +210,10 @@ class ShmBus(_Decoder):
         self.rejected = 0
         self.outbox = _Outbox(writer.capacity)
         self._blocked_since: float | None = None
+        self.link = None  # a RemoteLink to the peers on other nodes (attach_link)
+        self.remote_peers: list[int] = []
+        self._remote_pending: dict[int, deque[bytes]] = {}
+        self._remote_blocked_since: dict[int, float] = {}
         self._stash: list[tuple[int, bytes]] = []
         self._source_of = {id(reader): rank for rank, reader in readers.items()}
         self._closed = False
@@ -244,13 +253,20 @@ class ShmBus(_Decoder):
         return cls(rank, writer, readers, doorbell, peer_timeout=peer_timeout,
                    heartbeat_interval=heartbeat_interval, limits=limits)
 
+    def attach_link(self, link: object, remote_peers: list[int]) -> None:
+        """Reach `remote_peers` (ranks on other nodes) through `link`; its arrivals ring
+        this bus's doorbell."""
+        self.link = link
+        self.remote_peers = list(remote_peers)
+        self._remote_pending = {peer: deque() for peer in remote_peers}
+
     # -- out -----------------------------------------------------------------------
     def publish(self, record: rec.Record) -> None:
         self.outbox.add(record)
 
     def flush(self) -> None:
         """Write queued records, frame by frame, without waiting: what does not fit a full
-        ring stays queued for the next step."""
+        ring (or a remote peer's full send queue) stays queued for the next step."""
         from embxfer.control.ring import PeerDeadError, RingFullError
 
         while self.outbox.records:
@@ -261,10 +277,20 @@ class ShmBus(_Decoder):
                 if not self._evict_dead_readers():
                     if self._blocked_since is None:
                         self._blocked_since = time.monotonic()
-                    return
+                    break
                 continue
             self.outbox.consumed(count)
             self._blocked_since = None
+            for pending in self._remote_pending.values():
+                pending.append(frame)
+        now = time.monotonic()
+        for peer, pending in self._remote_pending.items():
+            while pending and self.link.send(peer, pending[0]):
+                pending.popleft()
+            if pending:
+                self._remote_blocked_since.setdefault(peer, now)
+            else:
+                self._remote_blocked_since.pop(peer, None)
 
     def _evict_dead_readers(self) -> bool:
         from embxfer.control.ring import RingError
@@ -280,7 +306,10 @@ class ShmBus(_Decoder):
         return evicted
 
     def forget(self, rank: int) -> None:
-        """Stop reading a dead peer's ring and stop waiting for it on ours."""
+        """Stop reading a dead peer's ring and stop waiting for it on ours (a remote peer:
+        stop queueing frames for it)."""
+        self._remote_pending.pop(rank, None)
+        self._remote_blocked_since.pop(rank, None)
         reader = self.readers.pop(rank, None)
         if reader is not None:
             reader.close()
@@ -305,6 +334,9 @@ class ShmBus(_Decoder):
                 if data is None:
                     break
                 self._decode(source, data, out)
+        if self.link is not None:
+            for source, frame in self.link.receive():
+                self._decode(source, frame, out)
         return out
 
     def wait(self, timeout: float) -> None:
@@ -313,8 +345,13 @@ class ShmBus(_Decoder):
         from embxfer.control.ring import PeerDeadError, wait_any
 
         self.flush()
+        if self.link is not None and self.link.pending:
+            return
         if not self.readers:
-            time.sleep(timeout)
+            if self.link is not None:
+                self.link.wait(timeout)
+            else:
+                time.sleep(timeout)
             return
         import posix_ipc
 
@@ -346,6 +383,15 @@ class ShmBus(_Decoder):
             elif writer.heartbeat_age_s > self.peer_timeout:
                 dead[rank] = (f"rank {rank} (pid {writer.pid}) published no heartbeat for "
                               f"{writer.heartbeat_age_s:.1f}s (peer_timeout_s={self.peer_timeout})")
+        if self.link is not None:
+            for rank, why in self.link.dead_peers(self.peer_timeout).items():
+                if rank in self._remote_pending:
+                    dead.setdefault(rank, why)
+            now = time.monotonic()
+            for rank, since in self._remote_blocked_since.items():
+                if now - since > self.peer_timeout:
+                    dead.setdefault(rank, f"rank {rank} on another node has taken no control record for "
+                                          f"{now - since:.1f}s (peer_timeout_s={self.peer_timeout})")
         if self._blocked_since is not None and time.monotonic() - self._blocked_since > self.peer_timeout:
             waited = time.monotonic() - self._blocked_since
             for info in self.writer.readers():
@@ -361,6 +407,8 @@ class ShmBus(_Decoder):
         self._heartbeat.stop()
         with self._lock:
             self._closed = True
+        if self.link is not None:
+            self.link.close()
         for reader in self.readers.values():
             reader.close()
         self.doorbell.close()

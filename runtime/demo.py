@@ -21,10 +21,13 @@ import time
 from collections.abc import Sequence
 from dataclasses import dataclass
 
+import numpy as np
 import torch
 
 from .config import Config
 from .payload import Payload
+from .receiver import Receiver
+from .sender import Sender
 from .state import RequestState
 from .topology import Role, Topology
 
@@ -60,6 +63,12 @@ def add_demo_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--abort-rate", type=float, default=0.0,
                         help="fraction of requests the language engine aborts at a random moment")
     parser.add_argument("--device", choices=("auto", "cpu", "cuda"), default="auto")
+    parser.add_argument("--nodes", type=int, default=1,
+                        help="simulate N nodes on this machine (own node ids and shm prefixes; records between "
+                             "nodes over zmq/TCP loopback); spawned worlds only (default 1)")
+    parser.add_argument("--node-split", choices=("roles", "even"), default="roles",
+                        help="with --nodes 2: 'roles' puts the encoder ranks on node 0 and the language ranks "
+                             "on node 1; 'even' splits the ranks in order (a TP group may span both nodes)")
     parser.add_argument("--seed", type=int, default=0)
     parser.add_argument("--json", type=str, default=None, metavar="PATH", help="write results as JSON")
     parser.add_argument("--timeout", type=float, default=600.0, help="seconds for the whole run (default 600)")
@@ -88,6 +97,12 @@ def validate_args(args: argparse.Namespace) -> None:
     if args.block_size is not None and args.block_size > 1024:
         raise ValueError(f"--block-size={args.block_size}: expected 1..1024")
     request_lengths(args)
+    if not 1 <= args.nodes <= 8:
+        raise ValueError(f"--nodes={args.nodes}: expected 1..8")
+    if args.nodes > 1 and args.nodes > topology_of(args).world_size:
+        raise ValueError(f"--nodes={args.nodes}: more nodes than the {topology_of(args).world_size} ranks")
+    if args.nodes > 2 and args.node_split == "roles":
+        raise ValueError(f"--nodes={args.nodes} with --node-split roles: expected 2 nodes (or --node-split even)")
 
 
 def request_lengths(args: argparse.Namespace) -> list[int]:
@@ -155,6 +170,16 @@ class Outcome:
     latency_s: float = 0.0
 
 
+def node_layout(args: argparse.Namespace, topology: Topology) -> list[int]:
+    """The simulated node of each rank (--nodes, --node-split)."""
+    if args.nodes == 1:
+        return [0] * topology.world_size
+    if args.node_split == "roles":
+        return [0 if topology.role(r) is Role.ENCODER else 1 for r in range(topology.world_size)]
+    per_node = -(-topology.world_size // args.nodes)
+    return [r // per_node for r in range(topology.world_size)]
+
+
 def topology_of(args: argparse.Namespace) -> Topology:
     return Topology(args.encoders, args.encoder_tp, args.language_tp)
 
@@ -176,36 +201,36 @@ def config_of(args: argparse.Namespace, device_kind: str = "cpu") -> Config:
 
 # -- one rank -------------------------------------------------------------------------------
 def run_rank(args: argparse.Namespace) -> int:
-    from .bus import ShmBus
-    from .launch import group_exchange, init_world, pick_device
-    from .receiver import Receiver
-    from .sender import Sender
-    from .transport import TorchP2P
+    from .api import connect
+    from .launch import pick_device
 
     logging.basicConfig(level=logging.DEBUG if args.verbose else logging.ERROR,
                         format="%(asctime)s %(name)s %(levelname)s %(message)s")
     topology = topology_of(args)
     world_size = int(os.environ["WORLD_SIZE"])
-    device_kind = pick_device(args.device, world_size)
-    config = config_of(args, device_kind)
     if world_size != topology.world_size:
         raise ValueError(f"world size {world_size} does not match the layout {topology.describe()} "
                          f"({topology.world_size} ranks)")
+    local_world = int(os.environ.get("LOCAL_WORLD_SIZE", world_size))
+    device_kind = pick_device(args.device, local_world)
+    device = torch.device("cpu")
+    if device_kind == "cuda":
+        device = torch.device("cuda", int(os.environ.get("LOCAL_RANK", "0")) % torch.cuda.device_count())
+        torch.cuda.set_device(device)
+    config = config_of(args, device_kind)
     # SIGTERM (the spawner stopping the world, a scheduler) unwinds through the finally
     # below, so this rank's shared-memory segments are unlinked.
     signal.signal(signal.SIGTERM, lambda *_: sys.exit(128 + signal.SIGTERM))
-    world = init_world(device_kind, args.timeout)
-    rank = world.rank
-    bus = ShmBus.create(rank, [r for r in range(world_size) if r != rank], group_exchange(world.meta_group, world_size),
-                        slots=config.ring_slots, slot_bytes=config.slot_bytes, peer_timeout=config.peer_timeout_s,
-                        heartbeat_interval=config.heartbeat_interval_s, limits=config.limits,
-                        prefix=config.shm_prefix)
+    endpoint = connect(layout=(args.encoders, args.encoder_tp, args.language_tp), dim=args.dim,
+                       dtype=DTYPES[args.dtype], deepstack_layers=args.deepstack, device=device, config=config,
+                       timeout_s=args.timeout)
+    rank = endpoint.rank
     lengths = request_lengths(args)
-    common = dict(config=config, topology=topology, rank=rank, bus=bus, transport=TorchP2P(world.data_group, world.backend),
-                  dim=args.dim, dtype=DTYPES[args.dtype], deepstack_layers=args.deepstack, device=world.device)
     if rank == topology.language_leader:
+        nodes = len({m.node_id for m in endpoint.membership.members})
         print(f"embxfer demo: {len(lengths)} requests of {min(lengths)}..{max(lengths)} tokens; "
-              f"{topology.describe()}; {world.backend} on {world.device}; block {config.block_size}, default "
+              f"{topology.describe()}; {endpoint.membership.groups.backend} on {device}"
+              f"{f', {nodes} nodes' if nodes > 1 else ''}; block {config.block_size}, default "
               f"allocation {config.default_alloc_blocks * config.block_size} tokens, language pool "
               f"{config.language_pool_blocks} blocks, staging "
               f"{config.staging_depth} x {config.staging_bytes / 2**20:g} MiB", flush=True)
@@ -215,32 +240,25 @@ def run_rank(args: argparse.Namespace) -> int:
     probe = ResourceProbe(config.shm_prefix, steady_after=min(args.inflight, len(lengths)))
     started = time.monotonic()
     try:
-        if topology.role(rank) is Role.ENCODER:
-            endpoint = Sender(**common)
+        if isinstance(endpoint, Sender):
             run_encoder(args, endpoint, lengths, deadline, probe)
         else:
-            endpoint = Receiver(**common)
             run_language(args, endpoint, lengths, outcomes, deadline, show_progress=endpoint.is_leader, probe=probe)
         elapsed = time.monotonic() - started
         if endpoint.dead_peers:
-            # A collective with a dead rank cannot complete: report what this rank saw.
+            # The job cannot finish together: report what this rank saw and go.
             peer, why = next(iter(endpoint.dead_peers.items()))
             failed = sum(o.code not in (NOT_MINE, VERIFIED, ABORTED) for o in outcomes)
-            print(f"embxfer demo: rank {rank}: peer rank {peer} died ({why}); "
-                  f"{failed} request(s) on this rank failed or unfinished", file=sys.stderr)
-            # Tearing the process group down would wait on transfers the dead peer never
-            # finishes (a stopped peer keeps its sockets open): clean up what is ours, go.
-            bus.close()
-            sys.stdout.flush()
-            sys.stderr.flush()
-            os._exit(1)
-        codes, blocks, resources = finish_together(world, endpoint, outcomes, probe, deadline)
+            mine = f"{failed} request(s) on this rank failed or unfinished" if isinstance(endpoint, Receiver) else \
+                f"{endpoint.stats.failed} request(s) of this encoder rank failed"
+            print(f"embxfer demo: rank {rank}: peer rank {peer} died ({why}); {mine}", file=sys.stderr)
+            return 1
+        codes, blocks, resources = finish_together(endpoint, outcomes, probe, deadline)
         if rank == topology.language_leader:
             return report(args, config, topology, lengths, outcomes, codes, blocks, resources, endpoint, elapsed)
         return 0
     finally:
-        bus.close()
-        world.close()
+        endpoint.close()
 
 
 def run_encoder(args: argparse.Namespace, sender, lengths: list[int], deadline: float,
@@ -326,24 +344,16 @@ def _progress_bar(total: int, enabled: bool):
     return tqdm(total=total, unit="req", desc="embxfer demo", file=sys.stderr, dynamic_ncols=True)
 
 
-def finish_together(world, endpoint, outcomes: list[Outcome], probe: ResourceProbe, deadline: float):
-    """Exchange per-request outcomes, blocks in use and resource samples, while still
-    serving the control plane (heartbeats), so a rank that finished early is never taken
-    for dead."""
-    import torch.distributed as dist
-
+def finish_together(endpoint, outcomes: list[Outcome], probe: ResourceProbe, deadline: float):
+    """Exchange per-request outcomes, blocks in use and resource samples through
+    embxfer's store (liveness keeps beating from its own thread meanwhile)."""
     tail = [endpoint._blocks_in_use(), *probe.start, *probe.end]
-    mine = torch.tensor([o.code for o in outcomes] + tail, dtype=torch.int64)
-    gathered = [torch.zeros_like(mine) for _ in range(world.world_size)]
-    work = dist.all_gather(gathered, mine, group=world.meta_group, async_op=True)
-    while not work.is_completed():
-        if time.monotonic() > deadline:
-            raise TimeoutError("ranks did not finish together before --timeout")
-        endpoint.progress()
-        endpoint.wait(0.005)
-    work.wait()
+    mine = np.array([o.code for o in outcomes] + tail, dtype=np.int64).tobytes()
+    remaining = max(1.0, deadline - time.monotonic())
+    gathered = [np.frombuffer(raw, dtype=np.int64)
+                for raw in endpoint.membership.groups.all_gather_bytes(mine, timeout_s=remaining)]
     n = len(outcomes)
-    codes = torch.stack([g[:n] for g in gathered])
+    codes = np.stack([g[:n] for g in gathered])
     blocks = [int(g[n]) for g in gathered]
     names = ("fds", "threads", "shm_entries")
     resources = {
@@ -445,7 +455,8 @@ def main(argv: Sequence[str] | None = None) -> int:
         except KeyboardInterrupt:  # Ctrl-C reaches every rank; the finally blocks cleaned up
             return 130
     try:
-        return spawn_local_world("embxfer.demo", argv, topology.world_size, deadline_s=args.timeout + 60)
+        return spawn_local_world("embxfer.demo", argv, topology.world_size, deadline_s=args.timeout + 60,
+                                 node_of=node_layout(args, topology))
     except KeyboardInterrupt:
         print("embxfer demo: interrupted; the local world was stopped", file=sys.stderr)
         return 130

@@ -154,6 +154,9 @@ class Endpoint:
         self._just_finished: deque[int] = deque(maxlen=16 * FINISHED_MEMORY)
         self._next_liveness = 0.0
         self._closed = False
+        # What connect() made for this endpoint (transport, bus, groups), closed with it.
+        self.membership = None
+        self.resources: list = []
 
     # -- public ---------------------------------------------------------------
     def state(self, request_id: int) -> RequestState:
@@ -218,7 +221,24 @@ class Endpoint:
         return {**stats.as_dict(), "rejected_records": stats.rejected_records + self.bus.rejected + self.bus.spoofed}
 
     def close(self) -> None:
+        """Stop, then tear down what `connect()` made for this endpoint (transport, control
+        bus, embxfer's groups). Idempotent. Requests still in flight are not waited for:
+        peers see this rank leave and fail them."""
+        if self._closed:
+            return
         self._closed = True
+        for part in self.resources:
+            try:
+                part.close()
+            except Exception as exc:  # tear everything down even if one part is broken
+                log.warning("rank=%d: closing %s: %s", self.rank, type(part).__name__, exc)
+        self.resources = []
+
+    def __enter__(self):
+        return self
+
+    def __exit__(self, *exc_info: object) -> None:
+        self.close()
 
     # -- shared machinery -------------------------------------------------------
     def _blocks_in_use(self) -> int:

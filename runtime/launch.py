@@ -12,6 +12,7 @@ there is no torchrun, with a deadline and no orphans.
 from __future__ import annotations
 
 import os
+import secrets
 import signal
 import socket
 import subprocess
@@ -111,8 +112,25 @@ def free_port() -> int:
         return s.getsockname()[1]
 
 
-def spawn_local_world(module: str, argv: list[str], world_size: int, deadline_s: float) -> int:
+def _die_with_parent() -> None:
+    """In a spawned rank, before exec: SIGTERM when the launcher dies (Linux), so a kill -9
+    of the launcher never leaves ranks running (they unwind and clean their segments)."""
+    try:
+        import ctypes
+
+        libc = ctypes.CDLL(None, use_errno=True)
+        libc.prctl(1, signal.SIGTERM)  # PR_SET_PDEATHSIG
+    except (OSError, AttributeError):
+        pass
+
+
+def spawn_local_world(module: str, argv: list[str], world_size: int, deadline_s: float,
+                      node_of: list[int] | None = None) -> int:
     """Run `python -m module argv` as ranks 0..world_size-1 of a local world.
+
+    `node_of[rank]` simulates several nodes on this machine: each simulated node gets a
+    node id and a shared-memory prefix of its own, so its ranks reach the others through
+    the cross-node path (zmq over loopback TCP), as on separate machines.
 
     Returns 0 when every rank succeeded, else the status of the first rank that failed by
     itself (128 + the signal number for one killed by a signal). Once a rank has failed
@@ -128,9 +146,18 @@ def spawn_local_world(module: str, argv: list[str], world_size: int, deadline_s:
     # Stopping the spawner (SIGTERM from a scheduler, SIGINT) stops the world with it.
     previous = signal.signal(signal.SIGTERM, lambda *_: sys.exit(128 + signal.SIGTERM))
     try:
+        node_of = node_of or [0] * world_size
+        run = secrets.token_hex(3)
+        prefix = os.environ.get("EMBXFER_SHM_PREFIX", "embxfer")
         for rank in range(world_size):
-            env = dict(base, RANK=str(rank), LOCAL_RANK=str(rank))
-            children.append(subprocess.Popen([sys.executable, "-m", module, *argv], env=env))
+            node = node_of[rank]
+            on_node = [r for r in range(world_size) if node_of[r] == node]
+            env = dict(base, RANK=str(rank), LOCAL_RANK=str(on_node.index(rank)),
+                       LOCAL_WORLD_SIZE=str(len(on_node)))
+            if len(set(node_of)) > 1:
+                env.update(EMBXFER_NODE_ID=f"sim-{run}-node{node}", EMBXFER_SHM_PREFIX=f"{prefix[:20]}.n{node}")
+            children.append(subprocess.Popen([sys.executable, "-m", module, *argv], env=env,
+                                             preexec_fn=_die_with_parent))
         deadline = time.monotonic() + deadline_s
         first_failure: tuple[int, int] | None = None
         while True:
@@ -168,7 +195,9 @@ def _remove_leftovers() -> None:
 
         from .config import Config
 
-        remove_segments(stale_only=True, prefix=Config.from_env().shm_prefix)
+        prefix = Config.from_env().shm_prefix
+        for name in (prefix, *(f"{prefix[:20]}.n{node}" for node in range(8))):
+            remove_segments(stale_only=True, prefix=name)
     except Exception as exc:  # cleanup must never hide the run's own outcome
         print(f"embxfer: could not clean /dev/shm: {exc}", file=sys.stderr)
 

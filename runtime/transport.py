@@ -30,7 +30,9 @@ class Transport(Protocol):
 
 
 class TorchP2P:
-    """isend/irecv on `group` (global ranks as peers).
+    """isend/irecv on embxfer's data group (global embxfer ranks as peers): a
+    `groups.StatelessGroups` (its own store, never registered with torch), or a group of
+    the default world (`dist.isend(..., group=group)`).
 
     NCCL works answer `is_completed()` from their CUDA events. Gloo's point-to-point
     works only learn that they completed inside `wait()`, so on gloo every work is
@@ -44,11 +46,15 @@ class TorchP2P:
         self._waiters: dict[tuple[str, int], _Waiter] = {}
 
     def isend(self, tensor: torch.Tensor, peer: int) -> Handle:
+        if hasattr(self.group, "isend"):
+            return self._track("send", peer, self.group.isend(tensor, peer))
         import torch.distributed as dist
 
         return self._track("send", peer, dist.isend(tensor, dst=peer, group=self.group))
 
     def irecv(self, tensor: torch.Tensor, peer: int) -> Handle:
+        if hasattr(self.group, "irecv"):
+            return self._track("recv", peer, self.group.irecv(tensor, peer))
         import torch.distributed as dist
 
         return self._track("recv", peer, dist.irecv(tensor, src=peer, group=self.group))
