@@ -96,6 +96,18 @@ class StagingLayout:
         return self._regions(staging)
 
     def _regions(self, staging: torch.Tensor) -> RowTensors:
+        # Staging buffers live as long as their channel and a message's layout repeats:
+        # the views are made once per (layout, buffer).
+        key = (staging.data_ptr(), staging.numel(), staging.device)
+        cache = self.__dict__.setdefault("_region_views", {})
+        views = cache.get(key)
+        if views is None:
+            if len(cache) >= 8:
+                cache.clear()
+            views = cache[key] = self._make_regions(staging)
+        return views
+
+    def _make_regions(self, staging: torch.Tensor) -> RowTensors:
         t, element = self.num_tokens, self.element_size
         embeddings = staging[: t * self.dim * element].view(self.dtype).view(t, self.dim)
         deepstack = None

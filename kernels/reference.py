@@ -32,6 +32,9 @@ def _bits(tensor: torch.Tensor) -> torch.Tensor:
 def plan_rows(plan: BlockPlan, counts: np.ndarray, block_size: int) -> np.ndarray:
     """The flat pool row (block * block_size + row) of every token of the batch, segment
     after segment: int64 [sum(counts)]."""
+    if len(counts) == 1:  # one segment (the common read-out): four operations
+        position = np.arange(plan.first_rows[0], plan.first_rows[0] + int(counts[0]), dtype=np.int64)
+        return plan.blocks[position // block_size] * block_size + position % block_size
     counts = np.asarray(counts, dtype=np.int64)
     total = int(counts.sum())
     if total == 0:
@@ -46,7 +49,7 @@ def plan_rows(plan: BlockPlan, counts: np.ndarray, block_size: int) -> np.ndarra
 
 class _PoolRows:
     """A pool's fields as flat rows (bit views): `[num_blocks * block_size, W]`, and the
-    mrope positions as `[3, num_blocks * block_size]` addressed by `mrope_index`."""
+    mrope positions flat, addressed by `mrope_index`. Made once per pool (`_pool_rows`)."""
 
     def __init__(self, pool: PoolTensors) -> None:
         blocks, block_size = pool.embeddings.shape[:2]
@@ -56,12 +59,34 @@ class _PoolRows:
         self.deepstack = None if pool.deepstack is None else _bits(pool.deepstack).view(blocks * block_size, -1)
         self.mrope = pool.mrope_positions.view(-1)
 
-    def mrope_index(self, rows: torch.Tensor) -> torch.Tensor:
-        """Flat mrope element of every (axis, row): [3, n] for flat pool rows `rows`."""
-        block, within = rows // self.block_size, rows % self.block_size
-        base = block * (3 * self.block_size) + within
-        axis = torch.arange(3, dtype=torch.int64, device=rows.device).view(3, 1) * self.block_size
-        return base.view(1, -1) + axis
+    def indices(self, rows: np.ndarray) -> tuple[torch.Tensor, torch.Tensor]:
+        """`rows` as a tensor, and the flat mrope element of every (axis, row) as [3 * n]
+        (axis-major: all t, then all h, then all w), built in numpy and moved once."""
+        n = rows.shape[0]
+        both = np.empty(4 * n, dtype=np.int64)
+        both[:n] = rows
+        base = both[n : 2 * n]
+        np.floor_divide(rows, self.block_size, out=base)
+        base *= 3 * self.block_size
+        base += rows % self.block_size
+        both[2 * n : 3 * n] = base + self.block_size
+        both[3 * n :] = base + 2 * self.block_size
+        both = torch.from_numpy(both).to(self.embeddings.device)
+        return both[:n], both[n:]
+
+
+_POOL_ROWS: dict[tuple, _PoolRows] = {}
+
+
+def _pool_rows(pool: PoolTensors) -> _PoolRows:
+    """The flat views of `pool`, cached (a few pools: they keep the pool alive)."""
+    key = tuple((t.data_ptr(), t.shape, t.dtype) for t in pool if t is not None)
+    flat = _POOL_ROWS.get(key)
+    if flat is None:
+        if len(_POOL_ROWS) >= 4:
+            _POOL_ROWS.pop(next(iter(_POOL_ROWS)))
+        flat = _POOL_ROWS[key] = _PoolRows(pool)
+    return flat
 
 
 def pack_reference(
@@ -108,7 +133,7 @@ def gather_reference(
     device = pool.embeddings.device
     rows = torch.from_numpy(rows_np).to(device)
     mrope = torch.from_numpy(_segment_mrope_index(rows_np, counts, block_size)).to(device)
-    flat = _PoolRows(pool)
+    flat = _pool_rows(pool)
     first = 0
     for out, start, n in zip(outputs, out_starts, counts, strict=True):
         if n:
@@ -151,12 +176,14 @@ def scatter_reference(
 ) -> None:
     """Copy rows `[row_starts[i], row_starts[i] + counts[i])` of `rows[i]` into segment i's
     pool rows."""
-    index = torch.from_numpy(plan_rows(plan, counts, pool.embeddings.shape[1])).to(pool.embeddings.device)
-    flat = _PoolRows(pool)
+    flat = _pool_rows(pool)
+    index, mrope = flat.indices(plan_rows(plan, counts, pool.embeddings.shape[1]))
+    total = index.shape[0]
     first = 0
     for source, start, n in zip(rows, row_starts, counts, strict=True):
         if n:
-            _index_copy(flat, index[first : first + n], _row_slice(source, start, n))
+            part = mrope.view(3, total)[:, first : first + n].reshape(-1)
+            _index_copy(flat, index[first : first + n], part, _row_slice(source, start, n))
         first += n
 
 
@@ -213,32 +240,44 @@ def _copy_rows(source: RowTensors, target: RowTensors) -> None:
 
 def _pool_to_rows(pool: PoolTensors, plan: BlockPlan, counts: Sequence[int], out: RowTensors) -> None:
     """All of the batch's pool tokens into `out` (rows in batch order)."""
-    rows = torch.from_numpy(plan_rows(plan, counts, pool.embeddings.shape[1])).to(pool.embeddings.device)
-    if rows.numel():
-        _select(_PoolRows(pool), rows, out)
+    rows = plan_rows(plan, counts, pool.embeddings.shape[1])
+    if rows.size:
+        flat = _pool_rows(pool)
+        index, mrope = flat.indices(rows)
+        _select(flat, index, mrope, out)
 
 
 def _rows_to_pool(source: RowTensors, pool: PoolTensors, plan: BlockPlan, counts: Sequence[int]) -> None:
-    rows = torch.from_numpy(plan_rows(plan, counts, pool.embeddings.shape[1])).to(pool.embeddings.device)
-    if rows.numel():
-        _index_copy(_PoolRows(pool), rows, source)
+    rows = plan_rows(plan, counts, pool.embeddings.shape[1])
+    if rows.size:
+        flat = _pool_rows(pool)
+        index, mrope = flat.indices(rows)
+        _index_copy(flat, index, mrope, source)
 
 
-def _select(flat: _PoolRows, rows: torch.Tensor, out: RowTensors) -> None:
-    out_embeddings = _bits(out.embeddings)
-    if out_embeddings.is_contiguous():
-        torch.index_select(flat.embeddings, 0, rows, out=out_embeddings)
+def _into(tensor: torch.Tensor, source: torch.Tensor, index: torch.Tensor) -> None:
+    """tensor[:] = source[index], straight into `tensor` when it is contiguous."""
+    if tensor.is_contiguous():
+        torch.index_select(source, 0, index, out=tensor)
     else:
-        out_embeddings.copy_(flat.embeddings.index_select(0, rows))
-    out.fill_ids.copy_(flat.fill_ids.index_select(0, rows))
-    out.mrope_positions.copy_(flat.mrope[flat.mrope_index(rows)])
+        tensor.copy_(source.index_select(0, index))
+
+
+def _select(flat: _PoolRows, rows: torch.Tensor, mrope: torch.Tensor, out: RowTensors) -> None:
+    _into(_bits(out.embeddings), flat.embeddings, rows)
+    _into(out.fill_ids, flat.fill_ids, rows)
+    positions = out.mrope_positions
+    if positions.is_contiguous():
+        torch.index_select(flat.mrope, 0, mrope, out=positions.view(-1))
+    else:
+        positions.copy_(flat.mrope.index_select(0, mrope).view(positions.shape))
     if flat.deepstack is not None:
-        _bits(out.deepstack).copy_(flat.deepstack.index_select(0, rows))
+        _into(_bits(out.deepstack), flat.deepstack, rows)
 
 
-def _index_copy(flat: _PoolRows, rows: torch.Tensor, source: RowTensors) -> None:
+def _index_copy(flat: _PoolRows, rows: torch.Tensor, mrope: torch.Tensor, source: RowTensors) -> None:
     flat.embeddings.index_copy_(0, rows, _bits(source.embeddings))
     flat.fill_ids.index_copy_(0, rows, source.fill_ids)
-    flat.mrope.index_copy_(0, flat.mrope_index(rows).reshape(-1), source.mrope_positions.reshape(-1))
+    flat.mrope.index_copy_(0, mrope, source.mrope_positions.reshape(-1))
     if flat.deepstack is not None:
         flat.deepstack.index_copy_(0, rows, _bits(source.deepstack))

@@ -219,7 +219,7 @@ class SendChannel(_Staging):
                                     [r.payload for r in requests], staging, layout)
         else:
             ops.pack_rows([r.payload for r in requests], starts, staging, layout)
-        self.publish(rec.Transfer(src_rank=self.rank, dst_rank=rec.BROADCAST_RANK, message=self.next_message,
+        self.publish(rec.Transfer.trusted(src_rank=self.rank, dst_rank=rec.BROADCAST_RANK, message=self.next_message,
                                   nbytes=layout.nbytes, segments=tuple(segments)))
         self.next_message += 1
         buffer = staging[: layout.nbytes]

@@ -360,7 +360,7 @@ class Receiver(Endpoint):
             if self.is_leader:
                 self._decide(request)
             else:
-                self._publish(rec.Completion(
+                self._publish(rec.Completion.trusted(
                     request_id=request.request_id, round=request.round, sent_tokens=request.sent_tokens,
                     total_tokens=request.total_tokens, src_rank=self.rank, dst_rank=self.leader_rank,
                 ))
@@ -389,7 +389,7 @@ class Receiver(Endpoint):
         if request.sent_tokens == request.total_tokens:
             self._broadcast_decision(request, rec.DecisionAction.COMPLETE, request.content_hash or b"")
             self._complete(request, request.content_hash)
-            self._publish(rec.Completion(
+            self._publish(rec.Completion.trusted(
                 request_id=request.request_id, round=request.round, sent_tokens=request.sent_tokens,
                 total_tokens=request.total_tokens, src_rank=self.rank,
                 dst_rank=self.topology.encoder_leader(request.engine),
@@ -463,7 +463,7 @@ class Receiver(Endpoint):
         request.last_progress = time.monotonic()
 
     def _announce(self, request: Request) -> None:
-        self._publish(rec.Resume(
+        self._publish(rec.Resume.trusted(
             request_id=request.request_id, round=request.round, sent_tokens=request.sent_tokens,
             allocated_tokens=request.allocated_tokens, src_rank=self.rank,
             dst_rank=self.topology.encoder_leader(request.engine),
@@ -472,7 +472,7 @@ class Receiver(Endpoint):
     def _broadcast_decision(self, request: Request, action: rec.DecisionAction, content_hash: bytes = b"") -> None:
         if not self.followers:
             return
-        self._publish(rec.Decision(
+        self._publish(rec.Decision.trusted(
             request_id=request.request_id, round=max(request.round, 0), action=action,
             sent_tokens=request.sent_tokens, total_tokens=request.total_tokens or 0,
             allocated_tokens=request.allocated_tokens, blocks=tuple(request.blocks),
@@ -484,7 +484,7 @@ class Receiver(Endpoint):
         """Leader: the payload of `request.content_hash` is cached: complete everywhere at
         once, without a transfer (followers serve their own copy)."""
         self._broadcast_decision(request, rec.DecisionAction.CACHED, request.content_hash)
-        self._publish(rec.Completion(
+        self._publish(rec.Completion.trusted(
             request_id=request.request_id, round=0, sent_tokens=0, total_tokens=0, src_rank=self.rank,
             dst_rank=self.topology.encoder_leader(request.engine), flags=rec.COMPLETION_CACHED,
         ))
@@ -602,8 +602,9 @@ class Receiver(Endpoint):
 
     def _lost_peer_of(self, engine: int) -> str | None:
         """Why requests from `engine` cannot be served (a rank it needs is dead), or None."""
-        needed = [*self.topology.encoder_ranks(engine), *self.topology.language_ranks]
-        for rank in needed:
+        if not self.dead_peers:
+            return None
+        for rank in self.topology.needed_by(engine):
             if rank in self.dead_peers:
                 return f"rank {rank} is dead: {self.dead_peers[rank]}"
         return None

@@ -117,7 +117,9 @@ class Sender(Endpoint):
     def lost_peer(self) -> str | None:
         """Why this engine cannot serve any request any more (a rank it needs is lost), or
         None. Check it before producing a payload: a lost peer stops new work at once."""
-        for rank in (*self.topology.language_ranks, *self.topology.encoder_ranks(self.engine)):
+        if not self.dead_peers:
+            return None
+        for rank in self.topology.needed_by(self.engine):
             if rank in self.dead_peers:
                 return f"rank {rank} is dead: {self.dead_peers[rank]}"
         return None

@@ -9,8 +9,9 @@ from enum import Enum
 class RequestState(str, Enum):
     """SPEC section 3: BOOTSTRAPPING -> WAITING_FOR_INPUT -> TRANSFERRING -> SUCCESS, or FAILED.
 
-    On the encoder side, BOOTSTRAPPING means "submitted, waiting for pool room or for the
-    language side's allocation"; WAITING_FOR_INPUT is not used there.
+    On the encoder side, BOOTSTRAPPING means "submitted, waiting for the language side's
+    allocation"; WAITING_FOR_INPUT is not used there. `terminal` is a plain attribute of
+    each member (the engine loop asks it for every request, every iteration).
     """
 
     BOOTSTRAPPING = "BOOTSTRAPPING"
@@ -19,9 +20,12 @@ class RequestState(str, Enum):
     SUCCESS = "SUCCESS"
     FAILED = "FAILED"
 
-    @property
-    def terminal(self) -> bool:
-        return self in (RequestState.SUCCESS, RequestState.FAILED)
+    terminal: bool
+
+
+for _state in RequestState:
+    _state.terminal = _state in (RequestState.SUCCESS, RequestState.FAILED)
+del _state
 
 
 @dataclass

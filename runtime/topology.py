@@ -13,6 +13,7 @@ they follow every decision and send nothing (SPEC section 8).
 from __future__ import annotations
 
 from dataclasses import dataclass
+from functools import cached_property
 from enum import Enum
 
 
@@ -37,7 +38,7 @@ class Topology:
     def world_size(self) -> int:
         return self.encoders * self.encoder_tp + self.language_tp
 
-    @property
+    @cached_property
     def language_ranks(self) -> list[int]:
         first = self.encoders * self.encoder_tp
         return list(range(first, first + self.language_tp))
@@ -49,6 +50,15 @@ class Topology:
     def encoder_ranks(self, engine: int) -> list[int]:
         self.check_engine(engine)
         return list(range(engine * self.encoder_tp, (engine + 1) * self.encoder_tp))
+
+    def needed_by(self, engine: int) -> tuple[int, ...]:
+        """Every rank a request from encoder `engine` needs (its engine and the language
+        engine), cached: asked at every admit and submit."""
+        cache = self.__dict__.setdefault("_needed", {})
+        ranks = cache.get(engine)
+        if ranks is None:
+            ranks = cache[engine] = (*self.encoder_ranks(engine), *self.language_ranks)
+        return ranks
 
     def encoder_leader(self, engine: int) -> int:
         return self.encoder_ranks(engine)[0]
