@@ -12,6 +12,8 @@ Cases, each with its own Sender/Receiver pair on the same bus and process group:
   one_round  one request of --tokens (32768) tokens into a full default allocation
   resume_3   the same request, default allocation 8192 and a language pool of exactly
              64 blocks: 8192 tokens per round, so 4 rounds (3 resumes)
+  exact_size the same request with the 8192 default, a pool that holds it, and its size
+             given at admission (`expected_tokens`): one exact round, no resume
   mix        --mix-requests (32) requests, lengths drawn from --mix-min..--mix-max
              (seeded); the language engine keeps --window (8) admitted at a time
   raw_send   one dist.send/recv of a single contiguous tensor of the one_round payload's
@@ -50,7 +52,7 @@ import torch.distributed as dist
 
 DTYPES = {"bf16": torch.bfloat16, "fp16": torch.float16, "fp32": torch.float32}
 _BITS = {torch.bfloat16: torch.int16, torch.float16: torch.int16, torch.float32: torch.int32}
-CASES = ("one_round", "resume_3", "mix", "raw_send")
+CASES = ("one_round", "resume_3", "exact_size", "mix", "raw_send")
 ENCODER, LANGUAGE = 0, 1
 
 
@@ -230,8 +232,10 @@ def encoder_loop(rank: Rank, sender, payloads: dict, window: int) -> None:
             sender.wait(idle)
 
 
-def language_loop(rank: Rank, receiver, payloads: dict, window: int, verify: bool) -> dict[int, float]:
-    """Admit up to `window` requests at a time, poll, take. Returns admit -> take seconds."""
+def language_loop(rank: Rank, receiver, payloads: dict, window: int, verify: bool,
+                  exact: bool = False) -> dict[int, float]:
+    """Admit up to `window` requests at a time (with `exact`, telling the size: the first
+    allocation is exact), poll, take. Returns admit -> take seconds."""
     from embxfer.runtime.state import RequestState
 
     idle = rank.args.idle_wait_us * 1e-6
@@ -242,7 +246,8 @@ def language_loop(rank: Rank, receiver, payloads: dict, window: int, verify: boo
         rank.check_deadline("language loop")
         while todo and len(admitted) < window:
             request_id = todo.pop(0)
-            receiver.admit(request_id, encoder_engine=0)
+            receiver.admit(request_id, encoder_engine=0,
+                           expected_tokens=payloads[request_id].num_tokens if exact else None)
             admitted[request_id] = time.monotonic()
         worked = receiver.progress()
         for request_id in list(admitted):
@@ -282,7 +287,8 @@ class CaseResult:
     net_device_allocations: list[int] | None = None
 
 
-def transfer_case(rank: Rank, name: str, config, lengths: list[int], window: int, reps: int) -> CaseResult:
+def transfer_case(rank: Rank, name: str, config, lengths: list[int], window: int, reps: int,
+                  exact: bool = False) -> CaseResult:
     """Warm-up (verified) and timed repetitions of moving `lengths` through one endpoint pair."""
     endpoint = endpoint_for(rank, config)
     seconds: list[float] = []
@@ -305,7 +311,7 @@ def transfer_case(rank: Rank, name: str, config, lengths: list[int], window: int
                 encoder_loop(rank, endpoint, payloads, window)
                 took = {}
             else:
-                took = language_loop(rank, endpoint, payloads, window, verify=not timed)
+                took = language_loop(rank, endpoint, payloads, window, verify=not timed, exact=exact)
             elapsed = time.monotonic() - started
             allocations = rank.allocations() - allocations_before
             if rank.role == LANGUAGE and rank.world.device.type == "cuda":
@@ -404,13 +410,16 @@ def run_rank(args: argparse.Namespace) -> int:
             transfer_case(rank, "resume_3", base.replace(
                 default_alloc_tokens=args.resume_alloc_tokens, language_pool_blocks=resume_blocks,
             ), [args.tokens], 1, args.reps),
+            transfer_case(rank, "exact_size", base.replace(
+                default_alloc_tokens=args.resume_alloc_tokens, language_pool_blocks=whole,
+            ), [args.tokens], 1, args.reps, exact=True),
             transfer_case(rank, "mix", base.replace(
                 language_pool_blocks=max(mix_blocks, base.default_alloc_blocks),
             ), lengths, args.window, args.mix_reps),
         ]
         one_round_bytes = results[0].bytes
         results.append(raw_send_case(rank, one_round_bytes, args.reps))
-        encoder_allocations = [n for r in results[:3] for n in r.net_device_allocations]
+        encoder_allocations = [n for r in results[:4] for n in r.net_device_allocations]
         gathered = rank.exchange([float(n) for n in encoder_allocations])
         if rank.role == LANGUAGE:
             write_results(args, world, base, results, gathered[ENCODER], time.monotonic() - run_started)
@@ -426,14 +435,15 @@ def write_results(args, world, config, results: list[CaseResult], encoder_alloca
                   wall_s: float) -> None:
     by_name = {r.name: r for r in results}
     resume_ratio = by_name["resume_3"].seconds / by_name["one_round"].seconds
+    exact_ratio = by_name["exact_size"].seconds / by_name["one_round"].seconds
     raw_ratio = by_name["one_round"].gbps / by_name["raw_send"].gbps
     cuda = world.device.type == "cuda"
     if cuda:
-        language_allocations = [n for r in results[:3] for n in r.net_device_allocations]
+        language_allocations = [n for r in results[:4] for n in r.net_device_allocations]
         per_rep = [int(a) + int(b) for a, b in zip(encoder_allocations, language_allocations, strict=True)]
         allocations = max(per_rep)
         allocation_note = ("caching-allocator allocations across one timed repetition, both ranks, minus "
-                           "the output tensors take() returns; worst repetition of one_round, resume_3, mix")
+                           "the output tensors take() returns; worst repetition of one_round, resume_3, exact_size, mix")
         device = torch.cuda.get_device_name(world.device)
     else:
         allocations = None
@@ -465,6 +475,7 @@ def write_results(args, world, config, results: list[CaseResult], encoder_alloca
         "config": asdict(config),
         "cases": cases,
         "resume_overhead_ratio": resume_ratio,
+        "exact_size_ratio": exact_ratio,
         "vs_raw_send_ratio": raw_ratio,
         "device_allocations_steady_state": allocations,
         "device_allocations_note": allocation_note,
@@ -493,7 +504,8 @@ def plot(out: dict, path: Path) -> None:
     cases = [c for c in out["cases"] if c["name"] != "raw_send"]
     raw = next(c for c in out["cases"] if c["name"] == "raw_send")
     fig, ax = plt.subplots(figsize=(7, 4.2))
-    bars = ax.bar([c["name"] for c in cases], [c["gbps"] for c in cases], color=["#4878a8", "#e49444", "#6a9f58"])
+    bars = ax.bar([c["name"] for c in cases], [c["gbps"] for c in cases],
+                  color=["#4878a8", "#e49444", "#8c6bb1", "#6a9f58"][: len(cases)])
     for bar, c in zip(bars, cases, strict=True):
         label = f"{c['gbps']:.2f} GB/s\n{c['seconds'] * 1e3:.0f} ms"
         ax.annotate(label, (bar.get_x() + bar.get_width() / 2, bar.get_height()), ha="center", va="bottom",
@@ -506,6 +518,7 @@ def plot(out: dict, path: Path) -> None:
     s = out["settings"]
     ax.set_title(f"embxfer e2e, {out['backend']} on {out['device_kind']}: N={s['tokens']}, D={s['dim']} {s['dtype']}\n"
                  f"resume_3 / one_round = {out['resume_overhead_ratio']:.2f}x, "
+                 f"exact_size / one_round = {out['exact_size_ratio']:.2f}x, "
                  f"one_round / raw_send = {out['vs_raw_send_ratio']:.2f}", fontsize=9)
     fig.tight_layout()
     fig.savefig(path, dpi=110)
@@ -518,9 +531,10 @@ def print_summary(out: dict, path: Path) -> None:
         extra = f", resumes {c['resumes']}" if c.get("resumes") is not None else ""
         if c["name"] == "mix":
             extra += f", latency p50 {c['p50_s'] * 1e3:.1f} ms p99 {c['p99_s'] * 1e3:.1f} ms"
-        print(f"  {c['name']:<9} {c['bytes'] / 1e6:9.1f} MB  {c['seconds'] * 1e3:8.1f} ms  "
+        print(f"  {c['name']:<10} {c['bytes'] / 1e6:9.1f} MB  {c['seconds'] * 1e3:8.1f} ms  "
               f"{c['gbps']:6.2f} GB/s{extra}")
     print(f"  resume overhead {out['resume_overhead_ratio']:.2f}x (target <= 1.25), "
+          f"exact size {out['exact_size_ratio']:.2f}x of one_round, "
           f"vs raw send {out['vs_raw_send_ratio']:.2f} (target >= 0.5), "
           f"steady-state device allocations {out['device_allocations_steady_state']}")
     print(f"  wrote {path} and {path.with_suffix('.png')} ({out['wall_s']:.1f}s)")

@@ -244,7 +244,7 @@ def _pool_to_rows(pool: PoolTensors, plan: BlockPlan, counts: Sequence[int], out
     if rows.size:
         flat = _pool_rows(pool)
         index, mrope = flat.indices(rows)
-        _select(flat, index, mrope, out)
+        _select(flat, index, mrope, out, _stretches(rows))
 
 
 def _rows_to_pool(source: RowTensors, pool: PoolTensors, plan: BlockPlan, counts: Sequence[int]) -> None:
@@ -252,7 +252,21 @@ def _rows_to_pool(source: RowTensors, pool: PoolTensors, plan: BlockPlan, counts
     if rows.size:
         flat = _pool_rows(pool)
         index, mrope = flat.indices(rows)
-        _index_copy(flat, index, mrope, source)
+        _index_copy(flat, index, mrope, source, _stretches(rows))
+
+
+MAX_STRETCHES = 16
+
+
+def _stretches(rows: np.ndarray) -> list[tuple[int, int, int]] | None:
+    """(first pool row, rows, first token) of each stretch of consecutive pool rows, when
+    there are few of them (a slice copy is a memcpy: 2x faster than an indexed read and
+    4x faster than an indexed write on large rows); None when the rows are scattered."""
+    breaks = np.flatnonzero(rows[1:] != rows[:-1] + 1) + 1
+    if breaks.size >= MAX_STRETCHES:
+        return None
+    bounds = [0, *breaks.tolist(), rows.size]
+    return [(int(rows[a]), b - a, a) for a, b in zip(bounds, bounds[1:])]  # noqa: B905
 
 
 def _into(tensor: torch.Tensor, source: torch.Tensor, index: torch.Tensor) -> None:
@@ -263,21 +277,37 @@ def _into(tensor: torch.Tensor, source: torch.Tensor, index: torch.Tensor) -> No
         tensor.copy_(source.index_select(0, index))
 
 
-def _select(flat: _PoolRows, rows: torch.Tensor, mrope: torch.Tensor, out: RowTensors) -> None:
-    _into(_bits(out.embeddings), flat.embeddings, rows)
-    _into(out.fill_ids, flat.fill_ids, rows)
+def _select(flat: _PoolRows, rows: torch.Tensor, mrope: torch.Tensor, out: RowTensors,
+            stretches: list[tuple[int, int, int]] | None = None) -> None:
+    if stretches is None:
+        _into(_bits(out.embeddings), flat.embeddings, rows)
+        _into(out.fill_ids, flat.fill_ids, rows)
+        if flat.deepstack is not None:
+            _into(_bits(out.deepstack), flat.deepstack, rows)
+    else:
+        for first, n, token in stretches:
+            _bits(out.embeddings)[token : token + n].copy_(flat.embeddings[first : first + n])
+            out.fill_ids[token : token + n].copy_(flat.fill_ids[first : first + n])
+            if flat.deepstack is not None:
+                _bits(out.deepstack)[token : token + n].copy_(flat.deepstack[first : first + n])
     positions = out.mrope_positions
     if positions.is_contiguous():
         torch.index_select(flat.mrope, 0, mrope, out=positions.view(-1))
     else:
         positions.copy_(flat.mrope.index_select(0, mrope).view(positions.shape))
-    if flat.deepstack is not None:
-        _into(_bits(out.deepstack), flat.deepstack, rows)
 
 
-def _index_copy(flat: _PoolRows, rows: torch.Tensor, mrope: torch.Tensor, source: RowTensors) -> None:
-    flat.embeddings.index_copy_(0, rows, _bits(source.embeddings))
-    flat.fill_ids.index_copy_(0, rows, source.fill_ids)
+def _index_copy(flat: _PoolRows, rows: torch.Tensor, mrope: torch.Tensor, source: RowTensors,
+                stretches: list[tuple[int, int, int]] | None = None) -> None:
+    if stretches is None:
+        flat.embeddings.index_copy_(0, rows, _bits(source.embeddings))
+        flat.fill_ids.index_copy_(0, rows, source.fill_ids)
+        if flat.deepstack is not None:
+            flat.deepstack.index_copy_(0, rows, _bits(source.deepstack))
+    else:
+        for first, n, token in stretches:
+            flat.embeddings[first : first + n].copy_(_bits(source.embeddings)[token : token + n])
+            flat.fill_ids[first : first + n].copy_(source.fill_ids[token : token + n])
+            if flat.deepstack is not None:
+                flat.deepstack[first : first + n].copy_(_bits(source.deepstack)[token : token + n])
     flat.mrope.index_copy_(0, mrope, source.mrope_positions.reshape(-1))
-    if flat.deepstack is not None:
-        flat.deepstack.index_copy_(0, rows, _bits(source.deepstack))
