@@ -42,7 +42,7 @@ def unpack(staging: torch.Tensor, layout: StagingLayout, pool: PoolTensors, plan
         counts = layout.counts
         if segments is not None:
             index = np.asarray(segments, dtype=np.int64)
-            side = side._replace(**{name: getattr(side, name)[index] for name in _ADDRESS_FIELDS})
+            side = side._replace(columns=None, **{name: getattr(side, name)[index] for name in _ADDRESS_FIELDS})
             counts = np.asarray(counts, dtype=np.int64)[index]
         copy_segments(counts, side, PoolSide(pool, plan), **_widths(layout))
     else:
@@ -117,21 +117,30 @@ def _pool_widths(pool: PoolTensors) -> dict[str, int]:
 
 
 def staging_side(staging: torch.Tensor, layout: StagingLayout):
-    """A staging buffer as the kernel's linear side."""
+    """A staging buffer as the kernel's linear side (made once per layout and buffer: a
+    message's shape repeats, and the buffers live as long as their channel)."""
     from .triton_copy import LinearSide
 
-    base = staging.data_ptr()
-    offsets = layout.offset_arrays
-    return LinearSide(
-        words_base=staging,
-        ints_base=staging,
-        emb_addresses=base + offsets[0],
-        ds_addresses=base + offsets[1],
-        fill_addresses=base + offsets[2],
-        mrope_addresses=base + offsets[3],
-        mrope_strides=offsets[4],
-        staging=True,
-    )
+    key = (staging.data_ptr(), staging.numel(), staging.device)
+    cache = layout.__dict__.setdefault("_staging_sides", {})
+    side = cache.get(key)
+    if side is None:
+        if len(cache) >= 8:
+            cache.clear()
+        base = staging.data_ptr()
+        offsets = layout.offset_arrays
+        side = cache[key] = LinearSide(
+            words_base=staging,
+            ints_base=staging,
+            emb_addresses=base + offsets[0],
+            ds_addresses=base + offsets[1],
+            fill_addresses=base + offsets[2],
+            mrope_addresses=base + offsets[3],
+            mrope_strides=offsets[4],
+            staging=True,
+            columns={},
+        )
+    return side
 
 
 def rows_side(rows: Sequence[RowTensors], starts: Sequence[int], counts: Sequence[int], element_size: int):

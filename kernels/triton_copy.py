@@ -50,6 +50,7 @@ from __future__ import annotations
 import math
 from collections.abc import Sequence
 from dataclasses import dataclass
+from functools import lru_cache
 from typing import NamedTuple
 
 import numpy as np
@@ -324,15 +325,7 @@ def pick_tile(emb_words: int, ds_words: int, counts: np.ndarray, config: TileCon
     `tile_words`, then halves while the launch would have fewer than `min_programs`
     programs, so that a small request still spreads over every SM."""
     config = config or TileConfig()
-    row_words = max(emb_words, ds_words)
-    candidates = [w for w in _BLOCK_WIDTHS if w <= config.max_block_w]
-    fitting = [w for w in candidates if w >= row_words]
-    if fitting:
-        block_w = fitting[0]
-    else:
-        # Fewest wasted lanes on the last tile; ties go to the wider tile.
-        block_w = min(candidates, key=lambda w: (-(-row_words // w) * w - row_words, -w))
-    column_tiles = -(-emb_words // block_w) + (-(-ds_words // block_w) if ds_words else 0)
+    block_w, column_tiles = _block_width(emb_words, ds_words, config.max_block_w)
     tokens = max(1, config.tile_words // block_w)
     tokens = min(tokens, 1 << max(0, (int(counts.max()) - 1).bit_length()))
     items = int((-(-counts // tokens)).sum())
@@ -340,6 +333,20 @@ def pick_tile(emb_words: int, ds_words: int, counts: np.ndarray, config: TileCon
         tokens //= 2
         items = int((-(-counts // tokens)).sum())
     return tokens, block_w, items
+
+
+@lru_cache(maxsize=256)
+def _block_width(emb_words: int, ds_words: int, max_block_w: int) -> tuple[int, int]:
+    """(BLOCK_W, column tiles): the narrowest width that covers a row, else the one that
+    wastes the fewest lanes on a row's last tile (ties go to the wider one)."""
+    row_words = max(emb_words, ds_words)
+    candidates = [w for w in _BLOCK_WIDTHS if w <= max_block_w]
+    fitting = [w for w in candidates if w >= row_words]
+    if fitting:
+        block_w = fitting[0]
+    else:
+        block_w = min(candidates, key=lambda w: (-(-row_words // w) * w - row_words, -w))
+    return block_w, -(-emb_words // block_w) + (-(-ds_words // block_w) if ds_words else 0)
 
 
 class PoolSide(NamedTuple):
@@ -366,6 +373,9 @@ class LinearSide(NamedTuple):
     mrope_addresses: np.ndarray
     mrope_strides: np.ndarray
     staging: bool = False
+    # word bytes -> the side's five table columns, for sides reused across calls (a
+    # staging buffer's, see ops.staging_side)
+    columns: dict | None = None
 
 
 Side = PoolSide | LinearSide
@@ -441,6 +451,8 @@ def _fill_metadata(out: np.ndarray, counts: np.ndarray, tokens: int, src: Side, 
             n = plan.blocks.size
             out[table + table_used : table + table_used + n] = plan.blocks
             table_used += n
+        elif side.columns is not None and word_bytes in side.columns:
+            out[base : base + 5 * s] = side.columns[word_bytes]
         else:
             words_ptr, ints_ptr = side.words_base.data_ptr(), side.ints_base.data_ptr()
             np.subtract(side.emb_addresses, words_ptr, out=out[base : base + s])
@@ -454,6 +466,8 @@ def _fill_metadata(out: np.ndarray, counts: np.ndarray, tokens: int, src: Side, 
             np.subtract(side.mrope_addresses, ints_ptr, out=out[base + 3 * s : base + 4 * s])
             out[base + 2 * s : base + 4 * s] //= 4
             out[base + 4 * s : base + 5 * s] = side.mrope_strides
+            if side.columns is not None:
+                side.columns[word_bytes] = out[base : base + 5 * s].copy()
     out[table + table_used] = 0  # never empty
 
 
