@@ -197,3 +197,18 @@ def pack_addressed_rows(anchor: RowTensors, addresses: np.ndarray, starts: np.nd
         copy_segments(layout.counts, src, staging_side(staging, layout), **_widths(layout))
     else:
         reference.pack_rows_reference(rows, starts.tolist(), staging, layout)
+
+
+def gather_addressed(pool: PoolTensors, plan: BlockPlan, counts: Sequence[int], outputs: Sequence[RowTensors],
+                     addresses: np.ndarray, out_starts: np.ndarray, *, triton: bool | None = None) -> None:
+    """`gather` for callers that keep each output's `row_addresses`: on CUDA the outputs
+    are addressed from the table (no per-output Python); on CPU `outputs` are used."""
+    if _triton(triton, pool.embeddings):
+        from .triton_copy import PoolSide, copy_segments
+
+        widths = _pool_widths(pool)
+        dst = addressed_rows_side(outputs[0], addresses, out_starts, widths["dim"], widths["deepstack_dim"],
+                                  widths["element_size"])
+        copy_segments(counts, PoolSide(pool, plan), dst, **widths)
+    else:
+        reference.gather_reference(pool, plan, counts, outputs, out_starts.tolist())

@@ -65,6 +65,7 @@ class Request:
     round_accepted: int = 0  # of them, announced in messages this rank accepted
     round_landed: int = 0  # of them, unpacked into the landing blocks
     outputs: object | None = None
+    output_addresses: tuple[int, ...] | None = None  # the outputs' row addresses (CUDA read-out)
     output_bytes: int = 0
     acks: set[int] = field(default_factory=set)
     round_read: bool = False

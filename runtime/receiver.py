@@ -342,6 +342,8 @@ class Receiver(Endpoint):
                     self._budget_waiting.append(request)
                     continue
                 request.outputs = self.pool.empty_rows(request.total_tokens)
+                if self.spec.device.type == "cuda":
+                    request.output_addresses = ops.row_addresses(request.outputs)
                 request.output_bytes = need
                 self.output_bytes += need
             ready.append(request)
@@ -349,7 +351,12 @@ class Receiver(Endpoint):
             return
         counts = [r.round_tokens for r in ready]
         plan = segment_plan([r.block_array for r in ready], [0] * len(ready), counts, self.config.block_size)
-        ops.gather(self.pool.tensors, plan, counts, [r.outputs for r in ready], [r.sent_tokens for r in ready])
+        starts = np.array([r.sent_tokens for r in ready], dtype=np.int64)
+        if self.spec.device.type == "cuda":
+            addresses = np.array([r.output_addresses for r in ready], dtype=np.int64)
+        else:
+            addresses = None
+        ops.gather_addressed(self.pool.tensors, plan, counts, [r.outputs for r in ready], addresses, starts)
         now = time.monotonic()
         for request in ready:
             request.sent_tokens += request.round_tokens

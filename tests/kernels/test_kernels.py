@@ -23,6 +23,7 @@ from kernel_cases import (
 )
 
 from embxfer import kernels
+from embxfer.kernels import PoolTensors
 from embxfer.kernels.triton_copy import TileConfig, set_tile_config
 
 pytestmark = pytest.mark.skipif(
@@ -145,3 +146,41 @@ def _rows(count, dim, layers, dtype):
         torch.full((3, count), -7, dtype=torch.int32),
         torch.full((count, layers * dim), float("nan"), dtype=dtype) if layers else None,
     )
+
+
+@pytest.mark.parametrize("backend", ["triton", "torch"])
+def test_unpack_of_some_segments_skips_the_others(backend):
+    """The runtime unpacks only the live segments of a message (a request that failed
+    meanwhile is skipped): the skipped segments' pool rows stay untouched, the others are
+    exact, on both paths; twice, so a staging side reused across calls stays right."""
+    from embxfer.kernels import ops, plan_spans
+
+    generator = torch.Generator().manual_seed(5)
+    counts, block_size, dim = [3, 5, 7], 4, 40
+    pool = random_pool(20, block_size, dim, 1, torch.bfloat16, generator)
+    source = random_pool(20, block_size, dim, 1, torch.bfloat16, generator)
+    spans = spans_over(counts, [0, 1, 2], block_size, 20, generator)
+    layout = kernels.staging_layout(counts, dim, dim, torch.bfloat16)
+    staging = torch.empty(layout.nbytes, dtype=torch.uint8)
+    kernels.pack(source, spans, staging, layout, backend="torch")
+    for _ in range(2):
+        target = PoolTensors(*(None if t is None else t.clone() for t in pool))
+        live = [0, 2]
+        ops.unpack(staging, layout, target, plan_spans([spans[i] for i in live], block_size), segments=live,
+                   triton=backend == "triton")
+        expected_rows = [layout.views(staging, i) for i in range(3)]
+        for i in live:
+            out = kernels.RowTensors(torch.empty(counts[i], dim, dtype=torch.bfloat16),
+                                     torch.empty(counts[i], dtype=torch.int32),
+                                     torch.empty(3, counts[i], dtype=torch.int32),
+                                     torch.empty(counts[i], dim, dtype=torch.bfloat16))
+            kernels.gather(target, spans[i], out, backend="torch")
+            assert_bitwise_equal(tuple(out), tuple(expected_rows[i]), what=f"segment {i}")
+        untouched = kernels.RowTensors(torch.empty(counts[1], dim, dtype=torch.bfloat16),
+                                       torch.empty(counts[1], dtype=torch.int32),
+                                       torch.empty(3, counts[1], dtype=torch.int32),
+                                       torch.empty(counts[1], dim, dtype=torch.bfloat16))
+        before = kernels.RowTensors(*(torch.empty_like(t) for t in untouched))
+        kernels.gather(target, spans[1], untouched, backend="torch")
+        kernels.gather(pool, spans[1], before, backend="torch")
+        assert_bitwise_equal(tuple(untouched), tuple(before), what="skipped segment")

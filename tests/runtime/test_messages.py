@@ -48,9 +48,9 @@ class LaunchCounter:
     """Counts the data-plane calls the runtime makes (each is one launch on a GPU)."""
 
     def __init__(self, monkeypatch) -> None:
-        self.calls = {"pack_rows": 0, "unpack": 0, "gather": 0}
+        self.calls = {"pack_rows": 0, "unpack": 0, "gather_addressed": 0}
         for module, name in ((channels_module.ops, "pack_rows"), (receiver_module.ops, "unpack"),
-                             (receiver_module.ops, "gather")):
+                             (receiver_module.ops, "gather_addressed")):
             original = getattr(module, name)
 
             def counted(*args, _original=original, _name=name, **kwargs):
@@ -82,7 +82,7 @@ def test_many_requests_travel_in_one_message_with_one_launch_each_way(monkeypatc
     # language ranks (one send each), one unpack and one read-out per rank.
     assert len(encoder.transfers) == 1 and len(encoder.transfers[0].segments) == 40
     assert cluster.p2p.messages == 2
-    assert launches.calls == {"pack_rows": 1, "unpack": 2, "gather": 2}
+    assert launches.calls == {"pack_rows": 1, "unpack": 2, "gather_addressed": 2}
     cluster.settle()
     assert_no_leaks(cluster)
 

@@ -206,13 +206,13 @@ def test_r7_each_round_read_once(monkeypatch):
     polling in between reads nothing."""
     cluster = make_cluster(default_alloc_tokens=1024, language_pool_blocks=8, staging_bytes=1 << 14)
     reads = []
-    gather = receiver_module.ops.gather
+    gather = receiver_module.ops.gather_addressed
 
-    def counting(pool, plan, counts, outputs, out_starts, **kwargs):
-        reads.extend(zip(counts, out_starts, strict=True))
-        gather(pool, plan, counts, outputs, out_starts, **kwargs)
+    def counting(pool, plan, counts, outputs, addresses, out_starts, **kwargs):
+        reads.extend(zip(counts, out_starts.tolist(), strict=True))
+        gather(pool, plan, counts, outputs, addresses, out_starts, **kwargs)
 
-    monkeypatch.setattr(receiver_module.ops, "gather", counting)
+    monkeypatch.setattr(receiver_module.ops, "gather_addressed", counting)
 
     def poll_a_lot():
         if 7 in cluster.leader.requests:
