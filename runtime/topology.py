@@ -13,8 +13,8 @@ they follow every decision and send nothing (SPEC section 8).
 from __future__ import annotations
 
 from dataclasses import dataclass
-from functools import cached_property
 from enum import Enum
+from functools import cached_property
 
 
 class Role(str, Enum):
