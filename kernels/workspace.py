@@ -50,6 +50,7 @@ class DeviceWorkspace:
         self.lock = threading.Lock()
         self._slots = [_Slot() for _ in range(NUM_SLOTS)]
         self._next = 0
+        self._streams: dict[int, torch.cuda.Stream] = {}
 
     def acquire(self, n: int) -> tuple[np.ndarray, _Slot]:
         """A pinned int64 host array of `n` elements to fill, and its slot. The array is
@@ -83,8 +84,17 @@ class DeviceWorkspace:
 
     def release(self, slot: _Slot) -> None:
         """Mark the slot in use by everything queued on the current stream."""
-        slot.event.record()  # the current stream of the current device (the launch's)
+        slot.event.record(self._current_stream())
         slot.recorded = True
+
+    def _current_stream(self) -> torch.cuda.Stream:
+        # torch.cuda.current_stream() makes a new Python object per call; the raw handle
+        # of the current stream is cheap to read, so each stream's object is made once.
+        raw = torch._C._cuda_getCurrentRawStream(self.device.index)
+        stream = self._streams.get(raw)
+        if stream is None:
+            stream = self._streams[raw] = torch.cuda.current_stream(self.device)
+        return stream
 
 
 _WORKSPACES: dict[int, DeviceWorkspace] = {}

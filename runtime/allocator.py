@@ -86,12 +86,26 @@ class BlockAllocator:
         self._free -= len(blocks)
 
     def free(self, blocks: Iterable[int]) -> None:
-        """Give blocks back; the next allocation returns them first, in the same order."""
+        """Give blocks back; the next allocation returns them first, in the same order.
+        ValueError (nothing freed) for an index out of range, repeated, or not in use."""
         blocks = list(blocks)
-        self._check_indices(blocks, want_in_use=True, action="free")
-        for b in reversed(blocks):
-            self._in_use[b] = 0
-            self._free_stack.append(b)
+        in_use = self._in_use
+        try:
+            # One pass checks and frees (every request frees its blocks: keep it cheap);
+            # a bad index undoes what this call freed before raising.
+            for position, b in enumerate(blocks):
+                if type(b) is not int or not in_use[b] or b < 0:
+                    raise IndexError
+                in_use[b] = 0
+        except (IndexError, TypeError):
+            for b in blocks[:position]:
+                in_use[b] = 1
+            self._check_indices(blocks, want_in_use=True, action="free")  # names what is wrong
+            raise
+        self._free_stack.extend(reversed(blocks))
+        self._free += len(blocks)
+        if len(self._free_stack) > 2 * self.num_blocks:
+            self._compact()
         self._free += len(blocks)
         if len(self._free_stack) > 2 * self.num_blocks:
             self._compact()
