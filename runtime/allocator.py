@@ -106,9 +106,6 @@ class BlockAllocator:
         self._free += len(blocks)
         if len(self._free_stack) > 2 * self.num_blocks:
             self._compact()
-        self._free += len(blocks)
-        if len(self._free_stack) > 2 * self.num_blocks:
-            self._compact()
 
     def is_free(self, block: int) -> bool:
         # bytearray would accept -1 (the last block) silently.
