@@ -1,11 +1,14 @@
 """embxfer.runtime.metrics: what an operator scrapes reflects what happened; the exporter
-serves and closes; the runtime needs no prometheus_client."""
+serves and closes; the runtime needs no prometheus_client; `embxfer demo --metrics-port`."""
 
 from __future__ import annotations
 
 import importlib.util
+import json
+import socket
 import subprocess
 import sys
+import time
 import urllib.error
 import urllib.request
 
@@ -14,6 +17,7 @@ import pytest
 from embxfer.runtime.config import Config
 from embxfer.runtime.local import LocalCluster, random_payload
 from embxfer.runtime.topology import Topology
+from tests.procs import shm_entries, start_demo, unique_prefix
 
 pytestmark = pytest.mark.timeout(120)
 needs_client = pytest.mark.skipif(importlib.util.find_spec("prometheus_client") is None,
@@ -219,3 +223,74 @@ def test_runtime_works_without_prometheus_client():
     result = subprocess.run([sys.executable, "-c", WITHOUT_CLIENT], capture_output=True, text=True, timeout=120)
     assert result.returncode == 0, result.stderr[-3000:]
     assert "pip install 'embxfer[metrics]'" in result.stdout
+
+
+def test_demo_rejects_a_bad_metrics_port_in_one_line():
+    result = subprocess.run([sys.executable, "-m", "embxfer", "demo", "--metrics-port", "0"], capture_output=True,
+                            text=True, timeout=60)
+    assert result.returncode == 2
+    lines = result.stderr.strip().splitlines()
+    assert len(lines) == 1 and "--metrics-port" in lines[0], result.stderr
+
+
+def consecutive_free_ports(count: int) -> int:
+    """A port P such that P .. P+count-1 are free now."""
+    for _ in range(50):
+        with socket.socket() as first:
+            first.bind(("127.0.0.1", 0))
+            base = first.getsockname()[1]
+            if base + count > 65535:
+                continue
+            others = [socket.socket() for _ in range(count - 1)]
+            try:
+                for offset, sock in enumerate(others, start=1):
+                    sock.bind(("127.0.0.1", base + offset))
+                return base
+            except OSError:
+                continue
+            finally:
+                for sock in others:
+                    sock.close()
+    raise RuntimeError("no run of free ports")
+
+
+def scrape(url: str) -> dict | None:
+    try:
+        with urllib.request.urlopen(url, timeout=2) as response:
+            return parse(response.read().decode())
+    except (urllib.error.URLError, ConnectionError):
+        return None
+
+
+@needs_client
+@pytest.mark.timeout(90)
+def test_demo_serves_metrics_while_it_runs(tmp_path):
+    """Layout 1/1/2: the encoder is rank 0 (PORT), the language leader rank 1 (PORT+1)."""
+    port = consecutive_free_ports(3)
+    prefix = unique_prefix()
+    path = tmp_path / "demo.json"
+    run = start_demo("--requests", "4", "--lengths", "3000,100", "--dim", "64", "--default-alloc-tokens", "1024",
+                     "--timeout", "60", "--json", str(path), "--metrics-port", str(port), "--metrics-linger", "3",
+                     prefix=prefix)
+    leader_url, encoder_url = f"http://127.0.0.1:{port + 1}/metrics", f"http://127.0.0.1:{port}/metrics"
+    final = encoder = None
+    deadline = time.monotonic() + 75
+    while run.process.poll() is None and time.monotonic() < deadline:
+        samples = scrape(leader_url)
+        if samples and value(samples, "embxfer_requests_finished_total", 1, outcome="succeeded") == 4:
+            final = samples
+            encoder = scrape(encoder_url)
+            break
+        time.sleep(0.1)
+    code, out, err = run.finish(timeout=60)
+    assert code == 0, err[-3000:]
+    assert "4/4 requests verified" in out
+    assert final is not None, "the language leader's metrics never showed 4 requests succeeded"
+    totals = json.loads(path.read_text())["totals"]
+    assert totals["resumes"] > 0 and value(final, "embxfer_resumes_total", 1) == totals["resumes"]
+    assert value(final, "embxfer_tokens_total", 1) == totals["tokens"]
+    assert value(final, "embxfer_request_latency_seconds_count", 1) == 4
+    assert value(final, "embxfer_blocks_in_use", 1) == 0
+    assert encoder is not None and value(encoder, "embxfer_requests_finished_total", 0, outcome="succeeded") == 4
+    assert scrape(leader_url) is None  # closed with the demo
+    assert not shm_entries(prefix)
