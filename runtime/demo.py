@@ -74,6 +74,11 @@ def add_demo_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--timeout", type=float, default=600.0, help="seconds for the whole run (default 600)")
     parser.add_argument("--quiet", action="store_true", help="no progress bar")
     parser.add_argument("--verbose", action="store_true", help="debug logs of every state transition")
+    parser.add_argument("--metrics-port", type=int, default=None, metavar="PORT",
+                        help="serve each rank's Prometheus metrics on 127.0.0.1:PORT+rank (the language leader "
+                             "is rank encoders*encoder-tp); needs embxfer[metrics]")
+    parser.add_argument("--metrics-linger", type=float, default=0.0, metavar="SECONDS",
+                        help="with --metrics-port: keep serving the final figures this long before exiting")
 
 
 def validate_args(args: argparse.Namespace) -> None:
@@ -92,6 +97,9 @@ def validate_args(args: argparse.Namespace) -> None:
         raise ValueError(f"--abort-rate={args.abort_rate}: expected 0..1")
     if args.staging_mb is not None and not args.staging_mb > 0:
         raise ValueError(f"--staging-mb={args.staging_mb}: expected a positive size")
+    if args.metrics_port is not None and not (1 <= args.metrics_port <= 65535 and args.metrics_linger >= 0):
+        raise ValueError(f"--metrics-port={args.metrics_port} --metrics-linger={args.metrics_linger}: "
+                         "expected a port in 1..65535 and seconds >= 0")
     if args.min_tokens > args.max_tokens:
         raise ValueError(f"--min-tokens={args.min_tokens} > --max-tokens={args.max_tokens}")
     if args.block_size is not None and args.block_size > 1024:
@@ -239,7 +247,12 @@ def run_rank(args: argparse.Namespace) -> int:
     outcomes = [Outcome() for _ in lengths]
     probe = ResourceProbe(config.shm_prefix, steady_after=min(args.inflight, len(lengths)))
     started = time.monotonic()
+    metrics_server = None
     try:
+        if args.metrics_port is not None:
+            from .metrics import Metrics
+
+            metrics_server = Metrics([endpoint]).serve(args.metrics_port + rank)
         if isinstance(endpoint, Sender):
             run_encoder(args, endpoint, lengths, deadline, probe)
         else:
@@ -254,10 +267,14 @@ def run_rank(args: argparse.Namespace) -> int:
             print(f"embxfer demo: rank {rank}: peer rank {peer} died ({why}); {mine}", file=sys.stderr)
             return 1
         codes, blocks, resources = finish_together(endpoint, outcomes, probe, deadline)
+        if metrics_server is not None:
+            time.sleep(args.metrics_linger)  # every rank is done: the figures are final
         if rank == topology.language_leader:
             return report(args, config, topology, lengths, outcomes, codes, blocks, resources, endpoint, elapsed)
         return 0
     finally:
+        if metrics_server is not None:
+            metrics_server.close()
         endpoint.close()
 
 
