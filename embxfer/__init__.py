@@ -21,6 +21,7 @@ _EXPORTS = {
     "Receiver": "embxfer.runtime.receiver",
     "Topology": "embxfer.runtime.topology",
     "LocalCluster": "embxfer.runtime.local",
+    "Metrics": "embxfer.runtime.metrics",
     "BlockAllocator": "embxfer.runtime",
     "BlockPool": "embxfer.runtime",
 }
