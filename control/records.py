@@ -119,6 +119,7 @@ class DecisionAction(IntEnum):
     CACHED = 6
 
 
+_ACTIONS = {action.value: action for action in DecisionAction}
 COMPLETION_CACHED = 1  # Completion.flags: served from the language side's cache, no data moved
 
 
@@ -466,7 +467,11 @@ class Resume(_Record):
     @classmethod
     def _parse(cls, body: memoryview, limits: Limits) -> Resume:
         _expect_size(cls, body, cls._FIXED.size)
-        return cls(*cls._FIXED.unpack_from(body))
+        request_id, round_, sent, allocated, src, dst = values = cls._FIXED.unpack_from(body)
+        if request_id < 0 or round_ < 0 or sent < 0 or allocated < 1 or src < 0 or dst < BROADCAST_RANK:
+            return cls(*values)  # raises, naming the field
+        return cls.trusted(request_id=request_id, round=round_, sent_tokens=sent, allocated_tokens=allocated,
+                           src_rank=src, dst_rank=dst)
 
 
 @dataclass(frozen=True)
@@ -501,7 +506,12 @@ class Completion(_Record):
     @classmethod
     def _parse(cls, body: memoryview, limits: Limits) -> Completion:
         _expect_size(cls, body, cls._FIXED.size)
-        return cls(*cls._FIXED.unpack_from(body))
+        request_id, round_, sent, total, src, dst, flags = values = cls._FIXED.unpack_from(body)
+        if request_id < 0 or round_ < 0 or sent < 0 or total < sent or src < 0 or dst < BROADCAST_RANK \
+                or flags > COMPLETION_CACHED:
+            return cls(*values)  # raises, naming the field
+        return cls.trusted(request_id=request_id, round=round_, sent_tokens=sent, total_tokens=total,
+                           src_rank=src, dst_rank=dst, flags=flags)
 
 
 @dataclass(frozen=True)
@@ -642,7 +652,17 @@ class Decision(_Record):
         content_hash = bytes(body[cls._FIXED.size : offset])
         blocks, end = _decode_blocks(cls.__name__, body, offset, limits)
         _expect_size(cls, body, end)
-        return cls(request_id, round_, action, sent, total, allocated, blocks, src, delta, content_hash)
+        values = (request_id, round_, action, sent, total, allocated, blocks, src, delta, content_hash)
+        # The block list is checked already (range, repeats, canonical form); what is left
+        # of __post_init__ is a few comparisons.
+        if request_id < 0 or round_ < 0 or sent < 0 or total < 0 or allocated < 0 or src < 0 \
+                or action not in _ACTIONS or (total and sent > total) \
+                or (action <= DecisionAction.RESUME and (len(blocks) == 0) != (allocated == 0)) \
+                or (blocks and (allocated < len(blocks) or allocated % len(blocks))):
+            return cls(*values)  # raises, naming the field
+        return cls.trusted(request_id=request_id, round=round_, action=_ACTIONS[action], sent_tokens=sent,
+                           total_tokens=total, allocated_tokens=allocated, blocks=blocks, src_rank=src,
+                           mrope_delta=delta, content_hash=content_hash)
 
 
 Record = Transfer | Resume | Completion | Abort | Announce | Decision
@@ -742,19 +762,41 @@ def encode_frame(records: list[Record] | tuple[Record, ...]) -> bytes:
     return b"".join(encode(record) for record in records)
 
 
-def decode_frame(data: bytes | bytearray | memoryview, limits: Limits = NO_LIMITS) -> tuple[list[Record], str | None]:
+def decode_frame(data: bytes | bytearray | memoryview, limits: Limits = NO_LIMITS,
+                 wanted: frozenset[int] | None = None) -> tuple[list[Record], str | None]:
     """The records of a frame, and why the rest of it was dropped (None if nothing was).
-    Decoding stops at the first malformed record: nothing after it can be framed."""
+    Decoding stops at the first malformed record: nothing after it can be framed. With
+    `wanted` (record types), records of other types are stepped over by their header
+    without being decoded (a ring carries every record to every reader; an encoder rank
+    has no use for the language ranks' decisions)."""
     view = _view(data)
     records: list[Record] = []
     offset = 0
     while offset < len(view):
         try:
+            if wanted is not None:
+                skipped = _skip(view, offset, wanted)
+                if skipped:
+                    offset = skipped
+                    continue
             record, offset = _decode_one(view, offset, limits)
         except RecordError as exc:
             return records, str(exc)
         records.append(record)
     return records, None
+
+
+def _skip(view: memoryview, offset: int, wanted: frozenset[int]) -> int:
+    """The offset after the record at `offset` if its type is not wanted, else 0."""
+    if len(view) - offset < _HEADER.size:
+        return 0
+    magic, version, record_type, body_length = _HEADER.unpack_from(view, offset)
+    if record_type in wanted or magic != MAGIC or version != VERSION or record_type not in _BY_TYPE:
+        return 0  # decoded (or refused, with the reason) the usual way
+    end = offset + _HEADER.size + body_length
+    if end > len(view):
+        return 0
+    return end
 
 
 def check_finite_timeout(name: str, value: object) -> float:

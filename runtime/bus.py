@@ -100,9 +100,10 @@ class _Decoder:
     limits: rec.Limits
     spoofed: int
     rejected: int
+    wanted: frozenset[int] | None = None  # record types this rank's endpoint uses (None: all)
 
     def _decode(self, source: int, data: bytes | memoryview, out: list[rec.Record]) -> None:
-        records, error = rec.decode_frame(data, self.limits)
+        records, error = rec.decode_frame(data, self.limits, self.wanted)
         if error is not None:
             self.rejected += 1
             log.warning("rank %d: dropped a malformed record from rank %d: %s", self.rank, source, error)

@@ -44,6 +44,10 @@ from .topology import Role
 # its channel for the leader's ADMIT decision before its data is discarded.
 UNKNOWN_REQUEST_GRACE_S = 5.0
 EARLY_MEMORY = 4096
+# What a language rank reads of the records every peer publishes (the rest is stepped over).
+_T = rec.RecordType
+LEADER_WANTS = frozenset({_T.TRANSFER, _T.COMPLETION, _T.ABORT, _T.ANNOUNCE})
+FOLLOWER_WANTS = frozenset({_T.TRANSFER, _T.DECISION, _T.ABORT})
 
 
 class Receiver(Endpoint):
@@ -61,6 +65,7 @@ class Receiver(Endpoint):
         self.cache = PayloadCache(self.config.cache_bytes)
         self.leader_rank = topo.language_leader
         self.is_leader = self.rank == self.leader_rank
+        self.bus.wanted = LEADER_WANTS if self.is_leader else FOLLOWER_WANTS
         self.followers = [r for r in topo.language_ranks if r != self.leader_rank]
         self.default_tokens = min(self.config.default_alloc_blocks, blocks) * self.config.block_size
         self.channels = {

@@ -26,6 +26,8 @@ from .state import RequestState
 from .topology import Role
 
 MAX_PENDING_ALLOCATIONS = 4096
+# What an encoder rank reads of the records every peer publishes (the rest is stepped over).
+WANTED = frozenset({rec.RecordType.RESUME, rec.RecordType.COMPLETION, rec.RecordType.ABORT})
 
 
 class Sender(Endpoint):
@@ -41,6 +43,7 @@ class Sender(Endpoint):
         self.language_leader = topo.language_leader
         self.targets = topo.served_language_ranks(self.rank)
         self.dummy = not self.targets
+        self.bus.wanted = WANTED
         self.channel = None
         if self.targets:
             self.channel = SendChannel(
