@@ -61,7 +61,13 @@ class Topology:
         return ranks
 
     def encoder_leader(self, engine: int) -> int:
-        return self.encoder_ranks(engine)[0]
+        leaders = self.__dict__.get("_leaders")
+        if leaders is None:
+            leaders = self.__dict__["_leaders"] = tuple(e * self.encoder_tp for e in range(self.encoders))
+        if type(engine) is int and 0 <= engine < self.encoders:
+            return leaders[engine]
+        self.check_engine(engine)  # raises, naming the value
+        return leaders[engine]
 
     def check_engine(self, engine: int) -> None:
         if isinstance(engine, bool) or not isinstance(engine, int) or not 0 <= engine < self.encoders:
