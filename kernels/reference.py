@@ -139,9 +139,10 @@ def gather_reference(
         if n:
             index = rows[first : first + n]
             end = start + n
-            torch.index_select(flat.embeddings, 0, index, out=_bits(out.embeddings)[start:end])
-            torch.index_select(flat.fill_ids, 0, index, out=out.fill_ids[start:end])
-            positions = out.mrope_positions[:, start:end]
+            whole = start == 0 and n == out.embeddings.shape[0]  # the common case: no slicing
+            torch.index_select(flat.embeddings, 0, index, out=_bits(out.embeddings if whole else out.embeddings[start:end]))
+            torch.index_select(flat.fill_ids, 0, index, out=out.fill_ids if whole else out.fill_ids[start:end])
+            positions = out.mrope_positions if whole else out.mrope_positions[:, start:end]
             if positions.is_contiguous():
                 torch.index_select(flat.mrope, 0, mrope[3 * first : 3 * (first + n)], out=positions.view(-1))
             else:
