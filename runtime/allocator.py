@@ -90,15 +90,17 @@ class BlockAllocator:
         ValueError (nothing freed) for an index out of range, repeated, or not in use."""
         blocks = list(blocks)
         in_use = self._in_use
+        freed = 0
         try:
             # One pass checks and frees (every request frees its blocks: keep it cheap);
             # a bad index undoes what this call freed before raising.
-            for position, b in enumerate(blocks):
+            for b in blocks:
                 if type(b) is not int or not in_use[b] or b < 0:
                     raise IndexError
                 in_use[b] = 0
+                freed += 1
         except (IndexError, TypeError):
-            for b in blocks[:position]:
+            for b in blocks[:freed]:
                 in_use[b] = 1
             self._check_indices(blocks, want_in_use=True, action="free")  # names what is wrong
             raise

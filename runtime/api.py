@@ -20,7 +20,8 @@ default process group):
 3. **Control bus**: ranks of one node (same node id: `EMBXFER_NODE_ID`, else torchrun's
    node rank with the host, else the host) share shared-memory rings; ranks on other
    nodes are reached through a signed zmq link, bound to the address this node reaches
-   the rendezvous on (`EMBXFER_BIND_HOST` overrides), with a secret made for this job.
+   the rendezvous on (`EMBXFER_BIND_HOST` overrides; `EMBXFER_LINK_PORT` fixes the ports,
+   `EMBXFER_ADVERTISE_HOST` the address peers dial), with a secret made for this job.
 4. **Data**: staging messages move with point-to-point on embxfer's data group.
 """
 
@@ -44,6 +45,10 @@ from .transport import TorchP2P
 log = logging.getLogger("embxfer")
 
 BIND_HOST_ENV = "EMBXFER_BIND_HOST"
+# The first port of this node's cross-node links (a process uses base + its index on the
+# node); unset: any free port. And the address peers should dial, behind NAT.
+LINK_PORT_ENV = "EMBXFER_LINK_PORT"
+ADVERTISE_HOST_ENV = "EMBXFER_ADVERTISE_HOST"
 # Settings both sides of a transfer must share (the layout of staging messages, the
 # shape of a token's rows, block arithmetic).
 AGREED = ("block_size", "staging_bytes", "max_segments_per_message", "dim", "dtype", "deepstack_layers")
@@ -149,8 +154,13 @@ def _control_bus(membership: Membership, config: Config) -> ShmBus:
 
         secret = exchange(secrets.token_bytes(32) if rank == 0 else b"")[0]
         host = os.environ.get(BIND_HOST_ENV) or membership.member(rank).address
-        link = RemoteLink(rank, secret, host, max_frame_bytes=bus.writer.capacity,
-                          heartbeat_interval_s=config.heartbeat_interval_s, on_receive=bus.doorbell.ring)
+        port = 0
+        if os.environ.get(LINK_PORT_ENV):  # fixed ports (firewalls): base + this rank's index on its node
+            port = int(os.environ[LINK_PORT_ENV]) + [r for r in range(membership.world_size)
+                                                     if nodes[r] == nodes[rank]].index(rank)
+        link = RemoteLink(rank, secret, host, port, max_frame_bytes=bus.writer.capacity,
+                          heartbeat_interval_s=config.heartbeat_interval_s, on_receive=bus.doorbell.ring,
+                          advertise_host=os.environ.get(ADVERTISE_HOST_ENV) or None)
         endpoints = exchange(link.endpoint.encode())
         link.connect({peer: endpoints[peer].decode() for peer in remote})
         bus.attach_link(link, remote)

@@ -235,6 +235,15 @@ class Endpoint:
                 log.warning("rank=%d: closing %s: %s", self.rank, type(part).__name__, exc)
         self.resources = []
 
+    def barrier(self, timeout_s: float = 60.0) -> None:
+        """Wait until every rank of embxfer's world calls `barrier` (before `close()`, so no
+        rank leaves while a peer still needs it). Liveness keeps beating meanwhile; needs an
+        endpoint made by `connect()`. TimeoutError naming who is missing."""
+        if self.membership is None:
+            raise RuntimeError("barrier(): this endpoint was not made by embxfer.connect()")
+        self.bus.flush()
+        self.membership.groups.barrier(rec.check_finite_timeout("timeout_s", timeout_s))
+
     def __enter__(self):
         return self
 
@@ -268,7 +277,8 @@ class Endpoint:
         request.last_progress = time.monotonic()
         if state.terminal:
             self.in_flight -= 1
-            self._just_finished.append(request.request_id)
+            if request.engine_admitted:  # else reported when this rank's engine admits it
+                self._just_finished.append(request.request_id)
             if state is RequestState.SUCCESS:
                 self.stats.succeeded += 1
             else:

@@ -104,6 +104,8 @@ class Receiver(Endpoint):
             if not self.is_leader and not request.engine_admitted and request.engine in (-1, encoder_engine):
                 request.engine = encoder_engine  # the leader's decision came first
                 request.engine_admitted = True
+                if request.state.terminal:  # it finished before this engine knew of it
+                    self._just_finished.append(request_id)
                 return
             raise ValueError(f"request_id={request_id}: already admitted and {request.state.value} "
                              "(take() a SUCCESS, release() a FAILED one first)")
@@ -174,14 +176,15 @@ class Receiver(Endpoint):
         if not request.state.terminal:
             raise ValueError(f"request_id={request_id}: release() needs a finished request, it is "
                              f"{request.state.value} (abort() it first)")
-        self._drop_outputs(request)
-        if request.blocks:
-            # A follower frees only on the leader's FAIL decision, which may still be on its
-            # way; keep the old incarnation apart so a re-admitted id cannot be confused with it.
+        if request.state is RequestState.FAILED and not self.is_leader and self.leader_rank not in self.dead_peers \
+                and (request.blocks or request.outputs is not None):
+            # A follower frees only on the leader's decision, which may still be on its way;
+            # keep the old incarnation apart so a re-admitted id cannot be confused with it.
             self.requests.pop(request_id, None)
             self._awaiting_free[request_id] = request
-        else:
-            self._retire(request)
+            return
+        self._drop_outputs(request)
+        self._retire(request)
 
     # -- records ------------------------------------------------------------------------
     def _on_record(self, record: rec.Record) -> None:
@@ -522,10 +525,14 @@ class Receiver(Endpoint):
 
     # -- followers: apply the leader's decisions ---------------------------------------------
     def _apply_decision(self, d: rec.Decision) -> None:
-        if d.action is rec.DecisionAction.FAIL and d.request_id in self._awaiting_free:
-            self._release_blocks(self._awaiting_free.pop(d.request_id))
+        if d.action in (rec.DecisionAction.FAIL, rec.DecisionAction.COMPLETE) and d.request_id in self._awaiting_free:
+            self._settle_terminal(self._awaiting_free.pop(d.request_id), d)
             return
         request = self.requests.get(d.request_id)
+        if request is not None and request.state is RequestState.FAILED \
+                and d.action in (rec.DecisionAction.FAIL, rec.DecisionAction.COMPLETE):
+            self._settle_terminal(request, d)
+            return
         if request is None and d.action in (rec.DecisionAction.ADMIT, rec.DecisionAction.CACHED) \
                 and d.request_id not in self.retired:
             request = self._add(Request(d.request_id, -1))  # admit() may come later
@@ -573,6 +580,16 @@ class Receiver(Endpoint):
         else:  # FAIL / FREE: the leader has freed the blocks; so does this rank
             self._fail(request, rec.AbortReason.INTERNAL, "failed by the TP leader", notify=False)
 
+    def _settle_terminal(self, request: Request, d: rec.Decision) -> None:
+        """Follower: the leader's last word on a request this rank failed on its own. A
+        COMPLETE means the leader finished it (and cached it): so does this rank's cache,
+        from what this rank read, so that the caches stay identical."""
+        if d.action is rec.DecisionAction.COMPLETE and d.content_hash and request.outputs is not None \
+                and request.sent_tokens == d.total_tokens:
+            self.cache.insert(d.content_hash, request.outputs, request.mrope_delta)
+        self._drop_outputs(request)
+        self._release_blocks(request)
+
     def _release_blocks(self, request: Request) -> None:
         if request.blocks:
             self.allocator.free(request.blocks)
@@ -602,8 +619,13 @@ class Receiver(Endpoint):
         return request.state is not RequestState.BOOTSTRAPPING
 
     def _fail_cleanup(self, request: Request) -> None:
-        self._drop_outputs(request)
         request.resume_due = False
+        if self.is_leader or self.leader_rank in self.dead_peers:
+            self._drop_outputs(request)
+        # else a follower keeps what it read until the leader's decision for the request
+        # arrives: the leader may have completed it already (this rank's last
+        # acknowledgement crossed its own abort), and then every rank must add the same
+        # payload to its cache (`_settle_terminal`).
         if self.is_leader:
             self._release_blocks(request)
             if request.round >= 0:

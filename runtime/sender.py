@@ -75,7 +75,8 @@ class Sender(Endpoint):
         if payload.num_tokens > 0xFFFFFFFF:
             raise ValueError(f"payload.embeddings: N={payload.num_tokens}, expected at most 2**32 - 1 tokens")
         self.retired.pop(request_id, None)
-        request = Request(request_id, self.engine, total_tokens=payload.num_tokens, mrope_delta=payload.mrope_delta)
+        request = Request(request_id, self.engine, total_tokens=payload.num_tokens, mrope_delta=payload.mrope_delta,
+                          engine_admitted=True)
         self._add(request)
         lost = self.lost_peer()
         if lost is not None:
@@ -128,10 +129,16 @@ class Sender(Endpoint):
         return None
 
     def abort(self, request_id: int, message: str = "aborted by the encoder engine") -> None:
-        """Fail a request in flight, on both sides; a finished one is released. Unknown ids:
-        nothing to do."""
+        """Fail a request in flight, on both sides; a finished one is released. An id this
+        engine never submitted: the language side is told (it fails the request if it
+        admitted it), nothing else."""
         request = self.requests.get(check_request_id(request_id))
         if request is None:
+            # Never submitted (the vision model failed, say): the language side may be
+            # waiting for it; tell it, so the request fails there at once.
+            if self.rank == self.leader_rank:
+                self._publish(rec.Abort(request_id=request_id, reason=rec.AbortReason.USER,
+                                        message=rec.clip_message(message), src_rank=self.rank, dst_rank=-1))
             return
         if request.state.terminal:
             self.release(request_id)
@@ -185,6 +192,11 @@ class Sender(Endpoint):
                 _remember(self._early_allocations, resume.request_id, resume)
             else:
                 self.stats.rejected_records += 1
+            return
+        if request.state.terminal and resume.round == 0:
+            # The language side admitted the id again while this engine still holds the old,
+            # finished incarnation: keep the allocation for the next submit of the id.
+            _remember(self._early_allocations, resume.request_id, resume)
             return
         if request.state.terminal or resume.round <= request.round:
             self.stats.late_records += 1  # a duplicate or a resume for an older round
