@@ -228,7 +228,7 @@ def main(argv: list[str] | None = None) -> int:
         status = run(endpoint, engine, args)
         # Leave together: a rank that closes while a peer still finishes a request (a TP
         # follower applying the leader's last decision) would fail that request there.
-        endpoint.membership.groups.barrier(timeout_s=args.timeout)
+        endpoint.barrier(timeout_s=args.timeout)
     engine.close()
     print(f"{who}: closed; the engine's own group ran {engine.collectives} collectives", flush=True)
     return status

@@ -331,8 +331,6 @@ def test_encoder_side_lifecycle_table(call: str, state: str, topology: tuple[int
 # --------------------------------------------------------------------------- lifecycle corners
 
 
-@pytest.mark.xfail(strict=True, reason="runtime bug: a follower reports in finished() a request that finished "
-                                       "before its engine admitted it, and never after the admit")
 def test_a_follower_that_admits_late_still_reports_the_request_in_finished() -> None:
     cluster = make_cluster((1, 1, 2))
     follower = cluster.receivers[2]
@@ -346,9 +344,6 @@ def test_a_follower_that_admits_late_still_reports_the_request_in_finished() -> 
     assert follower.take(1).bit_equal(payload)
 
 
-@pytest.mark.xfail(strict=True, reason="runtime bug: an id re-admitted while the encoder still holds its finished "
-                                       "old request gets an allocation the encoder drops as late; the encoder's "
-                                       "next submit of the id then waits forever")
 def test_reusing_an_id_the_encoder_has_not_released_yet() -> None:
     cluster = make_cluster((1, 1, 1))
     tx, rx = cluster.senders[0], cluster.leader
@@ -613,9 +608,6 @@ def test_cached_tensors_are_never_handed_out_twice() -> None:
     drain(cluster)
 
 
-@pytest.mark.xfail(strict=True, reason="runtime bug: a follower that aborts a request after its last "
-                                       "acknowledgement misses the leader's cache insert; the caches differ and "
-                                       "the next hit on that hash fails on the follower only")
 def test_a_follower_abort_racing_completion_keeps_the_caches_identical() -> None:
     cluster = cached_cluster((1, 1, 2))
     follower = cluster.receivers[2]
