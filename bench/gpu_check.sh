@@ -72,6 +72,11 @@ if [ "${GPU_CHECK_SKIP_TESTS:-0}" != 1 ]; then
     status=${PIPESTATUS[0]}
     echo "gpu tests exit status: $status" | tee -a "$LOG"
 fi
+if [ "${GPU_CHECK_SKIP_GROUPS:-0}" != 1 ]; then
+    # embxfer's stateless groups on this machine's torch (the CPU/gloo tests; NCCL needs 2 GPUs)
+    timeout 150 python3 -m pytest tests/runtime/test_groups.py -q -p no:cacheprovider -rs 2>&1 | tee -a "$LOG" | tail -5
+    echo "groups tests exit status: ${PIPESTATUS[0]}" | tee -a "$LOG"
+fi
 if [ "${GPU_CHECK_SKIP_BENCH:-0}" != 1 ]; then
     python3 bench/kernels.py --json "$OUT/kernels-{device}.json" "$@" 2>&1 | tee -a "$LOG"
     bench_status=${PIPESTATUS[0]}
