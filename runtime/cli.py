@@ -11,15 +11,7 @@ import sys
 from collections.abc import Sequence
 
 from .config import Config
-
-
-class UsageError(Exception):
-    """Bad command line: printed as one line, exit status 2."""
-
-
-class _Parser(argparse.ArgumentParser):
-    def error(self, message: str) -> None:  # argparse would print the usage block too
-        raise UsageError(f"{self.prog}: {message}")
+from .demo import ArgumentParser, UsageError, add_demo_arguments
 
 
 def _versions() -> dict[str, str]:
@@ -66,17 +58,17 @@ def cmd_info(args: argparse.Namespace) -> int:
 
 
 def build_parser() -> argparse.ArgumentParser:
-    parser = _Parser(prog="embxfer", description=__doc__.splitlines()[0])
-    commands = parser.add_subparsers(dest="command", required=True, parser_class=_Parser, metavar="COMMAND")
+    parser = ArgumentParser(prog="embxfer", description=__doc__.splitlines()[0])
+    commands = parser.add_subparsers(dest="command", required=True, parser_class=ArgumentParser,
+                                     metavar="COMMAND")
     info = commands.add_parser("info", help="versions, devices and the effective configuration")
     info.set_defaults(handler=cmd_info)
-    from .demo import add_demo_arguments
-
     demo = commands.add_parser("demo", help="stream synthetic payloads and verify them bit-exact (the main job)")
     add_demo_arguments(demo)
     demo.set_defaults(handler=cmd_demo)
     ring = commands.add_parser("ring", help="list or remove control-ring segments left in /dev/shm")
-    ring_actions = ring.add_subparsers(dest="ring_action", required=True, parser_class=_Parser, metavar="ACTION")
+    ring_actions = ring.add_subparsers(dest="ring_action", required=True, parser_class=ArgumentParser,
+                                           metavar="ACTION")
     ring_ls = ring_actions.add_parser("ls", help="ring segments and doorbells, with their creator and whether it runs")
     ring_ls.add_argument("--prefix", default="embxfer", help="name prefix (default: embxfer)")
     ring_rm = ring_actions.add_parser("rm", help="remove entries whose creator is gone (or the named ones)")
