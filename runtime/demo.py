@@ -190,9 +190,9 @@ def topology_of(args: argparse.Namespace) -> Topology:
 
 def config_of(args: argparse.Namespace, device_kind: str = "cpu") -> Config:
     """Flags over `EMBXFER_*` over the demo's defaults over `Config`'s: what runs is what the
-    start-up line and the JSON report print. The demo's own defaults (a smaller pool; a
-    staging size that suits the device) apply only where neither a flag nor the
-    environment says anything."""
+    start-up line, `embxfer info` and the JSON report print. The demo's own defaults (a
+    smaller pool; a staging size that suits the device) apply only where neither a flag
+    nor the environment says anything."""
     demo_defaults = {"language_pool_blocks": 256,
                      "staging_bytes": (256 if device_kind == "cuda" else 8) << 20,
                      "request_timeout_s": min(Config().request_timeout_s, args.timeout)}
@@ -201,6 +201,18 @@ def config_of(args: argparse.Namespace, device_kind: str = "cpu") -> Config:
     if args.staging_mb is not None:
         flags["staging_bytes"] = int(args.staging_mb * (1 << 20))
     return Config(**{**demo_defaults, **Config.env_values(), **flags})
+
+
+def demo_configuration(argv: Sequence[str] = ()) -> tuple[Config, str]:
+    """The configuration `embxfer demo argv` runs with here, and the device kind it picks
+    (for `embxfer info`)."""
+    from .launch import pick_device
+
+    parser = ArgumentParser(prog="embxfer demo")
+    add_demo_arguments(parser)
+    args = parser.parse_args(list(argv))
+    device_kind = pick_device(args.device, topology_of(args).world_size)
+    return config_of(args, device_kind), device_kind
 
 
 # -- how a rank ends -------------------------------------------------------------------------

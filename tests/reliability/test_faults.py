@@ -77,6 +77,10 @@ def test_sigkill_ends_the_job_within_2t_plus_3(who, size):
         if rank != victim:
             lines = rank_lines(err, rank)
             assert len(lines) == 1 and "the job is lost" in lines[0], err[-3000:]
+            # The requests the loss cost, counted as the peers' doing; no new work after it.
+            failed, by_peers, not_started = map(int, re.search(
+                r"(\d+) request\(s\) failed \((\d+) of them by a lost peer.*?(\d+) not started", lines[0]).groups())
+            assert failed >= 1 and by_peers == failed and not_started > 0, lines[0]
     print(f"\n[faults] SIGKILL {who} (rank {victim}, {size} requests, T={PEER_TIMEOUT_S:g}s): detected after "
           f"{min(detected) - killed_wall:.3f}s, every process and segment gone after {gone_s:.2f}s")
 
