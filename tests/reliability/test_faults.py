@@ -14,11 +14,13 @@ from __future__ import annotations
 import os
 import re
 import signal
+import subprocess
+import sys
 import time
 
 import pytest
 
-from tests.procs import log_times
+from tests.procs import log_times, shm_entries, unique_prefix
 from tests.reliability.faultkit import DemoSession
 
 pytestmark = pytest.mark.timeout(180)
@@ -135,3 +137,28 @@ def test_ctrl_c_ends_every_rank_cleanly(after_s):
         lines = rank_lines(err, rank)
         assert len(lines) == 1 and "interrupted" in lines[0], err[-3000:]
     print(f"\n[faults] Ctrl-C {after_s}s into the transfers: every process and segment gone after {gone_s:.2f}s")
+
+
+def test_a_tear_down_that_hangs_is_cut_short_by_the_watchdog(tmp_path):
+    """However a rank's tear-down gets stuck (a store whose host is stopped, a C call that
+    never returns), it ends `grace_s` later with the status already decided, and what
+    this process created in /dev/shm is unlinked."""
+    prefix = unique_prefix()
+    script = (
+        "import time\n"
+        "from embxfer.control.ring import Doorbell, RingWriter\n"
+        "from embxfer.runtime.demo import RankLifetime\n"
+        f"writer = RingWriter.create(slots=4, slot_bytes=256, max_readers=1, prefix={prefix!r})\n"
+        f"doorbell = Doorbell.create({prefix!r})\n"
+        "lifetime = RankLifetime(grace_s=0.5)\n"
+        f"lifetime.prefix = {prefix!r}\n"
+        "lifetime.end(7)\n"
+        "time.sleep(60)  # the tear-down that never finishes\n"
+    )
+    started = time.monotonic()
+    result = subprocess.run([sys.executable, "-c", script], capture_output=True, text=True, timeout=60)
+    elapsed = time.monotonic() - started
+    assert result.returncode == 7, result.stderr
+    assert re.search(r"tear-down took more than 0.5s; removed its \d+ shared-memory entries", result.stderr)
+    assert elapsed < 30
+    assert not shm_entries(prefix)
