@@ -1,12 +1,14 @@
-"""Roles from a torchrun world, process groups, and spawning a local world.
+"""Spawning a local world, picking a device, and the default-group world of the benchmarks.
 
-`init_world` reads the torchrun environment (RANK, WORLD_SIZE, LOCAL_RANK,
-MASTER_ADDR, MASTER_PORT), joins (or reuses) the default process group and makes two
-groups of embxfer's own: `data_group` for point-to-point staging chunks (NCCL on GPUs,
-gloo on CPU) and `meta_group` (gloo) for the few collectives of set-up and tear-down,
-so embxfer's traffic never interleaves with the engine's collectives.
-`spawn_local_world` runs the same entry point as a local world of subprocesses when
-there is no torchrun, with a deadline and no orphans.
+`spawn_local_world` runs an entry point as a local world of subprocesses when there is
+no torchrun (`embxfer demo`), with a deadline and no orphans: ranks die with the
+launcher, a failed rank stops the world within the peer timeout, and what dead ranks
+left in /dev/shm is removed.
+
+`init_world` (used by `bench/e2e.py` only; the runtime builds its groups with
+`embxfer.connect()`) reads the torchrun environment, joins (or reuses) the default
+process group and makes two groups on it: `data_group` for point-to-point staging chunks
+(NCCL on GPUs, gloo on CPU) and `meta_group` (gloo).
 """
 
 from __future__ import annotations
