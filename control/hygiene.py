@@ -120,4 +120,24 @@ def remove_segments(
     return removed
 
 
-__all__ = ["SegmentInfo", "list_segments", "remove_segments"]
+def remove_own_segments(prefix: str = "embxfer", pid: int | None = None) -> list[str]:
+    """Unlink every entry with `prefix` that process `pid` (default: this one) created,
+    whether or not its handles are still open: the last resort of a process that must
+    exit before its own tear-down finished. The removed names."""
+    pid = os.getpid() if pid is None else pid
+    removed = []
+    for info in list_segments(prefix):
+        if info.creator_pid != pid:
+            continue
+        try:
+            if info.kind == "doorbell":
+                posix_ipc.unlink_semaphore("/" + info.name)
+            else:
+                posix_ipc.unlink_shared_memory("/" + info.name)
+        except (posix_ipc.ExistentialError, posix_ipc.PermissionsError):
+            continue
+        removed.append(info.name)
+    return removed
+
+
+__all__ = ["SegmentInfo", "list_segments", "remove_own_segments", "remove_segments"]

@@ -6,20 +6,18 @@ Usage errors exit 2 with one line on stderr, never a traceback.
 from __future__ import annotations
 
 import argparse
+import os
 import platform
 import sys
 from collections.abc import Sequence
+from dataclasses import fields
 
 from .config import Config
+from .demo import ArgumentParser, UsageError, add_demo_arguments
 
-
-class UsageError(Exception):
-    """Bad command line: printed as one line, exit status 2."""
-
-
-class _Parser(argparse.ArgumentParser):
-    def error(self, message: str) -> None:  # argparse would print the usage block too
-        raise UsageError(f"{self.prog}: {message}")
+SHM_PREFIX_ENV = "EMBXFER_SHM_PREFIX"
+PREFIX_HELP = ("name prefix (default: $EMBXFER_SHM_PREFIX, else embxfer; a run with --nodes N also uses "
+               "<prefix>.n0 ... <prefix>.nN-1)")
 
 
 def _versions() -> dict[str, str]:
@@ -44,7 +42,7 @@ def _versions() -> dict[str, str]:
 def _devices() -> list[str]:
     import torch
 
-    found = [f"cpu ({platform.machine()}, {__import__('os').cpu_count()} cores)"]
+    found = [f"cpu ({platform.machine()}, {os.cpu_count()} cores)"]
     if torch.cuda.is_available():
         for index in range(torch.cuda.device_count()):
             props = torch.cuda.get_device_properties(index)
@@ -53,6 +51,8 @@ def _devices() -> list[str]:
 
 
 def cmd_info(args: argparse.Namespace) -> int:
+    from .demo import demo_configuration
+
     config = Config.from_env()
     print("embxfer info")
     for name, version in _versions().items():
@@ -60,28 +60,34 @@ def cmd_info(args: argparse.Namespace) -> int:
     print("devices")
     for device in _devices():
         print(f"  {device}")
-    print("configuration (EMBXFER_* overrides applied)")
+    print("configuration (defaults < EMBXFER_* variables; what embxfer.connect() uses)")
     print(config.describe())
+    demo, device_kind = demo_configuration()
+    changed = [f.name for f in fields(Config) if getattr(demo, f.name) != getattr(config, f.name)]
+    print(f"embxfer demo (no flags, on {device_kind}) runs with the above, except its own defaults where no "
+          f"EMBXFER_* variable is set:" if changed else "embxfer demo (no flags) runs with the above")
+    for name in changed:
+        print(f"  {name} = {getattr(demo, name)}")
     return 0
 
 
 def build_parser() -> argparse.ArgumentParser:
-    parser = _Parser(prog="embxfer", description=__doc__.splitlines()[0])
-    commands = parser.add_subparsers(dest="command", required=True, parser_class=_Parser, metavar="COMMAND")
+    parser = ArgumentParser(prog="embxfer", description=__doc__.splitlines()[0])
+    commands = parser.add_subparsers(dest="command", required=True, parser_class=ArgumentParser,
+                                     metavar="COMMAND")
     info = commands.add_parser("info", help="versions, devices and the effective configuration")
     info.set_defaults(handler=cmd_info)
-    from .demo import add_demo_arguments
-
     demo = commands.add_parser("demo", help="stream synthetic payloads and verify them bit-exact (the main job)")
     add_demo_arguments(demo)
     demo.set_defaults(handler=cmd_demo)
     ring = commands.add_parser("ring", help="list or remove control-ring segments left in /dev/shm")
-    ring_actions = ring.add_subparsers(dest="ring_action", required=True, parser_class=_Parser, metavar="ACTION")
+    ring_actions = ring.add_subparsers(dest="ring_action", required=True, parser_class=ArgumentParser,
+                                           metavar="ACTION")
     ring_ls = ring_actions.add_parser("ls", help="ring segments and doorbells, with their creator and whether it runs")
-    ring_ls.add_argument("--prefix", default="embxfer", help="name prefix (default: embxfer)")
+    ring_ls.add_argument("--prefix", default=None, help=PREFIX_HELP)
     ring_rm = ring_actions.add_parser("rm", help="remove entries whose creator is gone (or the named ones)")
     ring_rm.add_argument("names", nargs="*", metavar="NAME", help="entries to remove, as `ring ls` shows them")
-    ring_rm.add_argument("--prefix", default="embxfer", help="name prefix (default: embxfer)")
+    ring_rm.add_argument("--prefix", default=None, help=PREFIX_HELP)
     ring_rm.add_argument("--force", action="store_true", help="also remove entries whose creator still runs")
     ring.set_defaults(handler=cmd_ring)
     return parser
@@ -90,10 +96,14 @@ def build_parser() -> argparse.ArgumentParser:
 def cmd_ring(args: argparse.Namespace) -> int:
     from embxfer.control.hygiene import list_segments, remove_segments
 
+    prefix = args.prefix or os.environ.get(SHM_PREFIX_ENV) or "embxfer"
     if args.ring_action == "ls":
-        entries = list_segments(args.prefix)
+        try:
+            entries = list_segments(prefix)
+        except ValueError as exc:
+            raise UsageError(f"embxfer ring ls: {exc}") from None
         if not entries:
-            print(f"no ring segments or doorbells with prefix {args.prefix!r} in /dev/shm")
+            print(f"no ring segments or doorbells with prefix {prefix!r} in /dev/shm")
             return 0
         print(f"{'NAME':<48} {'KIND':<8} {'BYTES':>10} {'CREATOR':>8}  STATE")
         for entry in entries:
@@ -101,7 +111,7 @@ def cmd_ring(args: argparse.Namespace) -> int:
             print(f"{entry.name:<48} {entry.kind:<8} {entry.size:>10} {entry.creator_pid:>8}  {state}")
         return 0
     try:
-        removed = remove_segments(args.names or None, stale_only=not args.force, prefix=args.prefix)
+        removed = remove_segments(args.names or None, stale_only=not args.force, prefix=prefix)
     except ValueError as exc:
         raise UsageError(f"embxfer ring rm: {exc}") from None
     for name in removed:

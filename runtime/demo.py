@@ -17,12 +17,16 @@ import os
 import random
 import signal
 import sys
+import threading
 import time
-from collections.abc import Sequence
+from collections import deque
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 
 import numpy as np
 import torch
+
+from embxfer.control import records as rec
 
 from .config import Config
 from .payload import Payload
@@ -194,9 +198,9 @@ def topology_of(args: argparse.Namespace) -> Topology:
 
 def config_of(args: argparse.Namespace, device_kind: str = "cpu") -> Config:
     """Flags over `EMBXFER_*` over the demo's defaults over `Config`'s: what runs is what the
-    start-up line and the JSON report print. The demo's own defaults (a smaller pool; a
-    staging size that suits the device) apply only where neither a flag nor the
-    environment says anything."""
+    start-up line, `embxfer info` and the JSON report print. The demo's own defaults (a
+    smaller pool; a staging size that suits the device) apply only where neither a flag
+    nor the environment says anything."""
     demo_defaults = {"language_pool_blocks": 256,
                      "staging_bytes": (256 if device_kind == "cuda" else 8) << 20,
                      "request_timeout_s": min(Config().request_timeout_s, args.timeout)}
@@ -207,8 +211,104 @@ def config_of(args: argparse.Namespace, device_kind: str = "cpu") -> Config:
     return Config(**{**demo_defaults, **Config.env_values(), **flags})
 
 
+def demo_configuration(argv: Sequence[str] = ()) -> tuple[Config, str]:
+    """The configuration `embxfer demo argv` runs with here, and the device kind it picks
+    (for `embxfer info`)."""
+    from .launch import pick_device
+
+    parser = ArgumentParser(prog="embxfer demo")
+    add_demo_arguments(parser)
+    args = parser.parse_args(list(argv))
+    device_kind = pick_device(args.device, topology_of(args).world_size)
+    return config_of(args, device_kind), device_kind
+
+
+# -- how a rank ends -------------------------------------------------------------------------
+# Seconds a rank's tear-down (closing its endpoint, leaving the store) may take, however
+# the run ended; past that the rank unlinks its own shared memory and exits.
+TEARDOWN_GRACE_S = 3.0
+
+
+class RankLifetime:
+    """How a rank ends, whatever ends it: the end of the run, a lost peer, an error, SIGTERM
+    (a scheduler, the launcher stopping the world, or the launcher dying: spawned ranks get
+    SIGTERM then), Ctrl-C.
+
+    The first SIGTERM or SIGINT unwinds the rank (SystemExit, KeyboardInterrupt) through
+    its tear-down. Once tear-down has started, further signals are ignored (a second one
+    would cut `close()` short and leave gloo's connections half closed), and a watchdog
+    thread bounds it: after `grace_s` it unlinks this process's own shared memory and ends
+    the process with the status decided so far.
+    """
+
+    def __init__(self, grace_s: float = TEARDOWN_GRACE_S) -> None:
+        self.grace_s = grace_s
+        self.prefix = os.environ.get("EMBXFER_SHM_PREFIX", "embxfer")
+        self.label = f"rank {os.environ.get('RANK', '?')}"
+        self.code = 1
+        self.signal_name: str | None = None
+        self.ending = False
+
+    def install(self) -> None:
+        for signum in (signal.SIGTERM, signal.SIGINT):
+            signal.signal(signum, self._on_signal)
+
+    def _on_signal(self, signum: int, frame: object) -> None:
+        if self.ending:
+            return
+        self.signal_name = signal.Signals(signum).name
+        self.end(128 + signum)
+        self.check()
+
+    def check(self) -> None:
+        """Raise what a signal asked for. The handler raises it too, but a C extension
+        that runs handlers itself may swallow it (posix_ipc turns it into a SignalError,
+        which a parked `wait()` ignores), so the rank's loops call this as well."""
+        if self.signal_name == "SIGINT":
+            raise KeyboardInterrupt
+        if self.signal_name is not None:
+            raise SystemExit(self.code)
+
+    def end(self, code: int) -> None:
+        """Tear-down starts now: the status is `code` (the first one given wins), signals
+        are ignored from here on, and the watchdog runs."""
+        if self.ending:
+            return
+        self.ending = True
+        self.code = code
+        threading.Thread(target=self._watchdog, name="embxfer-demo-watchdog", daemon=True).start()
+
+    def _watchdog(self) -> None:
+        time.sleep(self.grace_s)
+        try:
+            from embxfer.control.hygiene import remove_own_segments
+
+            removed = f"removed its {len(remove_own_segments(self.prefix))} shared-memory entries"
+        except Exception as exc:  # exiting matters more than a complete clean-up
+            removed = f"could not remove its shared memory ({type(exc).__name__}: {exc})"
+        print(f"embxfer demo: {self.label}: tear-down took more than {self.grace_s:g}s; {removed} and exited",
+              file=sys.stderr, flush=True)
+        os._exit(self.code)
+
+
+def _end_process(code: int) -> None:
+    """A rank's process ends here, once its own tear-down is done: interpreter
+    finalization would add nothing but destroying torch's C++ threads in an order no one
+    controls, which is where gloo's `terminate called without an active exception` comes
+    from."""
+    logging.shutdown()
+    for stream in (sys.stdout, sys.stderr):
+        try:
+            stream.flush()
+        except (OSError, ValueError):
+            pass
+    os._exit(code)
+
+
 # -- one rank -------------------------------------------------------------------------------
-def run_rank(args: argparse.Namespace) -> int:
+def run_rank(args: argparse.Namespace, lifetime: RankLifetime) -> int:
+    from embxfer.control.hygiene import remove_segments
+
     from .api import connect
     from .launch import pick_device
 
@@ -226,94 +326,169 @@ def run_rank(args: argparse.Namespace) -> int:
         device = torch.device("cuda", int(os.environ.get("LOCAL_RANK", "0")) % torch.cuda.device_count())
         torch.cuda.set_device(device)
     config = config_of(args, device_kind)
-    # SIGTERM (the spawner stopping the world, a scheduler) unwinds through the finally
-    # below, so this rank's shared-memory segments are unlinked.
-    signal.signal(signal.SIGTERM, lambda *_: sys.exit(128 + signal.SIGTERM))
-    endpoint = connect(layout=(args.encoders, args.encoder_tp, args.language_tp), dim=args.dim,
-                       dtype=DTYPES[args.dtype], deepstack_layers=args.deepstack, device=device, config=config,
-                       timeout_s=args.timeout)
+    lifetime.prefix = config.shm_prefix
+    endpoint = None
+    code = 1
+    try:
+        endpoint = connect(layout=(args.encoders, args.encoder_tp, args.language_tp), dim=args.dim,
+                           dtype=DTYPES[args.dtype], deepstack_layers=args.deepstack, device=device,
+                           config=config, timeout_s=args.timeout)
+        lifetime.label = f"rank {endpoint.rank} ({endpoint.role})"
+        code = run_job(args, config, topology, endpoint, lifetime.check)
+        return code
+    finally:
+        lifetime.end(code)
+        if endpoint is not None:
+            endpoint.close()
+        # What peers killed on this node left behind (only the creator unlinks, and it is
+        # gone): without a launcher of ours (torchrun), no one else would remove it.
+        try:
+            remove_segments(stale_only=True, prefix=config.shm_prefix)
+        except Exception as exc:
+            logging.getLogger("embxfer").warning("could not clean /dev/shm: %s", exc)
+
+
+def run_job(args: argparse.Namespace, config: Config, topology: Topology, endpoint: Sender | Receiver,
+            check_signals: Callable[[], None]) -> int:
+    """This rank's part of the demo; 0 when the whole job succeeded (as far as this rank
+    can tell), 1 otherwise, with one line on stderr saying why. `check_signals` raises
+    when the rank was told to stop; every loop calls it."""
     rank = endpoint.rank
     lengths = request_lengths(args)
     if rank == topology.language_leader:
         nodes = len({m.node_id for m in endpoint.membership.members})
         print(f"embxfer demo: {len(lengths)} requests of {min(lengths)}..{max(lengths)} tokens; "
-              f"{topology.describe()}; {endpoint.membership.groups.backend} on {device}"
+              f"{topology.describe()}; {endpoint.membership.groups.backend} on {endpoint.spec.device}"
               f"{f', {nodes} nodes' if nodes > 1 else ''}; block {config.block_size}, default "
               f"allocation {config.default_alloc_blocks * config.block_size} tokens, language pool "
               f"{config.language_pool_blocks} blocks, staging "
-              f"{config.staging_depth} x {config.staging_bytes / 2**20:g} MiB", flush=True)
+              f"{config.staging_depth} x {config.staging_bytes / 2**20:g} MiB, peer timeout "
+              f"{config.peer_timeout_s:g}s", flush=True)
         logging.getLogger("embxfer").debug("configuration:\n%s", config.describe())
     deadline = time.monotonic() + args.timeout
     outcomes = [Outcome() for _ in lengths]
     probe = ResourceProbe(config.shm_prefix, steady_after=min(args.inflight, len(lengths)))
     started = time.monotonic()
     metrics_server = None
-    try:
-        if args.metrics_port is not None:
-            from .metrics import Metrics
+    if args.metrics_port is not None:
+        from .metrics import Metrics
 
-            metrics_server = Metrics([endpoint]).serve(args.metrics_port + rank)
+        metrics_server = Metrics([endpoint]).serve(args.metrics_port + rank)
+    try:
         if isinstance(endpoint, Sender):
-            run_encoder(args, endpoint, lengths, deadline, probe)
+            tally = run_encoder(args, endpoint, lengths, deadline, probe, check_signals)
         else:
-            run_language(args, endpoint, lengths, outcomes, deadline, show_progress=endpoint.is_leader, probe=probe)
+            tally = run_language(args, endpoint, lengths, outcomes, deadline, endpoint.is_leader, probe,
+                                 check_signals)
         elapsed = time.monotonic() - started
-        if endpoint.dead_peers:
-            # The job cannot finish together: report what this rank saw and go.
-            peer, why = next(iter(endpoint.dead_peers.items()))
-            failed = sum(o.code not in (NOT_MINE, VERIFIED, ABORTED) for o in outcomes)
-            mine = f"{failed} request(s) on this rank failed or unfinished" if isinstance(endpoint, Receiver) else \
-                f"{endpoint.stats.failed} request(s) of this encoder rank failed"
-            print(f"embxfer demo: rank {rank}: peer rank {peer} died ({why}); {mine}", file=sys.stderr)
+        gathered = None if endpoint.dead_peers else finish_together(endpoint, outcomes, probe, deadline,
+                                                                    check_signals)
+        if gathered is None:
+            # The job cannot finish together: say what this rank saw, and go.
+            print(f"embxfer demo: rank {rank} ({endpoint.role}): the job is lost: {_lost_peers(endpoint)}; "
+                  f"{tally.describe()}", file=sys.stderr, flush=True)
             return 1
-        codes, blocks, resources = finish_together(endpoint, outcomes, probe, deadline)
         if metrics_server is not None:
             time.sleep(args.metrics_linger)  # every rank is done: the figures are final
         if rank == topology.language_leader:
+            codes, blocks, resources = gathered
             return report(args, config, topology, lengths, outcomes, codes, blocks, resources, endpoint, elapsed)
         return 0
     finally:
         if metrics_server is not None:
             metrics_server.close()
-        endpoint.close()
 
 
-def run_encoder(args: argparse.Namespace, sender, lengths: list[int], deadline: float,
-                probe: ResourceProbe) -> None:
+def _lost_peers(endpoint: Sender | Receiver) -> str:
+    """The peers this rank lost, first the first it noticed, each with why; a last look at
+    liveness adds those that died meanwhile (a survivor that saw the loss first and left
+    may otherwise be the only one named)."""
+    lost = dict(endpoint.dead_peers)
+    try:
+        for rank, why in endpoint.bus.dead_ranks().items():
+            lost.setdefault(rank, why)
+    except Exception:  # the bus may be half gone with its peers; what we have is enough
+        pass
+    ranks = ", ".join(str(rank) for rank in lost)
+    reasons = "; ".join(rec.clip_message(why, 160) for why in lost.values())
+    return f"peer rank(s) {ranks} lost ({reasons})"
+
+
+@dataclass
+class Tally:
+    """What one rank's loop did with its requests, for its last line."""
+
+    started: int = 0
+    succeeded: int = 0
+    failed: int = 0
+    failed_by_peers: int = 0  # a peer aborted them, or a peer they needed was lost
+    not_started: int = 0
+
+    def count_failure(self, error: str | None) -> None:
+        self.failed += 1
+        if error and (error.startswith("peer_dead") or "aborted by rank" in error or "by the TP leader" in error):
+            self.failed_by_peers += 1
+
+    def describe(self) -> str:
+        return (f"{self.failed} request(s) failed ({self.failed_by_peers} of them by a lost peer or a "
+                f"peer's abort), {self.succeeded} succeeded, {self.not_started} not started")
+
+
+def run_encoder(args: argparse.Namespace, sender: Sender, lengths: list[int], deadline: float,
+                probe: ResourceProbe, check_signals: Callable[[], None]) -> Tally:
+    """Produce and submit this engine's payloads, `--inflight` at a time. A lost peer ends
+    the loop at once: no payload is built for a job that cannot finish."""
     engine = sender.engine
-    todo = [rid for rid in range(len(lengths)) if rid % args.encoders == engine]
+    todo = deque(rid for rid in range(len(lengths)) if rid % args.encoders == engine)
     active: set[int] = set()
-    finished = 0
-    while (todo or active or sender.busy) and time.monotonic() < deadline:
-        while todo and len(active) < args.inflight:
-            rid = todo.pop(0)
+    tally = Tally()
+    while (todo or active or sender.busy) and time.monotonic() < deadline and not sender.dead_peers:
+        check_signals()
+        while todo and len(active) < args.inflight and sender.lost_peer() is None:
+            rid = todo.popleft()
             sender.submit(rid, make_payload(args, rid, lengths[rid], sender.spec.device))
             active.add(rid)
+            tally.started += 1
         worked = sender.progress()
         for rid in list(active):
-            if sender.state(rid).terminal:
+            state = sender.state(rid)
+            if state.terminal:
+                if state is RequestState.SUCCESS:
+                    tally.succeeded += 1
+                else:
+                    tally.count_failure(sender.error(rid))
                 sender.release(rid)
                 active.discard(rid)
-                finished += 1
-                probe.done(finished)
+                probe.done(tally.succeeded + tally.failed)
         if not worked:
             sender.wait(0.001 if sender.busy else 0.02)
+    for rid in active:  # the loop ended with them in flight: the endpoint fails them on close
+        tally.count_failure(sender.error(rid) or (f"peer_dead: {sender.lost_peer()}" if sender.dead_peers else None))
+    tally.not_started = len(todo)
     probe.finish()
+    return tally
 
 
-def run_language(args: argparse.Namespace, receiver, lengths: list[int], outcomes: list[Outcome],
-                 deadline: float, show_progress: bool, probe: ResourceProbe) -> None:
+def run_language(args: argparse.Namespace, receiver: Receiver, lengths: list[int], outcomes: list[Outcome],
+                 deadline: float, show_progress: bool, probe: ResourceProbe,
+                 check_signals: Callable[[], None]) -> Tally:
+    """Admit every request, verify each payload that arrives against its regenerated
+    source. A lost peer ends the loop at once (the requests in flight are failed)."""
     rng = random.Random(args.seed + 17)
     abort_after = {rid: rng.randint(0, 200) for rid in range(len(lengths)) if rng.random() < args.abort_rate}
-    todo = list(range(len(lengths)))
+    todo = deque(range(len(lengths)))
     active: dict[int, float] = {}
     polls: dict[int, int] = {}
+    tally = Tally()
+    aborted = 0
     bar = _progress_bar(len(lengths), show_progress and not args.quiet)
-    while (todo or active) and time.monotonic() < deadline:
+    while (todo or active) and time.monotonic() < deadline and not receiver.dead_peers:
+        check_signals()
         while todo and len(active) < args.inflight:
-            rid = todo.pop(0)
+            rid = todo.popleft()
             receiver.admit(rid, encoder_engine=rid % args.encoders)
             active[rid] = time.monotonic()
+            tally.started += 1
         worked = receiver.progress()
         for rid in list(active):
             state = receiver.state(rid)
@@ -326,8 +501,7 @@ def run_language(args: argparse.Namespace, receiver, lengths: list[int], outcome
                 continue
             outcome = outcomes[rid]
             outcome.latency_s = time.monotonic() - active.pop(rid)
-            request = receiver._lookup(rid)
-            outcome.resumes = request.resumes
+            outcome.resumes = receiver._lookup(rid).resumes
             if state is RequestState.SUCCESS:
                 received = receiver.take(rid)
                 expected = make_payload(args, rid, lengths[rid], receiver.pool.device)
@@ -335,20 +509,40 @@ def run_language(args: argparse.Namespace, receiver, lengths: list[int], outcome
                 outcome.code = MISMATCH if diffs else VERIFIED
                 outcome.error = f"fields differ: {', '.join(diffs)}" if diffs else ""
             else:
-                outcome.error = request.error or "failed"
-                outcome.code = ABORTED if rid in abort_after and "user" in outcome.error.split(":")[0] else FAILED
+                outcome.error = receiver.error(rid) or "failed"
+                user = outcome.error.split(":")[0] == "user"
+                outcome.code = ABORTED if rid in abort_after and user else FAILED
                 receiver.release(rid)
-            probe.done(len(lengths) - len(todo) - len(active))
-            if bar:
-                bar.update(1)
+            if outcome.code == VERIFIED:
+                tally.succeeded += 1
+            elif outcome.code == ABORTED:
+                aborted += 1
+            else:
+                tally.count_failure(outcome.error)
+            probe.done(tally.succeeded + tally.failed + aborted)
+            if bar is not None:
+                # Done means verified; failures and aborts are shown beside the count.
+                if outcome.code == VERIFIED:
+                    bar.update(1)
+                else:
+                    bar.set_postfix(failed=tally.failed, aborted=aborted)
         if not worked:
             receiver.wait(0.001 if receiver.busy else 0.02)
     probe.finish()
     for rid in active:
-        outcomes[rid].code = UNFINISHED
-        outcomes[rid].error = f"unfinished after --timeout={args.timeout:.0f}s"
-    if bar:
+        outcome = outcomes[rid]
+        if receiver.dead_peers:
+            outcome.code = FAILED
+            outcome.error = receiver.error(rid) or "the job was lost"
+            tally.count_failure(outcome.error)
+        else:
+            outcome.code = UNFINISHED
+            outcome.error = f"unfinished after --timeout={args.timeout:.0f}s"
+            tally.failed += 1
+    tally.not_started = len(todo)
+    if bar is not None:
         bar.close()
+    return tally
 
 
 def _progress_bar(total: int, enabled: bool):
@@ -361,14 +555,43 @@ def _progress_bar(total: int, enabled: bool):
     return tqdm(total=total, unit="req", desc="embxfer demo", file=sys.stderr, dynamic_ncols=True)
 
 
-def finish_together(endpoint, outcomes: list[Outcome], probe: ResourceProbe, deadline: float):
+def finish_together(endpoint: Sender | Receiver, outcomes: list[Outcome], probe: ResourceProbe, deadline: float,
+                    check_signals: Callable[[], None]) -> tuple[np.ndarray, list[int], dict[str, list[int]]] | None:
     """Exchange per-request outcomes, blocks in use and resource samples through
-    embxfer's store (liveness keeps beating from its own thread meanwhile)."""
+    embxfer's store. Waiting for the others is waiting for peers: `progress()` runs
+    between looks, so a peer that dies meanwhile ends the wait (None: the job is lost)
+    within its detection time, not at the deadline."""
     tail = [endpoint._blocks_in_use(), *probe.start, *probe.end]
     mine = np.array([o.code for o in outcomes] + tail, dtype=np.int64).tobytes()
-    remaining = max(1.0, deadline - time.monotonic())
-    gathered = [np.frombuffer(raw, dtype=np.int64)
-                for raw in endpoint.membership.groups.all_gather_bytes(mine, timeout_s=remaining)]
+    store = endpoint.membership.store
+    keys = [f"demo/finish/{r}" for r in range(endpoint.topology.world_size)]
+    lost_store_at = None
+    # Ranks reach this point together, give or take the last verifications; one that ran
+    # into --timeout still gets a moment to hand in what it has.
+    deadline = max(deadline, time.monotonic() + 30.0)
+    try:
+        store.set(keys[endpoint.rank], mine)
+    except Exception:  # the store's host is gone; liveness names the peer below
+        lost_store_at = time.monotonic()
+    while True:
+        check_signals()
+        if lost_store_at is None:
+            try:
+                if store.check(keys):
+                    break
+            except Exception:
+                lost_store_at = time.monotonic()
+        if endpoint.dead_peers:
+            return None
+        now = time.monotonic()
+        if lost_store_at is not None and now - lost_store_at > endpoint.config.peer_timeout_s + 1.0:
+            raise ConnectionError("lost embxfer's store, and no peer is known to be dead")
+        if now > deadline:
+            missing = [r for r, key in enumerate(keys) if not store.check([key])]
+            raise TimeoutError(f"rank(s) {missing} did not finish within --timeout")
+        if not endpoint.progress():
+            endpoint.wait(0.02)
+    gathered = [np.frombuffer(store.get(key), dtype=np.int64) for key in keys]
     n = len(outcomes)
     codes = np.stack([g[:n] for g in gathered])
     blocks = [int(g[n]) for g in gathered]
@@ -446,37 +669,64 @@ def _quantile(values: list[float], q: float) -> float:
     return values[min(len(values) - 1, int(q * len(values)))]
 
 
+class UsageError(Exception):
+    """Bad command line: printed as one line, exit status 2."""
+
+
+class ArgumentParser(argparse.ArgumentParser):
+    """argparse that raises `UsageError` (one line) instead of printing its usage block."""
+
+    def error(self, message: str) -> None:
+        raise UsageError(f"{self.prog}: {message}")
+
+
 def main(argv: Sequence[str] | None = None) -> int:
-    from .cli import UsageError, _Parser
     from .launch import CHILD_ENV, spawn_local_world, under_torchrun
 
-    parser = _Parser(prog="embxfer demo", description=__doc__.splitlines()[0])
+    parser = ArgumentParser(prog="embxfer demo", description=__doc__.splitlines()[0])
     add_demo_arguments(parser)
     argv = list(sys.argv[1:] if argv is None else argv)
     try:
         args = parser.parse_args(argv)
         validate_args(args)
         topology = topology_of(args)
-        config_of(args)
+        config = config_of(args)
     except (UsageError, ValueError) as exc:
         print(f"embxfer demo: error: {exc}" if isinstance(exc, ValueError) else str(exc), file=sys.stderr)
         return 2
     if under_torchrun() or os.environ.get(CHILD_ENV):
-        try:
-            return run_rank(args)
-        except Exception as exc:  # one line per failing rank, the full story in --verbose
-            logging.getLogger("embxfer").debug("rank failed", exc_info=True)
-            first_line = (str(exc).splitlines() or [""])[0]
-            print(f"embxfer demo: rank {os.environ.get('RANK')}: {type(exc).__name__}: {first_line}", file=sys.stderr)
-            return 1
-        except KeyboardInterrupt:  # Ctrl-C reaches every rank; the finally blocks cleaned up
-            return 130
+        _end_process(_rank_main(args))
     try:
+        # Survivors report a lost rank themselves within peer_timeout_s (sooner for a
+        # process that is gone); past that the launcher stops them.
         return spawn_local_world("embxfer.demo", argv, topology.world_size, deadline_s=args.timeout + 60,
-                                 node_of=node_layout(args, topology))
+                                 node_of=node_layout(args, topology),
+                                 failure_grace_s=config.peer_timeout_s + config.heartbeat_interval_s + 1.0)
     except KeyboardInterrupt:
         print("embxfer demo: interrupted; the local world was stopped", file=sys.stderr)
         return 130
+
+
+def _rank_main(args: argparse.Namespace) -> int:
+    """One rank, start to end: its status, and one line on stderr whenever it is not 0
+    (the language leader prints the report of a run that finished)."""
+    lifetime = RankLifetime()
+    lifetime.install()
+    try:
+        return run_rank(args, lifetime)
+    except KeyboardInterrupt:  # Ctrl-C reaches every rank; tear-down has run
+        print(f"embxfer demo: {lifetime.label}: interrupted", file=sys.stderr)
+        return 130
+    except SystemExit as exc:  # SIGTERM
+        print(f"embxfer demo: {lifetime.label}: stopped by {lifetime.signal_name or 'SystemExit'}",
+              file=sys.stderr)
+        return exc.code if isinstance(exc.code, int) else 1
+    except Exception as exc:  # one line per failing rank, the full story in --verbose
+        logging.getLogger("embxfer").debug("rank failed", exc_info=True)
+        first_line = (str(exc).splitlines() or [""])[0]
+        print(f"embxfer demo: {lifetime.label}: {type(exc).__name__}: {rec.clip_message(first_line, 300)}",
+              file=sys.stderr)
+        return 1
 
 
 if __name__ == "__main__":

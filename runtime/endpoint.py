@@ -297,17 +297,18 @@ class Endpoint:
         """Turn a request FAILED (once), free what this rank may free, tell peers if asked."""
         if request.state.terminal:
             return
+        message = rec.clip_message(message)  # one text: this rank's error, its log, and what peers get
         request.error = f"{reason.name.lower()}: {message}"
         request.reason = reason
         self._set_state(request, RequestState.FAILED, request.error)
         log.warning("rank=%d role=%s request=%d failed: %s", self.rank, self.role, request.request_id,
-                    rec.clip_message(request.error, 1024))
+                    request.error)
         if reason is rec.AbortReason.USER:
             self.stats.aborted += 1
         if notify:
             self._publish(
                 rec.Abort(
-                    request_id=request.request_id, reason=reason, message=rec.clip_message(message),
+                    request_id=request.request_id, reason=reason, message=message,
                     src_rank=self.rank, dst_rank=-1,
                 )
             )

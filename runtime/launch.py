@@ -1,12 +1,14 @@
-"""Roles from a torchrun world, process groups, and spawning a local world.
+"""Spawning a local world, picking a device, and the default-group world of the benchmarks.
 
-`init_world` reads the torchrun environment (RANK, WORLD_SIZE, LOCAL_RANK,
-MASTER_ADDR, MASTER_PORT), joins (or reuses) the default process group and makes two
-groups of embxfer's own: `data_group` for point-to-point staging chunks (NCCL on GPUs,
-gloo on CPU) and `meta_group` (gloo) for the few collectives of set-up and tear-down,
-so embxfer's traffic never interleaves with the engine's collectives.
-`spawn_local_world` runs the same entry point as a local world of subprocesses when
-there is no torchrun, with a deadline and no orphans.
+`spawn_local_world` runs an entry point as a local world of subprocesses when there is
+no torchrun (`embxfer demo`), with a deadline and no orphans: ranks die with the
+launcher, a failed rank stops the world within the peer timeout, and what dead ranks
+left in /dev/shm is removed.
+
+`init_world` (used by `bench/e2e.py` only; the runtime builds its groups with
+`embxfer.connect()`) reads the torchrun environment, joins (or reuses) the default
+process group and makes two groups on it: `data_group` for point-to-point staging chunks
+(NCCL on GPUs, gloo on CPU) and `meta_group` (gloo).
 """
 
 from __future__ import annotations
@@ -18,6 +20,7 @@ import socket
 import subprocess
 import sys
 import time
+from collections.abc import Callable
 from dataclasses import dataclass
 from datetime import timedelta
 
@@ -25,6 +28,11 @@ import torch
 import torch.distributed as dist
 
 CHILD_ENV = "EMBXFER_SPAWNED_CHILD"
+# After SIGTERM, a rank has this long to tear down before it is killed (a rank bounds its
+# own tear-down a little below this, see demo.TEARDOWN_GRACE_S).
+STOP_GRACE_S = 4.0
+# Deaths by signal that are a rank's own doing, never the launcher's.
+_CRASHES = {signal.SIGABRT, signal.SIGSEGV, signal.SIGBUS, signal.SIGFPE, signal.SIGILL}
 
 
 @dataclass
@@ -112,20 +120,29 @@ def free_port() -> int:
         return s.getsockname()[1]
 
 
-def _die_with_parent() -> None:
-    """In a spawned rank, before exec: SIGTERM when the launcher dies (Linux), so a kill -9
-    of the launcher never leaves ranks running (they unwind and clean their segments)."""
-    try:
-        import ctypes
+def _die_with_parent(parent: int) -> Callable[[], None]:
+    """What a spawned rank runs before exec: SIGTERM when the launcher dies (Linux
+    `PR_SET_PDEATHSIG`), so a kill -9 of the launcher never leaves ranks running (they
+    unwind and unlink their segments). A launcher that died before the call was made
+    cannot send it: then the rank ends at once."""
 
-        libc = ctypes.CDLL(None, use_errno=True)
-        libc.prctl(1, signal.SIGTERM)  # PR_SET_PDEATHSIG
-    except (OSError, AttributeError):
-        pass
+    def arm() -> None:
+        try:
+            import ctypes
+
+            libc = ctypes.CDLL(None, use_errno=True)
+            libc.prctl(1, signal.SIGTERM)  # PR_SET_PDEATHSIG
+        except (OSError, AttributeError):
+            pass
+        if os.getppid() != parent:
+            os._exit(128 + signal.SIGTERM)
+
+    return arm
 
 
 def spawn_local_world(module: str, argv: list[str], world_size: int, deadline_s: float,
-                      node_of: list[int] | None = None) -> int:
+                      node_of: list[int] | None = None, failure_grace_s: float = 30.0,
+                      stop_grace_s: float = STOP_GRACE_S) -> int:
     """Run `python -m module argv` as ranks 0..world_size-1 of a local world.
 
     `node_of[rank]` simulates several nodes on this machine: each simulated node gets a
@@ -134,8 +151,9 @@ def spawn_local_world(module: str, argv: list[str], world_size: int, deadline_s:
 
     Returns 0 when every rank succeeded, else the status of the first rank that failed by
     itself (128 + the signal number for one killed by a signal). Once a rank has failed
-    the others get 30 s to report it themselves; past that, or past the deadline, they
-    are terminated (then killed), and what dead ranks left in /dev/shm is removed.
+    the others get `failure_grace_s` to report it themselves; past that, or past the
+    deadline, they get SIGTERM, and `stop_grace_s` later SIGKILL; what dead ranks left in
+    /dev/shm is removed.
     """
     port = free_port()
     started = time.monotonic()
@@ -157,7 +175,7 @@ def spawn_local_world(module: str, argv: list[str], world_size: int, deadline_s:
             if len(set(node_of)) > 1:
                 env.update(EMBXFER_NODE_ID=f"sim-{run}-node{node}", EMBXFER_SHM_PREFIX=f"{prefix[:20]}.n{node}")
             children.append(subprocess.Popen([sys.executable, "-m", module, *argv], env=env,
-                                             preexec_fn=_die_with_parent))
+                                             preexec_fn=_die_with_parent(os.getpid())))
         deadline = time.monotonic() + deadline_s
         first_failure: tuple[int, int] | None = None
         while True:
@@ -169,21 +187,30 @@ def spawn_local_world(module: str, argv: list[str], world_size: int, deadline_s:
                 if failed:
                     # Give the survivors time to notice and report the failure themselves.
                     first_failure = failed[0]
-                    deadline = min(deadline, time.monotonic() + 30.0)
+                    deadline = min(deadline, time.monotonic() + failure_grace_s)
+            running = [c for c, code in zip(children, codes, strict=True) if code is None]
+            if first_failure is not None and all(_stopped(c.pid) for c in running):
+                break  # what is left is stopped (SIGSTOP): it reports nothing, waiting is pointless
             if time.monotonic() > deadline:
                 print(f"embxfer: stopping the local world ({'a rank failed' if first_failure else 'timeout'} "
                       f"after {time.monotonic() - started:.0f}s)", file=sys.stderr)
                 break
             time.sleep(0.05)
     finally:
-        _stop(children)
+        _stop(children, stop_grace_s)
         _remove_leftovers()
         signal.signal(signal.SIGTERM, previous)
+        for rank, child in enumerate(children):
+            # A rank that crashed (SIGABRT, SIGSEGV) is news even when the world was being
+            # stopped; SIGTERM and SIGKILL are what stopping it sends.
+            if child.returncode is not None and -child.returncode in _CRASHES:
+                print(f"embxfer: rank {rank} ended by {signal.Signals(-child.returncode).name}", file=sys.stderr)
     codes = [c.returncode for c in children]
     if first_failure is not None:
         rank, code = first_failure
-        if code < 0:
-            print(f"embxfer: rank {rank} was killed by signal {-code}", file=sys.stderr)
+        if code < 0 and -code not in _CRASHES:
+            print(f"embxfer: rank {rank} was killed by signal {-code} ({signal.Signals(-code).name})",
+                  file=sys.stderr)
         return code if code > 0 else 128 - code
     return max((code if code >= 0 else 128 - code) for code in codes) if codes else 1
 
@@ -202,11 +229,22 @@ def _remove_leftovers() -> None:
         print(f"embxfer: could not clean /dev/shm: {exc}", file=sys.stderr)
 
 
-def _stop(children: list[subprocess.Popen]) -> None:
+def _stopped(pid: int) -> bool:
+    """The process is stopped (SIGSTOP, a debugger)."""
+    try:
+        with open(f"/proc/{pid}/stat", "rb") as f:
+            raw = f.read()
+    except OSError:
+        return False
+    return raw[raw.rindex(b")") + 2 :].split()[0] in (b"T", b"t")
+
+
+def _stop(children: list[subprocess.Popen], grace_s: float) -> None:
     for child in children:
         if child.poll() is None:
             child.send_signal(signal.SIGTERM)
-    end = time.monotonic() + 5.0
+            child.send_signal(signal.SIGCONT)  # a stopped rank wakes up to tear down
+    end = time.monotonic() + grace_s
     for child in children:
         try:
             child.wait(timeout=max(0.0, end - time.monotonic()))
