@@ -109,14 +109,8 @@ def remove_segments(
     for info in candidates:
         if stale_only and info.alive:
             continue
-        try:
-            if info.kind == "doorbell":
-                posix_ipc.unlink_semaphore("/" + info.name)
-            else:
-                posix_ipc.unlink_shared_memory("/" + info.name)
-        except (posix_ipc.ExistentialError, posix_ipc.PermissionsError):
-            continue  # gone meanwhile, or another user's
-        removed.append(info.name)
+        if _unlink(info):
+            removed.append(info.name)
     return removed
 
 
@@ -129,15 +123,21 @@ def remove_own_segments(prefix: str = "embxfer", pid: int | None = None) -> list
     for info in list_segments(prefix):
         if info.creator_pid != pid:
             continue
-        try:
-            if info.kind == "doorbell":
-                posix_ipc.unlink_semaphore("/" + info.name)
-            else:
-                posix_ipc.unlink_shared_memory("/" + info.name)
-        except (posix_ipc.ExistentialError, posix_ipc.PermissionsError):
-            continue
-        removed.append(info.name)
+        if _unlink(info):
+            removed.append(info.name)
     return removed
+
+
+def _unlink(info: SegmentInfo) -> bool:
+    """Unlink one entry; False if it was gone meanwhile or is another user's."""
+    try:
+        if info.kind == "doorbell":
+            posix_ipc.unlink_semaphore("/" + info.name)
+        else:
+            posix_ipc.unlink_shared_memory("/" + info.name)
+    except (posix_ipc.ExistentialError, posix_ipc.PermissionsError):
+        return False
+    return True
 
 
 __all__ = ["SegmentInfo", "list_segments", "remove_own_segments", "remove_segments"]

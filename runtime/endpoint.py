@@ -14,7 +14,7 @@ from embxfer.control import records as rec
 
 from .bus import Bus
 from .config import Config
-from .payload import EMBEDDING_DTYPES, Payload
+from .payload import Payload, RowSpec
 from .state import RequestState, Stats
 from .topology import Topology
 from .transport import Transport
@@ -74,45 +74,6 @@ class Request:
     @property
     def failed(self) -> bool:
         return self.state is RequestState.FAILED
-
-
-@dataclass(frozen=True)
-class RowSpec:
-    """The shape of one token's rows: what both sides must agree on."""
-
-    dim: int
-    deepstack_layers: int
-    dtype: torch.dtype
-    device: torch.device
-
-    def __post_init__(self) -> None:
-        for name, value, low in (("dim", self.dim, 1), ("deepstack_layers", self.deepstack_layers, 0)):
-            if isinstance(value, bool) or not isinstance(value, int) or value < low:
-                raise ValueError(f"{name}={value!r}: expected an integer >= {low}")
-        if self.dtype not in EMBEDDING_DTYPES:
-            raise ValueError(f"dtype={self.dtype}: expected torch.bfloat16, torch.float16 or torch.float32")
-
-    @property
-    def deepstack_dim(self) -> int:
-        return self.dim * self.deepstack_layers
-
-    @property
-    def bytes_per_token(self) -> int:
-        return self.dtype.itemsize * (self.dim + self.deepstack_dim) + 4 * (1 + 3)
-
-    def check_payload(self, payload: Payload) -> None:
-        """ValueError naming the first field of `payload` this endpoint cannot carry."""
-        if payload.dim != self.dim:
-            raise ValueError(f"payload.embeddings: D={payload.dim}, expected {self.dim} (the endpoint's dim)")
-        if payload.dtype != self.dtype:
-            raise ValueError(f"payload.embeddings: dtype {payload.dtype}, expected {self.dtype} (the endpoint's dtype)")
-        if payload.deepstack_layers != self.deepstack_layers:
-            raise ValueError(
-                f"payload.deepstack: K={payload.deepstack_layers}, expected {self.deepstack_layers} "
-                "(the endpoint's deepstack layers)"
-            )
-        if payload.device != self.device:
-            raise ValueError(f"payload.embeddings: on {payload.device}, expected {self.device} (the endpoint's device)")
 
 
 class Endpoint:
@@ -258,6 +219,15 @@ class Endpoint:
         self.requests[request.request_id] = request
         self.stats.requests += 1
         self.in_flight += 1
+        return request
+
+    def _finished_request(self, request_id: int) -> Request | None:
+        """The request `release` acts on: None for an unknown or released id, ValueError for
+        one still in flight (both sides alike)."""
+        request = self.requests.get(check_request_id(request_id))
+        if request is not None and not request.state.terminal:
+            raise ValueError(f"request_id={request_id}: release() needs a finished request, it is "
+                             f"{request.state.value} (abort() it first)")
         return request
 
     def _lookup(self, request_id: int) -> Request:

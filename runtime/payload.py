@@ -183,3 +183,42 @@ class Payload:
             if not torch.equal(a, b.to(a.device)):
                 diffs.append(name)
         return diffs
+
+
+@dataclass(frozen=True)
+class RowSpec:
+    """The shape of one token's rows: what both sides must agree on."""
+
+    dim: int
+    deepstack_layers: int
+    dtype: torch.dtype
+    device: torch.device
+
+    def __post_init__(self) -> None:
+        for name, value, low in (("dim", self.dim, 1), ("deepstack_layers", self.deepstack_layers, 0)):
+            if isinstance(value, bool) or not isinstance(value, int) or value < low:
+                raise ValueError(f"{name}={value!r}: expected an integer >= {low}")
+        if self.dtype not in EMBEDDING_DTYPES:
+            raise ValueError(f"dtype={self.dtype}: expected torch.bfloat16, torch.float16 or torch.float32")
+
+    @property
+    def deepstack_dim(self) -> int:
+        return self.dim * self.deepstack_layers
+
+    @property
+    def bytes_per_token(self) -> int:
+        return self.dtype.itemsize * (self.dim + self.deepstack_dim) + 4 * (1 + 3)
+
+    def check_payload(self, payload: Payload, owner: str = "endpoint") -> None:
+        """ValueError naming the first field of `payload` this `owner` cannot carry."""
+        if payload.dim != self.dim:
+            raise ValueError(f"payload.embeddings: D={payload.dim}, expected {self.dim} (the {owner}'s dim)")
+        if payload.dtype != self.dtype:
+            raise ValueError(f"payload.embeddings: dtype {payload.dtype}, expected {self.dtype} (the {owner}'s dtype)")
+        if payload.deepstack_layers != self.deepstack_layers:
+            raise ValueError(
+                f"payload.deepstack: K={payload.deepstack_layers}, expected {self.deepstack_layers} "
+                f"(the {owner}'s deepstack layers)"
+            )
+        if payload.device != self.device:
+            raise ValueError(f"payload.embeddings: on {payload.device}, expected {self.device} (the {owner}'s device)")

@@ -8,7 +8,7 @@ import torch
 
 from embxfer.kernels import PoolTensors, RowTensors, TokenSpan, gather, scatter
 
-from .payload import EMBEDDING_DTYPES, Payload
+from .payload import EMBEDDING_DTYPES, Payload, RowSpec
 
 
 class BlockPool:
@@ -70,17 +70,7 @@ class BlockPool:
 
     def check_compatible(self, payload: Payload) -> None:
         """ValueError naming the first field of `payload` that this pool cannot hold."""
-        if payload.dim != self.dim:
-            raise ValueError(f"payload.embeddings: D={payload.dim}, expected {self.dim} (the pool's dim)")
-        if payload.dtype != self.dtype:
-            raise ValueError(f"payload.embeddings: dtype {payload.dtype}, expected {self.dtype} (the pool's dtype)")
-        if payload.deepstack_layers != self.deepstack_layers:
-            raise ValueError(
-                f"payload.deepstack: K={payload.deepstack_layers}, expected {self.deepstack_layers} "
-                "(the pool's deepstack layers)"
-            )
-        if payload.device != self.device:
-            raise ValueError(f"payload.embeddings: on {payload.device}, expected {self.device} (the pool's device)")
+        RowSpec(self.dim, self.deepstack_layers, self.dtype, self.device).check_payload(payload, owner="pool")
 
     def write(self, payload: Payload, blocks: Sequence[int], start: int = 0, count: int | None = None) -> None:
         """Store payload tokens `[start, start + count)` in `blocks`, from the first block's row 0."""

@@ -170,12 +170,9 @@ class Receiver(Endpoint):
         """Forget a finished request (a SUCCESS not taken drops its payload; a FAILED one has
         been seen by the engine), so that its id can be admitted again. ValueError for one
         in flight (abort it first); an unknown or already released id: nothing to do."""
-        request = self.requests.get(check_request_id(request_id))
+        request = self._finished_request(request_id)
         if request is None:
             return
-        if not request.state.terminal:
-            raise ValueError(f"request_id={request_id}: release() needs a finished request, it is "
-                             f"{request.state.value} (abort() it first)")
         if request.state is RequestState.FAILED and not self.is_leader and self.leader_rank not in self.dead_peers \
                 and (request.blocks or request.outputs is not None):
             # A follower frees only on the leader's decision, which may still be on its way;

@@ -149,12 +149,9 @@ class Sender(Endpoint):
         """Forget a finished request (SUCCESS or FAILED), so its id can be submitted again.
         ValueError if it is still in flight (abort it first); an unknown or already
         released id: nothing to do."""
-        request = self.requests.get(check_request_id(request_id))
+        request = self._finished_request(request_id)
         if request is None:
             return
-        if not request.state.terminal:
-            raise ValueError(f"request_id={request_id}: release() needs a finished request, it is "
-                             f"{request.state.value} (abort() it first)")
         self._retire(request)
 
     # -- records ------------------------------------------------------------------

@@ -17,6 +17,7 @@ from embxfer.runtime import receiver as receiver_module
 from embxfer.runtime.local import LocalCluster, random_payload
 from embxfer.runtime.state import RequestState
 from embxfer.runtime.topology import Topology
+from tests.runtime.test_protocol import RecordSpy
 
 DIM = 16
 
@@ -24,24 +25,6 @@ DIM = 16
 def cluster_for(topology: Topology | None = None, **config) -> LocalCluster:
     values = dict(block_size=16, default_alloc_tokens=64, language_pool_blocks=256, staging_bytes=1 << 20)
     return LocalCluster(topology or Topology(), Config(**{**values, **config}), dim=DIM)
-
-
-class Spy:
-    """Every record an endpoint publishes, decoded again as a peer would see it."""
-
-    def __init__(self, endpoint) -> None:
-        self.records: list[rec.Record] = []
-        publish = endpoint.bus.publish
-
-        def spy(record):
-            self.records.append(rec.decode(rec.encode(record)))
-            publish(record)
-
-        endpoint.bus.publish = spy
-
-    @property
-    def transfers(self) -> list[rec.Transfer]:
-        return [r for r in self.records if isinstance(r, rec.Transfer)]
 
 
 class LaunchCounter:
@@ -67,7 +50,7 @@ def assert_no_leaks(cluster: LocalCluster) -> None:
 
 def test_many_requests_travel_in_one_message_with_one_launch_each_way(monkeypatch):
     cluster = cluster_for(Topology(1, 1, 2))
-    encoder = Spy(cluster.senders[0])
+    encoder = RecordSpy(cluster.senders[0])
     launches = LaunchCounter(monkeypatch)
     payloads = {rid: random_payload(1 + rid, DIM, seed=rid) for rid in range(40)}  # all fit the first round
     for rid in payloads:
@@ -80,7 +63,7 @@ def test_many_requests_travel_in_one_message_with_one_launch_each_way(monkeypatc
             assert receiver.take(rid).bit_equal(payload)
     # 40 requests, at most 64 segments a message: one message (one pack), fanned out to both
     # language ranks (one send each), one unpack and one read-out per rank.
-    assert len(encoder.transfers) == 1 and len(encoder.transfers[0].segments) == 40
+    assert len(encoder.of(rec.Transfer)) == 1 and len(encoder.of(rec.Transfer)[0].segments) == 40
     assert cluster.p2p.messages == 2
     assert launches.calls == {"pack_rows": 1, "unpack": 2, "gather_addressed": 2}
     cluster.settle()
@@ -89,12 +72,12 @@ def test_many_requests_travel_in_one_message_with_one_launch_each_way(monkeypatc
 
 def test_segments_per_message_are_capped():
     cluster = cluster_for(max_segments_per_message=8)
-    encoder = Spy(cluster.senders[0])
+    encoder = RecordSpy(cluster.senders[0])
     payloads = {rid: random_payload(10, DIM, seed=rid) for rid in range(20)}
     taken = cluster.transfer(payloads)
     assert all(copies[0].bit_equal(payloads[rid]) for rid, copies in taken.items())
-    assert [len(t.segments) for t in encoder.transfers] == [8, 8, 4]
-    assert [t.message for t in encoder.transfers] == [0, 1, 2]
+    assert [len(t.segments) for t in encoder.of(rec.Transfer)] == [8, 8, 4]
+    assert [t.message for t in encoder.of(rec.Transfer)] == [0, 1, 2]
     assert_no_leaks(cluster)
 
 
@@ -102,19 +85,19 @@ def test_a_message_mixes_rounds_of_different_requests():
     """Two admissions at a time (4 blocks of 16, default 32 tokens): a resume of one request
     and the first round of the next are decided in the same step and share a message."""
     cluster = cluster_for(Topology(1, 1, 2), language_pool_blocks=4, default_alloc_tokens=32)
-    encoder = Spy(cluster.senders[0])
+    encoder = RecordSpy(cluster.senders[0])
     payloads = {rid: random_payload(45 + rid, DIM, seed=rid) for rid in range(12)}
     taken = cluster.transfer(payloads)
     assert all(c.bit_equal(payloads[rid]) for rid, copies in taken.items() for c in copies)
-    mixed = [t for t in encoder.transfers if len({s.round for s in t.segments}) > 1]
-    assert mixed, [[(s.request_id, s.round) for s in t.segments] for t in encoder.transfers]
+    mixed = [t for t in encoder.of(rec.Transfer) if len({s.round for s in t.segments}) > 1]
+    assert mixed, [[(s.request_id, s.round) for s in t.segments] for t in encoder.of(rec.Transfer)]
     cluster.settle()
     assert_no_leaks(cluster)
 
 
 def test_a_segment_of_a_request_that_failed_after_its_message_was_announced_is_skipped():
     cluster = cluster_for(Topology(1, 1, 2))
-    encoder = Spy(cluster.senders[0])
+    encoder = RecordSpy(cluster.senders[0])
     a, b = random_payload(40, DIM, seed=1), random_payload(50, DIM, seed=2)
     cluster.admit(1)
     cluster.admit(2)
@@ -122,7 +105,7 @@ def test_a_segment_of_a_request_that_failed_after_its_message_was_announced_is_s
     cluster.submit(2, b)
     cluster.leader.progress()  # publishes the two allocations
     cluster.senders[0].progress()  # one message with both, announced and sent
-    assert [[s.request_id for s in t.segments] for t in encoder.transfers] == [[1, 2]]
+    assert [[s.request_id for s in t.segments] for t in encoder.of(rec.Transfer)] == [[1, 2]]
     for receiver in cluster.receivers.values():
         receiver.abort(1, "gone before it landed")
     cluster.run_until(lambda: all(s.terminal for rid in (1, 2) for s in cluster.states(rid)))
@@ -141,7 +124,7 @@ def test_a_request_that_fails_before_its_message_is_built_is_never_announced():
     """With the only staging buffer busy, a request waits in the sender's queue; aborted
     there, no TRANSFER ever names it and nothing of it moves."""
     cluster = cluster_for(staging_depth=1, staging_bytes=1 << 11)  # about 40 tokens a message
-    encoder = Spy(cluster.senders[0])
+    encoder = RecordSpy(cluster.senders[0])
     big, victim, after = (random_payload(n, DIM, seed=n) for n in (400, 30, 60))
     for rid, payload in ((1, big), (2, victim)):
         cluster.admit(rid)
@@ -155,7 +138,7 @@ def test_a_request_that_fails_before_its_message_is_built_is_never_announced():
     cluster.run_until(lambda: all(s.terminal for rid in (1, 2) for s in cluster.states(rid)))
     assert cluster.leader.take(1).bit_equal(big)
     assert cluster.leader.state(2) is RequestState.FAILED
-    assert 2 not in {s.request_id for t in encoder.transfers for s in t.segments}
+    assert 2 not in {s.request_id for t in encoder.of(rec.Transfer) for s in t.segments}
     assert cluster.transfer({3: after})[3][0].bit_equal(after)
     cluster.settle()
     assert_no_leaks(cluster)
@@ -167,7 +150,7 @@ def test_messages_mixing_requests_rounds_failures_and_aborts_under_load():
     encoder of TP 2: every request that was not aborted arrives bit-exact on every rank."""
     cluster = cluster_for(Topology(1, 2, 2), language_pool_blocks=12, default_alloc_tokens=64,
                           staging_bytes=1 << 13, max_segments_per_message=6)
-    spies = [Spy(s) for s in cluster.senders.values()]
+    spies = [RecordSpy(s) for s in cluster.senders.values()]
     payloads = {rid: random_payload(1 + (rid * 53) % 300, DIM, seed=rid) for rid in range(60)}
     victims = {rid: ("language" if rid % 2 else "encoder", rid % 7) for rid in range(0, 60, 3)}
     for rid, payload in payloads.items():
@@ -193,7 +176,7 @@ def test_messages_mixing_requests_rounds_failures_and_aborts_under_load():
                 assert receiver.state(rid) is RequestState.FAILED
             else:
                 assert receiver.take(rid).bit_equal(payload), rid
-    assert any(len({s.request_id for s in t.segments}) > 1 for spy in spies for t in spy.transfers)
+    assert any(len({s.request_id for s in t.segments}) > 1 for spy in spies for t in spy.of(rec.Transfer))
     cluster.settle()
     assert_no_leaks(cluster)
 
