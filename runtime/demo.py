@@ -418,7 +418,6 @@ def _lost_peers(endpoint: Sender | Receiver) -> str:
 class Tally:
     """What one rank's loop did with its requests, for its last line."""
 
-    started: int = 0
     succeeded: int = 0
     failed: int = 0
     failed_by_peers: int = 0  # a peer aborted them, or a peer they needed was lost
@@ -448,7 +447,6 @@ def run_encoder(args: argparse.Namespace, sender: Sender, lengths: list[int], de
             rid = todo.popleft()
             sender.submit(rid, make_payload(args, rid, lengths[rid], sender.spec.device))
             active.add(rid)
-            tally.started += 1
         worked = sender.progress()
         for rid in list(active):
             state = sender.state(rid)
@@ -488,7 +486,6 @@ def run_language(args: argparse.Namespace, receiver: Receiver, lengths: list[int
             rid = todo.popleft()
             receiver.admit(rid, encoder_engine=rid % args.encoders)
             active[rid] = time.monotonic()
-            tally.started += 1
         worked = receiver.progress()
         for rid in list(active):
             state = receiver.state(rid)

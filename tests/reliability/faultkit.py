@@ -47,6 +47,29 @@ def session_processes(session: int) -> dict[int, dict[str, str]]:
     return found
 
 
+def prefix_processes(prefix: str) -> dict[int, dict[str, str]]:
+    """pid -> RANK of every live process whose environment has EMBXFER_SHM_PREFIX=prefix
+    (torchrun starts its workers in sessions of their own)."""
+    wanted = f"EMBXFER_SHM_PREFIX={prefix}".encode()
+    found: dict[int, dict[str, str]] = {}
+    for entry in os.listdir("/proc"):
+        if not entry.isdigit():
+            continue
+        try:
+            with open(f"/proc/{entry}/stat", "rb") as f:
+                raw = f.read()
+            if raw[raw.rindex(b")") + 2 :].split()[0] in (b"Z", b"X"):
+                continue
+            with open(f"/proc/{entry}/environ", "rb") as f:
+                environ = f.read().split(b"\0")
+        except (OSError, ValueError):
+            continue
+        if wanted in environ:
+            found[int(entry)] = {k.decode(): v.decode() for k, _, v in (e.partition(b"=") for e in environ)
+                                 if k == b"RANK"}
+    return found
+
+
 def all_shm_entries(prefix: str) -> set[str]:
     """Entries of `prefix` and of the per-node prefixes `--nodes` derives from it."""
     pattern = re.compile(rf"^(sem\.)?{re.escape(prefix[:20])}(\.n\d)?-")

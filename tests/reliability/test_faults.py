@@ -21,7 +21,7 @@ import time
 import pytest
 
 from tests.procs import log_times, shm_entries, unique_prefix
-from tests.reliability.faultkit import DemoSession
+from tests.reliability.faultkit import DemoSession, prefix_processes
 
 pytestmark = pytest.mark.timeout(180)
 
@@ -162,3 +162,45 @@ def test_a_tear_down_that_hangs_is_cut_short_by_the_watchdog(tmp_path):
     assert re.search(r"tear-down took more than 0.5s; removed its \d+ shared-memory entries", result.stderr)
     assert elapsed < 30
     assert not shm_entries(prefix)
+
+
+def test_sigkill_under_torchrun_leaves_no_rank_and_no_segment(tmp_path):
+    """No launcher of ours: torchrun stops the other workers, and the survivors remove what
+    the killed rank left in /dev/shm (its creator is gone) after their own tear-down."""
+    prefix = unique_prefix()
+    env = {k: v for k, v in os.environ.items() if k not in ("RANK", "WORLD_SIZE", "MASTER_ADDR", "MASTER_PORT")}
+    env.update(ENV, EMBXFER_SHM_PREFIX=prefix)
+    launcher = subprocess.Popen(
+        [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc-per-node", "3", "-m", "embxfer.demo",
+         "--quiet", *SIZES["tiny"], "--timeout", "300"],
+        stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, env=env, cwd=tmp_path, start_new_session=True)
+    try:
+        deadline = time.monotonic() + 120
+        while True:
+            ranks = {int(e["RANK"]): pid for pid, e in prefix_processes(prefix).items() if "RANK" in e}
+            if len(ranks) == 3 and len(shm_entries(prefix)) >= 6:
+                break
+            assert time.monotonic() < deadline and launcher.poll() is None, "torchrun did not start the world"
+            time.sleep(0.05)
+        time.sleep(1.0)
+        killed = time.monotonic()
+        os.kill(ranks[1], signal.SIGKILL)
+        while prefix_processes(prefix) or shm_entries(prefix):
+            assert time.monotonic() - killed < BOUND_S, (prefix_processes(prefix), shm_entries(prefix))
+            time.sleep(0.02)
+        gone_s = time.monotonic() - killed
+        out, err = launcher.communicate(timeout=30)
+    finally:
+        for pid in [*prefix_processes(prefix), launcher.pid]:
+            try:
+                os.kill(pid, signal.SIGKILL)
+            except ProcessLookupError:
+                pass
+        launcher.communicate()
+        for name in shm_entries(prefix):
+            os.unlink(os.path.join("/dev/shm", name))
+    # torchrun prints its own ChildFailedError traceback; the ranks print one line each.
+    assert "terminate called" not in err and "embxfer demo: rank 0 (encoder)" in err, err[-3000:]
+    assert launcher.returncode != 0
+    print(f"\n[faults] SIGKILL language leader under torchrun (T={PEER_TIMEOUT_S:g}s): every rank and segment gone "
+          f"after {gone_s:.2f}s")
