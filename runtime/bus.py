@@ -31,6 +31,7 @@ What every bus does the same way:
 from __future__ import annotations
 
 import logging
+import signal
 import threading
 import time
 from collections import defaultdict, deque
@@ -42,6 +43,7 @@ from embxfer.control import records as rec
 log = logging.getLogger("embxfer.bus")
 
 NAME_BYTES = 128
+_PARK_SIGNALS = {signal.SIGINT, signal.SIGTERM}
 
 
 class Bus(Protocol):
@@ -356,12 +358,23 @@ class ShmBus(_Decoder):
             return
         import posix_ipc
 
+        # posix_ipc runs Python signal handlers inside its semaphore wait and replaces
+        # their exception (KeyboardInterrupt, a SIGTERM handler's SystemExit) with
+        # SignalError: the engine would never see its Ctrl-C. So the main thread parks
+        # with SIGINT and SIGTERM blocked; a signal that comes meanwhile stays pending and
+        # its handler runs, raising as usual, when the park (a few ms) ends.
+        masked = threading.current_thread() is threading.main_thread()
+        if masked:
+            previous = signal.pthread_sigmask(signal.SIG_BLOCK, _PARK_SIGNALS)
         try:
             found = wait_any(list(self.readers.values()), self.doorbell, timeout, spin_s=min(timeout, 50e-6))
         except PeerDeadError:
             return  # liveness is checked (and reported) by the endpoint
         except posix_ipc.SignalError:
-            return  # a signal cut the sleep short; its Python handler runs next
+            return  # another signal cut the sleep short; its Python handler has run
+        finally:
+            if masked:
+                signal.pthread_sigmask(signal.SIG_SETMASK, previous)
         if found is not None:
             reader, data = found
             self._stash.append((self._source_of[id(reader)], data))

@@ -191,7 +191,10 @@ class Endpoint:
         self._closed = True
         for part in self.resources:
             try:
-                part.close()
+                if part is self.membership:
+                    part.close(gone=self.dead_peers)  # the dead will never say they left
+                else:
+                    part.close()
             except Exception as exc:  # tear everything down even if one part is broken
                 log.warning("rank=%d: closing %s: %s", self.rank, type(part).__name__, exc)
         self.resources = []

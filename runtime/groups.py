@@ -53,7 +53,7 @@ import socket
 import threading
 import time
 import weakref
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Iterable, Sequence
 from dataclasses import asdict, dataclass, field
 from datetime import timedelta
 from typing import Any
@@ -526,10 +526,11 @@ class Membership:
     def describe(self, rank: int | None = None) -> str:
         return self.members[self.rank if rank is None else rank].describe()
 
-    def close(self) -> None:
+    def close(self, gone: Iterable[int] = ()) -> None:
         """Shut down embxfer's groups, leave the store, and (on the process that hosts the
-        store) wait briefly for the others to leave it first. Idempotent; never touches
-        the engine's default process group."""
+        store) wait briefly for the others to leave it first, except ranks known `gone`
+        (dead: they will never say so). Idempotent; never touches the engine's default
+        process group."""
         if self.closed:
             return
         self.closed = True
@@ -537,7 +538,8 @@ class Membership:
         try:
             self._job_store.set(f"departed/{self.rank}", b"1")
             if self._hosts_store:
-                keys = [f"departed/{r}" for r in range(self.world_size)]
+                gone = set(gone)
+                keys = [f"departed/{r}" for r in range(self.world_size) if r not in gone]
                 deadline = _Deadline(DEPARTURE_GRACE_S)
                 attempt = 0
                 while not self._job_store.check(keys) and not deadline.passed():
