@@ -14,6 +14,8 @@ import time
 
 import pytest
 
+from embxfer.control.hygiene import remove_segments
+
 CHILD = textwrap.dedent("""
     import os, sys
     from embxfer.control import records as rec
@@ -59,5 +61,6 @@ def test_a_signal_during_a_park_reaches_the_engine(signum, expected):
         if child.poll() is None:
             os.killpg(child.pid, signal.SIGKILL)
             child.wait()
+            remove_segments(stale_only=True, prefix=prefix)
     leftovers = [n for n in os.listdir("/dev/shm") if n.removeprefix("sem.").startswith(prefix)]
     assert leftovers == []
