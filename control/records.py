@@ -60,7 +60,6 @@ Several records may travel back to back in one ring slot or network message (a
 
 from __future__ import annotations
 
-import math
 import operator
 import struct
 from dataclasses import dataclass
@@ -691,11 +690,6 @@ def max_record_bytes(limits: Limits = NO_LIMITS) -> int:
     return _HEADER.size + largest_body
 
 
-def segments_that_fit(record_bytes: int) -> int:
-    """The most segments a TRANSFER of at most `record_bytes` bytes can hold."""
-    return max(0, (record_bytes - _HEADER.size - Transfer._FIXED.size) // _SEGMENT.size)
-
-
 MAX_RECORD_BYTES = max_record_bytes()
 
 
@@ -799,13 +793,6 @@ def _skip(view: memoryview, offset: int, wanted: frozenset[int]) -> int:
     return end
 
 
-def check_finite_timeout(name: str, value: object) -> float:
-    """`value` as seconds, or ValueError naming `name` (NaN, inf, negative, non-numbers)."""
-    if isinstance(value, bool) or not isinstance(value, (int, float)) or not math.isfinite(value) or value < 0:
-        raise ValueError(f"{name}={value!r}: expected a finite number of seconds >= 0")
-    return float(value)
-
-
 __all__ = [
     "BROADCAST_RANK",
     "COMPLETION_CACHED",
@@ -837,5 +824,4 @@ __all__ = [
     "encode",
     "encode_frame",
     "max_record_bytes",
-    "segments_that_fit",
 ]

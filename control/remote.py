@@ -142,6 +142,8 @@ from dataclasses import dataclass
 
 import zmq
 
+from .deadlines import check_seconds
+
 MAGIC = b"EBXL"
 VERSION = 1
 KIND_DATA = 1
@@ -230,17 +232,6 @@ class _Source:
         self.counter = counter
 
 
-def _check_seconds(name: str, value: float, *, allow_zero: bool) -> float:
-    try:
-        seconds = float(value)
-    except (TypeError, ValueError):
-        raise ValueError(f"{name}={value!r}: expected a finite number of seconds") from None
-    if not math.isfinite(seconds) or seconds < 0 or (seconds == 0 and not allow_zero):
-        bound = ">= 0" if allow_zero else "> 0"
-        raise ValueError(f"{name}={value!r}: expected a finite number of seconds {bound}")
-    return seconds
-
-
 def _url_host(host: str) -> str:
     return f"[{host}]" if ":" in host and not host.startswith("[") else host
 
@@ -313,7 +304,7 @@ class RemoteLink:
             or not 1 <= max_frame_bytes <= MAX_FRAME_BYTES_LIMIT
         ):
             raise ValueError(f"max_frame_bytes={max_frame_bytes!r}: expected an int in [1, {MAX_FRAME_BYTES_LIMIT}]")
-        self._interval = _check_seconds("heartbeat_interval_s", heartbeat_interval_s, allow_zero=False)
+        self._interval = check_seconds("heartbeat_interval_s", heartbeat_interval_s, positive=True)
         if not isinstance(send_queue_frames, int) or send_queue_frames < 1:
             raise ValueError(f"send_queue_frames={send_queue_frames!r}: expected an int >= 1")
         if not isinstance(max_pending_bytes, int) or max_pending_bytes < max_frame_bytes:
@@ -484,7 +475,7 @@ class RemoteLink:
     def wait(self, timeout: float) -> bool:
         """Block until frames are waiting in the inbox or `timeout` seconds pass; True
         if frames are waiting. Returns False at once on a closed link."""
-        seconds = _check_seconds("timeout", timeout, allow_zero=True)
+        seconds = check_seconds("timeout", timeout)
         if self._closed:
             return False
         if self._inbox:
@@ -521,7 +512,7 @@ class RemoteLink:
         rank -> one line naming rank, endpoint and the silence. Connected peers never
         heard from count from `connect()`; ranks that only send to this link count from
         their first frame."""
-        timeout = _check_seconds("peer_timeout_s", peer_timeout_s, allow_zero=False)
+        timeout = check_seconds("peer_timeout_s", peer_timeout_s, positive=True)
         paused_since = self._paused_since
         now = _monotonic() if paused_since is None else paused_since
         heard = dict(self._last_heard)

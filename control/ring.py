@@ -87,9 +87,7 @@ from __future__ import annotations
 
 import errno
 import fcntl
-import math
 import mmap
-import numbers
 import os
 import re
 import secrets
@@ -103,6 +101,7 @@ from dataclasses import dataclass
 import posix_ipc
 
 from ._process import process_alive, process_start_ticks
+from .deadlines import check_seconds
 
 RING_MAGIC = int.from_bytes(b"EBXRING1", "little")
 RING_VERSION = 1
@@ -245,17 +244,7 @@ def _shm_name(name: str) -> str:
 
 
 def _check_seconds(where: str, argument: str, value: object) -> float:
-    """`value` as a float if it is a finite number of seconds >= 0; else ValueError."""
-    if type(value) is float and 0.0 <= value < math.inf:
-        return value  # the common case, without the generic checks below (nan fails both)
-    if isinstance(value, numbers.Real) and not isinstance(value, bool):
-        try:
-            seconds = float(value)
-        except OverflowError:  # an int beyond any float
-            seconds = math.inf
-        if 0.0 <= seconds < math.inf:
-            return seconds
-    raise ValueError(f"{where}: {argument}={value!r}: expected a finite number of seconds >= 0")
+    return check_seconds(f"{where}: {argument}", value)
 
 
 def _check_segment_name(where: str, name: object) -> str:

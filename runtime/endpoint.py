@@ -11,6 +11,7 @@ import numpy as np
 import torch
 
 from embxfer.control import records as rec
+from embxfer.control.deadlines import check_seconds
 
 from .bus import Bus
 from .config import Config
@@ -163,7 +164,7 @@ class Endpoint:
 
     def wait(self, timeout: float) -> None:
         """Park until a record may have arrived or `timeout` passed (idle loops)."""
-        rec.check_finite_timeout("timeout", timeout)
+        check_seconds("timeout", timeout)
         self.bus.wait(timeout)
 
     @property
@@ -206,7 +207,7 @@ class Endpoint:
         if self.membership is None:
             raise RuntimeError("barrier(): this endpoint was not made by embxfer.connect()")
         self.bus.flush()
-        self.membership.groups.barrier(rec.check_finite_timeout("timeout_s", timeout_s))
+        self.membership.groups.barrier(check_seconds("timeout_s", timeout_s, positive=True))
 
     def __enter__(self):
         return self

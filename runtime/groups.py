@@ -46,7 +46,6 @@ from __future__ import annotations
 
 import atexit
 import json
-import math
 import os
 import secrets
 import socket
@@ -61,6 +60,8 @@ from urllib.parse import urlsplit
 
 import torch
 import torch.distributed as dist
+
+from embxfer.control.deadlines import check_seconds as _check_seconds
 
 from .topology import Role, Topology
 
@@ -95,9 +96,7 @@ def parse_address(address: str) -> tuple[str, int]:
 
 
 def check_seconds(name: str, value: object) -> float:
-    if isinstance(value, bool) or not isinstance(value, (int, float)) or not math.isfinite(value) or value <= 0:
-        raise ValueError(f"{name}={value!r}: expected a finite number of seconds > 0")
-    return float(value)
+    return _check_seconds(name, value, positive=True)
 
 
 def _check_count(name: str, value: object, minimum: int) -> int:
