@@ -96,16 +96,20 @@ class StagingLayout:
         return self._regions(staging)
 
     def _regions(self, staging: torch.Tensor) -> RowTensors:
-        # Staging buffers live as long as their channel and a message's layout repeats:
-        # the views are made once per (layout, buffer).
-        key = (staging.data_ptr(), staging.numel(), staging.device)
-        cache = self.__dict__.setdefault("_region_views", {})
-        views = cache.get(key)
-        if views is None:
-            if len(cache) >= 8:
+        return self.per_buffer(staging, "regions", self._make_regions)
+
+    def per_buffer(self, staging: torch.Tensor, what: str, make):
+        """`make(staging)`, made once per (layout, buffer, `what`): staging buffers live as
+        long as their channel and a message's layout repeats, so views and tables of a
+        buffer are built on its first message only (a few buffers per layout are kept)."""
+        key = (what, staging.data_ptr(), staging.numel(), staging.device)
+        cache = self.__dict__.setdefault("_per_buffer", {})
+        value = cache.get(key)
+        if value is None:
+            if len(cache) >= 16:
                 cache.clear()
-            views = cache[key] = self._make_regions(staging)
-        return views
+            value = cache[key] = make(staging)
+        return value
 
     def _make_regions(self, staging: torch.Tensor) -> RowTensors:
         t, element = self.num_tokens, self.element_size

@@ -117,30 +117,26 @@ def _pool_widths(pool: PoolTensors) -> dict[str, int]:
 
 
 def staging_side(staging: torch.Tensor, layout: StagingLayout):
-    """A staging buffer as the kernel's linear side (made once per layout and buffer: a
-    message's shape repeats, and the buffers live as long as their channel)."""
+    """A staging buffer as the kernel's linear side (made once per layout and buffer)."""
+    return layout.per_buffer(staging, "side", lambda buffer: _make_staging_side(buffer, layout))
+
+
+def _make_staging_side(staging: torch.Tensor, layout: StagingLayout):
     from .triton_copy import LinearSide
 
-    key = (staging.data_ptr(), staging.numel(), staging.device)
-    cache = layout.__dict__.setdefault("_staging_sides", {})
-    side = cache.get(key)
-    if side is None:
-        if len(cache) >= 8:
-            cache.clear()
-        base = staging.data_ptr()
-        offsets = layout.offset_arrays
-        side = cache[key] = LinearSide(
-            words_base=staging,
-            ints_base=staging,
-            emb_addresses=base + offsets[0],
-            ds_addresses=base + offsets[1],
-            fill_addresses=base + offsets[2],
-            mrope_addresses=base + offsets[3],
-            mrope_strides=offsets[4],
-            staging=True,
-            columns={},
-        )
-    return side
+    base = staging.data_ptr()
+    offsets = layout.offset_arrays
+    return LinearSide(
+        words_base=staging,
+        ints_base=staging,
+        emb_addresses=base + offsets[0],
+        ds_addresses=base + offsets[1],
+        fill_addresses=base + offsets[2],
+        mrope_addresses=base + offsets[3],
+        mrope_strides=offsets[4],
+        staging=True,
+        columns={},
+    )
 
 
 def rows_side(rows: Sequence[RowTensors], starts: Sequence[int], counts: Sequence[int], element_size: int):

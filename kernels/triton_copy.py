@@ -552,14 +552,18 @@ class _DirectLauncher:
 
 
 _LAUNCHER = _DirectLauncher()
+try:
+    from triton import knobs as _knobs  # Triton >= 3.3; older ones have no launch hooks here
+except ImportError:
+    _knobs = None
 
 
 def _launch_hooks_set() -> bool:
     """Whether a profiler set Triton launch hooks (then the dispatcher must call them).
     Triton 3.6 keeps them in chains that are never None: look at what the chain holds."""
-    from triton import knobs
-
-    for hook in (knobs.runtime.launch_enter_hook, knobs.runtime.launch_exit_hook):
+    if _knobs is None:
+        return False
+    for hook in (_knobs.runtime.launch_enter_hook, _knobs.runtime.launch_exit_hook):
         if hook is not None and getattr(hook, "calls", True):
             return True
     return False
