@@ -48,11 +48,17 @@ accepts only what `encode` writes (narrowest width, the shorter form, maximal ru
 exact lengths), so `encode(decode(data)) == data` for every accepted `data`.
 
 **Bounded by the receiver**: `decode(data, limits)` rejects a block list longer than
-`limits.max_blocks` or an index at or past it, and a TRANSFER with more than
-`limits.max_segments` segments, from the headers, before anything is expanded: a
+`limits.max_blocks` or an index past `limits.max_block_index`, and a TRANSFER with more
+than `limits.max_segments` segments, from the headers, before anything is expanded: a
 72-byte record can never make the receiver build a million-entry list.
 `max_record_bytes(limits)` is the largest record such a receiver accepts; ring slots are
 sized from it (`ring.slot_bytes_for`), so any allocation of the pool fits one slot.
+
+**Bounded by default**: `limits` defaults to `DEFAULT_LIMITS`, what a default-configured
+language rank holds (a pool of DEFAULT_POOL_BLOCKS blocks, DEFAULT_MAX_SEGMENTS segments
+a message), so a caller that forgets the argument decodes small, never up to the wire's
+maxima. A receiver passes the limits of its own pool (`Config.limits`); the wire's
+maxima (`UNBOUNDED`, `Limits.unbounded()`) are an explicit choice, for tests and tools.
 
 Several records may travel back to back in one ring slot or network message (a
 *frame*): `encode_frame` / `decode_frame`.
@@ -70,9 +76,15 @@ MAGIC = b"EX"
 VERSION = 2
 
 MAX_MESSAGE_BYTES = 512
+# The most blocks one block list carries, so the largest pool a receiver may have
+# (`Config.language_pool_blocks` is checked against this same constant).
 MAX_BLOCKS = 1 << 20
 MAX_BLOCK_INDEX = (1 << 24) - 1
 MAX_SEGMENTS = 4096
+# What a default-configured language rank holds (`Config().language_pool_blocks`,
+# `Config().max_segments_per_message`; a test keeps the two in step): the default limits.
+DEFAULT_POOL_BLOCKS = 1024
+DEFAULT_MAX_SEGMENTS = 64
 MAX_HASH_BYTES = 32
 BROADCAST_RANK = -1
 
@@ -126,26 +138,37 @@ COMPLETION_CACHED = 1  # Completion.flags: served from the language side's cache
 class Limits:
     """What a receiver can use: block lists of at most `max_blocks` blocks with indices at
     most `max_block_index`, TRANSFERs of at most `max_segments` segments. A receiver with
-    a pool of n blocks uses `Limits.for_pool(n, ...)`."""
+    a pool of n blocks uses `Limits.for_pool(n, ...)`; `Limits()` is a default-configured
+    pool's (DEFAULT_LIMITS), `Limits.unbounded()` the wire's maxima."""
 
-    max_blocks: int = MAX_BLOCKS
-    max_segments: int = MAX_SEGMENTS
-    max_block_index: int = MAX_BLOCK_INDEX
+    max_blocks: int = DEFAULT_POOL_BLOCKS
+    max_segments: int = DEFAULT_MAX_SEGMENTS
+    max_block_index: int = DEFAULT_POOL_BLOCKS - 1
 
     @classmethod
-    def for_pool(cls, pool_blocks: int, max_segments: int = MAX_SEGMENTS) -> Limits:
+    def for_pool(cls, pool_blocks: int, max_segments: int = DEFAULT_MAX_SEGMENTS) -> Limits:
         return cls(max_blocks=pool_blocks, max_segments=max_segments, max_block_index=pool_blocks - 1)
 
+    @classmethod
+    def unbounded(cls) -> Limits:
+        """The most the wire format can say: block lists of MAX_BLOCKS blocks with indices
+        up to MAX_BLOCK_INDEX, MAX_SEGMENTS segments. For tests and tools that decode
+        records of any pool; a receiver uses its own pool's limits."""
+        return cls(max_blocks=MAX_BLOCKS, max_segments=MAX_SEGMENTS, max_block_index=MAX_BLOCK_INDEX)
+
     def __post_init__(self) -> None:
-        if not 0 <= self.max_blocks <= MAX_BLOCKS:
-            raise ValueError(f"Limits.max_blocks={self.max_blocks}: expected an integer in [0, {MAX_BLOCKS}]")
-        if not 1 <= self.max_segments <= MAX_SEGMENTS:
-            raise ValueError(f"Limits.max_segments={self.max_segments}: expected [1, {MAX_SEGMENTS}]")
-        if not -1 <= self.max_block_index <= MAX_BLOCK_INDEX:
-            raise ValueError(f"Limits.max_block_index={self.max_block_index}: expected [-1, {MAX_BLOCK_INDEX}]")
+        for name, low, high in (("max_blocks", 0, MAX_BLOCKS), ("max_segments", 1, MAX_SEGMENTS),
+                                ("max_block_index", -1, MAX_BLOCK_INDEX)):
+            value = getattr(self, name)
+            if type(value) is not int or not low <= value <= high:
+                raise ValueError(f"Limits.{name}={value!r}: expected an integer in [{low}, {high}]")
 
 
-NO_LIMITS = Limits()
+DEFAULT_LIMITS = Limits()
+UNBOUNDED = Limits.unbounded()
+# The old name of UNBOUNDED, kept while runtime/bus.py still passes it; new code says
+# UNBOUNDED (or, better, the receiver's own limits).
+NO_LIMITS = UNBOUNDED
 
 
 # ---------------------------------------------------------------------------- checks
@@ -345,7 +368,7 @@ class _Record:
         return record
 
     @classmethod
-    def from_bytes(cls, data: bytes | bytearray | memoryview, limits: Limits = NO_LIMITS) -> Record:
+    def from_bytes(cls, data: bytes | bytearray | memoryview, limits: Limits = DEFAULT_LIMITS) -> Record:
         record = decode(data, limits)
         if not isinstance(record, cls):
             raise RecordError(f"expected a {cls.__name__} record, got {type(record).__name__}")
@@ -676,7 +699,7 @@ def _expect_size(cls: type, body: memoryview, size: int) -> None:
         raise RecordError(f"{cls.__name__}: body of {len(body)} bytes, expected {size}")
 
 
-def max_record_bytes(limits: Limits = NO_LIMITS) -> int:
+def max_record_bytes(limits: Limits = DEFAULT_LIMITS) -> int:
     """Largest encoded record a receiver with these `limits` accepts. Size a ring slot
     from this (plus the ring's slot header, see `ring.slot_bytes_for`)."""
     largest_body = max(
@@ -690,7 +713,8 @@ def max_record_bytes(limits: Limits = NO_LIMITS) -> int:
     return _HEADER.size + largest_body
 
 
-MAX_RECORD_BYTES = max_record_bytes()
+# The largest record the wire format allows (any receiver accepts at most this).
+MAX_RECORD_BYTES = max_record_bytes(UNBOUNDED)
 
 
 def clip_message(text: str, limit: int = MAX_MESSAGE_BYTES) -> str:
@@ -739,9 +763,10 @@ def _decode_one(view: memoryview, offset: int, limits: Limits) -> tuple[Record, 
     return cls._parse(view[offset + _HEADER.size : end], limits), end  # type: ignore[attr-defined]
 
 
-def decode(data: bytes | bytearray | memoryview, limits: Limits = NO_LIMITS) -> Record:
+def decode(data: bytes | bytearray | memoryview, limits: Limits = DEFAULT_LIMITS) -> Record:
     """The one record in `data`; RecordError if anything about it is malformed or more than
-    a receiver with `limits` can use."""
+    a receiver with `limits` can use (by default a default-configured pool's: pass the
+    receiver's own, or UNBOUNDED on purpose)."""
     view = _view(data)
     if len(view) > max_record_bytes(limits):
         raise RecordError(f"record of {len(view)} bytes, expected at most {max_record_bytes(limits)}")
@@ -756,7 +781,7 @@ def encode_frame(records: list[Record] | tuple[Record, ...]) -> bytes:
     return b"".join(encode(record) for record in records)
 
 
-def decode_frame(data: bytes | bytearray | memoryview, limits: Limits = NO_LIMITS,
+def decode_frame(data: bytes | bytearray | memoryview, limits: Limits = DEFAULT_LIMITS,
                  wanted: frozenset[int] | None = None) -> tuple[list[Record], str | None]:
     """The records of a frame, and why the rest of it was dropped (None if nothing was).
     Decoding stops at the first malformed record: nothing after it can be framed. With
@@ -796,6 +821,9 @@ def _skip(view: memoryview, offset: int, wanted: frozenset[int]) -> int:
 __all__ = [
     "BROADCAST_RANK",
     "COMPLETION_CACHED",
+    "DEFAULT_LIMITS",
+    "DEFAULT_MAX_SEGMENTS",
+    "DEFAULT_POOL_BLOCKS",
     "Limits",
     "MAX_BLOCKS",
     "MAX_BLOCK_INDEX",
@@ -816,6 +844,7 @@ __all__ = [
     "Resume",
     "Segment",
     "Transfer",
+    "UNBOUNDED",
     "VERSION",
     "block_list_bytes",
     "clip_message",

@@ -13,6 +13,7 @@ from embxfer.control import records as rec
 from embxfer.control.records import (
     MAX_BLOCK_INDEX,
     MAX_MESSAGE_BYTES,
+    UNBOUNDED,
     Abort,
     AbortReason,
     Announce,
@@ -109,13 +110,13 @@ ANY_RECORD = st.one_of(transfers(), resumes(), completions(), aborts(), announce
 @settings(max_examples=400, deadline=None)
 @given(ANY_RECORD)
 def test_every_record_type_round_trips(record):
-    data = encode(record)
-    assert decode(data) == record
-    assert type(record).from_bytes(data) == record
+    data = encode(record)  # block indices up to MAX_BLOCK_INDEX: decoded with the wire's maxima
+    assert decode(data, UNBOUNDED) == record
+    assert type(record).from_bytes(data, UNBOUNDED) == record
     assert record.to_bytes() == data
-    assert decode(bytearray(data)) == record and decode(memoryview(data)) == record
-    assert len(data) <= max_record_bytes()
-    assert rec.decode_frame(data + data) == ([record, record], None)
+    assert decode(bytearray(data), UNBOUNDED) == record and decode(memoryview(data), UNBOUNDED) == record
+    assert len(data) <= max_record_bytes(UNBOUNDED) == rec.MAX_RECORD_BYTES
+    assert rec.decode_frame(data + data, UNBOUNDED) == ([record, record], None)
 
 
 @settings(max_examples=300, deadline=None)
@@ -127,21 +128,23 @@ def test_any_corruption_raises_record_error_or_decodes_to_a_valid_record(record,
     cut = data.draw(st.sampled_from([None, len(raw) - 1, len(raw) + 3]))
     if cut is not None:
         raw = raw[:cut] if cut < len(raw) else raw + b"\0" * (cut - len(raw))
-    try:
-        decoded = decode(bytes(raw))
-    except RecordError:
-        return
-    assert encode(decoded) == bytes(raw)  # whatever decodes is valid, in its one canonical encoding
+    for limits in (UNBOUNDED, rec.DEFAULT_LIMITS):
+        try:
+            decoded = decode(bytes(raw), limits)
+        except RecordError:
+            continue
+        assert encode(decoded) == bytes(raw)  # whatever decodes is valid, in its one canonical encoding
 
 
 @settings(max_examples=300, deadline=None)
 @given(st.binary(max_size=200))
 def test_random_bytes_never_crash_the_decoder(raw):
-    try:
-        record = decode(raw)
-    except RecordError:
-        return
-    assert encode(record) == raw
+    for limits in (UNBOUNDED, rec.DEFAULT_LIMITS):
+        try:
+            record = decode(raw, limits)
+        except RecordError:
+            continue
+        assert encode(record) == raw
 
 
 def test_the_default_pool_fits_a_4096_byte_slot():
@@ -171,7 +174,7 @@ def test_a_fully_fragmented_pool_fits_its_derived_slot():
 def test_runs_make_contiguous_lists_small():
     decision = Decision(7, 1, DecisionAction.RESUME, 8192, 0, 782 * 128, tuple(range(5000, 5782)), 2, 5)
     assert len(encode(decision)) < 100
-    assert decode(encode(decision)).blocks == tuple(range(5000, 5782))
+    assert decode(encode(decision), Limits.for_pool(6000)).blocks == tuple(range(5000, 5782))
 
 
 def _with_blocks_section(section: bytes) -> bytes:
@@ -221,6 +224,37 @@ def test_block_lists_are_bounded_by_the_receivers_pool_before_expansion():
     many = Transfer(0, -1, 0, 1, tuple(Segment(i, 0, 0, 1, 1, 0) for i in range(65)))
     with pytest.raises(RecordError, match="65 segments"):
         decode(encode(many), limits)
+
+
+def test_decoding_is_bounded_by_default():
+    """A caller that passes no limits gets a default-configured pool's (1024 blocks, 64
+    segments), never the wire's maxima: the 76-byte million-block record is refused from
+    its header; the wire's maxima are asked for by name."""
+    assert rec.DEFAULT_LIMITS == Limits() == Limits.for_pool(rec.DEFAULT_POOL_BLOCKS, rec.DEFAULT_MAX_SEGMENTS)
+    assert (UNBOUNDED.max_blocks, UNBOUNDED.max_segments, UNBOUNDED.max_block_index) == (
+        rec.MAX_BLOCKS, rec.MAX_SEGMENTS, MAX_BLOCK_INDEX)
+    huge = _with_blocks_section(struct.pack("<IIBB", 1 << 20, 2, 2, 1) + bytes([0, 255]))
+    for call in (lambda: decode(huge), lambda: Decision.from_bytes(huge)):
+        with pytest.raises(RecordError, match="at most 1024 blocks"):
+            call()
+    assert "at most 1024 blocks" in rec.decode_frame(huge)[1]
+    far = encode(Decision(1, 0, DecisionAction.ADMIT, 0, 0, 128, (5000,), 0, 0))
+    with pytest.raises(RecordError, match="pool has 1024 blocks"):
+        decode(far)
+    assert decode(far, UNBOUNDED).blocks == (5000,)
+    many = encode(Transfer(0, -1, 0, 1, tuple(Segment(i, 0, 0, 1, 1, 0) for i in range(65))))
+    with pytest.raises(RecordError, match="65 segments"):
+        decode(many)
+    assert len(decode(many, UNBOUNDED).segments) == 65
+    assert max_record_bytes() == max_record_bytes(rec.DEFAULT_LIMITS) < rec.MAX_RECORD_BYTES
+
+
+@pytest.mark.parametrize("field, value", [("max_blocks", rec.MAX_BLOCKS + 1), ("max_segments", 0),
+                                          ("max_block_index", MAX_BLOCK_INDEX + 1), ("max_blocks", True),
+                                          ("max_segments", 2.0)])
+def test_bad_limits_name_the_field(field, value):
+    with pytest.raises(ValueError, match=f"Limits.{field}="):
+        Limits(**{field: value})
 
 
 def test_malformed_headers_are_rejected():

@@ -116,7 +116,7 @@ def test_out_of_range_blocks_never_reach_a_kernel(cluster, blocks):
     the request fails, the follower keeps serving."""
     follower = cluster.receivers[2]
     follower.admit(9)
-    follower._on_record(rec.decode(rec.encode(admit_decision(blocks))))
+    follower._on_record(rec.decode(rec.encode(admit_decision(blocks)), rec.UNBOUNDED))  # past the wire check
     assert follower.requests[9].state is RequestState.FAILED
     assert "blocks" in follower.requests[9].error or "block" in follower.requests[9].error
     assert follower.allocator.num_used == 0
