@@ -7,6 +7,9 @@ import dataclasses
 import pytest
 
 from embxfer import Config
+from embxfer.control import records as rec
+from embxfer.control.records import MAX_BLOCKS
+from embxfer.control.ring import slot_bytes_for
 
 DEFAULTS = {
     "block_size": 128,
@@ -160,7 +163,7 @@ def test_bad_zero_or_more_ints(field, value):
 def test_ring_slot_must_hold_the_largest_record():
     """A slot too small for the largest record the pool produces is refused at start-up
     (it used to crash a rank at run time); 0 derives the size from the pool."""
-    with pytest.raises(ValueError, match="config.ring_slot_bytes=64: expected a multiple of 64 of at least"):
+    with pytest.raises(ValueError, match="config.ring_slot_bytes=64: expected a multiple of 64 from 2176"):
         Config(ring_slot_bytes=64)
     with pytest.raises(ValueError, match="config.ring_slot_bytes"):
         Config.from_env(env={"EMBXFER_RING_SLOT_BYTES": "64"})
@@ -170,17 +173,109 @@ def test_ring_slot_must_hold_the_largest_record():
     assert Config(ring_slot_bytes=8192).slot_bytes == 8192
 
 
-def test_pool_beyond_the_wire_index_is_refused():
+@pytest.mark.parametrize("blocks", [MAX_BLOCKS + 1, 1 << 24])
+def test_pool_beyond_the_wire_limit_is_refused_naming_it(blocks):
+    """The configuration and the records share one limit: a pool a record's block list
+    cannot name is refused at start-up, not by the first receiver of its allocation."""
+    with pytest.raises(ValueError, match=rf"config.language_pool_blocks={blocks}: expected at most {MAX_BLOCKS} "
+                                         r"\(records.MAX_BLOCKS"):
+        Config(language_pool_blocks=blocks)
     with pytest.raises(ValueError, match="config.language_pool_blocks"):
-        Config(language_pool_blocks=(1 << 24) + 1)
+        Config.from_env(env={"EMBXFER_LANGUAGE_POOL_BLOCKS": str(blocks)})
 
 
-def test_peer_timeout_must_be_twice_heartbeat():
+def test_the_largest_accepted_pools_largest_record_encodes_decodes_and_fits_its_slot():
+    """Block size 1 and every other block of the largest pool the configuration accepts,
+    in an order with no runs: the largest DECISION there is. It encodes, decodes with the
+    limits the configuration gives its receivers, and fits the ring slot derived from
+    them; so does a TRANSFER of the most segments."""
+    config = Config(language_pool_blocks=MAX_BLOCKS, block_size=1, max_segments_per_message=1024)
+    worst = tuple(range(MAX_BLOCKS - 1, -1, -2)) + tuple(range(0, MAX_BLOCKS, 2))
+    decision = rec.Decision(1, 3, rec.DecisionAction.RESUME, 0, 0, MAX_BLOCKS, worst, 0, 0, b"h" * rec.MAX_HASH_BYTES)
+    transfer = rec.Transfer(0, -1, 0, 1, tuple(rec.Segment(i, 0, 0, 1, 1, 0) for i in range(1024)))
+    for record in (decision, transfer):
+        data = rec.encode(record)
+        assert rec.decode(data, config.limits) == record
+        assert len(data) <= rec.max_record_bytes(config.limits)
+        assert slot_bytes_for(len(data)) <= config.slot_bytes
+    assert len(rec.encode(decision)) == rec.max_record_bytes(config.limits)  # the bound is tight
+
+
+def test_a_ring_larger_than_its_segment_limit_is_refused():
+    assert Config(language_pool_blocks=MAX_BLOCKS, block_size=1).ring_slots == 1024  # 3 MiB slots: 3 GiB
+    with pytest.raises(ValueError, match=r"config.ring_slots=2048 x \d+-byte slots .*MAX_SEGMENT_BYTES"):
+        Config(language_pool_blocks=MAX_BLOCKS, block_size=1, ring_slots=2048)
+    with pytest.raises(ValueError, match=r"config.ring_slot_bytes=16777280: expected a multiple of 64 from"):
+        Config(ring_slot_bytes=(1 << 24) + 64)
+
+
+@pytest.mark.parametrize("slots", [1, (1 << 20) + 1])
+def test_ring_slots_the_ring_refuses_are_refused(slots):
+    with pytest.raises(ValueError, match=f"config.ring_slots={slots}: expected 2.."):
+        Config(ring_slots=slots)
+
+
+def test_peer_timeout_must_span_three_heartbeats():
+    with pytest.raises(ValueError, match=r"config.peer_timeout_s=2.9: expected at least 3 x "
+                                         r"config.heartbeat_interval_s=1.0"):
+        Config(heartbeat_interval_s=1.0, peer_timeout_s=2.9)
     with pytest.raises(ValueError, match="config.peer_timeout_s"):
-        Config(heartbeat_interval_s=1.0, peer_timeout_s=1.9)
+        Config(heartbeat_interval_s=1.0, peer_timeout_s=2.0)  # twice was accepted once: one late beat killed
     with pytest.raises(ValueError, match="config.peer_timeout_s"):
-        Config.from_env(env={"EMBXFER_HEARTBEAT_INTERVAL_S": "6"})  # default peer timeout 10 < 12
-    assert Config(heartbeat_interval_s=1.0, peer_timeout_s=2.0).peer_timeout_s == 2.0
+        Config.from_env(env={"EMBXFER_HEARTBEAT_INTERVAL_S": "4"})  # default peer timeout 10 < 12
+    assert Config(heartbeat_interval_s=1.0, peer_timeout_s=3.0).peer_timeout_s == 3.0
+
+
+@pytest.mark.parametrize("field", SECONDS_FIELDS)
+@pytest.mark.parametrize("value", [1e-6, 0.0009, 1e9, 7 * 86400 + 1, 10**400])
+def test_timeouts_outside_a_millisecond_to_a_week_are_refused(field, value):
+    with pytest.raises(ValueError, match=rf"config.{field}=.*: expected a finite number of seconds from 0.001 "
+                                         r"\(1 ms\) to 604800 \(1 week\)"):
+        Config(**{field: value, **({"peer_timeout_s": 604800.0} if field == "heartbeat_interval_s" else {})})
+    with pytest.raises(ValueError, match=f"config.{field}"):
+        Config.from_env(env={"EMBXFER_" + field.upper(): str(float(value)) if value != 10**400 else "1e400"})
+
+
+def test_timeouts_at_the_bounds_are_accepted():
+    config = Config(heartbeat_interval_s=0.001, peer_timeout_s=0.003, request_timeout_s=7 * 86400)
+    assert (config.heartbeat_interval_s, config.request_timeout_s) == (0.001, 604800)
+
+
+@pytest.mark.parametrize("raw", ["1_0", "١٠", "1٠", "0x10", "1e3", "10.0", "1 0", "--1", "1" * 31])
+def test_env_integers_are_plain_ascii_decimals(raw):
+    with pytest.raises(ValueError, match=r"config.ring_slots: EMBXFER_RING_SLOTS=.*: expected a decimal integer"):
+        Config.from_env(env={"EMBXFER_RING_SLOTS": raw})
+
+
+@pytest.mark.parametrize("raw", ["1_0.5", "١.٥", "nan", "NaN", "inf", "-inf", "infinity", "0x1p3", "1e400",
+                                 "1.5s", ".", "e3", ""])
+def test_env_seconds_are_plain_ascii_finite_decimals(raw):
+    with pytest.raises(ValueError, match=r"config.request_timeout_s: EMBXFER_REQUEST_TIMEOUT_S=.*: expected a "
+                                         r"(finite|decimal) number"):
+        Config.from_env(env={"EMBXFER_REQUEST_TIMEOUT_S": raw})
+
+
+def test_env_error_names_field_variable_value_and_expectation():
+    with pytest.raises(ValueError) as info:
+        Config.from_env(env={"EMBXFER_BLOCK_SIZE": "1_0"})
+    assert str(info.value) == "config.block_size: EMBXFER_BLOCK_SIZE='1_0': expected a decimal integer"
+
+
+@pytest.mark.parametrize("raw, value", [(" 64 ", 64), ("+64", 64), ("064", 64), ("\t64\n", 64)])
+def test_good_env_integers_still_parse(raw, value):
+    assert Config.from_env(env={"EMBXFER_BLOCK_SIZE": raw}).block_size == value
+
+
+@pytest.mark.parametrize("raw, value", [("30", 30.0), (" 30.5 ", 30.5), ("3e1", 30.0), ("3E+1", 30.0), (".5e2", 50.0),
+                                        ("30.", 30.0), ("+30", 30.0)])
+def test_good_env_seconds_still_parse(raw, value):
+    config = Config.from_env(env={"EMBXFER_REQUEST_TIMEOUT_S": raw})
+    assert config.request_timeout_s == value and type(config.request_timeout_s) is float
+
+
+def test_a_negative_env_integer_is_refused_by_the_fields_range():
+    with pytest.raises(ValueError, match=r"config.block_size=-3: expected a positive integer"):
+        Config.from_env(env={"EMBXFER_BLOCK_SIZE": "-3"})
 
 
 def test_replace_validates():
