@@ -36,6 +36,14 @@ def test_defaults():
     assert config.default_alloc_blocks == 64
 
 
+def test_records_decode_by_default_with_a_default_configurations_limits():
+    """`records.decode` without limits is bounded by what a default-configured language
+    rank holds: the two defaults are one."""
+    assert Config().limits == rec.DEFAULT_LIMITS
+    assert (rec.DEFAULT_POOL_BLOCKS, rec.DEFAULT_MAX_SEGMENTS) == (DEFAULTS["language_pool_blocks"],
+                                                                    DEFAULTS["max_segments_per_message"])
+
+
 def test_from_env_with_empty_env_is_defaults():
     assert Config.from_env(env={}) == Config()
 
