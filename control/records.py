@@ -21,6 +21,7 @@ Wire layout (all integers little-endian)::
     ABORT       request_id, reason u8, src_rank, dst_rank, message length u16,
                 message (UTF-8, at most MAX_MESSAGE_BYTES)       27 + message
     ANNOUNCE    request_id, total_tokens, src_rank, dst_rank              32 bytes
+    MEMBER      src_rank, state u8 (1 draining, 2 left)                    9 bytes
     DECISION    request_id, round, action u8, sent_tokens, total_tokens,
                 allocated_tokens, src_rank, mrope_delta, hash length u8,
                 content hash (at most 32 bytes), block list     58 + hash + blocks
@@ -109,6 +110,7 @@ class RecordType(IntEnum):
     ABORT = 4
     ANNOUNCE = 5
     DECISION = 6
+    MEMBER = 7
 
 
 class AbortReason(IntEnum):
@@ -128,6 +130,11 @@ class DecisionAction(IntEnum):
     FAIL = 4
     FREE = 5
     CACHED = 6
+
+
+class MemberState(IntEnum):
+    DRAINING = 1  # takes no new requests, finishes those in flight
+    LEFT = 2  # gone on purpose: nothing of it is in flight
 
 
 _ACTIONS = {action.value: action for action in DecisionAction}
@@ -687,10 +694,33 @@ class Decision(_Record):
                            mrope_delta=delta, content_hash=content_hash)
 
 
-Record = Transfer | Resume | Completion | Abort | Announce | Decision
+@dataclass(frozen=True)
+class Member(_Record):
+    """A member says what becomes of it (to every peer that reads it): DRAINING, then LEFT."""
+
+    src_rank: int
+    state: MemberState
+
+    RECORD_TYPE: ClassVar[RecordType] = RecordType.MEMBER
+    _FIXED: ClassVar[struct.Struct] = struct.Struct("<qB")
+
+    def __post_init__(self) -> None:
+        _ranks(self, dst=False)
+        _enum_field(self, "state", MemberState)
+
+    def _body(self) -> bytes:
+        return self._FIXED.pack(self.src_rank, self.state)
+
+    @classmethod
+    def _parse(cls, body: memoryview, limits: Limits) -> Member:
+        _expect_size(cls, body, cls._FIXED.size)
+        return cls(*cls._FIXED.unpack_from(body))
+
+
+Record = Transfer | Resume | Completion | Abort | Announce | Decision | Member
 
 _BY_TYPE: dict[int, type[_Record]] = {
-    cls.RECORD_TYPE: cls for cls in (Transfer, Resume, Completion, Abort, Announce, Decision)
+    cls.RECORD_TYPE: cls for cls in (Transfer, Resume, Completion, Abort, Announce, Decision, Member)
 }
 
 
@@ -838,6 +868,8 @@ __all__ = [
     "Completion",
     "Decision",
     "DecisionAction",
+    "Member",
+    "MemberState",
     "Record",
     "RecordError",
     "RecordType",

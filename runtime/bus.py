@@ -169,6 +169,12 @@ class LocalBus(_Decoder):
     def forget(self, rank: int) -> None:
         return None
 
+    def linked(self, member: int) -> bool:
+        return True
+
+    def wake(self) -> None:
+        return None
+
     def close(self) -> None:
         self.flush()
 
@@ -199,13 +205,18 @@ class Heartbeat:
 
 
 class ShmBus(_Decoder):
-    """Rings in POSIX shared memory between the processes of one node."""
+    """This process's rings in POSIX shared memory, and its link to other nodes.
 
-    def __init__(self, rank: int, writer: object, readers: dict[int, object], doorbell: object, *,
-                 peer_timeout: float, heartbeat_interval: float, limits: rec.Limits) -> None:
+    Peers come and go (`add_local`, `add_remote`, `forget`): a member joins the bus of
+    every peer it works with, and leaves it when it dies or departs. `rank` is this
+    process's member id; every record's `src_rank` must be the id of the ring or link
+    source it came from."""
+
+    def __init__(self, rank: int, writer: object, doorbell: object, *, peer_timeout: float,
+                 heartbeat_interval: float, limits: rec.Limits) -> None:
         self.rank = rank
         self.writer = writer
-        self.readers = readers
+        self.readers: dict[int, object] = {}
         self.doorbell = doorbell
         self.peer_timeout = peer_timeout
         self.limits = limits
@@ -217,51 +228,102 @@ class ShmBus(_Decoder):
         self.remote_peers: list[int] = []
         self._remote_pending: dict[int, deque[bytes]] = {}
         self._remote_blocked_since: dict[int, float] = {}
+        # Frames from authenticated sources this process does not know yet (a member that
+        # joined a moment ago): kept, bounded, until the directory learns of it.
+        self._unknown: dict[int, deque[bytes]] = {}
         self._stash: list[tuple[int, bytes]] = []
-        self._source_of = {id(reader): rank for rank, reader in readers.items()}
+        self._source_of: dict[int, int] = {}
+        self._pids: dict[int, int] = {}
+        self._linked: set[int] = set()
         self._closed = False
-        self._lock = threading.Lock()  # the heartbeat thread against close()
-        self._heartbeat = Heartbeat(self._beat, heartbeat_interval, f"embxfer-heartbeat-{rank}")
+        self._lock = threading.Lock()  # the heartbeat thread against close() and attach
+        self._heartbeat = Heartbeat(self._beat, heartbeat_interval, f"embxfer-heartbeat-{rank:x}")
+
+    @classmethod
+    def open(cls, rank: int, *, slots: int, slot_bytes: int, peer_timeout: float, heartbeat_interval: float,
+             limits: rec.Limits, prefix: str = "embxfer", max_readers: int | None = None) -> ShmBus:
+        """This process's ring (no reader yet) and its doorbell."""
+        from embxfer.control.ring import MAX_READERS, Doorbell, RingWriter
+
+        writer = RingWriter.create(slots=slots, slot_bytes=slot_bytes, max_readers=max_readers or MAX_READERS,
+                                   prefix=prefix)
+        try:
+            if len(writer.name.encode()) > NAME_BYTES:
+                raise ValueError(f"ring name {writer.name!r} longer than {NAME_BYTES} bytes")
+            doorbell = Doorbell.create(prefix)
+        except BaseException:
+            writer.close()
+            raise
+        return cls(rank, writer, doorbell, peer_timeout=peer_timeout, heartbeat_interval=heartbeat_interval,
+                   limits=limits)
 
     @classmethod
     def create(cls, rank: int, peers: list[int], exchange: Callable[[bytes], dict[int, bytes]], *,
                slots: int, slot_bytes: int, peer_timeout: float, heartbeat_interval: float,
                limits: rec.Limits, prefix: str = "embxfer") -> ShmBus:
-        """Create this rank's ring, learn each peer's ring name through `exchange` (a
+        """A bus whose peers are known up front: ring names travel through `exchange` (a
         collective over this node's ranks: it takes this rank's bytes and returns every
-        participant's, by rank), attach to the peers' rings, then exchange once more as a
-        barrier, so no record is published before every reader is in place."""
-        from embxfer.control.ring import Doorbell, RingReader, RingWriter
-
-        writer = RingWriter.create(slots=slots, slot_bytes=slot_bytes, max_readers=max(1, len(peers)),
-                                   prefix=prefix)
-        doorbell = None
-        readers: dict[int, object] = {}
+        participant's, by rank); a second exchange is the barrier after which every
+        reader is in place."""
+        bus = cls.open(rank, slots=slots, slot_bytes=slot_bytes, peer_timeout=peer_timeout,
+                       heartbeat_interval=heartbeat_interval, limits=limits, prefix=prefix)
         try:
-            doorbell = Doorbell.create(prefix)
-            encoded = writer.name.encode()
-            if len(encoded) > NAME_BYTES:
-                raise ValueError(f"ring name {writer.name!r} longer than {NAME_BYTES} bytes")
-            names = exchange(encoded)
+            names = exchange(bus.writer.name.encode())
             for peer in peers:
-                readers[peer] = RingReader.attach(names[peer].decode(), doorbell=doorbell)
+                bus.add_local(peer, names[peer].decode())
             exchange(b"attached")
         except BaseException:
-            for reader in readers.values():
-                reader.close()
-            if doorbell is not None:
-                doorbell.close()
-            writer.close()
+            bus.close()
             raise
-        return cls(rank, writer, readers, doorbell, peer_timeout=peer_timeout,
-                   heartbeat_interval=heartbeat_interval, limits=limits)
+        return bus
 
-    def attach_link(self, link: object, remote_peers: list[int]) -> None:
-        """Reach `remote_peers` (ranks on other nodes) through `link`; its arrivals ring
-        this bus's doorbell."""
+    @property
+    def ring_name(self) -> str:
+        return self.writer.name
+
+    def add_local(self, member: int, ring: str, pid: int | None = None) -> None:
+        """Read `member`'s ring (a peer on this node). RingError if it is gone."""
+        from embxfer.control.ring import RingReader
+
+        if member in self.readers:
+            return
+        reader = RingReader.attach(ring, doorbell=self.doorbell)
+        with self._lock:
+            self.readers[member] = reader
+        self._source_of[id(reader)] = member
+        self._pids[member] = reader.writer().pid if pid is None else pid
+
+    def attach_link(self, link: object, remote_peers: list[int] = ()) -> None:
+        """Reach peers on other nodes through `link`; its arrivals ring this bus's doorbell."""
         self.link = link
-        self.remote_peers = list(remote_peers)
-        self._remote_pending = {peer: deque() for peer in remote_peers}
+        for peer in remote_peers:
+            self._remote_pending.setdefault(peer, deque())
+            self.remote_peers.append(peer)
+
+    def add_remote(self, member: int, endpoint: str) -> None:
+        """Reach `member` (a peer on another node) at its link endpoint."""
+        if self.link is None:
+            raise RuntimeError(f"member {member:x} is on another node, and this process has no cross-node link "
+                               "(the rendezvous is on a loopback address: give it an address other nodes reach)")
+        if member in self._remote_pending:
+            return
+        self.link.connect({member: endpoint})
+        self._remote_pending[member] = deque()
+        self.remote_peers.append(member)
+        self._linked.add(member)
+
+    def linked(self, member: int) -> bool:
+        """True once `member` reads this process's records and this process reads its own
+        (same node: each has attached to the other's ring; another node: the link)."""
+        if member in self._linked:
+            return True
+        if member not in self.readers:
+            return False
+        pid = self._pids.get(member)
+        if any(info.pid == pid for info in self.writer.readers()):
+            self._linked.add(member)
+            return True
+        return False
 
     # -- out -----------------------------------------------------------------------
     def publish(self, record: rec.Record) -> None:
@@ -286,6 +348,8 @@ class ShmBus(_Decoder):
             self._blocked_since = None
             for pending in self._remote_pending.values():
                 pending.append(frame)
+        if not self._remote_pending:
+            return
         now = time.monotonic()
         for peer, pending in self._remote_pending.items():
             while pending and self.link.send(peer, pending[0]):
@@ -309,12 +373,24 @@ class ShmBus(_Decoder):
         return evicted
 
     def forget(self, rank: int) -> None:
-        """Stop reading a dead peer's ring and stop waiting for it on ours (a remote peer:
-        stop queueing frames for it)."""
-        self._remote_pending.pop(rank, None)
+        """Stop reading a dead or departed peer's ring and stop waiting for it on ours (a
+        remote peer: stop queueing frames for it and close its connection)."""
+        self._linked.discard(rank)
+        self._pids.pop(rank, None)
+        self._unknown.pop(rank, None)
+        if self._remote_pending.pop(rank, None) is not None:
+            self.remote_peers.remove(rank)
+            disconnect = getattr(self.link, "disconnect", None)
+            if disconnect is not None:
+                try:
+                    disconnect(rank)
+                except Exception as exc:  # a link closing under us: nothing left to drop
+                    log.debug("link disconnect of %x: %s", rank, exc)
         self._remote_blocked_since.pop(rank, None)
-        reader = self.readers.pop(rank, None)
+        with self._lock:
+            reader = self.readers.pop(rank, None)
         if reader is not None:
+            self._source_of.pop(id(reader), None)
             reader.close()
         self._evict_dead_readers()
 
@@ -323,23 +399,32 @@ class ShmBus(_Decoder):
         from embxfer.control.ring import RingCorruptError
 
         out: list[rec.Record] = []
-        stash, self._stash = self._stash, []
-        for source, data in stash:
-            self._decode(source, data, out)
+        if self._stash:
+            stash, self._stash = self._stash, []
+            for source, data in stash:
+                self._decode(source, data, out)
         for source, reader in self.readers.items():
             while True:
                 try:
                     data = reader.poll()
                 except RingCorruptError as exc:  # counted and skipped by the ring; go on
                     self.rejected += 1
-                    log.warning("rank %d: skipped a corrupt slot in rank %d's ring: %s", self.rank, source, exc)
+                    log.warning("rank %x: skipped a corrupt slot in %x's ring: %s", self.rank, source, exc)
                     continue
                 if data is None:
                     break
                 self._decode(source, data, out)
         if self.link is not None:
             for source, frame in self.link.receive():
-                self._decode(source, frame, out)
+                if source in self._remote_pending:
+                    self._decode(source, frame, out)
+                else:
+                    held = self._unknown.setdefault(source, deque(maxlen=4096))
+                    held.append(frame)
+            if self._unknown:
+                for source in [s for s in self._unknown if s in self._remote_pending]:
+                    for frame in self._unknown.pop(source):
+                        self._decode(source, frame, out)
         return out
 
     def wait(self, timeout: float) -> None:
@@ -354,7 +439,7 @@ class ShmBus(_Decoder):
             if self.link is not None:
                 self.link.wait(timeout)
             else:
-                time.sleep(timeout)
+                self.doorbell.wait(timeout)
             return
         import posix_ipc
 
@@ -377,7 +462,13 @@ class ShmBus(_Decoder):
                 signal.pthread_sigmask(signal.SIG_SETMASK, previous)
         if found is not None:
             reader, data = found
-            self._stash.append((self._source_of[id(reader)], data))
+            source = self._source_of.get(id(reader))
+            if source is not None:
+                self._stash.append((source, data))
+
+    def wake(self) -> None:
+        """Cut a `wait` short (another thread has news: a member joined)."""
+        self.doorbell.ring()
 
     # -- liveness --------------------------------------------------------------------
     def _beat(self) -> None:
@@ -393,10 +484,10 @@ class ShmBus(_Decoder):
         for rank, reader in self.readers.items():
             writer = reader.writer()
             if not writer.alive:
-                dead[rank] = f"rank {rank} (pid {writer.pid}) is gone"
+                dead[rank] = f"pid {writer.pid} is gone"
             elif writer.heartbeat_age_s > self.peer_timeout:
-                dead[rank] = (f"rank {rank} (pid {writer.pid}) published no heartbeat for "
-                              f"{writer.heartbeat_age_s:.1f}s (peer_timeout_s={self.peer_timeout})")
+                dead[rank] = (f"pid {writer.pid} published no heartbeat for {writer.heartbeat_age_s:.1f}s "
+                              f"(peer_timeout_s={self.peer_timeout})")
         if self.link is not None:
             for rank, why in self.link.dead_peers(self.peer_timeout).items():
                 if rank in self._remote_pending:
@@ -404,15 +495,15 @@ class ShmBus(_Decoder):
             now = time.monotonic()
             for rank, since in self._remote_blocked_since.items():
                 if now - since > self.peer_timeout:
-                    dead.setdefault(rank, f"rank {rank} on another node has taken no control record for "
+                    dead.setdefault(rank, f"on another node, it has taken no control record for "
                                           f"{now - since:.1f}s (peer_timeout_s={self.peer_timeout})")
         if self._blocked_since is not None and time.monotonic() - self._blocked_since > self.peer_timeout:
             waited = time.monotonic() - self._blocked_since
             for info in self.writer.readers():
-                laggard = next((r for r, reader in self.readers.items() if reader_pid(reader) == info.pid), None)
+                laggard = next((r for r, pid in self._pids.items() if pid == info.pid), None)
                 if laggard is not None and info.lag > 0 and laggard not in dead:
-                    dead[laggard] = (f"rank {laggard} (pid {info.pid}) has not read this rank's control ring "
-                                     f"for {waited:.1f}s (peer_timeout_s={self.peer_timeout}; ring full)")
+                    dead[laggard] = (f"pid {info.pid} has not read this process's control ring for {waited:.1f}s "
+                                     f"(peer_timeout_s={self.peer_timeout}; ring full)")
         return dead
 
     def close(self) -> None:

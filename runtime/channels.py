@@ -24,6 +24,12 @@ under the others.
 The encoder rank's channel fans out: every language rank it serves gets the same
 messages (one pack, one send per peer); a peer that is lost is dropped from the fan-out
 and the others go on.
+
+Data pairs are made when first used (`pairs.py`): the encoder rank asks for its pairs
+when the channel is made and publishes TRANSFER records at once; a message's send to a
+peer is posted as soon as that pair is ready (in message order), and the language rank
+asks for its side of the pair when the first TRANSFER arrives and posts receives once it
+is ready. A pair that fails takes the peer out of the stream, with the pair's error.
 """
 
 from __future__ import annotations
@@ -123,15 +129,20 @@ class SendChunk:
 @dataclass(eq=False)
 class _Sent:
     slot: int
-    handles: list[tuple[int, Handle]]
+    buffer: torch.Tensor
+    posts: dict[int, Handle | None]  # peer -> its send, None until the pair is ready
     nbytes: int
 
 
 class SendChannel(_Staging):
     def __init__(self, rank: int, peers: list[int], transport: Transport, spec, *, depth: int, staging_bytes: int,
-                 max_segments: int, publish: Callable[[rec.Record], None]) -> None:
+                 max_segments: int, publish: Callable[[rec.Record], None],
+                 destination: int = rec.BROADCAST_RANK) -> None:
         super().__init__(spec, depth, staging_bytes)
         self.rank = rank
+        # TRANSFER records name the language incarnation they are for (its leader's id): an
+        # encoder rank runs one stream per language engine, each numbered from 0.
+        self.destination = destination
         self.peers = list(peers)
         self.transport = transport
         self.max_segments = max_segments
@@ -140,6 +151,10 @@ class SendChannel(_Staging):
         self.queue: deque[SendChunk] = deque()
         self.inflight: deque[_Sent] = deque()
         self.next_message = 0
+        ensure = getattr(transport, "ensure", None)
+        if ensure is not None:
+            for peer in self.peers:
+                ensure(peer)
 
     @property
     def dead(self) -> bool:
@@ -157,25 +172,55 @@ class SendChannel(_Staging):
         """Stop sending to `peer` (lost); with no peer left, drop everything queued."""
         if peer in self.peers:
             self.peers.remove(peer)
+        for sent in self.inflight:
+            sent.posts.pop(peer, None)
         if self.dead:
             self.queue.clear()
 
     def pump(self) -> bool:
-        """Retire finished sends, then build, pack and send messages while buffers are free."""
+        """Post sends whose pairs became ready, retire finished ones, then build, pack and
+        send messages while buffers are free."""
         worked = self._retire()
         while self.queue and self.free_slots and not self.dead:
             worked |= self._send_one()
         return worked
 
+    def _post(self, sent: _Sent) -> bool:
+        """Post the sends of `sent` whose pairs are ready; False while some wait."""
+        waiting = False
+        for peer, handle in list(sent.posts.items()):
+            if handle is not None:
+                continue
+            state, why = _pair_state(self.transport, peer)
+            if state == "pending":
+                waiting = True
+                continue
+            if state == "failed":
+                self._errors.append((peer, f"data pair with {peer:x} failed: {why}"))
+                self.drop_peer(peer)
+                continue
+            try:
+                sent.posts[peer] = self.transport.isend(sent.buffer, peer)
+            except Exception as exc:  # the transport's connection to the peer is gone
+                self._errors.append((peer, f"send to {peer:x} failed: {_one_line(exc)}"))
+                self.drop_peer(peer)
+        return not waiting
+
     def _retire(self) -> bool:
         worked = False
+        for sent in self.inflight:
+            if not self._post(sent):
+                break  # later messages to that peer must wait for this one
         while self.inflight:
             sent = self.inflight[0]
             pending = False
-            for peer, handle in sent.handles:
+            for peer, handle in list(sent.posts.items()):
+                if handle is None:
+                    pending = True
+                    continue
                 done, error = finished(handle)
                 if error:
-                    self._errors.append((peer, f"send to rank {peer} failed: {error}"))
+                    self._errors.append((peer, f"send to {peer:x} failed: {error}"))
                     self.drop_peer(peer)
                 elif not done:
                     pending = True
@@ -219,19 +264,25 @@ class SendChannel(_Staging):
                                     [r.payload for r in requests], staging, layout)
         else:
             ops.pack_rows([r.payload for r in requests], starts, staging, layout)
-        self.publish(rec.Transfer.trusted(src_rank=self.rank, dst_rank=rec.BROADCAST_RANK, message=self.next_message,
+        self.publish(rec.Transfer.trusted(src_rank=self.rank, dst_rank=self.destination, message=self.next_message,
                                   nbytes=layout.nbytes, segments=tuple(segments)))
         self.next_message += 1
-        buffer = staging[: layout.nbytes]
-        handles = []
-        for peer in list(self.peers):
-            try:
-                handles.append((peer, self.transport.isend(buffer, peer)))
-            except Exception as exc:  # the transport's connection to the peer is gone
-                self._errors.append((peer, f"send to rank {peer} failed: {_one_line(exc)}"))
-                self.drop_peer(peer)
-        self.inflight.append(_Sent(slot, handles, layout.nbytes))
+        sent = _Sent(slot, staging[: layout.nbytes], dict.fromkeys(self.peers), layout.nbytes)
+        self.inflight.append(sent)
+        if len(self.inflight) == 1 or all(h is not None for h in self.inflight[-2].posts.values()):
+            self._post(sent)
         return True
+
+
+def _pair_state(transport: Transport, peer: int) -> tuple[str, str]:
+    state = getattr(transport, "state", None)
+    if state is None:
+        return "ready", ""
+    found, why = state(peer)
+    if found == "absent":
+        transport.ensure(peer)
+        return "pending", ""
+    return ("ready" if found == "ready" else "failed" if found in ("failed", "dropped") else "pending"), why
 
 
 # -- a language rank's end -------------------------------------------------------------
@@ -264,6 +315,7 @@ class RecvChannel(_Staging):
         self.posted: deque[_Posted] = deque()
         self.next_message = 0
         self.dead = False
+        self.source = None  # the encoder incarnation (EngineView) this channel is from
 
     @property
     def idle(self) -> bool:
@@ -273,12 +325,14 @@ class RecvChannel(_Staging):
         """Queue a TRANSFER record; why the stream is broken, if it is (a gap in the
         message numbers, or a message this rank cannot hold or lay out)."""
         if record.message != self.next_message:
-            return (f"rank {self.peer} announced staging message {record.message}, expected "
+            return (f"{self.peer:x} announced staging message {record.message}, expected "
                     f"{self.next_message}: a TRANSFER record was lost")
         self.next_message += 1
+        if record.message == 0 and hasattr(self.transport, "ensure"):
+            self.transport.ensure(self.peer)  # first use: make this side of the data pair
         layout = self.layout(tuple(s.count for s in record.segments))
         if layout.nbytes != record.nbytes or layout.nbytes > self.staging_bytes:
-            return (f"rank {self.peer} sends a message of {record.nbytes} bytes; its segments make "
+            return (f"{self.peer:x} sends a message of {record.nbytes} bytes; its segments make "
                     f"{layout.nbytes} bytes here, and this rank's staging buffer holds {self.staging_bytes}")
         self.pending.append(RecvMessage(record, layout))
         return None
@@ -298,7 +352,7 @@ class RecvChannel(_Staging):
             done, error = finished(posted.handle)
             if error:
                 self.dead = True
-                self._errors.append((self.peer, f"receive from rank {self.peer} failed: {error}"))
+                self._errors.append((self.peer, f"receive from {self.peer:x} failed: {error}"))
                 return True
             if not done:
                 break
@@ -308,6 +362,14 @@ class RecvChannel(_Staging):
             landed(posted.message, self.staging[posted.slot])
             self.free_slots.append(posted.slot)
             worked = True
+        if self.pending and not self.posted:
+            state, why = _pair_state(self.transport, self.peer)
+            if state == "failed":
+                self.dead = True
+                self._errors.append((self.peer, f"data pair with {self.peer:x} failed: {why}"))
+                return True
+            if state == "pending":
+                return worked
         while self.pending and self.free_slots:
             message = self.pending[0]
             if not accept(message):
@@ -318,7 +380,7 @@ class RecvChannel(_Staging):
                 handle = self.transport.irecv(self.staging[slot][: message.layout.nbytes], self.peer)
             except Exception as exc:  # the transport's connection to the peer is gone
                 self.dead = True
-                self._errors.append((self.peer, f"receive from rank {self.peer} failed: {_one_line(exc)}"))
+                self._errors.append((self.peer, f"receive from {self.peer:x} failed: {_one_line(exc)}"))
                 return True
             self.posted.append(_Posted(slot, handle, message))
             worked = True

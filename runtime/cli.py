@@ -90,7 +90,18 @@ def build_parser() -> argparse.ArgumentParser:
     ring_rm.add_argument("--prefix", default=None, help=PREFIX_HELP)
     ring_rm.add_argument("--force", action="store_true", help="also remove entries whose creator still runs")
     ring.set_defaults(handler=cmd_ring)
+    rendezvous = commands.add_parser("rendezvous", help="run the job's rendezvous (a process no engine hosts)")
+    from .rendezvous import add_arguments as add_rendezvous_arguments
+
+    add_rendezvous_arguments(rendezvous)
+    rendezvous.set_defaults(handler=cmd_rendezvous)
     return parser
+
+
+def cmd_rendezvous(args: argparse.Namespace) -> int:
+    from .rendezvous import run
+
+    return run(args)
 
 
 def cmd_ring(args: argparse.Namespace) -> int:

@@ -1,8 +1,12 @@
-"""`embxfer demo`: stream synthetic payloads from encoder engines to a language engine,
+"""`embxfer demo`: stream synthetic payloads from encoder engines to language engines,
 verify every one bit-exact on every language rank, and print a summary.
 
-Without torchrun it spawns its own local world; under torchrun
-(`torchrun --nproc-per-node K -m embxfer.demo ...`) each process is one rank.
+Without torchrun it starts a rendezvous (in the launcher, which is no engine), makes a
+secret for the job, and spawns one process per rank; each joins by rendezvous as an
+engine of its own (`encoder<e>`, `language<l>`). Under torchrun
+(`torchrun --nproc-per-node K -m embxfer.demo ...`) each process is one rank of the
+one-world layout. Request i goes from encoder engine `i % encoders` to language engine
+`i % languages` (the router's choice, made the same way on both sides).
 Payloads are generated from (seed, request id) on both sides, so the language side
 can verify without the data travelling twice. Embedding bits are drawn uniformly, so
 NaN and Inf patterns are part of every payload and must arrive bit-exact.
@@ -15,6 +19,7 @@ import json
 import logging
 import os
 import random
+import secrets
 import signal
 import sys
 import threading
@@ -47,7 +52,8 @@ OUTCOME_NAMES = {VERIFIED: "verified", MISMATCH: "mismatch", FAILED: "failed", A
 def add_demo_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--encoders", type=int, default=1, help="encoder engines (default 1)")
     parser.add_argument("--encoder-tp", type=int, default=1, help="TP ranks per encoder engine (default 1)")
-    parser.add_argument("--language-tp", type=int, default=2, help="TP ranks of the language engine (default 2)")
+    parser.add_argument("--languages", type=int, default=1, help="language engines (default 1)")
+    parser.add_argument("--language-tp", type=int, default=2, help="TP ranks per language engine (default 2)")
     parser.add_argument("--requests", type=int, default=24, help="requests to stream (default 24)")
     parser.add_argument("--lengths", type=str, default=None, help="comma-separated token counts, cycled")
     parser.add_argument("--min-tokens", type=int, default=64)
@@ -87,7 +93,7 @@ def add_demo_arguments(parser: argparse.ArgumentParser) -> None:
 
 def validate_args(args: argparse.Namespace) -> None:
     """ValueError with one line naming the flag; nothing is started before this passes."""
-    positive = ["encoders", "encoder_tp", "language_tp", "requests", "min_tokens", "max_tokens", "dim",
+    positive = ["encoders", "encoder_tp", "languages", "language_tp", "requests", "min_tokens", "max_tokens", "dim",
                 "block_size", "default_alloc_tokens", "language_pool_blocks", "inflight"]
     for name in positive:
         value = getattr(args, name)
@@ -193,7 +199,7 @@ def node_layout(args: argparse.Namespace, topology: Topology) -> list[int]:
 
 
 def topology_of(args: argparse.Namespace) -> Topology:
-    return Topology(args.encoders, args.encoder_tp, args.language_tp)
+    return Topology(args.encoders, args.encoder_tp, args.language_tp, args.languages)
 
 
 def config_of(args: argparse.Namespace, device_kind: str = "cpu") -> Config:
@@ -319,6 +325,7 @@ def run_rank(args: argparse.Namespace, lifetime: RankLifetime) -> int:
     if world_size != topology.world_size:
         raise ValueError(f"world size {world_size} does not match the layout {topology.describe()} "
                          f"({topology.world_size} ranks)")
+    rank = int(os.environ["RANK"])
     local_world = int(os.environ.get("LOCAL_WORLD_SIZE", world_size))
     device_kind = pick_device(args.device, local_world)
     device = torch.device("cpu")
@@ -327,14 +334,20 @@ def run_rank(args: argparse.Namespace, lifetime: RankLifetime) -> int:
         torch.cuda.set_device(device)
     config = config_of(args, device_kind)
     lifetime.prefix = config.shm_prefix
+    lifetime.label = f"rank {rank} ({topology.engine_name(rank)} TP rank {topology.tp_index(rank)})"
+    engines = [topology.engine_name(r) for r in range(topology.world_size) if topology.is_leader(r)]
+    common = dict(dim=args.dim, dtype=DTYPES[args.dtype], deepstack_layers=args.deepstack, device=device,
+                  config=config, timeout_s=args.timeout)
     endpoint = None
     code = 1
     try:
-        endpoint = connect(layout=(args.encoders, args.encoder_tp, args.language_tp), dim=args.dim,
-                           dtype=DTYPES[args.dtype], deepstack_layers=args.deepstack, device=device,
-                           config=config, timeout_s=args.timeout)
-        lifetime.label = f"rank {endpoint.rank} ({endpoint.role})"
-        code = run_job(args, config, topology, endpoint, lifetime.check)
+        if os.environ.get("EMBXFER_RENDEZVOUS"):
+            endpoint = connect(topology.role(rank).value, engine=topology.engine_name(rank),
+                               tp_rank=topology.tp_index(rank), tp_size=topology.tp_size(rank), wait_for=engines,
+                               **common)
+        else:
+            endpoint = connect(layout=(args.encoders, args.encoder_tp, args.language_tp, args.languages), **common)
+        code = run_job(args, config, topology, rank, endpoint, lifetime.check)
         return code
     finally:
         lifetime.end(code)
@@ -348,17 +361,17 @@ def run_rank(args: argparse.Namespace, lifetime: RankLifetime) -> int:
             logging.getLogger("embxfer").warning("could not clean /dev/shm: %s", exc)
 
 
-def run_job(args: argparse.Namespace, config: Config, topology: Topology, endpoint: Sender | Receiver,
-            check_signals: Callable[[], None]) -> int:
+def run_job(args: argparse.Namespace, config: Config, topology: Topology, rank: int,
+            endpoint: Sender | Receiver, check_signals: Callable[[], None]) -> int:
     """This rank's part of the demo; 0 when the whole job succeeded (as far as this rank
     can tell), 1 otherwise, with one line on stderr saying why. `check_signals` raises
     when the rank was told to stop; every loop calls it."""
-    rank = endpoint.rank
     lengths = request_lengths(args)
     if rank == topology.language_leader:
-        nodes = len({m.node_id for m in endpoint.membership.members})
+        backend = "nccl" if endpoint.spec.device.type == "cuda" else "gloo"
+        nodes = len({m.node for m in endpoint.directory.members.values()})
         print(f"embxfer demo: {len(lengths)} requests of {min(lengths)}..{max(lengths)} tokens; "
-              f"{topology.describe()}; {endpoint.membership.groups.backend} on {endpoint.spec.device}"
+              f"{topology.describe()}; {backend} on {endpoint.spec.device}"
               f"{f', {nodes} nodes' if nodes > 1 else ''}; block {config.block_size}, default "
               f"allocation {config.default_alloc_blocks * config.block_size} tokens, language pool "
               f"{config.language_pool_blocks} blocks, staging "
@@ -375,17 +388,18 @@ def run_job(args: argparse.Namespace, config: Config, topology: Topology, endpoi
 
         metrics_server = Metrics([endpoint]).serve(args.metrics_port + rank)
     try:
+        engine = topology.engine_of(rank)
         if isinstance(endpoint, Sender):
-            tally = run_encoder(args, endpoint, lengths, deadline, probe, check_signals)
+            tally = run_encoder(args, endpoint, engine, lengths, deadline, probe, check_signals)
         else:
-            tally = run_language(args, endpoint, lengths, outcomes, deadline, endpoint.is_leader, probe,
-                                 check_signals)
+            tally = run_language(args, endpoint, engine, lengths, outcomes, deadline, rank == topology.language_leader,
+                                 probe, check_signals)
         elapsed = time.monotonic() - started
-        gathered = None if endpoint.dead_peers else finish_together(endpoint, outcomes, probe, deadline,
-                                                                    check_signals)
+        gathered = None if endpoint.dead_peers else finish_together(endpoint, topology, rank, outcomes, probe,
+                                                                    deadline, check_signals)
         if gathered is None:
             # The job cannot finish together: say what this rank saw, and go.
-            print(f"embxfer demo: rank {rank} ({endpoint.role}): the job is lost: {_lost_peers(endpoint)}; "
+            print(f"embxfer demo: rank {rank} ({endpoint.me.describe()}): the job is lost: {_lost_peers(endpoint)}; "
                   f"{tally.describe()}", file=sys.stderr, flush=True)
             return 1
         if metrics_server is not None:
@@ -406,12 +420,10 @@ def _lost_peers(endpoint: Sender | Receiver) -> str:
     lost = dict(endpoint.dead_peers)
     try:
         for rank, why in endpoint.bus.dead_ranks().items():
-            lost.setdefault(rank, why)
+            lost.setdefault(rank, f"{endpoint._describe_peer(rank)}: {why}")
     except Exception:  # the bus may be half gone with its peers; what we have is enough
         pass
-    ranks = ", ".join(str(rank) for rank in lost)
-    reasons = "; ".join(rec.clip_message(why, 160) for why in lost.values())
-    return f"peer rank(s) {ranks} lost ({reasons})"
+    return "; ".join(rec.clip_message(why, 200) for why in lost.values()) or "a peer was lost"
 
 
 @dataclass
@@ -422,22 +434,26 @@ class Tally:
     failed: int = 0
     failed_by_peers: int = 0  # a peer aborted them, or a peer they needed was lost
     not_started: int = 0
+    other: str = ""  # the first failure that was not a peer's doing
 
     def count_failure(self, error: str | None) -> None:
         self.failed += 1
-        if error and (error.startswith("peer_dead") or "aborted by rank" in error or "by the TP leader" in error):
+        if error and (error.startswith(("peer_dead", "shutdown")) or "aborted by" in error
+                      or "by the TP leader" in error):
             self.failed_by_peers += 1
+        elif not self.other:
+            self.other = error or "no reason given"
 
     def describe(self) -> str:
+        other = f" (first other failure: {rec.clip_message(self.other, 200)})" if self.other else ""
         return (f"{self.failed} request(s) failed ({self.failed_by_peers} of them by a lost peer or a "
-                f"peer's abort), {self.succeeded} succeeded, {self.not_started} not started")
+                f"peer's abort), {self.succeeded} succeeded, {self.not_started} not started{other}")
 
 
-def run_encoder(args: argparse.Namespace, sender: Sender, lengths: list[int], deadline: float,
+def run_encoder(args: argparse.Namespace, sender: Sender, engine: int, lengths: list[int], deadline: float,
                 probe: ResourceProbe, check_signals: Callable[[], None]) -> Tally:
     """Produce and submit this engine's payloads, `--inflight` at a time. A lost peer ends
     the loop at once: no payload is built for a job that cannot finish."""
-    engine = sender.engine
     todo = deque(rid for rid in range(len(lengths)) if rid % args.encoders == engine)
     active: set[int] = set()
     tally = Tally()
@@ -445,7 +461,8 @@ def run_encoder(args: argparse.Namespace, sender: Sender, lengths: list[int], de
         check_signals()
         while todo and len(active) < args.inflight and sender.lost_peer() is None:
             rid = todo.popleft()
-            sender.submit(rid, make_payload(args, rid, lengths[rid], sender.spec.device))
+            sender.submit(rid, make_payload(args, rid, lengths[rid], sender.spec.device),
+                          language_engine=rid % args.languages)
             active.add(rid)
         worked = sender.progress()
         for rid in list(active):
@@ -467,19 +484,20 @@ def run_encoder(args: argparse.Namespace, sender: Sender, lengths: list[int], de
     return tally
 
 
-def run_language(args: argparse.Namespace, receiver: Receiver, lengths: list[int], outcomes: list[Outcome],
-                 deadline: float, show_progress: bool, probe: ResourceProbe,
+def run_language(args: argparse.Namespace, receiver: Receiver, engine: int, lengths: list[int],
+                 outcomes: list[Outcome], deadline: float, show_progress: bool, probe: ResourceProbe,
                  check_signals: Callable[[], None]) -> Tally:
-    """Admit every request, verify each payload that arrives against its regenerated
-    source. A lost peer ends the loop at once (the requests in flight are failed)."""
+    """Admit this engine's requests, verify each payload that arrives against its
+    regenerated source. A lost peer ends the loop at once (the requests in flight are
+    failed)."""
     rng = random.Random(args.seed + 17)
     abort_after = {rid: rng.randint(0, 200) for rid in range(len(lengths)) if rng.random() < args.abort_rate}
-    todo = deque(range(len(lengths)))
+    todo = deque(rid for rid in range(len(lengths)) if rid % args.languages == engine)
     active: dict[int, float] = {}
     polls: dict[int, int] = {}
     tally = Tally()
     aborted = 0
-    bar = _progress_bar(len(lengths), show_progress and not args.quiet)
+    bar = _progress_bar(len(todo), show_progress and not args.quiet)
     while (todo or active) and time.monotonic() < deadline and not receiver.dead_peers:
         check_signals()
         while todo and len(active) < args.inflight:
@@ -552,23 +570,25 @@ def _progress_bar(total: int, enabled: bool):
     return tqdm(total=total, unit="req", desc="embxfer demo", file=sys.stderr, dynamic_ncols=True)
 
 
-def finish_together(endpoint: Sender | Receiver, outcomes: list[Outcome], probe: ResourceProbe, deadline: float,
+def finish_together(endpoint: Sender | Receiver, topology: Topology, rank: int, outcomes: list[Outcome],
+                    probe: ResourceProbe, deadline: float,
                     check_signals: Callable[[], None]) -> tuple[np.ndarray, list[int], dict[str, list[int]]] | None:
-    """Exchange per-request outcomes, blocks in use and resource samples through
-    embxfer's store. Waiting for the others is waiting for peers: `progress()` runs
-    between looks, so a peer that dies meanwhile ends the wait (None: the job is lost)
-    within its detection time, not at the deadline."""
+    """Exchange per-request outcomes, blocks in use and resource samples through the
+    rendezvous. Waiting for the others is waiting for peers: `progress()` runs between
+    looks, so a peer that dies meanwhile ends the wait (None: the job is lost) within its
+    detection time, not at the deadline."""
     tail = [endpoint._blocks_in_use(), *probe.start, *probe.end]
-    mine = np.array([o.code for o in outcomes] + tail, dtype=np.int64).tobytes()
-    store = endpoint.membership.store
-    keys = [f"demo/finish/{r}" for r in range(endpoint.topology.world_size)]
+    mine = np.array([o.code for o in outcomes] + [o.resumes for o in outcomes]
+                    + [int(o.latency_s * 1e6) for o in outcomes] + tail, dtype=np.int64).tobytes()
+    store = endpoint.membership.app_store
+    keys = [f"demo/finish/{r}" for r in range(topology.world_size)]
     lost_store_at = None
     # Ranks reach this point together, give or take the last verifications; one that ran
     # into --timeout still gets a moment to hand in what it has.
     deadline = max(deadline, time.monotonic() + 30.0)
     try:
-        store.set(keys[endpoint.rank], mine)
-    except Exception:  # the store's host is gone; liveness names the peer below
+        store.set(keys[rank], mine)
+    except Exception:  # the rendezvous is gone; liveness names the peer below
         lost_store_at = time.monotonic()
     while True:
         check_signals()
@@ -582,7 +602,7 @@ def finish_together(endpoint: Sender | Receiver, outcomes: list[Outcome], probe:
             return None
         now = time.monotonic()
         if lost_store_at is not None and now - lost_store_at > endpoint.config.peer_timeout_s + 1.0:
-            raise ConnectionError("lost embxfer's store, and no peer is known to be dead")
+            raise ConnectionError("lost the rendezvous, and no peer is known to be dead")
         if now > deadline:
             missing = [r for r, key in enumerate(keys) if not store.check([key])]
             raise TimeoutError(f"rank(s) {missing} did not finish within --timeout")
@@ -591,6 +611,10 @@ def finish_together(endpoint: Sender | Receiver, outcomes: list[Outcome], probe:
     gathered = [np.frombuffer(store.get(key), dtype=np.int64) for key in keys]
     n = len(outcomes)
     codes = np.stack([g[:n] for g in gathered])
+    for rid, outcome in enumerate(outcomes):  # resumes and latency as the request's language leader saw them
+        source = gathered[_leader_of(topology, rid)]
+        outcome.resumes, outcome.latency_s = int(source[n + rid]), int(source[2 * n + rid]) / 1e6
+    n *= 3
     blocks = [int(g[n]) for g in gathered]
     names = ("fds", "threads", "shm_entries")
     resources = {
@@ -600,13 +624,18 @@ def finish_together(endpoint: Sender | Receiver, outcomes: list[Outcome], probe:
     return codes, blocks, resources
 
 
+def _leader_of(topology: Topology, rid: int) -> int:
+    """The rank that leads request `rid`'s language engine."""
+    return topology.language_engine_ranks(rid % topology.languages)[0]
+
+
 def report(args, config, topology: Topology, lengths, outcomes, codes, blocks, resources, receiver,
            elapsed) -> int:
     language = topology.language_ranks
     rows = []
     bad = []
     for rid, tokens in enumerate(lengths):
-        per_rank = [int(codes[r][rid]) for r in language]
+        per_rank = [int(codes[r][rid]) for r in topology.language_engine_ranks(rid % args.languages)]
         worst = max(per_rank, key=lambda c: (c != VERIFIED, c))
         status = OUTCOME_NAMES.get(worst, "unknown")
         verified = all(c == VERIFIED for c in per_rank)
@@ -620,7 +649,7 @@ def report(args, config, topology: Topology, lengths, outcomes, codes, blocks, r
     verified_rows = [r for r in rows if r["verified"]]
     token_count = sum(r["tokens"] for r in verified_rows)
     payload_bytes = token_count * receiver.pool.bytes_per_token + 8 * len(verified_rows)
-    moved = payload_bytes * len(language)
+    moved = payload_bytes * args.language_tp
     latencies = sorted(o.latency_s for o, r in zip(outcomes, rows, strict=True) if r["verified"])
     encoder_blocks = sum(blocks[r] for r in range(topology.language_leader))
     language_blocks = sum(blocks[r] for r in language)
@@ -640,7 +669,8 @@ def report(args, config, topology: Topology, lengths, outcomes, codes, blocks, r
     leaks = {"encoder_blocks_in_use": encoder_blocks, "language_blocks_in_use": language_blocks}
     print(
         f"embxfer demo: {totals['verified']}/{totals['requests']} requests verified bit-exact on "
-        f"{len(language)} language rank(s); {totals['aborted']} aborted, {totals['failed']} failed\n"
+        f"every rank of their language engine ({args.languages} engine(s) of TP {args.language_tp}); "
+        f"{totals['aborted']} aborted, {totals['failed']} failed\n"
         f"  layout   {topology.describe()}; device {receiver.pool.device}, {args.dtype}, D={args.dim}, "
         f"deepstack K={args.deepstack}\n"
         f"  moved    {token_count} tokens, {totals['gb_moved']:.3f} GB in {elapsed:.2f}s "
@@ -693,15 +723,25 @@ def main(argv: Sequence[str] | None = None) -> int:
         return 2
     if under_torchrun() or os.environ.get(CHILD_ENV):
         _end_process(_rank_main(args))
+    from .rendezvous import RendezvousServer
+    from .secret import SECRET_ENV, SECRET_FILE_ENV
+
+    server = RendezvousServer("127.0.0.1", 0)
+    env = {"EMBXFER_RENDEZVOUS": server.address}
+    if not os.environ.get(SECRET_ENV) and not os.environ.get(SECRET_FILE_ENV):
+        env[SECRET_ENV] = secrets.token_hex(32)  # the demo's own job: made here, never on a socket
     try:
         # Survivors report a lost rank themselves within peer_timeout_s (sooner for a
         # process that is gone); past that the launcher stops them.
         return spawn_local_world("embxfer.demo", argv, topology.world_size, deadline_s=args.timeout + 60,
                                  node_of=node_layout(args, topology),
-                                 failure_grace_s=config.peer_timeout_s + config.heartbeat_interval_s + 1.0)
+                                 failure_grace_s=config.peer_timeout_s + config.heartbeat_interval_s + 1.0,
+                                 extra_env=env)
     except KeyboardInterrupt:
         print("embxfer demo: interrupted; the local world was stopped", file=sys.stderr)
         return 130
+    finally:
+        server.close()
 
 
 def _rank_main(args: argparse.Namespace) -> int:

@@ -1,4 +1,16 @@
-"""What the Sender and the Receiver share: the progress loop, liveness, timeouts, logs."""
+"""What the Sender and the Receiver share: the progress loop, membership, liveness,
+timeouts, logs.
+
+An endpoint is one member of the job (`membership.py`): `self.rank` is its member id.
+It sees the job through a `Directory`: engines by name, each name's newest incarnation,
+its members by TP rank. A request is bound, when it is admitted (language side) or when
+its first allocation arrives (encoder side), to one incarnation of the engine on the
+other side (`Request.peer`); records about it are taken only from that incarnation's
+members, and when one of them dies exactly the requests bound to it fail. Membership
+changes are applied in `progress()` on the engine's thread, in this order: records first
+(a peer's last records before it left are read before its absence is noticed), then
+directory changes, then liveness.
+"""
 
 from __future__ import annotations
 
@@ -15,6 +27,15 @@ from embxfer.control.deadlines import check_seconds
 
 from .bus import Bus
 from .config import Config
+from .membership import (
+    Change,
+    Directory,
+    EngineView,
+    MemberInfo,
+    Role,
+    StaticDirectory,
+    state_event,
+)
 from .payload import Payload, RowSpec
 from .state import RequestState, Stats
 from .topology import Topology
@@ -39,7 +60,7 @@ class Request:
     """Bookkeeping of one request on one rank (fields used by one side only are marked)."""
 
     request_id: int
-    engine: int
+    engine: str | None  # the other side's engine, by name (None: a follower not told yet)
     state: RequestState = RequestState.BOOTSTRAPPING
     total_tokens: int | None = None
     mrope_delta: int = 0
@@ -50,6 +71,7 @@ class Request:
     resumes: int = 0
     error: str | None = None
     reason: rec.AbortReason | None = None
+    peer: EngineView | None = None  # the incarnation of `engine` this request is bound to
     admitted_at: float = field(default_factory=time.monotonic)
     last_progress: float = field(default_factory=time.monotonic)
     # encoder side
@@ -79,27 +101,36 @@ class Request:
 
 class Endpoint:
     """Base of Sender and Receiver. Subclasses implement `_on_record`, `_pump`,
-    `_on_peer_dead` and `_fail_cleanup`."""
+    `_on_engine_lost`, `_on_engine_usable` and `_fail_cleanup`."""
 
     role = "endpoint"
+    my_role: Role
 
     def __init__(
         self,
         *,
         config: Config,
-        topology: Topology,
-        rank: int,
         bus: Bus,
         transport: Transport,
         dim: int,
         dtype: torch.dtype = torch.bfloat16,
         deepstack_layers: int = 0,
         device: torch.device | str = "cpu",
+        directory: Directory | None = None,
+        topology: Topology | None = None,
+        rank: int | None = None,
     ) -> None:
-        topology.check_rank(rank)
+        if directory is None:
+            if topology is None or rank is None:
+                raise ValueError("directory: expected a Directory, or a topology and a rank")
+            topology.check_rank(rank)
+            members = topology.members()
+            directory = StaticDirectory(members[rank], members)
         self.config = config
+        self.directory = directory
+        self.me: MemberInfo = directory.me
+        self.rank = self.me.member
         self.topology = topology
-        self.rank = rank
         self.bus = bus
         self.transport = transport
         device = torch.device(device)
@@ -110,18 +141,45 @@ class Endpoint:
         self.retired: OrderedDict[int, Request] = OrderedDict()  # terminal and handed back
         self.stats = Stats()
         self.metrics = None  # set by embxfer.runtime.metrics when an engine asks for metrics
-        self.channels: dict = {}  # peer rank -> SendChannel / RecvChannel (set by subclasses)
+        self.channels: dict = {}  # peer member -> SendChannel / RecvChannel (set by subclasses)
         self.dead_peers: dict[int, str] = {}
+        self.broken: str | None = None  # why this engine cannot serve any more (a TP peer is lost)
+        self.draining = False
         self.in_flight = 0  # requests not finished (kept as a count: busy is asked every loop)
         # Ids finished since the last finished() call; bounded, for engines that never ask.
         self._just_finished: deque[int] = deque(maxlen=16 * FINISHED_MEMORY)
         self._next_liveness = 0.0
         self._closed = False
-        # What connect() made for this endpoint (transport, bus, groups), closed with it.
+        self._joining: list[EngineView] = []  # incarnations not usable yet
+        # What connect() made for this endpoint (transport, bus, directory), closed with it.
         self.membership = None
         self.resources: list = []
+        for view in directory.incarnations.values():
+            if view.state == "usable" and view.name != self.me.engine:
+                self._on_engine_usable(view)
+            elif view.state == "joining":
+                self._joining.append(view)
 
     # -- public ---------------------------------------------------------------
+    @property
+    def engine(self) -> str:
+        """This endpoint's engine, by name."""
+        return self.me.engine
+
+    @property
+    def tp_rank(self) -> int:
+        return self.me.tp_rank
+
+    @property
+    def is_leader(self) -> bool:
+        return self.me.tp_rank == 0
+
+    def engines(self, role: str | None = None) -> dict[str, str]:
+        """Engines this endpoint knows, by name, with their state (joining, usable,
+        draining, left, dead); `role` ("encoder" / "language") filters."""
+        return {v.name: v.state for v in self.directory.current.values()
+                if v.name != self.me.engine and (role is None or v.role.value == role)}
+
     def state(self, request_id: int) -> RequestState:
         """The request's state, without doing any work (cheap; see `progress`)."""
         return self._lookup(check_request_id(request_id)).state
@@ -142,18 +200,24 @@ class Endpoint:
         return done
 
     def progress(self) -> bool:
-        """One non-blocking step: liveness, incoming records, data movement, outgoing
-        records. True if anything happened."""
+        """One non-blocking step: incoming records, membership, liveness, data movement,
+        outgoing records. True if anything happened."""
         if self._closed:
             return False
-        now = time.monotonic()
-        if now >= self._next_liveness:
-            self._next_liveness = now + self.config.heartbeat_interval_s
-            self._check_liveness(now)
         worked = False
         for record in self.bus.drain():
             self._on_record(record)
             worked = True
+        changes = self.directory.poll()
+        if changes:
+            self._apply_changes(changes)
+            worked = True
+        now = time.monotonic()
+        if now >= self._next_liveness:
+            self._next_liveness = now + self.config.heartbeat_interval_s
+            self._check_liveness(now)
+        if self._joining:
+            self._check_joining()
         worked |= self._pump()
         for channel in list(self.channels.values()):
             for peer, why in channel.take_errors():
@@ -183,37 +247,162 @@ class Endpoint:
         stats.in_flight = self.in_flight
         return {**stats.as_dict(), "rejected_records": stats.rejected_records + self.bus.rejected + self.bus.spoofed}
 
-    def close(self) -> None:
-        """Stop, then tear down what `connect()` made for this endpoint (transport, control
-        bus, embxfer's groups). Idempotent. Requests still in flight are not waited for:
-        peers see this rank leave and fail them."""
+    def close(self, drain: bool = False, timeout_s: float = 60.0) -> None:
+        """Leave the job and tear down what `connect()` made for this endpoint. With
+        `drain`: stop taking new requests, finish those in flight (progressing until none
+        is left or `timeout_s` passed), then leave; peers drop this engine without failing
+        anything. Without: requests still in flight are not waited for (peers see this
+        member leave and fail them). Idempotent."""
         if self._closed:
             return
+        if drain:
+            self.drain(timeout_s)
         self._closed = True
+        self._announce_state(rec.MemberState.LEFT)
+        try:
+            self.bus.flush()
+        except Exception as exc:  # tear everything down even if one part is broken
+            log.warning("member=%x: flushing the last records: %s", self.rank, exc)
         for part in self.resources:
             try:
-                if part is self.membership:
-                    part.close(gone=self.dead_peers)  # the dead will never say they left
-                else:
-                    part.close()
+                part.close()
             except Exception as exc:  # tear everything down even if one part is broken
-                log.warning("rank=%d: closing %s: %s", self.rank, type(part).__name__, exc)
+                log.warning("member=%x: closing %s: %s", self.rank, type(part).__name__, exc)
         self.resources = []
 
+    def drain(self, timeout_s: float = 60.0) -> bool:
+        """Stop taking new requests (admit/submit raise), tell peers, and progress until
+        nothing is in flight or `timeout_s` passed. True when everything finished."""
+        deadline = time.monotonic() + check_seconds("timeout_s", timeout_s, positive=True)
+        if not self.draining:
+            self.draining = True
+            self._announce_state(rec.MemberState.DRAINING)
+        while self._drain_pending() and time.monotonic() < deadline:
+            if not self.progress():
+                self.wait(0.005)
+        self.bus.flush()
+        left = self._drain_pending()
+        if left:
+            log.warning("member=%x %s: drain ended after %.1fs with %d request(s) in flight", self.rank,
+                        self.me.describe(), timeout_s, self.in_flight)
+        return not left
+
+    def _drain_pending(self) -> bool:
+        return self.busy
+
+    def _announce_state(self, state: rec.MemberState) -> None:
+        self._publish(rec.Member.trusted(src_rank=self.rank, state=state))
+        publish = getattr(self.directory, "publish", None)
+        if publish is not None:
+            change = Change.DRAINING if state is rec.MemberState.DRAINING else Change.LEFT
+            try:
+                publish(state_event(change, self.rank), remember=change is Change.DRAINING)
+            except Exception as exc:  # the rendezvous may be down; peers also have the record
+                log.debug("member=%x: could not post %s at the rendezvous: %s", self.rank, change.value, exc)
+
     def barrier(self, timeout_s: float = 60.0) -> None:
-        """Wait until every rank of embxfer's world calls `barrier` (before `close()`, so no
-        rank leaves while a peer still needs it). Liveness keeps beating meanwhile; needs an
-        endpoint made by `connect()`. TimeoutError naming who is missing."""
+        """Wait until every member of the engines of embxfer's one-world layout calls
+        `barrier` (before `close()`, so no rank leaves while a peer still needs it).
+        Liveness keeps beating meanwhile; needs an endpoint made by `connect()`.
+        TimeoutError naming who is missing."""
         if self.membership is None:
             raise RuntimeError("barrier(): this endpoint was not made by embxfer.connect()")
         self.bus.flush()
-        self.membership.groups.barrier(check_seconds("timeout_s", timeout_s, positive=True))
+        self.membership.barrier(self, check_seconds("timeout_s", timeout_s, positive=True))
 
     def __enter__(self):
         return self
 
     def __exit__(self, *exc_info: object) -> None:
         self.close()
+
+    # -- membership -------------------------------------------------------------
+    def _apply_changes(self, changes: list) -> None:
+        for change, subject, why in changes:
+            if change is Change.JOINED:
+                view = self.directory.add(subject)
+                if view is None:
+                    continue
+                self._link(subject)
+                if view not in self._joining and view.state == "joining":
+                    self._joining.append(view)
+            elif change is Change.DRAINING:
+                self._member_state(subject, "draining")
+            elif change is Change.LEFT:
+                self._member_state(subject, "left")
+            elif change is Change.DEAD and subject != self.rank and subject in self.directory.members:
+                self._peer_lost(subject, why or "reported dead by a peer")
+
+    def _link(self, info: MemberInfo) -> None:
+        """Start reading a new member's records (only members this one works with)."""
+        if info.member == self.rank or not self._works_with(info):
+            return
+        link = getattr(self.membership, "link_member", None)
+        if link is not None:
+            try:
+                link(info)
+            except Exception as exc:  # its ring is gone already: it is dead
+                self._peer_lost(info.member, f"cannot reach it: {exc}")
+
+    def _works_with(self, info: MemberInfo) -> bool:
+        return info.role != self.me.role or info.engine == self.me.engine
+
+    def _check_joining(self) -> None:
+        still = []
+        for view in self._joining:
+            if view.gone or view.state != "joining":
+                continue
+            if not view.complete or not all(self._is_linked(m) for m in view.members):
+                still.append(view)
+                continue
+            problem = self._disagreement(view)
+            if problem:
+                view.state, view.why = "dead", problem
+                log.error("member=%x: %s cannot work with this engine: %s", self.rank, view.describe(), problem)
+                continue
+            view.state = "usable"
+            log.info("member=%x: %s is usable (incarnation %x)", self.rank, view.describe(), view.incarnation)
+            if view.name != self.me.engine:
+                self._on_engine_usable(view)
+            elif view.incarnation == self.me.incarnation:
+                self._on_own_engine_usable()
+        self._joining = still
+
+    def _is_linked(self, member: int | None) -> bool:
+        if member is None:
+            return False
+        if member == self.rank:
+            return True
+        info = self.directory.member(member)
+        if info is None or not self._works_with(info):
+            return True  # a member this one never talks to (another engine of its own role)
+        linked = getattr(self.bus, "linked", None)
+        return True if linked is None else linked(member)
+
+    def _disagreement(self, view: EngineView) -> str | None:
+        if view.name == self.me.engine or view.role.value == self.me.role:
+            return None
+        mine = dict(self.me.settings)
+        for name, theirs in view.settings.items():
+            if name in mine and mine[name] != theirs:
+                return (f"{name}: {view.describe()} has {theirs!r}, this engine has {mine[name]!r}; both sides "
+                        "must use the same value")
+        return None
+
+    def _member_state(self, member: int, state: str) -> None:
+        view = self.directory.mark(member, state)
+        if view is None:
+            return
+        log.info("member=%x: %s is %s", self.rank, view.describe(), state)
+        if state == "left":
+            self._forget_member(member)
+            self._on_engine_lost(view, rec.AbortReason.SHUTDOWN, f"{view.describe()} left the job")
+
+    def _forget_member(self, member: int) -> None:
+        self.bus.forget(member)
+        drop = getattr(self.transport, "drop", None)
+        if drop is not None:
+            drop(member)
 
     # -- shared machinery -------------------------------------------------------
     def _blocks_in_use(self) -> int:
@@ -224,6 +413,12 @@ class Endpoint:
         self.stats.requests += 1
         self.in_flight += 1
         return request
+
+    def _check_open(self, verb: str) -> None:
+        if self._closed:
+            raise RuntimeError(f"{verb}(): this endpoint is closed")
+        if self.draining:
+            raise RuntimeError(f"{verb}(): {self.me.describe()} is draining and takes no new requests")
 
     def _finished_request(self, request_id: int) -> Request | None:
         """The request `release` acts on: None for an unknown or released id, ValueError for
@@ -237,15 +432,37 @@ class Endpoint:
     def _lookup(self, request_id: int) -> Request:
         request = self.requests.get(request_id) or self.retired.get(request_id)
         if request is None:
-            raise KeyError(f"request {request_id} is not known on rank {self.rank} ({self.role})")
+            raise KeyError(f"request {request_id} is not known on {self.me.describe()}")
         return request
+
+    def _peer_view(self, name: str) -> tuple[EngineView | None, str | None]:
+        """The usable incarnation of engine `name` (None, None while it joins), or why
+        requests cannot be bound to it. When the newest incarnation this member knows is
+        gone, the rendezvous is asked first: the engine may have restarted a moment ago."""
+        view = self.directory.engine(name)
+        if view is not None and view.gone:
+            sync = getattr(self.directory, "sync", None)
+            if sync is not None:
+                try:
+                    sync()
+                except Exception as exc:  # the rendezvous is down: what we know stands
+                    log.debug("member=%x: could not ask the rendezvous: %s", self.rank, exc)
+                self._apply_changes(self.directory.poll())
+                view = self.directory.engine(name)
+        if view is None or view.state == "joining":
+            return None, None
+        if view.gone:
+            return None, view.why or f"{view.describe()} is {view.state}"
+        # A draining engine still finishes what it has: the other side of a request it
+        # took before draining must be able to bind to it. It refuses new ones itself.
+        return view, None
 
     def _set_state(self, request: Request, state: RequestState, why: str = "") -> None:
         """The one place a transition happens (and is logged)."""
         if request.state is state:
             return
         if log.isEnabledFor(logging.DEBUG):
-            log.debug("rank=%d role=%s request=%d %s -> %s%s", self.rank, self.role, request.request_id,
+            log.debug("member=%x role=%s request=%d %s -> %s%s", self.rank, self.role, request.request_id,
                       request.state.value, state.value, f" ({why})" if why else "")
         request.state = state
         request.last_progress = time.monotonic()
@@ -275,7 +492,7 @@ class Endpoint:
         request.error = f"{reason.name.lower()}: {message}"
         request.reason = reason
         self._set_state(request, RequestState.FAILED, request.error)
-        log.warning("rank=%d role=%s request=%d failed: %s", self.rank, self.role, request.request_id,
+        log.warning("member=%x role=%s request=%d failed: %s", self.rank, self.role, request.request_id,
                     request.error)
         if reason is rec.AbortReason.USER:
             self.stats.aborted += 1
@@ -287,6 +504,15 @@ class Endpoint:
                 )
             )
         self._fail_cleanup(request)
+
+    def _describe_peer(self, member: int) -> str:
+        """A peer as the engine knows it: its engine and TP rank (never a member id alone)."""
+        return self.directory.describe_member(member)
+
+    def _abort_text(self, record: rec.Abort) -> str:
+        info = self.directory.member(record.src_rank)
+        who = f"{info.role} engine '{info.engine}' TP rank {info.tp_rank}" if info else self._describe_peer(record.src_rank)
+        return f"aborted by {who}: {record.message}"
 
     def _publish(self, record: rec.Record) -> None:
         self.bus.publish(record)
@@ -311,10 +537,35 @@ class Endpoint:
         return True
 
     def _peer_lost(self, rank: int, why: str) -> None:
+        """A member is dead: so is its engine incarnation. Exactly the requests bound to it
+        fail (all of them if it is a TP peer of this engine)."""
+        if rank in self.dead_peers:
+            return
+        reason = why
+        why = f"{self._describe_peer(rank)} is dead: {reason}"
         self.dead_peers[rank] = why
-        log.error("rank=%d role=%s peer rank %d is dead: %s", self.rank, self.role, rank, why)
-        self.bus.forget(rank)
-        self._on_peer_dead(rank, why)
+        log.error("member=%x %s: %s", self.rank, self.me.describe(), why)
+        view = self.directory.view_of(rank)
+        self.directory.mark(rank, "dead", why)
+        report = getattr(self.membership, "report_dead", None)
+        if report is not None:
+            report(rank, reason)
+        self._forget_member(rank)
+        if view is None:
+            return
+        if view.name == self.me.engine and view.incarnation == self.me.incarnation:
+            self.broken = why
+            for request in list(self.requests.values()):
+                self._fail(request, rec.AbortReason.PEER_DEAD, why, notify=self.is_leader)
+            self._on_own_engine_lost(rank, why)
+            return
+        for member in view.members:
+            if member is not None and member != rank:
+                self._forget_member(member)
+        self._on_engine_lost(view, rec.AbortReason.PEER_DEAD, why)
+
+    def _bound_to(self, view: EngineView) -> list[Request]:
+        return [r for r in self.requests.values() if r.peer is view]
 
     # -- subclass hooks ---------------------------------------------------------
     def _on_record(self, record: rec.Record) -> None:
@@ -323,8 +574,17 @@ class Endpoint:
     def _pump(self) -> bool:
         raise NotImplementedError
 
-    def _on_peer_dead(self, rank: int, why: str) -> None:
+    def _on_engine_usable(self, view: EngineView) -> None:
+        return None
+
+    def _on_own_engine_usable(self) -> None:
+        return None
+
+    def _on_engine_lost(self, view: EngineView, reason: rec.AbortReason, why: str) -> None:
         raise NotImplementedError
+
+    def _on_own_engine_lost(self, rank: int, why: str) -> None:
+        return None
 
     def _fail_cleanup(self, request: Request) -> None:
         raise NotImplementedError

@@ -142,7 +142,7 @@ def _die_with_parent(parent: int) -> Callable[[], None]:
 
 def spawn_local_world(module: str, argv: list[str], world_size: int, deadline_s: float,
                       node_of: list[int] | None = None, failure_grace_s: float = 30.0,
-                      stop_grace_s: float = STOP_GRACE_S) -> int:
+                      stop_grace_s: float = STOP_GRACE_S, extra_env: dict[str, str] | None = None) -> int:
     """Run `python -m module argv` as ranks 0..world_size-1 of a local world.
 
     `node_of[rank]` simulates several nodes on this machine: each simulated node gets a
@@ -153,13 +153,14 @@ def spawn_local_world(module: str, argv: list[str], world_size: int, deadline_s:
     itself (128 + the signal number for one killed by a signal). Once a rank has failed
     the others get `failure_grace_s` to report it themselves; past that, or past the
     deadline, they get SIGTERM, and `stop_grace_s` later SIGKILL; what dead ranks left in
-    /dev/shm is removed.
+    /dev/shm is removed. `extra_env` is added to every rank's environment (the
+    rendezvous address and the job's secret of `embxfer demo`).
     """
     port = free_port()
     started = time.monotonic()
     children: list[subprocess.Popen] = []
     base = dict(os.environ, MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port),
-                WORLD_SIZE=str(world_size), **{CHILD_ENV: "1"})
+                WORLD_SIZE=str(world_size), **{CHILD_ENV: "1"}, **(extra_env or {}))
     base.setdefault("OMP_NUM_THREADS", "1")
     # Stopping the spawner (SIGTERM from a scheduler, SIGINT) stops the world with it.
     previous = signal.signal(signal.SIGTERM, lambda *_: sys.exit(128 + signal.SIGTERM))
@@ -184,6 +185,9 @@ def spawn_local_world(module: str, argv: list[str], world_size: int, deadline_s:
                 break
             if first_failure is None:
                 failed = [(rank, code) for rank, code in enumerate(codes) if code not in (None, 0)]
+                # Seen in one look, a rank killed by a signal is the cause; the others are
+                # survivors that reported its loss.
+                failed.sort(key=lambda item: item[1] >= 0)
                 if failed:
                     # Give the survivors time to notice and report the failure themselves.
                     first_failure = failed[0]

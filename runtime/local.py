@@ -59,6 +59,9 @@ class LocalCluster:
     def leader(self) -> Receiver:
         return self.receivers[self.topology.language_leader]
 
+    def language_receivers(self, engine: int) -> list[Receiver]:
+        return [self.receivers[r] for r in self.topology.language_engine_ranks(engine)]
+
     def engine_senders(self, engine: int) -> list[Sender]:
         return [self.senders[r] for r in self.topology.encoder_ranks(engine)]
 
@@ -85,16 +88,16 @@ class LocalCluster:
                 raise RuntimeError(f"no progress after {steps} steps: {self.describe()}")
         raise RuntimeError(f"not done after {max_steps} steps: {self.describe()}")
 
-    def submit(self, request_id: int, payload: Payload, engine: int = 0) -> None:
+    def submit(self, request_id: int, payload: Payload, engine: int = 0, language: int | None = None) -> None:
         for sender in self.engine_senders(engine):
-            sender.submit(request_id, payload)
+            sender.submit(request_id, payload, language_engine=language)
 
-    def admit(self, request_id: int, engine: int = 0) -> None:
-        for receiver in self.receivers.values():
+    def admit(self, request_id: int, engine: int = 0, language: int = 0) -> None:
+        for receiver in self.language_receivers(language):
             receiver.admit(request_id, encoder_engine=engine)
 
-    def states(self, request_id: int) -> list[RequestState]:
-        return [r._lookup(request_id).state for r in self.receivers.values()]
+    def states(self, request_id: int, language: int = 0) -> list[RequestState]:
+        return [r._lookup(request_id).state for r in self.language_receivers(language)]
 
     def transfer(self, payloads: dict[int, Payload], engine_of: Callable[[int], int] = lambda rid: 0,
                  **run_kwargs) -> dict[int, list[Payload]]:
@@ -132,7 +135,7 @@ class LocalCluster:
         parts = []
         for e in self.endpoints:
             live = {rid: r.state.value for rid, r in e.requests.items()}
-            parts.append(f"rank {e.rank} ({e.role}): blocks used {e._blocks_in_use()}, requests {live}")
+            parts.append(f"rank {e.rank} ({e.me.describe()}): blocks used {e._blocks_in_use()}, requests {live}")
         return "; ".join(parts)
 
     def close(self) -> None:

@@ -33,8 +33,8 @@ own: embxfer never registers anything in prometheus_client's global default regi
 prometheus_client is an optional dependency (`pip install embxfer[metrics]`); the
 runtime never imports it, and this module only when a `Metrics` is made.
 
-Every metric has the labels `role` (`encoder` or `language`) and `rank` (the endpoint's
-rank in embxfer's world). Figures are per rank: the TP ranks of one engine each count
+Every metric has the labels `role` (`encoder` or `language`), `engine` (the engine's name)
+and `tp_rank` (the endpoint's TP rank in its engine). Figures are per rank: the TP ranks of one engine each count
 the same requests (take the leader's, or `max`, per engine rather than a sum), while
 tokens, bytes and messages are what each rank itself moved (an encoder TP rank that
 serves no language rank moves nothing). Latency runs from the moment the request
@@ -131,7 +131,6 @@ class _EndpointFigures:
     latency: _Histogram
     resumes: _Histogram
     failed: dict[AbortReason | None, int] = field(default_factory=dict)
-    cached: int = 0  # encoder side: SUCCESS because the language side had it cached
 
 
 class Metrics:
@@ -170,10 +169,10 @@ class Metrics:
             if current is self:
                 return self
             if current is not None:
-                raise ValueError(f"rank {endpoint.rank} ({endpoint.role}): another Metrics is attached already "
+                raise ValueError(f"{endpoint.me.describe()}: another Metrics is attached already "
                                  "(one Metrics may serve every endpoint of a process)")
             self._figures[endpoint] = _EndpointFigures(
-                labels=[endpoint.role, str(endpoint.rank)],
+                labels=[endpoint.role, endpoint.engine, str(endpoint.tp_rank)],
                 latency=_Histogram(self.latency_bounds),
                 resumes=_Histogram(self.resume_bounds),
             )
@@ -205,8 +204,6 @@ class Metrics:
             latency.total += elapsed
             resumes.counts[bisect_left(resumes.bounds, request.resumes)] += 1
             resumes.total += request.resumes
-            if request.cached:
-                figures.cached += 1
         else:
             reason = request.reason
             figures.failed[reason] = figures.failed.get(reason, 0) + 1
@@ -232,7 +229,7 @@ class Metrics:
                 out.counter("embxfer_requests_failed", "Requests that failed, by reason (the abort reason).", own,
                             failed.get(reason, 0), reason="unknown" if reason is None else reason.name.lower())
             out.counter("embxfer_requests_cached", "Requests served from the language side's payload cache "
-                        "(no transfer).", own, stats["cached"] + figures.cached)
+                        "(no transfer).", own, stats["cached"])
             out.counter("embxfer_tokens", "Tokens moved: received and read (language), sent (encoder).", own,
                         stats["tokens"])
             out.counter("embxfer_bytes", "Bytes of staging messages moved through this rank's channels.", own,
@@ -320,7 +317,7 @@ class _Families:
     def _family(self, kind: str, name: str, doc: str, extra: Iterable[str]) -> Any:
         family = self.families.get(name)
         if family is None:
-            family = self.families[name] = self._makers[kind](name, doc, labels=["role", "rank", *extra])
+            family = self.families[name] = self._makers[kind](name, doc, labels=["role", "engine", "tp_rank", *extra])
         return family
 
     def counter(self, name: str, doc: str, own: list[str], value: float, **extra: str) -> None:

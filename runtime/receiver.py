@@ -19,6 +19,14 @@ may hand back the very same indices (R6). The outputs are drawn from a bounded b
 holding only its landing blocks (no data of it is in flight then, so waiting can never
 block the stream that would free the budget), and one larger than the whole budget
 fails with a clear error.
+
+Which encoder engine serves a request is the router's choice, named at `admit` (a name,
+or an index for the layouts of one torchrun world). The request is bound to that engine's
+incarnation when the leader admits it; if the engine has not joined yet, the request
+waits, holding nothing, until it does (or until `request_timeout_s`). Each encoder
+incarnation that serves this rank has a channel of its own (its TP rank `j % encoder_tp`
+sends to this language TP rank `j`); records about a request are taken only from the
+incarnation it is bound to.
 """
 
 from __future__ import annotations
@@ -35,10 +43,10 @@ from .allocator import BlockAllocator
 from .cache import PayloadCache
 from .channels import RecvChannel, RecvMessage, segment_plan
 from .endpoint import Endpoint, Request, check_request_id
+from .membership import EngineView, Role, engine_name
 from .payload import Payload
 from .pool import BlockPool
 from .state import RequestState
-from .topology import Role
 
 # A TRANSFER whose request this rank has never heard of waits this long at the head of
 # its channel for the leader's ADMIT decision before its data is discarded.
@@ -46,33 +54,29 @@ UNKNOWN_REQUEST_GRACE_S = 5.0
 EARLY_MEMORY = 4096
 # What a language rank reads of the records every peer publishes (the rest is stepped over).
 _T = rec.RecordType
-LEADER_WANTS = frozenset({_T.TRANSFER, _T.COMPLETION, _T.ABORT, _T.ANNOUNCE})
-FOLLOWER_WANTS = frozenset({_T.TRANSFER, _T.DECISION, _T.ABORT})
+LEADER_WANTS = frozenset({_T.TRANSFER, _T.COMPLETION, _T.ABORT, _T.ANNOUNCE, _T.MEMBER})
+FOLLOWER_WANTS = frozenset({_T.TRANSFER, _T.DECISION, _T.ABORT, _T.MEMBER})
 
 
 class Receiver(Endpoint):
     role = "language"
 
     def __init__(self, *, pool_blocks: int | None = None, **kwargs) -> None:
+        self.sources: dict[int, _EncoderPeer] = {}  # encoder incarnation -> its serving rank's channel
+        self._engine_waiting: dict[str, list[Request]] = {}  # leader: admitted before the engine joined
         super().__init__(**kwargs)
-        topo = self.topology
-        if topo.role(self.rank) is not Role.LANGUAGE:
-            raise ValueError(f"rank {self.rank} is not a language rank in {topo.describe()}")
+        if self.me.role != Role.LANGUAGE.value:
+            raise ValueError(f"{self.me.describe()} is not a language rank")
         blocks = self.config.language_pool_blocks if pool_blocks is None else pool_blocks
         spec = self.spec
         self.pool = BlockPool(blocks, self.config.block_size, spec.dim, spec.dtype, spec.deepstack_layers, spec.device)
         self.allocator = BlockAllocator(blocks, self.config.block_size)
         self.cache = PayloadCache(self.config.cache_bytes)
-        self.leader_rank = topo.language_leader
-        self.is_leader = self.rank == self.leader_rank
+        self.leader_rank = self.me.incarnation  # an incarnation is named by its TP rank 0's id
         self.bus.wanted = LEADER_WANTS if self.is_leader else FOLLOWER_WANTS
-        self.followers = [r for r in topo.language_ranks if r != self.leader_rank]
+        self.followers: list[int] = []
+        self._on_own_engine_usable()
         self.default_tokens = min(self.config.default_alloc_blocks, blocks) * self.config.block_size
-        self.channels = {
-            peer: RecvChannel(peer, self.transport, spec, depth=self.config.staging_depth,
-                              staging_bytes=self.config.staging_bytes)
-            for peer in {topo.serving_encoder_rank(self.rank, engine) for engine in range(topo.encoders)}
-        }
         self.output_bytes = 0  # outputs of requests in flight and not taken
         self._admission: deque[Request] = deque()  # leader: FIFO of requests waiting for blocks
         self._resume_waiting: deque[Request] = deque()  # leader: rounds done, no free block yet
@@ -82,27 +86,32 @@ class Receiver(Endpoint):
         # Aborts and size announcements that arrived before this rank's engine admitted
         # the id (a follower's engine may lag its leader; an encoder may be first).
         self._early_aborts: OrderedDict[int, str] = OrderedDict()
-        self._announced: OrderedDict[int, int] = OrderedDict()
+        self._announced: OrderedDict[int, tuple[int, int]] = OrderedDict()
 
     # -- public API -----------------------------------------------------------------
-    def admit(self, request_id: int, encoder_engine: int = 0, *, expected_tokens: int | None = None,
+    def admit(self, request_id: int, encoder_engine: str | int = 0, *, expected_tokens: int | None = None,
               content_hash: bytes | str | None = None) -> None:
-        """Start receiving `request_id` from `encoder_engine`. The leader reserves the first
-        allocation (now, or as soon as blocks are free) and announces it: exactly
+        """Start receiving `request_id` from `encoder_engine` (its name, or its index in a
+        one-world layout). The leader reserves the first allocation (now, or as soon as
+        blocks are free and the engine has joined) and announces it: exactly
         `expected_tokens` (rounded up to blocks, capped by the pool) when the size is known
         by then (given here, or announced by the encoder side), else the default
         allocation. With `content_hash` (e.g. the engine's mm_hash) a payload still in
-        the cache completes the request at once, without a transfer."""
+        the cache completes the request at once, without a transfer. An engine that is
+        draining, left or dead fails the request at once (`state()` says FAILED)."""
         check_request_id(request_id)
-        self.topology.check_engine(encoder_engine)
+        self._check_open("admit")
+        name = engine_name(Role.ENCODER, encoder_engine)
+        if self.topology is not None and isinstance(encoder_engine, int):
+            self.topology.check_engine(encoder_engine)
         if expected_tokens is not None and (isinstance(expected_tokens, bool) or not isinstance(expected_tokens, int)
                                             or not 1 <= expected_tokens <= 0xFFFFFFFF):
             raise ValueError(f"expected_tokens={expected_tokens!r}: expected None or an integer in 1..2**32-1")
         content_hash = _content_hash(content_hash)
         request = self.requests.get(request_id)
         if request is not None:
-            if not self.is_leader and not request.engine_admitted and request.engine in (-1, encoder_engine):
-                request.engine = encoder_engine  # the leader's decision came first
+            if not self.is_leader and not request.engine_admitted and request.engine in (None, name):
+                request.engine = name  # the leader's decision came first
                 request.engine_admitted = True
                 if request.state.terminal:  # it finished before this engine knew of it
                     self._just_finished.append(request_id)
@@ -110,28 +119,42 @@ class Receiver(Endpoint):
             raise ValueError(f"request_id={request_id}: already admitted and {request.state.value} "
                              "(take() a SUCCESS, release() a FAILED one first)")
         self.retired.pop(request_id, None)
-        request = Request(request_id, encoder_engine, expected_tokens=expected_tokens, content_hash=content_hash,
+        request = Request(request_id, name, expected_tokens=expected_tokens, content_hash=content_hash,
                           engine_admitted=True)
         self._add(request)
-        gone = self._lost_peer_of(encoder_engine)
-        if gone is not None:
-            self._fail(request, rec.AbortReason.PEER_DEAD, gone, notify=False)
+        if self.broken is not None:
+            self._fail(request, rec.AbortReason.PEER_DEAD, self.broken, notify=False)
+            return
+        view, why = self._peer_view(name)
+        if why is not None:
+            self._fail(request, rec.AbortReason.PEER_DEAD if "dead" in why else rec.AbortReason.SHUTDOWN, why,
+                       notify=False)
             return
         aborted = self._early_aborts.pop(request_id, None)
         if aborted is not None:
             self._fail(request, rec.AbortReason.USER, aborted, notify=False)
             return
-        if self.is_leader:
-            announced = self._announced.pop(request_id, None)
-            if request.expected_tokens is None:
-                request.expected_tokens = announced
-            if content_hash is not None:
-                if self.cache.contains(content_hash):
-                    self._complete_from_cache(request)
-                    return
-                self.cache.misses += 1
-            self._admission.append(request)
-            self._admit_waiting()
+        if not self.is_leader:
+            return
+        if view is None:
+            self._engine_waiting.setdefault(name, []).append(request)  # the engine joins later
+            return
+        self._bind(request, view)
+
+    def _bind(self, request: Request, view: EngineView) -> None:
+        """Leader: bind the request to the encoder incarnation, then cache or queue it."""
+        request.peer = view
+        self._source(view)
+        announced = self._announced.pop(request.request_id, None)
+        if request.expected_tokens is None and announced is not None and announced[1] in view.members:
+            request.expected_tokens = announced[0]
+        if request.content_hash is not None:
+            if self.cache.contains(request.content_hash):
+                self._complete_from_cache(request)
+                return
+            self.cache.misses += 1
+        self._admission.append(request)
+        self._admit_waiting()
 
     def take(self, request_id: int) -> Payload:
         """The completed payload as contiguous tensors; the request is forgotten. The
@@ -198,34 +221,49 @@ class Receiver(Endpoint):
             if record.dst_rank in (-1, self.rank, self.leader_rank):
                 self._on_abort(record)
         elif kind is rec.Announce:
-            if self.is_leader and record.dst_rank == self.rank and self.topology.role(record.src_rank) is Role.ENCODER:
+            if self.is_leader and record.dst_rank == self.rank:
                 self._on_announce(record)
+        elif kind is rec.Member:
+            self._member_state(record.src_rank, "draining" if record.state is rec.MemberState.DRAINING else "left")
 
     def _on_abort(self, record: rec.Abort) -> None:
         request = self.requests.get(record.request_id)
+        source = self.directory.view_of(record.src_rank)
+        if source is None:
+            self.stats.rejected_records += 1
+            return
+        text = self._abort_text(record)
         if request is None and record.request_id not in self.retired:
-            _remember(self._early_aborts, record.request_id, f"aborted by rank {record.src_rank}: {record.message}")
+            _remember(self._early_aborts, record.request_id, text)
             return
         if request is None or request.state.terminal:
             self.stats.late_records += 1
             return
-        self._fail(request, rec.AbortReason(record.reason), f"aborted by rank {record.src_rank}: {record.message}",
-                   notify=False)
+        if source is not self.directory.my_engine and request.peer is not None and source is not request.peer:
+            self.stats.rejected_records += 1  # an encoder engine this request is not bound to
+            return
+        if source.role is Role.ENCODER and request.peer is None and source.name != request.engine:
+            self.stats.rejected_records += 1
+            return
+        self._fail(request, rec.AbortReason(record.reason), text, notify=False)
 
     def _on_announce(self, record: rec.Announce) -> None:
+        view = self.directory.view_of(record.src_rank)
+        if view is None or view.role is not Role.ENCODER:
+            return
         request = self.requests.get(record.request_id)
         if request is None:
             if record.request_id not in self.retired:
-                _remember(self._announced, record.request_id, record.total_tokens)
+                _remember(self._announced, record.request_id, (record.total_tokens, record.src_rank))
             return
         if request.state is RequestState.BOOTSTRAPPING and request.expected_tokens is None \
-                and request.engine == self.topology.engine_of(record.src_rank):
+                and request.engine == view.name:
             request.expected_tokens = record.total_tokens  # still waiting for blocks: allocate exactly
 
     def _on_transfer(self, record: rec.Transfer) -> None:
         channel = self.channels.get(record.src_rank)
-        if channel is None or record.dst_rank not in (rec.BROADCAST_RANK, self.rank):
-            return  # a stream to other ranks
+        if channel is None or record.dst_rank not in (rec.BROADCAST_RANK, self.me.incarnation):
+            return  # a stream to another language engine
         if channel.dead:
             return
         broken = channel.add(record)
@@ -250,11 +288,11 @@ class Receiver(Endpoint):
             if not request.state.terminal and (segment.round > request.round
                                                or segment.round == request.round and not request.blocks):
                 return False  # this rank has not applied the leader's decision for that round yet
-        engine = self.topology.engine_of(channel.peer)
-        message.requests = [self._bind(segment, engine) for segment in message.record.segments]
+        source = channel.source
+        message.requests = [self._bind_segment(segment, source) for segment in message.record.segments]
         return True
 
-    def _bind(self, segment: rec.Segment, engine: int) -> Request | None:
+    def _bind_segment(self, segment: rec.Segment, source: EngineView) -> Request | None:
         request = self.requests.get(segment.request_id)
         if request is None:
             if segment.request_id in self.retired:
@@ -265,7 +303,7 @@ class Receiver(Endpoint):
         if request.state.terminal or segment.round < request.round:
             self.stats.late_records += 1
             return None
-        problem = self._check_segment(request, segment, engine)
+        problem = self._check_segment(request, segment, source)
         if problem:
             self.stats.rejected_records += 1
             self._fail(request, rec.AbortReason.INVALID, problem, notify=True)
@@ -285,11 +323,13 @@ class Receiver(Endpoint):
         request.last_progress = time.monotonic()
         return request
 
-    def _check_segment(self, request: Request, s: rec.Segment, engine: int) -> str | None:
-        if request.engine == -1:  # a follower that learnt of the request from the leader only
-            request.engine = engine
-        if request.engine != engine:
-            return f"TRANSFER from encoder engine {engine}, the request was admitted from engine {request.engine}"
+    def _check_segment(self, request: Request, s: rec.Segment, source: EngineView) -> str | None:
+        if request.peer is None:  # a follower binds on the first segment from its serving rank
+            if request.engine not in (None, source.name):
+                return f"TRANSFER from {source.describe()}, the request was admitted from '{request.engine}'"
+            request.peer, request.engine = source, source.name
+        if request.peer is not source:
+            return f"TRANSFER from {source.describe()}, the request is bound to {request.peer.describe()}"
         if request.total_tokens is not None and (s.total_tokens != request.total_tokens
                                                  or s.mrope_delta != request.mrope_delta):
             return (f"TRANSFER round {s.round} says N={s.total_tokens}, delta={s.mrope_delta}; "
@@ -404,7 +444,7 @@ class Receiver(Endpoint):
             self._publish(rec.Completion.trusted(
                 request_id=request.request_id, round=request.round, sent_tokens=request.sent_tokens,
                 total_tokens=request.total_tokens, src_rank=self.rank,
-                dst_rank=self.topology.encoder_leader(request.engine),
+                dst_rank=request.peer.leader,
             ))
             return
         request.resume_due = True
@@ -478,7 +518,7 @@ class Receiver(Endpoint):
         self._publish(rec.Resume.trusted(
             request_id=request.request_id, round=request.round, sent_tokens=request.sent_tokens,
             allocated_tokens=request.allocated_tokens, src_rank=self.rank,
-            dst_rank=self.topology.encoder_leader(request.engine),
+            dst_rank=request.peer.leader,
         ))
 
     def _broadcast_decision(self, request: Request, action: rec.DecisionAction, content_hash: bytes = b"") -> None:
@@ -498,7 +538,7 @@ class Receiver(Endpoint):
         self._broadcast_decision(request, rec.DecisionAction.CACHED, request.content_hash)
         self._publish(rec.Completion.trusted(
             request_id=request.request_id, round=0, sent_tokens=0, total_tokens=0, src_rank=self.rank,
-            dst_rank=self.topology.encoder_leader(request.engine), flags=rec.COMPLETION_CACHED,
+            dst_rank=request.peer.leader, flags=rec.COMPLETION_CACHED,
         ))
         self._serve_cached(request, request.content_hash)
 
@@ -532,7 +572,7 @@ class Receiver(Endpoint):
             return
         if request is None and d.action in (rec.DecisionAction.ADMIT, rec.DecisionAction.CACHED) \
                 and d.request_id not in self.retired:
-            request = self._add(Request(d.request_id, -1))  # admit() may come later
+            request = self._add(Request(d.request_id, None))  # admit() may come later
             # An abort seen before this decision is the leader's to act on: its FAIL follows.
             self._early_aborts.pop(d.request_id, None)
         if request is None or request.state.terminal and d.action is not rec.DecisionAction.FAIL:
@@ -604,20 +644,48 @@ class Receiver(Endpoint):
     def _blocks_in_use(self) -> int:
         return self.allocator.num_used
 
+    # -- encoder engines -----------------------------------------------------------------
+    def _on_own_engine_usable(self) -> None:
+        own = self.directory.my_engine
+        if own.complete:
+            self.followers = list(own.members[1:])
+
+    def _on_engine_usable(self, view: EngineView) -> None:
+        if view.role is not Role.ENCODER:
+            return
+        self._source(view)
+        waiting = self._engine_waiting.pop(view.name, [])
+        for request in waiting:
+            if not request.state.terminal:
+                self._bind(request, view)
+
+    def _source(self, view: EngineView) -> _EncoderPeer:
+        """The channel from the encoder rank of `view` that serves this rank."""
+        source = self.sources.get(view.incarnation)
+        if source is None:
+            serving = view.members[self.me.tp_rank % view.tp_size]
+            channel = RecvChannel(serving, self.transport, self.spec, depth=self.config.staging_depth,
+                                  staging_bytes=self.config.staging_bytes)
+            channel.source = view
+            self.channels[serving] = channel
+            source = self.sources[view.incarnation] = _EncoderPeer(view, serving, channel)
+        return source
+
     def _channel_broken(self, channel: RecvChannel, why: str) -> None:
         channel.dead = True
-        engine = self.topology.engine_of(channel.peer)
         for request in list(self.requests.values()):
-            if request.engine == engine:
+            if request.peer is channel.source:
                 self._fail(request, rec.AbortReason.INVALID, why, notify=True)
 
     def _timeout_applies(self, request: Request) -> bool:
-        # Waiting in the admission queue for free blocks is backpressure, not a fault.
-        return request.state is not RequestState.BOOTSTRAPPING
+        # Waiting in the admission queue for free blocks is backpressure, not a fault; but
+        # an engine that never joins is.
+        return request.state is not RequestState.BOOTSTRAPPING or (request.peer is None and self.is_leader)
 
     def _fail_cleanup(self, request: Request) -> None:
         request.resume_due = False
-        if self.is_leader or self.leader_rank in self.dead_peers:
+        leader_gone = self.leader_rank in self.dead_peers or self.broken is not None
+        if self.is_leader or leader_gone:
             self._drop_outputs(request)
         # else a follower keeps what it read until the leader's decision for the request
         # arrives: the leader may have completed it already (this rank's last
@@ -627,33 +695,38 @@ class Receiver(Endpoint):
             self._release_blocks(request)
             if request.round >= 0:
                 self._broadcast_decision(request, rec.DecisionAction.FAIL)
-        elif self.leader_rank in self.dead_peers:
+        elif leader_gone:
             self._release_blocks(request)  # no decision will ever come
-        # otherwise the follower frees when the leader's FAIL decision arrives
 
-    def _lost_peer_of(self, engine: int) -> str | None:
-        """Why requests from `engine` cannot be served (a rank it needs is dead), or None."""
-        if not self.dead_peers:
-            return None
-        for rank in self.topology.needed_by(engine):
-            if rank in self.dead_peers:
-                return f"rank {rank} is dead: {self.dead_peers[rank]}"
-        return None
+    def _on_engine_lost(self, view: EngineView, reason: rec.AbortReason, why: str) -> None:
+        """An encoder incarnation died or left: exactly its requests fail."""
+        for request in list(self.requests.values()):
+            if request.peer is view or (request.peer is None and request.engine == view.name):
+                self._fail(request, reason, why, notify=self.is_leader)
+        for request in self._engine_waiting.pop(view.name, []):
+            if not request.state.terminal:
+                self._fail(request, reason, why, notify=False)
+        source = self.sources.pop(view.incarnation, None)
+        if source is not None:
+            source.channel.dead = True
+            self.channels.pop(source.serving, None)
 
-    def _on_peer_dead(self, rank: int, why: str) -> None:
-        if rank in self.channels:
-            self.channels[rank].dead = True
-        if self.topology.role(rank) is Role.LANGUAGE:
-            doomed = list(self.requests.values())
-        else:
-            engine = self.topology.engine_of(rank)
-            doomed = [r for r in self.requests.values() if r.engine == engine]
-        for request in doomed:
-            self._fail(request, rec.AbortReason.PEER_DEAD, why, notify=self.is_leader)
-        if rank == self.leader_rank:
-            for request in [*self.requests.values(), *self._awaiting_free.values()]:
-                self._release_blocks(request)
-            self._awaiting_free.clear()
+    def _on_own_engine_lost(self, rank: int, why: str) -> None:
+        """A TP peer of this language engine is lost: nothing of this incarnation can
+        complete any more; what the dead leader would have freed is freed here."""
+        for request in [*self.requests.values(), *self._awaiting_free.values()]:
+            self._release_blocks(request)
+            self._drop_outputs(request)
+        self._awaiting_free.clear()
+
+
+class _EncoderPeer:
+    __slots__ = ("view", "serving", "channel")
+
+    def __init__(self, view: EngineView, serving: int, channel: RecvChannel) -> None:
+        self.view = view
+        self.serving = serving
+        self.channel = channel
 
 
 def _content_hash(value: bytes | str | None) -> bytes | None:

@@ -1,14 +1,22 @@
 """The encoder engine's endpoint: submit payloads, send rounds, follow resumes.
 
 A round is scheduled in exactly one place, `_start_round`, which runs for the first
-round (the language side's announce) and for every RESUME (SPEC R1: a resume always
+round (the language side's allocation) and for every RESUME (SPEC R1: a resume always
 leads to a send), from the payload and total saved at submit time. Rounds are
 identified by number and `sent_tokens`, never by block indices (R5, R6).
+
+Which language engine a request goes to is the router's choice: `submit` may name it,
+else the request goes to whichever language engine's leader sends its first allocation.
+Either way it is then bound to that engine's incarnation: records about it from anyone
+else are dropped and counted, and it fails (exactly it and the others bound there) when a
+member of that incarnation dies. Request ids must be unique among the requests in flight
+on this engine (a router's ids are).
 
 The payload is not copied at submit: rounds are packed straight from the engine's
 tensors into staging messages, so the engine must leave them unchanged until the
 request is finished (`state(...)` is terminal). Many requests' rounds share one
-message (`channels.py`).
+message (`channels.py`); each language engine incarnation has a channel of its own,
+which fans out to the language ranks this encoder rank serves.
 """
 
 from __future__ import annotations
@@ -21,52 +29,55 @@ from embxfer.kernels import ops
 
 from .channels import SendChannel, SendChunk
 from .endpoint import Endpoint, Request, check_request_id
+from .membership import EngineView, Role, engine_name
 from .payload import Payload
 from .state import RequestState
-from .topology import Role
 
 MAX_PENDING_ALLOCATIONS = 4096
 # What an encoder rank reads of the records every peer publishes (the rest is stepped over).
-WANTED = frozenset({rec.RecordType.RESUME, rec.RecordType.COMPLETION, rec.RecordType.ABORT})
+WANTED = frozenset({rec.RecordType.RESUME, rec.RecordType.COMPLETION, rec.RecordType.ABORT,
+                    rec.RecordType.MEMBER})
 
 
 class Sender(Endpoint):
     role = "encoder"
 
     def __init__(self, **kwargs) -> None:
+        self.peers: dict[int, _LanguagePeer] = {}  # language incarnation -> what this rank keeps of it
         super().__init__(**kwargs)
-        topo = self.topology
-        if topo.role(self.rank) is not Role.ENCODER:
-            raise ValueError(f"rank {self.rank} is not an encoder rank in {topo.describe()}")
-        self.engine = topo.engine_of(self.rank)
-        self.leader_rank = topo.encoder_leader(self.engine)
-        self.language_leader = topo.language_leader
-        self.targets = topo.served_language_ranks(self.rank)
-        self.dummy = not self.targets
+        if self.me.role != Role.ENCODER.value:
+            raise ValueError(f"{self.me.describe()} is not an encoder rank")
         self.bus.wanted = WANTED
-        self.channel = None
-        if self.targets:
-            self.channel = SendChannel(
-                self.rank, self.targets, self.transport, self.spec, depth=self.config.staging_depth,
-                staging_bytes=self.config.staging_bytes, max_segments=self.config.max_segments_per_message,
-                publish=self._publish,
-            )
-            self.channels = {self.rank: self.channel}
         # Allocations, cache hits and aborts announced before the engine submitted the payload.
         self._early_allocations: OrderedDict[int, rec.Resume] = OrderedDict()
         self._early_cached: OrderedDict[int, rec.Completion] = OrderedDict()
         self._early_aborts: OrderedDict[int, str] = OrderedDict()
 
+    @property
+    def dummy(self) -> bool:
+        """True when this rank serves no language rank of any engine it knows."""
+        return all(peer.channel is None for peer in self.peers.values()) if self.peers else False
+
+    @property
+    def channel(self) -> SendChannel | None:
+        """The channel of the only language engine (single-pair layouts and tests)."""
+        channels = [p.channel for p in self.peers.values() if p.channel is not None]
+        return channels[0] if len(channels) == 1 else None
+
     # -- public API ---------------------------------------------------------------
-    def submit(self, request_id: int, payload: Payload) -> None:
-        """Queue `payload` for transfer. ValueError (nothing queued) on bad input; a request
-        that cannot be served (a rank it needs is lost) fails at once, before any work.
+    def submit(self, request_id: int, payload: Payload, language_engine: str | int | None = None) -> None:
+        """Queue `payload` for transfer to `language_engine` (a name or index; None: the
+        language engine that allocates it). ValueError (nothing queued) on bad input; a
+        request that cannot be served (the named engine is gone, a rank it needs is lost)
+        fails at once, before any work.
 
         The payload is sent straight from its tensors: leave them unchanged until the
         request is finished."""
         check_request_id(request_id)
+        self._check_open("submit")
         if not isinstance(payload, Payload):
             raise ValueError(f"payload: expected an embxfer.Payload, got {type(payload).__name__}")
+        target = None if language_engine is None else engine_name(Role.LANGUAGE, language_engine)
         existing = self.requests.get(request_id)
         if existing is not None:
             raise ValueError(f"request_id={request_id}: already submitted and {existing.state.value} "
@@ -75,13 +86,18 @@ class Sender(Endpoint):
         if payload.num_tokens > 0xFFFFFFFF:
             raise ValueError(f"payload.embeddings: N={payload.num_tokens}, expected at most 2**32 - 1 tokens")
         self.retired.pop(request_id, None)
-        request = Request(request_id, self.engine, total_tokens=payload.num_tokens, mrope_delta=payload.mrope_delta,
+        request = Request(request_id, target, total_tokens=payload.num_tokens, mrope_delta=payload.mrope_delta,
                           engine_admitted=True)
         self._add(request)
-        lost = self.lost_peer()
-        if lost is not None:
-            self._fail(request, rec.AbortReason.PEER_DEAD, lost, notify=False)
+        if self.broken is not None:
+            self._fail(request, rec.AbortReason.PEER_DEAD, self.broken, notify=False)
             return
+        if target is not None:
+            view, why = self._peer_view(target)
+            if why is not None:
+                self._fail(request, rec.AbortReason.PEER_DEAD if "dead" in why else rec.AbortReason.SHUTDOWN, why,
+                           notify=False)
+                return
         aborted = self._early_aborts.pop(request_id, None)
         if aborted is not None:
             self._fail(request, rec.AbortReason.USER, aborted, notify=False)
@@ -95,19 +111,33 @@ class Sender(Endpoint):
             request.addresses = ops.row_addresses(payload)
         early = self._early_allocations.pop(request_id, None)
         if early is not None:
-            request.pending_resume = early
-            self._start_round(request)
+            self._on_resume(early)
 
-    def announce(self, request_id: int, num_tokens: int) -> None:
+    def announce(self, request_id: int, num_tokens: int, language_engine: str | int | None = None) -> None:
         """Tell the language side now that `request_id` will have `num_tokens` tokens (as
         soon as preprocessing knows it, before the vision model runs), so its first
-        allocation is exact and no resume is needed. Harmless if wrong or late."""
+        allocation is exact and no resume is needed. Harmless if wrong or late: records
+        between two members arrive in the order they were published, so an announce
+        published before the language side's admission is seen by its leader before it
+        allocates (it then allocates exactly), one published after changes nothing.
+        `language_engine` may be omitted when only one is known."""
         check_request_id(request_id)
         if isinstance(num_tokens, bool) or not isinstance(num_tokens, int) or not 1 <= num_tokens <= 0xFFFFFFFF:
             raise ValueError(f"num_tokens={num_tokens!r}: expected an integer in 1..2**32-1")
-        if self.rank == self.leader_rank:
+        view = self._language_target(language_engine, "announce")
+        if self.is_leader and view is not None:
             self._publish(rec.Announce(request_id=request_id, total_tokens=num_tokens, src_rank=self.rank,
-                                       dst_rank=self.language_leader))
+                                       dst_rank=view.leader))
+
+    def _language_target(self, language_engine: str | int | None, verb: str) -> EngineView | None:
+        if language_engine is not None:
+            view, _ = self._peer_view(engine_name(Role.LANGUAGE, language_engine))
+            return view
+        usable = [v for v in self.directory.engines(Role.LANGUAGE) if v.state == "usable"]
+        if len(usable) > 1:
+            raise ValueError(f"{verb}(language_engine=None): {len(usable)} language engines are in the job "
+                             f"({', '.join(sorted(v.name for v in usable))}); name one")
+        return usable[0] if usable else None
 
     def lookup(self, request_id: int) -> bool:
         """True when the language side has served `request_id` from its cache (a content
@@ -118,15 +148,15 @@ class Sender(Endpoint):
             return request.cached
         return request_id in self._early_cached
 
-    def lost_peer(self) -> str | None:
-        """Why this engine cannot serve any request any more (a rank it needs is lost), or
-        None. Check it before producing a payload: a lost peer stops new work at once."""
-        if not self.dead_peers:
+    def lost_peer(self, language_engine: str | int | None = None) -> str | None:
+        """Why this engine cannot serve (a TP peer of its own is lost), or, with
+        `language_engine`, why requests to that engine cannot be served; None if they can.
+        Check it before producing a payload: a lost peer stops new work at once."""
+        if self.broken is not None:
+            return self.broken
+        if language_engine is None:
             return None
-        for rank in self.topology.needed_by(self.engine):
-            if rank in self.dead_peers:
-                return f"rank {rank} is dead: {self.dead_peers[rank]}"
-        return None
+        return self._peer_view(engine_name(Role.LANGUAGE, language_engine))[1]
 
     def abort(self, request_id: int, message: str = "aborted by the encoder engine") -> None:
         """Fail a request in flight, on both sides; a finished one is released. An id this
@@ -136,7 +166,7 @@ class Sender(Endpoint):
         if request is None:
             # Never submitted (the vision model failed, say): the language side may be
             # waiting for it; tell it, so the request fails there at once.
-            if self.rank == self.leader_rank:
+            if self.is_leader:
                 self._publish(rec.Abort(request_id=request_id, reason=rec.AbortReason.USER,
                                         message=rec.clip_message(message), src_rank=self.rank, dst_rank=-1))
             return
@@ -157,30 +187,43 @@ class Sender(Endpoint):
     # -- records ------------------------------------------------------------------
     def _on_record(self, record: rec.Record) -> None:
         kind = type(record)
-        if kind is rec.Resume:
-            if record.dst_rank == self.leader_rank and record.src_rank == self.language_leader:
-                self._on_resume(record)
-        elif kind is rec.Completion:
-            if record.dst_rank == self.leader_rank and record.src_rank == self.language_leader:
-                self._on_completion(record)
+        if kind is rec.Resume or kind is rec.Completion:
+            if record.dst_rank == self.me.incarnation:
+                view = self.directory.view_of(record.src_rank)
+                if view is not None and view.leader == record.src_rank and view.role is Role.LANGUAGE:
+                    if kind is rec.Resume:
+                        self._on_resume(record, view)
+                    else:
+                        self._on_completion(record, view)
         elif kind is rec.Abort:
-            if record.dst_rank in (-1, self.rank, self.leader_rank):
+            if record.dst_rank in (-1, self.rank, self.me.incarnation):
                 self._on_abort(record)
+        elif kind is rec.Member:
+            self._member_state(record.src_rank, "draining" if record.state is rec.MemberState.DRAINING else "left")
 
     def _on_abort(self, record: rec.Abort) -> None:
         request = self.requests.get(record.request_id)
+        source = self.directory.view_of(record.src_rank)
         if request is None and record.request_id in self.retired:
             self.stats.late_records += 1
         elif request is None:
             # The language side gave up before this engine submitted: remember it
             # (bounded), so the submit fails at once instead of sending anything.
-            self._early_allocations.pop(record.request_id, None)
-            _remember(self._early_aborts, record.request_id, f"aborted by rank {record.src_rank}: {record.message}")
+            if source is not None and source.role is Role.LANGUAGE:
+                self._early_allocations.pop(record.request_id, None)
+                _remember(self._early_aborts, record.request_id, self._abort_text(record))
+        elif source is None or (source is not request.peer and source is not self.directory.my_engine
+                                and not (request.peer is None and source.role is Role.LANGUAGE)):
+            self.stats.rejected_records += 1  # from an engine this request has nothing to do with
         else:
-            self._fail(request, rec.AbortReason(record.reason),
-                       f"aborted by rank {record.src_rank}: {record.message}", notify=False)
+            self._fail(request, rec.AbortReason(record.reason), self._abort_text(record), notify=False)
 
-    def _on_resume(self, resume: rec.Resume) -> None:
+    def _on_resume(self, resume: rec.Resume, view: EngineView | None = None) -> None:
+        if view is None:
+            view = self.directory.view_of(resume.src_rank)
+            if view is None or view.gone:
+                self.stats.late_records += 1
+                return
         request = self.requests.get(resume.request_id)
         if request is None:
             if resume.request_id in self.retired:
@@ -194,6 +237,22 @@ class Sender(Endpoint):
             # The language side admitted the id again while this engine still holds the old,
             # finished incarnation: keep the allocation for the next submit of the id.
             _remember(self._early_allocations, resume.request_id, resume)
+            return
+        if request.peer is None:
+            if resume.round != 0 or (request.engine is not None and request.engine != view.name):
+                self.stats.rejected_records += 1
+                self._fail(request, rec.AbortReason.INVALID,
+                           f"allocation from {view.describe()}, the request was submitted for language engine "
+                           f"'{request.engine}'", notify=False)
+                return
+            if view.state not in ("usable", "draining"):
+                _remember(self._early_allocations, resume.request_id, resume)  # its join is not applied yet
+                return
+            request.peer = view
+            request.engine = view.name
+            self._peer(view)
+        elif request.peer is not view:
+            self.stats.rejected_records += 1  # another engine speaking of an id bound elsewhere
             return
         if request.state.terminal or resume.round <= request.round:
             self.stats.late_records += 1  # a duplicate or a resume for an older round
@@ -216,7 +275,7 @@ class Sender(Endpoint):
                     f"{self.config.block_size} tokens")
         return None
 
-    def _on_completion(self, completion: rec.Completion) -> None:
+    def _on_completion(self, completion: rec.Completion, view: EngineView | None = None) -> None:
         request = self.requests.get(completion.request_id)
         if request is None:
             if completion.flags & rec.COMPLETION_CACHED and completion.request_id not in self.retired:
@@ -227,9 +286,13 @@ class Sender(Endpoint):
         if request.state.terminal:
             self.stats.late_records += 1
             return
+        if view is not None and request.peer is not None and request.peer is not view:
+            self.stats.rejected_records += 1
+            return
         if completion.flags & rec.COMPLETION_CACHED:
             request.cached = True
             request.payload = request.addresses = None
+            self.stats.cached += 1
             self._set_state(request, RequestState.SUCCESS, "served from the language side's cache")
             return
         if completion.total_tokens != request.total_tokens or completion.sent_tokens != request.total_tokens \
@@ -240,6 +303,34 @@ class Sender(Endpoint):
             return
         request.payload = request.addresses = None
         self._set_state(request, RequestState.SUCCESS)
+
+    # -- peers -------------------------------------------------------------------------
+    def _on_engine_usable(self, view: EngineView) -> None:
+        """Allocations that came from this incarnation before its join was applied."""
+        if view.role is not Role.LANGUAGE or not hasattr(self, "_early_allocations"):
+            return
+        members = set(view.members)
+        for rid in [rid for rid, r in self._early_allocations.items() if r.src_rank in members]:
+            if rid in self.requests:
+                self._on_resume(self._early_allocations.pop(rid), view)
+
+    def _peer(self, view: EngineView) -> _LanguagePeer:
+        """What this rank keeps of a language incarnation: the channel to the language
+        ranks it serves (None for a dummy rank), made on first use."""
+        peer = self.peers.get(view.incarnation)
+        if peer is None:
+            mine, size = self.me.tp_rank, self.me.tp_size
+            targets = [m for tp, m in enumerate(view.members) if tp % size == mine]
+            channel = None
+            if targets:
+                channel = SendChannel(
+                    self.rank, targets, self.transport, self.spec, depth=self.config.staging_depth,
+                    staging_bytes=self.config.staging_bytes, max_segments=self.config.max_segments_per_message,
+                    publish=self._publish, destination=view.incarnation,
+                )
+                self.channels[view.incarnation] = channel
+            peer = self.peers[view.incarnation] = _LanguagePeer(view, channel)
+        return peer
 
     # -- rounds ---------------------------------------------------------------------
     def _start_round(self, request: Request) -> None:
@@ -252,15 +343,20 @@ class Sender(Endpoint):
             self.stats.resumes += 1
         self._set_state(request, RequestState.TRANSFERRING)
         request.last_progress = time.monotonic()
-        if self.channel is not None:
-            self.channel.enqueue(SendChunk(request, resume.round, request.sent_tokens, count))
+        channel = self.peers[request.peer.incarnation].channel
+        if channel is not None:
+            channel.enqueue(SendChunk(request, resume.round, request.sent_tokens, count))
         request.sent_tokens += count
         self.stats.rounds += 1
-        if not self.dummy:
+        if channel is not None:
             self.stats.tokens += count
 
     def _pump(self) -> bool:
-        return self.channel.pump() if self.channel is not None else False
+        worked = False
+        for peer in self.peers.values():
+            if peer.channel is not None:
+                worked |= peer.channel.pump()
+        return worked
 
     # -- failure --------------------------------------------------------------------
     def _timeout_applies(self, request: Request) -> bool:
@@ -272,12 +368,28 @@ class Sender(Endpoint):
         request.payload = request.addresses = None  # its chunks not yet sent are dropped
         request.pending_resume = None
 
-    def _on_peer_dead(self, rank: int, why: str) -> None:
-        if self.channel is not None:
-            self.channel.drop_peer(rank)
-        if self.topology.role(rank) is Role.LANGUAGE or self.topology.engine_of(rank) == self.engine:
-            for request in list(self.requests.values()):
-                self._fail(request, rec.AbortReason.PEER_DEAD, why, notify=False)
+    def _on_engine_lost(self, view: EngineView, reason: rec.AbortReason, why: str) -> None:
+        for request in list(self.requests.values()):
+            if request.peer is view or (request.peer is None and request.engine == view.name):
+                self._fail(request, reason, why, notify=False)
+        peer = self.peers.pop(view.incarnation, None)
+        if peer is not None and peer.channel is not None:
+            for member in list(peer.channel.peers):
+                peer.channel.drop_peer(member)
+            self.channels.pop(view.incarnation, None)
+
+    def _on_own_engine_lost(self, rank: int, why: str) -> None:
+        for peer in self.peers.values():
+            if peer.channel is not None:
+                peer.channel.queue.clear()
+
+
+class _LanguagePeer:
+    __slots__ = ("view", "channel")
+
+    def __init__(self, view: EngineView, channel: SendChannel | None) -> None:
+        self.view = view
+        self.channel = channel
 
 
 def _remember(memory: OrderedDict, key: int, value: object) -> None:

@@ -1,25 +1,28 @@
-"""Who is who in a torchrun world: encoder engines, the language engine, TP leaders.
+"""A fixed layout of engines: who is who in one torchrun world (`connect(layout=...)`) and
+in `LocalCluster`.
 
 Ranks `[0, E * encoder_tp)` are encoder ranks (engine e owns
-`[e * encoder_tp, (e + 1) * encoder_tp)`), the next `language_tp` ranks are the
-language engine. TP rank 0 of each engine is its leader.
+`[e * encoder_tp, (e + 1) * encoder_tp)`), then come the language engines, `language_tp`
+ranks each. TP rank 0 of each engine is its leader. Engines are named `encoder<e>` and
+`language<l>`; in such a world a member's id is its rank.
 
-Every encoder TP rank holds the whole payload, so any of them can serve any
-language rank: language TP rank j is served by encoder TP rank `j % encoder_tp`.
-Encoder TP ranks that no language rank maps to (`i >= language_tp`) are *dummies*:
-they follow every decision and send nothing (SPEC section 8).
+Every encoder TP rank holds the whole payload, so any of them can serve any language
+rank: language TP rank j is served by encoder TP rank `j % encoder_tp`. Encoder TP ranks
+that no language rank maps to (`i >= language_tp`) are *dummies*: they follow every
+decision and send nothing (SPEC section 8). Joined by rendezvous, the engines of a job
+need no layout (`membership.py`); the same rules hold engine pair by engine pair.
 """
 
 from __future__ import annotations
 
+import os
+import socket
 from dataclasses import dataclass
-from enum import Enum
 from functools import cached_property
 
+from .membership import MemberInfo, Role
 
-class Role(str, Enum):
-    ENCODER = "encoder"
-    LANGUAGE = "language"
+__all__ = ["Role", "Topology"]
 
 
 @dataclass(frozen=True)
@@ -27,47 +30,38 @@ class Topology:
     encoders: int = 1
     encoder_tp: int = 1
     language_tp: int = 1
+    languages: int = 1
 
     def __post_init__(self) -> None:
-        for name in ("encoders", "encoder_tp", "language_tp"):
+        for name in ("encoders", "encoder_tp", "language_tp", "languages"):
             value = getattr(self, name)
             if isinstance(value, bool) or not isinstance(value, int) or value < 1:
                 raise ValueError(f"topology.{name}={value!r}: expected a positive integer")
 
     @property
     def world_size(self) -> int:
-        return self.encoders * self.encoder_tp + self.language_tp
-
-    @cached_property
-    def language_ranks(self) -> list[int]:
-        first = self.encoders * self.encoder_tp
-        return list(range(first, first + self.language_tp))
+        return self.encoders * self.encoder_tp + self.languages * self.language_tp
 
     @property
     def language_leader(self) -> int:
+        """The first language engine's TP rank 0."""
         return self.encoders * self.encoder_tp
+
+    def language_engine_ranks(self, engine: int = 0) -> list[int]:
+        first = self.language_leader + engine * self.language_tp
+        return list(range(first, first + self.language_tp))
+
+    @cached_property
+    def language_ranks(self) -> list[int]:
+        return list(range(self.language_leader, self.world_size))
 
     def encoder_ranks(self, engine: int) -> list[int]:
         self.check_engine(engine)
         return list(range(engine * self.encoder_tp, (engine + 1) * self.encoder_tp))
 
-    def needed_by(self, engine: int) -> tuple[int, ...]:
-        """Every rank a request from encoder `engine` needs (its engine and the language
-        engine), cached: asked at every admit and submit."""
-        cache = self.__dict__.setdefault("_needed", {})
-        ranks = cache.get(engine)
-        if ranks is None:
-            ranks = cache[engine] = (*self.encoder_ranks(engine), *self.language_ranks)
-        return ranks
-
     def encoder_leader(self, engine: int) -> int:
-        leaders = self.__dict__.get("_leaders")
-        if leaders is None:
-            leaders = self.__dict__["_leaders"] = tuple(e * self.encoder_tp for e in range(self.encoders))
-        if type(engine) is int and 0 <= engine < self.encoders:
-            return leaders[engine]
-        self.check_engine(engine)  # raises, naming the value
-        return leaders[engine]
+        self.check_engine(engine)
+        return engine * self.encoder_tp
 
     def check_engine(self, engine: int) -> None:
         if isinstance(engine, bool) or not isinstance(engine, int) or not 0 <= engine < self.encoders:
@@ -82,29 +76,42 @@ class Topology:
         return Role.LANGUAGE if rank >= self.language_leader else Role.ENCODER
 
     def engine_of(self, rank: int) -> int:
-        """Encoder engine index of an encoder rank."""
-        if self.role(rank) is not Role.ENCODER:
-            raise ValueError(f"rank {rank} is a language rank, not an encoder rank")
-        return rank // self.encoder_tp
+        """Engine index of a rank within its role."""
+        if self.role(rank) is Role.ENCODER:
+            return rank // self.encoder_tp
+        return (rank - self.language_leader) // self.language_tp
+
+    def engine_name(self, rank: int) -> str:
+        return f"{self.role(rank).value}{self.engine_of(rank)}"
 
     def tp_index(self, rank: int) -> int:
         if self.role(rank) is Role.LANGUAGE:
-            return rank - self.language_leader
+            return (rank - self.language_leader) % self.language_tp
         return rank % self.encoder_tp
 
     def is_leader(self, rank: int) -> bool:
         return self.tp_index(rank) == 0
 
-    def served_language_ranks(self, encoder_rank: int) -> list[int]:
-        """Language ranks this encoder rank sends to (empty for a dummy)."""
-        index = self.tp_index(encoder_rank)
-        return [r for r in self.language_ranks if self.tp_index(r) % self.encoder_tp == index]
+    def tp_size(self, rank: int) -> int:
+        return self.language_tp if self.role(rank) is Role.LANGUAGE else self.encoder_tp
 
-    def serving_encoder_rank(self, language_rank: int, engine: int) -> int:
-        """The encoder rank of `engine` that sends to `language_rank`."""
-        return self.encoder_ranks(engine)[self.tp_index(language_rank) % self.encoder_tp]
+    def members(self, node_of: list[str] | None = None) -> list[MemberInfo]:
+        """Every rank as a member of a static directory (member id = rank)."""
+        host = socket.gethostname()
+        out = []
+        for rank in range(self.world_size):
+            tp = self.tp_index(rank)
+            out.append(MemberInfo(
+                member=rank, engine=self.engine_name(rank), role=self.role(rank).value, incarnation=rank - tp,
+                tp_rank=tp, tp_size=self.tp_size(rank), node=node_of[rank] if node_of else "local", host=host,
+                pid=os.getpid(),
+            ))
+        return out
 
     def describe(self) -> str:
         parts = [f"encoder engine {e}: ranks {self.encoder_ranks(e)}" for e in range(self.encoders)]
-        parts.append(f"language engine: ranks {self.language_ranks}")
+        if self.languages == 1:
+            parts.append(f"language engine: ranks {self.language_ranks}")
+        else:
+            parts += [f"language engine {e}: ranks {self.language_engine_ranks(e)}" for e in range(self.languages)]
         return "; ".join(parts)

@@ -1,17 +1,21 @@
 """Two separately launched engines joined by embxfer: an encoder engine and a language engine.
 
 Each engine is its own program with its own `torch.distributed` world (its TP group), as
-SGLang's and vLLM's encoder and language servers are. embxfer joins them afterwards at a
-rendezvous address hosted by the language engine's TP rank 0, on groups of its own: the
-engine's default group is never touched, and this script runs an all_reduce on it before,
-during (every loop iteration: the TP ranks step together) and after the transfers.
+SGLang's and vLLM's encoder and language servers are. embxfer joins them afterwards at the
+job's rendezvous (`embxfer rendezvous`, a process of its own that no engine hosts), with
+data pairs of its own: the engine's default group is never touched, and this script runs
+an all_reduce on it before, during (every loop iteration: the TP ranks step together) and
+after the transfers.
 
 Payloads are made from (seed, request id) alone, so the language side can check every one
 bit for bit without being sent the original. Exit status 0 when every request arrived
 bit-exact (language) or finished (encoder), 1 otherwise, 2 on bad arguments.
 
-Separate `python` processes, one per TP rank (language TP 2, encoder TP 1, on CPU):
+The rendezvous first, then separate `python` processes, one per TP rank (language TP 2,
+encoder TP 1, on CPU); every process of the job has the same EMBXFER_SECRET:
 
+    export EMBXFER_SECRET=$(python -c 'import secrets; print(secrets.token_hex(32))')
+    embxfer rendezvous --port 29600 &
     python docs/examples/two_engines.py language --rendezvous tcp://127.0.0.1:29600 \\
         --tp-rank 0 --tp-size 2 --engine-address tcp://127.0.0.1:29501 &
     python docs/examples/two_engines.py language --rendezvous tcp://127.0.0.1:29600 \\
@@ -99,7 +103,7 @@ class EngineGroup:
 
 def run_encoder(tx: embxfer.Sender, engine: EngineGroup, args: argparse.Namespace) -> int:
     # Request rid is encoder engine (rid % engines)'s; the language side said how many there are.
-    todo = deque(rid for rid in range(args.requests) if rid % tx.topology.encoders == args.engine)
+    todo = deque(rid for rid in range(args.requests) if rid % args.encoders == args.engine)
     in_flight: dict[int, embxfer.Payload] = {}  # kept unchanged until finished: embxfer packs from it
     failed = 0
     deadline = time.monotonic() + args.timeout
@@ -179,9 +183,10 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("role", choices=["encoder", "language"])
     parser.add_argument("--rendezvous", default=os.environ.get("EMBXFER_RENDEZVOUS"),
-                        help="tcp://host:port of the language engine's TP rank 0 (default: EMBXFER_RENDEZVOUS)")
+                        help="tcp://host:port of `embxfer rendezvous` (default: EMBXFER_RENDEZVOUS)")
     parser.add_argument("--engine", type=int, default=0, help="encoder engine index (encoder side)")
-    parser.add_argument("--encoders", type=int, default=1, help="encoder engines to expect (language side)")
+    parser.add_argument("--encoders", type=int, default=1, help="encoder engines of the job (the router "
+                                                               "sends request rid to engine rid %% encoders)")
     parser.add_argument("--tp-rank", type=int, help="this process's TP rank (default: torchrun's RANK)")
     parser.add_argument("--tp-size", type=int, help="the engine's TP size (default: torchrun's WORLD_SIZE)")
     parser.add_argument("--engine-address", help="init_method of the engine's own world, tcp://host:port "
@@ -218,9 +223,10 @@ def main(argv: list[str] | None = None) -> int:
     try:
         endpoint = embxfer.connect(args.role, engine=args.engine, tp_rank=args.tp_rank, tp_size=args.tp_size,
                                    dim=args.dim, dtype=DTYPE, device=device, rendezvous_address=args.rendezvous,
-                                   encoders=args.encoders if args.role == "language" else None,
+                                   wait_for=(["language0"] if args.role == "encoder" else
+                                             [f"encoder{e}" for e in range(args.encoders)]),
                                    config=config, timeout_s=args.timeout)
-    except (TimeoutError, ValueError, ConnectionError) as exc:
+    except (TimeoutError, ValueError, ConnectionError, RuntimeError) as exc:
         print(f"two_engines: {who}: {type(exc).__name__}: {exc}", file=sys.stderr)
         return 1
     with endpoint:
@@ -228,7 +234,8 @@ def main(argv: list[str] | None = None) -> int:
         status = run(endpoint, engine, args)
         # Leave together: a rank that closes while a peer still finishes a request (a TP
         # follower applying the leader's last decision) would fail that request there.
-        endpoint.barrier(timeout_s=args.timeout)
+        if status == 0:
+            endpoint.barrier(timeout_s=args.timeout)
     engine.close()
     print(f"{who}: closed; the engine's own group ran {engine.collectives} collectives", flush=True)
     return status

@@ -21,10 +21,8 @@ from tests.procs import shm_entries, unique_prefix
 DEMO = [sys.executable, "-m", "embxfer.demo", "--quiet"]
 
 
-def session_processes(session: int) -> dict[int, dict[str, str]]:
-    """pid -> selected environment (RANK, EMBXFER_NODE_ID) of every live (non-zombie)
-    process of `session`."""
-    found: dict[int, dict[str, str]] = {}
+def _live_processes():
+    """(pid, session id, environment entries) of every live (non-zombie) process."""
     for entry in os.listdir("/proc"):
         if not entry.isdigit():
             continue
@@ -32,42 +30,31 @@ def session_processes(session: int) -> dict[int, dict[str, str]]:
             with open(f"/proc/{entry}/stat", "rb") as f:
                 raw = f.read()
             fields = raw[raw.rindex(b")") + 2 :].split()
-            if int(fields[3]) != session or fields[0] in (b"Z", b"X"):
+            if fields[0] in (b"Z", b"X"):
                 continue
             with open(f"/proc/{entry}/environ", "rb") as f:
                 environ = f.read().split(b"\0")
         except (OSError, ValueError):
             continue
-        wanted = {}
-        for item in environ:
-            key, _, value = item.partition(b"=")
-            if key in (b"RANK", b"EMBXFER_NODE_ID"):
-                wanted[key.decode()] = value.decode()
-        found[int(entry)] = wanted
-    return found
+        yield int(entry), int(fields[3]), environ
+
+
+def _selected(environ: list[bytes], keys: tuple[bytes, ...]) -> dict[str, str]:
+    return {k.decode(): v.decode() for k, _, v in (e.partition(b"=") for e in environ) if k in keys}
+
+
+def session_processes(session: int) -> dict[int, dict[str, str]]:
+    """pid -> selected environment (RANK, EMBXFER_NODE_ID) of every live (non-zombie)
+    process of `session`."""
+    return {pid: _selected(environ, (b"RANK", b"EMBXFER_NODE_ID"))
+            for pid, sid, environ in _live_processes() if sid == session}
 
 
 def prefix_processes(prefix: str) -> dict[int, dict[str, str]]:
     """pid -> RANK of every live process whose environment has EMBXFER_SHM_PREFIX=prefix
     (torchrun starts its workers in sessions of their own)."""
     wanted = f"EMBXFER_SHM_PREFIX={prefix}".encode()
-    found: dict[int, dict[str, str]] = {}
-    for entry in os.listdir("/proc"):
-        if not entry.isdigit():
-            continue
-        try:
-            with open(f"/proc/{entry}/stat", "rb") as f:
-                raw = f.read()
-            if raw[raw.rindex(b")") + 2 :].split()[0] in (b"Z", b"X"):
-                continue
-            with open(f"/proc/{entry}/environ", "rb") as f:
-                environ = f.read().split(b"\0")
-        except (OSError, ValueError):
-            continue
-        if wanted in environ:
-            found[int(entry)] = {k.decode(): v.decode() for k, _, v in (e.partition(b"=") for e in environ)
-                                 if k == b"RANK"}
-    return found
+    return {pid: _selected(environ, (b"RANK",)) for pid, _, environ in _live_processes() if wanted in environ}
 
 
 def all_shm_entries(prefix: str) -> set[str]:

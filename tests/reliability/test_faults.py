@@ -37,6 +37,9 @@ SIZES = {
     "tiny": ["--requests", "20000", "--lengths", "64", "--dim", "512"],
 }
 VICTIMS = {"encoder": 0, "language leader": 1, "language follower": 2, "launcher": None}
+# How survivors name each rank of the demo's default layout in their logs.
+NAMES = {0: "encoder engine 'encoder0' TP rank 0", 1: "language engine 'language0' TP rank 0",
+         2: "language engine 'language0' TP rank 1"}
 
 
 def rank_lines(err: str, rank: int) -> list[str]:
@@ -73,7 +76,7 @@ def test_sigkill_ends_the_job_within_2t_plus_3(who, size):
         return
     assert code == 128 + signal.SIGKILL, err[-3000:]
     assert f"embxfer: rank {victim} was killed by signal 9" in err
-    detected = log_times(err, f"peer rank {victim} is dead")
+    detected = log_times(err, f"{NAMES[victim]} (pid {pid} on")
     assert detected, err[-3000:]
     for rank in ranks:
         if rank != victim:
@@ -97,7 +100,7 @@ def test_sigstop_peer_times_out_instead_of_hanging():
         code, out, err = demo.collect(10)
     check_output(err)
     assert code != 0
-    detected = log_times(err, "peer rank 0 is dead")
+    detected = log_times(err, f"{NAMES[0]} (pid")
     assert detected, err[-3000:]
     detection_s = min(detected) - stopped_wall
     print(f"\n[faults] SIGSTOP encoder: detected after {detection_s:.3f}s (peer_timeout_s={PEER_TIMEOUT_S:g}), "
@@ -200,7 +203,7 @@ def test_sigkill_under_torchrun_leaves_no_rank_and_no_segment(tmp_path):
         for name in shm_entries(prefix):
             os.unlink(os.path.join("/dev/shm", name))
     # torchrun prints its own ChildFailedError traceback; the ranks print one line each.
-    assert "terminate called" not in err and "embxfer demo: rank 0 (encoder)" in err, err[-3000:]
+    assert "terminate called" not in err and "embxfer demo: rank 0 (encoder0 TP rank 0)" in err, err[-3000:]
     assert launcher.returncode != 0
     print(f"\n[faults] SIGKILL language leader under torchrun (T={PEER_TIMEOUT_S:g}s): every rank and segment gone "
           f"after {gone_s:.2f}s")

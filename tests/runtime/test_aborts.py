@@ -143,7 +143,7 @@ def test_submit_rejects_bad_input_and_queues_nothing():
     for request_id, payload, needle in cases:
         with pytest.raises(ValueError, match=needle):
             sender.submit(request_id, payload)
-    assert sender.requests == {} and not sender.channel.queue
+    assert sender.requests == {} and not any(c.queue for c in sender.channels.values())
     sender.submit(1, good)
     with pytest.raises(ValueError, match="already submitted"):
         sender.submit(1, good)
@@ -224,8 +224,8 @@ def test_abort_before_the_encoder_submits_fails_the_submit_at_once():
     sender = cluster.senders[0]
     sender.submit(3, random_payload(400, DIM, seed=3))
     assert sender.poll(3) is RequestState.FAILED
-    assert "aborted by rank 1" in sender.error(3)
-    assert not sender.channel.queue and sender.channel.messages == 0
+    assert "aborted by language engine 'language0' TP rank 0" in sender.error(3)
+    assert not any(c.queue or c.messages for c in sender.channels.values())
     assert_healthy_afterwards(cluster)
 
 
@@ -278,7 +278,7 @@ def test_a_transport_that_refuses_to_post_fails_the_peer_not_the_rank(side):
         cluster.step()
     assert endpoint.poll(1) is RequestState.FAILED
     assert "Connection closed by peer" in endpoint.error(1) and "typically" not in endpoint.error(1)
-    assert endpoint._blocks_in_use() == 0 and endpoint.channels[next(iter(endpoint.channels))].idle
+    assert endpoint._blocks_in_use() == 0 and all(c.idle for c in endpoint.channels.values())
 
 
 def test_follower_admitting_after_the_leaders_abort_fails_at_once():

@@ -34,8 +34,9 @@ def parse(text: str) -> dict[tuple[str, frozenset], float]:
 
 
 def value(samples: dict, name: str, rank: int, **labels: str) -> float:
-    role = "encoder" if rank == 0 else "language"
-    return samples[(name, frozenset({"role": role, "rank": str(rank), **labels}.items()))]
+    """The sample of rank `rank` of the one-encoder, language-TP-2 layout."""
+    role, engine, tp_rank = ("encoder", "encoder0", 0) if rank == 0 else ("language", "language0", rank - 1)
+    return samples[(name, frozenset({"role": role, "engine": engine, "tp_rank": str(tp_rank), **labels}.items()))]
 
 
 def make_cluster(**config) -> LocalCluster:

@@ -35,7 +35,8 @@ REQUESTS = 50
 def child_env(prefix: str) -> dict[str, str]:
     env = {k: v for k, v in os.environ.items()
            if k not in LAUNCH_ENV and not k.startswith("TORCHELASTIC_") and not k.startswith("EMBXFER_")}
-    env.update(EMBXFER_SHM_PREFIX=prefix, OMP_NUM_THREADS="1", PYTHONUNBUFFERED="1")
+    env.update(EMBXFER_SHM_PREFIX=prefix, OMP_NUM_THREADS="1", PYTHONUNBUFFERED="1",
+               EMBXFER_SECRET="two-engines-test-secret-" + prefix)
     return env
 
 
@@ -66,6 +67,7 @@ class Engines:
     def __init__(self, prefix: str) -> None:
         self.prefix = prefix
         self.processes: list[tuple[str, subprocess.Popen]] = []
+        self.server: subprocess.Popen | None = None
 
     def start(self, name: str, command: list[str]) -> None:
         process = subprocess.Popen(command, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
@@ -74,6 +76,25 @@ class Engines:
 
     def example(self, name: str, *args: str) -> None:
         self.start(name, [sys.executable, EXAMPLE, *args])
+
+    def rendezvous(self) -> str:
+        """`embxfer rendezvous` on a free port: its address once it listens."""
+        port = free_port()
+        process = subprocess.Popen([sys.executable, "-m", "embxfer.runtime.rendezvous", "--port", str(port)],
+                                   stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
+                                   env=child_env(self.prefix), cwd=ROOT, start_new_session=True)
+        self.server = process
+        address = f"tcp://127.0.0.1:{port}"
+        deadline = time.monotonic() + 30
+        while not listening(address):
+            assert process.poll() is None and time.monotonic() < deadline, process.communicate()
+            time.sleep(0.05)
+        return address
+
+    def stop_rendezvous(self) -> None:
+        if self.server is not None and self.server.poll() is None:
+            self.server.send_signal(signal.SIGTERM)
+            self.server.communicate(timeout=10)
 
     def finish(self, timeout: float) -> dict[str, tuple[int, str, str]]:
         deadline = time.monotonic() + timeout
@@ -88,6 +109,9 @@ class Engines:
         return outcomes
 
     def kill(self) -> None:
+        if self.server is not None and self.server.poll() is None:
+            self.server.kill()
+            self.server.communicate()
         for _, process in self.processes:
             if process.poll() is None:
                 for pid in [*reversed(descendants(process.pid)), process.pid]:
@@ -149,8 +173,8 @@ def assert_transferred(outcomes: dict[str, tuple[int, str, str]], encoder_tp: in
 def test_separately_launched_python_engines_move_50_requests_bit_exact(encoders: int, encoder_tp: int,
                                                                        language_tp: int) -> None:
     prefix = unique_prefix()
-    address = f"tcp://127.0.0.1:{free_port()}"
     with Engines(prefix) as engines:
+        address = engines.rendezvous()
         language_world = f"tcp://127.0.0.1:{free_port()}"
         for rank in range(language_tp):
             engines.example(f"language {rank}", "language", "--rendezvous", address, "--encoders", str(encoders),
@@ -161,8 +185,10 @@ def test_separately_launched_python_engines_move_50_requests_bit_exact(encoders:
             for rank in range(encoder_tp):
                 engines.example(f"encoder {engine}/{rank}", "encoder", "--rendezvous", address, "--engine",
                                 str(engine), "--tp-rank", str(rank), "--tp-size", str(encoder_tp),
-                                "--engine-address", encoder_world, "--requests", str(REQUESTS), "--timeout", "90")
+                                "--engine-address", encoder_world, "--encoders", str(encoders), "--requests",
+                                str(REQUESTS), "--timeout", "90")
         outcomes = engines.finish(timeout=120)
+        engines.stop_rendezvous()
     assert_transferred(outcomes, encoder_tp, language_tp, encoders)
     assert_clean(outcomes, prefix, address)
 
@@ -170,13 +196,14 @@ def test_separately_launched_python_engines_move_50_requests_bit_exact(encoders:
 @pytest.mark.timeout(150)
 def test_two_torchrun_commands_move_50_requests_bit_exact() -> None:
     prefix = unique_prefix()
-    address = f"tcp://127.0.0.1:{free_port()}"
     with Engines(prefix) as engines:
+        address = engines.rendezvous()
         for role, size in (("language", 2), ("encoder", 1)):
             engines.start(role, [TORCHRUN, "--nproc-per-node", str(size), "--master-port", str(free_port()),
                                  EXAMPLE, role, "--rendezvous", address, "--requests", str(REQUESTS),
                                  "--timeout", "90"])
         outcomes = engines.finish(timeout=120)
+        engines.stop_rendezvous()
     assert_transferred(outcomes, encoder_tp=1, language_tp=2)
     assert_clean(outcomes, prefix, address)
 
@@ -189,7 +216,8 @@ embxfer.connect  # loads torch and the runtime before the clock starts
 role, tp_rank, tp_size, address, timeout = sys.argv[1], int(sys.argv[2]), int(sys.argv[3]), sys.argv[4], float(sys.argv[5])
 started = time.monotonic()
 try:
-    embxfer.connect(role, tp_rank=tp_rank, tp_size=tp_size, dim=64, rendezvous_address=address, timeout_s=timeout).close()
+    embxfer.connect(role, tp_rank=tp_rank, tp_size=tp_size, dim=64, rendezvous_address=address, timeout_s=timeout,
+                    wait_for=["language0" if role == "encoder" else "encoder0"]).close()
 except TimeoutError as exc:
     print(f"ELAPSED {time.monotonic() - started:.3f}")
     print(f"TimeoutError: {exc}")
@@ -200,10 +228,11 @@ except TimeoutError as exc:
 @pytest.mark.timeout(90)
 @pytest.mark.parametrize("missing", ["encoder engine 1", "language TP rank 1"])
 def test_a_rank_that_never_arrives_is_named_within_the_deadline(missing: str) -> None:
+    """The engine that waits for the missing one names it at its deadline."""
     prefix = unique_prefix()
-    address = f"tcp://127.0.0.1:{free_port()}"
     timeout_s = 4.0
     with Engines(prefix) as engines:
+        address = engines.rendezvous()
         if missing == "encoder engine 1":
             # Both engines run the example (with their own worlds); the language engine
             # expects a second encoder engine, which is never launched.
@@ -214,15 +243,25 @@ def test_a_rank_that_never_arrives_is_named_within_the_deadline(missing: str) ->
                                 "--timeout", str(timeout_s))
             engines.example("encoder 0", "encoder", "--rendezvous", address, "--tp-rank", "0", "--tp-size", "1",
                             "--engine-address", f"tcp://127.0.0.1:{free_port()}", "--timeout", str(timeout_s))
-            expected = f"encoder engine 1 TP rank 0 of 1 never arrived at {address}"
+            expected = "engine 'encoder1' never joined"
         else:
             for role, rank, size in (("language", 0, 2), ("encoder", 0, 1)):
                 engines.start(f"{role} {rank}", [sys.executable, "-c", CONNECT, role, str(rank), str(size), address,
                                                  str(timeout_s)])
-            expected = f"language engine TP rank 1 of 2 never arrived at {address}"
+            expected = "its own engine 'language0' is joining (TP rank(s) 1 never joined)"
         started = time.monotonic()
         outcomes = engines.finish(timeout=60)
+        engines.stop_rendezvous()
     for name, (code, out, err) in outcomes.items():
+        if missing == "language TP rank 1" and name.startswith("encoder"):
+            # The encoder waits for language0, which never becomes whole: it names that.
+            assert code != 0 and "engine 'language0' is joining" in out + err, f"{name}:\n{out}\n{err[-2000:]}"
+            continue
+        if missing == "encoder engine 1" and name.startswith("encoder"):
+            # Only the language engine waits for encoder1; encoder0 joined, and cannot
+            # finish once the language engine gave up (it fails, naming what it lost).
+            assert code != 0 and "language engine 'language0'" in err, f"{name}:\n{out}\n{err[-2000:]}"
+            continue
         assert code != 0, f"{name} exited 0:\n{out}\n{err[-2000:]}"
         assert expected in out + err, f"{name}:\n{out}\n{err[-2000:]}"
     # Each process's deadline runs from its own start (a Python start-up with torch takes

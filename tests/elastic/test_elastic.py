@@ -1,0 +1,131 @@
+"""Engines that join, drain, crash and restart while the rest keeps serving (issue 19).
+
+One scenario, start to end, with every request's fate predicted: an encoder added
+mid-run, an encoder killed with -9 (while requests wait on it) and restarted under its
+name, a language engine drained, a language TP follower killed. Requests that wait on an
+engine when it dies are made deterministic by stopping the engine first (SIGSTOP): they
+are admitted and bound, and cannot finish.
+"""
+
+from __future__ import annotations
+
+import os
+import secrets
+import signal
+import time
+
+import pytest
+
+from tests.elastic.harness import Job
+
+pytestmark = pytest.mark.timeout(240)
+
+
+def shm_entries(prefix: str) -> list[str]:
+    return [n for n in os.listdir("/dev/shm") if n.removeprefix("sem.").startswith(prefix + "-")]
+
+
+def statuses(events: list[dict]) -> set[str]:
+    return {e["status"] for e in events}
+
+
+def test_the_elastic_scenario_predicts_every_request():
+    prefix = f"el{secrets.token_hex(3)}"
+    with Job(prefix) as job:
+        job.start("vit-0", "encoder")
+        job.start("llm-a", "language", tp=2)
+        job.start("llm-b", "language")
+        job.wait_up("vit-0", "llm-a", "llm-b")
+        verified_on = {"llm-a": [], "llm-b": []}
+
+        def route(encoder: str, language: str, tokens: int) -> int:
+            rid = job.route(encoder, language, tokens)
+            verified_on[language].append(rid)
+            return rid
+
+        # 1. one encoder, two language engines (one of TP 2)
+        first = [route("vit-0", "llm-a" if i % 2 else "llm-b", 300 + 97 * i) for i in range(8)]
+        job.wait_done("llm-a", [r for r in first if r in verified_on["llm-a"]], ranks=2)
+        job.wait_done("llm-b", [r for r in first if r in verified_on["llm-b"]], ranks=1)
+
+        # 2. an encoder joins mid-run: usable by every peer, its first request completes
+        joined_at = time.time()
+        job.start("vit-1", "encoder")
+        job.wait_up("vit-1")
+        rid = route("vit-1", "llm-a", 900)
+        done = job.wait_done("llm-a", [rid], ranks=2)
+        join_to_first = max(e["at"] for e in done[rid]) - joined_at
+        assert join_to_first < 5.0  # the 2 s figure is bench/elastic.py's, on a quiet machine
+
+        # 3. kill -9 of an encoder with requests bound to it, then restart it
+        stuck_rank = job.latest["vit-0"][0]
+        stuck_rank.process.send_signal(signal.SIGSTOP)
+        doomed = [job.route("vit-0", language, 500) for language in ("llm-a", "llm-b", "llm-a")]
+        fine = [route("vit-1", language, 400) for language in ("llm-a", "llm-b")]
+        job.wait_done("llm-a", [r for r in fine if r in verified_on["llm-a"]], ranks=2)
+        job.wait_done("llm-b", [r for r in fine if r in verified_on["llm-b"]], ranks=1)
+        time.sleep(0.5)  # the doomed ones are admitted and bound by now
+        stuck_rank.process.send_signal(signal.SIGKILL)
+        stuck_rank.process.wait(timeout=10)
+        failed_a = job.wait_done("llm-a", [r for r in doomed if r != doomed[1]], ranks=2)
+        failed_b = job.wait_done("llm-b", [doomed[1]], ranks=1)
+        for events in [*(failed_a[r] for r in (doomed[0], doomed[2])), failed_b[doomed[1]]]:
+            assert statuses(events) == {"failed"}
+            for event in events:
+                assert event["error"].startswith("peer_dead:") and "encoder engine 'vit-0' TP rank 0" in event["error"]
+        restarted_at = time.time()
+        job.start("vit-0", "encoder")
+        job.wait_up("vit-0")
+        rid = route("vit-0", "llm-b", 600)
+        done = job.wait_done("llm-b", [rid], ranks=1)
+        restart_to_first = max(e["at"] for e in done[rid]) - restarted_at
+        assert restart_to_first < 10.0  # 5 s is bench/elastic.py's figure
+        again = [route(encoder, "llm-a", 250) for encoder in ("vit-0", "vit-1")]
+        job.wait_done("llm-a", again, ranks=2)
+
+        # 4. drain a language engine with requests in flight: they complete, nobody fails
+        last_b = [route(encoder, "llm-b", 2000) for encoder in ("vit-0", "vit-1")]
+        job.drain("llm-b")
+        job.wait_done("llm-b", last_b, ranks=1)
+        for rank in job.latest["llm-b"]:
+            rank.process.wait(timeout=30)
+            assert rank.process.returncode == 0 and rank.first("left") is not None
+            assert rank.first("left")["blocks"] == 0
+
+        # 5. kill -9 of a language TP follower with requests bound to its engine
+        follower = job.latest["llm-a"][1]
+        follower.process.send_signal(signal.SIGSTOP)
+        lost_a = [job.route(encoder, "llm-a", 700) for encoder in ("vit-0", "vit-1")]
+        time.sleep(0.5)
+        follower.process.send_signal(signal.SIGKILL)
+        follower.process.wait(timeout=10)
+        leader_view = job.wait_done("llm-a", lost_a, ranks=1)
+        for rid_ in lost_a:
+            assert statuses(leader_view[rid_]) == {"failed"}
+            assert "language engine 'llm-a' TP rank 1" in leader_view[rid_][0]["error"]
+        for encoder, rid_ in zip(("vit-0", "vit-1"), lost_a, strict=True):
+            deadline = time.monotonic() + 30
+            while not job.outcomes(encoder).get(rid_) and time.monotonic() < deadline:
+                time.sleep(0.02)
+            events = job.outcomes(encoder)[rid_]
+            assert statuses(events) == {"failed"} and "language engine 'llm-a' TP rank 1" in events[0]["error"]
+
+        # every other request: verified on every rank of its language engine
+        lost = set(doomed) | set(lost_a)
+        for language, ranks in (("llm-a", 2), ("llm-b", 1)):
+            outcomes = job.outcomes(language)
+            for rid_ in verified_on[language]:
+                assert rid_ not in lost
+                events = outcomes[rid_]
+                assert len(events) >= ranks and statuses(events) == {"verified"}, (rid_, events)
+        job.stop_engine("llm-a")
+        job.stop_engine("vit-0")
+        job.stop_engine("vit-1")
+        for rank in job.ranks:
+            closed = rank.first("closed") or rank.first("left")
+            if rank.process.returncode in (-signal.SIGKILL,):
+                continue
+            assert closed is not None, job.describe(rank.engine)
+            assert closed["blocks"] == 0
+            assert closed["fds"] <= rank.first("up")["fds"] + 2
+    assert shm_entries(prefix) == []
