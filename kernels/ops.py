@@ -65,15 +65,24 @@ def pack_rows(rows: Sequence[RowTensors], row_starts: Sequence[int], staging: to
 
 
 def unpack_to_rows(staging: torch.Tensor, layout: StagingLayout, outputs: Sequence[RowTensors],
-                   out_starts: Sequence[int], *, triton: bool | None = None) -> None:
-    """Segment i of `staging` -> rows `[out_starts[i], out_starts[i] + counts[i])` of `outputs[i]`."""
+                   out_starts: Sequence[int], *, segments: Sequence[int] | None = None,
+                   triton: bool | None = None) -> None:
+    """Segment i of `staging` -> rows `[out_starts[i], out_starts[i] + counts[i])` of `outputs[i]`;
+    with `segments` (indices, ascending), only those segments, `outputs` and `out_starts`
+    then listing theirs."""
     if _triton(triton, staging):
         from .triton_copy import copy_segments
 
-        dst = rows_side(outputs, out_starts, layout.counts, layout.element_size)
-        copy_segments(layout.counts, staging_side(staging, layout), dst, **_widths(layout))
+        side = staging_side(staging, layout)
+        counts = layout.counts
+        if segments is not None:
+            index = np.asarray(segments, dtype=np.int64)
+            side = side._replace(columns=None, **{name: getattr(side, name)[index] for name in _ADDRESS_FIELDS})
+            counts = np.asarray(counts, dtype=np.int64)[index]
+        dst = rows_side(outputs, out_starts, counts, layout.element_size)
+        copy_segments(counts, side, dst, **_widths(layout))
     else:
-        reference.unpack_to_rows_reference(staging, layout, outputs, out_starts)
+        reference.unpack_to_rows_reference(staging, layout, outputs, out_starts, segments)
 
 
 def gather(pool: PoolTensors, plan: BlockPlan, counts: Sequence[int], outputs: Sequence[RowTensors],

@@ -86,7 +86,8 @@ class Request:
     block_array: np.ndarray | None = None
     round_tokens: int = 0  # tokens of the current round: min(remaining, allocated)
     round_accepted: int = 0  # of them, announced in messages this rank accepted
-    round_landed: int = 0  # of them, unpacked into the landing blocks
+    round_landed: int = 0  # of them, unpacked (into the outputs, or the landing blocks)
+    direct: bool = False  # the current round lands straight in the outputs
     outputs: object | None = None
     output_addresses: tuple[int, ...] | None = None  # the outputs' row addresses (CUDA read-out)
     output_bytes: int = 0

@@ -8,17 +8,21 @@ followers apply its DECISION records (claim, free) in ring order, so indices agr
 every rank (R4). Total length and mrope delta come from the first round's segments only
 (R3).
 
-Where the data lives (one model, `docs/integration.md` "Memory"): a round lands in the
-request's landing blocks of this rank's pool (one unpack launch per staging message,
-whatever it holds), and is read out of them exactly once, when the round is complete,
-into the request's output tensors (R7; one launch for all the rounds that completed in
-the same step). Then the blocks go back to the pool before the next round's blocks are
-taken, so a request larger than the whole pool streams through it, and the allocator
-may hand back the very same indices (R6). The outputs are drawn from a bounded budget
-(`output_budget_bytes`) when the first round is read out: a request waits for budget
-holding only its landing blocks (no data of it is in flight then, so waiting can never
-block the stream that would free the budget), and one larger than the whole budget
-fails with a clear error.
+Where the data lives (one model, `docs/integration.md` "Memory"): a request's blocks are
+its allocation, the unit of flow control (the encoder side never sends more than they
+hold). Its data goes straight into its output tensors whenever they exist when a round
+starts to arrive: every round after the first, and the first one too when the budget has
+room for N (known from the first segment, before its receive is posted). Only a first
+round that finds no budget lands in the request's landing blocks of this rank's pool, and
+is read out of them exactly once, when the round is complete, into the outputs (R7; one
+launch for all the rounds that completed in the same step). So a payload makes three
+passes (pack, wire, unpack) unless the budget is short, four then. Blocks go back to
+the pool before the next round's blocks are taken, so a request larger than the whole
+pool streams through it, and the allocator may hand back the very same indices (R6). The
+outputs are drawn from a bounded budget (`output_budget_bytes`): a request waits for
+budget holding only its landing blocks (no data of it is in flight then, so waiting can
+never block the stream that would free the budget), in arrival order, and one larger
+than the whole budget fails with a clear error.
 
 Which encoder engine serves a request is the router's choice, named at `admit` (a name,
 or an index for the layouts of one torchrun world). The request is bound to that engine's
@@ -319,6 +323,8 @@ class Receiver(Endpoint):
             request.mrope_delta = segment.mrope_delta
             request.round_tokens = min(request.total_tokens - request.sent_tokens, request.allocated_tokens)
             self._set_state(request, RequestState.TRANSFERRING)
+        if request.round_accepted == 0:  # the round's first segment: where will it land?
+            request.direct = request.outputs is not None or self._take_outputs(request)
         request.round_accepted += segment.count
         request.last_progress = time.monotonic()
         return request
@@ -345,32 +351,56 @@ class Receiver(Endpoint):
         return None
 
     def _landed(self, message: RecvMessage, staging) -> None:
-        """A staging message arrived: unpack its live segments with one launch."""
-        live, blocks, offsets, counts = [], [], [], []
+        """A staging message arrived: its live segments go straight into their outputs
+        (one launch), or into landing blocks (one launch) for first rounds without them."""
+        pooled, blocks, offsets, counts = [], [], [], []
+        direct, outputs, starts = [], [], []
         for index, (segment, request) in enumerate(zip(message.record.segments, message.requests, strict=True)):
             if request is None or request.state.terminal:
                 continue
-            live.append(index)
-            blocks.append(request.block_array)
-            offsets.append(segment.start - request.sent_tokens)
-            counts.append(segment.count)
+            if request.direct:
+                direct.append(index)
+                outputs.append(request.outputs)
+                starts.append(segment.start)
+            else:
+                pooled.append(index)
+                blocks.append(request.block_array)
+                offsets.append(segment.start - request.sent_tokens)
+                counts.append(segment.count)
         channel = self.channels[message.record.src_rank]
-        channel.discarded += len(message.requests) - len(live)
-        if not live:
-            return
-        plan = segment_plan(blocks, offsets, counts, self.config.block_size)
-        segments = None if len(live) == len(message.requests) else live
-        ops.unpack(staging, message.layout, self.pool.tensors, plan, segments=segments)
+        channel.discarded += len(message.requests) - len(pooled) - len(direct)
+        if direct:
+            whole = len(direct) == len(message.requests)
+            ops.unpack_to_rows(staging, message.layout, outputs, starts, segments=None if whole else direct)
+        if pooled:
+            plan = segment_plan(blocks, offsets, counts, self.config.block_size)
+            whole = len(pooled) == len(message.requests)
+            ops.unpack(staging, message.layout, self.pool.tensors, plan, segments=None if whole else pooled)
         now = time.monotonic()
-        for index, count in zip(live, counts, strict=True):
+        done = []
+        for index in (*direct, *pooled):
             request = message.requests[index]
-            request.round_landed += count
+            request.round_landed += message.record.segments[index].count
             request.last_progress = now
             if request.round_landed == request.round_tokens:
-                self._landed_rounds.append(request)
+                (done if request.direct else self._landed_rounds).append(request)
+        if done:
+            self._rounds_read(done)
+
+    def _take_outputs(self, request: Request) -> bool:
+        """Give `request` its outputs now if the budget has room and no one waits for it."""
+        need = request.total_tokens * self.spec.bytes_per_token
+        if self._budget_waiting or self.output_bytes + need > self.config.output_budget_bytes:
+            return False
+        request.outputs = self.pool.empty_rows(request.total_tokens)
+        if self.spec.device.type == "cuda":
+            request.output_addresses = ops.row_addresses(request.outputs)
+        request.output_bytes = need
+        self.output_bytes += need
+        return True
 
     def _read_out(self) -> None:
-        """Read every round that completed in this step out of its landing blocks into the
+        """Read every round that landed in blocks and completed in this step out into the
         request's outputs, with one launch (R7: once per round, when it is complete). A
         first round takes its outputs from the budget first, in arrival order; one that
         does not fit waits (holding only its landing blocks) and every first round behind
@@ -381,16 +411,9 @@ class Receiver(Endpoint):
         for request in candidates:
             if request.state.terminal:
                 continue
-            if request.outputs is None:
-                need = request.total_tokens * self.spec.bytes_per_token
-                if self._budget_waiting or self.output_bytes + need > self.config.output_budget_bytes:
-                    self._budget_waiting.append(request)
-                    continue
-                request.outputs = self.pool.empty_rows(request.total_tokens)
-                if self.spec.device.type == "cuda":
-                    request.output_addresses = ops.row_addresses(request.outputs)
-                request.output_bytes = need
-                self.output_bytes += need
+            if request.outputs is None and not self._take_outputs(request):
+                self._budget_waiting.append(request)
+                continue
             ready.append(request)
         if not ready:
             return
@@ -402,8 +425,12 @@ class Receiver(Endpoint):
         else:
             addresses = None
         ops.gather_addressed(self.pool.tensors, plan, counts, [r.outputs for r in ready], addresses, starts)
+        self._rounds_read(ready)
+
+    def _rounds_read(self, requests: list[Request]) -> None:
+        """These requests' current rounds are in their outputs: acknowledge or decide."""
         now = time.monotonic()
-        for request in ready:
+        for request in requests:
             request.sent_tokens += request.round_tokens
             request.round_read = True
             request.last_progress = now

@@ -21,10 +21,11 @@ DIM = 32
 
 
 def make_cluster(topology: Topology | None = None, *, language_pool_blocks: int = 256, default_alloc_tokens: int = 8192,
-                 block_size: int = 128, dim: int = DIM, staging_bytes: int = 1 << 16, **kwargs) -> LocalCluster:
+                 block_size: int = 128, dim: int = DIM, staging_bytes: int = 1 << 16,
+                 output_budget_bytes: int = Config().output_budget_bytes, **kwargs) -> LocalCluster:
     config = Config(block_size=block_size, default_alloc_tokens=default_alloc_tokens,
-                    language_pool_blocks=language_pool_blocks,
-                    staging_bytes=staging_bytes)
+                    language_pool_blocks=language_pool_blocks, staging_bytes=staging_bytes,
+                    output_budget_bytes=output_budget_bytes)
     return LocalCluster(topology or Topology(), config, dim=dim, **kwargs)
 
 
@@ -202,9 +203,12 @@ def test_r6_block_reuse_through_a_pool_of_one_default_allocation():
 
 
 def test_r7_each_round_read_once(monkeypatch):
-    """Each round is read out of its landing blocks exactly once, when it is complete;
-    polling in between reads nothing."""
-    cluster = make_cluster(default_alloc_tokens=1024, language_pool_blocks=8, staging_bytes=1 << 14)
+    """A round that lands in blocks (a first round that found no output budget) is read out
+    of them exactly once, when it is complete and the budget has room; polling in between
+    reads nothing. Rounds whose outputs exist land straight in them: no read-out at all."""
+    row = DIM * 2 + 16
+    cluster = make_cluster(default_alloc_tokens=1024, language_pool_blocks=16, staging_bytes=1 << 14,
+                           output_budget_bytes=3000 * row)
     reads = []
     gather = receiver_module.ops.gather_addressed
 
@@ -213,18 +217,27 @@ def test_r7_each_round_read_once(monkeypatch):
         gather(pool, plan, counts, outputs, addresses, out_starts, **kwargs)
 
     monkeypatch.setattr(receiver_module.ops, "gather_addressed", counting)
+    first, second = random_payload(3000, DIM, seed=1), random_payload(2500, DIM, seed=2)
+    cluster.admit(7)
+    cluster.submit(7, first)
+    cluster.run_until(lambda: cluster.leader.poll(7).terminal)
+    assert reads == []  # every round of 7 went straight into its outputs
 
     def poll_a_lot():
-        if 7 in cluster.leader.requests:
-            for _ in range(20):
-                cluster.leader.poll(7)
+        for _ in range(20):
+            cluster.leader.poll(8)
 
-    payload = random_payload(3000, DIM, seed=1)
-    cluster.admit(7)
-    cluster.submit(7, payload)
-    cluster.run_until(lambda: cluster.leader.poll(7).terminal, each_step=poll_a_lot)
-    assert reads == [(1024, 0), (1024, 1024), (952, 2048)]
-    assert cluster.leader.take(7).bit_equal(payload)
+    cluster.admit(8)
+    cluster.submit(8, second)  # its first round finds the budget held by 7's payload
+    cluster.run_until(lambda: cluster.leader.requests[8].round_landed == 1024, each_step=poll_a_lot)
+    for _ in range(5):
+        cluster.step()
+        poll_a_lot()
+    assert reads == []
+    assert cluster.leader.take(7).bit_equal(first)  # frees the budget
+    cluster.run_until(lambda: cluster.leader.poll(8).terminal, each_step=poll_a_lot)
+    assert reads == [(1024, 0)]  # read once; the later rounds went straight into the outputs
+    assert cluster.leader.take(8).bit_equal(second)
     cluster.settle()
     assert_no_leaks(cluster)
 
