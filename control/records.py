@@ -1,5 +1,5 @@
-"""Control records: what a transfer, resume, completion, abort, announce and TP decision
-look like on the wire.
+"""Control records: what a transfer, allocation (first or resume), completion, abort,
+announce, member state and TP decision look like on the wire.
 
 Every record is a frozen dataclass with `to_bytes()` / `from_bytes()`; `encode()` and
 `decode()` do the same for any record type. No pickle: a fixed little-endian layout,
@@ -14,44 +14,44 @@ Wire layout (all integers little-endian)::
     TRANSFER    src_rank, dst_rank, message, nbytes, segment count u16,
                 then per segment: request_id, round u32, start u32, count u32,
                 total_tokens u32, mrope_delta                      34 + 32 * segments
-    RESUME      request_id, round, sent_tokens, allocated_tokens, src_rank, dst_rank
-                                                                          48 bytes
-    COMPLETION  request_id, round, sent_tokens, total_tokens, src_rank, dst_rank,
-                flags u8                                                  49 bytes
+    ALLOCATIONS src_rank, dst_rank, count u32, then per request:
+                request_id, round u32, sent_tokens u32, allocated_tokens u32
+                                                                   20 + 20 * count
+    COMPLETIONS src_rank, dst_rank, count u32, then per request:
+                request_id, round u32, sent_tokens u32, total_tokens u32, flags u8
+                                                                   20 + 21 * count
     ABORT       request_id, reason u8, src_rank, dst_rank, message length u16,
                 message (UTF-8, at most MAX_MESSAGE_BYTES)       27 + message
     ANNOUNCE    request_id, total_tokens, src_rank, dst_rank              32 bytes
     MEMBER      src_rank, state u8 (1 draining, 2 left)                    9 bytes
-    DECISION    request_id, round, action u8, sent_tokens, total_tokens,
-                allocated_tokens, src_rank, mrope_delta, hash length u8,
-                content hash (at most 32 bytes), block list     58 + hash + blocks
+    DECISIONS   src_rank, dst_rank, count u32, items u32, then per request:
+                request_id, round u32, action u8, sent_tokens u32, total_tokens u32,
+                allocated_tokens u32, mrope_delta, block form u8, item count u32,
+                hash length u8, content hash (32 bytes, zero past its length); then
+                the item area, 24-bit items      24 + 71 * count + 3 * items
 
 A TRANSFER describes one staging message (one P2P send) of an encoder rank: its
 segments, in the staging layout's order, each a stretch `[start, start + count)` of one
 round of one request. The first round's segments carry N (`total_tokens`) and the mrope
-delta; the receiver takes them from the first round only (SPEC R3). A RESUME carries no
-block list: with two-sided P2P the receiver unpacks into its own blocks, so the encoder
-only needs how much it may send (`allocated_tokens`, whole blocks: R2); the blocks
-travel to the language TP followers in DECISION, which must apply exactly them.
+delta; the receiver takes them from the first round only (SPEC R3).
 
-Block lists keep their order (token order follows block order) and are written in the
-smaller of two forms, both with the narrowest item width (1, 2 or 3 bytes) that holds
-the largest index (indices are at most MAX_BLOCK_INDEX = 2**24 - 1)::
+Allocations, completions and decisions are **batch records**: one per step and peer, an
+array of fixed-size entries (numpy reads them in one call), so a step that admits 256
+requests writes one ALLOCATIONS record, not 256. An allocation carries no block list:
+with two-sided P2P the receiver unpacks into its own memory, so the encoder only needs
+how much it may send (`allocated_tokens`, whole blocks: R2); the blocks travel to the
+language TP followers in DECISIONS, which must apply exactly them, in order. A
+decision's blocks are its maximal runs of consecutive indices (token order follows
+block order), plain or as runs, whichever is shorter (`Decisions`). **One encoding per
+record**: fixed layouts, the shorter form, maximal runs, zero padding, so
+`encode(decode(data)) == data` for every accepted `data`.
 
-    block list  block count u32 | item count u32 | form u8 | item width u8 | items
-    form 0      empty list, no items
-    form 1      plain: one item per block
-    form 2      runs:  (start, length - 1) per maximal run of consecutive indices
-
-Runs are used only when they are strictly shorter than the plain form, so a list of n
-blocks never takes more than 10 + 3 * n bytes. **One encoding per record**: `decode`
-accepts only what `encode` writes (narrowest width, the shorter form, maximal runs,
-exact lengths), so `encode(decode(data)) == data` for every accepted `data`.
-
-**Bounded by the receiver**: `decode(data, limits)` rejects a block list longer than
-`limits.max_blocks` or an index past `limits.max_block_index`, and a TRANSFER with more
-than `limits.max_segments` segments, from the headers, before anything is expanded: a
-72-byte record can never make the receiver build a million-entry list.
+**Bounded by the receiver**: `decode(data, limits)` rejects a decision of more than
+`limits.max_blocks` blocks or with an index past `limits.max_block_index`, and a TRANSFER
+with more than `limits.max_segments` segments, from the headers and runs, before anything
+is expanded: a 72-byte record can never make the receiver build a million-entry list
+(a batch's entries are views of the bytes that arrived; a decision's blocks are expanded
+one request at a time, each at most a pool).
 `max_record_bytes(limits)` is the largest record such a receiver accepts; ring slots are
 sized from it (`ring.slot_bytes_for`), so any allocation of the pool fits one slot.
 
@@ -73,8 +73,10 @@ from dataclasses import dataclass
 from enum import IntEnum
 from typing import ClassVar, NamedTuple
 
+import numpy as np
+
 MAGIC = b"EX"
-VERSION = 2
+VERSION = 3
 
 MAX_MESSAGE_BYTES = 512
 # The most blocks one block list carries, so the largest pool a receiver may have
@@ -105,11 +107,11 @@ class RecordError(ValueError):
 
 class RecordType(IntEnum):
     TRANSFER = 1
-    RESUME = 2
-    COMPLETION = 3
+    ALLOCATIONS = 2
+    COMPLETIONS = 3
     ABORT = 4
     ANNOUNCE = 5
-    DECISION = 6
+    DECISIONS = 6
     MEMBER = 7
 
 
@@ -138,7 +140,7 @@ class MemberState(IntEnum):
 
 
 _ACTIONS = {action.value: action for action in DecisionAction}
-COMPLETION_CACHED = 1  # Completion.flags: served from the language side's cache, no data moved
+COMPLETION_CACHED = 1  # Completions flags: served from the language side's cache, no data moved
 
 
 @dataclass(frozen=True)
@@ -216,143 +218,10 @@ def _ranks(record: object, *, dst: bool = True) -> None:
         _int_field(record, "dst_rank", BROADCAST_RANK)
 
 
-def _blocks_field(record: Decision) -> tuple[int, ...]:
-    value = record.blocks
-    owner = type(record).__name__
-    if isinstance(value, (str, bytes, bytearray)) or not hasattr(value, "__len__"):
-        raise RecordError(f"{owner}.blocks={value!r:.60}: expected a sequence of block indices")
-    if len(value) > MAX_BLOCKS:
-        raise RecordError(f"{owner}.blocks: {len(value)} blocks, expected at most {MAX_BLOCKS}")
-    if any(type(b) is bool for b in value):
-        raise RecordError(f"{owner}.blocks={value!r:.60}: expected integer block indices, not bool")
-    try:
-        blocks = tuple(map(operator.index, value))
-    except TypeError:
-        raise RecordError(f"{owner}.blocks={value!r:.60}: expected integer block indices") from None
-    if blocks and (min(blocks) < 0 or max(blocks) > MAX_BLOCK_INDEX):
-        bad = min(blocks) if min(blocks) < 0 else max(blocks)
-        raise RecordError(f"{owner}.blocks: index {bad} outside [0, {MAX_BLOCK_INDEX}]")
-    if len(set(blocks)) != len(blocks):
-        raise RecordError(f"{owner}.blocks: an index repeats (a block holds one part of one request)")
-    object.__setattr__(record, "blocks", blocks)
-    return blocks
-
-
-def _check_allocation(record: object, blocks_count: int, allocated_tokens: int) -> None:
-    # allocated_tokens == len(blocks) * block_size (SPEC R2); block_size is not on the
-    # wire, so what can be checked is that such a block_size >= 1 exists.
-    owner = type(record).__name__
-    if not blocks_count:
-        if allocated_tokens != 0:
-            raise RecordError(
-                f"{owner}.allocated_tokens={allocated_tokens}: expected 0 with an empty block list"
-            )
-    elif allocated_tokens < blocks_count or allocated_tokens % blocks_count:
-        raise RecordError(
-            f"{owner}.allocated_tokens={allocated_tokens}: expected len(blocks) * block_size "
-            f"with {blocks_count} blocks"
-        )
-
-
 def _check_progress(record: object, sent_tokens: int, total_tokens: int) -> None:
     if sent_tokens > total_tokens:
         owner = type(record).__name__
         raise RecordError(f"{owner}.sent_tokens={sent_tokens}: expected at most total_tokens={total_tokens}")
-
-
-# -------------------------------------------------------------------- block lists
-
-
-def _item_width(largest: int) -> int:
-    return 1 if largest <= 0xFF else 2 if largest <= 0xFFFF else 3
-
-
-def _runs(blocks: tuple[int, ...]) -> list[int]:
-    """(start, length - 1) of each maximal run of consecutive indices, flattened."""
-    items = [blocks[0], 0]
-    for previous, block in zip(blocks, blocks[1:]):  # noqa: B905 - offset by one on purpose
-        if block == previous + 1:
-            items[-1] += 1
-        else:
-            items += (block, 0)
-    return items
-
-
-def _encode_blocks(blocks: tuple[int, ...]) -> bytes:
-    count = len(blocks)
-    if count == 0:
-        return _BLOCKS_HEADER.pack(0, 0, _FORM_EMPTY, 1)
-    width = _item_width(max(blocks))
-    runs = _runs(blocks)
-    if len(runs) < count:
-        items, form = runs, _FORM_RUNS
-    else:
-        items, form = blocks, _FORM_PLAIN
-    if width == 1:
-        packed = bytes(items)
-    elif width == 2:
-        packed = struct.pack(f"<{len(items)}H", *items)
-    else:
-        packed = b"".join(item.to_bytes(3, "little") for item in items)
-    return _BLOCKS_HEADER.pack(count, len(items), form, width) + packed
-
-
-def _decode_blocks(owner: str, data: memoryview, offset: int, limits: Limits) -> tuple[tuple[int, ...], int]:
-    """(blocks, offset after the list); counts are checked against `limits` before
-    anything is expanded, and only the canonical encoding is accepted."""
-    if len(data) - offset < _BLOCKS_HEADER.size:
-        raise RecordError(f"{owner}.blocks: truncated block-list header")
-    count, item_count, form, width = _BLOCKS_HEADER.unpack_from(data, offset)
-    start = offset
-    offset += _BLOCKS_HEADER.size
-    if count > limits.max_blocks:
-        raise RecordError(f"{owner}.blocks: count {count}, this receiver holds at most {limits.max_blocks} blocks")
-    if width not in (1, 2, 3):
-        raise RecordError(f"{owner}.blocks: item width {width}, expected 1, 2 or 3")
-    if form == _FORM_EMPTY:
-        if count or item_count or width != 1:
-            raise RecordError(f"{owner}.blocks: empty form with count {count}, items {item_count}, width {width}")
-        return (), offset
-    if form == _FORM_PLAIN:
-        if item_count != count or count == 0:
-            raise RecordError(f"{owner}.blocks: plain form with count {count}, items {item_count}")
-    elif form == _FORM_RUNS:
-        if item_count % 2 or not 0 < item_count < count:
-            raise RecordError(f"{owner}.blocks: runs form with count {count}, items {item_count}")
-    else:
-        raise RecordError(f"{owner}.blocks: form {form}, expected 0 (empty), 1 (plain) or 2 (runs)")
-    end = offset + item_count * width
-    if end > len(data):
-        raise RecordError(f"{owner}.blocks: {item_count} items of {width} bytes overrun the record")
-    raw = bytes(data[offset:end])
-    if width == 1:
-        items = list(raw)
-    elif width == 2:
-        items = list(struct.unpack(f"<{item_count}H", raw))
-    else:
-        items = [int.from_bytes(raw[i : i + 3], "little") for i in range(0, len(raw), 3)]
-    if form == _FORM_PLAIN:
-        blocks = tuple(items)
-    else:
-        if sum(items[1::2]) + item_count // 2 != count:
-            raise RecordError(f"{owner}.blocks: runs cover {sum(items[1::2]) + item_count // 2} blocks, "
-                              f"header says {count}")
-        blocks = tuple(b for first, extra in zip(items[0::2], items[1::2], strict=True)
-                       for b in range(first, first + extra + 1))
-    if max(blocks) > limits.max_block_index:
-        raise RecordError(f"{owner}.blocks: index {max(blocks)}, this receiver's pool has "
-                          f"{limits.max_block_index + 1} blocks")
-    if len(set(blocks)) != count:
-        raise RecordError(f"{owner}.blocks: runs overlap or an index repeats")
-    if _encode_blocks(blocks) != bytes(data[start:end]):
-        raise RecordError(f"{owner}.blocks: not the canonical encoding (narrowest width, shorter form, "
-                          "maximal runs)")
-    return blocks, end
-
-
-def block_list_bytes(max_blocks: int, max_block_index: int = MAX_BLOCK_INDEX) -> int:
-    """Largest encoded block list of at most `max_blocks` indices up to `max_block_index`."""
-    return _BLOCKS_HEADER.size + _item_width(max(0, max_block_index)) * max_blocks
 
 
 # ------------------------------------------------------------------------ records
@@ -468,82 +337,6 @@ class Transfer(_Record):
 
 
 @dataclass(frozen=True)
-class Resume(_Record):
-    """Language leader -> encoder: send round `round`, starting at `sent_tokens`, at most
-    `allocated_tokens` tokens (whole blocks, R2). Round 0 is the initial announce."""
-
-    request_id: int
-    round: int
-    sent_tokens: int
-    allocated_tokens: int
-    src_rank: int
-    dst_rank: int
-
-    RECORD_TYPE: ClassVar[RecordType] = RecordType.RESUME
-    _FIXED: ClassVar[struct.Struct] = struct.Struct("<6q")
-
-    def __post_init__(self) -> None:
-        _int_field(self, "request_id", 0)
-        _int_field(self, "round", 0)
-        _int_field(self, "sent_tokens", 0)
-        _int_field(self, "allocated_tokens", 1)
-        _ranks(self)
-
-    def _body(self) -> bytes:
-        return self._FIXED.pack(self.request_id, self.round, self.sent_tokens, self.allocated_tokens,
-                                self.src_rank, self.dst_rank)
-
-    @classmethod
-    def _parse(cls, body: memoryview, limits: Limits) -> Resume:
-        _expect_size(cls, body, cls._FIXED.size)
-        request_id, round_, sent, allocated, src, dst = values = cls._FIXED.unpack_from(body)
-        if request_id < 0 or round_ < 0 or sent < 0 or allocated < 1 or src < 0 or dst < BROADCAST_RANK:
-            return cls(*values)  # raises, naming the field
-        return cls.trusted(request_id=request_id, round=round_, sent_tokens=sent, allocated_tokens=allocated,
-                           src_rank=src, dst_rank=dst)
-
-
-@dataclass(frozen=True)
-class Completion(_Record):
-    """A language rank read round `round` (follower -> leader), or the request is complete
-    (leader -> encoder leader; `flags & COMPLETION_CACHED`: served from the cache)."""
-
-    request_id: int
-    round: int
-    sent_tokens: int
-    total_tokens: int
-    src_rank: int
-    dst_rank: int
-    flags: int = 0
-
-    RECORD_TYPE: ClassVar[RecordType] = RecordType.COMPLETION
-    _FIXED: ClassVar[struct.Struct] = struct.Struct("<6qB")
-
-    def __post_init__(self) -> None:
-        _int_field(self, "request_id", 0)
-        _int_field(self, "round", 0)
-        sent = _int_field(self, "sent_tokens", 0)
-        total = _int_field(self, "total_tokens", 0)
-        _ranks(self)
-        _int_field(self, "flags", 0, COMPLETION_CACHED)
-        _check_progress(self, sent, total)
-
-    def _body(self) -> bytes:
-        return self._FIXED.pack(self.request_id, self.round, self.sent_tokens, self.total_tokens,
-                                self.src_rank, self.dst_rank, self.flags)
-
-    @classmethod
-    def _parse(cls, body: memoryview, limits: Limits) -> Completion:
-        _expect_size(cls, body, cls._FIXED.size)
-        request_id, round_, sent, total, src, dst, flags = values = cls._FIXED.unpack_from(body)
-        if request_id < 0 or round_ < 0 or sent < 0 or total < sent or src < 0 or dst < BROADCAST_RANK \
-                or flags > COMPLETION_CACHED:
-            return cls(*values)  # raises, naming the field
-        return cls.trusted(request_id=request_id, round=round_, sent_tokens=sent, total_tokens=total,
-                           src_rank=src, dst_rank=dst, flags=flags)
-
-
-@dataclass(frozen=True)
 class Abort(_Record):
     """Either side gives up on a request. `message` is at most MAX_MESSAGE_BYTES of UTF-8;
     use `clip_message()` to shorten arbitrary text first."""
@@ -621,13 +414,170 @@ class Announce(_Record):
         return cls(*cls._FIXED.unpack_from(body))
 
 
-@dataclass(frozen=True)
-class Decision(_Record):
-    """The TP leader's decision that every rank applies to its own pool (SPEC R4, section 8).
 
-    total_tokens 0 means "not known yet" (an ADMIT before the first transfer). For ADMIT
-    and RESUME, allocated_tokens must be len(blocks) * block_size. CACHED names the
-    cache entry in `content_hash`."""
+# ------------------------------------------------------------------ batch records
+#
+# Allocations, completions and decisions travel as one record per step and peer, whatever
+# the number of requests in it: a fixed header, then an array of fixed-size entries that
+# numpy reads in one call (and a run array for the decisions' blocks). What the sender
+# packs in one record is cut to fit one frame (`entries_that_fit`).
+
+_ALLOCATION = np.dtype([("request_id", "<i8"), ("round", "<u4"), ("sent_tokens", "<u4"),
+                        ("allocated_tokens", "<u4")])
+_COMPLETION = np.dtype([("request_id", "<i8"), ("round", "<u4"), ("sent_tokens", "<u4"),
+                        ("total_tokens", "<u4"), ("flags", "u1")])
+_DECISION = np.dtype([("request_id", "<i8"), ("round", "<u4"), ("action", "u1"), ("sent_tokens", "<u4"),
+                      ("total_tokens", "<u4"), ("allocated_tokens", "<u4"), ("mrope_delta", "<i8"),
+                      ("form", "u1"), ("items", "<u4"), ("hash_length", "u1"), ("content_hash", "S32")])
+
+
+def entries(dtype: np.dtype, count: int) -> np.ndarray:
+    """An uninitialised entry array for a batch record of `count` requests."""
+    return np.zeros(count, dtype=dtype)
+
+
+class _Batch(_Record):
+    """A record of `entries` (a numpy structured array) from `src_rank` to `dst_rank`."""
+
+    ENTRY: ClassVar[np.dtype]
+    _FIXED: ClassVar[struct.Struct] = struct.Struct("<qqI")
+
+    def __post_init__(self) -> None:
+        _ranks(self)
+        self._check_entries(self.entries, RecordError)
+
+    def __len__(self) -> int:
+        return len(self.entries)
+
+    def __eq__(self, other: object) -> bool:
+        return type(other) is type(self) and self.to_bytes() == other.to_bytes()
+
+    def __hash__(self) -> int:
+        return hash(self.to_bytes())
+
+    @classmethod
+    def _check_entries(cls, array: object, error: type[Exception]) -> None:
+        if not isinstance(array, np.ndarray) or array.dtype != cls.ENTRY or array.ndim != 1 or not len(array):
+            raise error(f"{cls.__name__}.entries: expected a non-empty 1-D array of {cls.ENTRY}")
+        if (array["request_id"] < 0).any():
+            raise error(f"{cls.__name__}.entries.request_id: a negative id")
+
+    def _body(self) -> bytes:
+        return self._FIXED.pack(self.src_rank, self.dst_rank, len(self.entries)) + self.entries.tobytes()
+
+    @classmethod
+    def _parse(cls, body: memoryview, limits: Limits) -> _Batch:
+        if len(body) < cls._FIXED.size:
+            raise RecordError(f"{cls.__name__}: body of {len(body)} bytes is truncated")
+        src, dst, count = cls._FIXED.unpack_from(body)
+        _expect_size(cls, body, cls._FIXED.size + count * cls.ENTRY.itemsize)
+        array = np.frombuffer(body, dtype=cls.ENTRY, count=count, offset=cls._FIXED.size)
+        cls._check_entries(array, RecordError)
+        if src < 0 or dst < BROADCAST_RANK:
+            raise RecordError(f"{cls.__name__}: src_rank={src}, dst_rank={dst}")
+        return cls.trusted(src_rank=src, dst_rank=dst, entries=array)
+
+    @classmethod
+    def entries_that_fit(cls, frame_bytes: int) -> int:
+        return max(1, (frame_bytes - _HEADER.size - cls._FIXED.size) // cls.ENTRY.itemsize)
+
+
+class Allocation(NamedTuple):
+    """One entry of an ALLOCATIONS record, with the record's source."""
+
+    request_id: int
+    round: int
+    sent_tokens: int
+    allocated_tokens: int
+    src_rank: int
+
+
+class Completion(NamedTuple):
+    """One entry of a COMPLETIONS record, with the record's source."""
+
+    request_id: int
+    round: int
+    sent_tokens: int
+    total_tokens: int
+    flags: int
+    src_rank: int
+
+
+@dataclass(frozen=True, eq=False)
+class Allocations(_Batch):
+    """Language leader -> encoder leader: for each request, send round `round`, starting at
+    `sent_tokens`, at most `allocated_tokens` tokens (whole blocks, R2). Round 0 is the
+    first allocation, later rounds are resumes."""
+
+    src_rank: int
+    dst_rank: int
+    entries: np.ndarray
+
+    RECORD_TYPE: ClassVar[RecordType] = RecordType.ALLOCATIONS
+    ENTRY: ClassVar[np.dtype] = _ALLOCATION
+
+    @classmethod
+    def of(cls, src_rank: int, dst_rank: int, items: list[tuple[int, int, int, int]]) -> Allocations:
+        """A record of (request_id, round, sent_tokens, allocated_tokens) tuples the caller
+        computed itself (not checked again: see `trusted`)."""
+        array = np.array(items, dtype=np.int64)
+        out = entries(_ALLOCATION, len(items))
+        for column, name in enumerate(_ALLOCATION.names):
+            out[name] = array[:, column]
+        return cls.trusted(src_rank=src_rank, dst_rank=dst_rank, entries=out)
+
+    def items(self) -> list[Allocation]:
+        e, src = self.entries, self.src_rank
+        return [Allocation(*row, src) for row in zip(e["request_id"].tolist(), e["round"].tolist(),
+                                                     e["sent_tokens"].tolist(), e["allocated_tokens"].tolist(), strict=False)]
+
+    @classmethod
+    def _check_entries(cls, array: object, error: type[Exception]) -> None:
+        super()._check_entries(array, error)
+        if (array["allocated_tokens"] < 1).any():
+            raise error("Allocations.entries.allocated_tokens: expected >= 1")
+
+
+@dataclass(frozen=True, eq=False)
+class Completions(_Batch):
+    """A language rank read round `round` of each request (follower -> leader), or each
+    request is complete (leader -> encoder leader; `flags & COMPLETION_CACHED`: served
+    from the cache, no data moved)."""
+
+    src_rank: int
+    dst_rank: int
+    entries: np.ndarray
+
+    RECORD_TYPE: ClassVar[RecordType] = RecordType.COMPLETIONS
+    ENTRY: ClassVar[np.dtype] = _COMPLETION
+
+    @classmethod
+    def of(cls, src_rank: int, dst_rank: int, items: list[tuple[int, int, int, int, int]]) -> Completions:
+        """A record of (request_id, round, sent_tokens, total_tokens, flags) tuples the
+        caller computed itself (not checked again: see `trusted`)."""
+        array = np.array(items, dtype=np.int64)
+        out = entries(_COMPLETION, len(items))
+        for column, name in enumerate(_COMPLETION.names):
+            out[name] = array[:, column]
+        return cls.trusted(src_rank=src_rank, dst_rank=dst_rank, entries=out)
+
+    def items(self) -> list[Completion]:
+        e, src = self.entries, self.src_rank
+        return [Completion(*row, src) for row in zip(e["request_id"].tolist(), e["round"].tolist(),
+                                                     e["sent_tokens"].tolist(), e["total_tokens"].tolist(),
+                                                     e["flags"].tolist(), strict=False)]
+
+    @classmethod
+    def _check_entries(cls, array: object, error: type[Exception]) -> None:
+        super()._check_entries(array, error)
+        if (array["flags"] > COMPLETION_CACHED).any():
+            raise error(f"Completions.entries.flags: expected 0 or {COMPLETION_CACHED}")
+        if (array["sent_tokens"] > array["total_tokens"]).any():
+            raise error("Completions.entries.sent_tokens: expected at most total_tokens")
+
+
+class Decision(NamedTuple):
+    """One entry of a DECISIONS record, with its blocks and the record's source."""
 
     request_id: int
     round: int
@@ -635,63 +585,223 @@ class Decision(_Record):
     sent_tokens: int
     total_tokens: int
     allocated_tokens: int
-    blocks: tuple[int, ...]
-    src_rank: int
     mrope_delta: int
-    content_hash: bytes = b""
+    content_hash: bytes
+    blocks: np.ndarray
+    src_rank: int
 
-    RECORD_TYPE: ClassVar[RecordType] = RecordType.DECISION
-    _FIXED: ClassVar[struct.Struct] = struct.Struct("<qqBqqqqqB")
+
+@dataclass(frozen=True, eq=False)
+class Decisions(_Batch):
+    """The TP leader's decisions, in the order it made them, that every rank applies to its
+    own pool (SPEC R4, section 8). total_tokens 0 means "not known yet" (an ADMIT before
+    the first transfer). For ADMIT and RESUME, allocated_tokens is len(blocks) *
+    block_size. CACHED and COMPLETE may name a cache entry in `content_hash`.
+
+    Blocks keep their order (token order follows block order). Entry i's blocks are its
+    `items` 24-bit items of the record's item area (after those of the entries before
+    it), in one of two forms, the shorter one (`form`): 1, plain, one item per block; 2,
+    runs, (first block, length - 1) per maximal run of consecutive indices, used only
+    when strictly shorter than plain; 0, no blocks. So one scattered allocation of n
+    blocks never takes more than 3 * n bytes."""
+
+    src_rank: int
+    dst_rank: int
+    entries: np.ndarray
+    items: np.ndarray  # int64 values of the item area (each < 2**24)
+
+    RECORD_TYPE: ClassVar[RecordType] = RecordType.DECISIONS
+    ENTRY: ClassVar[np.dtype] = _DECISION
+    _FIXED: ClassVar[struct.Struct] = struct.Struct("<qqII")
 
     def __post_init__(self) -> None:
-        _int_field(self, "request_id", 0)
-        _int_field(self, "round", 0)
-        _enum_field(self, "action", DecisionAction)
-        sent = _int_field(self, "sent_tokens", 0)
-        total = _int_field(self, "total_tokens", 0)
-        allocated = _int_field(self, "allocated_tokens", 0)
-        blocks = _blocks_field(self)
-        _ranks(self, dst=False)
-        _int_field(self, "mrope_delta", _INT64_MIN)
-        if not isinstance(self.content_hash, bytes) or len(self.content_hash) > MAX_HASH_BYTES:
-            raise RecordError(f"Decision.content_hash={self.content_hash!r:.60}: expected at most "
-                              f"{MAX_HASH_BYTES} bytes")
-        if total:
-            _check_progress(self, sent, total)
-        if self.action in (DecisionAction.ADMIT, DecisionAction.RESUME):
-            _check_allocation(self, len(blocks), allocated)
-
-    def _body(self) -> bytes:
-        fixed = self._FIXED.pack(
-            self.request_id, self.round, self.action, self.sent_tokens, self.total_tokens,
-            self.allocated_tokens, self.src_rank, self.mrope_delta, len(self.content_hash),
-        )
-        return fixed + self.content_hash + _encode_blocks(self.blocks)
+        _ranks(self)
+        self._check_entries(self.entries, RecordError)
+        self._check_items(self.entries, self.items, NO_BOUND, RecordError)
 
     @classmethod
-    def _parse(cls, body: memoryview, limits: Limits) -> Decision:
+    def _check_entries(cls, array: object, error: type[Exception]) -> None:
+        super()._check_entries(array, error)
+        if not np.isin(array["action"], _ACTION_VALUES).all():
+            raise error(f"Decisions.entries.action: expected one of {sorted(_ACTION_VALUES)}")
+        total = array["total_tokens"]
+        if ((total > 0) & (array["sent_tokens"] > total)).any():
+            raise error("Decisions.entries.sent_tokens: expected at most total_tokens")
+        lengths = array["hash_length"]
+        if (lengths > MAX_HASH_BYTES).any():
+            raise error(f"Decisions.entries.hash_length: expected at most {MAX_HASH_BYTES}")
+        # One encoding: the bytes past a hash's length are zero.
+        offset = _DECISION.fields["content_hash"][1]
+        raw = np.ascontiguousarray(array).view(np.uint8).reshape(len(array), _DECISION.itemsize)
+        raw = raw[:, offset : offset + MAX_HASH_BYTES]
+        if (raw[np.arange(MAX_HASH_BYTES) >= lengths[:, None].astype(np.int64)] != 0).any():
+            raise error("Decisions.entries.content_hash: bytes past hash_length are not zero")
+        form, items = array["form"], array["items"]
+        if (form > _FORM_RUNS).any() or ((form == _FORM_EMPTY) != (items == 0)).any() \
+                or ((form == _FORM_RUNS) & (items % 2 == 1)).any():
+            raise error("Decisions.entries: a block form and item count that do not go together")
+
+    @staticmethod
+    def _layout(array: np.ndarray, items: np.ndarray, limits: Limits, error: type[Exception]) -> tuple:
+        """Check the item area against the entries and `limits` (vectorized, nothing
+        expanded beyond what the receiver's pool could hold per entry); returns
+        (block counts per entry, the expanded blocks, their owners)."""
+        counts = array["items"].astype(np.int64)
+        if int(counts.sum()) != len(items):
+            raise error(f"Decisions.items: the entries name {int(counts.sum())} items, the record has {len(items)}")
+        n = len(array)
+        form = array["form"]
+        blocks_per_entry = np.where(form == _FORM_PLAIN, counts, 0)
+        if not len(items):
+            return blocks_per_entry, items, items
+        owner = np.repeat(np.arange(n), counts)
+        first = np.cumsum(counts) - counts
+        position = np.arange(len(items)) - first[owner]
+        is_run = form[owner] == _FORM_RUNS
+        run_starts = items[is_run & (position % 2 == 0)]
+        run_lengths = items[is_run & (position % 2 == 1)] + 1
+        run_owner = owner[is_run & (position % 2 == 0)]
+        if len(run_starts):
+            blocks_per_entry = blocks_per_entry + np.bincount(run_owner, weights=run_lengths, minlength=n).astype(
+                np.int64)
+        if (blocks_per_entry > limits.max_blocks).any():
+            raise error(f"Decisions: {int(blocks_per_entry.max())} blocks for one request, this receiver holds at "
+                        f"most {limits.max_blocks}")
+        runs_per_entry = counts // 2
+        if ((form == _FORM_RUNS) & (2 * runs_per_entry >= blocks_per_entry)).any():
+            raise error("Decisions: runs used where the plain form is not longer (not canonical)")
+        if len(run_starts) > 1:
+            same = run_owner[1:] == run_owner[:-1]
+            if (same & (run_starts[1:] == run_starts[:-1] + run_lengths[:-1])).any():
+                raise error("Decisions: two runs of one request that should be one (not canonical)")
+        plain = items[~is_run]
+        plain_owner = owner[~is_run]
+        if len(run_starts):
+            offsets = np.concatenate(([0], np.cumsum(run_lengths)[:-1]))
+            expanded = np.repeat(run_starts - offsets, run_lengths) + np.arange(int(run_lengths.sum()))
+            expanded_owner = np.repeat(run_owner, run_lengths)
+            blocks = np.concatenate((plain, expanded))
+            block_owner = np.concatenate((plain_owner, expanded_owner))
+            # token order within an entry: entries are plain or runs, never both
+            order = np.argsort(block_owner, kind="stable")
+            blocks, block_owner = blocks[order], block_owner[order]
+        else:
+            blocks, block_owner = plain, plain_owner
+        if len(blocks) and int(blocks.max()) > limits.max_block_index:
+            raise error(f"Decisions: block index {int(blocks.max())}, this receiver's pool has "
+                        f"{limits.max_block_index + 1} blocks")
+        keys = block_owner * (1 << 24) + blocks
+        if len(np.unique(keys)) != len(keys):
+            raise error("Decisions: a block index repeats within one request (a block holds one part of one request)")
+        allocated = array["allocated_tokens"].astype(np.int64)
+        allocating = np.isin(array["action"], _ALLOCATING)
+        bad = allocating & ((blocks_per_entry == 0) != (allocated == 0))
+        bad |= allocating & (blocks_per_entry > 0) & (
+            (allocated < blocks_per_entry) | (allocated % np.maximum(blocks_per_entry, 1) != 0))
+        if bad.any():
+            raise error("Decisions.entries.allocated_tokens: expected len(blocks) * block_size")
+        return blocks_per_entry, blocks, block_owner
+
+    @classmethod
+    def _check_items(cls, array: np.ndarray, items: object, limits: Limits, error: type[Exception]) -> None:
+        if not isinstance(items, np.ndarray) or items.ndim != 1 or (len(items) and (
+                int(items.min()) < 0 or int(items.max()) > MAX_BLOCK_INDEX)):
+            raise error(f"Decisions.items: expected a 1-D array of values in [0, {MAX_BLOCK_INDEX}]")
+        cls._layout(array, items.astype(np.int64), limits, error)
+
+    def _body(self) -> bytes:
+        fixed = self._FIXED.pack(self.src_rank, self.dst_rank, len(self.entries), len(self.items))
+        packed = self.items.astype("<u4").view(np.uint8).reshape(-1, 4)[:, :3].tobytes()
+        return fixed + self.entries.tobytes() + packed
+
+    @classmethod
+    def _parse(cls, body: memoryview, limits: Limits) -> Decisions:
         if len(body) < cls._FIXED.size:
             raise RecordError(f"{cls.__name__}: body of {len(body)} bytes is truncated")
-        request_id, round_, action, sent, total, allocated, src, delta, hash_size = cls._FIXED.unpack_from(body)
-        if hash_size > MAX_HASH_BYTES:
-            raise RecordError(f"Decision.content_hash: length {hash_size}, expected at most {MAX_HASH_BYTES}")
-        offset = cls._FIXED.size + hash_size
-        if offset > len(body):
-            raise RecordError(f"{cls.__name__}: body of {len(body)} bytes is truncated")
-        content_hash = bytes(body[cls._FIXED.size : offset])
-        blocks, end = _decode_blocks(cls.__name__, body, offset, limits)
-        _expect_size(cls, body, end)
-        values = (request_id, round_, action, sent, total, allocated, blocks, src, delta, content_hash)
-        # The block list is checked already (range, repeats, canonical form); what is left
-        # of __post_init__ is a few comparisons.
-        if request_id < 0 or round_ < 0 or sent < 0 or total < 0 or allocated < 0 or src < 0 \
-                or action not in _ACTIONS or (total and sent > total) \
-                or (action <= DecisionAction.RESUME and (len(blocks) == 0) != (allocated == 0)) \
-                or (blocks and (allocated < len(blocks) or allocated % len(blocks))):
-            return cls(*values)  # raises, naming the field
-        return cls.trusted(request_id=request_id, round=round_, action=_ACTIONS[action], sent_tokens=sent,
-                           total_tokens=total, allocated_tokens=allocated, blocks=blocks, src_rank=src,
-                           mrope_delta=delta, content_hash=content_hash)
+        src, dst, count, item_count = cls._FIXED.unpack_from(body)
+        entries_end = cls._FIXED.size + count * _DECISION.itemsize
+        _expect_size(cls, body, entries_end + 3 * item_count)
+        array = np.frombuffer(body, dtype=_DECISION, count=count, offset=cls._FIXED.size)
+        cls._check_entries(array, RecordError)
+        raw = np.frombuffer(body, dtype=np.uint8, count=3 * item_count, offset=entries_end).reshape(-1, 3)
+        items = raw[:, 0].astype(np.int64) | (raw[:, 1].astype(np.int64) << 8) | (raw[:, 2].astype(np.int64) << 16)
+        cls._layout(array, items, limits, RecordError)
+        if src < 0 or dst < BROADCAST_RANK:
+            raise RecordError(f"{cls.__name__}: src_rank={src}, dst_rank={dst}")
+        return cls.trusted(src_rank=src, dst_rank=dst, entries=array, items=items)
+
+    @classmethod
+    def of(cls, src_rank: int, items: list[tuple], dst_rank: int = BROADCAST_RANK) -> Decisions:
+        """A record of (request_id, round, action, sent_tokens, total_tokens,
+        allocated_tokens, mrope_delta, content_hash, blocks) tuples the caller computed
+        itself (not checked again: see `trusted`)."""
+        out = entries(_DECISION, len(items))
+        numbers = np.array([item[:7] for item in items], dtype=np.int64)
+        for column, name in enumerate(("request_id", "round", "action", "sent_tokens", "total_tokens",
+                                       "allocated_tokens", "mrope_delta")):
+            out[name] = numbers[:, column]
+        area = []
+        forms, counts = out["form"], out["items"]
+        for index, item in enumerate(items):
+            form, values = _block_items(item[8])
+            forms[index], counts[index] = form, len(values)
+            area.append(values)
+        hashes = [item[7] for item in items]
+        if any(hashes):
+            out["content_hash"] = hashes
+            out["hash_length"] = [len(h) for h in hashes]
+        flat = np.concatenate(area) if area else np.zeros(0, dtype=np.int64)
+        return cls.trusted(src_rank=src_rank, dst_rank=dst_rank, entries=out, items=flat)
+
+    def decisions(self) -> list[Decision]:
+        e, src = self.entries, self.src_rank
+        lengths = e["hash_length"].tolist()
+        hashes = [bytes(h).ljust(MAX_HASH_BYTES, b"\0")[:n] if n else b"" for h, n in
+                  zip(e["content_hash"].tolist(), lengths, strict=False)]
+        actions = [_ACTIONS[a] for a in e["action"].tolist()]
+        return [Decision(*row, src) for row in zip(
+            e["request_id"].tolist(), e["round"].tolist(), actions, e["sent_tokens"].tolist(),
+            e["total_tokens"].tolist(), e["allocated_tokens"].tolist(), e["mrope_delta"].tolist(), hashes,
+            self.blocks(), strict=False)]
+
+    def blocks(self) -> list[np.ndarray]:
+        """Each entry's block indices (int64), in token order."""
+        result = []
+        offset = 0
+        for form, count in zip(self.entries["form"].tolist(), self.entries["items"].tolist(), strict=False):
+            values = self.items[offset : offset + count]
+            offset += count
+            if form == _FORM_RUNS:
+                starts, lengths = values[0::2], values[1::2] + 1
+                shift = np.concatenate(([0], np.cumsum(lengths)[:-1]))
+                values = np.repeat(starts - shift, lengths) + np.arange(int(lengths.sum()))
+            result.append(values)
+        return result
+
+    @classmethod
+    def bytes_for(cls, entries: int, items: int) -> int:
+        return _HEADER.size + cls._FIXED.size + entries * _DECISION.itemsize + 3 * items
+
+
+def _block_items(blocks: np.ndarray) -> tuple[int, np.ndarray]:
+    """(form, items) of one block list: the shorter of plain and maximal runs."""
+    n = len(blocks)
+    if not n:
+        return _FORM_EMPTY, blocks
+    breaks = np.flatnonzero(np.diff(blocks) != 1) + 1
+    if 2 * (len(breaks) + 1) >= n:
+        return _FORM_PLAIN, blocks
+    firsts = np.concatenate(([0], breaks))
+    runs = np.empty(2 * len(firsts), dtype=np.int64)
+    runs[0::2] = blocks[firsts]
+    runs[1::2] = np.diff(np.concatenate((firsts, [n]))) - 1
+    return _FORM_RUNS, runs
+
+
+_FORM_EMPTY, _FORM_PLAIN, _FORM_RUNS = 0, 1, 2
+_ALLOCATING = np.array([DecisionAction.ADMIT, DecisionAction.RESUME], dtype=np.uint8)
+_ACTION_VALUES = np.array([action.value for action in DecisionAction], dtype=np.uint8)
+NO_BOUND = Limits.unbounded()
 
 
 @dataclass(frozen=True)
@@ -717,10 +827,10 @@ class Member(_Record):
         return cls(*cls._FIXED.unpack_from(body))
 
 
-Record = Transfer | Resume | Completion | Abort | Announce | Decision | Member
+Record = Transfer | Allocations | Completions | Abort | Announce | Decisions | Member
 
 _BY_TYPE: dict[int, type[_Record]] = {
-    cls.RECORD_TYPE: cls for cls in (Transfer, Resume, Completion, Abort, Announce, Decision, Member)
+    cls.RECORD_TYPE: cls for cls in (Transfer, Allocations, Completions, Abort, Announce, Decisions, Member)
 }
 
 
@@ -730,15 +840,18 @@ def _expect_size(cls: type, body: memoryview, size: int) -> None:
 
 
 def max_record_bytes(limits: Limits = DEFAULT_LIMITS) -> int:
-    """Largest encoded record a receiver with these `limits` accepts. Size a ring slot
-    from this (plus the ring's slot header, see `ring.slot_bytes_for`)."""
+    """Largest record about one request a receiver with these `limits` accepts: a TRANSFER
+    of `max_segments` segments, an ABORT with the longest message, or a DECISIONS record
+    of one allocation of the whole pool scattered block by block. Size a ring slot from
+    this (plus the ring's slot header, see `ring.slot_bytes_for`); batch records are cut
+    by their sender to fit its frame (`entries_that_fit`)."""
     largest_body = max(
         Transfer._FIXED.size + limits.max_segments * _SEGMENT.size,
-        Resume._FIXED.size,
-        Completion._FIXED.size,
         Abort._FIXED.size + MAX_MESSAGE_BYTES,
         Announce._FIXED.size,
-        Decision._FIXED.size + MAX_HASH_BYTES + block_list_bytes(limits.max_blocks, limits.max_block_index),
+        Decisions.bytes_for(1, limits.max_blocks) - _HEADER.size,
+        Allocations._FIXED.size + Allocations.ENTRY.itemsize,
+        Completions._FIXED.size + Completions.ENTRY.itemsize,
     )
     return _HEADER.size + largest_body
 
@@ -798,8 +911,6 @@ def decode(data: bytes | bytearray | memoryview, limits: Limits = DEFAULT_LIMITS
     a receiver with `limits` can use (by default a default-configured pool's: pass the
     receiver's own, or UNBOUNDED on purpose)."""
     view = _view(data)
-    if len(view) > max_record_bytes(limits):
-        raise RecordError(f"record of {len(view)} bytes, expected at most {max_record_bytes(limits)}")
     record, end = _decode_one(view, 0, limits)
     if end != len(view):
         raise RecordError(f"{type(record).__name__}: {len(view) - end} bytes after the record")
@@ -865,20 +976,22 @@ __all__ = [
     "Abort",
     "AbortReason",
     "Announce",
+    "Allocation",
+    "Allocations",
     "Completion",
+    "Completions",
     "Decision",
+    "Decisions",
     "DecisionAction",
     "Member",
     "MemberState",
     "Record",
     "RecordError",
     "RecordType",
-    "Resume",
     "Segment",
     "Transfer",
     "UNBOUNDED",
     "VERSION",
-    "block_list_bytes",
     "clip_message",
     "decode",
     "decode_frame",

@@ -77,7 +77,7 @@ class Request:
     # encoder side
     payload: Payload | None = None
     addresses: tuple[int, ...] | None = None  # the payload's row addresses (CUDA pack)
-    pending_resume: rec.Resume | None = None
+    pending_resume: rec.Allocation | None = None
     cached: bool = False
     # language side
     engine_admitted: bool = False  # this rank's engine called admit() (a follower may learn first)
@@ -224,6 +224,7 @@ class Endpoint:
             for peer, why in channel.take_errors():
                 if peer not in self.dead_peers:
                     self._peer_lost(peer, why)
+        self._emit()
         self.bus.flush()
         return worked
 
@@ -259,6 +260,7 @@ class Endpoint:
         if drain:
             self.drain(timeout_s)
         self._closed = True
+        self._emit()
         self._announce_state(rec.MemberState.LEFT)
         try:
             self.bus.flush()
@@ -579,6 +581,11 @@ class Endpoint:
         return None
 
     def _on_own_engine_usable(self) -> None:
+        return None
+
+    def _emit(self) -> None:
+        """Publish what this step batched (the Receiver's allocations, completions and
+        decisions); records go out with the next flush."""
         return None
 
     def _on_engine_lost(self, view: EngineView, reason: rec.AbortReason, why: str) -> None:

@@ -56,10 +56,11 @@ from .state import RequestState
 # its channel for the leader's ADMIT decision before its data is discarded.
 UNKNOWN_REQUEST_GRACE_S = 5.0
 EARLY_MEMORY = 4096
+_NO_BLOCKS = np.zeros(0, dtype=np.int64)
 # What a language rank reads of the records every peer publishes (the rest is stepped over).
 _T = rec.RecordType
-LEADER_WANTS = frozenset({_T.TRANSFER, _T.COMPLETION, _T.ABORT, _T.ANNOUNCE, _T.MEMBER})
-FOLLOWER_WANTS = frozenset({_T.TRANSFER, _T.DECISION, _T.ABORT, _T.MEMBER})
+LEADER_WANTS = frozenset({_T.TRANSFER, _T.COMPLETIONS, _T.ABORT, _T.ANNOUNCE, _T.MEMBER})
+FOLLOWER_WANTS = frozenset({_T.TRANSFER, _T.DECISIONS, _T.ABORT, _T.MEMBER})
 
 
 class Receiver(Endpoint):
@@ -91,6 +92,10 @@ class Receiver(Endpoint):
         # the id (a follower's engine may lag its leader; an encoder may be first).
         self._early_aborts: OrderedDict[int, str] = OrderedDict()
         self._announced: OrderedDict[int, tuple[int, int]] = OrderedDict()
+        # What this step tells peers, sent as one batch record per peer and kind (`_emit`).
+        self._allocations: dict[int, list[tuple]] = {}
+        self._completions: dict[int, list[tuple]] = {}
+        self._decisions: list[tuple] = []
 
     # -- public API -----------------------------------------------------------------
     def admit(self, request_id: int, encoder_engine: str | int = 0, *, expected_tokens: int | None = None,
@@ -215,12 +220,14 @@ class Receiver(Endpoint):
         kind = type(record)
         if kind is rec.Transfer:
             self._on_transfer(record)
-        elif kind is rec.Decision:
+        elif kind is rec.Decisions:
             if not self.is_leader and record.src_rank == self.leader_rank:
-                self._apply_decision(record)
-        elif kind is rec.Completion:
+                for decision in record.decisions():
+                    self._apply_decision(decision)
+        elif kind is rec.Completions:
             if self.is_leader and record.dst_rank == self.rank and record.src_rank in self.followers:
-                self._on_follower_ack(record)
+                for ack in record.items():
+                    self._on_follower_ack(ack)
         elif kind is rec.Abort:
             if record.dst_rank in (-1, self.rank, self.leader_rank):
                 self._on_abort(record)
@@ -439,10 +446,8 @@ class Receiver(Endpoint):
             if self.is_leader:
                 self._decide(request)
             else:
-                self._publish(rec.Completion.trusted(
-                    request_id=request.request_id, round=request.round, sent_tokens=request.sent_tokens,
-                    total_tokens=request.total_tokens, src_rank=self.rank, dst_rank=self.leader_rank,
-                ))
+                self._completions.setdefault(self.leader_rank, []).append(
+                    (request.request_id, request.round, request.sent_tokens, request.total_tokens, 0))
 
     def _drop_outputs(self, request: Request) -> None:
         self.output_bytes -= request.output_bytes
@@ -450,7 +455,7 @@ class Receiver(Endpoint):
         request.outputs = None
 
     # -- leader: decisions ------------------------------------------------------------------
-    def _on_follower_ack(self, ack: rec.Completion) -> None:
+    def _on_follower_ack(self, ack: rec.Completion) -> None:  # an entry of a COMPLETIONS record
         request = self.requests.get(ack.request_id)
         if request is None or request.state.terminal or ack.round != request.round:
             self.stats.late_records += 1
@@ -468,11 +473,8 @@ class Receiver(Endpoint):
         if request.sent_tokens == request.total_tokens:
             self._broadcast_decision(request, rec.DecisionAction.COMPLETE, request.content_hash or b"")
             self._complete(request, request.content_hash)
-            self._publish(rec.Completion.trusted(
-                request_id=request.request_id, round=request.round, sent_tokens=request.sent_tokens,
-                total_tokens=request.total_tokens, src_rank=self.rank,
-                dst_rank=request.peer.leader,
-            ))
+            self._completions.setdefault(request.peer.leader, []).append(
+                (request.request_id, request.round, request.sent_tokens, request.total_tokens, 0))
             return
         request.resume_due = True
         if not self._try_resume(request):
@@ -542,31 +544,45 @@ class Receiver(Endpoint):
         request.last_progress = time.monotonic()
 
     def _announce(self, request: Request) -> None:
-        self._publish(rec.Resume.trusted(
-            request_id=request.request_id, round=request.round, sent_tokens=request.sent_tokens,
-            allocated_tokens=request.allocated_tokens, src_rank=self.rank,
-            dst_rank=request.peer.leader,
-        ))
+        self._allocations.setdefault(request.peer.leader, []).append(
+            (request.request_id, request.round, request.sent_tokens, request.allocated_tokens))
 
     def _broadcast_decision(self, request: Request, action: rec.DecisionAction, content_hash: bytes = b"") -> None:
         if not self.followers:
             return
-        self._publish(rec.Decision.trusted(
-            request_id=request.request_id, round=max(request.round, 0), action=action,
-            sent_tokens=request.sent_tokens, total_tokens=request.total_tokens or 0,
-            allocated_tokens=request.allocated_tokens, blocks=tuple(request.blocks),
-            src_rank=self.rank, mrope_delta=request.mrope_delta, content_hash=content_hash,
-        ))
+        self._decisions.append((request.request_id, max(request.round, 0), action, request.sent_tokens,
+                                request.total_tokens or 0, request.allocated_tokens, request.mrope_delta,
+                                content_hash, request.block_array if request.blocks else _NO_BLOCKS))
+
+    def _emit(self) -> None:
+        """This step's allocations, completions and decisions, one batch record per peer and
+        kind, cut to fit a frame; decisions keep the order they were made in."""
+        capacity = self.bus.outbox.capacity
+        for pending, kind in ((self._allocations, rec.Allocations), (self._completions, rec.Completions)):
+            if pending:
+                fit = kind.entries_that_fit(capacity)
+                for dst, items in pending.items():
+                    for first in range(0, len(items), fit):
+                        self._publish(kind.of(self.rank, dst, items[first : first + fit]))
+                pending.clear()
+        if self._decisions:
+            items, self._decisions = self._decisions, []
+            batch, blocks = [], 0  # a decision takes at most one item per block
+            for item in items:
+                if batch and rec.Decisions.bytes_for(len(batch) + 1, blocks + len(item[8])) > capacity:
+                    self._publish(rec.Decisions.of(self.rank, batch))
+                    batch, blocks = [], 0
+                batch.append(item)
+                blocks += len(item[8])
+            self._publish(rec.Decisions.of(self.rank, batch))
 
     # -- the cache ------------------------------------------------------------------------
     def _complete_from_cache(self, request: Request) -> None:
         """Leader: the payload of `request.content_hash` is cached: complete everywhere at
         once, without a transfer (followers serve their own copy)."""
         self._broadcast_decision(request, rec.DecisionAction.CACHED, request.content_hash)
-        self._publish(rec.Completion.trusted(
-            request_id=request.request_id, round=0, sent_tokens=0, total_tokens=0, src_rank=self.rank,
-            dst_rank=request.peer.leader, flags=rec.COMPLETION_CACHED,
-        ))
+        self._completions.setdefault(request.peer.leader, []).append(
+            (request.request_id, 0, 0, 0, rec.COMPLETION_CACHED))
         self._serve_cached(request, request.content_hash)
 
     def _serve_cached(self, request: Request, content_hash: bytes) -> None:
@@ -619,14 +635,15 @@ class Receiver(Endpoint):
                                f"decision for round {d.round}, this rank is at round {request.round}", notify=True)
                 return
             self._release_blocks(request)
+            blocks = d.blocks.tolist()
             try:
-                self.allocator.claim(list(d.blocks))
+                self.allocator.claim(blocks)
             except ValueError as exc:  # the allocators disagree: never write into someone else's blocks
                 self.stats.rejected_records += 1
                 self._fail(request, rec.AbortReason.INTERNAL, f"cannot apply the leader's blocks: {exc}", notify=True)
                 return
             request.round = d.round
-            self._assign(request, list(d.blocks))
+            self._assign(request, blocks)
             if d.action is rec.DecisionAction.ADMIT:
                 self._set_state(request, RequestState.WAITING_FOR_INPUT)
             else:

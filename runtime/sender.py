@@ -35,7 +35,7 @@ from .state import RequestState
 
 MAX_PENDING_ALLOCATIONS = 4096
 # What an encoder rank reads of the records every peer publishes (the rest is stepped over).
-WANTED = frozenset({rec.RecordType.RESUME, rec.RecordType.COMPLETION, rec.RecordType.ABORT,
+WANTED = frozenset({rec.RecordType.ALLOCATIONS, rec.RecordType.COMPLETIONS, rec.RecordType.ABORT,
                     rec.RecordType.MEMBER})
 
 
@@ -49,7 +49,7 @@ class Sender(Endpoint):
             raise ValueError(f"{self.me.describe()} is not an encoder rank")
         self.bus.wanted = WANTED
         # Allocations, cache hits and aborts announced before the engine submitted the payload.
-        self._early_allocations: OrderedDict[int, rec.Resume] = OrderedDict()
+        self._early_allocations: OrderedDict[int, rec.Allocation] = OrderedDict()
         self._early_cached: OrderedDict[int, rec.Completion] = OrderedDict()
         self._early_aborts: OrderedDict[int, str] = OrderedDict()
 
@@ -187,14 +187,13 @@ class Sender(Endpoint):
     # -- records ------------------------------------------------------------------
     def _on_record(self, record: rec.Record) -> None:
         kind = type(record)
-        if kind is rec.Resume or kind is rec.Completion:
+        if kind is rec.Allocations or kind is rec.Completions:
             if record.dst_rank == self.me.incarnation:
                 view = self.directory.view_of(record.src_rank)
                 if view is not None and view.leader == record.src_rank and view.role is Role.LANGUAGE:
-                    if kind is rec.Resume:
-                        self._on_resume(record, view)
-                    else:
-                        self._on_completion(record, view)
+                    handle = self._on_resume if kind is rec.Allocations else self._on_completion
+                    for item in record.items():
+                        handle(item, view)
         elif kind is rec.Abort:
             if record.dst_rank in (-1, self.rank, self.me.incarnation):
                 self._on_abort(record)
@@ -218,7 +217,7 @@ class Sender(Endpoint):
         else:
             self._fail(request, rec.AbortReason(record.reason), self._abort_text(record), notify=False)
 
-    def _on_resume(self, resume: rec.Resume, view: EngineView | None = None) -> None:
+    def _on_resume(self, resume: rec.Allocation, view: EngineView | None = None) -> None:
         if view is None:
             view = self.directory.view_of(resume.src_rank)
             if view is None or view.gone:
@@ -265,7 +264,7 @@ class Sender(Endpoint):
         request.pending_resume = resume
         self._start_round(request)
 
-    def _check_resume(self, request: Request, resume: rec.Resume) -> str | None:
+    def _check_resume(self, request: Request, resume: rec.Allocation) -> str | None:
         if resume.round != request.round + 1:
             return f"RESUME round {resume.round}, expected round {request.round + 1}"
         if resume.sent_tokens != request.sent_tokens:

@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import random
 
+import numpy as np
 import pytest
 
 from embxfer.control import records as rec
@@ -35,10 +36,13 @@ def healthy(cluster: LocalCluster, request_id: int = 500) -> None:
     assert set(cluster.blocks_in_use().values()) == {0}, cluster.describe()
 
 
-def resume(**overrides) -> rec.Resume:
-    fields = dict(request_id=1, round=0, sent_tokens=0, allocated_tokens=1024,
-                  src_rank=1, dst_rank=0)
-    return rec.Resume(**{**fields, **overrides})
+def resume(**overrides) -> rec.Allocations:
+    """An ALLOCATIONS record of one entry, from the language leader (rank 1) to the
+    encoder leader (rank 0) unless overridden."""
+    fields = dict(request_id=1, round=0, sent_tokens=0, allocated_tokens=1024, src_rank=1, dst_rank=0)
+    fields.update(overrides)
+    return rec.Allocations.of(fields["src_rank"], fields["dst_rank"], [
+        (fields["request_id"], fields["round"], fields["sent_tokens"], fields["allocated_tokens"])])
 
 
 def test_corrupt_and_truncated_bytes_are_dropped_and_counted(cluster):
@@ -100,9 +104,11 @@ def test_out_of_order_resume_fails_only_that_request(cluster):
     healthy(cluster)
 
 
-def admit_decision(blocks: tuple[int, ...]) -> rec.Decision:
-    return rec.Decision(request_id=9, round=0, action=rec.DecisionAction.ADMIT, sent_tokens=0, total_tokens=0,
-                        allocated_tokens=128 * len(blocks), blocks=blocks, src_rank=1, mrope_delta=0)
+def admit_decision(blocks: tuple[int, ...]) -> rec.Decisions:
+    return rec.Decisions(src_rank=1, dst_rank=-1, **{
+        name: getattr(rec.Decisions.of(1, [(9, 0, rec.DecisionAction.ADMIT, 0, 0, 128 * len(blocks), 0, b"",
+                                             np.array(blocks, dtype=np.int64))]), name)
+        for name in ("entries", "items")})
 
 
 def test_duplicated_block_indices_cannot_be_encoded():
@@ -116,7 +122,9 @@ def test_out_of_range_blocks_never_reach_a_kernel(cluster, blocks):
     the request fails, the follower keeps serving."""
     follower = cluster.receivers[2]
     follower.admit(9)
-    follower._on_record(rec.decode(rec.encode(admit_decision(blocks)), rec.UNBOUNDED))  # past the wire check
+    unchecked = rec.Decisions.of(1, [(9, 0, rec.DecisionAction.ADMIT, 0, 0, 128 * len(blocks), 0, b"",
+                                      np.array(blocks, dtype=np.int64))])
+    follower._on_record(rec.decode(rec.encode(unchecked), rec.UNBOUNDED))  # past the wire check
     assert follower.requests[9].state is RequestState.FAILED
     assert "blocks" in follower.requests[9].error or "block" in follower.requests[9].error
     assert follower.allocator.num_used == 0
@@ -138,11 +146,11 @@ def test_replayed_decision_is_late_not_applied_twice(cluster):
     cluster.admit(1)
     cluster.submit(1, payload)
     follower = cluster.receivers[2]
-    cluster.run_until(lambda: any(isinstance(r, rec.Decision) and r.action is rec.DecisionAction.RESUME
-                                  for r in spy))
+    cluster.run_until(lambda: any(isinstance(r, rec.Decisions) and any(
+        d.action is rec.DecisionAction.RESUME for d in r.decisions()) for r in spy))
     cluster.step()
     late = follower.stats.late_records
-    for record in [r for r in spy if isinstance(r, rec.Decision)]:
+    for record in [r for r in spy if isinstance(r, rec.Decisions)]:
         follower._on_record(record)  # every decision so far, again
     assert follower.stats.late_records >= late + 2
     cluster.run_until(lambda: all(s.terminal for s in cluster.states(1)))

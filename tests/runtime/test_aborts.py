@@ -7,6 +7,7 @@ stay in use anywhere.
 
 from __future__ import annotations
 
+import numpy as np
 import pytest
 import torch
 
@@ -166,7 +167,7 @@ def test_invalid_resume_fails_the_request_not_the_endpoint():
     cluster = cluster_for()
     start(cluster, 1, 500)
     sender = cluster.senders[0]
-    bogus = rec.Resume(request_id=1, round=0, sent_tokens=0, allocated_tokens=1000, src_rank=1, dst_rank=0)
+    bogus = rec.Allocations.of(1, 0, [(1, 0, 0, 1000)])  # 1000 tokens: not whole blocks
     sender._on_record(bogus)
     assert sender.requests[1].state is RequestState.FAILED
     assert "allocated_tokens" in sender.requests[1].error
@@ -244,8 +245,8 @@ def test_follower_release_before_the_leaders_fail_decision_keeps_incarnations_ap
     follower.release(1)
     follower.admit(1)  # the new incarnation
     assert follower.requests[1].state is RequestState.BOOTSTRAPPING
-    follower._on_record(rec.Decision(request_id=1, round=0, action=rec.DecisionAction.FAIL, sent_tokens=0,
-                                     total_tokens=3000, allocated_tokens=0, blocks=(), src_rank=1, mrope_delta=0))
+    follower._on_record(rec.Decisions.of(1, [(1, 0, rec.DecisionAction.FAIL, 0, 3000, 0, 0, b"",
+                                              np.zeros(0, dtype=np.int64))]))
     assert follower.allocator.num_used == 0
     assert follower.requests[1].state is RequestState.BOOTSTRAPPING
 

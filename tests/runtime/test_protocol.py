@@ -29,6 +29,9 @@ def make_cluster(topology: Topology | None = None, *, language_pool_blocks: int 
     return LocalCluster(topology or Topology(), config, dim=dim, **kwargs)
 
 
+BATCHES = {rec.Allocation: rec.Allocations, rec.Completion: rec.Completions, rec.Decision: rec.Decisions}
+
+
 class RecordSpy:
     """Keeps every record a rank publishes (decoded again, as a peer would see it)."""
 
@@ -37,13 +40,18 @@ class RecordSpy:
         publish = endpoint.bus.publish
 
         def spy(record):
-            self.records.append(rec.decode(rec.encode(record)))
+            self.records.append(rec.decode(rec.encode(record), rec.UNBOUNDED))
             publish(record)
 
         endpoint.bus.publish = spy
 
     def of(self, kind, request_id=None):
-        return [r for r in self.records if isinstance(r, kind) and (request_id is None or r.request_id == request_id)]
+        """Records of `kind`; for an entry kind (rec.Allocation, rec.Completion,
+        rec.Decision), the entries of every batch record of that kind, in order."""
+        batch = BATCHES.get(kind)
+        found = [e for r in self.records if isinstance(r, batch) for e in r.items()] if batch else \
+            [r for r in self.records if isinstance(r, kind)]
+        return [r for r in found if request_id is None or r.request_id == request_id]
 
     def segments(self, request_id=None):
         """Every segment of every TRANSFER (staging message) published, in order."""
@@ -106,7 +114,7 @@ def test_r1_resume_triggers_send():
     cluster = make_cluster(default_alloc_tokens=1024)
     leader, encoder = RecordSpy(cluster.leader), RecordSpy(cluster.senders[0])
     transfer_one(cluster, 2000)
-    resumes = leader.of(rec.Resume)
+    resumes = leader.of(rec.Allocation)
     assert [(r.round, r.sent_tokens, r.allocated_tokens) for r in resumes] == [(0, 0, 1024), (1, 1024, 1024)]
     first_segments = {}
     for segment in encoder.segments():
@@ -123,9 +131,9 @@ def test_r2_allocation_is_whole_blocks():
     leader, encoder = RecordSpy(cluster.leader), RecordSpy(cluster.senders[0])
     allocations = AllocationSpy(cluster.leader)
     transfer_one(cluster, 2500)
-    for resume, blocks in zip(leader.of(rec.Resume), allocations.blocks, strict=True):
+    for resume, blocks in zip(leader.of(rec.Allocation), allocations.blocks, strict=True):
         assert resume.allocated_tokens == len(blocks) * 128
-    assert [r.allocated_tokens for r in leader.of(rec.Resume)] == [1024, 1536]
+    assert [r.allocated_tokens for r in leader.of(rec.Allocation)] == [1024, 1536]
     assert round_sizes(encoder) == [1024, 1476]
     assert_no_leaks(cluster)
 
@@ -139,7 +147,7 @@ def test_r3_metadata_from_first_round_only():
     assert copies[0].mrope_positions.shape == (3, 9168)
     assert torch.equal(copies[0].mrope_positions, payload.mrope_positions)
     assert copies[0].mrope_delta == payload.mrope_delta
-    assert [r.allocated_tokens for r in leader.of(rec.Resume)] == [8192, 1024]  # 64 blocks, then 8
+    assert [r.allocated_tokens for r in leader.of(rec.Allocation)] == [8192, 1024]  # 64 blocks, then 8
     assert_no_leaks(cluster)
 
 
@@ -180,7 +188,7 @@ def test_r5_poll_is_idempotent_one_resume_per_round():
                 receiver.poll(3)
 
     cluster.run_until(lambda: cluster.leader.poll(3).terminal, each_step=poll_a_lot)
-    resumes = leader.of(rec.Resume, 3)
+    resumes = leader.of(rec.Allocation, 3)
     assert [r.round for r in resumes] == [0, 1, 2, 3, 4]
     assert [r.sent_tokens for r in resumes] == [0, 1024, 2048, 3072, 4096]
     assert cluster.leader.take(3).bit_equal(payload)
@@ -195,7 +203,7 @@ def test_r6_block_reuse_through_a_pool_of_one_default_allocation():
     leader = RecordSpy(cluster.leader)
     allocations = AllocationSpy(cluster.leader)
     transfer_one(cluster, 50000)
-    resumes = leader.of(rec.Resume)
+    resumes = leader.of(rec.Allocation)
     assert len(resumes) == 7  # 8192 x 6 + 848
     assert all(set(blocks) <= set(allocations.blocks[0]) for blocks in allocations.blocks)
     assert allocations.blocks[1] == allocations.blocks[0]  # the allocator handed back the same indices
