@@ -214,11 +214,34 @@ def unpack_to_rows_reference(
     """Copy segment i of `staging` into rows `[out_starts[i], out_starts[i] + counts[i])` of
     `outputs[i]` (with `segments`: only those, `outputs` and `out_starts` listing theirs)."""
     regions = layout._regions(staging)
-    chosen = range(len(layout.counts)) if segments is None else segments
+    counts = list(layout.counts)
+    # torch.split makes every segment's view in one call, and one _foreach_copy_ per field
+    # copies them all: per segment, only the target's views are made in Python.
+    parts = [regions.embeddings, regions.fill_ids, regions.mrope_positions, regions.deepstack]
+    parts[0], parts[3] = _bits(parts[0]), None if parts[3] is None else _bits(parts[3])
+    split = [None if p is None else p.split(counts, dim=1 if i == 2 else 0) for i, p in enumerate(parts)]
+    chosen = range(len(counts)) if segments is None else segments
+    targets: list[list[torch.Tensor]] = [[], [], [], []]
+    sources: list[list[torch.Tensor]] = [[], [], [], []]
     for out, start, index in zip(outputs, out_starts, chosen, strict=True):
-        n = layout.counts[index]
-        if n:
-            _copy_rows(_row_slice(regions, layout.token_offsets[index], n), _row_slice(out, start, n))
+        n = counts[index]
+        if not n:
+            continue
+        whole = start == 0 and n == out.fill_ids.shape[0]
+        for field, (target, part) in enumerate(zip(out, split, strict=True)):
+            if part is None:
+                continue
+            if field == 2:
+                target = target if whole else target[:, start : start + n]
+            else:
+                target = target if whole else target[start : start + n]
+                if field in (0, 3):
+                    target = _bits(target)
+            targets[field].append(target)
+            sources[field].append(part[index])
+    for field in range(4):
+        if targets[field]:
+            torch._foreach_copy_(targets[field], sources[field])
 
 
 # -- helpers ------------------------------------------------------------------------
