@@ -247,7 +247,25 @@ class Endpoint:
         stats.bytes = sum(c.bytes for c in self.channels.values())
         stats.discarded_segments = sum(c.discarded for c in self.channels.values())
         stats.in_flight = self.in_flight
-        return {**stats.as_dict(), "rejected_records": stats.rejected_records + self.bus.rejected + self.bus.spoofed}
+        return {**stats.as_dict(), "rejected_records": stats.rejected_records + self.bus.rejected + self.bus.spoofed,
+                **self.security_stats()}
+
+    def security_stats(self) -> dict[str, int]:
+        """What this member dropped from outside, by kind (all zero on a quiet network):
+        rendezvous values that failed verification (`forged_values`), data pairs whose
+        peer could not prove the secret (`refused_pairs`), and the cross-node link's
+        dropped frames and refused connections."""
+        store = getattr(self.directory, "store", None)
+        link = getattr(self.bus, "link", None)
+        frames = link.stats if link is not None else None
+        return {
+            "forged_values": getattr(store, "forged", 0),
+            "refused_pairs": getattr(self.transport, "refused", 0),
+            "frames_malformed": getattr(frames, "malformed", 0),
+            "frames_forged": getattr(frames, "forged", 0),
+            "frames_replayed": getattr(frames, "replayed", 0),
+            "connections_refused": getattr(frames, "refused", 0),
+        }
 
     def close(self, drain: bool = False, timeout_s: float = 60.0) -> None:
         """Leave the job and tear down what `connect()` made for this endpoint. With

@@ -493,6 +493,7 @@ class LiveDirectory(Directory):
                 if now - self._last_epoch_check > EPOCH_CHECK_S:
                     self._last_epoch_check = now
                     self._check_epoch()
+                    self._repair()
                 if not self.reachable:
                     log.warning("embxfer: the rendezvous answers again")
                 self.reachable, self._unreachable_logged, attempt = True, False, 0
@@ -514,6 +515,18 @@ class LiveDirectory(Directory):
         except Exception:
             return
         self.store.store = clone
+
+    def _repair(self) -> None:
+        """Put back what an outsider overwrote (a key that no longer verifies): TP rank 0
+        its engine's pointer, every member its slot claim. A newer incarnation's signed
+        pointer is left alone."""
+        me = self.me
+        if me.tp_rank == 0 and self.store.get(f"engine/{me.engine}") is None:
+            self.store.put(f"engine/{me.engine}", {"incarnation": me.incarnation, "role": me.role,
+                                                   "tp_size": me.tp_size})
+        slot = f"slot/{me.engine}/{me.incarnation}/{me.tp_rank}"
+        if self.store.get(slot) is None:
+            self.store.put(slot, {"member": me.member})
 
     def _check_epoch(self) -> None:
         epoch = self.store.read_epoch()

@@ -47,7 +47,8 @@ The names (each one's HELP line says what it counts; extra labels in brackets):
                 embxfer_requests_failed_total[reason], embxfer_requests_cached_total,
                 embxfer_tokens_total, embxfer_bytes_total, embxfer_messages_total,
                 embxfer_rounds_total, embxfer_resumes_total, embxfer_discarded_segments_total,
-                embxfer_records_dropped_total[kind], embxfer_cache_{hits,misses,evictions}_total
+                embxfer_records_dropped_total[kind], embxfer_security_dropped_total[kind],
+                embxfer_cache_{hits,misses,evictions}_total
     gauges      embxfer_requests_in_flight, embxfer_requests_waiting_for_blocks[queue],
                 embxfer_blocks_in_use, embxfer_pool_blocks, embxfer_output_bytes,
                 embxfer_cache_bytes, embxfer_cache_entries, embxfer_cache_capacity_bytes
@@ -245,6 +246,12 @@ class Metrics:
                 out.counter("embxfer_records_dropped", "Control records dropped: rejected (malformed, corrupt, "
                             "inconsistent), spoofed (wrong sender), late (for a finished request or an old "
                             "round).", own, value, kind=kind)
+            for kind in ("forged_values", "refused_pairs", "frames_malformed", "frames_forged", "frames_replayed",
+                         "connections_refused"):
+                out.counter("embxfer_security_dropped", "What came from outside and was dropped: rendezvous "
+                            "values failing verification, data pairs whose peer did not prove the job's secret, "
+                            "link frames malformed, forged or replayed, link connections refused.", own,
+                            stats[kind], kind=kind)
 
             out.gauge("embxfer_requests_in_flight", "Requests started and not finished.", own, stats["in_flight"])
             out.gauge("embxfer_blocks_in_use", "Blocks of this rank's pool in use.", own, stats["blocks_in_use"])
