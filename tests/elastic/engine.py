@@ -65,6 +65,9 @@ def main() -> int:
     parser.add_argument("tp_size", type=int)
     parser.add_argument("--dim", type=int, default=64)
     parser.add_argument("--timeout", type=float, default=60.0)
+    parser.add_argument("--idle", action="store_true",
+                        help="join, then only keep the endpoint's loop going as an idle engine would "
+                             "(progress, then wait(0.5)): what membership costs at rest")
     args = parser.parse_args()
     logging.basicConfig(level=logging.ERROR, format="%(asctime)s %(name)s %(levelname)s %(message)s")
     signal.signal(signal.SIGTERM, lambda *_: sys.exit(143))
@@ -78,6 +81,13 @@ def main() -> int:
                                dim=args.dim, dtype=torch.bfloat16, config=config, timeout_s=args.timeout)
     store = endpoint.membership.app_store
     emit(event="up", member=endpoint.rank, fds=len(os.listdir("/proc/self/fd")))
+    if args.idle:
+        try:
+            while True:
+                endpoint.progress()
+                endpoint.wait(0.5)
+        finally:
+            endpoint.close()
     seen = 0
     payloads: dict[int, tuple[int, int]] = {}  # rid -> tokens, encoder
     active: set[int] = set()

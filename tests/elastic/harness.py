@@ -67,11 +67,11 @@ class Job:
 
     # -- engines
     def start(self, name: str, role: str, tp: int = 1, env: dict[str, str] | None = None,
-              tp_ranks: list[int] | None = None) -> list[Rank]:
+              tp_ranks: list[int] | None = None, extra: tuple[str, ...] = ()) -> list[Rank]:
         started = []
         for tp_rank in range(tp) if tp_ranks is None else tp_ranks:
             process = subprocess.Popen(
-                [sys.executable, "-m", "tests.elastic.engine", role, name, str(tp_rank), str(tp)],
+                [sys.executable, "-m", "tests.elastic.engine", role, name, str(tp_rank), str(tp), *extra],
                 stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, env=dict(self.env, **(env or {})),
                 cwd=ROOT,
             )
