@@ -652,8 +652,6 @@ class Decisions(_Batch):
         n = len(array)
         form = array["form"]
         blocks_per_entry = np.where(form == _FORM_PLAIN, counts, 0)
-        if not len(items):
-            return blocks_per_entry, items, items
         owner = np.repeat(np.arange(n), counts)
         first = np.cumsum(counts) - counts
         position = np.arange(len(items)) - first[owner]
@@ -676,6 +674,17 @@ class Decisions(_Batch):
                 raise error("Decisions: two runs of one request that should be one (not canonical)")
         plain = items[~is_run]
         plain_owner = owner[~is_run]
+        if len(plain) > 1:
+            continues = (plain_owner[1:] == plain_owner[:-1]) & (plain[1:] == plain[:-1] + 1)
+            plain_runs = counts - np.bincount(plain_owner[1:][continues], minlength=n)
+            if ((form == _FORM_PLAIN) & (2 * plain_runs < counts)).any():
+                raise error("Decisions: plain form where runs are shorter (not canonical)")
+        # The highest index from the plain items and the runs' ends, before any run is expanded.
+        highest = max(int(plain.max()) if len(plain) else -1,
+                      int((run_starts + run_lengths - 1).max()) if len(run_starts) else -1)
+        if highest > limits.max_block_index:
+            raise error(f"Decisions: block index {highest}, this receiver's pool has "
+                        f"{limits.max_block_index + 1} blocks")
         if len(run_starts):
             offsets = np.concatenate(([0], np.cumsum(run_lengths)[:-1]))
             expanded = np.repeat(run_starts - offsets, run_lengths) + np.arange(int(run_lengths.sum()))
@@ -687,9 +696,6 @@ class Decisions(_Batch):
             blocks, block_owner = blocks[order], block_owner[order]
         else:
             blocks, block_owner = plain, plain_owner
-        if len(blocks) and int(blocks.max()) > limits.max_block_index:
-            raise error(f"Decisions: block index {int(blocks.max())}, this receiver's pool has "
-                        f"{limits.max_block_index + 1} blocks")
         keys = block_owner * (1 << 24) + blocks
         if len(np.unique(keys)) != len(keys):
             raise error("Decisions: a block index repeats within one request (a block holds one part of one request)")

@@ -9,6 +9,7 @@ import stat
 import struct
 import time
 
+import numpy as np
 import posix_ipc
 import pytest
 from ringworkers import TEST_PREFIX
@@ -69,13 +70,20 @@ def test_oversized_record_is_refused_with_the_slot_size(ring):
 
 
 def test_the_documented_worst_case_record_fits_a_slot_sized_for_it(prefix):
-    slot_bytes = slot_bytes_for(rec.max_record_bytes(rec.Limits.for_pool(1024, 64)))
+    """The largest record of the default 1024-block pool (one allocation of every block, no
+    two consecutive, the longest hash) fills a slot sized from `max_record_bytes`, which is
+    at most 4096 bytes, and arrives whole."""
+    limits = rec.Limits.for_pool(1024, 64)
+    slot_bytes = slot_bytes_for(rec.max_record_bytes(limits))
     assert slot_bytes <= 4096
-    blocks = tuple(range(0, 1024, 2)) + tuple(range(1023, 0, -2))
-    decision = rec.Decision(1, 2, rec.DecisionAction.RESUME, 10, 20, 1024 * 128, blocks, 0, 0, b"h" * 32)
+    blocks = np.array([*range(1023, 0, -2), *range(0, 1024, 2)], dtype=np.int64)
+    decision = rec.Decisions.of(0, [(1, 2, rec.DecisionAction.RESUME, 10, 20, 1024 * 128, 0, b"h" * 32, blocks)])
+    data = rec.encode(decision)
+    assert len(data) == rec.max_record_bytes(limits)
     with RingWriter.create(2, slot_bytes, 1, prefix=prefix) as writer, RingReader.attach(writer.name) as reader:
-        writer.publish(rec.encode(decision), timeout=1)
-        assert rec.decode(reader.poll()) == decision
+        writer.publish(data, timeout=1)
+        received = rec.decode(reader.poll(), limits)
+        assert received == decision and received.decisions()[0].blocks.tolist() == blocks.tolist()
 
 
 def test_full_ring_names_the_slowest_reader_and_its_lag(ring):

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import dataclasses
 
+import numpy as np
 import pytest
 
 from embxfer import Config
@@ -198,8 +199,9 @@ def test_the_largest_accepted_pools_largest_record_encodes_decodes_and_fits_its_
     limits the configuration gives its receivers, and fits the ring slot derived from
     them; so does a TRANSFER of the most segments."""
     config = Config(language_pool_blocks=MAX_BLOCKS, block_size=1, max_segments_per_message=1024)
-    worst = tuple(range(MAX_BLOCKS - 1, -1, -2)) + tuple(range(0, MAX_BLOCKS, 2))
-    decision = rec.Decision(1, 3, rec.DecisionAction.RESUME, 0, 0, MAX_BLOCKS, worst, 0, 0, b"h" * rec.MAX_HASH_BYTES)
+    worst = np.concatenate((np.arange(MAX_BLOCKS - 1, -1, -2), np.arange(0, MAX_BLOCKS, 2)))
+    decision = rec.Decisions.of(0, [(1, 3, rec.DecisionAction.RESUME, 0, 0, MAX_BLOCKS, 0, b"h" * rec.MAX_HASH_BYTES,
+                                     worst)])
     transfer = rec.Transfer(0, -1, 0, 1, tuple(rec.Segment(i, 0, 0, 1, 1, 0) for i in range(1024)))
     for record in (decision, transfer):
         data = rec.encode(record)
@@ -207,6 +209,7 @@ def test_the_largest_accepted_pools_largest_record_encodes_decodes_and_fits_its_
         assert len(data) <= rec.max_record_bytes(config.limits)
         assert slot_bytes_for(len(data)) <= config.slot_bytes
     assert len(rec.encode(decision)) == rec.max_record_bytes(config.limits)  # the bound is tight
+    assert np.array_equal(rec.decode(rec.encode(decision), config.limits).decisions()[0].blocks, worst)
 
 
 def test_a_ring_larger_than_its_segment_limit_is_refused():
