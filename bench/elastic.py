@@ -92,8 +92,10 @@ def one_run(index: int) -> dict:
 
 def idle_cost(seconds: float = 20.0) -> dict[str, float]:
     """An encoder engine and a language engine of TP 2 that joined and have nothing to do,
-    each looping `progress(); wait(0.5)` as an idle engine does: CPU % of one core each."""
-    with Job(f"bid{secrets.token_hex(3)}") as job:
+    each looping `progress(); wait(0.5)` as an idle engine does, with the default liveness
+    settings (heartbeat 0.5 s, peer timeout 10 s): CPU % of one core each."""
+    env = {"ELASTIC_HEARTBEAT_S": "0.5", "ELASTIC_PEER_TIMEOUT_S": "10"}
+    with Job(f"bid{secrets.token_hex(3)}", env=env) as job:
         job.start("vit-0", "encoder", extra=("--idle",))
         job.start("llm-a", "language", tp=2, extra=("--idle",))
         job.wait_up("vit-0", "llm-a", timeout=120)

@@ -84,7 +84,9 @@ from .secret import JobSecret
 
 log = logging.getLogger("embxfer")
 
-POLL_INTERVAL_S = 0.1
+# How often a member looks for changes at the rendezvous: one store round trip when
+# nothing changed; a join is seen within this (the 2 s join budget has room).
+POLL_INTERVAL_S = 0.25
 EPOCH_CHECK_S = 1.0
 MEMBER_ID_BITS = 48
 MAX_NAME_CHARS = 64

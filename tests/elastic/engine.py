@@ -76,7 +76,8 @@ def main() -> int:
 
     config = Config.from_env(language_pool_blocks=64, default_alloc_tokens=512, staging_bytes=1 << 20,
                              peer_timeout_s=float(os.environ.get("ELASTIC_PEER_TIMEOUT_S", "3")),
-                             heartbeat_interval_s=0.2, request_timeout_s=30.0)
+                             heartbeat_interval_s=float(os.environ.get("ELASTIC_HEARTBEAT_S", "0.2")),
+                             request_timeout_s=30.0)
     endpoint = embxfer.connect(args.role, engine=args.name, tp_rank=args.tp_rank, tp_size=args.tp_size,
                                dim=args.dim, dtype=torch.bfloat16, config=config, timeout_s=args.timeout)
     store = endpoint.membership.app_store

@@ -172,7 +172,7 @@ def test_bad_zero_or_more_ints(field, value):
 def test_ring_slot_must_hold_the_largest_record():
     """A slot too small for the largest record the pool produces is refused at start-up
     (it used to crash a rank at run time); 0 derives the size from the pool."""
-    with pytest.raises(ValueError, match="config.ring_slot_bytes=64: expected a multiple of 64 from 2176"):
+    with pytest.raises(ValueError, match="config.ring_slot_bytes=64: expected a multiple of 64 from 3200"):
         Config(ring_slot_bytes=64)
     with pytest.raises(ValueError, match="config.ring_slot_bytes"):
         Config.from_env(env={"EMBXFER_RING_SLOT_BYTES": "64"})
