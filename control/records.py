@@ -50,8 +50,8 @@ record**: fixed layouts, the shorter form, maximal runs, zero padding, so
 `limits.max_blocks` blocks or with an index past `limits.max_block_index`, and a TRANSFER
 with more than `limits.max_segments` segments, from the headers and runs, before anything
 is expanded: a 72-byte record can never make the receiver build a million-entry list
-(a batch's entries are views of the bytes that arrived; a decision's blocks are expanded
-one request at a time, each at most a pool).
+(a batch's entries are views of the bytes that arrived; the blocks of one DECISIONS
+record are at most one pool, as its sender cuts them).
 `max_record_bytes(limits)` is the largest record such a receiver accepts; ring slots are
 sized from it (`ring.slot_bytes_for`), so any allocation of the pool fits one slot.
 
@@ -664,6 +664,11 @@ class Decisions(_Batch):
                 np.int64)
         if (blocks_per_entry > limits.max_blocks).any():
             raise error(f"Decisions: {int(blocks_per_entry.max())} blocks for one request, this receiver holds at "
+                        f"most {limits.max_blocks}")
+        if int(blocks_per_entry.sum()) > limits.max_blocks:
+            # The sender cuts its records so that one never allocates more than the pool:
+            # what a record expands to is bounded by the receiver's pool, whatever its length.
+            raise error(f"Decisions: {int(blocks_per_entry.sum())} blocks in one record, this receiver holds at "
                         f"most {limits.max_blocks}")
         runs_per_entry = counts // 2
         if ((form == _FORM_RUNS) & (2 * runs_per_entry >= blocks_per_entry)).any():

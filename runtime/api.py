@@ -173,7 +173,8 @@ def connect(
             link_endpoint = link.endpoint
         incarnation = claim_incarnation(store, name, role_, tp_rank, tp_size, member, deadline, me_text)
         settings = {name_: getattr(config, name_) for name_ in AGREED}
-        settings.update(dim=dim, dtype=str(dtype).removeprefix("torch."), deepstack_layers=deepstack_layers)
+        settings.update(dim=dim, dtype=str(dtype).removeprefix("torch."), deepstack_layers=deepstack_layers,
+                        language_pool_blocks=config.language_pool_blocks)
         me = MemberInfo(member=member, engine=name, role=role_.value, incarnation=incarnation, tp_rank=tp_rank,
                         tp_size=tp_size, node=node, host=socket.gethostname(), pid=os.getpid(), ring=bus.ring_name,
                         link=link_endpoint, settings=tuple(sorted(settings.items())))

@@ -401,13 +401,22 @@ class Endpoint:
         return True if linked is None else linked(member)
 
     def _disagreement(self, view: EngineView) -> str | None:
-        if view.name == self.me.engine or view.role.value == self.me.role:
+        """Settings an engine pair must share (staging layout, row shape, block size; within
+        one engine, every setting, the pool's size included: its decisions are applied by
+        every TP rank)."""
+        if view.role.value == self.me.role and view.name != self.me.engine:
             return None
+        own = view.name == self.me.engine
         mine = dict(self.me.settings)
-        for name, theirs in view.settings.items():
-            if name in mine and mine[name] != theirs:
-                return (f"{name}: {view.describe()} has {theirs!r}, this engine has {mine[name]!r}; both sides "
-                        "must use the same value")
+        others = [self.directory.member(m) for m in view.members if m is not None and m != self.rank]
+        for other in others if own else others[:1]:
+            for name, theirs in dict(other.settings).items():
+                if name == "language_pool_blocks" and not own:
+                    continue
+                if name in mine and mine[name] != theirs:
+                    side = f"TP rank {other.tp_rank}" if own else view.describe()
+                    return (f"{name}: {side} has {theirs!r}, this rank has {mine[name]!r}; "
+                            f"{'every TP rank of an engine' if own else 'both sides'} must use the same value")
         return None
 
     def _member_state(self, member: int, state: str) -> None:

@@ -136,6 +136,8 @@ def wait_until_usable(endpoint: Any, names: Callable[[], list[str]], deadline: f
                 raise RuntimeError(problem)
         if endpoint.broken is not None:
             raise RuntimeError(f"{describe}: {endpoint.broken}")
+        if own.state == "dead":
+            raise ValueError(f"{describe}: {own.why}")
         if time.monotonic() > deadline:
             parts = []
             if own.state != "usable":

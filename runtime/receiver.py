@@ -568,8 +568,10 @@ class Receiver(Endpoint):
         if self._decisions:
             items, self._decisions = self._decisions, []
             batch, blocks = [], 0  # a decision takes at most one item per block
+            pool = self.allocator.num_blocks  # one record never names more blocks than a pool
             for item in items:
-                if batch and rec.Decisions.bytes_for(len(batch) + 1, blocks + len(item[8])) > capacity:
+                if batch and (rec.Decisions.bytes_for(len(batch) + 1, blocks + len(item[8])) > capacity
+                              or blocks + len(item[8]) > pool):
                     self._publish(rec.Decisions.of(self.rank, batch))
                     batch, blocks = [], 0
                 batch.append(item)

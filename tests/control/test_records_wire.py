@@ -455,7 +455,7 @@ def test_indices_past_the_pool_are_refused_before_runs_are_expanded():
                         [(1 << 24) - 1024, 1023] * 400)
     assert len(top) < 32 * 1024
     # expanded, 400 runs of 1024 blocks would be 3.2 MB per int64 array
-    assert refused_with_peak(top, POOL_1024, "pool has 1024 blocks") < 512 * 1024
+    assert refused_with_peak(top, POOL_1024, "pool has 1024 blocks|blocks in one record") < 512 * 1024
     long = raw_decisions([entry(_RUNS, 2, rec.MAX_BLOCKS)], [0, rec.MAX_BLOCKS - 1])
     narrow = Limits(max_blocks=rec.MAX_BLOCKS, max_block_index=1023)
     assert refused_with_peak(long, narrow, "block index 1048575, this receiver's pool has 1024") < 64 * 1024
@@ -465,6 +465,16 @@ def test_indices_past_the_pool_are_refused_before_runs_are_expanded():
         with pytest.raises(RecordError, match="pool has 1024 blocks"):
             decode(data, POOL_1024)
         assert decode(data, UNBOUNDED).decisions()[0].blocks.tolist() == list(record_blocks)  # a larger pool's
+
+
+def test_one_record_names_at_most_a_pool_of_blocks():
+    """Its sender cuts it so: what a DECISIONS record expands to is bounded by the
+    receiver's pool, whatever the number of entries."""
+    within = [(i, 0, ADMIT, 0, 0, 128 * 512, 0, b"", blocks(range(512 * i, 512 * (i + 1)))) for i in range(2)]
+    assert len(decode(encode(Decisions.of(0, within)), POOL_1024).decisions()) == 2
+    over = [(i, 0, ADMIT, 0, 0, 128 * 512, 0, b"", blocks(range(0, 512))) for i in range(3)]
+    with pytest.raises(RecordError, match="1536 blocks in one record, this receiver holds at most 1024"):
+        decode(encode(Decisions.of(0, over)), POOL_1024)
 
 
 def test_item_counts_that_do_not_match_the_area_are_refused_before_it_is_read():
