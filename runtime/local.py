@@ -101,27 +101,39 @@ class LocalCluster:
 
     def transfer(self, payloads: dict[int, Payload], engine_of: Callable[[int], int] = lambda rid: 0,
                  **run_kwargs) -> dict[int, list[Payload]]:
-        """Admit and submit every payload, run to completion, take every copy.
+        """Admit and submit every payload, run to completion, take every copy: what an
+        engine's loop does (`finished()` each step, never a scan of every request).
 
         Returns, per request id, the payload taken on each language rank (in rank order).
-        RuntimeError if any request ends FAILED."""
+        RuntimeError if any request ends FAILED. It consumes every endpoint's `finished()`."""
+        endpoints = self.endpoints
+        for endpoint in endpoints:
+            endpoint.finished()  # what finished before is not this transfer's
         for rid, payload in payloads.items():
             self.admit(rid, engine_of(rid))
             self.submit(rid, payload, engine_of(rid))
+        expected = sum(len(self.receivers) + len(self.engine_senders(engine_of(rid))) for rid in payloads)
+        finished: dict[int, list[int]] = {id(e): [] for e in endpoints}
+        count = 0
 
-        def all_done() -> bool:
-            return all(s.terminal for rid in payloads for s in self.states(rid))
+        def collect() -> None:
+            nonlocal count
+            for endpoint in endpoints:
+                done = [rid for rid in endpoint.finished() if rid in payloads]
+                if done:
+                    finished[id(endpoint)].extend(done)
+                    count += len(done)
 
-        self.run_until(all_done, **run_kwargs)
-        failed = {rid: self.leader.error(rid) for rid in payloads if self.leader.state(rid) is RequestState.FAILED}
+        self.run_until(lambda: count >= expected, each_step=collect, **run_kwargs)
+        failed = {rid: self.leader.error(rid) for rid in finished[id(self.leader)]
+                  if self.leader.state(rid) is RequestState.FAILED}
         if failed:
             raise RuntimeError(f"requests failed: {failed}")
         taken = {rid: [r.take(rid) for r in self.receivers.values()] for rid in payloads}
-        self.settle(**run_kwargs)
         for sender in self.senders.values():
-            for rid in payloads:
-                if rid in sender.requests:
-                    sender.release(rid)
+            for rid in finished[id(sender)]:
+                sender.release(rid)
+        self.settle(**run_kwargs)
         return taken
 
     def settle(self, **run_kwargs) -> int:
