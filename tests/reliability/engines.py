@@ -157,7 +157,8 @@ def language_loop(args, receiver, stall) -> dict:
 class Recorder:
     """Records the wire messages the encoder's link sends to each remote peer (a wrapper
     around the peer's zmq socket), then replays and tampers with them from a socket of
-    its own, the way an attacker on the network could."""
+    its own, the way an attacker on the network could if it got past the link's CURVE
+    admission (the socket holds the job's keys: a member gone wrong)."""
 
     def __init__(self, sender) -> None:
         self.link = sender.bus.link
@@ -170,13 +171,17 @@ class Recorder:
         import zmq
 
         from embxfer.control import records as rec
-        from embxfer.control.remote import HEADER_BYTES, MAC_BYTES
+        from embxfer.control.remote import HEADER, HEADER_BYTES, MAC_BYTES
 
-        data = [m for m in self.wire if m[5] == 1 and int.from_bytes(m[12:16], "little") == victim]
+        data = [m for m in self.wire if m[5] == 1 and HEADER.unpack_from(m)[5] == victim]
         assert data, "nothing recorded towards the victim"
         context = zmq.Context()
         intruder = context.socket(zmq.PUSH)
         intruder.setsockopt(zmq.LINGER, 1000)
+        public, secret_key = self.link._curve_keys
+        intruder.setsockopt(zmq.CURVE_SERVERKEY, public)
+        intruder.setsockopt(zmq.CURVE_PUBLICKEY, public)
+        intruder.setsockopt(zmq.CURVE_SECRETKEY, secret_key)
         intruder.connect(self.link.peers[victim])
         body = data[0][:-MAC_BYTES]
         tampered = bytearray(data[0])
