@@ -3,8 +3,9 @@
 The shared-memory ring is the node-local path of the control plane; a `RemoteLink` is
 the path to peers on other nodes. Each process owns one link: it binds one receiving
 socket on its node's address and connects one sending socket to each remote peer. A
-frame is opaque bytes (the runtime's encoded record); the link signs it, carries it,
-verifies it and hands it to the caller, in the order its sender sent it.
+frame is opaque bytes (the runtime's encoded record); the link numbers it, carries it
+over an authenticated channel, verifies it and hands it to the caller, in the order its
+sender sent it.
 
 Peers are named by *member ids*: job-unique integers in [0, 2**48 - 1] that the runtime
 hands out and never reuses (a restarted process joins with a new id).
@@ -17,12 +18,12 @@ a time)::
     send(peer, frame) --[peer lock]--+            every heartbeat_interval_s:
                                      |              --[peer lock]--+
                                      v                             v
-                           PUSH socket of peer p  (one per remote peer, TCP, signs,
+                           PUSH socket of peer p  (one per remote peer, TCP, CURVE,
                                      |             counter++ under the same lock)
                                      '----------------- TCP ------------------> peer p
 
     peer q --- TCP ---> PULL socket (bound on bind_host; only the link thread reads it)
-                             | verify: size, header, HMAC, destination, departed, replay
+                             | verify: size, header, (HMAC), destination, departed, replay
                              v
     receive() <-- inbox (list + lock) <-------- verified frames (heartbeats only refresh
     wait(t)   <-- ready pipe <----------------- liveness); when the inbox turns
@@ -37,8 +38,9 @@ a time)::
 - A peer's PUSH socket is used by the caller (`send`) and by the link thread
   (heartbeats), always under that peer's lock: the lock is the full memory barrier zmq
   asks for when a socket changes threads, and it makes data frames and heartbeats share
-  one counter and one TCP connection, in order. `send` takes the lock, signs, and makes
-  one non-blocking zmq send: microseconds, never a wait on the network.
+  one counter and one TCP connection, in order. `send` takes the lock, builds the header
+  (and the HMAC with curve=False), and makes one non-blocking zmq send: microseconds,
+  never a wait on the network.
 - The PULL socket belongs to the link thread alone. It sleeps in `zmq_poll` on the PULL
   socket, the ZAP and monitor sockets and a wake pipe, with a deadline at the next
   heartbeat, so an idle link wakes once per interval. The caller never touches the PULL
@@ -68,49 +70,69 @@ Wire format of one frame (one zmq message, little endian), version 2::
     40       8    counter (u64): per (source incarnation, destination), strictly
                   increasing, starts at 1; data frames and heartbeats share it
     48       N    payload, 0 <= N <= max_frame_bytes
-    48+N    32    HMAC-SHA256(secret, bytes 0 .. 48+N)
+    48+N    32    with curve=False only: HMAC-SHA256(secret, bytes 0 .. 48+N)
 
-Admission (who may open a connection). With `curve=True` (the default) every socket
-speaks CurveZMQ with one keypair derived from the job's secret (`curve_keys`): the
-secret key is HMAC-SHA256(secret, b"embxfer-curve"), so every member derives the same
-pair and nobody else can. A client must know the server's public key to get past its
-first handshake command, and the link's ZAP handler (on the link thread) then admits
-only clients that prove they hold the job's secret key. A connection that does not
-finish its handshake within `handshake_timeout_s` is closed by zmq (ZMQ_HANDSHAKE_IVL),
-so nothing but the job's members holds a descriptor of this process for longer than
-that. Connections from members carry TCP keepalive (a peer behind a cut is closed within
-about KEEPALIVE_IDLE_S + KEEPALIVE_COUNT * KEEPALIVE_INTERVAL_S); messages over twice
-the largest frame are cut by zmq (MAXMSGSIZE). CURVE also encrypts every frame (the
-secret's holders are the only readers). `curve=False` keeps the HMAC framing alone:
-anyone who reaches the port can then complete zmq's NULL handshake and hold a
-connection open (a descriptor and about 22 KiB each) for as long as they like.
-Measured in `bench/ring.py` (remote_link_curve against remote_link_tcp): CURVE costs a
-few microseconds per round trip of a control record.
+Authentication (who may connect, who may send). With `curve=True` (the default) every
+socket speaks CurveZMQ with one keypair derived from the job's secret (`curve_keys`):
+the secret key is HMAC-SHA256(secret, b"embxfer-curve"), so every member derives the
+same pair and nobody else can. A client must know the server's public key to get past
+its first handshake command, and the link's ZAP handler (on the link thread) then
+admits only clients that prove they hold the job's secret key. Every frame then travels
+encrypted and authenticated (XSalsa20-Poly1305, per-connection keys, nonces that only
+go up: a frame cannot be altered, replayed into another connection or read by anyone
+without the secret), so the link adds no MAC of its own. `curve=False` (for a libzmq
+without CURVE) signs every frame with HMAC-SHA256 instead, which keeps the frames
+honest but not the port: anyone who reaches it can complete zmq's NULL handshake and
+hold a connection open (a descriptor and about 22 KiB) for as long as they like. Every
+member of a job must use the same setting (a mixed pair never completes a handshake).
 
-Floods: no outside connection pattern kills the process or grows it without bound. A
-connection costs a descriptor only from its accept to its handshake's end (failure,
-refusal or timeout: at most `handshake_timeout_s`); the kernel's accept queue (zmq's
-backlog, 100) makes the rest of a flood wait in the attacker's SYN retries. So the
-descriptors in use peak at what a flood opens within one handshake timeout and come
-back by themselves: `tests/control/test_remote_floods.py` measures 20,000 connect+close
-cycles, 10,000 idle connections and a slow drip against a link that keeps exchanging
-frames. Freed memory goes back to the system too: glibc keeps what zmq's I/O thread
-freed in its arena, so once refused connections stop for TRIM_QUIET_S the link thread
-calls `malloc_trim(0)` (glibc only; elsewhere nothing). The process should still run
-with RLIMIT_NOFILE raised (`raise_open_files_limit`), so that a burst fits.
+Why CURVE and not the HMAC framing (`bench/ring.py --only remote`, 2-core VM, loopback,
+100-byte frames, three runs): round trip p50 128 - 133 us with CURVE against 131 - 139
+us with the HMAC; one-way 299k - 305k frames/s against 229k - 234k (4 KiB frames:
+118k - 124k against 108k - 113k). CURVE's cryptography runs in zmq's I/O thread without
+the GIL, the HMAC in Python on both ends. Both together measured 136 - 148 us and 201k -
+206k frames/s (76k - 84k at 4 KiB): the slowest, for no protection the channel does not
+give already. Only CURVE stops connection floods.
+
+Admission limits. A connection that does not finish its handshake within
+`handshake_timeout_s` is closed by zmq (ZMQ_HANDSHAKE_IVL), so nothing but the job's
+members holds a descriptor of this process for longer than that. Connections carry TCP
+keepalive (a member behind a cut is closed after about KEEPALIVE_IDLE_S +
+KEEPALIVE_COUNT * KEEPALIVE_INTERVAL_S of silence); messages over twice the largest
+frame are cut by zmq (MAXMSGSIZE).
+
+Floods: no outside connection pattern kills the link or grows its process without
+bound. A connection costs a descriptor (and a few KiB) only from its accept to the end
+of its handshake (failure, refusal or timeout: at most `handshake_timeout_s`); the
+kernel's accept queue (zmq's backlog, 100) makes the rest of a flood wait in the
+attacker's SYN retries. So the descriptors in use peak at what a flood gets accepted
+within one handshake timeout, and come back by themselves within that time after it
+ends. Freed memory goes back to the system too: glibc keeps what zmq's I/O thread freed
+in its arena, so once refused connections stop for TRIM_QUIET_S the link thread calls
+`malloc_trim(0)` (glibc only; elsewhere nothing). `tests/control/test_remote_floods.py`
+runs 20,000 connect+close cycles, a slow drip and 10,000 idle connections against a
+link that keeps receiving frames: every frame arrives in order and the descriptors and
+RSS come back (20 descriptors and 24.6 MiB before; a peak of 944 - 5,141 descriptors
+and 28 - 44 MiB; 20 and 24 - 25 MiB two seconds after). The limit is the process's
+descriptor table: with the common soft limit of 1024 that peak fills it, and while it
+is full the link goes on (its connections are open already) but anything else in the
+process that opens a descriptor fails. Run with RLIMIT_NOFILE raised
+(`raise_open_files_limit`); a per-source connection limit in the firewall caps what no
+process can.
 
 Verification, in order; a frame failing a check is dropped, counted in `stats` and
 described in `stats.last_error`, and the link carries on with the next one:
 
-1. `malformed`: shorter than header + MAC, longer than header + max_frame_bytes + MAC,
-   wrong magic, version or kind, non-zero reserved bytes, a member id above 2**48 - 1,
-   or a heartbeat with payload. Messages above twice that maximum are cut by zmq
-   (MAXMSGSIZE) before Python sees them: the connection that sent one is closed and is
-   not counted here.
-2. `forged`: the MAC does not match (no secret, wrong secret, any byte changed); or it
-   matches but the frame is addressed to another member (a frame captured on one link
-   and delivered to another), or claims this link's own member id as its source.
-3. `departed`: signed by a member this link was told to `disconnect()` (late frames of a
+1. `malformed`: shorter than the header (+ MAC), longer than header + max_frame_bytes
+   (+ MAC), wrong magic, version or kind, non-zero reserved bytes, a member id above
+   2**48 - 1, or a heartbeat with payload. Messages above twice that maximum (and at
+   least MIN_MAX_MESSAGE_BYTES) are cut by zmq (MAXMSGSIZE) before Python sees them: the
+   connection that sent one is closed and is not counted here.
+2. `forged`: with curve=False, the MAC does not match (no secret, wrong secret, any
+   byte changed); in both modes, a frame addressed to another member (a frame captured
+   on one link and delivered to another) or claiming this link's own member id as its
+   source.
+3. `departed`: from a member this link was told to `disconnect()` (late frames of a
    member declared dead or gone; member ids are not reused).
 4. `replayed`: from a source's current incarnation, a counter not greater than the
    last one accepted from it; or any frame of an incarnation that source has left.
@@ -133,16 +155,18 @@ Incarnations (restarts). A link draws a fresh 16-byte nonce when it is made. The
 verified frame from a member sets that member's incarnation. A verified frame with a
 nonce never seen from that member is a restart: the new incarnation is accepted from
 whatever counter it carries, the old nonce is retired (its frames count as replays from
-then on), and `stats.restarted` counts it. Only a holder of the secret can mint a
-nonce, so an outsider cannot restart anyone; a replay of an old incarnation's frames is
+then on), and `stats.restarted` counts it. Only a holder of the secret can deliver a
+frame, so an outsider cannot restart anyone; a replay of an old incarnation's frames is
 refused. Limit: the replay memory lives as long as the receiving link. A receiver that
 is itself re-made in the same job forgets it, so frames recorded before could be
 replayed into it once; a job that re-makes links should also make a new secret.
 
-Who may send: any member that signs with the job's secret (except this member), whether
-or not this link connected to it, so a peer that finished set-up first is not dropped.
-The secret is the trust boundary: it is made per job (`secrets.token_bytes(32)`) and
-travels only through the runtime's own store, never over these sockets.
+Who may send: any holder of the job's secret (except this member), whether or not this
+link connected to it, so a peer that finished set-up first is not dropped. The secret
+is the trust boundary: it is made per job (`secrets.token_bytes(32)`) and travels only
+through the runtime's own store, never over these sockets. All members share one key,
+so a holder can claim any member id as its source (the runtime's records say who speaks
+for whom, and the bus checks it).
 
 Members come and go: `connect` adds peers at any time; `disconnect(member)` closes the
 PUSH socket to that member and forgets its liveness and replay state, and from then on
@@ -153,8 +177,8 @@ Liveness: a peer is alive while verified frames or heartbeats from it arrive.
 `dead_peers(t)` lists the peers connected to (counted from `connect`) and the members
 heard from that have been silent for more than t seconds. A SIGKILLed process, or one
 whose link was closed, stops its heartbeats, so it is listed within t plus one
-interval. Heartbeats are signed and counted like frames: a replayed heartbeat cannot
-keep a dead peer alive. If the caller leaves more than `max_pending_bytes` in the inbox,
+interval. Heartbeats are authenticated and counted like frames: a replayed heartbeat
+cannot keep a dead peer alive. If the caller leaves more than `max_pending_bytes` in the inbox,
 the link thread stops reading (TCP backpressure reaches the senders, whose `send`
 returns False) and silence during that pause is not held against anyone. A peer behind
 a cut without a TCP reset keeps its connection open as far as zmq knows: frames for it
@@ -222,6 +246,8 @@ MAC_BYTES = 32
 NONCE_BYTES = 16
 MIN_SECRET_BYTES = 32
 MAX_MEMBER = 2**48 - 1
+# zmq's MAXMSGSIZE also bounds CURVE's handshake commands (INITIATE is ~300 bytes).
+MIN_MAX_MESSAGE_BYTES = 4096
 # Largest frame a link accepts to carry; control records are far smaller.
 MAX_FRAME_BYTES_LIMIT = 64 << 20
 # How long close() waits for the link thread (it wakes on the pipe at once unless an
@@ -306,7 +332,7 @@ class LinkStats:
     forged: int  # bad MAC, wrong destination, or own member id as source
     replayed: int  # counter not above the last accepted, or a retired incarnation
     malformed: int  # wrong size or header
-    departed: int  # signed frames from a member passed to disconnect()
+    departed: int  # authenticated frames from a member passed to disconnect()
     refused: int  # TCP connections whose zmq handshake failed, was refused or timed out
     restarted: int  # sources seen coming back with a new incarnation
     last_error: str  # the latest drop or failure, naming peer/endpoint ("" if none)
@@ -576,13 +602,15 @@ class RemoteLink:
         self.max_frame_bytes = max_frame_bytes
         self.curve = curve
         self.incarnation = secrets.token_bytes(NONCE_BYTES)
-        self._mac_base = hmac.new(bytes(secret), digestmod=hashlib.sha256)
+        # With CURVE the channel authenticates every frame and the link adds no MAC.
+        self._mac_base = None if curve else hmac.new(bytes(secret), digestmod=hashlib.sha256)
+        self._mac_bytes = 0 if curve else MAC_BYTES
         self._curve_keys = curve_keys(secret) if curve else None
         self._handshake_ms = max(1, round(handshake_s * 1000))
         self._on_receive = on_receive
         self._send_queue_frames = send_queue_frames
         self._max_pending_bytes = max_pending_bytes
-        self._max_wire_bytes = HEADER_BYTES + max_frame_bytes + MAC_BYTES
+        self._max_wire_bytes = HEADER_BYTES + max_frame_bytes + self._mac_bytes
 
         self._peers: dict[int, _Peer] = {}
         self._peers_lock = threading.Lock()
@@ -627,7 +655,7 @@ class RemoteLink:
         url = f"tcp://{_url_host(address)}:{port or '*'}"
         self._pull = self._context.socket(zmq.PULL)
         _set_tcp_options(self._pull, self._handshake_ms)
-        self._pull.setsockopt(zmq.MAXMSGSIZE, 2 * self._max_wire_bytes)
+        self._pull.setsockopt(zmq.MAXMSGSIZE, max(2 * self._max_wire_bytes, MIN_MAX_MESSAGE_BYTES))
         if ":" in address:
             self._pull.setsockopt(zmq.IPV6, 1)
         monitor_url = f"inproc://embxfer-link-monitor-{self.incarnation.hex()}"
@@ -766,10 +794,12 @@ class RemoteLink:
         with target.lock:
             counter = target.counter + 1
             body = target.data_prefix + _COUNTER.pack(counter) + frame
-            mac = self._mac_base.copy()
-            mac.update(body)
+            if self._mac_base is not None:
+                mac = self._mac_base.copy()
+                mac.update(body)
+                body += mac.digest()
             try:
-                target.socket.send(body + mac.digest(), zmq.NOBLOCK)
+                target.socket.send(body, zmq.NOBLOCK)
             except zmq.Again:
                 target.dropped += 1
                 self._last_error = (
@@ -1044,10 +1074,12 @@ class RemoteLink:
             with peer.lock:
                 counter = peer.counter + 1
                 body = peer.heartbeat_prefix + _COUNTER.pack(counter)
-                mac = self._mac_base.copy()
-                mac.update(body)
+                if self._mac_base is not None:
+                    mac = self._mac_base.copy()
+                    mac.update(body)
+                    body += mac.digest()
                 try:
-                    peer.socket.send(body + mac.digest(), zmq.NOBLOCK)
+                    peer.socket.send(body, zmq.NOBLOCK)
                 except zmq.ZMQError:
                     continue  # not connected, queue full, or disconnected: the peer judges
                 peer.counter = counter
@@ -1178,10 +1210,11 @@ class RemoteLink:
     def _verify(self, data: bytes) -> tuple[int, bytes] | None:
         """(source, payload) of a verified data frame; None for a heartbeat or a drop."""
         size = len(data)
-        if size < HEADER_BYTES + MAC_BYTES or size > self._max_wire_bytes:
+        mac_bytes = self._mac_bytes
+        if size < HEADER_BYTES + mac_bytes or size > self._max_wire_bytes:
             self._drop(
                 "malformed", "frames without a header",
-                f"malformed frame of {size} bytes (expected {HEADER_BYTES + MAC_BYTES} to "
+                f"malformed frame of {size} bytes (expected {HEADER_BYTES + mac_bytes} to "
                 f"{self._max_wire_bytes}, max_frame_bytes={self.max_frame_bytes})",
             )
             return None
@@ -1193,7 +1226,7 @@ class RemoteLink:
             or reserved
             or source > MAX_MEMBER
             or destination > MAX_MEMBER
-            or (kind == KIND_HEARTBEAT and size != HEADER_BYTES + MAC_BYTES)
+            or (kind == KIND_HEARTBEAT and size != HEADER_BYTES + mac_bytes)
         ):
             self._drop(
                 "malformed", f"member {source}" if source <= MAX_MEMBER else "frames without a header",
@@ -1201,15 +1234,18 @@ class RemoteLink:
                 f"{version}, kind {kind}, reserved {reserved}, {size} bytes)",
             )
             return None
-        mac = self._mac_base.copy()
-        mac.update(memoryview(data)[: size - MAC_BYTES])
-        if not hmac.compare_digest(mac.digest(), data[size - MAC_BYTES :]):
-            self._drop("forged", f"member {source}", f"bad MAC on a frame claiming member {source} (forged or tampered)")
-            return None
+        if self._mac_base is not None:
+            mac = self._mac_base.copy()
+            mac.update(memoryview(data)[: size - mac_bytes])
+            if not hmac.compare_digest(mac.digest(), data[size - mac_bytes :]):
+                self._drop(
+                    "forged", f"member {source}", f"bad MAC on a frame claiming member {source} (forged or tampered)"
+                )
+                return None
         if destination != self.member or source == self.member:
             self._drop(
                 "forged", f"member {source}",
-                f"signed frame from member {source} to member {destination} arrived at member "
+                f"frame from member {source} to member {destination} arrived at member "
                 f"{self.member} ({self.endpoint}); dropped",
             )
             return None
@@ -1238,7 +1274,7 @@ class RemoteLink:
         self._last_heard[source] = _monotonic()
         if kind == KIND_HEARTBEAT:
             return None
-        return source, data[HEADER_BYTES : size - MAC_BYTES]
+        return source, data[HEADER_BYTES : size - mac_bytes]
 
 
 __all__ = [

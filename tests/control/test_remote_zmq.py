@@ -22,6 +22,7 @@ from embxfer.control.remote import (
     HEADER_BYTES,
     MAC_BYTES,
     MAX_MEMBER,
+    MIN_MAX_MESSAGE_BYTES,
     RemoteLink,
     curve_keys,
     raise_open_files_limit,
@@ -116,12 +117,13 @@ def _until(predicate, timeout: float = 5.0, what: str = "condition") -> None:
         time.sleep(0.01)
 
 
-def _record_wire(make_link, raw_sockets, secret, destination: int, frames: list[bytes]) -> list[bytes]:
-    """Signed wire messages of a member-0 link to `destination`, recorded by a raw PULL
-    socket posing as that destination (heartbeats left out)."""
-    recorder = raw_sockets(zmq.PULL, secret)
+def _record_wire(make_link, raw_sockets, secret, destination: int, frames: list[bytes], curve: bool = True) -> list[bytes]:
+    """Wire messages of a member-0 link to `destination`, recorded by a raw PULL socket
+    posing as that destination (with the job's CURVE keys when `curve`; heartbeats left
+    out). With curve=False they are signed."""
+    recorder = raw_sockets(zmq.PULL, secret if curve else None)
     recorder.bind(f"tcp://{HOST}:*")
-    sender = make_link(0, heartbeat_interval_s=5.0)
+    sender = make_link(0, heartbeat_interval_s=5.0, curve=curve)
     sender.connect({destination: recorder.getsockopt_string(zmq.LAST_ENDPOINT)})
     for frame in frames:
         _send(sender, destination, frame)
@@ -213,12 +215,13 @@ def test_send_without_a_peer_returns_false_and_counts(make_link):
     assert endpoint in stats.last_error and "peer 3" in stats.last_error
 
 
-def test_forged_tampered_replayed_and_misrouted_frames_are_dropped_and_counted(
+def test_without_curve_forged_tampered_replayed_and_misrouted_frames_are_dropped_and_counted(
     make_link, raw_sockets, secret
 ):
-    wire = _record_wire(make_link, raw_sockets, secret, destination=1, frames=[b"first", b"second"])
-    receiver = make_link(1)
-    intruder = raw_sockets(zmq.PUSH, secret)  # past admission: a member gone wrong
+    """curve=False: anyone may connect, and the HMAC framing alone decides."""
+    wire = _record_wire(make_link, raw_sockets, secret, destination=1, frames=[b"first", b"second"], curve=False)
+    receiver = make_link(1, curve=False)
+    intruder = raw_sockets(zmq.PUSH)
     intruder.connect(receiver.endpoint)
 
     # Signed with another secret, not signed at all, and one payload byte flipped.
@@ -237,30 +240,57 @@ def test_forged_tampered_replayed_and_misrouted_frames_are_dropped_and_counted(
     _until(lambda: receiver.stats.replayed == 2, what="two replays counted")
     assert "replay from member 0" in receiver.stats.last_error
 
-    # The same signed frame delivered to rank 2: right secret, wrong destination.
-    other = make_link(2)
-    misroute = raw_sockets(zmq.PUSH, secret)
+    # The same signed frame delivered to member 2: right secret, wrong destination.
+    other = make_link(2, curve=False)
+    misroute = raw_sockets(zmq.PUSH)
     misroute.connect(other.endpoint)
     misroute.send(wire[0])
     _until(lambda: other.stats.forged == 1, what="the misrouted frame counted")
     assert "to member 1 arrived at member 2" in other.stats.last_error
 
     # Valid traffic goes on from a real peer after all that.
-    sender = make_link(3)
+    sender = make_link(3, curve=False)
     sender.connect({1: receiver.endpoint})
     _send(sender, 1, b"still here")
     assert _collect(receiver, 1) == [(3, b"still here")]
     stats = receiver.stats
-    assert (stats.received, stats.forged, stats.replayed, stats.malformed) == (3, 3, 2, 0), stats
+    assert (stats.received, stats.forged, stats.replayed, stats.malformed, stats.refused) == (3, 3, 2, 0, 0), stats
     assert other.receive() == []
+
+
+def test_with_curve_outsiders_are_refused_and_a_member_gone_wrong_cannot_replay_or_misroute(
+    make_link, raw_sockets, secret
+):
+    wire = _record_wire(make_link, raw_sockets, secret, destination=1, frames=[b"first", b"second"])
+    receiver = make_link(1)
+    outsider = raw_sockets(zmq.PUSH)  # no keys: its handshake fails, nothing gets through
+    outsider.connect(receiver.endpoint)
+    for message in wire:
+        outsider.send(message)
+    _until(lambda: receiver.stats.refused >= 1, what="the outsider refused")
+    insider = raw_sockets(zmq.PUSH, secret)  # the job's keys: only the frames' own checks remain
+    insider.connect(receiver.endpoint)
+    for message in wire + wire:
+        insider.send(message)
+    assert _collect(receiver, 2) == [(0, b"first"), (0, b"second")]
+    _until(lambda: receiver.stats.replayed == 2, what="two replays counted")
+    other = make_link(2)
+    misroute = raw_sockets(zmq.PUSH, secret)
+    misroute.connect(other.endpoint)
+    misroute.send(wire[0])
+    _until(lambda: other.stats.forged == 1, what="the misrouted frame counted")
+    assert "to member 1 arrived at member 2" in other.stats.last_error
+    stats = receiver.stats
+    assert (stats.received, stats.forged, stats.replayed, stats.malformed) == (2, 0, 2, 0), stats
+    assert receiver.receive() == [] and other.receive() == []
 
 
 def test_malformed_and_oversized_messages_are_dropped(make_link, raw_sockets, secret):
     receiver = make_link(1)
     intruder = raw_sockets(zmq.PUSH, secret)
     intruder.connect(receiver.endpoint)
-    longest = HEADER_BYTES + MAX_FRAME + MAC_BYTES
-    for garbage in (b"", b"garbage", bytes(HEADER_BYTES + MAC_BYTES), bytes(longest + 1)):
+    longest = HEADER_BYTES + MAX_FRAME  # with CURVE the link adds no MAC
+    for garbage in (b"", b"garbage", bytes(HEADER_BYTES), bytes(longest + 1)):
         intruder.send(garbage)
     _until(lambda: receiver.stats.malformed == 4, what="four malformed messages counted")
     assert "malformed" in receiver.stats.last_error
@@ -271,7 +301,7 @@ def test_oversized_messages_never_reach_python(make_link, raw_sockets, secret):
     receiver = make_link(1)
     intruder = raw_sockets(zmq.PUSH, secret)
     intruder.connect(receiver.endpoint)
-    intruder.send(bytes(4 * (HEADER_BYTES + MAX_FRAME + MAC_BYTES)))  # over zmq's MAXMSGSIZE
+    intruder.send(bytes(max(2 * (HEADER_BYTES + MAX_FRAME), MIN_MAX_MESSAGE_BYTES) + 1))  # over MAXMSGSIZE
     sender = make_link(0)
     sender.connect({1: receiver.endpoint})
     _send(sender, 1, b"after the flood")
@@ -327,26 +357,12 @@ def test_connections_without_the_jobs_keys_are_refused_and_counted(make_link, ra
     assert stats.last_error.startswith("accept: ")
 
 
-def test_without_curve_the_hmac_framing_alone_drops_outsiders(make_link, raw_sockets):
-    receiver = make_link(1, curve=False)
-    intruder = raw_sockets(zmq.PUSH)  # admitted: anyone may connect without CURVE
-    intruder.connect(receiver.endpoint)
-    body = bytes(HEADER_BYTES)
-    intruder.send(b"EBXL\x02\x01\x00\x00" + body[8:] + bytes(MAC_BYTES))
-    intruder.send(b"short")
-    _until(lambda: receiver.stats.forged == 1 and receiver.stats.malformed == 1, what="both drops counted")
-    sender = make_link(0, curve=False)
-    sender.connect({1: receiver.endpoint})
-    _send(sender, 1, b"signed")
-    assert _collect(receiver, 1) == [(0, b"signed")]
-
-
 def test_drops_are_logged_once_per_origin_per_interval(make_link, raw_sockets, secret, caplog):
     caplog.set_level(logging.WARNING, logger="embxfer.control.remote")
     interval = 0.5
-    wire = _record_wire(make_link, raw_sockets, secret, destination=1, frames=[b"x"])
-    receiver = make_link(1, report_interval_s=interval)
-    intruder = raw_sockets(zmq.PUSH, secret)
+    wire = _record_wire(make_link, raw_sockets, secret, destination=1, frames=[b"x"], curve=False)
+    receiver = make_link(1, report_interval_s=interval, curve=False)
+    intruder = raw_sockets(zmq.PUSH)
     intruder.connect(receiver.endpoint)
     tampered = bytearray(wire[0])
     tampered[HEADER_BYTES] ^= 0x01
