@@ -159,7 +159,8 @@ then on), and `stats.restarted` counts it. Only a holder of the secret can deliv
 frame, so an outsider cannot restart anyone; a replay of an old incarnation's frames is
 refused. Limit: the replay memory lives as long as the receiving link. A receiver that
 is itself re-made in the same job forgets it, so frames recorded before could be
-replayed into it once; a job that re-makes links should also make a new secret.
+replayed into it once (with curve=False by anyone on the network, with CURVE only by a
+holder of the secret); a job that re-makes links should also make a new secret.
 
 Who may send: any holder of the job's secret (except this member), whether or not this
 link connected to it, so a peer that finished set-up first is not dropped. The secret
@@ -178,9 +179,9 @@ Liveness: a peer is alive while verified frames or heartbeats from it arrive.
 heard from that have been silent for more than t seconds. A SIGKILLed process, or one
 whose link was closed, stops its heartbeats, so it is listed within t plus one
 interval. Heartbeats are authenticated and counted like frames: a replayed heartbeat
-cannot keep a dead peer alive. If the caller leaves more than `max_pending_bytes` in the inbox,
-the link thread stops reading (TCP backpressure reaches the senders, whose `send`
-returns False) and silence during that pause is not held against anyone. A peer behind
+cannot keep a dead peer alive. If the caller leaves more than `max_pending_bytes` in the
+inbox, the link thread stops reading (TCP backpressure reaches the senders, whose
+`send` returns False) and silence during that pause is not held against anyone. A peer behind
 a cut without a TCP reset keeps its connection open as far as zmq knows: frames for it
 queue up to `send_queue_frames`, then `send` returns False, and `dead_peers` names it.
 
@@ -242,7 +243,7 @@ HEADER = struct.Struct("<4sBBHQQ16sQ")
 HEADER_BYTES = HEADER.size  # 48
 _HEADER_PREFIX = struct.Struct("<4sBBHQQ16s")  # the header up to the counter
 _COUNTER = struct.Struct("<Q")
-MAC_BYTES = 32
+MAC_BYTES = 32  # the HMAC-SHA256 trailer, with curve=False only
 NONCE_BYTES = 16
 MIN_SECRET_BYTES = 32
 MAX_MEMBER = 2**48 - 1
@@ -1265,7 +1266,8 @@ class RemoteLink:
             state.counter = counter
         elif incarnation in state.retired:
             self._drop(
-                "replayed", f"member {source}", f"replay of a retired incarnation of member {source} (counter {counter})"
+                "replayed", f"member {source}",
+                f"replay of a retired incarnation of member {source} (counter {counter})",
             )
             return None
         else:
