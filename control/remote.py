@@ -113,7 +113,8 @@ in its arena, so once refused connections stop for TRIM_QUIET_S the link thread 
 runs 20,000 connect+close cycles, a slow drip and 10,000 idle connections against a
 link that keeps receiving frames: every frame arrives in order and the descriptors and
 RSS come back (20 descriptors and 24.6 MiB before; a peak of 944 - 5,141 descriptors
-and 28 - 44 MiB; 20 and 24 - 25 MiB two seconds after). The limit is the process's
+and 28 - 44 MiB; 20 and 24 - 26 MiB 2 - 6 s after; malloc_trim itself takes well under
+a millisecond). The limit is the process's
 descriptor table: with the common soft limit of 1024 that peak fills it, and while it
 is full the link goes on (its connections are open already) but anything else in the
 process that opens a descriptor fails. Run with RLIMIT_NOFILE raised
