@@ -49,7 +49,7 @@ CYCLES_BUDGET_S = 30.0
 MIN_CYCLES = 5_000
 
 VICTIM = r"""
-import json, logging, resource, select, sys
+import json, logging, queue, resource, sys, threading
 from dataclasses import asdict
 logging.basicConfig(level=logging.WARNING, stream=sys.stderr, format="%(message)s")
 from embxfer.control.remote import RemoteLink, raise_open_files_limit
@@ -63,21 +63,23 @@ link = RemoteLink(1, secret, "127.0.0.1", max_frame_bytes=64, heartbeat_interval
                   handshake_timeout_s=float(sys.argv[1]), report_interval_s=float(sys.argv[2]))
 print(link.endpoint, flush=True)
 link.connect({0: sys.stdin.readline().strip()})
+commands = queue.Queue()  # read on a thread: stdin's buffer may hold lines poll() cannot see
+threading.Thread(target=lambda: [commands.put(line.strip()) for line in sys.stdin] + [commands.put("")],
+                 daemon=True).start()
 expected = out_of_order = 0
-commands = select.poll()
-commands.register(sys.stdin, select.POLLIN)
 while True:
     link.wait(0.05)
     for source, frame in link.receive():
         number = int.from_bytes(frame, "little")
         out_of_order += number != expected or source != 0
         expected = number + 1
-    if commands.poll(0):
-        line = sys.stdin.readline().strip()
-        if line != "report":
-            break
-        print(json.dumps({"received": expected, "out_of_order": out_of_order, "stats": asdict(link.stats)}),
-              flush=True)
+    try:
+        command = commands.get_nowait()
+    except queue.Empty:
+        continue
+    if command != "report":
+        break
+    print(json.dumps({"received": expected, "out_of_order": out_of_order, "stats": asdict(link.stats)}), flush=True)
 link.close()
 """
 
