@@ -6,20 +6,27 @@ One run measures, on this machine:
   zmq_ipc         the same round trip over a zmq PAIR socket pair on ipc://
   mp_queue        the same over two multiprocessing.Queue
   gloo_allreduce  one all_reduce(MAX) of two int64 between 2 processes (how TP ranks synced)
-  remote_link_tcp the cross-node path: round trip of a 100-byte frame between two
-                  processes over RemoteLink (HMAC-signed, link threads) on TCP loopback,
-                  each caller parked in RemoteLink.wait
-  remote_link_doorbell  the same with each caller parked on a POSIX-semaphore Doorbell
-                  that on_receive rings, as the runtime's loop parks
+  remote_link_hmac the cross-node path: round trip of a 100-byte frame between two
+                  processes over RemoteLink with curve=False (HMAC-signed frames alone,
+                  link threads) on TCP loopback, each caller parked in RemoteLink.wait
+  remote_link_curve the same with the link's default, curve=True: CurveZMQ admission
+                  and encryption under the HMAC framing
+  remote_link_doorbell  remote_link_curve with each caller parked on a POSIX-semaphore
+                  Doorbell that on_receive rings, as the runtime's loop parks
   zmq_tcp         the same 100-byte round trip over plain zmq PUSH/PULL on TCP loopback,
                   no signature, no threads of ours (the floor RemoteLink builds on)
-plus the throughput of one writer and one reader (64-byte records, best of three runs)
-and the CPU used by a reader parked on an idle ring for 5 s and by an idle process
-holding a connected RemoteLink (heartbeats every 0.5 s, the runtime's default).
+  zmq_tcp_curve   zmq_tcp with CURVE on both sockets (the floor of a CURVE-only link)
+plus the throughput of one writer and one reader (64-byte records, best of three runs),
+the one-way throughput of the cross-node cases (100-byte and 4 KiB frames, each case
+best of two runs), and the CPU used by a reader parked on an idle ring for 5 s and by an
+idle process holding a connected RemoteLink (heartbeats every 0.5 s, the runtime's
+default).
 
     python bench/ring.py --json bench/results/ring-cpu.json
+    python bench/ring.py --only remote --json bench/results/ring-remote-cpu.json
 
-writes the JSON and a PNG of the latency distributions next to it, in under a minute.
+writes the JSON and a PNG of the latency distributions next to it, in about a minute
+(`--only remote`: the cross-node cases alone, CURVE against HMAC, in half of that).
 """
 
 from __future__ import annotations
@@ -66,6 +73,14 @@ TARGETS = {
 # The RemoteLink cases: a per-job secret, and heartbeats at the runtime's default.
 LINK_SECRET = bytes(range(32))
 LINK_HEARTBEAT_S = 0.5
+# One-way throughput of the cross-node cases: frames sent as fast as send() takes them.
+STREAM_FRAMES = {100: 50_000, 4096: 20_000}
+STREAM_CASES = {  # name -> (transport, curve)
+    "remote_link_hmac": ("link", False),
+    "remote_link_curve": ("link", True),
+    "zmq_tcp": ("zmq", False),
+    "zmq_tcp_curve": ("zmq", True),
+}
 
 
 # Where the two processes of a case run: "split" pins them to two different cores (how
@@ -224,16 +239,20 @@ class _Parking:
             self.doorbell.close()
 
 
-def _link_echo(conn, cpu: int | None, seconds_idle: float, how: str = "wait") -> None:
+def _link(member: int, curve: bool, on_receive=None, max_frame_bytes: int = 256):
     from embxfer.control.remote import RemoteLink
 
+    return RemoteLink(
+        member, LINK_SECRET, "127.0.0.1", max_frame_bytes=max_frame_bytes, heartbeat_interval_s=LINK_HEARTBEAT_S,
+        on_receive=on_receive, curve=curve,
+    )
+
+
+def _link_echo(conn, cpu: int | None, seconds_idle: float, how: str = "wait", curve: bool = True) -> None:
     _pin(cpu)
     parking = _Parking(how)
     try:
-        with RemoteLink(
-            1, LINK_SECRET, "127.0.0.1", max_frame_bytes=256, heartbeat_interval_s=LINK_HEARTBEAT_S,
-            on_receive=parking.on_receive,
-        ) as link:
+        with _link(1, curve, parking.on_receive) as link:
             conn.send(link.endpoint)
             link.connect({0: conn.recv()})
             if seconds_idle:  # the idle-CPU case: nothing but heartbeats
@@ -249,20 +268,15 @@ def _link_echo(conn, cpu: int | None, seconds_idle: float, how: str = "wait") ->
         parking.close()
 
 
-def remote_round_trips(context, count: int, cpus: tuple, how: str) -> list[float]:
+def remote_round_trips(context, count: int, cpus: tuple, how: str, curve: bool) -> list[float]:
     """Ping-pong over two RemoteLinks, each caller parked between frames (`_Parking`)."""
-    from embxfer.control.remote import RemoteLink
-
     _pin(cpus[0])
     parent, child = context.Pipe()
-    process = context.Process(target=_link_echo, args=(child, cpus[1], 0.0, how), daemon=True)
+    process = context.Process(target=_link_echo, args=(child, cpus[1], 0.0, how, curve), daemon=True)
     process.start()
     parking = _Parking(how)
     try:
-        with RemoteLink(
-            0, LINK_SECRET, "127.0.0.1", max_frame_bytes=256, heartbeat_interval_s=LINK_HEARTBEAT_S,
-            on_receive=parking.on_receive,
-        ) as link:
+        with _link(0, curve, parking.on_receive) as link:
             link.connect({1: parent.recv()})
             parent.send(link.endpoint)
             deadline = time.monotonic() + 10.0
@@ -295,14 +309,32 @@ def remote_round_trips(context, count: int, cpus: tuple, how: str) -> list[float
     return samples
 
 
-def _zmq_tcp_echo(conn, cpu: int | None) -> None:
+def _zmq_pair_sockets(context, curve: bool):
+    """A PULL to bind and a PUSH to connect, with one CURVE keypair on both when asked
+    (as RemoteLink's: the server's key is the client's)."""
+    import zmq
+
+    inbox, outbox = context.socket(zmq.PULL), context.socket(zmq.PUSH)
+    for sock in (inbox, outbox):
+        sock.setsockopt(zmq.LINGER, 0)
+    if curve:
+        from embxfer.control.remote import curve_keys
+
+        public, secret_key = curve_keys(LINK_SECRET)
+        inbox.setsockopt(zmq.CURVE_SERVER, 1)
+        inbox.setsockopt(zmq.CURVE_SECRETKEY, secret_key)
+        outbox.setsockopt(zmq.CURVE_SERVERKEY, public)
+        outbox.setsockopt(zmq.CURVE_PUBLICKEY, public)
+        outbox.setsockopt(zmq.CURVE_SECRETKEY, secret_key)
+    return inbox, outbox
+
+
+def _zmq_tcp_echo(conn, cpu: int | None, curve: bool) -> None:
     import zmq
 
     _pin(cpu)
     context = zmq.Context()
-    inbox, outbox = context.socket(zmq.PULL), context.socket(zmq.PUSH)
-    for sock in (inbox, outbox):
-        sock.setsockopt(zmq.LINGER, 0)
+    inbox, outbox = _zmq_pair_sockets(context, curve)
     try:
         inbox.bind("tcp://127.0.0.1:*")
         conn.send(inbox.getsockopt_string(zmq.LAST_ENDPOINT))
@@ -318,17 +350,15 @@ def _zmq_tcp_echo(conn, cpu: int | None) -> None:
         context.term()
 
 
-def zmq_tcp_round_trips(context, count: int, cpus: tuple) -> list[float]:
+def zmq_tcp_round_trips(context, count: int, cpus: tuple, curve: bool) -> list[float]:
     """The same ping-pong over bare PUSH/PULL sockets (one per direction, as RemoteLink)."""
     import zmq
 
     _pin(cpus[0])
     zmq_context = zmq.Context()
-    inbox, outbox = zmq_context.socket(zmq.PULL), zmq_context.socket(zmq.PUSH)
-    for sock in (inbox, outbox):
-        sock.setsockopt(zmq.LINGER, 0)
+    inbox, outbox = _zmq_pair_sockets(zmq_context, curve)
     parent, child = context.Pipe()
-    process = context.Process(target=_zmq_tcp_echo, args=(child, cpus[1]), daemon=True)
+    process = context.Process(target=_zmq_tcp_echo, args=(child, cpus[1], curve), daemon=True)
     process.start()
     try:
         inbox.bind("tcp://127.0.0.1:*")
@@ -358,18 +388,86 @@ def zmq_tcp_round_trips(context, count: int, cpus: tuple) -> list[float]:
     return samples
 
 
+def _stream_source(conn, cpu: int | None, transport: str, curve: bool, count: int, size: int) -> None:
+    """Send `count` frames of `size` bytes as fast as the transport takes them."""
+    _pin(cpu)
+    frame = bytes(size)
+    if transport == "link":
+        with _link(0, curve, max_frame_bytes=size) as link:
+            link.connect({1: conn.recv()})
+            for _ in range(count):
+                while not link.send(1, frame):
+                    time.sleep(0.00005)
+            conn.recv()  # the sink got everything: only now close
+        return
+    import zmq
+
+    context = zmq.Context()
+    _, outbox = _zmq_pair_sockets(context, curve)
+    try:
+        outbox.connect(conn.recv())
+        for _ in range(count):
+            outbox.send(frame)
+        conn.recv()
+    finally:
+        outbox.close(linger=0)
+        context.term()
+
+
+def stream_throughput(context, cpus: tuple, transport: str, curve: bool, size: int) -> float:
+    """Frames per second from one sender process to this one, first frame to last."""
+    import zmq
+
+    _pin(cpus[0])
+    count = STREAM_FRAMES[size]
+    parent, child = context.Pipe()
+    process = context.Process(
+        target=_stream_source, args=(child, cpus[1], transport, curve, count, size), daemon=True
+    )
+    process.start()
+    zmq_context = None
+    try:
+        if transport == "link":
+            with _link(1, curve, max_frame_bytes=size) as link:
+                parent.send(link.endpoint)
+                received, started = 0, None
+                while received < count:
+                    if not link.wait(10.0):
+                        raise TimeoutError(f"stream stalled at {received} of {count} frames")
+                    received += len(link.receive())
+                    started = started or time.perf_counter()
+                elapsed = time.perf_counter() - started
+        else:
+            zmq_context = zmq.Context()
+            inbox, _ = _zmq_pair_sockets(zmq_context, curve)
+            inbox.bind("tcp://127.0.0.1:*")
+            parent.send(inbox.getsockopt_string(zmq.LAST_ENDPOINT))
+            if not inbox.poll(10_000):
+                raise TimeoutError("zmq stream never started")
+            inbox.recv()
+            started = time.perf_counter()
+            for _ in range(count - 1):
+                inbox.recv()
+            elapsed = time.perf_counter() - started
+            inbox.close(linger=0)
+        parent.send("done")
+    finally:
+        process.join(10)
+        if process.is_alive():
+            process.kill()
+        if zmq_context is not None:
+            zmq_context.term()
+    return (count - 1) / elapsed
+
+
 def remote_idle_cpu_fraction(context, seconds: float) -> float:
     """CPU of a process whose only activity is a connected RemoteLink (its link thread,
     zmq's I/O thread, heartbeats both ways), over `seconds`."""
-    from embxfer.control.remote import RemoteLink
-
     parent, child = context.Pipe()
     process = context.Process(target=_link_echo, args=(child, None, seconds + 1.5), daemon=True)
     process.start()
     try:
-        with RemoteLink(
-            0, LINK_SECRET, "127.0.0.1", max_frame_bytes=256, heartbeat_interval_s=LINK_HEARTBEAT_S
-        ) as link:
+        with _link(0, True) as link:
             link.connect({1: parent.recv()})
             parent.send(link.endpoint)
             time.sleep(0.5)
@@ -544,7 +642,7 @@ def idle_cpu_fraction(context, seconds: float) -> float:
 # --------------------------------------------------------------------- reporting
 
 
-def _machine(torch_version: str, loadavg_at_start: list[float]) -> dict[str, object]:
+def _machine(torch_version: str | None, loadavg_at_start: list[float]) -> dict[str, object]:
     model = platform.processor() or platform.machine()
     try:
         with open("/proc/cpuinfo") as cpuinfo:
@@ -592,6 +690,24 @@ def plot(cases: dict[str, list[float]], path: Path, placement: str) -> None:
     plt.close(figure)
 
 
+def _remote_cases(context, scale: float, cpus: tuple) -> tuple[dict[str, list[float]], dict[str, float]]:
+    """The cross-node round trips and one-way throughputs: CURVE against HMAC alone."""
+    samples: dict[str, list[float]] = {}
+    samples["remote_link_hmac"] = remote_round_trips(context, int(10_000 * scale), cpus, "wait", False)
+    samples["remote_link_curve"] = remote_round_trips(context, int(10_000 * scale), cpus, "wait", True)
+    samples["remote_link_doorbell"] = remote_round_trips(context, int(10_000 * scale), cpus, "doorbell", True)
+    samples["zmq_tcp"] = zmq_tcp_round_trips(context, int(10_000 * scale), cpus, False)
+    samples["zmq_tcp_curve"] = zmq_tcp_round_trips(context, int(10_000 * scale), cpus, True)
+    # Best of two runs each, the runs of all cases interleaved (the VM's load drifts).
+    streams: dict[str, float] = {}
+    for _ in range(2):
+        for size in STREAM_FRAMES:
+            for case, (transport, curve) in STREAM_CASES.items():
+                rate = stream_throughput(context, cpus, transport, curve, size)
+                streams[f"{case}_{size}B"] = max(streams.get(f"{case}_{size}B", 0.0), rate)
+    return samples, {name: round(rate) for name, rate in streams.items()}
+
+
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--json", type=Path, default=Path("bench/results/ring-cpu.json"), help="output JSON path")
@@ -600,6 +716,8 @@ def main(argv: list[str] | None = None) -> int:
         "--placement", choices=sorted(PLACEMENT), default="split",
         help="split: the two processes on two cores (default); same: one core; free: unpinned",
     )
+    parser.add_argument("--only", choices=("all", "remote"), default="all",
+                        help="remote: the cross-node cases alone (CURVE against HMAC)")
     args = parser.parse_args(argv)
     # Absolute CPU ids, taken before anything is pinned (children inherit the parent's mask).
     available = sorted(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else [0]
@@ -609,20 +727,15 @@ def main(argv: list[str] | None = None) -> int:
     began = time.monotonic()
     loadavg_at_start = [round(load, 2) for load in os.getloadavg()]
     samples: dict[str, list[float]] = {}
-    samples["embxfer_hot"] = ring_round_trips(context, int(50_000 * scale), 30.0, cpus)
-    samples["embxfer_parked"] = ring_round_trips(context, int(10_000 * scale), 0.0, cpus)
-    samples["zmq_ipc"] = zmq_round_trips(context, int(20_000 * scale), cpus)
-    samples["mp_queue"] = queue_round_trips(context, int(10_000 * scale), cpus)
-    samples["gloo_allreduce"], torch_version = gloo_round_trips(context, int(5_000 * scale), cpus)
-    samples["remote_link_tcp"] = remote_round_trips(context, int(10_000 * scale), cpus, "wait")
-    samples["remote_link_doorbell"] = remote_round_trips(context, int(10_000 * scale), cpus, "doorbell")
-    samples["zmq_tcp"] = zmq_tcp_round_trips(context, int(10_000 * scale), cpus)
-    # Two spinning processes own both cores of the development machine: anything else
-    # that runs meanwhile halves the rate, so the best of three runs is the headline.
-    throughput_runs = [throughput(context, int(500_000 * scale), cpus) for _ in range(3)]
-    records_per_s = max(throughput_runs)
-    idle = idle_cpu_fraction(context, 5.0)
-    remote_idle = remote_idle_cpu_fraction(context, 5.0)
+    torch_version = None
+    if args.only == "all":
+        samples["embxfer_hot"] = ring_round_trips(context, int(50_000 * scale), 30.0, cpus)
+        samples["embxfer_parked"] = ring_round_trips(context, int(10_000 * scale), 0.0, cpus)
+        samples["zmq_ipc"] = zmq_round_trips(context, int(20_000 * scale), cpus)
+        samples["mp_queue"] = queue_round_trips(context, int(10_000 * scale), cpus)
+        samples["gloo_allreduce"], torch_version = gloo_round_trips(context, int(5_000 * scale), cpus)
+    remote_samples, streams = _remote_cases(context, scale, cpus)
+    samples.update(remote_samples)
     cases = [
         {
             "name": name,
@@ -634,9 +747,13 @@ def main(argv: list[str] | None = None) -> int:
         for name, values in samples.items()
     ]
     p50 = {case["name"]: case["p50_us"] for case in cases}
-    ratio = p50["zmq_ipc"] / p50["embxfer_hot"] if p50["embxfer_hot"] else float("nan")
-    result = {
-        "benchmark": "ring",
+    remote_idle = remote_idle_cpu_fraction(context, 5.0)
+
+    def ratio(numerator: str, denominator: str) -> float | None:
+        return round(p50[numerator] / p50[denominator], 2) if p50.get(numerator) and p50.get(denominator) else None
+
+    result: dict[str, object] = {
+        "benchmark": "ring" if args.only == "all" else "ring-remote",
         "machine": _machine(torch_version, loadavg_at_start),
         "config": {
             "record_bytes": len(RECORD),
@@ -644,41 +761,63 @@ def main(argv: list[str] | None = None) -> int:
             "slot_bytes": 128,
             "throughput_slots": 1024,
             "remote_frame_bytes": len(FRAME),
+            "remote_stream_frames": {f"{size}B": count for size, count in STREAM_FRAMES.items()},
             "remote_heartbeat_interval_s": LINK_HEARTBEAT_S,
             "placement": args.placement,
             "cpus": list(cpus),
+            "only": args.only,
         },
         "cases": cases,
-        "throughput_records_per_s": round(records_per_s),
-        "throughput_runs_records_per_s": [round(rate) for rate in throughput_runs],
-        "idle_cpu_fraction": round(idle, 5),
-        "hot_vs_zmq_ratio": round(ratio, 1) if ratio == ratio else None,
+        "remote_stream_frames_per_s": streams,
         "remote_idle_cpu_fraction": round(remote_idle, 5),
-        "remote_vs_zmq_tcp_ratio": round(p50["remote_link_tcp"] / p50["zmq_tcp"], 2)
-        if p50["remote_link_tcp"] and p50["zmq_tcp"]
-        else None,
-        "targets": TARGETS,
-        "met": {
+        "remote_curve_vs_hmac_ratio": ratio("remote_link_curve", "remote_link_hmac"),
+        "zmq_tcp_curve_vs_plain_ratio": ratio("zmq_tcp_curve", "zmq_tcp"),
+        "remote_vs_zmq_tcp_ratio": ratio("remote_link_curve", "zmq_tcp_curve"),
+    }
+    met = {
+        "remote_p50_us": bool(p50["remote_link_curve"]) and p50["remote_link_curve"] <= TARGETS["remote_p50_us"],
+        "remote_idle_cpu_fraction": remote_idle < TARGETS["remote_idle_cpu_fraction"],
+    }
+    records_per_s = idle = hot_ratio = None
+    if args.only == "all":
+        # Two spinning processes own both cores of the development machine: anything else
+        # that runs meanwhile halves the rate, so the best of three runs is the headline.
+        throughput_runs = [throughput(context, int(500_000 * scale), cpus) for _ in range(3)]
+        records_per_s = max(throughput_runs)
+        idle = idle_cpu_fraction(context, 5.0)
+        hot_ratio = p50["zmq_ipc"] / p50["embxfer_hot"] if p50["embxfer_hot"] else float("nan")
+        result.update({
+            "throughput_records_per_s": round(records_per_s),
+            "throughput_runs_records_per_s": [round(rate) for rate in throughput_runs],
+            "idle_cpu_fraction": round(idle, 5),
+            "hot_vs_zmq_ratio": round(hot_ratio, 1) if hot_ratio == hot_ratio else None,
+        })
+        met.update({
             "hot_p50_us": bool(p50["embxfer_hot"]) and p50["embxfer_hot"] <= TARGETS["hot_p50_us"],
-            "hot_vs_zmq_ratio": ratio >= TARGETS["hot_vs_zmq_ratio"],
+            "hot_vs_zmq_ratio": hot_ratio >= TARGETS["hot_vs_zmq_ratio"],
             "parked_p50_us": p50["embxfer_parked"] <= TARGETS["parked_p50_us"],
             "throughput_records_per_s": records_per_s >= TARGETS["throughput_records_per_s"],
             "idle_cpu_fraction": idle < TARGETS["idle_cpu_fraction"],
-            "remote_p50_us": bool(p50["remote_link_tcp"]) and p50["remote_link_tcp"] <= TARGETS["remote_p50_us"],
-            "remote_idle_cpu_fraction": remote_idle < TARGETS["remote_idle_cpu_fraction"],
-        },
+        })
+    result.update({
+        "targets": TARGETS,
+        "met": met,
         "loadavg_at_end": [round(load, 2) for load in os.getloadavg()],
         "wall_s": round(time.monotonic() - began, 1),
-    }
+    })
     args.json.parent.mkdir(parents=True, exist_ok=True)
     args.json.write_text(json.dumps(result, indent=2) + "\n")
     plot(samples, args.json.with_suffix(".png"), args.placement)
     for case in cases:
         print(f"{case['name']:<21} p50 {case['p50_us']} us   p99 {case['p99_us']} us")
-    print(f"throughput       {records_per_s:,.0f} records/s")
-    print(f"idle parked CPU  {idle:.3%} of a core")
+    for name, rate in streams.items():
+        print(f"{name:<32} {rate:,} frames/s")
+    if records_per_s is not None:
+        print(f"throughput       {records_per_s:,.0f} records/s")
+        print(f"idle parked CPU  {idle:.3%} of a core")
+        print(f"zmq / hot        {hot_ratio:.1f}x")
     print(f"idle link CPU    {remote_idle:.3%} of a core")
-    print(f"zmq / hot        {ratio:.1f}x   met: {result['met']}   ({result['wall_s']} s)")
+    print(f"CURVE / HMAC round trip {result['remote_curve_vs_hmac_ratio']}x   met: {met}   ({result['wall_s']} s)")
     return 0
 
 

@@ -6,7 +6,8 @@ Knows bytes, not tensors.
   decision records (`encode` / `decode`, `max_record_bytes`).
 - `ring`: the single-writer, multi-reader ring in POSIX shared memory (`RingWriter`,
   `RingReader`, `Doorbell`, `wait_any`); its docstring draws the memory layout.
-- `remote`: frames (encoded records, opaque bytes) between nodes over zmq/TCP, signed
-  with the job's secret, with heartbeats and dead-peer reports (`RemoteLink`).
+- `remote`: frames (encoded records, opaque bytes) between nodes over zmq/TCP, admitted
+  and authenticated with CURVE keys derived from the job's secret, with heartbeats,
+  dead-peer reports and counted, logged drops (`RemoteLink`).
 - `hygiene`: list and remove what crashed runs left in /dev/shm (`embxfer ring ls|rm`).
 """

@@ -172,4 +172,4 @@ def test_heartbeats_keep_a_stalled_peer_alive_and_a_killed_one_is_reported(pair)
     # Heard from up to one interval before the kill: reported within timeout + interval.
     assert time.monotonic() - killed <= timeout + interval + 0.1
     reason = link.dead_peers(timeout)[1]
-    assert reason.startswith(f"peer rank 1 at {child.endpoint}: silent ")
+    assert reason.startswith(f"peer member 1 at {child.endpoint}: silent ")

@@ -11,10 +11,11 @@ injected here, by the test's own engine, never by a hook in embxfer.
 --stall R:A:S   rank R, once A requests have finished on it, sleeps S seconds between two
                 engine-loop iterations (a long prefill, a compile).
 --tamper        (with --nodes 2: encoder on node 0, language ranks on node 1) once 5
-                requests have finished, the encoder sends the language leader, over its
-                signed cross-node link: its own recorded frames again (replays), frames
-                with a flipped byte or signed with another key (forgeries), and a
-                correctly signed ABORT that claims to come from rank 2 (a peer speaking
+                requests have finished, the encoder attacks the language leader's
+                cross-node link: its own recorded frames from a socket without the
+                job's CURVE keys (refused), the same frames again and one readdressed to
+                another member from a socket with the keys (replays, a forgery), and an
+                ABORT over its own link that claims to come from rank 2 (a peer speaking
                 for another). None of it may have an effect; the language ranks report
                 the counters.
 """
@@ -22,10 +23,8 @@ injected here, by the test's own engine, never by a hook in embxfer.
 from __future__ import annotations
 
 import argparse
-import hmac
 import json
 import os
-import secrets
 import sys
 import time
 
@@ -143,21 +142,22 @@ def language_loop(args, receiver, stall) -> dict:
         if args.tamper and receiver.is_leader:
             # The attack may still be on its way: wait for it (bounded) while serving.
             until = time.monotonic() + 10.0
-            while time.monotonic() < until and not (link.stats.forged >= 2 and link.stats.replayed >= 1
-                                                    and receiver.bus.spoofed >= 1):
+            while time.monotonic() < until and not (link.stats.forged >= 1 and link.stats.replayed >= 1
+                                                    and link.stats.refused >= 1 and receiver.bus.spoofed >= 1):
                 receiver.progress()
                 receiver.wait(0.01)
             result["spoofed"] = receiver.bus.spoofed
         stats = link.stats
         result["link"] = {"received": stats.received, "forged": stats.forged, "replayed": stats.replayed,
-                          "malformed": stats.malformed}
+                          "malformed": stats.malformed, "refused": stats.refused}
     return result
 
 
 class Recorder:
     """Records the wire messages the encoder's link sends to each remote peer (a wrapper
     around the peer's zmq socket), then replays and tampers with them from a socket of
-    its own, the way an attacker on the network could."""
+    its own, the way an attacker on the network could if it got past the link's CURVE
+    admission (the socket holds the job's keys: a member gone wrong)."""
 
     def __init__(self, sender) -> None:
         self.link = sender.bus.link
@@ -170,30 +170,41 @@ class Recorder:
         import zmq
 
         from embxfer.control import records as rec
-        from embxfer.control.remote import HEADER_BYTES, MAC_BYTES
+        from embxfer.control.remote import HEADER
 
-        data = [m for m in self.wire if m[5] == 1 and int.from_bytes(m[12:16], "little") == victim]
+        data = [m for m in self.wire if m[5] == 1 and HEADER.unpack_from(m)[5] == victim]
         assert data, "nothing recorded towards the victim"
         context = zmq.Context()
+        # An outsider without the job's keys: its handshake fails, nothing gets through.
+        outsider = context.socket(zmq.PUSH)
+        outsider.setsockopt(zmq.LINGER, 0)
+        outsider.connect(self.link.peers[victim])
+        for message in data:
+            outsider.send(message)
+        # A member gone wrong (the job's keys): the recorded frames again, and one of them
+        # readdressed to another member.
         intruder = context.socket(zmq.PUSH)
         intruder.setsockopt(zmq.LINGER, 1000)
+        public, secret_key = self.link._curve_keys
+        intruder.setsockopt(zmq.CURVE_SERVERKEY, public)
+        intruder.setsockopt(zmq.CURVE_PUBLICKEY, public)
+        intruder.setsockopt(zmq.CURVE_SECRETKEY, secret_key)
         intruder.connect(self.link.peers[victim])
-        body = data[0][:-MAC_BYTES]
-        tampered = bytearray(data[0])
-        tampered[HEADER_BYTES] ^= 0x01
-        for message in (bytes(tampered), body + hmac.digest(secrets.token_bytes(32), body, "sha256")):
+        misrouted = bytearray(data[0])
+        misrouted[16:24] = (victim + 1000).to_bytes(8, "little")  # the destination member id
+        for message in [*data, bytes(misrouted)]:
             intruder.send(message)
-        for message in data:
-            intruder.send(message)
+        time.sleep(0.5)  # the outsider tries (and is refused at its first handshake command)
+        outsider.close()
         intruder.close()
         context.term()
-        # Signed by this rank, claiming another: the bus drops it, nothing is aborted.
+        # Sent by this rank, claiming another: the bus drops it, nothing is aborted.
         forged = rec.Abort(request_id=request_id, reason=rec.AbortReason.USER, message="forged",
                            src_rank=spoofed_source, dst_rank=-1)
         while not self.link.send(victim, rec.encode(forged)):
             time.sleep(0.01)
-        print(f"attack: {len(data) + 2} frames and a forged ABORT for request {request_id} sent to rank {victim}",
-              file=sys.stderr)
+        print(f"attack: {len(data)} frames from an outsider, {len(data) + 1} from a member gone wrong and a "
+              f"forged ABORT for request {request_id} sent to rank {victim}", file=sys.stderr)
 
 
 class _RecordingSocket:
