@@ -109,6 +109,9 @@ def connect(
     role comes from the rank. Everything else comes from `config` (default
     `Config.from_env()`). `close()` the endpoint (or use `with`) to leave."""
     env_settings.warn_unknown_variables()
+    from embxfer.control.remote import raise_open_files_limit
+
+    raise_open_files_limit()  # a flood of connections needs room to be refused in
     config = config or Config.from_env()
     timeout_s = _check_timeout(timeout_s)
     device = check_device(device)

@@ -29,9 +29,27 @@ def statuses(events: list[dict]) -> set[str]:
     return {e["status"] for e in events}
 
 
-def test_the_elastic_scenario_predicts_every_request():
+@pytest.mark.parametrize("nodes", [1, 2])
+def test_the_elastic_scenario_predicts_every_request(nodes):
+    """With nodes=2 the encoders run on one simulated node and the language engines on
+    another (node ids and shared-memory prefixes of their own): every record between them
+    crosses the signed cross-node link."""
     prefix = f"el{secrets.token_hex(3)}"
+    prefixes = [prefix] if nodes == 1 else [f"{prefix}.e", f"{prefix}.l"]
+
+    def on_node(role: str) -> dict[str, str]:
+        if nodes == 1:
+            return {}
+        side = "e" if role == "encoder" else "l"
+        return {"EMBXFER_NODE_ID": f"{prefix}-node-{side}", "EMBXFER_SHM_PREFIX": f"{prefix}.{side}"}
+
     with Job(prefix) as job:
+        start = job.start
+
+        def start_on_node(name: str, role: str, tp: int = 1, **kwargs):
+            return start(name, role, tp, env=on_node(role), **kwargs)
+
+        job.start = start_on_node
         job.start("vit-0", "encoder")
         job.start("llm-a", "language", tp=2)
         job.start("llm-b", "language")
@@ -128,4 +146,5 @@ def test_the_elastic_scenario_predicts_every_request():
             assert closed is not None, job.describe(rank.engine)
             assert closed["blocks"] == 0
             assert closed["fds"] <= rank.first("up")["fds"] + 2
-    assert shm_entries(prefix) == []
+    for name in prefixes:
+        assert shm_entries(name) == []

@@ -63,10 +63,11 @@ def run_rank(args: argparse.Namespace) -> int:
     from embxfer.runtime.sender import Sender
 
     endpoint = embxfer.connect(layout=LAYOUT, dim=DIM, dtype=torch.bfloat16, timeout_s=60)
+    world_rank = int(os.environ["RANK"])  # this process's place in the layout (its member id is random)
     stall = None
     if args.stall:
         rank, after, seconds = args.stall.split(":")
-        if int(rank) == endpoint.rank:
+        if int(rank) == world_rank:
             stall = (int(after), float(seconds))
     try:
         if isinstance(endpoint, Sender):
@@ -74,7 +75,7 @@ def run_rank(args: argparse.Namespace) -> int:
         else:
             result = language_loop(args, endpoint, stall)
     finally:
-        result_path = f"{args.result}.{endpoint.rank}"
+        result_path = f"{args.result}.{world_rank}"
         endpoint.close()
     result["dead_peers"] = {str(rank): why for rank, why in endpoint.dead_peers.items()}
     with open(result_path, "w") as f:
@@ -103,7 +104,9 @@ def encoder_loop(args, sender, stall) -> dict:
             time.sleep(stall[1])
             stall = None
         if recorder is not None and succeeded >= 5:
-            recorder.attack(victim=sender.language_leader, spoofed_source=2, request_id=min(active | set(todo)))
+            language = sender.directory.engine("language0")
+            recorder.attack(victim=language.leader, spoofed_source=language.members[1],
+                            request_id=min(active | set(todo)))
             recorder = None
         if not worked:
             sender.wait(0.01)
@@ -128,7 +131,7 @@ def language_loop(args, receiver, stall) -> dict:
                 verified += receiver.take(rid).bit_equal(expected)
                 active.discard(rid)
             elif state.terminal:
-                print(f"request {rid} failed on rank {receiver.rank}: {receiver.error(rid)}", file=sys.stderr)
+                print(f"request {rid} failed on {receiver.me.describe()}: {receiver.error(rid)}", file=sys.stderr)
                 receiver.release(rid)
                 active.discard(rid)
         if stall is not None and verified >= stall[0]:
@@ -204,7 +207,7 @@ class Recorder:
         while not self.link.send(victim, rec.encode(forged)):
             time.sleep(0.01)
         print(f"attack: {len(data)} frames from an outsider, {len(data) + 1} from a member gone wrong and a "
-              f"forged ABORT for request {request_id} sent to rank {victim}", file=sys.stderr)
+              f"forged ABORT for request {request_id} sent to member {victim:x}", file=sys.stderr)
 
 
 class _RecordingSocket:
