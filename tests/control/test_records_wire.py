@@ -764,3 +764,30 @@ def test_wanted_steps_over_other_record_types_without_decoding_them():
     # an unwanted record whose header claims more than the frame holds is not stepped over
     records, error = decode_frame(allocations + huge[:-1], DEFAULT_LIMITS, wanted)
     assert records == [decode(allocations)] and "body bytes" in error
+
+
+def verdict(raw: bytes, limits: Limits) -> str:
+    try:
+        return encode(decode(raw, limits)).hex()
+    except RecordError:
+        return "refused"
+
+
+@settings(max_examples=300, deadline=None)
+@given(RANK, st.lists(decision_entries(), min_size=1, max_size=8), st.data())
+def test_the_small_record_checks_and_the_vectorized_ones_agree(src, items, data):
+    """A DECISIONS record of a few entries is checked entry by entry in plain Python, a
+    larger one with numpy: on any bytes, valid or corrupted, both accept exactly the same
+    and refuse exactly the same (against a small pool, so the bounds are exercised too)."""
+    raw = bytearray(encode(Decisions.of(src, items)))
+    for _ in range(data.draw(st.integers(0, 3))):
+        raw[data.draw(st.integers(0, len(raw) - 1))] ^= 1 << data.draw(st.integers(0, 7))
+    for limits in (Limits.for_pool(64), UNBOUNDED):
+        small = verdict(bytes(raw), limits)
+        saved = rec._SMALL_BATCH
+        rec._SMALL_BATCH = 0
+        try:
+            vectorized = verdict(bytes(raw), limits)
+        finally:
+            rec._SMALL_BATCH = saved
+        assert small == vectorized
