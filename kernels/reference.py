@@ -219,7 +219,7 @@ def unpack_to_rows_reference(
     # copies them all: per segment, only the target's views are made in Python.
     parts = [regions.embeddings, regions.fill_ids, regions.mrope_positions, regions.deepstack]
     parts[0], parts[3] = _bits(parts[0]), None if parts[3] is None else _bits(parts[3])
-    split = [None if p is None else p.split(counts, dim=1 if i == 2 else 0) for i, p in enumerate(parts)]
+    split = [None if p is None else p.split_with_sizes(counts, dim=1 if i == 2 else 0) for i, p in enumerate(parts)]
     chosen = range(len(counts)) if segments is None else segments
     targets: list[list[torch.Tensor]] = [[], [], [], []]
     sources: list[list[torch.Tensor]] = [[], [], [], []]

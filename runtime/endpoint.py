@@ -17,7 +17,6 @@ from __future__ import annotations
 import logging
 import time
 from collections import OrderedDict, deque
-from dataclasses import dataclass, field
 
 import numpy as np
 import torch
@@ -50,50 +49,63 @@ FINISHED_MEMORY = 4096
 
 
 def check_request_id(request_id: int) -> int:
+    if type(request_id) is int and 0 <= request_id <= MAX_REQUEST_ID:
+        return request_id
     if isinstance(request_id, bool) or not isinstance(request_id, int) or not 0 <= request_id <= MAX_REQUEST_ID:
         raise ValueError(f"request_id={request_id!r}: expected an integer in 0..2**63-1")
     return request_id
 
 
-@dataclass(eq=False)
 class Request:
-    """Bookkeeping of one request on one rank (fields used by one side only are marked)."""
+    """Bookkeeping of one request on one rank (fields used by one side only are marked).
+    A slotted class with one constructor: an engine makes one per request."""
 
-    request_id: int
-    engine: str | None  # the other side's engine, by name (None: a follower not told yet)
-    state: RequestState = RequestState.BOOTSTRAPPING
-    total_tokens: int | None = None
-    mrope_delta: int = 0
-    sent_tokens: int = 0  # encoder: tokens scheduled; language: tokens received and read
-    round: int = -1  # current (language) or last sent (encoder) round number
-    blocks: list[int] = field(default_factory=list)
-    allocated_tokens: int = 0
-    resumes: int = 0
-    error: str | None = None
-    reason: rec.AbortReason | None = None
-    peer: EngineView | None = None  # the incarnation of `engine` this request is bound to
-    admitted_at: float = field(default_factory=time.monotonic)
-    last_progress: float = field(default_factory=time.monotonic)
-    # encoder side
-    payload: Payload | None = None
-    addresses: tuple[int, ...] | None = None  # the payload's row addresses (CUDA pack)
-    pending_resume: rec.Allocation | None = None
-    cached: bool = False
-    # language side
-    engine_admitted: bool = False  # this rank's engine called admit() (a follower may learn first)
-    expected_tokens: int | None = None
-    content_hash: bytes | None = None
-    block_array: np.ndarray | None = None
-    round_tokens: int = 0  # tokens of the current round: min(remaining, allocated)
-    round_accepted: int = 0  # of them, announced in messages this rank accepted
-    round_landed: int = 0  # of them, unpacked (into the outputs, or the landing blocks)
-    direct: bool = False  # the current round lands straight in the outputs
-    outputs: object | None = None
-    output_addresses: tuple[int, ...] | None = None  # the outputs' row addresses (CUDA read-out)
-    output_bytes: int = 0
-    acks: set[int] = field(default_factory=set)
-    round_read: bool = False
-    resume_due: bool = False
+    __slots__ = (
+        "request_id", "engine", "state", "total_tokens", "mrope_delta", "sent_tokens", "round", "blocks",
+        "allocated_tokens", "resumes", "error", "reason", "peer", "admitted_at", "last_progress",
+        # encoder side
+        "payload", "addresses", "pending_resume", "cached",
+        # language side
+        "engine_admitted", "expected_tokens", "content_hash", "block_array", "round_tokens", "round_accepted",
+        "round_landed", "direct", "outputs", "output_addresses", "output_bytes", "acks", "round_read", "resume_due",
+    )
+
+    def __init__(self, request_id: int, engine: str | None, *, total_tokens: int | None = None,
+                 mrope_delta: int = 0, engine_admitted: bool = False, expected_tokens: int | None = None,
+                 content_hash: bytes | None = None) -> None:
+        now = time.monotonic()
+        self.request_id = request_id
+        self.engine = engine  # the other side's engine, by name (None: a follower not told yet)
+        self.state = RequestState.BOOTSTRAPPING
+        self.total_tokens = total_tokens
+        self.mrope_delta = mrope_delta
+        self.sent_tokens = 0  # encoder: tokens scheduled; language: tokens received and read
+        self.round = -1  # current (language) or last sent (encoder) round number
+        self.blocks: list[int] = []
+        self.allocated_tokens = 0
+        self.resumes = 0
+        self.error: str | None = None
+        self.reason: rec.AbortReason | None = None
+        self.peer: EngineView | None = None  # the incarnation of `engine` this request is bound to
+        self.admitted_at = self.last_progress = now
+        self.payload: Payload | None = None
+        self.addresses: tuple[int, ...] | None = None  # the payload's row addresses (CUDA pack)
+        self.pending_resume: rec.Allocation | None = None
+        self.cached = False
+        self.engine_admitted = engine_admitted  # this rank's engine called admit() (a follower may learn first)
+        self.expected_tokens = expected_tokens
+        self.content_hash = content_hash
+        self.block_array: np.ndarray | None = None
+        self.round_tokens = 0  # tokens of the current round: min(remaining, allocated)
+        self.round_accepted = 0  # of them, announced in messages this rank accepted
+        self.round_landed = 0  # of them, unpacked (into the outputs, or the landing blocks)
+        self.direct = False  # the current round lands straight in the outputs
+        self.outputs = None
+        self.output_addresses: tuple[int, ...] | None = None  # the outputs' row addresses (CUDA read-out)
+        self.output_bytes = 0
+        self.acks: set[int] | None = None  # leader: followers that read the current round
+        self.round_read = False
+        self.resume_due = False
 
     @property
     def failed(self) -> bool:

@@ -60,10 +60,18 @@ class LocalCluster:
         return self.receivers[self.topology.language_leader]
 
     def language_receivers(self, engine: int) -> list[Receiver]:
-        return [self.receivers[r] for r in self.topology.language_engine_ranks(engine)]
+        cache = self.__dict__.setdefault("_engine_receivers", {})
+        found = cache.get(engine)
+        if found is None:
+            found = cache[engine] = [self.receivers[r] for r in self.topology.language_engine_ranks(engine)]
+        return found
 
     def engine_senders(self, engine: int) -> list[Sender]:
-        return [self.senders[r] for r in self.topology.encoder_ranks(engine)]
+        cache = self.__dict__.setdefault("_engine_senders", {})
+        found = cache.get(engine)
+        if found is None:
+            found = cache[engine] = [self.senders[r] for r in self.topology.encoder_ranks(engine)]
+        return found
 
     def step(self) -> bool:
         """One progress call on every endpoint; True if any did something."""

@@ -460,15 +460,19 @@ class Receiver(Endpoint):
         if request is None or request.state.terminal or ack.round != request.round:
             self.stats.late_records += 1
             return
+        if request.acks is None:
+            request.acks = set()
         request.acks.add(ack.src_rank)
         self._decide(request)
 
     def _decide(self, request: Request) -> None:
         """Complete or resume, once every language rank has read the current round."""
-        if not request.round_read or not request.acks.issuperset(self.followers):
+        if not request.round_read or (self.followers and (request.acks is None
+                                                           or not request.acks.issuperset(self.followers))):
             return
         request.round_read = False
-        request.acks.clear()
+        if request.acks is not None:
+            request.acks.clear()
         self._release_blocks(request)
         if request.sent_tokens == request.total_tokens:
             self._broadcast_decision(request, rec.DecisionAction.COMPLETE, request.content_hash or b"")
