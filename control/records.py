@@ -113,6 +113,8 @@ class RecordType(IntEnum):
     ANNOUNCE = 5
     DECISIONS = 6
     MEMBER = 7
+    PAYLOAD_INFO = 8
+    HELD = 9
 
 
 class AbortReason(IntEnum):
@@ -132,6 +134,7 @@ class DecisionAction(IntEnum):
     FAIL = 4
     FREE = 5
     CACHED = 6
+    PIN = 7  # keep the cached item `content_hash` for request `request_id` until it ends
 
 
 class MemberState(IntEnum):
@@ -916,10 +919,230 @@ class Member(_Record):
         return cls(*cls._FIXED.unpack_from(body))
 
 
-Record = Transfer | Allocations | Completions | Abort | Announce | Decisions | Member
+
+
+# ------------------------------------------------------------- what travels with a payload
+
+MAX_ITEMS = 32
+MAX_METADATA_ENTRIES = 8
+MAX_METADATA_BYTES = 1024
+MAX_NAME_BYTES = 24
+MAX_METADATA_DIMS = 4
+# Metadata dtypes on the wire (code -> numpy dtype string); bfloat16 travels as its bits.
+METADATA_DTYPES = {1: "<i4", 2: "<i8", 3: "<f4", 4: "<f8", 5: "u1", 6: "<i2", 7: "<u2", 8: "<f2"}
+_ITEM = struct.Struct("<B32sIIB3i")
+_METADATA_HEAD = struct.Struct("<BBB")
+
+
+class PayloadItem(NamedTuple):
+    """A multimodal item of a payload: rows `[start, start + count)`, their content hash,
+    whether the encoder skipped them (the language side holds them), and, for a skipped
+    item, its first row's mrope positions in this request (`anchor`: t, h, w)."""
+
+    content_hash: bytes
+    start: int
+    count: int
+    skipped: bool = False
+    anchor: tuple[int, int, int] = (0, 0, 0)
+
+
+class Metadata(NamedTuple):
+    """One small named tensor that travels with a payload: `dtype` a METADATA_DTYPES code,
+    `shape`, and its raw little-endian bytes."""
+
+    name: str
+    dtype: int
+    shape: tuple[int, ...]
+    data: bytes
+
+
+@dataclass(frozen=True)
+class PayloadInfo(_Record):
+    """Encoder rank -> the language ranks it serves (`dst_rank`: their incarnation), just
+    before the request's first segment: the payload's rows (`total_tokens`, the output's
+    N), its items and its metadata. Sent only for payloads that have items or metadata;
+    the rows on the wire are then the non-skipped ones, in order."""
+
+    src_rank: int
+    dst_rank: int
+    request_id: int
+    total_tokens: int
+    items: tuple[PayloadItem, ...] = ()
+    metadata: tuple[Metadata, ...] = ()
+
+    RECORD_TYPE: ClassVar[RecordType] = RecordType.PAYLOAD_INFO
+    _FIXED: ClassVar[struct.Struct] = struct.Struct("<qqqIBB")
+
+    def __post_init__(self) -> None:
+        _ranks(self)
+        _int_field(self, "request_id", 0)
+        _int_field(self, "total_tokens", 1, _U32_MAX)
+        _check_info(self.total_tokens, tuple(self.items), tuple(self.metadata))
+        object.__setattr__(self, "items", tuple(PayloadItem(*i) for i in self.items))
+        object.__setattr__(self, "metadata", tuple(Metadata(*m) for m in self.metadata))
+
+    @property
+    def wire_tokens(self) -> int:
+        """The rows that travel: all but the skipped items'."""
+        return self.total_tokens - sum(item.count for item in self.items if item.skipped)
+
+    def _body(self) -> bytes:
+        parts = [self._FIXED.pack(self.src_rank, self.dst_rank, self.request_id, self.total_tokens,
+                                  len(self.items), len(self.metadata))]
+        for item in self.items:
+            parts.append(_ITEM.pack(len(item.content_hash), item.content_hash, item.start, item.count,
+                                    int(item.skipped), *item.anchor))
+        for entry in self.metadata:
+            name = entry.name.encode()
+            parts.append(_METADATA_HEAD.pack(len(name), entry.dtype, len(entry.shape)) + name
+                         + struct.pack(f"<{len(entry.shape)}I", *entry.shape) + entry.data)
+        return b"".join(parts)
+
+    @classmethod
+    def _parse(cls, body: memoryview, limits: Limits) -> PayloadInfo:
+        if len(body) < cls._FIXED.size:
+            raise RecordError(f"{cls.__name__}: body of {len(body)} bytes is truncated")
+        src, dst, request_id, total, item_count, metadata_count = cls._FIXED.unpack_from(body)
+        if item_count > MAX_ITEMS or metadata_count > MAX_METADATA_ENTRIES:
+            raise RecordError(f"PayloadInfo: {item_count} items, {metadata_count} metadata entries; expected at "
+                              f"most {MAX_ITEMS} and {MAX_METADATA_ENTRIES}")
+        offset = cls._FIXED.size
+        if len(body) < offset + item_count * _ITEM.size:
+            raise RecordError(f"{cls.__name__}: body of {len(body)} bytes is truncated")
+        items = []
+        for _ in range(item_count):
+            length, raw_hash, start, count, skipped, *anchor = _ITEM.unpack_from(body, offset)
+            offset += _ITEM.size
+            if length > MAX_HASH_BYTES or raw_hash[length:].strip(b"\0") or skipped > 1:
+                raise RecordError("PayloadInfo.items: a content hash or flag that is not canonical")
+            items.append(PayloadItem(raw_hash[:length], start, count, bool(skipped), tuple(anchor)))
+        metadata = []
+        for _ in range(metadata_count):
+            if len(body) < offset + _METADATA_HEAD.size:
+                raise RecordError(f"{cls.__name__}: body of {len(body)} bytes is truncated")
+            name_length, dtype, dims = _METADATA_HEAD.unpack_from(body, offset)
+            offset += _METADATA_HEAD.size
+            if name_length > MAX_NAME_BYTES or dims > MAX_METADATA_DIMS or dtype not in METADATA_DTYPES:
+                raise RecordError(f"PayloadInfo.metadata: name of {name_length} bytes, {dims} dims, dtype {dtype}")
+            end = offset + name_length + 4 * dims
+            if len(body) < end:
+                raise RecordError(f"{cls.__name__}: body of {len(body)} bytes is truncated")
+            try:
+                name = bytes(body[offset : offset + name_length]).decode("ascii")
+            except UnicodeDecodeError:
+                raise RecordError("PayloadInfo.metadata: a name that is not ASCII") from None
+            shape = struct.unpack_from(f"<{dims}I", body, offset + name_length)
+            size = np.dtype(METADATA_DTYPES[dtype]).itemsize
+            for dim in shape:
+                size *= dim
+            if size > MAX_METADATA_BYTES or len(body) < end + size:
+                raise RecordError(f"PayloadInfo.metadata[{name!r}]: {size} bytes, at most {MAX_METADATA_BYTES}")
+            metadata.append(Metadata(name, dtype, tuple(shape), bytes(body[end : end + size])))
+            offset = end + size
+        _expect_size(cls, body, offset)
+        return cls(src, dst, request_id, total, tuple(items), tuple(metadata))
+
+
+def _check_info(total: int, items: tuple, metadata: tuple) -> None:
+    """The rules of a PayloadInfo (also `Payload`'s, on the encoder side)."""
+    if len(items) > MAX_ITEMS:
+        raise RecordError(f"PayloadInfo.items: {len(items)} items, expected at most {MAX_ITEMS}")
+    end = 0
+    for index, item in enumerate(items):
+        content_hash, start, count = item[0], item[1], item[2]
+        if not isinstance(content_hash, bytes) or not 1 <= len(content_hash) <= MAX_HASH_BYTES:
+            raise RecordError(f"PayloadInfo.items[{index}].content_hash: expected 1..{MAX_HASH_BYTES} bytes")
+        if type(start) is not int or type(count) is not int or start < end or count < 1 or start + count > total:
+            raise RecordError(f"PayloadInfo.items[{index}]: rows [{start}, {start}+{count}) expected inside "
+                              f"[{end}, {total}), after the item before it")
+        end = start + count
+        if len(item) > 4 and (len(item[4]) != 3 or any(type(a) is not int or not -(1 << 31) <= a < 1 << 31
+                                                       for a in item[4])):
+            raise RecordError(f"PayloadInfo.items[{index}].anchor: expected three int32 positions")
+    if sum(item[2] for item in items if len(item) > 3 and item[3]) >= total:
+        raise RecordError("PayloadInfo.items: every row skipped (a request sends at least one row)")
+    if len(metadata) > MAX_METADATA_ENTRIES:
+        raise RecordError(f"PayloadInfo.metadata: {len(metadata)} entries, expected at most {MAX_METADATA_ENTRIES}")
+    names = set()
+    total_bytes = 0
+    for entry in metadata:
+        name, dtype, shape, data = entry
+        if not isinstance(name, str) or not 1 <= len(name) <= MAX_NAME_BYTES or not name.isascii() \
+                or not all(c.isalnum() or c in "_.-" for c in name) or name in names:
+            raise RecordError(f"PayloadInfo.metadata: name {name!r}: expected 1..{MAX_NAME_BYTES} characters from "
+                              "[A-Za-z0-9_.-], each name once")
+        names.add(name)
+        if dtype not in METADATA_DTYPES or len(shape) > MAX_METADATA_DIMS:
+            raise RecordError(f"PayloadInfo.metadata[{name!r}]: dtype {dtype}, shape {shape}")
+        expected = np.dtype(METADATA_DTYPES[dtype]).itemsize * int(np.prod(shape, dtype=np.int64))
+        if len(data) != expected:
+            raise RecordError(f"PayloadInfo.metadata[{name!r}]: {len(data)} bytes for shape {shape}, expected "
+                              f"{expected}")
+        total_bytes += expected
+    if total_bytes > MAX_METADATA_BYTES:
+        raise RecordError(f"PayloadInfo.metadata: {total_bytes} bytes in all, expected at most {MAX_METADATA_BYTES}")
+
+
+PAYLOAD_INFO_MAX_BYTES = (_HEADER.size + PayloadInfo._FIXED.size + MAX_ITEMS * _ITEM.size
+                          + MAX_METADATA_ENTRIES * (_METADATA_HEAD.size + MAX_NAME_BYTES + 4 * MAX_METADATA_DIMS)
+                          + MAX_METADATA_BYTES)
+
+
+class Held(NamedTuple):
+    """One entry of a HELD record: the language side holds item `content_hash` of request
+    `request_id` (pinned until the request ends)."""
+
+    request_id: int
+    content_hash: bytes
+    src_rank: int
+
+
+_HELD = np.dtype([("request_id", "<i8"), ("hash_length", "u1"), ("content_hash", "S32")])
+
+
+@dataclass(frozen=True, eq=False)
+class HeldItems(_Batch):
+    """Language leader -> encoder leader: items of admitted requests that the language
+    side holds in its cache (the encoder engine may skip them: `Sender.lookup_items`)."""
+
+    src_rank: int
+    dst_rank: int
+    entries: np.ndarray
+
+    RECORD_TYPE: ClassVar[RecordType] = RecordType.HELD
+    ENTRY: ClassVar[np.dtype] = _HELD
+
+    @classmethod
+    def _check_entries(cls, array: object, error: type[Exception]) -> None:
+        super()._check_entries(array, error)
+        lengths = array["hash_length"]
+        if ((lengths < 1) | (lengths > MAX_HASH_BYTES)).any():
+            raise error(f"HeldItems.entries.hash_length: expected 1..{MAX_HASH_BYTES}")
+        offset = _HELD.fields["content_hash"][1]
+        raw = np.ascontiguousarray(array).view(np.uint8).reshape(len(array), _HELD.itemsize)
+        raw = raw[:, offset : offset + MAX_HASH_BYTES]
+        if (raw[np.arange(MAX_HASH_BYTES) >= lengths[:, None].astype(np.int64)] != 0).any():
+            raise error("HeldItems.entries.content_hash: bytes past hash_length are not zero")
+
+    @classmethod
+    def of(cls, src_rank: int, dst_rank: int, items: list[tuple[int, bytes]]) -> HeldItems:
+        out = entries(_HELD, len(items))
+        out["request_id"] = [rid for rid, _ in items]
+        out["content_hash"] = [h for _, h in items]
+        out["hash_length"] = [len(h) for _, h in items]
+        return cls.trusted(src_rank=src_rank, dst_rank=dst_rank, entries=out)
+
+    def items(self) -> list[Held]:
+        e, src = self.entries, self.src_rank
+        return [Held(rid, bytes(h).ljust(MAX_HASH_BYTES, b"\0")[:n], src) for rid, h, n in
+                zip(e["request_id"].tolist(), e["content_hash"].tolist(), e["hash_length"].tolist(), strict=True)]
+
+
+Record = Transfer | Allocations | Completions | Abort | Announce | Decisions | Member | PayloadInfo | HeldItems
 
 _BY_TYPE: dict[int, type[_Record]] = {
-    cls.RECORD_TYPE: cls for cls in (Transfer, Allocations, Completions, Abort, Announce, Decisions, Member)
+    cls.RECORD_TYPE: cls for cls in (Transfer, Allocations, Completions, Abort, Announce, Decisions, Member,
+                                     PayloadInfo, HeldItems)
 }
 
 
@@ -941,6 +1164,7 @@ def max_record_bytes(limits: Limits = DEFAULT_LIMITS) -> int:
         Decisions.bytes_for(1, limits.max_blocks) - _HEADER.size,
         Allocations._FIXED.size + Allocations.ENTRY.itemsize,
         Completions._FIXED.size + Completions.ENTRY.itemsize,
+        PAYLOAD_INFO_MAX_BYTES - _HEADER.size,
     )
     return _HEADER.size + largest_body
 
@@ -1074,6 +1298,10 @@ __all__ = [
     "DecisionAction",
     "Member",
     "MemberState",
+    "HeldItems",
+    "Metadata",
+    "PayloadInfo",
+    "PayloadItem",
     "Record",
     "RecordError",
     "RecordType",

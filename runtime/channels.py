@@ -234,7 +234,7 @@ class SendChannel(_Staging):
         return worked
 
     def _send_one(self) -> bool:
-        segments, requests = [], []
+        segments, requests, rows = [], [], []
         tokens = 0
         while self.queue and len(segments) < self.max_segments and tokens < self.capacity:
             chunk = self.queue[0]
@@ -243,9 +243,18 @@ class SendChannel(_Staging):
                 self.queue.popleft()
                 continue
             take = min(chunk.count, self.capacity - tokens)
+            row = chunk.start
+            if request.kept is not None:  # skipped items: a segment never crosses a gap
+                row, take = _payload_rows(request.kept, chunk.start, take)
+            if chunk.start == 0 and request.info is not None:
+                # What travels with the payload goes just before its first segment: on this
+                # ring, every rank this channel serves reads it first.
+                self.publish(request.info.__class__.trusted(**{**request.info.__dict__, "src_rank": self.rank,
+                                                               "dst_rank": self.destination}))
             segments.append(rec.Segment(request.request_id, chunk.round, chunk.start, take,
                                         request.total_tokens, request.mrope_delta))
             requests.append(request)
+            rows.append(row)
             tokens += take
             if take == chunk.count:
                 self.queue.popleft()
@@ -257,13 +266,12 @@ class SendChannel(_Staging):
         layout = self.layout(tuple(s.count for s in segments))
         slot = self.free_slots.popleft()
         staging = self.staging[slot]
-        starts = [s.start for s in segments]
         if self.spec.device.type == "cuda":
             addresses = np.array([r.addresses for r in requests], dtype=np.int64)
-            ops.pack_addressed_rows(requests[0].payload, addresses, np.array(starts, dtype=np.int64),
+            ops.pack_addressed_rows(requests[0].payload, addresses, np.array(rows, dtype=np.int64),
                                     [r.payload for r in requests], staging, layout)
         else:
-            ops.pack_rows([r.payload for r in requests], starts, staging, layout)
+            ops.pack_rows([r.payload for r in requests], rows, staging, layout)
         self.publish(rec.Transfer.trusted(src_rank=self.rank, dst_rank=self.destination, message=self.next_message,
                                   nbytes=layout.nbytes, segments=tuple(segments)))
         self.next_message += 1
@@ -272,6 +280,26 @@ class SendChannel(_Staging):
         if len(self.inflight) == 1 or all(h is not None for h in self.inflight[-2].posts.values()):
             self._post(sent)
         return True
+
+
+def _payload_rows(kept: list[tuple[int, int, int]], wire: int, count: int) -> tuple[int, int]:
+    """(payload row, tokens) of the stretch of wire rows from `wire` (at most `count`) that
+    stays inside one kept interval."""
+    for row, first, length in kept:
+        if first <= wire < first + length:
+            return row + wire - first, min(count, first + length - wire)
+    raise ValueError(f"wire row {wire} is in no kept interval {kept}")
+
+
+def wire_to_rows(kept: list[tuple[int, int, int]] | None, wire: int, count: int) -> int | None:
+    """The payload row of wire row `wire` when `[wire, wire + count)` lies inside one kept
+    interval; None if it does not (the sender never crosses a gap)."""
+    if kept is None:
+        return wire
+    for row, first, length in kept:
+        if first <= wire < first + length:
+            return row + wire - first if wire + count <= first + length else None
+    return None
 
 
 def _pair_state(transport: Transport, peer: int) -> tuple[str, str]:

@@ -59,6 +59,8 @@ class Config:
     staging_depth: int = 2
     # Segments (request rounds, or parts of them) one staging message may carry.
     max_segments_per_message: int = 64
+    # Bytes of a payload's metadata tensors, in all (at most records.MAX_METADATA_BYTES).
+    max_metadata_bytes: int = 1024
     heartbeat_interval_s: float = 0.5
     # A peer whose heartbeat is older than this is dead (its requests fail).
     peer_timeout_s: float = 10.0
@@ -115,6 +117,12 @@ class Config:
             value = getattr(self, name)
             if isinstance(value, bool) or not isinstance(value, int) or value < 1:
                 raise ValueError(f"config.{name}={value!r}: expected a positive integer")
+        from embxfer.control.records import MAX_METADATA_BYTES
+
+        if isinstance(self.max_metadata_bytes, bool) or not isinstance(self.max_metadata_bytes, int) \
+                or not 0 <= self.max_metadata_bytes <= MAX_METADATA_BYTES:
+            raise ValueError(f"config.max_metadata_bytes={self.max_metadata_bytes!r}: expected an integer in "
+                             f"0..{MAX_METADATA_BYTES} (the wire's bound)")
         for name in ("max_resume_tokens", "cache_bytes", "ring_slot_bytes"):
             value = getattr(self, name)
             if isinstance(value, bool) or not isinstance(value, int) or value < 0:

@@ -68,6 +68,8 @@ class Request:
         # language side
         "engine_admitted", "expected_tokens", "content_hash", "block_array", "round_tokens", "round_accepted",
         "round_landed", "direct", "outputs", "output_addresses", "output_bytes", "acks", "round_read", "resume_due",
+        # both: what travels with the payload (items, metadata) and where the wire's rows go
+        "info", "kept", "rows", "items",
     )
 
     def __init__(self, request_id: int, engine: str | None, *, total_tokens: int | None = None,
@@ -106,6 +108,13 @@ class Request:
         self.acks: set[int] | None = None  # leader: followers that read the current round
         self.round_read = False
         self.resume_due = False
+        # Items and metadata (a PayloadInfo: to send, or as received); `kept`: the row
+        # intervals that travel, (payload row, wire row, count), None when all do; `rows`:
+        # the payload's N (the wire carries `total_tokens` of them); `items`: declared at admit.
+        self.info: rec.PayloadInfo | None = None
+        self.kept: list[tuple[int, int, int]] | None = None
+        self.rows = total_tokens
+        self.items: tuple = ()
 
     @property
     def failed(self) -> bool:

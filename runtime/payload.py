@@ -1,10 +1,23 @@
-"""`Payload`: what the encoder produces for one request, validated once at the door."""
+"""`Payload`: what the encoder produces for one request, validated once at the door.
+
+Besides the fixed fields a payload may declare its multimodal **items** (`Item`: a
+content hash and the rows `[start, start + count)` the item occupies; the language side
+caches items and the encoder engine skips the vision model for the ones it holds, see
+`cache.py`) and carry a few small named **metadata** tensors (`image_grid_thw`, video
+timestamps, per-item token counts: at most `records.MAX_METADATA_ENTRIES` of them and
+`Config.max_metadata_bytes` in all), delivered with the payload on every language rank.
+"""
 
 from __future__ import annotations
 
-from dataclasses import dataclass
+from collections.abc import Mapping
+from dataclasses import dataclass, field
+from typing import NamedTuple
 
+import numpy as np
 import torch
+
+from embxfer.control import records as rec
 
 EMBEDDING_DTYPES = (torch.bfloat16, torch.float16, torch.float32)
 INT64_MIN, INT64_MAX = -(1 << 63), (1 << 63) - 1
@@ -24,17 +37,126 @@ def _check_tensor(name: str, value: object) -> torch.Tensor:
     return value
 
 
+class Item(NamedTuple):
+    """A multimodal item of a request: its content hash (bytes or str; e.g. vLLM's
+    mm_hash, a digest of the pixels and processor settings) and the rows it occupies."""
+
+    content_hash: bytes | str
+    start: int
+    count: int
+
+
+_METADATA_CODES = {torch.int32: 1, torch.int64: 2, torch.float32: 3, torch.float64: 4, torch.uint8: 5,
+                   torch.int16: 6, torch.float16: 8}
+_METADATA_TORCH = {code: dtype for dtype, code in _METADATA_CODES.items()}
+_BITS_OF = {torch.bfloat16: torch.int16}
+
+
+def content_hash_bytes(value: bytes | str, what: str = "content_hash") -> bytes:
+    """An engine's content hash as 1..32 bytes (longer ones, e.g. hex strings of a
+    SHA-256, are hashed down with BLAKE2b)."""
+    if isinstance(value, str):
+        value = value.encode()
+    if not isinstance(value, bytes) or not value:
+        raise ValueError(f"{what}={value!r:.60}: expected non-empty bytes or str")
+    if len(value) > rec.MAX_HASH_BYTES:
+        import hashlib
+
+        value = hashlib.blake2b(value, digest_size=rec.MAX_HASH_BYTES).digest()
+    return value
+
+
+def check_items(items: object, num_tokens: int | None, what: str = "items") -> tuple[Item, ...]:
+    """Items as a tuple of `Item` (hash as bytes), ValueError naming the first bad one:
+    at most MAX_ITEMS, rows inside [0, N), in order, not overlapping."""
+    if items is None:
+        return ()
+    if isinstance(items, (str, bytes)) or not hasattr(items, "__iter__"):
+        raise ValueError(f"{what}={items!r:.60}: expected a sequence of Item(content_hash, start, count)")
+    checked = []
+    end = 0
+    for index, item in enumerate(items):
+        try:
+            content_hash, start, count = item
+        except (TypeError, ValueError):
+            raise ValueError(f"{what}[{index}]={item!r:.60}: expected Item(content_hash, start, count)") from None
+        for name, value in (("start", start), ("count", count)):
+            if isinstance(value, bool) or not isinstance(value, int):
+                raise ValueError(f"{what}[{index}].{name}={value!r}: expected an integer")
+        if start < end or count < 1 or (num_tokens is not None and start + count > num_tokens):
+            limit = f"[{end}, {num_tokens})" if num_tokens is not None else f"from {end} on"
+            raise ValueError(f"{what}[{index}]: rows [{start}, {start + count}), expected inside {limit}, after "
+                             "the item before it")
+        checked.append(Item(content_hash_bytes(content_hash, f"{what}[{index}].content_hash"), start, count))
+        end = start + count
+    if len(checked) > rec.MAX_ITEMS:
+        raise ValueError(f"{what}: {len(checked)} items, expected at most {rec.MAX_ITEMS}")
+    return tuple(checked)
+
+
+def metadata_records(metadata: Mapping[str, torch.Tensor], max_bytes: int,
+                     bound: str = "config.max_metadata_bytes") -> tuple[rec.Metadata, ...]:
+    """The metadata as it travels (raw little-endian bytes), ValueError naming the entry
+    that is not a small tensor of a supported dtype, or the total past `max_bytes`."""
+    if not isinstance(metadata, Mapping):
+        raise ValueError(f"payload.metadata: expected a mapping of names to tensors, got {type(metadata).__name__}")
+    if len(metadata) > rec.MAX_METADATA_ENTRIES:
+        raise ValueError(f"payload.metadata: {len(metadata)} entries, expected at most {rec.MAX_METADATA_ENTRIES}")
+    out, total = [], 0
+    for name, tensor in metadata.items():
+        if not isinstance(name, str) or not 1 <= len(name) <= rec.MAX_NAME_BYTES or not name.isascii() \
+                or not all(c.isalnum() or c in "_.-" for c in name):
+            raise ValueError(f"payload.metadata: name {name!r}: expected 1..{rec.MAX_NAME_BYTES} characters from "
+                             "[A-Za-z0-9_.-]")
+        if not isinstance(tensor, torch.Tensor):
+            raise ValueError(f"payload.metadata[{name!r}]: expected a torch.Tensor, got {type(tensor).__name__}")
+        if tensor.dim() > rec.MAX_METADATA_DIMS:
+            raise ValueError(f"payload.metadata[{name!r}]: {tensor.dim()} dims, expected at most "
+                             f"{rec.MAX_METADATA_DIMS}")
+        dtype = tensor.dtype
+        code = 7 if dtype == torch.bfloat16 else _METADATA_CODES.get(dtype)
+        if code is None:
+            raise ValueError(f"payload.metadata[{name!r}]: dtype {_dtype_name(dtype)}, expected one of int32, int64, "
+                             "int16, uint8, float16, bfloat16, float32, float64")
+        host = tensor.detach().to("cpu").contiguous()
+        if dtype == torch.bfloat16:
+            host = host.view(torch.int16)
+        data = host.numpy().astype(host.numpy().dtype.newbyteorder("<"), copy=False).tobytes()
+        total += len(data)
+        if total > max_bytes:
+            raise ValueError(f"payload.metadata: {total} bytes or more in all, expected at most {bound}={max_bytes}")
+        out.append(rec.Metadata(name, code, tuple(tensor.shape), data))
+    return tuple(out)
+
+
+def metadata_tensors(entries: tuple[rec.Metadata, ...]) -> dict[str, torch.Tensor]:
+    """The metadata as the language side hands it out: CPU tensors, by name."""
+    out = {}
+    for entry in entries:
+        if entry.dtype == 7:  # bfloat16 travels as its bits
+            array = np.frombuffer(entry.data, dtype="<i2").copy().reshape(entry.shape)
+            out[entry.name] = torch.from_numpy(array).view(torch.bfloat16)
+        else:
+            array = np.frombuffer(entry.data, dtype=rec.METADATA_DTYPES[entry.dtype]).copy().reshape(entry.shape)
+            out[entry.name] = torch.from_numpy(array).to(_METADATA_TORCH[entry.dtype])
+    return out
+
+
 @dataclass(frozen=True, eq=False)
 class Payload:
     """One request's tensors: `embeddings [N, D]`, `fill_ids [N]` int32,
     `mrope_positions [3, N]` int32, `mrope_delta` (int64 range) and optional
-    `deepstack [N, K*D]` in the embeddings' dtype. All on one device, contiguous."""
+    `deepstack [N, K*D]` in the embeddings' dtype. All on one device, contiguous.
+    Optional `items` (`Item`s: which rows are which multimodal item) and `metadata`
+    (small named tensors, see the module docstring)."""
 
     embeddings: torch.Tensor
     fill_ids: torch.Tensor
     mrope_positions: torch.Tensor
     mrope_delta: int
     deepstack: torch.Tensor | None = None
+    items: tuple[Item, ...] = ()
+    metadata: Mapping[str, torch.Tensor] = field(default_factory=dict)
 
     def __post_init__(self) -> None:
         emb = _check_tensor("embeddings", self.embeddings)
@@ -110,15 +232,21 @@ class Payload:
             tensor = getattr(self, name)
             if not tensor.is_contiguous():
                 object.__setattr__(self, name, tensor.contiguous())
+        object.__setattr__(self, "items", check_items(self.items, n, "payload.items"))
+        if self.metadata:
+            # The wire's bound here; submit checks the engine's (config.max_metadata_bytes).
+            metadata_records(self.metadata, rec.MAX_METADATA_BYTES, "records.MAX_METADATA_BYTES")
+        object.__setattr__(self, "metadata", dict(self.metadata))
 
     @classmethod
     def _trusted(cls, embeddings: torch.Tensor, fill_ids: torch.Tensor, mrope_positions: torch.Tensor,
-                 mrope_delta: int, deepstack: torch.Tensor | None = None) -> Payload:
+                 mrope_delta: int, deepstack: torch.Tensor | None = None, items: tuple[Item, ...] = (),
+                 metadata: dict | None = None) -> Payload:
         """A Payload of tensors embxfer made itself (validated by construction): no checks."""
         payload = object.__new__(cls)
         for name, value in (("embeddings", embeddings), ("fill_ids", fill_ids),
                             ("mrope_positions", mrope_positions), ("mrope_delta", mrope_delta),
-                            ("deepstack", deepstack)):
+                            ("deepstack", deepstack), ("items", items), ("metadata", metadata or {})):
             object.__setattr__(payload, name, value)
         return payload
 
@@ -157,6 +285,8 @@ class Payload:
             mrope_positions=self.mrope_positions.to(device),
             mrope_delta=self.mrope_delta,
             deepstack=None if self.deepstack is None else self.deepstack.to(device),
+            items=self.items,
+            metadata=self.metadata,
         )
 
     def bit_equal(self, other: Payload) -> bool:
@@ -168,6 +298,13 @@ class Payload:
         diffs: list[str] = []
         if self.mrope_delta != other.mrope_delta:
             diffs.append("mrope_delta")
+        mine, theirs = self.metadata or {}, other.metadata or {}
+        if set(mine) != set(theirs) or any(
+                mine[k].shape != theirs[k].shape or mine[k].dtype != theirs[k].dtype
+                or not torch.equal(mine[k].cpu().view(_BITS_OF.get(mine[k].dtype, mine[k].dtype)),
+                                   theirs[k].cpu().view(_BITS_OF.get(theirs[k].dtype, theirs[k].dtype)))
+                for k in mine if k in theirs):
+            diffs.append("metadata")
         for name in ("embeddings", "fill_ids", "mrope_positions", "deepstack"):
             a, b = getattr(self, name), getattr(other, name)
             if a is None or b is None:

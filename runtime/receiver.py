@@ -39,16 +39,17 @@ import time
 from collections import OrderedDict, deque
 
 import numpy as np
+import torch
 
 from embxfer.control import records as rec
-from embxfer.kernels import ops
+from embxfer.kernels import RowTensors, ops
 
 from .allocator import BlockAllocator
 from .cache import PayloadCache
-from .channels import RecvChannel, RecvMessage, segment_plan
+from .channels import RecvChannel, RecvMessage, segment_plan, wire_to_rows
 from .endpoint import Endpoint, Request, check_request_id
 from .membership import EngineView, Role, engine_name
-from .payload import Payload
+from .payload import Item, Payload, check_items, metadata_tensors
 from .pool import BlockPool
 from .state import RequestState
 
@@ -59,8 +60,8 @@ EARLY_MEMORY = 4096
 _NO_BLOCKS = np.zeros(0, dtype=np.int64)
 # What a language rank reads of the records every peer publishes (the rest is stepped over).
 _T = rec.RecordType
-LEADER_WANTS = frozenset({_T.TRANSFER, _T.COMPLETIONS, _T.ABORT, _T.ANNOUNCE, _T.MEMBER})
-FOLLOWER_WANTS = frozenset({_T.TRANSFER, _T.DECISIONS, _T.ABORT, _T.MEMBER})
+LEADER_WANTS = frozenset({_T.TRANSFER, _T.COMPLETIONS, _T.ABORT, _T.ANNOUNCE, _T.MEMBER, _T.PAYLOAD_INFO})
+FOLLOWER_WANTS = frozenset({_T.TRANSFER, _T.DECISIONS, _T.ABORT, _T.MEMBER, _T.PAYLOAD_INFO})
 
 
 class Receiver(Endpoint):
@@ -96,18 +97,27 @@ class Receiver(Endpoint):
         self._allocations: dict[int, list[tuple]] = {}
         self._completions: dict[int, list[tuple]] = {}
         self._decisions: list[tuple] = []
+        self._held: dict[int, list[tuple[int, bytes]]] = {}
+        # Items kept in the cache for requests in flight (leader and followers alike, in
+        # decision order), and what came with payloads before their first segment.
+        self._pinned: dict[int, list[bytes]] = {}
+        self._infos: OrderedDict[int, rec.PayloadInfo] = OrderedDict()
 
     # -- public API -----------------------------------------------------------------
     def admit(self, request_id: int, encoder_engine: str | int = 0, *, expected_tokens: int | None = None,
-              content_hash: bytes | str | None = None) -> None:
+              content_hash: bytes | str | None = None, items: list | None = None) -> None:
         """Start receiving `request_id` from `encoder_engine` (its name, or its index in a
         one-world layout). The leader reserves the first allocation (now, or as soon as
         blocks are free and the engine has joined) and announces it: exactly
         `expected_tokens` (rounded up to blocks, capped by the pool) when the size is known
         by then (given here, or announced by the encoder side), else the default
         allocation. With `content_hash` (e.g. the engine's mm_hash) a payload still in
-        the cache completes the request at once, without a transfer. An engine that is
-        draining, left or dead fails the request at once (`state()` says FAILED)."""
+        the cache completes the request at once, without a transfer. With `items` (`Item`s:
+        each multimodal item's content hash and rows), the leader looks each up in the
+        cache: those it holds are kept for this request and the encoder side is told
+        (`Sender.lookup_items`), so it can skip the vision model for them and send the
+        other rows only. An engine that is draining, left or dead fails the request at once
+        (`state()` says FAILED)."""
         check_request_id(request_id)
         self._check_open("admit")
         name = engine_name(Role.ENCODER, encoder_engine)
@@ -117,6 +127,7 @@ class Receiver(Endpoint):
                                             or not 1 <= expected_tokens <= 0xFFFFFFFF):
             raise ValueError(f"expected_tokens={expected_tokens!r}: expected None or an integer in 1..2**32-1")
         content_hash = _content_hash(content_hash)
+        items = check_items(items, expected_tokens)
         request = self.requests.get(request_id)
         if request is not None:
             if not self.is_leader and not request.engine_admitted and request.engine in (None, name):
@@ -130,6 +141,7 @@ class Receiver(Endpoint):
         self.retired.pop(request_id, None)
         request = Request(request_id, name, expected_tokens=expected_tokens, content_hash=content_hash,
                           engine_admitted=True)
+        request.items = items
         self._add(request)
         if self.broken is not None:
             self._fail(request, rec.AbortReason.PEER_DEAD, self.broken, notify=False)
@@ -162,8 +174,29 @@ class Receiver(Endpoint):
                 self._complete_from_cache(request)
                 return
             self.cache.misses += 1
+        for item in request.items:
+            if self.cache.holds_item(item.content_hash, item.count) and self.cache.pin(item.content_hash,
+                                                                                       request.request_id):
+                self._pinned.setdefault(request.request_id, []).append(item.content_hash)
+                self._decide_pin(request, item.content_hash)
+                self._held.setdefault(view.leader, []).append((request.request_id, item.content_hash))
+            elif not self.cache.holds_item(item.content_hash, item.count):
+                self.cache.item_misses += 1
         self._admission.append(request)
         self._admit_waiting()
+
+    def arrived(self, request_id: int) -> tuple[int, int | None]:
+        """(rows of the request in its outputs so far, its N or None while unknown): for a
+        scheduler that starts on what is there, and for debugging a slow transfer. Rows of
+        cached items count once its outputs exist."""
+        request = self._lookup(check_request_id(request_id))
+        if request.state is RequestState.SUCCESS:
+            return request.rows, request.rows
+        if request.total_tokens is None:
+            return 0, None
+        landed = request.sent_tokens + (request.round_landed if request.direct else 0)
+        skipped = request.rows - request.total_tokens if request.outputs is not None else 0
+        return landed + skipped, request.rows
 
     def take(self, request_id: int) -> Payload:
         """The completed payload as contiguous tensors; the request is forgotten. The
@@ -182,8 +215,11 @@ class Receiver(Endpoint):
         outputs = request.outputs
         self._drop_outputs(request)
         self._retire(request)  # remembered (bounded) so that late records are known as late
+        info = request.info
+        items = () if info is None else tuple(Item(i.content_hash, i.start, i.count) for i in info.items)
         return Payload._trusted(outputs.embeddings, outputs.fill_ids, outputs.mrope_positions,
-                                request.mrope_delta, outputs.deepstack)
+                                request.mrope_delta, outputs.deepstack, items,
+                                metadata_tensors(info.metadata) if info is not None and info.metadata else None)
 
     def abort(self, request_id: int, message: str = "aborted by the language engine") -> None:
         """Fail a request in flight, on both sides; a finished one is released (a SUCCESS
@@ -236,6 +272,9 @@ class Receiver(Endpoint):
                 self._on_announce(record)
         elif kind is rec.Member:
             self._member_state(record.src_rank, "draining" if record.state is rec.MemberState.DRAINING else "left")
+        elif kind is rec.PayloadInfo:
+            if record.src_rank in self.channels and record.dst_rank == self.me.incarnation:
+                _remember(self._infos, record.request_id, record)
 
     def _on_abort(self, record: rec.Abort) -> None:
         request = self.requests.get(record.request_id)
@@ -320,10 +359,15 @@ class Receiver(Endpoint):
             self._fail(request, rec.AbortReason.INVALID, problem, notify=True)
             return None
         if request.total_tokens is None:  # first round: the only source of N and delta (R3)
-            need = segment.total_tokens * self.spec.bytes_per_token
+            problem = self._take_info(request, segment)
+            if problem:
+                self.stats.rejected_records += 1
+                self._fail(request, rec.AbortReason.INVALID, problem, notify=True)
+                return None
+            need = request.rows * self.spec.bytes_per_token
             if need > self.config.output_budget_bytes:
                 self._fail(request, rec.AbortReason.BUDGET,
-                           f"N={segment.total_tokens} tokens need {need} bytes of outputs, more than "
+                           f"N={request.rows} tokens need {need} bytes of outputs, more than "
                            f"output_budget_bytes={self.config.output_budget_bytes}", notify=True)
                 return None
             request.total_tokens = segment.total_tokens
@@ -335,6 +379,49 @@ class Receiver(Endpoint):
         request.round_accepted += segment.count
         request.last_progress = time.monotonic()
         return request
+
+    def _take_info(self, request: Request, segment: rec.Segment) -> str | None:
+        """What came with the payload (items, metadata; PayloadInfo, read just before its
+        first segment): which rows travel, and the cached items that fill the others."""
+        info = self._infos.pop(request.request_id, None)
+        request.rows = segment.total_tokens
+        if info is None:
+            return None
+        if info.wire_tokens != segment.total_tokens:
+            return (f"the payload's info says {info.wire_tokens} of {info.total_tokens} rows travel, its first "
+                    f"segment says {segment.total_tokens}")
+        pinned = self._pinned.get(request.request_id, ())
+        kept, wire, row = [], 0, 0
+        for item in info.items:
+            if not item.skipped:
+                continue
+            if item.content_hash not in pinned or not self.cache.holds_item(item.content_hash, item.count):
+                return (f"the encoder side skipped item {item.content_hash.hex()[:16]} (rows {item.start}.."
+                        f"{item.start + item.count}), which this rank does not hold for this request")
+            if item.start > row:
+                kept.append((row, wire, item.start - row))
+                wire += item.start - row
+            row = item.start + item.count
+        if row < info.total_tokens:
+            kept.append((row, wire, info.total_tokens - row))
+        request.info, request.rows = info, info.total_tokens
+        request.kept = kept if any(item.skipped for item in info.items) else None
+        return None
+
+    def _fill_items(self, request: Request) -> None:
+        """The rows of the items the encoder side skipped, from the cache, their positions
+        moved to where each item sits in this request (its anchor)."""
+        for item in request.info.items:
+            if item.skipped:
+                cached = self.cache.item(item.content_hash)
+                target = RowTensors(*(None if t is None else t[:, item.start : item.start + item.count] if i == 2
+                                      else t[item.start : item.start + item.count]
+                                      for i, t in enumerate(request.outputs)))
+                for source, dest in zip(cached, target, strict=True):
+                    if source is not None:
+                        dest.copy_(source)
+                target.mrope_positions.add_(torch.tensor(item.anchor, dtype=torch.int32,
+                                                         device=target.mrope_positions.device).view(3, 1))
 
     def _check_segment(self, request: Request, s: rec.Segment, source: EngineView) -> str | None:
         if request.peer is None:  # a follower binds on the first segment from its serving rank
@@ -355,6 +442,8 @@ class Receiver(Endpoint):
             return (f"TRANSFER segment [{s.start}, {s.start + s.count}) overruns round {s.round} "
                     f"[{request.sent_tokens}, {request.sent_tokens + round_tokens}) = min(remaining, "
                     f"allocated {request.allocated_tokens})")
+        if request.kept is not None and wire_to_rows(request.kept, s.start, s.count) is None:
+            return f"TRANSFER segment [{s.start}, {s.start + s.count}) crosses a skipped item"
         return None
 
     def _landed(self, message: RecvMessage, staging) -> None:
@@ -368,7 +457,8 @@ class Receiver(Endpoint):
             if request.direct:
                 direct.append(index)
                 outputs.append(request.outputs)
-                starts.append(segment.start)
+                starts.append(segment.start if request.kept is None else wire_to_rows(request.kept, segment.start,
+                                                                                       segment.count))
             else:
                 pooled.append(index)
                 blocks.append(request.block_array)
@@ -396,14 +486,16 @@ class Receiver(Endpoint):
 
     def _take_outputs(self, request: Request) -> bool:
         """Give `request` its outputs now if the budget has room and no one waits for it."""
-        need = request.total_tokens * self.spec.bytes_per_token
+        need = request.rows * self.spec.bytes_per_token
         if self._budget_waiting or self.output_bytes + need > self.config.output_budget_bytes:
             return False
-        request.outputs = self.pool.empty_rows(request.total_tokens)
+        request.outputs = self.pool.empty_rows(request.rows)
         if self.spec.device.type == "cuda":
             request.output_addresses = ops.row_addresses(request.outputs)
         request.output_bytes = need
         self.output_bytes += need
+        if request.kept is not None:
+            self._fill_items(request)
         return True
 
     def _read_out(self) -> None:
@@ -424,14 +516,18 @@ class Receiver(Endpoint):
             ready.append(request)
         if not ready:
             return
-        counts = [r.round_tokens for r in ready]
-        plan = segment_plan([r.block_array for r in ready], [0] * len(ready), counts, self.config.block_size)
-        starts = np.array([r.sent_tokens for r in ready], dtype=np.int64)
+        # A round is read in pieces that each land in one stretch of the outputs (one piece,
+        # unless the encoder side skipped cached items inside it).
+        pieces = [(r, offset, count, row) for r in ready for offset, count, row in _round_pieces(r)]
+        counts = [count for _, _, count, _ in pieces]
+        plan = segment_plan([r.block_array for r, _, _, _ in pieces], [offset for _, offset, _, _ in pieces], counts,
+                            self.config.block_size)
+        starts = np.array([row for _, _, _, row in pieces], dtype=np.int64)
         if self.spec.device.type == "cuda":
-            addresses = np.array([r.output_addresses for r in ready], dtype=np.int64)
+            addresses = np.array([r.output_addresses for r, _, _, _ in pieces], dtype=np.int64)
         else:
             addresses = None
-        ops.gather_addressed(self.pool.tensors, plan, counts, [r.outputs for r in ready], addresses, starts)
+        ops.gather_addressed(self.pool.tensors, plan, counts, [r.outputs for r, _, _, _ in pieces], addresses, starts)
         self._rounds_read(ready)
 
     def _rounds_read(self, requests: list[Request]) -> None:
@@ -489,7 +585,28 @@ class Receiver(Endpoint):
         rank in decision order, so the ranks' caches stay identical)."""
         if content_hash:
             self.cache.insert(content_hash, request.outputs, request.mrope_delta)
+        self._cache_items(request)
+        self._unpin(request.request_id)
         self._set_state(request, RequestState.SUCCESS)
+
+    def _cache_items(self, request: Request) -> None:
+        """Every item this request brought (not taken from the cache) goes into the cache,
+        on every rank in decision order, from the rows this rank received."""
+        if request.info is None or request.outputs is None or not self.cache.capacity_bytes:
+            return
+        out = request.outputs
+        for item in request.info.items:
+            if not item.skipped:
+                end = item.start + item.count
+                self.cache.insert_item(item.content_hash, RowTensors(
+                    out.embeddings[item.start : end], out.fill_ids[item.start : end],
+                    out.mrope_positions[:, item.start : end],
+                    None if out.deepstack is None else out.deepstack[item.start : end]))
+
+    def _unpin(self, request_id: int) -> None:
+        pinned = self._pinned.pop(request_id, None)
+        if pinned:
+            self.cache.unpin_request(request_id, pinned)
 
     def _try_resume(self, request: Request) -> bool:
         remaining = request.total_tokens - request.sent_tokens
@@ -558,11 +675,17 @@ class Receiver(Endpoint):
                                 request.total_tokens or 0, request.allocated_tokens, request.mrope_delta,
                                 content_hash, request.block_array if request.blocks else _NO_BLOCKS))
 
+    def _decide_pin(self, request: Request, content_hash: bytes) -> None:
+        if self.followers:
+            self._decisions.append((request.request_id, 0, rec.DecisionAction.PIN, 0, 0, 0, 0, content_hash,
+                                    _NO_BLOCKS))
+
     def _emit(self) -> None:
         """This step's allocations, completions and decisions, one batch record per peer and
         kind, cut to fit a frame; decisions keep the order they were made in."""
         capacity = self.bus.outbox.capacity
-        for pending, kind in ((self._allocations, rec.Allocations), (self._completions, rec.Completions)):
+        for pending, kind in ((self._held, rec.HeldItems), (self._allocations, rec.Allocations),
+                              (self._completions, rec.Completions)):
             if pending:
                 fit = kind.entries_that_fit(capacity)
                 for dst, items in pending.items():
@@ -611,6 +734,12 @@ class Receiver(Endpoint):
 
     # -- followers: apply the leader's decisions ---------------------------------------------
     def _apply_decision(self, d: rec.Decision) -> None:
+        if d.action is rec.DecisionAction.PIN:
+            # The leader keeps this cached item for the request (it comes before the
+            # request's ADMIT): so does this rank, in the same order.
+            if self.cache.pin(d.content_hash, d.request_id):
+                self._pinned.setdefault(d.request_id, []).append(d.content_hash)
+            return
         if d.action in (rec.DecisionAction.FAIL, rec.DecisionAction.COMPLETE) and d.request_id in self._awaiting_free:
             self._settle_terminal(self._awaiting_free.pop(d.request_id), d)
             return
@@ -734,6 +863,7 @@ class Receiver(Endpoint):
 
     def _fail_cleanup(self, request: Request) -> None:
         request.resume_due = False
+        self._unpin(request.request_id)
         leader_gone = self.leader_rank in self.dead_peers or self.broken is not None
         if self.is_leader or leader_gone:
             self._drop_outputs(request)
@@ -768,6 +898,20 @@ class Receiver(Endpoint):
             self._release_blocks(request)
             self._drop_outputs(request)
         self._awaiting_free.clear()
+
+
+def _round_pieces(request: Request) -> list[tuple[int, int, int]]:
+    """(offset in the round, tokens, output row) of each stretch of the current round that
+    lands in one stretch of the outputs."""
+    first, count = request.sent_tokens, request.round_tokens
+    if request.kept is None:
+        return [(0, count, first)]
+    pieces = []
+    for row, wire, length in request.kept:
+        lo, hi = max(first, wire), min(first + count, wire + length)
+        if lo < hi:
+            pieces.append((lo - first, hi - lo, row + lo - wire))
+    return pieces
 
 
 class _EncoderPeer:

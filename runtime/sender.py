@@ -24,19 +24,21 @@ from __future__ import annotations
 import time
 from collections import OrderedDict
 
+import torch
+
 from embxfer.control import records as rec
 from embxfer.kernels import ops
 
 from .channels import SendChannel, SendChunk
 from .endpoint import Endpoint, Request, check_request_id
 from .membership import EngineView, Role, engine_name
-from .payload import Payload
+from .payload import Payload, metadata_records
 from .state import RequestState
 
 MAX_PENDING_ALLOCATIONS = 4096
 # What an encoder rank reads of the records every peer publishes (the rest is stepped over).
 WANTED = frozenset({rec.RecordType.ALLOCATIONS, rec.RecordType.COMPLETIONS, rec.RecordType.ABORT,
-                    rec.RecordType.MEMBER})
+                    rec.RecordType.MEMBER, rec.RecordType.HELD})
 
 
 class Sender(Endpoint):
@@ -52,6 +54,8 @@ class Sender(Endpoint):
         self._early_allocations: OrderedDict[int, rec.Allocation] = OrderedDict()
         self._early_cached: OrderedDict[int, rec.Completion] = OrderedDict()
         self._early_aborts: OrderedDict[int, str] = OrderedDict()
+        # Items the language side holds, by request (HeldItems records): what lookup_items says.
+        self._held: OrderedDict[int, tuple[int, set[bytes]]] = OrderedDict()
 
     @property
     def dummy(self) -> bool:
@@ -85,9 +89,12 @@ class Sender(Endpoint):
         self.spec.check_payload(payload)
         if payload.num_tokens > 0xFFFFFFFF:
             raise ValueError(f"payload.embeddings: N={payload.num_tokens}, expected at most 2**32 - 1 tokens")
+        metadata = payload_metadata(payload, self.config.max_metadata_bytes)
         self.retired.pop(request_id, None)
         request = Request(request_id, target, total_tokens=payload.num_tokens, mrope_delta=payload.mrope_delta,
                           engine_admitted=True)
+        if payload.items or metadata:
+            self._describe(request, payload, metadata)
         self._add(request)
         if self.broken is not None:
             self._fail(request, rec.AbortReason.PEER_DEAD, self.broken, notify=False)
@@ -138,6 +145,48 @@ class Sender(Endpoint):
             raise ValueError(f"{verb}(language_engine=None): {len(usable)} language engines are in the job "
                              f"({', '.join(sorted(v.name for v in usable))}); name one")
         return usable[0] if usable else None
+
+    def lookup_items(self, request_id: int) -> set[bytes]:
+        """The content hashes of `request_id`'s items that the language side holds (it told
+        this engine when it admitted the request): the engine may skip the vision model
+        for them, and `submit` then sends only the other rows (the skipped items' rows of
+        the payload are not read: leave them uninitialised). Non-blocking; make
+        `progress()` calls for the answer to arrive. Hashes as `content_hash_bytes` makes
+        them (str hashes encoded, long ones hashed down)."""
+        held = self._held.get(check_request_id(request_id))
+        return set(held[1]) if held is not None else set()
+
+    def _describe(self, request: Request, payload: Payload, metadata: tuple) -> None:
+        """What travels with `payload` besides its rows, and which of its rows travel: every
+        row but those of the items the language side holds."""
+        held = self._held.pop(request.request_id, (None, set()))
+        skipped = [item for item in payload.items if item.content_hash in held[1]]
+        anchors = {}
+        if skipped:
+            starts = torch.tensor([item.start for item in skipped], device=payload.mrope_positions.device)
+            anchors = dict(zip((item.start for item in skipped),
+                               payload.mrope_positions[:, starts].t().tolist(), strict=True))
+        items, kept, wire, row = [], [], 0, 0
+        for item in payload.items:
+            is_skipped = item.start in anchors
+            items.append(rec.PayloadItem(item.content_hash, item.start, item.count, is_skipped,
+                                         tuple(anchors.get(item.start, (0, 0, 0)))))
+            if is_skipped:
+                if item.start > row:
+                    kept.append((row, wire, item.start - row))
+                    wire += item.start - row
+                row = item.start + item.count
+        if row < payload.num_tokens:
+            kept.append((row, wire, payload.num_tokens - row))
+            wire += payload.num_tokens - row
+        request.info = rec.PayloadInfo.trusted(src_rank=self.rank, dst_rank=-1, request_id=request.request_id,
+                                               total_tokens=payload.num_tokens, items=tuple(items),
+                                               metadata=metadata)
+        if skipped:
+            request.kept, request.total_tokens = kept, wire
+            held_engine = held[0]
+            if request.engine is None and held_engine is not None:
+                request.engine = held_engine  # the engine that said it holds them serves it
 
     def lookup(self, request_id: int) -> bool:
         """True when the language side has served `request_id` from its cache (a content
@@ -199,6 +248,15 @@ class Sender(Endpoint):
                 self._on_abort(record)
         elif kind is rec.Member:
             self._member_state(record.src_rank, "draining" if record.state is rec.MemberState.DRAINING else "left")
+        elif kind is rec.HeldItems:
+            if record.dst_rank == self.me.incarnation:
+                view = self.directory.view_of(record.src_rank)
+                if view is not None and view.leader == record.src_rank and view.role is Role.LANGUAGE:
+                    for held in record.items():
+                        entry = self._held.setdefault(held.request_id, (view.name, set()))
+                        entry[1].add(held.content_hash)
+                    while len(self._held) > MAX_PENDING_ALLOCATIONS:
+                        self._held.popitem(last=False)
 
     def _on_abort(self, record: rec.Abort) -> None:
         request = self.requests.get(record.request_id)
@@ -389,6 +447,11 @@ class _LanguagePeer:
     def __init__(self, view: EngineView, channel: SendChannel | None) -> None:
         self.view = view
         self.channel = channel
+
+
+def payload_metadata(payload: Payload, max_bytes: int) -> tuple:
+    """The payload's metadata as it travels, checked against this engine's bound."""
+    return metadata_records(payload.metadata, max_bytes) if payload.metadata else ()
 
 
 def _remember(memory: OrderedDict, key: int, value: object) -> None:

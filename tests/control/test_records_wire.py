@@ -379,7 +379,7 @@ def test_random_bytes_never_crash_the_decoder(raw):
         ([entry(_PLAIN, 3, 0)], [1, 5, 9], "allocated_tokens"),
         ([entry(0, 0, 128)], [], "allocated_tokens"),  # tokens without blocks
         ([entry(_PLAIN, 3, 384, action=0)], [1, 5, 9], "action"),
-        ([entry(_PLAIN, 3, 384, action=7)], [1, 5, 9], "action"),
+        ([entry(_PLAIN, 3, 384, action=8)], [1, 5, 9], "action"),
         ([entry(_PLAIN, 3, 384, sent=11, total=10)], [1, 5, 9], "sent_tokens"),
         ([entry(_PLAIN, 3, 384, request_id=-1)], [1, 5, 9], "request_id"),
         ([entry(_PLAIN, 3, 384), entry(_PLAIN, 1, 128)], [1, 5, 9], "the entries name 4 items"),
@@ -539,10 +539,21 @@ def worst_decision(pool_blocks: int, block_size: int = 1) -> Decisions:
                              scattered(pool_blocks))])
 
 
+def largest_payload_info() -> rec.PayloadInfo:
+    """Every item a payload may declare and every byte of metadata, in the most entries."""
+    items = tuple(rec.PayloadItem(b"h" * rec.MAX_HASH_BYTES, 10 * i, 10, i % 2 == 1, (1, 2, 3))
+                  for i in range(rec.MAX_ITEMS))
+    per_entry = rec.MAX_METADATA_BYTES // rec.MAX_METADATA_ENTRIES
+    metadata = tuple(rec.Metadata(f"{i}".rjust(rec.MAX_NAME_BYTES, "m"), 5, (1, 1, 1, per_entry),
+                                  bytes(per_entry)) for i in range(rec.MAX_METADATA_ENTRIES))
+    return rec.PayloadInfo(0, 1, 7, 10 * rec.MAX_ITEMS + 1, items, metadata)
+
+
 def largest_others(limits: Limits) -> tuple[rec.Record, ...]:
-    """The largest TRANSFER, ABORT and one-entry ALLOCATIONS and COMPLETIONS `limits` allow."""
+    """The largest TRANSFER, ABORT, PAYLOAD_INFO and one-entry ALLOCATIONS and COMPLETIONS
+    `limits` allow."""
     return (Transfer(0, -1, 0, 1, tuple(Segment(i, 0, 0, 1, 1, 0) for i in range(limits.max_segments))),
-            Abort(1, AbortReason.USER, "x" * MAX_MESSAGE_BYTES, 0, -1),
+            Abort(1, AbortReason.USER, "x" * MAX_MESSAGE_BYTES, 0, -1), largest_payload_info(),
             Allocations.of(0, 1, [(1, 0, 0, 1)]), Completions.of(0, 1, [(1, 0, 0, 0, 0)]))
 
 

@@ -21,6 +21,7 @@ DEFAULTS = {
     "staging_bytes": 32 << 20,
     "staging_depth": 2,
     "max_segments_per_message": 64,
+    "max_metadata_bytes": 1024,
     "heartbeat_interval_s": 0.5,
     "peer_timeout_s": 10.0,
     "request_timeout_s": 120.0,
