@@ -20,17 +20,28 @@ holding a connected RemoteLink (heartbeats every 0.5 s, the runtime's default).
     python bench/ring.py --json bench/results/ring-cpu.json
 
 writes the JSON and a PNG of the latency distributions next to it, in under a minute.
+
+    python bench/ring.py --baseline REV [--rounds 7]
+
+also measures the ring of git revision REV (its control/ring.py with the _process.py and
+deadlines.py beside it, loaded as a package of its own) against the checkout's, in the
+same run and interleaved: each round runs hot, parked and throughput for one, then the
+other (the order alternating from round to round), so a drift of the machine's speed
+hits both alike. The JSON's "compare" holds every round's figures and their medians.
 """
 
 from __future__ import annotations
 
 import argparse
+import importlib
 import importlib.util
 import json
 import multiprocessing
 import os
 import platform
 import socket
+import statistics
+import subprocess
 import sys
 import tempfile
 import time
@@ -45,7 +56,7 @@ if "embxfer" not in sys.modules:
     _package.__path__ = list(_spec.submodule_search_locations)
     sys.modules["embxfer"] = _package
 
-from embxfer.control.ring import RingReader, RingWriter  # noqa: E402
+import embxfer.control.ring as checkout_ring  # noqa: E402
 
 RECORD = bytes(range(64))
 # A cross-node control record: a TRANSFER record is ~100 bytes before signing.
@@ -89,13 +100,47 @@ def _percentile(values: list[float], q: float) -> float:
     return ordered[min(len(ordered) - 1, int(q * len(ordered)))]
 
 
+# ------------------------------------------------- which ring: the checkout's or REV's
+
+
+def _ring(source: str | None) -> types.ModuleType:
+    """The ring module: the checkout's (None) or the package `_extract_ring` made."""
+    if source is None:
+        return checkout_ring
+    root, package = os.path.split(source)
+    if root not in sys.path:
+        sys.path.insert(0, root)
+    return importlib.import_module(f"{package}.ring")
+
+
+def _extract_ring(revision: str, into: str) -> tuple[str, str]:
+    """control/ring.py of git `revision` and the modules it imports relatively, as a
+    package under `into`; (its path for `_ring`, the full commit id)."""
+    repository = Path(__file__).resolve().parent.parent
+    commit = subprocess.run(
+        ["git", "-C", str(repository), "rev-parse", "--verify", f"{revision}^{{commit}}"],
+        check=True, capture_output=True, text=True,
+    ).stdout.strip()
+    package = Path(into) / f"ring_{commit[:12]}"
+    package.mkdir(parents=True, exist_ok=True)
+    (package / "__init__.py").write_text("")
+    for module in ("ring.py", "_process.py", "deadlines.py"):
+        shown = subprocess.run(
+            ["git", "-C", str(repository), "show", f"{commit}:control/{module}"], capture_output=True
+        )
+        if shown.returncode == 0:  # older revisions lack deadlines.py
+            (package / module).write_bytes(shown.stdout)
+    return str(package), commit
+
+
 # ------------------------------------------------------------------ ring round trip
 
 
-def _ring_echo(conn, name: str, spin_s: float, cpu: int | None) -> None:
+def _ring_echo(conn, name: str, spin_s: float, cpu: int | None, source: str | None = None) -> None:
     _pin(cpu)
-    reader = RingReader.attach(name, spin_s=spin_s)
-    writer = RingWriter.create(64, 128, 1, prefix=PREFIX)
+    ring = _ring(source)
+    reader = ring.RingReader.attach(name, spin_s=spin_s)
+    writer = ring.RingWriter.create(64, 128, 1, prefix=PREFIX)
     try:
         conn.send(writer.name)
         conn.recv()
@@ -109,14 +154,17 @@ def _ring_echo(conn, name: str, spin_s: float, cpu: int | None) -> None:
         writer.close()
 
 
-def ring_round_trips(context, count: int, spin_s: float, cpus: tuple) -> list[float]:
+def ring_round_trips(context, count: int, spin_s: float, cpus: tuple, source: str | None = None) -> list[float]:
     _pin(cpus[0])
-    with RingWriter.create(64, 128, 1, prefix=PREFIX) as writer:
+    ring = _ring(source)
+    with ring.RingWriter.create(64, 128, 1, prefix=PREFIX) as writer:
         parent, child = context.Pipe()
-        process = context.Process(target=_ring_echo, args=(child, writer.name, spin_s, cpus[1]), daemon=True)
+        process = context.Process(
+            target=_ring_echo, args=(child, writer.name, spin_s, cpus[1], source), daemon=True
+        )
         process.start()
         try:
-            with RingReader.attach(parent.recv(), spin_s=spin_s) as reader:
+            with ring.RingReader.attach(parent.recv(), spin_s=spin_s) as reader:
                 parent.send("go")
                 while not writer.readers():
                     time.sleep(0.001)
@@ -471,9 +519,9 @@ def gloo_round_trips(context, count: int, cpus: tuple) -> tuple[list[float], str
 # ---------------------------------------------------------- throughput, idle CPU
 
 
-def _flood(name_conn, count: int, cpu: int | None) -> None:
+def _flood(name_conn, count: int, cpu: int | None, source: str | None = None) -> None:
     _pin(cpu)
-    writer = RingWriter.create(1024, 128, 1, prefix=PREFIX)
+    writer = _ring(source).RingWriter.create(1024, 128, 1, prefix=PREFIX)
     try:
         name_conn.send(writer.name)
         while not writer.readers():
@@ -486,13 +534,13 @@ def _flood(name_conn, count: int, cpu: int | None) -> None:
         writer.close()
 
 
-def throughput(context, count: int, cpus: tuple = (None, None)) -> float:
+def throughput(context, count: int, cpus: tuple = (None, None), source: str | None = None) -> float:
     _pin(cpus[0])
     parent, child = context.Pipe()
-    process = context.Process(target=_flood, args=(child, count, cpus[1]), daemon=True)
+    process = context.Process(target=_flood, args=(child, count, cpus[1], source), daemon=True)
     process.start()
     try:
-        with RingReader.attach(parent.recv()) as reader:
+        with _ring(source).RingReader.attach(parent.recv()) as reader:
             read = reader.read
             read(10.0, 10.0)
             start = time.perf_counter()
@@ -509,7 +557,7 @@ def throughput(context, count: int, cpus: tuple = (None, None)) -> float:
 
 
 def _park(conn, name: str, seconds: float) -> None:
-    with RingReader.attach(name, spin_s=0.0) as reader:
+    with checkout_ring.RingReader.attach(name, spin_s=0.0) as reader:
         conn.send("parked")
         deadline = time.monotonic() + seconds
         while time.monotonic() < deadline:
@@ -524,7 +572,7 @@ def _cpu_seconds(pid: int) -> float:
 
 
 def idle_cpu_fraction(context, seconds: float) -> float:
-    with RingWriter.create(64, 128, 1, prefix=PREFIX) as writer:
+    with checkout_ring.RingWriter.create(64, 128, 1, prefix=PREFIX) as writer:
         parent, child = context.Pipe()
         process = context.Process(target=_park, args=(child, writer.name, seconds + 1.0), daemon=True)
         process.start()
@@ -539,6 +587,60 @@ def idle_cpu_fraction(context, seconds: float) -> float:
             if process.is_alive():
                 process.kill()
     return used / elapsed
+
+
+# ------------------------------------------------ before/after, interleaved in one run
+
+COMPARED = ("hot_p50_us", "parked_p50_us", "records_per_s")
+
+
+def _spread(values: list[float]) -> dict[str, float]:
+    return {
+        "median": round(statistics.median(values), 3),
+        "min": round(min(values), 3),
+        "max": round(max(values), 3),
+    }
+
+
+def compare(context, baseline: str, rounds: int, scale: float, cpus: tuple) -> dict[str, object]:
+    """The ring of git revision `baseline` ("before") against the checkout's ("after"):
+    `rounds` rounds, each case run for both back to back, the order alternating by round."""
+    with tempfile.TemporaryDirectory(prefix="embxfer-ring-baseline-") as scratch:
+        source, commit = _extract_ring(baseline, scratch)
+        sides = {"before": source, "after": None}
+        cases = {
+            "hot_p50_us": lambda side: _percentile(
+                ring_round_trips(context, int(20_000 * scale), 30.0, cpus, sides[side]), 0.5
+            ),
+            "parked_p50_us": lambda side: _percentile(
+                ring_round_trips(context, int(3_000 * scale), 0.0, cpus, sides[side]), 0.5
+            ),
+            "records_per_s": lambda side: throughput(context, int(300_000 * scale), cpus, sides[side]),
+        }
+        figures: dict[str, dict[str, list[float]]] = {side: {case: [] for case in cases} for side in sides}
+        for round_index in range(rounds):
+            order = ("before", "after") if round_index % 2 == 0 else ("after", "before")
+            for case, measure in cases.items():
+                for side in order:
+                    figures[side][case].append(round(measure(side), 3))
+    summary = {}
+    for case in cases:
+        ratios = [after / before for before, after in zip(figures["before"][case], figures["after"][case], strict=True)]
+        summary[case] = {
+            "before": _spread(figures["before"][case]),
+            "after": _spread(figures["after"][case]),
+            "after_over_before": _spread(ratios),
+        }
+    return {
+        "baseline": baseline,
+        "baseline_commit": commit,
+        "rounds": rounds,
+        "how": "each round runs every case for before and after back to back (order alternating by "
+        "round), same placement; hot/parked: p50 of 20k/3k round trips; records_per_s: one run of "
+        "300k records (both scaled by --scale)",
+        "rounds_figures": figures,
+        "summary": summary,
+    }
 
 
 # --------------------------------------------------------------------- reporting
@@ -600,7 +702,15 @@ def main(argv: list[str] | None = None) -> int:
         "--placement", choices=sorted(PLACEMENT), default="split",
         help="split: the two processes on two cores (default); same: one core; free: unpinned",
     )
+    parser.add_argument(
+        "--baseline", metavar="REV",
+        help="also measure the ring of git revision REV against the checkout's, interleaved (JSON 'compare')",
+    )
+    parser.add_argument("--rounds", type=int, default=7, help="rounds of the --baseline comparison")
+    parser.add_argument("--compare-only", action="store_true", help="with --baseline: skip the other cases")
     args = parser.parse_args(argv)
+    if args.compare_only and not args.baseline:
+        parser.error("--compare-only needs --baseline")
     # Absolute CPU ids, taken before anything is pinned (children inherit the parent's mask).
     available = sorted(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else [0]
     cpus = tuple(None if slot is None else available[slot % len(available)] for slot in PLACEMENT[args.placement])
@@ -608,6 +718,11 @@ def main(argv: list[str] | None = None) -> int:
     scale = args.scale
     began = time.monotonic()
     loadavg_at_start = [round(load, 2) for load in os.getloadavg()]
+    comparison = compare(context, args.baseline, args.rounds, scale, cpus) if args.baseline else None
+    if comparison is not None:
+        _print_comparison(comparison)
+        if args.compare_only:
+            return 0
     samples: dict[str, list[float]] = {}
     samples["embxfer_hot"] = ring_round_trips(context, int(50_000 * scale), 30.0, cpus)
     samples["embxfer_parked"] = ring_round_trips(context, int(10_000 * scale), 0.0, cpus)
@@ -670,6 +785,8 @@ def main(argv: list[str] | None = None) -> int:
         "loadavg_at_end": [round(load, 2) for load in os.getloadavg()],
         "wall_s": round(time.monotonic() - began, 1),
     }
+    if comparison is not None:
+        result["compare"] = comparison
     args.json.parent.mkdir(parents=True, exist_ok=True)
     args.json.write_text(json.dumps(result, indent=2) + "\n")
     plot(samples, args.json.with_suffix(".png"), args.placement)
@@ -679,7 +796,20 @@ def main(argv: list[str] | None = None) -> int:
     print(f"idle parked CPU  {idle:.3%} of a core")
     print(f"idle link CPU    {remote_idle:.3%} of a core")
     print(f"zmq / hot        {ratio:.1f}x   met: {result['met']}   ({result['wall_s']} s)")
+    if comparison is not None:
+        _print_comparison(comparison)
     return 0
+
+
+def _print_comparison(comparison: dict[str, object]) -> None:
+    print(f"before = {comparison['baseline']} ({comparison['baseline_commit'][:10]}), after = checkout, "
+          f"{comparison['rounds']} interleaved rounds: median [min - max]")
+    for case, figures in comparison["summary"].items():
+        line = "   ".join(
+            f"{side} {figures[side]['median']:,.2f} [{figures[side]['min']:,.2f} - {figures[side]['max']:,.2f}]"
+            for side in ("before", "after", "after_over_before")
+        )
+        print(f"  {case:<15} {line}")
 
 
 if __name__ == "__main__":

@@ -130,6 +130,12 @@ _I64 = struct.Struct("q")
 _SLOT_HEADER = struct.Struct("QII")
 _SIZE_CHECKSUM = struct.Struct("II")
 _ENTRY_COLD = struct.Struct("qQQQ")  # pid, start_ticks, parked, heartbeat_ns
+# The per-record paths call these bound methods directly (no attribute look-up per call).
+_load_u64 = _U64.unpack_from
+_store_u64 = _U64.pack_into
+_load_slot_header = _SLOT_HEADER.unpack_from
+_store_size_checksum = _SIZE_CHECKSUM.pack_into
+_INF = float("inf")
 
 _HEAD = 64
 _WRITER_STATE = 128
@@ -500,8 +506,10 @@ class RingWriter:
         self._reader_doorbells = _DoorbellCache()
         self._next = 1
         self._limit = slots  # highest sequence publishable without looking at cursors again
-        # All readers' parked words in one call; all (cursor, pid) pairs in another.
-        self._parked_words = struct.Struct("@" + "80xQ104x" * max_readers)
+        # All readers' parked words in one call (compared whole against "nobody parked");
+        # all (cursor, pid) pairs in another.
+        self._load_parked_words = struct.Struct("@" + "80xQ104x" * max_readers).unpack_from
+        self._nobody_parked = (0,) * max_readers
         self._cursor_words = struct.Struct("@" + "Q56xq120x" * max_readers)
         self.name: str = shm.name.lstrip("/")
         self._closed = False
@@ -607,7 +615,9 @@ class RingWriter:
             raise self._closed_error()
         if type(data) is not bytes:
             data = _byte_view(data, f"ring {self.name}: publish")
-        timeout = _check_seconds("RingWriter.publish", "timeout", timeout)
+        # check_seconds's own fast path, inlined: this is the per-record path.
+        if type(timeout) is not float or not 0.0 <= timeout < _INF:
+            timeout = _check_seconds("RingWriter.publish", "timeout", timeout)
         size = len(data)
         if size > self._capacity:
             raise ValueError(
@@ -619,22 +629,24 @@ class RingWriter:
             self._wait_for_room(sequence, timeout)
         mm = self._mm
         offset = self._slot_base + (sequence - 1) % self._slots * self._slot_bytes
-        mm[offset + SLOT_HEADER_BYTES : offset + SLOT_HEADER_BYTES + size] = data
-        _SIZE_CHECKSUM.pack_into(mm, offset + 8, size, _crc32(data, sequence & 0xFFFFFFFF))
-        _U64.pack_into(mm, offset, sequence)
-        _U64.pack_into(mm, _HEAD, sequence)
+        start = offset + SLOT_HEADER_BYTES
+        mm[start : start + size] = data
+        _store_size_checksum(mm, offset + 8, size, _crc32(data, sequence & 0xFFFFFFFF))
+        _store_u64(mm, offset, sequence)
+        _store_u64(mm, _HEAD, sequence)
         self._next = sequence + 1
         _fence_acquire()
         _fence_release()
-        if any(self._parked_words.unpack_from(mm, _TABLE)):
+        if self._load_parked_words(mm, _TABLE) != self._nobody_parked:
             self._ring_parked_readers()
         return sequence
 
     def _ring_parked_readers(self) -> None:
-        for index, parked in enumerate(self._parked_words.unpack_from(self._mm, _TABLE)):
+        mm = self._mm
+        for index, parked in enumerate(self._load_parked_words(mm, _TABLE)):
             if parked:
                 entry = _TABLE + index * READER_ENTRY_BYTES
-                self._reader_doorbells.ring(_read_name(self._mm, entry + _DOORBELL))
+                self._reader_doorbells.ring(_read_name(mm, entry + _DOORBELL))
 
     def _has_room(self, sequence: int) -> bool:
         """Looks at the cursors again; True if `sequence` may overwrite its slot."""
@@ -848,7 +860,7 @@ class RingReader:
         self.name: str = shm.name.lstrip("/")
         self.spin_s = spin_s
         self._next = 1
-        self._delivered = 0
+        self._first = 1  # the first sequence this reader was to deliver (see stats)
         self._retried = 0
         self._rejected = 0
         self._liveness_checked_at = float("-inf")
@@ -902,7 +914,7 @@ class RingReader:
         # writer back; only now read the head, so no record after it can be overwritten.
         head = _U64.unpack_from(mm, _HEAD)[0]
         _U64.pack_into(mm, reader._cursor_offset, head)
-        reader._next = head + 1
+        reader._next = reader._first = head + 1
         reader.heartbeat()
         reader._wake_writer_if_parked()
         return reader
@@ -980,7 +992,9 @@ class RingReader:
 
     @property
     def stats(self) -> ReaderStats:
-        return ReaderStats(self._delivered, self._retried, self._rejected)
+        # Every sequence this reader moved past was either delivered or rejected.
+        delivered = self._next - self._first - self._rejected
+        return ReaderStats(delivered, self._retried, self._rejected)
 
     def poll(self) -> bytes | None:
         """The next record, or None if none is published yet; never blocks.
@@ -992,20 +1006,23 @@ class RingReader:
         expected = self._next
         mm = self._mm
         offset = self._slot_base + (expected - 1) % self._slots * self._slot_bytes
-        sequence, size, checksum = _SLOT_HEADER.unpack_from(mm, offset)
-        if sequence != expected or size > self._capacity:
+        sequence, size, checksum = _load_slot_header(mm, offset)
+        if sequence != expected:
+            if _load_u64(mm, _HEAD)[0] < expected:
+                return None  # not published yet: the usual case for an idle ring
+            return self._poll_slow(expected, offset)
+        if size > self._capacity:
             return self._poll_slow(expected, offset)
         start = offset + SLOT_HEADER_BYTES
         data = mm[start : start + size]
-        if _crc32(data, expected & 0xFFFFFFFF) != checksum or _U64.unpack_from(mm, offset)[0] != expected:
+        if _crc32(data, expected & 0xFFFFFFFF) != checksum or _load_u64(mm, offset)[0] != expected:
             return self._poll_slow(expected, offset)
         # _advance, inlined: this is the per-record path
-        _U64.pack_into(mm, self._cursor_offset, expected)
+        _store_u64(mm, self._cursor_offset, expected)
         self._next = expected + 1
-        self._delivered += 1
         _fence_acquire()
         _fence_release()
-        if _U64.unpack_from(mm, _WRITER_PARKED)[0]:
+        if _load_u64(mm, _WRITER_PARKED)[0]:
             self._writer_doorbell.ring(self._writer_doorbell_name)
         return data
 
@@ -1042,7 +1059,6 @@ class RingReader:
                     if attempt:
                         self._retried += 1
                     self._advance(expected)
-                    self._delivered += 1
                     return data
         self._rejected += 1
         self._advance(expected)
@@ -1053,8 +1069,13 @@ class RingReader:
         the reader's), then parks on its doorbell; both finite and >= 0. None on timeout.
         Raises PeerDeadError once the writer is gone (or closed the ring) and every
         record it completed has been delivered."""
-        timeout = _check_seconds("RingReader.read", "timeout", timeout)
-        spin_s = _check_seconds("RingReader.read", "spin_s", self.spin_s if spin_s is None else spin_s)
+        if spin_s is None:
+            spin_s = self.spin_s
+        # check_seconds's own fast path, inlined: read is called once per record.
+        if type(timeout) is not float or not 0.0 <= timeout < _INF:
+            timeout = _check_seconds("RingReader.read", "timeout", timeout)
+        if type(spin_s) is not float or not 0.0 <= spin_s < _INF:
+            spin_s = _check_seconds("RingReader.read", "spin_s", spin_s)
         data = self.poll()
         if data is not None:
             return data
@@ -1179,6 +1200,8 @@ def _wait_any(
     spin_until = start + min(spin_s, timeout)
     while True:
         for reader in readers:
+            # Spinning looks at the head alone; poll reads the slot once the head passed it
+            # (and then delivers or raises). The parked phase below polls in full.
             data = reader.poll()
             if data is not None:
                 return reader, data
