@@ -37,9 +37,10 @@ sequence still reads `s` after the copy; it stores its cursor only after that. A
 killed before storing the sequence leaves a slot that no reader delivers.
 
 Memory ordering. CPython has no fences; an aligned 8-byte store or load through a native
-`struct` format is one instruction. On x86-64 (TSO) stores become visible in program
-order and loads are not reordered with loads, so publish-after-write needs nothing
-more. The one store->load pattern in the ring is parking (Dekker: "I parked, then I
+`struct` format, or through a memoryview of the segment cast to native "Q" words (what
+the per-record paths use), is one instruction. On x86-64 (TSO) stores become visible in
+program order and loads are not reordered with loads, so publish-after-write needs
+nothing more. The one store->load pattern in the ring is parking (Dekker: "I parked, then I
 look for work" against "I published, then I look for parked readers"); both sides
 execute a full fence between the store and the load, obtained from an uncontended
 lock acquire/release (a `lock`-prefixed instruction on x86-64). The checksum backs the
@@ -49,9 +50,9 @@ parked reader re-checks every PARK_SLICE_S anyway, which bounds any missed wake-
 Waiting (wait strategy "spin, then park"): a reader polls for `spin_s`, then sets its
 `parked` word, fences, re-polls, and sleeps on its `Doorbell` (a POSIX counting
 semaphore). After every publish the writer fences, reads all readers' `parked` words
-(one `struct` call) and posts the doorbell of each parked reader. The semaphore counts,
-so a post that arrives before the reader sleeps is not lost; the reader drains stale
-counts before re-polling. A blocked writer parks the same way on its own doorbell and
+(one comparison of a strided view of them against zeros) and posts the doorbell of each
+parked reader. The semaphore counts, so a post that arrives before the reader sleeps is
+not lost; the reader drains stale counts before re-polling. A blocked writer parks the same way on its own doorbell and
 readers post it after consuming. See the `Doorbell` and `wait_any` docstrings.
 
 Liveness: the writer and each reader record pid, process start time and a heartbeat
@@ -131,9 +132,7 @@ _SLOT_HEADER = struct.Struct("QII")
 _SIZE_CHECKSUM = struct.Struct("II")
 _ENTRY_COLD = struct.Struct("qQQQ")  # pid, start_ticks, parked, heartbeat_ns
 # The per-record paths call these bound methods directly (no attribute look-up per call).
-_load_u64 = _U64.unpack_from
-_store_u64 = _U64.pack_into
-_load_slot_header = _SLOT_HEADER.unpack_from
+_load_size_checksum = _SIZE_CHECKSUM.unpack_from
 _store_size_checksum = _SIZE_CHECKSUM.pack_into
 _INF = float("inf")
 
@@ -148,6 +147,10 @@ _PID = 64
 _PARKED = 80
 _HEARTBEAT = 88
 _DOORBELL = 128
+# The same places as indices of 8-byte words (see `_words`).
+_HEAD_WORD = _HEAD // 8
+_WRITER_PARKED_WORD = _WRITER_PARKED // 8
+_ENTRY_WORDS = READER_ENTRY_BYTES // 8
 
 _PREFIX_RE = re.compile(r"^[A-Za-z0-9_.]{1,24}$")
 # What attach/open accept: the names this module makes, and any like them. posix_ipc
@@ -167,6 +170,13 @@ _fence_release = _fence_lock.release
 def _fence() -> None:
     _fence_acquire()
     _fence_release()
+
+
+def _words(mm: mmap.mmap) -> memoryview:
+    """The segment as native 8-byte words: `words[offset // 8]` is one aligned 8-byte load
+    (or store), like a native `struct` "Q" but without a call. Made once per handle and
+    released before the segment is unmapped."""
+    return memoryview(mm).cast("Q")
 
 
 class RingError(Exception):
@@ -506,10 +516,12 @@ class RingWriter:
         self._reader_doorbells = _DoorbellCache()
         self._next = 1
         self._limit = slots  # highest sequence publishable without looking at cursors again
-        # All readers' parked words in one call (compared whole against "nobody parked");
-        # all (cursor, pid) pairs in another.
-        self._load_parked_words = struct.Struct("@" + "80xQ104x" * max_readers).unpack_from
-        self._nobody_parked = (0,) * max_readers
+        self._words = _words(mm)
+        # All readers' parked words as one strided view, compared whole against zeros after
+        # every publish; all (cursor, pid) pairs in one struct call when room runs out.
+        first_parked = (_TABLE + _PARKED) // 8
+        self._parked_words = self._words[first_parked : first_parked + _ENTRY_WORDS * max_readers : _ENTRY_WORDS]
+        self._nobody_parked = memoryview(bytes(8 * max_readers)).cast("Q")
         self._cursor_words = struct.Struct("@" + "Q56xq120x" * max_readers)
         self.name: str = shm.name.lstrip("/")
         self._closed = False
@@ -628,25 +640,25 @@ class RingWriter:
         if sequence > self._limit:
             self._wait_for_room(sequence, timeout)
         mm = self._mm
+        words = self._words
         offset = self._slot_base + (sequence - 1) % self._slots * self._slot_bytes
         start = offset + SLOT_HEADER_BYTES
         mm[start : start + size] = data
         _store_size_checksum(mm, offset + 8, size, _crc32(data, sequence & 0xFFFFFFFF))
-        _store_u64(mm, offset, sequence)
-        _store_u64(mm, _HEAD, sequence)
+        words[offset >> 3] = sequence
+        words[_HEAD_WORD] = sequence
         self._next = sequence + 1
         _fence_acquire()
         _fence_release()
-        if self._load_parked_words(mm, _TABLE) != self._nobody_parked:
+        if self._parked_words != self._nobody_parked:
             self._ring_parked_readers()
         return sequence
 
     def _ring_parked_readers(self) -> None:
-        mm = self._mm
-        for index, parked in enumerate(self._load_parked_words(mm, _TABLE)):
+        for index, parked in enumerate(self._parked_words.tolist()):
             if parked:
                 entry = _TABLE + index * READER_ENTRY_BYTES
-                self._reader_doorbells.ring(_read_name(mm, entry + _DOORBELL))
+                self._reader_doorbells.ring(_read_name(self._mm, entry + _DOORBELL))
 
     def _has_room(self, sequence: int) -> bool:
         """Looks at the cursors again; True if `sequence` may overwrite its slot."""
@@ -765,6 +777,8 @@ class RingWriter:
                 self._ring_parked_readers()
             finally:
                 self._reader_doorbells.close()
+                self._parked_words.release()
+                self._words.release()
                 self._mm.close()
                 try:
                     self._shm.unlink()
@@ -851,6 +865,8 @@ class RingReader:
         self._slot_base = HEADER_BYTES + READER_ENTRY_BYTES * max_readers
         self._entry = _TABLE + index * READER_ENTRY_BYTES
         self._cursor_offset = self._entry + _CURSOR
+        self._words = _words(mm)
+        self._cursor_word = self._cursor_offset // 8
         self._parked_offset = self._entry + _PARKED
         self._doorbell = doorbell
         self._owns_doorbell = owns_doorbell
@@ -1004,25 +1020,27 @@ class RingReader:
         if self._closed:
             raise self._closed_error()
         expected = self._next
-        mm = self._mm
+        words = self._words
         offset = self._slot_base + (expected - 1) % self._slots * self._slot_bytes
-        sequence, size, checksum = _load_slot_header(mm, offset)
-        if sequence != expected:
-            if _load_u64(mm, _HEAD)[0] < expected:
+        # The sequence first, then length and checksum: loads are not reordered with loads.
+        if words[offset >> 3] != expected:
+            if words[_HEAD_WORD] < expected:
                 return None  # not published yet: the usual case for an idle ring
             return self._poll_slow(expected, offset)
+        mm = self._mm
+        size, checksum = _load_size_checksum(mm, offset + 8)
         if size > self._capacity:
             return self._poll_slow(expected, offset)
         start = offset + SLOT_HEADER_BYTES
         data = mm[start : start + size]
-        if _crc32(data, expected & 0xFFFFFFFF) != checksum or _load_u64(mm, offset)[0] != expected:
+        if _crc32(data, expected & 0xFFFFFFFF) != checksum or words[offset >> 3] != expected:
             return self._poll_slow(expected, offset)
         # _advance, inlined: this is the per-record path
-        _store_u64(mm, self._cursor_offset, expected)
+        words[self._cursor_word] = expected
         self._next = expected + 1
         _fence_acquire()
         _fence_release()
-        if _load_u64(mm, _WRITER_PARKED)[0]:
+        if words[_WRITER_PARKED_WORD]:
             self._writer_doorbell.ring(self._writer_doorbell_name)
         return data
 
@@ -1149,6 +1167,7 @@ class RingReader:
                 self._wake_writer_if_parked()
             finally:
                 self._writer_doorbell.close()
+                self._words.release()
                 self._mm.close()
                 self._shm.close_fd()
                 if self._owns_doorbell:
@@ -1200,8 +1219,6 @@ def _wait_any(
     spin_until = start + min(spin_s, timeout)
     while True:
         for reader in readers:
-            # Spinning looks at the head alone; poll reads the slot once the head passed it
-            # (and then delivers or raises). The parked phase below polls in full.
             data = reader.poll()
             if data is not None:
                 return reader, data

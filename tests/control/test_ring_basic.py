@@ -7,6 +7,7 @@ import os
 import random
 import stat
 import struct
+import threading
 import time
 
 import posix_ipc
@@ -266,6 +267,44 @@ def test_wait_any_parks_on_one_doorbell_for_several_rings(prefix):
                     wait_any([other], doorbell, timeout=0)
         finally:
             for reader in readers:
+                reader.close()
+
+
+def test_a_parked_reader_in_any_entry_is_woken_by_every_publish(prefix, monkeypatch):
+    """After each publish the writer reads all parked words in one look: a reader parked
+    in the last entry, behind two attached readers that never park, is woken at once
+    (its own periodic re-check is pushed out to 30 s, so a missed post would stall)."""
+    import embxfer.control.ring as ring_module
+
+    monkeypatch.setattr(ring_module, "PARK_SLICE_S", 30.0)
+    with RingWriter.create(4, 64, 3, prefix=prefix) as writer:
+        idle = [RingReader.attach(writer.name), RingReader.attach(writer.name)]
+        parked = RingReader.attach(writer.name, spin_s=0.0)
+        got: list[tuple[bytes | None, float]] = []
+
+        def read_parked() -> None:
+            for _ in range(3):
+                data = parked.read(timeout=10.0)
+                got.append((data, time.monotonic()))
+
+        try:
+            assert parked.index == 2
+            thread = threading.Thread(target=read_parked, daemon=True)
+            thread.start()
+            for index in range(3):
+                while not any(peer.parked for peer in writer.readers()):
+                    time.sleep(0.001)
+                published = time.monotonic()
+                writer.publish(b"wake %d" % index, timeout=1)
+                while len(got) <= index and time.monotonic() - published < 5:
+                    time.sleep(0.001)
+                assert got[index][0] == b"wake %d" % index
+                assert got[index][1] - published < 2.0
+                for reader in idle:
+                    assert reader.poll() == b"wake %d" % index  # keep the ring from filling
+            thread.join(10)
+        finally:
+            for reader in (*idle, parked):
                 reader.close()
 
 
