@@ -5,6 +5,7 @@ from __future__ import annotations
 import mmap
 import os
 import random
+import re
 import stat
 import struct
 import threading
@@ -169,6 +170,81 @@ def test_corrupt_slots_are_rejected_counted_and_never_delivered(ring):
         reader.close()
         raw.close()
         shm.close_fd()
+
+
+def test_poll_many_delivers_what_poll_would_in_batches(ring):
+    with RingReader.attach(ring.name) as reader:
+        assert reader.poll_many(8) == []
+        for index in range(3):
+            ring.publish(b"r%d" % index, timeout=1)
+        assert reader.poll_many(2) == [b"r0", b"r1"]
+        assert reader.pending == 1 and reader.next_sequence == 3
+        ring.publish(b"r3", timeout=1)
+        assert reader.poll_many(8) == [b"r2", b"r3"]  # a batch stops at the head
+        assert reader.poll_many(1) == [] and reader.poll() is None
+        ring.publish(b"", timeout=1)
+        assert reader.poll_many(1) == [b""]
+        assert reader.stats.delivered == 5
+        for bad in (0, -1, True, 2.0, None):
+            with pytest.raises(ValueError, match=re.escape(f"max_records={bad!r}")):
+                reader.poll_many(bad)
+
+
+def test_poll_many_ends_a_batch_before_a_corrupt_slot_which_is_then_rejected(ring):
+    rng = random.Random(4321)
+    shm, raw = _raw(ring.name)
+    reader = RingReader.attach(ring.name)
+    slots_start = HEADER_BYTES + READER_ENTRY_BYTES * 2
+    expected, corrupted = [], 0
+    try:
+        for _ in range(500):
+            for _ in range(rng.randint(1, 4)):
+                data = rng.randbytes(rng.randint(0, ring.capacity))
+                sequence = ring.publish(data, timeout=1)
+                if rng.random() < 0.3:
+                    position = slots_start + (sequence - 1) % 4 * 128 + rng.randrange(SLOT_HEADER_BYTES + len(data))
+                    raw[position] ^= rng.randint(1, 255)
+                    corrupted += 1
+                else:
+                    expected.append(data)
+            got = []
+            while reader.pending:
+                try:
+                    got += reader.poll_many(rng.randint(1, 5))
+                except RingCorruptError:
+                    continue
+            assert got == expected
+            expected.clear()
+        assert reader.stats.rejected == corrupted > 100
+    finally:
+        reader.close()
+        raw.close()
+        shm.close_fd()
+
+
+def test_poll_many_wakes_a_writer_parked_on_a_full_ring(prefix, monkeypatch):
+    """The batch stores the cursor once, then fences and looks for a parked writer: a
+    writer blocked on the full ring gets its slot at once (its own re-check pushed out
+    to 30 s)."""
+    import embxfer.control.ring as ring_module
+
+    monkeypatch.setattr(ring_module, "PARK_SLICE_S", 30.0)
+    with RingWriter.create(4, 64, 1, prefix=prefix) as writer, RingReader.attach(writer.name) as reader:
+        for index in range(4):
+            writer.publish(b"%d" % index, timeout=1)
+        finished: list[float] = []
+        blocked = threading.Thread(
+            target=lambda: (writer.publish(b"blocked", timeout=10), finished.append(time.monotonic())),
+            daemon=True,
+        )
+        blocked.start()
+        while not writer._words[ring_module._WRITER_PARKED_WORD]:
+            time.sleep(0.001)
+        freed = time.monotonic()
+        assert reader.poll_many(2) == [b"0", b"1"]
+        blocked.join(10)
+        assert finished and finished[0] - freed < 2.0
+        assert reader.poll_many(8) == [b"2", b"3", b"blocked"]
 
 
 def test_random_garbage_over_whole_slots_never_crashes_or_leaks(ring):
