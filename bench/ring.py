@@ -16,7 +16,8 @@ One run measures, on this machine:
   zmq_tcp         the same 100-byte round trip over plain zmq PUSH/PULL on TCP loopback,
                   no signature, no threads of ours (the floor RemoteLink builds on)
   zmq_tcp_curve   zmq_tcp with CURVE on both sockets (the floor of a CURVE-only link)
-plus the throughput of one writer and one reader (64-byte records, best of three runs),
+plus the throughput of one writer and one reader (64-byte records, best of three runs;
+once with a `read` per record, once with the reader taking batches with `poll_many`),
 the one-way throughput of the cross-node cases (100-byte and 4 KiB frames, each case
 best of two runs), and the CPU used by a reader parked on an idle ring for 5 s and by an
 idle process holding a connected RemoteLink (heartbeats every 0.5 s, the runtime's
@@ -27,17 +28,28 @@ default).
 
 writes the JSON and a PNG of the latency distributions next to it, in about a minute
 (`--only remote`: the cross-node cases alone, CURVE against HMAC, in half of that).
+
+    python bench/ring.py --baseline REV [--rounds 7]
+
+also measures the ring of git revision REV (its control/ring.py with the _process.py and
+deadlines.py beside it, loaded as a package of its own) against the checkout's, in the
+same run and interleaved: each round runs hot, parked and throughput for one, then the
+other (the order alternating from round to round), so a drift of the machine's speed
+hits both alike. The JSON's "compare" holds every round's figures and their medians.
 """
 
 from __future__ import annotations
 
 import argparse
+import importlib
 import importlib.util
 import json
 import multiprocessing
 import os
 import platform
 import socket
+import statistics
+import subprocess
 import sys
 import tempfile
 import time
@@ -52,7 +64,7 @@ if "embxfer" not in sys.modules:
     _package.__path__ = list(_spec.submodule_search_locations)
     sys.modules["embxfer"] = _package
 
-from embxfer.control.ring import RingReader, RingWriter  # noqa: E402
+import embxfer.control.ring as checkout_ring  # noqa: E402
 
 RECORD = bytes(range(64))
 # A cross-node control record: a TRANSFER record is ~100 bytes before signing.
@@ -104,13 +116,47 @@ def _percentile(values: list[float], q: float) -> float:
     return ordered[min(len(ordered) - 1, int(q * len(ordered)))]
 
 
+# ------------------------------------------------- which ring: the checkout's or REV's
+
+
+def _ring(source: str | None) -> types.ModuleType:
+    """The ring module: the checkout's (None) or the package `_extract_ring` made."""
+    if source is None:
+        return checkout_ring
+    root, package = os.path.split(source)
+    if root not in sys.path:
+        sys.path.insert(0, root)
+    return importlib.import_module(f"{package}.ring")
+
+
+def _extract_ring(revision: str, into: str) -> tuple[str, str]:
+    """control/ring.py of git `revision` and the modules it imports relatively, as a
+    package under `into`; (its path for `_ring`, the full commit id)."""
+    repository = Path(__file__).resolve().parent.parent
+    commit = subprocess.run(
+        ["git", "-C", str(repository), "rev-parse", "--verify", f"{revision}^{{commit}}"],
+        check=True, capture_output=True, text=True,
+    ).stdout.strip()
+    package = Path(into) / f"ring_{commit[:12]}"
+    package.mkdir(parents=True, exist_ok=True)
+    (package / "__init__.py").write_text("")
+    for module in ("ring.py", "_process.py", "deadlines.py"):
+        shown = subprocess.run(
+            ["git", "-C", str(repository), "show", f"{commit}:control/{module}"], capture_output=True
+        )
+        if shown.returncode == 0:  # older revisions lack deadlines.py
+            (package / module).write_bytes(shown.stdout)
+    return str(package), commit
+
+
 # ------------------------------------------------------------------ ring round trip
 
 
-def _ring_echo(conn, name: str, spin_s: float, cpu: int | None) -> None:
+def _ring_echo(conn, name: str, spin_s: float, cpu: int | None, source: str | None = None) -> None:
     _pin(cpu)
-    reader = RingReader.attach(name, spin_s=spin_s)
-    writer = RingWriter.create(64, 128, 1, prefix=PREFIX)
+    ring = _ring(source)
+    reader = ring.RingReader.attach(name, spin_s=spin_s)
+    writer = ring.RingWriter.create(64, 128, 1, prefix=PREFIX)
     try:
         conn.send(writer.name)
         conn.recv()
@@ -124,14 +170,17 @@ def _ring_echo(conn, name: str, spin_s: float, cpu: int | None) -> None:
         writer.close()
 
 
-def ring_round_trips(context, count: int, spin_s: float, cpus: tuple) -> list[float]:
+def ring_round_trips(context, count: int, spin_s: float, cpus: tuple, source: str | None = None) -> list[float]:
     _pin(cpus[0])
-    with RingWriter.create(64, 128, 1, prefix=PREFIX) as writer:
+    ring = _ring(source)
+    with ring.RingWriter.create(64, 128, 1, prefix=PREFIX) as writer:
         parent, child = context.Pipe()
-        process = context.Process(target=_ring_echo, args=(child, writer.name, spin_s, cpus[1]), daemon=True)
+        process = context.Process(
+            target=_ring_echo, args=(child, writer.name, spin_s, cpus[1], source), daemon=True
+        )
         process.start()
         try:
-            with RingReader.attach(parent.recv(), spin_s=spin_s) as reader:
+            with ring.RingReader.attach(parent.recv(), spin_s=spin_s) as reader:
                 parent.send("go")
                 while not writer.readers():
                     time.sleep(0.001)
@@ -569,9 +618,9 @@ def gloo_round_trips(context, count: int, cpus: tuple) -> tuple[list[float], str
 # ---------------------------------------------------------- throughput, idle CPU
 
 
-def _flood(name_conn, count: int, cpu: int | None) -> None:
+def _flood(name_conn, count: int, cpu: int | None, source: str | None = None) -> None:
     _pin(cpu)
-    writer = RingWriter.create(1024, 128, 1, prefix=PREFIX)
+    writer = _ring(source).RingWriter.create(1024, 128, 1, prefix=PREFIX)
     try:
         name_conn.send(writer.name)
         while not writer.readers():
@@ -584,19 +633,28 @@ def _flood(name_conn, count: int, cpu: int | None) -> None:
         writer.close()
 
 
-def throughput(context, count: int, cpus: tuple = (None, None)) -> float:
+def throughput(
+    context, count: int, cpus: tuple = (None, None), source: str | None = None, batch: int = 0
+) -> float:
+    """Records per second from one writer to one reader that takes them one `read` at a
+    time, or with `batch`, up to that many per `poll_many` (a `read` when none is there)."""
     _pin(cpus[0])
     parent, child = context.Pipe()
-    process = context.Process(target=_flood, args=(child, count, cpus[1]), daemon=True)
+    process = context.Process(target=_flood, args=(child, count, cpus[1], source), daemon=True)
     process.start()
     try:
-        with RingReader.attach(parent.recv()) as reader:
-            read = reader.read
+        with _ring(source).RingReader.attach(parent.recv()) as reader:
+            read, poll_many = reader.read, getattr(reader, "poll_many", None)
             read(10.0, 10.0)
             start = time.perf_counter()
-            for _ in range(count - 1):
-                if read(10.0, 10.0) is None:
-                    raise TimeoutError("flood stalled")
+            received = 1
+            while received < count:
+                taken = len(poll_many(batch)) if batch else 0
+                if not taken:
+                    if read(10.0, 10.0) is None:
+                        raise TimeoutError("flood stalled")
+                    taken = 1
+                received += taken
             elapsed = time.perf_counter() - start
         parent.send("done")
     finally:
@@ -607,7 +665,7 @@ def throughput(context, count: int, cpus: tuple = (None, None)) -> float:
 
 
 def _park(conn, name: str, seconds: float) -> None:
-    with RingReader.attach(name, spin_s=0.0) as reader:
+    with checkout_ring.RingReader.attach(name, spin_s=0.0) as reader:
         conn.send("parked")
         deadline = time.monotonic() + seconds
         while time.monotonic() < deadline:
@@ -622,7 +680,7 @@ def _cpu_seconds(pid: int) -> float:
 
 
 def idle_cpu_fraction(context, seconds: float) -> float:
-    with RingWriter.create(64, 128, 1, prefix=PREFIX) as writer:
+    with checkout_ring.RingWriter.create(64, 128, 1, prefix=PREFIX) as writer:
         parent, child = context.Pipe()
         process = context.Process(target=_park, args=(child, writer.name, seconds + 1.0), daemon=True)
         process.start()
@@ -637,6 +695,60 @@ def idle_cpu_fraction(context, seconds: float) -> float:
             if process.is_alive():
                 process.kill()
     return used / elapsed
+
+
+# ------------------------------------------------ before/after, interleaved in one run
+
+COMPARED = ("hot_p50_us", "parked_p50_us", "records_per_s")
+
+
+def _spread(values: list[float]) -> dict[str, float]:
+    return {
+        "median": round(statistics.median(values), 3),
+        "min": round(min(values), 3),
+        "max": round(max(values), 3),
+    }
+
+
+def compare(context, baseline: str, rounds: int, scale: float, cpus: tuple) -> dict[str, object]:
+    """The ring of git revision `baseline` ("before") against the checkout's ("after"):
+    `rounds` rounds, each case run for both back to back, the order alternating by round."""
+    with tempfile.TemporaryDirectory(prefix="embxfer-ring-baseline-") as scratch:
+        source, commit = _extract_ring(baseline, scratch)
+        sides = {"before": source, "after": None}
+        cases = {
+            "hot_p50_us": lambda side: _percentile(
+                ring_round_trips(context, int(20_000 * scale), 30.0, cpus, sides[side]), 0.5
+            ),
+            "parked_p50_us": lambda side: _percentile(
+                ring_round_trips(context, int(3_000 * scale), 0.0, cpus, sides[side]), 0.5
+            ),
+            "records_per_s": lambda side: throughput(context, int(300_000 * scale), cpus, sides[side]),
+        }
+        figures: dict[str, dict[str, list[float]]] = {side: {case: [] for case in cases} for side in sides}
+        for round_index in range(rounds):
+            order = ("before", "after") if round_index % 2 == 0 else ("after", "before")
+            for case, measure in cases.items():
+                for side in order:
+                    figures[side][case].append(round(measure(side), 3))
+    summary = {}
+    for case in cases:
+        ratios = [after / before for before, after in zip(figures["before"][case], figures["after"][case], strict=True)]
+        summary[case] = {
+            "before": _spread(figures["before"][case]),
+            "after": _spread(figures["after"][case]),
+            "after_over_before": _spread(ratios),
+        }
+    return {
+        "baseline": baseline,
+        "baseline_commit": commit,
+        "rounds": rounds,
+        "how": "each round runs every case for before and after back to back (order alternating by "
+        "round), same placement; hot/parked: p50 of 20k/3k round trips; records_per_s: one run of "
+        "300k records (both scaled by --scale)",
+        "rounds_figures": figures,
+        "summary": summary,
+    }
 
 
 # --------------------------------------------------------------------- reporting
@@ -718,7 +830,15 @@ def main(argv: list[str] | None = None) -> int:
     )
     parser.add_argument("--only", choices=("all", "remote"), default="all",
                         help="remote: the cross-node cases alone (CURVE against HMAC)")
+    parser.add_argument(
+        "--baseline", metavar="REV",
+        help="also measure the ring of git revision REV against the checkout's, interleaved (JSON 'compare')",
+    )
+    parser.add_argument("--rounds", type=int, default=7, help="rounds of the --baseline comparison")
+    parser.add_argument("--compare-only", action="store_true", help="with --baseline: skip the other cases")
     args = parser.parse_args(argv)
+    if args.compare_only and not args.baseline:
+        parser.error("--compare-only needs --baseline")
     # Absolute CPU ids, taken before anything is pinned (children inherit the parent's mask).
     available = sorted(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else [0]
     cpus = tuple(None if slot is None else available[slot % len(available)] for slot in PLACEMENT[args.placement])
@@ -726,6 +846,11 @@ def main(argv: list[str] | None = None) -> int:
     scale = args.scale
     began = time.monotonic()
     loadavg_at_start = [round(load, 2) for load in os.getloadavg()]
+    comparison = compare(context, args.baseline, args.rounds, scale, cpus) if args.baseline else None
+    if comparison is not None:
+        _print_comparison(comparison)
+        if args.compare_only:
+            return 0
     samples: dict[str, list[float]] = {}
     torch_version = None
     if args.only == "all":
@@ -760,6 +885,7 @@ def main(argv: list[str] | None = None) -> int:
             "ring_slots": 64,
             "slot_bytes": 128,
             "throughput_slots": 1024,
+            "throughput_poll_many_batch": 256,
             "remote_frame_bytes": len(FRAME),
             "remote_stream_frames": {f"{size}B": count for size, count in STREAM_FRAMES.items()},
             "remote_heartbeat_interval_s": LINK_HEARTBEAT_S,
@@ -784,11 +910,14 @@ def main(argv: list[str] | None = None) -> int:
         # that runs meanwhile halves the rate, so the best of three runs is the headline.
         throughput_runs = [throughput(context, int(500_000 * scale), cpus) for _ in range(3)]
         records_per_s = max(throughput_runs)
+        batch_runs = [throughput(context, int(500_000 * scale), cpus, batch=256) for _ in range(3)]
         idle = idle_cpu_fraction(context, 5.0)
         hot_ratio = p50["zmq_ipc"] / p50["embxfer_hot"] if p50["embxfer_hot"] else float("nan")
         result.update({
             "throughput_records_per_s": round(records_per_s),
             "throughput_runs_records_per_s": [round(rate) for rate in throughput_runs],
+            "throughput_poll_many_records_per_s": round(max(batch_runs)),
+            "throughput_poll_many_runs_records_per_s": [round(rate) for rate in batch_runs],
             "idle_cpu_fraction": round(idle, 5),
             "hot_vs_zmq_ratio": round(hot_ratio, 1) if hot_ratio == hot_ratio else None,
         })
@@ -805,6 +934,8 @@ def main(argv: list[str] | None = None) -> int:
         "loadavg_at_end": [round(load, 2) for load in os.getloadavg()],
         "wall_s": round(time.monotonic() - began, 1),
     })
+    if comparison is not None:
+        result["compare"] = comparison
     args.json.parent.mkdir(parents=True, exist_ok=True)
     args.json.write_text(json.dumps(result, indent=2) + "\n")
     plot(samples, args.json.with_suffix(".png"), args.placement)
@@ -813,12 +944,25 @@ def main(argv: list[str] | None = None) -> int:
     for name, rate in streams.items():
         print(f"{name:<32} {rate:,} frames/s")
     if records_per_s is not None:
-        print(f"throughput       {records_per_s:,.0f} records/s")
+        print(f"throughput       {records_per_s:,.0f} records/s (poll_many(256): {max(batch_runs):,.0f})")
         print(f"idle parked CPU  {idle:.3%} of a core")
         print(f"zmq / hot        {hot_ratio:.1f}x")
     print(f"idle link CPU    {remote_idle:.3%} of a core")
     print(f"CURVE / HMAC round trip {result['remote_curve_vs_hmac_ratio']}x   met: {met}   ({result['wall_s']} s)")
+    if comparison is not None:
+        _print_comparison(comparison)
     return 0
+
+
+def _print_comparison(comparison: dict[str, object]) -> None:
+    print(f"before = {comparison['baseline']} ({comparison['baseline_commit'][:10]}), after = checkout, "
+          f"{comparison['rounds']} interleaved rounds: median [min - max]")
+    for case, figures in comparison["summary"].items():
+        line = "   ".join(
+            f"{side} {figures[side]['median']:,.2f} [{figures[side]['min']:,.2f} - {figures[side]['max']:,.2f}]"
+            for side in ("before", "after", "after_over_before")
+        )
+        print(f"  {case:<15} {line}")
 
 
 if __name__ == "__main__":

@@ -37,9 +37,10 @@ sequence still reads `s` after the copy; it stores its cursor only after that. A
 killed before storing the sequence leaves a slot that no reader delivers.
 
 Memory ordering. CPython has no fences; an aligned 8-byte store or load through a native
-`struct` format is one instruction. On x86-64 (TSO) stores become visible in program
-order and loads are not reordered with loads, so publish-after-write needs nothing
-more. The one store->load pattern in the ring is parking (Dekker: "I parked, then I
+`struct` format, or through a memoryview of the segment cast to native "Q" words (what
+the per-record paths use), is one instruction. On x86-64 (TSO) stores become visible in
+program order and loads are not reordered with loads, so publish-after-write needs
+nothing more. The one store->load pattern in the ring is parking (Dekker: "I parked, then I
 look for work" against "I published, then I look for parked readers"); both sides
 execute a full fence between the store and the load, obtained from an uncontended
 lock acquire/release (a `lock`-prefixed instruction on x86-64). The checksum backs the
@@ -49,9 +50,9 @@ parked reader re-checks every PARK_SLICE_S anyway, which bounds any missed wake-
 Waiting (wait strategy "spin, then park"): a reader polls for `spin_s`, then sets its
 `parked` word, fences, re-polls, and sleeps on its `Doorbell` (a POSIX counting
 semaphore). After every publish the writer fences, reads all readers' `parked` words
-(one `struct` call) and posts the doorbell of each parked reader. The semaphore counts,
-so a post that arrives before the reader sleeps is not lost; the reader drains stale
-counts before re-polling. A blocked writer parks the same way on its own doorbell and
+(one comparison of a strided view of them against zeros) and posts the doorbell of each
+parked reader. The semaphore counts, so a post that arrives before the reader sleeps is
+not lost; the reader drains stale counts before re-polling. A blocked writer parks the same way on its own doorbell and
 readers post it after consuming. See the `Doorbell` and `wait_any` docstrings.
 
 Liveness: the writer and each reader record pid, process start time and a heartbeat
@@ -130,6 +131,10 @@ _I64 = struct.Struct("q")
 _SLOT_HEADER = struct.Struct("QII")
 _SIZE_CHECKSUM = struct.Struct("II")
 _ENTRY_COLD = struct.Struct("qQQQ")  # pid, start_ticks, parked, heartbeat_ns
+# The per-record paths call these bound methods directly (no attribute look-up per call).
+_load_size_checksum = _SIZE_CHECKSUM.unpack_from
+_store_size_checksum = _SIZE_CHECKSUM.pack_into
+_INF = float("inf")
 
 _HEAD = 64
 _WRITER_STATE = 128
@@ -142,6 +147,10 @@ _PID = 64
 _PARKED = 80
 _HEARTBEAT = 88
 _DOORBELL = 128
+# The same places as indices of 8-byte words (see `_words`).
+_HEAD_WORD = _HEAD // 8
+_WRITER_PARKED_WORD = _WRITER_PARKED // 8
+_ENTRY_WORDS = READER_ENTRY_BYTES // 8
 
 _PREFIX_RE = re.compile(r"^[A-Za-z0-9_.]{1,24}$")
 # What attach/open accept: the names this module makes, and any like them. posix_ipc
@@ -161,6 +170,13 @@ _fence_release = _fence_lock.release
 def _fence() -> None:
     _fence_acquire()
     _fence_release()
+
+
+def _words(mm: mmap.mmap) -> memoryview:
+    """The segment as native 8-byte words: `words[offset // 8]` is one aligned 8-byte load
+    (or store), like a native `struct` "Q" but without a call. Made once per handle and
+    released before the segment is unmapped."""
+    return memoryview(mm).cast("Q")
 
 
 class RingError(Exception):
@@ -500,8 +516,12 @@ class RingWriter:
         self._reader_doorbells = _DoorbellCache()
         self._next = 1
         self._limit = slots  # highest sequence publishable without looking at cursors again
-        # All readers' parked words in one call; all (cursor, pid) pairs in another.
-        self._parked_words = struct.Struct("@" + "80xQ104x" * max_readers)
+        self._words = _words(mm)
+        # All readers' parked words as one strided view, compared whole against zeros after
+        # every publish; all (cursor, pid) pairs in one struct call when room runs out.
+        first_parked = (_TABLE + _PARKED) // 8
+        self._parked_words = self._words[first_parked : first_parked + _ENTRY_WORDS * max_readers : _ENTRY_WORDS]
+        self._nobody_parked = memoryview(bytes(8 * max_readers)).cast("Q")
         self._cursor_words = struct.Struct("@" + "Q56xq120x" * max_readers)
         self.name: str = shm.name.lstrip("/")
         self._closed = False
@@ -607,7 +627,9 @@ class RingWriter:
             raise self._closed_error()
         if type(data) is not bytes:
             data = _byte_view(data, f"ring {self.name}: publish")
-        timeout = _check_seconds("RingWriter.publish", "timeout", timeout)
+        # check_seconds's own fast path, inlined: this is the per-record path.
+        if type(timeout) is not float or not 0.0 <= timeout < _INF:
+            timeout = _check_seconds("RingWriter.publish", "timeout", timeout)
         size = len(data)
         if size > self._capacity:
             raise ValueError(
@@ -618,20 +640,22 @@ class RingWriter:
         if sequence > self._limit:
             self._wait_for_room(sequence, timeout)
         mm = self._mm
+        words = self._words
         offset = self._slot_base + (sequence - 1) % self._slots * self._slot_bytes
-        mm[offset + SLOT_HEADER_BYTES : offset + SLOT_HEADER_BYTES + size] = data
-        _SIZE_CHECKSUM.pack_into(mm, offset + 8, size, _crc32(data, sequence & 0xFFFFFFFF))
-        _U64.pack_into(mm, offset, sequence)
-        _U64.pack_into(mm, _HEAD, sequence)
+        start = offset + SLOT_HEADER_BYTES
+        mm[start : start + size] = data
+        _store_size_checksum(mm, offset + 8, size, _crc32(data, sequence & 0xFFFFFFFF))
+        words[offset >> 3] = sequence
+        words[_HEAD_WORD] = sequence
         self._next = sequence + 1
         _fence_acquire()
         _fence_release()
-        if any(self._parked_words.unpack_from(mm, _TABLE)):
+        if self._parked_words != self._nobody_parked:
             self._ring_parked_readers()
         return sequence
 
     def _ring_parked_readers(self) -> None:
-        for index, parked in enumerate(self._parked_words.unpack_from(self._mm, _TABLE)):
+        for index, parked in enumerate(self._parked_words.tolist()):
             if parked:
                 entry = _TABLE + index * READER_ENTRY_BYTES
                 self._reader_doorbells.ring(_read_name(self._mm, entry + _DOORBELL))
@@ -753,6 +777,8 @@ class RingWriter:
                 self._ring_parked_readers()
             finally:
                 self._reader_doorbells.close()
+                self._parked_words.release()
+                self._words.release()
                 self._mm.close()
                 try:
                     self._shm.unlink()
@@ -839,6 +865,8 @@ class RingReader:
         self._slot_base = HEADER_BYTES + READER_ENTRY_BYTES * max_readers
         self._entry = _TABLE + index * READER_ENTRY_BYTES
         self._cursor_offset = self._entry + _CURSOR
+        self._words = _words(mm)
+        self._cursor_word = self._cursor_offset // 8
         self._parked_offset = self._entry + _PARKED
         self._doorbell = doorbell
         self._owns_doorbell = owns_doorbell
@@ -848,7 +876,7 @@ class RingReader:
         self.name: str = shm.name.lstrip("/")
         self.spin_s = spin_s
         self._next = 1
-        self._delivered = 0
+        self._first = 1  # the first sequence this reader was to deliver (see stats)
         self._retried = 0
         self._rejected = 0
         self._liveness_checked_at = float("-inf")
@@ -902,7 +930,7 @@ class RingReader:
         # writer back; only now read the head, so no record after it can be overwritten.
         head = _U64.unpack_from(mm, _HEAD)[0]
         _U64.pack_into(mm, reader._cursor_offset, head)
-        reader._next = head + 1
+        reader._next = reader._first = head + 1
         reader.heartbeat()
         reader._wake_writer_if_parked()
         return reader
@@ -980,7 +1008,9 @@ class RingReader:
 
     @property
     def stats(self) -> ReaderStats:
-        return ReaderStats(self._delivered, self._retried, self._rejected)
+        # Every sequence this reader moved past was either delivered or rejected.
+        delivered = self._next - self._first - self._rejected
+        return ReaderStats(delivered, self._retried, self._rejected)
 
     def poll(self) -> bytes | None:
         """The next record, or None if none is published yet; never blocks.
@@ -990,24 +1020,65 @@ class RingReader:
         if self._closed:
             raise self._closed_error()
         expected = self._next
-        mm = self._mm
+        words = self._words
         offset = self._slot_base + (expected - 1) % self._slots * self._slot_bytes
-        sequence, size, checksum = _SLOT_HEADER.unpack_from(mm, offset)
-        if sequence != expected or size > self._capacity:
+        # The sequence first, then length and checksum: loads are not reordered with loads.
+        if words[offset >> 3] != expected:
+            if words[_HEAD_WORD] < expected:
+                return None  # not published yet: the usual case for an idle ring
+            return self._poll_slow(expected, offset)
+        mm = self._mm
+        size, checksum = _load_size_checksum(mm, offset + 8)
+        if size > self._capacity:
             return self._poll_slow(expected, offset)
         start = offset + SLOT_HEADER_BYTES
         data = mm[start : start + size]
-        if _crc32(data, expected & 0xFFFFFFFF) != checksum or _U64.unpack_from(mm, offset)[0] != expected:
+        if _crc32(data, expected & 0xFFFFFFFF) != checksum or words[offset >> 3] != expected:
             return self._poll_slow(expected, offset)
         # _advance, inlined: this is the per-record path
-        _U64.pack_into(mm, self._cursor_offset, expected)
+        words[self._cursor_word] = expected
         self._next = expected + 1
-        self._delivered += 1
         _fence_acquire()
         _fence_release()
-        if _U64.unpack_from(mm, _WRITER_PARKED)[0]:
+        if words[_WRITER_PARKED_WORD]:
             self._writer_doorbell.ring(self._writer_doorbell_name)
         return data
+
+    def poll_many(self, max_records: int) -> list[bytes]:
+        """The records published and not yet delivered, in order, at most `max_records`
+        (an int >= 1); an empty list if there are none. Never blocks.
+
+        Each record is validated as by `poll`; the cursor is stored, and a parked writer
+        woken, once for the whole batch. A record that fails validation ends the batch
+        before it, and the next call (or `poll`) counts, skips and reports it
+        (RingCorruptError) like `poll`."""
+        if self._closed:
+            raise self._closed_error()
+        if type(max_records) is not int or max_records < 1:
+            raise ValueError(f"RingReader.poll_many: max_records={max_records!r}, expected an int >= 1")
+        first = expected = self._next
+        words = self._words
+        mm = self._mm
+        slot_base, slots, slot_bytes, capacity = self._slot_base, self._slots, self._slot_bytes, self._capacity
+        records = []
+        while expected - first < max_records:
+            offset = slot_base + (expected - 1) % slots * slot_bytes
+            if words[offset >> 3] != expected:
+                break
+            size, checksum = _load_size_checksum(mm, offset + 8)
+            if size > capacity:
+                break
+            start = offset + SLOT_HEADER_BYTES
+            data = mm[start : start + size]
+            if _crc32(data, expected & 0xFFFFFFFF) != checksum or words[offset >> 3] != expected:
+                break
+            records.append(data)
+            expected += 1
+        if not records:
+            data = self.poll()  # nothing yet, or the first record needs poll's slow path
+            return [] if data is None else [data]
+        self._advance(expected - 1)
+        return records
 
     def _advance(self, sequence: int) -> None:
         _U64.pack_into(self._mm, self._cursor_offset, sequence)
@@ -1042,7 +1113,6 @@ class RingReader:
                     if attempt:
                         self._retried += 1
                     self._advance(expected)
-                    self._delivered += 1
                     return data
         self._rejected += 1
         self._advance(expected)
@@ -1053,8 +1123,13 @@ class RingReader:
         the reader's), then parks on its doorbell; both finite and >= 0. None on timeout.
         Raises PeerDeadError once the writer is gone (or closed the ring) and every
         record it completed has been delivered."""
-        timeout = _check_seconds("RingReader.read", "timeout", timeout)
-        spin_s = _check_seconds("RingReader.read", "spin_s", self.spin_s if spin_s is None else spin_s)
+        if spin_s is None:
+            spin_s = self.spin_s
+        # check_seconds's own fast path, inlined: read is called once per record.
+        if type(timeout) is not float or not 0.0 <= timeout < _INF:
+            timeout = _check_seconds("RingReader.read", "timeout", timeout)
+        if type(spin_s) is not float or not 0.0 <= spin_s < _INF:
+            spin_s = _check_seconds("RingReader.read", "spin_s", spin_s)
         data = self.poll()
         if data is not None:
             return data
@@ -1128,6 +1203,7 @@ class RingReader:
                 self._wake_writer_if_parked()
             finally:
                 self._writer_doorbell.close()
+                self._words.release()
                 self._mm.close()
                 self._shm.close_fd()
                 if self._owns_doorbell:

@@ -144,27 +144,31 @@ def echo(conn, name_in: str, park_slice: float) -> None:
 
 
 class StopBeforeSequenceStore:
-    """Stands in for the ring module's 8-byte store (`ring._U64`) in a writer process:
-    just before the sequence number `sequence` is stored into its slot, the process
-    stops itself (SIGSTOP), leaving that slot with the new payload and the old sequence,
-    as a writer killed mid-publish would. Every other use passes through.
+    """Stands in for the writer's view of the segment as 8-byte words (what
+    `ring._words` returns) in a writer process: just before the sequence number
+    `sequence` is stored into its slot, the process stops itself (SIGSTOP), leaving that
+    slot with the new payload and the old sequence, as a writer killed mid-publish would.
+    Every other use passes through.
 
     This relies on how `publish` is written (payload, length and checksum first, then
-    the slot's sequence through `_U64.pack_into`); if that changes, the test that uses
-    it fails with "writer never reached the pause point" rather than passing."""
+    the slot's sequence through that view); if that changes, the test that uses it
+    fails with "writer never reached the pause point" rather than passing."""
 
-    def __init__(self, store: struct.Struct, sequence: int, slot_base: int) -> None:
-        self._store = store
+    def __init__(self, words: memoryview, sequence: int, slot_base: int) -> None:
+        self._words = words
         self._sequence = sequence
-        self._slot_base = slot_base
+        self._first_slot_word = slot_base // 8
 
-    def pack_into(self, buffer, offset: int, value: int) -> None:
-        if value == self._sequence and offset >= self._slot_base:
+    def __setitem__(self, index: int, value: int) -> None:
+        if value == self._sequence and isinstance(index, int) and index >= self._first_slot_word:
             os.kill(os.getpid(), signal.SIGSTOP)
-        self._store.pack_into(buffer, offset, value)
+        self._words[index] = value
+
+    def __getitem__(self, index: int | slice):
+        return self._words[index]
 
     def __getattr__(self, name: str):
-        return getattr(self._store, name)
+        return getattr(self._words, name)
 
 
 def publishing_writer(conn, readers: int, slots: int, stop_before_sequence: int = 0) -> None:
@@ -172,7 +176,8 @@ def publishing_writer(conn, readers: int, slots: int, stop_before_sequence: int 
     `stop_before_sequence`, the writer stops itself mid-publish of that record."""
     if stop_before_sequence:
         slot_base = ring.HEADER_BYTES + ring.READER_ENTRY_BYTES * readers
-        ring._U64 = StopBeforeSequenceStore(ring._U64, stop_before_sequence, slot_base)
+        words = ring._words
+        ring._words = lambda mm: StopBeforeSequenceStore(words(mm), stop_before_sequence, slot_base)
     writer = RingWriter.create(slots, 128, readers, prefix=TEST_PREFIX)
     try:
         conn.send(writer.name)

@@ -5,8 +5,10 @@ from __future__ import annotations
 import mmap
 import os
 import random
+import re
 import stat
 import struct
+import threading
 import time
 
 import numpy as np
@@ -178,6 +180,81 @@ def test_corrupt_slots_are_rejected_counted_and_never_delivered(ring):
         shm.close_fd()
 
 
+def test_poll_many_delivers_what_poll_would_in_batches(ring):
+    with RingReader.attach(ring.name) as reader:
+        assert reader.poll_many(8) == []
+        for index in range(3):
+            ring.publish(b"r%d" % index, timeout=1)
+        assert reader.poll_many(2) == [b"r0", b"r1"]
+        assert reader.pending == 1 and reader.next_sequence == 3
+        ring.publish(b"r3", timeout=1)
+        assert reader.poll_many(8) == [b"r2", b"r3"]  # a batch stops at the head
+        assert reader.poll_many(1) == [] and reader.poll() is None
+        ring.publish(b"", timeout=1)
+        assert reader.poll_many(1) == [b""]
+        assert reader.stats.delivered == 5
+        for bad in (0, -1, True, 2.0, None):
+            with pytest.raises(ValueError, match=re.escape(f"max_records={bad!r}")):
+                reader.poll_many(bad)
+
+
+def test_poll_many_ends_a_batch_before_a_corrupt_slot_which_is_then_rejected(ring):
+    rng = random.Random(4321)
+    shm, raw = _raw(ring.name)
+    reader = RingReader.attach(ring.name)
+    slots_start = HEADER_BYTES + READER_ENTRY_BYTES * 2
+    expected, corrupted = [], 0
+    try:
+        for _ in range(500):
+            for _ in range(rng.randint(1, 4)):
+                data = rng.randbytes(rng.randint(0, ring.capacity))
+                sequence = ring.publish(data, timeout=1)
+                if rng.random() < 0.3:
+                    position = slots_start + (sequence - 1) % 4 * 128 + rng.randrange(SLOT_HEADER_BYTES + len(data))
+                    raw[position] ^= rng.randint(1, 255)
+                    corrupted += 1
+                else:
+                    expected.append(data)
+            got = []
+            while reader.pending:
+                try:
+                    got += reader.poll_many(rng.randint(1, 5))
+                except RingCorruptError:
+                    continue
+            assert got == expected
+            expected.clear()
+        assert reader.stats.rejected == corrupted > 100
+    finally:
+        reader.close()
+        raw.close()
+        shm.close_fd()
+
+
+def test_poll_many_wakes_a_writer_parked_on_a_full_ring(prefix, monkeypatch):
+    """The batch stores the cursor once, then fences and looks for a parked writer: a
+    writer blocked on the full ring gets its slot at once (its own re-check pushed out
+    to 30 s)."""
+    import embxfer.control.ring as ring_module
+
+    monkeypatch.setattr(ring_module, "PARK_SLICE_S", 30.0)
+    with RingWriter.create(4, 64, 1, prefix=prefix) as writer, RingReader.attach(writer.name) as reader:
+        for index in range(4):
+            writer.publish(b"%d" % index, timeout=1)
+        finished: list[float] = []
+        blocked = threading.Thread(
+            target=lambda: (writer.publish(b"blocked", timeout=10), finished.append(time.monotonic())),
+            daemon=True,
+        )
+        blocked.start()
+        while not writer._words[ring_module._WRITER_PARKED_WORD]:
+            time.sleep(0.001)
+        freed = time.monotonic()
+        assert reader.poll_many(2) == [b"0", b"1"]
+        blocked.join(10)
+        assert finished and finished[0] - freed < 2.0
+        assert reader.poll_many(8) == [b"2", b"3", b"blocked"]
+
+
 def test_random_garbage_over_whole_slots_never_crashes_or_leaks(ring):
     rng = random.Random(99)
     shm, raw = _raw(ring.name)
@@ -274,6 +351,44 @@ def test_wait_any_parks_on_one_doorbell_for_several_rings(prefix):
                     wait_any([other], doorbell, timeout=0)
         finally:
             for reader in readers:
+                reader.close()
+
+
+def test_a_parked_reader_in_any_entry_is_woken_by_every_publish(prefix, monkeypatch):
+    """After each publish the writer reads all parked words in one look: a reader parked
+    in the last entry, behind two attached readers that never park, is woken at once
+    (its own periodic re-check is pushed out to 30 s, so a missed post would stall)."""
+    import embxfer.control.ring as ring_module
+
+    monkeypatch.setattr(ring_module, "PARK_SLICE_S", 30.0)
+    with RingWriter.create(4, 64, 3, prefix=prefix) as writer:
+        idle = [RingReader.attach(writer.name), RingReader.attach(writer.name)]
+        parked = RingReader.attach(writer.name, spin_s=0.0)
+        got: list[tuple[bytes | None, float]] = []
+
+        def read_parked() -> None:
+            for _ in range(3):
+                data = parked.read(timeout=10.0)
+                got.append((data, time.monotonic()))
+
+        try:
+            assert parked.index == 2
+            thread = threading.Thread(target=read_parked, daemon=True)
+            thread.start()
+            for index in range(3):
+                while not any(peer.parked for peer in writer.readers()):
+                    time.sleep(0.001)
+                published = time.monotonic()
+                writer.publish(b"wake %d" % index, timeout=1)
+                while len(got) <= index and time.monotonic() - published < 5:
+                    time.sleep(0.001)
+                assert got[index][0] == b"wake %d" % index
+                assert got[index][1] - published < 2.0
+                for reader in idle:
+                    assert reader.poll() == b"wake %d" % index  # keep the ring from filling
+            thread.join(10)
+        finally:
+            for reader in (*idle, parked):
                 reader.close()
 
 

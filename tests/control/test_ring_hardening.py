@@ -180,6 +180,7 @@ def test_a_closed_reader_raises_ring_closed_naming_the_ring(ring):
         reader.close()
         for call in (
             reader.poll,
+            lambda: reader.poll_many(4),
             lambda: reader.read(0),
             lambda: reader.read(1.0),
             lambda: reader.pending,
