@@ -406,14 +406,15 @@ class ShmBus(_Decoder):
         for source, reader in self.readers.items():
             while True:
                 try:
-                    data = reader.poll()
+                    frames = reader.poll_many(64)  # one cursor store per batch
                 except RingCorruptError as exc:  # counted and skipped by the ring; go on
                     self.rejected += 1
                     log.warning("rank %x: skipped a corrupt slot in %x's ring: %s", self.rank, source, exc)
                     continue
-                if data is None:
+                for data in frames:
+                    self._decode(source, data, out)
+                if len(frames) < 64:
                     break
-                self._decode(source, data, out)
         if self.link is not None:
             for source, frame in self.link.receive():
                 if source in self._remote_pending:
