@@ -33,12 +33,14 @@ its own half (encoder: `visual`, `embed_tokens`, `get_rope_index`; language:
 
 from __future__ import annotations
 
+import hashlib
 from dataclasses import dataclass
 
 import torch
 from transformers import DynamicCache, PreTrainedModel
 
 from embxfer.runtime import Payload
+from embxfer.runtime.payload import Item
 
 from .processor import ProcessorOutput
 
@@ -63,32 +65,71 @@ class EncoderEngine:
     def __init__(self, model: PreTrainedModel) -> None:
         self.base = model.model
         self.deepstack_layers = deepstack_layers(model)
+        self.images_encoded = 0  # images run through the vision tower
 
     @property
     def device(self) -> torch.device:
         return self.base.get_input_embeddings().weight.device
 
+    def items(self, inputs: ProcessorOutput) -> list[Item]:
+        """The request's multimodal items: each image's placeholder rows, under a digest of
+        its pixels and grid (what vLLM's mm_hash covers)."""
+        if inputs.pixel_values is None:
+            return []
+        image_id = self.base.config.image_token_id
+        rows = (inputs.input_ids[0] == image_id).nonzero().flatten().tolist()
+        merge = self.base.config.vision_config.spatial_merge_size
+        items, row, patch = [], 0, 0
+        for grid in inputs.image_grid_thw.tolist():
+            patches = grid[0] * grid[1] * grid[2]
+            count = patches // merge ** 2
+            pixels = inputs.pixel_values[patch : patch + patches].float().cpu().contiguous()
+            digest = hashlib.blake2b(pixels.numpy().tobytes() + str(grid).encode(), digest_size=32).digest()
+            items.append(Item(digest, rows[row], count))
+            row += count
+            patch += patches
+        return items
+
     @torch.no_grad()
-    def encode(self, inputs: ProcessorOutput) -> Payload:
+    def encode(self, inputs: ProcessorOutput, skip: set[bytes] = frozenset()) -> Payload:
+        """The payload of `inputs`. Items (images) whose hash is in `skip` are not run
+        through the vision tower: their rows are left unset (the language side holds
+        them, see embxfer's item cache); `self.images_encoded` counts the others."""
         inputs = inputs.to(self.device)
         input_ids = inputs.input_ids
         embeddings = self.base.get_input_embeddings()(input_ids)  # [1, N, D]
         num_tokens, dim = embeddings.shape[1], embeddings.shape[2]
+        items = self.items(inputs)
 
         deepstack = None
         if inputs.pixel_values is not None:
-            vision = self.base.get_image_features(inputs.pixel_values, inputs.image_grid_thw, return_dict=True)
-            image_features = torch.cat(vision.pooler_output).to(embeddings.device, embeddings.dtype)
-            image_mask, _ = self.base.get_placeholder_mask(input_ids, inputs_embeds=embeddings,
-                                                          image_features=image_features)
-            embeddings = embeddings.masked_scatter(image_mask, image_features)
+            merge = self.base.config.vision_config.spatial_merge_size
+            grids = inputs.image_grid_thw.tolist()
+            keep = [item.content_hash not in skip for item in items]
+            patch_counts = [t * h * w for t, h, w in grids]
+            firsts = [sum(patch_counts[:i]) for i in range(len(grids))]
+            image_mask = torch.zeros(num_tokens, dtype=torch.bool, device=embeddings.device)
+            for item, kept in zip(items, keep, strict=True):
+                image_mask[item.start : item.start + item.count] = kept
             if self.deepstack_layers:
-                visual_rows = image_mask[0, :, 0]
                 deepstack = embeddings.new_zeros(num_tokens, self.deepstack_layers * dim)
-                # One feature per deepstack layer: a tensor of every image's rows (transformers
-                # 5.17) or a tuple with one tensor per image (5.18 on).
-                per_layer = [f if isinstance(f, torch.Tensor) else torch.cat(f) for f in vision.deepstack_features]
-                deepstack[visual_rows] = torch.cat(per_layer, dim=1).to(deepstack.dtype)
+            if any(keep):
+                pixel_values = torch.cat([inputs.pixel_values[f : f + n] for f, n, k in
+                                          zip(firsts, patch_counts, keep, strict=True) if k])
+                grid_thw = inputs.image_grid_thw[torch.tensor(keep, device=inputs.image_grid_thw.device)]
+                vision = self.base.get_image_features(pixel_values, grid_thw, return_dict=True)
+                self.images_encoded += len(grid_thw)
+                image_features = torch.cat(vision.pooler_output).to(embeddings.device, embeddings.dtype)
+                assert image_features.shape[0] == int(image_mask.sum()) == sum(
+                    n // merge ** 2 for n, k in zip(patch_counts, keep, strict=True) if k)
+                embeddings = embeddings.masked_scatter(image_mask.view(1, -1, 1).expand_as(embeddings),
+                                                       image_features)
+                if self.deepstack_layers:
+                    # One feature per deepstack layer: a tensor of every image's rows
+                    # (transformers 5.17) or a tuple with one tensor per image (5.18 on).
+                    per_layer = [f if isinstance(f, torch.Tensor) else torch.cat(f)
+                                 for f in vision.deepstack_features]
+                    deepstack[image_mask] = torch.cat(per_layer, dim=1).to(deepstack.dtype)
         elif self.deepstack_layers:
             deepstack = embeddings.new_zeros(num_tokens, self.deepstack_layers * dim)
 
@@ -101,6 +142,7 @@ class EncoderEngine:
             mrope_positions=positions[:, 0].to(torch.int32).contiguous(),
             mrope_delta=int(delta.reshape(-1)[0]),
             deepstack=deepstack,
+            items=items,
         )
 
 

@@ -51,6 +51,54 @@ def payload_mismatches(sent: Payload, received: Payload) -> list[str]:
     return wrong
 
 
+@dataclass(frozen=True)
+class ChatTurn:
+    payload: Payload  # the whole payload of the turn (every image encoded), for comparison
+    copies: list[Payload]  # what each language TP rank took
+    images_encoded: int  # images the encoder engine ran through the vision tower this turn
+    rows_sent: int  # rows that crossed (the skipped images' did not)
+    ranks: list[Greedy]
+
+
+def run_chat(model: PreTrainedModel, turns: list[ProcessorOutput], topology: Topology, config: Config,
+             max_new_tokens: int) -> list[ChatTurn]:
+    """A chat's turns through one job with an item cache: each turn the language engine
+    names the prompt's images at admission; the encoder engine asks which of them the
+    language side holds, skips the vision tower for those and submits the rest."""
+    encoder = EncoderEngine(model)
+    probe = encoder.encode(turns[0])
+    cluster = LocalCluster(topology, config, dim=probe.embeddings.shape[1], dtype=probe.embeddings.dtype,
+                           deepstack_layers=deepstack_layers(model), device=probe.embeddings.device)
+    language = LanguageEngine(model)
+    out = []
+    try:
+        for rid, inputs in enumerate(turns, start=1):
+            items = encoder.items(inputs.to(encoder.device))
+            for receiver in cluster.receivers.values():
+                receiver.admit(rid, 0, items=items)
+            for _ in range(3):  # the held items reach the encoder engine
+                cluster.step()
+            senders = cluster.engine_senders(0)
+            held = senders[0].lookup_items(rid)
+            before, sent_before = encoder.images_encoded, senders[0].stats.tokens
+            payload = encoder.encode(inputs, skip=held)
+            encoded = encoder.images_encoded - before
+            for sender in senders:
+                sender.submit(rid, payload)
+            cluster.run_until(lambda r=rid: all(s.terminal for s in cluster.states(r)))
+            copies = [receiver.take(rid) for receiver in cluster.receivers.values()]
+            cluster.run_until(lambda r=rid, ss=senders: all(s.state(r).terminal for s in ss))
+            rows_sent = senders[0].stats.tokens - sent_before
+            for sender in senders:
+                sender.release(rid)
+            whole = EncoderEngine(model).encode(inputs)
+            out.append(ChatTurn(whole, copies, encoded, rows_sent,
+                                [language.generate(copy, max_new_tokens) for copy in copies]))
+    finally:
+        cluster.close()
+    return out
+
+
 def run_split(model: PreTrainedModel, inputs: ProcessorOutput, topology: Topology, config: Config,
               max_new_tokens: int, request_id: int = 1) -> SplitRun:
     payload = EncoderEngine(model).encode(inputs)

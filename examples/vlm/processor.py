@@ -28,10 +28,13 @@ from .models import ModelFamily, text_vocab_size
 
 @dataclass(frozen=True)
 class Image:
-    """An image of `height x width` pixels (after the processor's resize)."""
+    """An image of `height x width` pixels (after the processor's resize); with `seed`, its
+    pixels come from that seed alone, so the same image can appear in several prompts (a
+    chat's turns)."""
 
     height: int
     width: int
+    seed: int | None = None
 
 
 @dataclass(frozen=True)
@@ -105,7 +108,8 @@ def synthesize(config: PreTrainedConfig, family: ModelFamily, prompt: Prompt,
         if segment.height % factor or segment.width % factor or min(segment.height, segment.width) < factor:
             raise ValueError(f"prompt {prompt.name!r}: image {segment.height}x{segment.width}: expected "
                              f"positive multiples of patch_size * spatial_merge_size = {factor}")
-        pixels = torch.randint(0, 256, (vision.in_channels, segment.height, segment.width), generator=gen)
+        source = gen if segment.seed is None else torch.Generator().manual_seed(segment.seed)
+        pixels = torch.randint(0, 256, (vision.in_channels, segment.height, segment.width), generator=source)
         normalized = (pixels.float() / 255.0 - mean) / std
         patches.append(patchify(normalized, vision.patch_size, vision.spatial_merge_size,
                                 vision.temporal_patch_size))

@@ -27,7 +27,7 @@ pytest.importorskip(
 from embxfer.runtime.topology import Topology  # noqa: E402
 from examples.vlm.engines import Greedy, LanguageEngine  # noqa: E402
 from examples.vlm.models import MODELS, build_model  # noqa: E402
-from examples.vlm.pipeline import payload_mismatches, run_split, small_pool_config  # noqa: E402
+from examples.vlm.pipeline import payload_mismatches, run_chat, run_split, small_pool_config  # noqa: E402
 from examples.vlm.processor import Image, ProcessorOutput, Prompt, synthesize  # noqa: E402
 from examples.vlm.reference import monolithic  # noqa: E402
 
@@ -149,3 +149,27 @@ def test_run_script(tmp_path) -> None:
     by_prompt = {case["prompt"]: case for case in report["cases"]}
     assert by_prompt["long"]["resumes"] >= 2
     assert all(rank["prefill_logits_max_abs_diff"] == 0.0 for case in report["cases"] for rank in case["ranks"])
+
+
+def test_a_chats_second_turn_with_the_same_image_skips_it(model) -> None:
+    """Turn 2 asks another question about the picture of turn 1 (the picture is more than
+    90 % of its rows): the language side holds the picture, the encoder engine skips the
+    vision tower for it and sends the text rows only; the language ranks put the picture's
+    rows back, and the logits are the monolithic model's on turn 2, bit for bit."""
+    family = MODELS[model.config.model_type]
+    picture = Image(192, 256, seed=11)
+    turns = [synthesize(model.config, family, Prompt("turn1", (10, picture, 6)), seed=1),
+             synthesize(model.config, family, Prompt("turn2", (12, picture, 5)), seed=2)]
+    config = replace(small_pool_config(), cache_bytes=64 << 20, language_pool_blocks=8)
+    chat = run_chat(model, turns, Topology(1, 1, 2), config, MAX_NEW_TOKENS)
+    first, second = chat
+    image_rows = second.payload.items[0].count
+    assert image_rows >= 0.9 * turns[1].num_tokens
+    assert first.images_encoded == 1 and second.images_encoded == 0
+    assert first.rows_sent == turns[0].num_tokens
+    assert second.rows_sent == turns[1].num_tokens - image_rows  # the picture's rows stayed home
+    reference = monolithic(model, turns[1], MAX_NEW_TOKENS)
+    for rank, (copy, split) in enumerate(zip(second.copies, second.ranks, strict=True)):
+        assert payload_mismatches(second.payload, copy) == [], f"language rank {rank}"
+        assert torch.equal(split.prefill_logits, reference.prefill_logits), f"language rank {rank}"
+        assert split.tokens.tolist() == reference.tokens.tolist()
