@@ -157,6 +157,41 @@ def test_cache_hits_misses_and_cached_requests():
 
 
 @needs_client
+def test_every_counter_equals_snapshot_stats_on_both_sides():
+    """Served from the cache, aborted, resumed, completed: on every rank of both sides, each
+    counter the metrics show is the snapshot_stats() key it comes from."""
+    from embxfer.runtime.metrics import Metrics
+
+    cluster = make_cluster(cache_bytes=1 << 20)
+    metrics = Metrics(cluster.endpoints)
+    payload = random_payload(2500, DIM, seed=9)
+    for rid in (1, 2):  # a miss, then a hit
+        for receiver in cluster.receivers.values():
+            receiver.admit(rid, 0, content_hash=b"same")
+        cluster.submit(rid, payload)
+        finish(cluster, rid)
+    for receiver in cluster.receivers.values():
+        receiver.admit(3, 0)
+    cluster.leader.abort(3)
+    cluster.settle()
+    samples = parse(metrics.exposition().decode())
+    pairs = {"embxfer_requests_total": "requests", "embxfer_requests_cached_total": "cached",
+             "embxfer_tokens_total": "tokens", "embxfer_bytes_total": "bytes", "embxfer_messages_total": "messages",
+             "embxfer_rounds_total": "rounds", "embxfer_resumes_total": "resumes",
+             "embxfer_discarded_segments_total": "discarded_segments"}
+    for rank, endpoint in enumerate([cluster.senders[0], *cluster.receivers.values()]):
+        stats = endpoint.snapshot_stats()
+        for metric, key in pairs.items():
+            assert value(samples, metric, rank) == stats[key], (rank, metric)
+        for outcome in ("succeeded", "failed"):
+            assert value(samples, "embxfer_requests_finished_total", rank, outcome=outcome) == stats[outcome]
+        for kind in ("forged_values", "refused_pairs", "frames_malformed", "frames_forged", "frames_replayed",
+                     "connections_refused"):
+            assert value(samples, "embxfer_security_dropped_total", rank, kind=kind) == stats[kind] == 0
+        assert value(samples, "embxfer_requests_cached_total", rank) == 1  # the hit, encoder side too
+
+
+@needs_client
 def test_http_exporter_answers_on_a_free_port_and_closes():
     from embxfer.runtime.metrics import Metrics
 
