@@ -181,8 +181,6 @@ def spawn_local_world(module: str, argv: list[str], world_size: int, deadline_s:
         first_failure: tuple[int, int] | None = None
         while True:
             codes = [c.poll() for c in children]
-            if all(code is not None for code in codes):
-                break
             if first_failure is None:
                 failed = [(rank, code) for rank, code in enumerate(codes) if code not in (None, 0)]
                 # Seen in one look, a rank killed by a signal is the cause; the others are
@@ -192,6 +190,8 @@ def spawn_local_world(module: str, argv: list[str], world_size: int, deadline_s:
                     # Give the survivors time to notice and report the failure themselves.
                     first_failure = failed[0]
                     deadline = min(deadline, time.monotonic() + failure_grace_s)
+            if all(code is not None for code in codes):
+                break
             running = [c for c, code in zip(children, codes, strict=True) if code is None]
             if first_failure is not None and all(_stopped(c.pid) for c in running):
                 break  # what is left is stopped (SIGSTOP): it reports nothing, waiting is pointless
