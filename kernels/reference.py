@@ -209,13 +209,16 @@ def unpack_to_rows_reference(
     layout: StagingLayout,
     outputs: Sequence[RowTensors],
     out_starts: Sequence[int],
+    segments: Sequence[int] | None = None,
 ) -> None:
     """Copy segment i of `staging` into rows `[out_starts[i], out_starts[i] + counts[i])` of
-    `outputs[i]`."""
+    `outputs[i]`; with `segments`, only those (`outputs` and `out_starts` then cover only them)."""
     regions = layout._regions(staging)
-    for out, start, first, n in zip(outputs, out_starts, layout.token_offsets, layout.counts, strict=True):
-        if n:
-            _copy_rows(_row_slice(regions, first, n), _row_slice(out, start, n))
+    indices = range(layout.num_segments) if segments is None else segments
+    for out, start, i in zip(outputs, out_starts, indices, strict=True):
+        if layout.counts[i]:
+            _copy_rows(_row_slice(regions, layout.token_offsets[i], layout.counts[i]),
+                       _row_slice(out, start, layout.counts[i]))
 
 
 # -- helpers ------------------------------------------------------------------------
