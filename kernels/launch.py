@@ -29,9 +29,11 @@ Modes (`bench/kernels.py --launch` compares them; results in bench/results/kerne
   driver call. Only for launches of at most `graph_max_programs` programs (bigger ones
   run long enough that their host cost does not matter, and the grid's rounding up to
   its bucket would cost device time).
-- `side_upload=True` (direct mode): the table goes up on a stream of the launcher's own
-  and the launching stream waits for it by an event, so that on a busy device the
+- `side_upload=True` (direct launches): the table goes up on a stream of the launcher's
+  own and the launching stream waits for it by an event, so that on a busy device the
   kernel does not queue behind its own upload (the upload overlaps the work before it).
+
+The defaults (`DEFAULT_MODE`, `DEFAULT_SIDE_UPLOAD`) are what measured best.
 
 On CPU (Triton's interpreter, the tests) the same routes, templates and tables are
 used, the table buffers are plain host memory and the kernel is launched through
@@ -43,6 +45,7 @@ Nothing here checks its inputs: callers are `ops.py`'s operations (see there).
 
 from __future__ import annotations
 
+import contextlib
 import threading
 import warnings
 import weakref
@@ -72,7 +75,6 @@ from .triton_copy import (
     launch_jit,
     launch_shape,
     linear_tensors,
-    on_device,
     pool_pointers,
     pool_tensors,
     side_alignment,
@@ -86,6 +88,10 @@ from .types import PoolTensors
 from .workspace import TableBuffer, TableSlots
 
 MODES = ("direct", "graph")
+# The defaults (what `launcher_for` makes): graphs for launches of up to
+# GRAPH_MAX_PROGRAMS programs, bigger ones direct with the upload on its own stream.
+DEFAULT_MODE = "graph"
+DEFAULT_SIDE_UPLOAD = True
 GRAPH_MAX_PROGRAMS = 16384
 GRAPH_COPIES = 4  # graphs per (variant, buckets): messages of one shape in flight at once
 MAX_GRAPH_RINGS = 128  # then all are dropped and captured again as needed
@@ -109,7 +115,7 @@ class Launcher:
     own, e.g. with another mode. Thread-safe: concurrent calls serialize on a lock
     around the table buffers (held a few microseconds)."""
 
-    def __init__(self, device: torch.device | str, *, mode: str = "direct", side_upload: bool = False,
+    def __init__(self, device: torch.device | str, *, mode: str = DEFAULT_MODE, side_upload: bool = DEFAULT_SIDE_UPLOAD,
                  graph_max_programs: int = GRAPH_MAX_PROGRAMS) -> None:
         if mode not in MODES:
             raise ValueError(f"Launcher: mode={mode!r}, expected one of {MODES}")
@@ -168,7 +174,7 @@ class Launcher:
         variant = _Variant(None, shape, config, (isinstance(src, PoolSide), isinstance(dst, PoolSide)),
                            counts.shape[0], block_size, (*side_pointers(src), *side_pointers(dst)))
         size = table_size(src, dst, counts.shape[0])
-        with self._lock, on_device(self.index) if self.cuda else _NO_CONTEXT:
+        with self._lock, self._on_device():
             table, buffer = self._begin(variant, size, (src, dst))
             _fill_metadata(table, counts, shape, src, dst)
             self._end(variant, buffer, size, (src, dst))
@@ -199,7 +205,7 @@ class Launcher:
             if variant is None:
                 variant = route.variants[alignment] = _Variant.of_route(self, route, alignment, objects)
         size = variant.head + (0 if plan is None else plan.blocks.size) + 1
-        with self._lock, on_device(self.index) if self.cuda else _NO_CONTEXT:
+        with self._lock, self._on_device():
             table, buffer = self._begin(variant, size, objects)
             if plan is None:
                 table[variant.head] = 0
@@ -216,7 +222,7 @@ class Launcher:
         """A table buffer for this launch (a graph's own in graph mode) with the variant's
         template in place."""
         buffer = None
-        if self.mode == "graph" and variant.graphs and variant.programs <= self.graph_max_programs and self.cuda:
+        if self.cuda and self._graphed(variant):
             buffer = self._graph(variant, size, objects)
         if buffer is None:
             buffer = self._slots.acquire(size)
@@ -230,7 +236,7 @@ class Launcher:
 
     def _end(self, variant: _Variant, buffer: TableBuffer, size: int, objects: tuple) -> None:
         if not self.cuda:  # the interpreter reads the host table in place
-            header = self.mode == "graph" and variant.graphs
+            header = self._graphed(variant)
             launch_jit(grid_bucket(variant.programs) if header else variant.programs,
                        torch.from_numpy(buffer.host[:size]), variant.scalars, variant.tensors(objects),
                        variant.constants, header, variant.num_warps)
@@ -249,6 +255,15 @@ class Launcher:
         else:
             launch(variant.programs, stream, buffer.device_pointer)
         self._slots.release(buffer, stream)
+
+    def _graphed(self, variant: _Variant) -> bool:
+        return self.mode == "graph" and variant.graphs and variant.programs <= self.graph_max_programs
+
+    def _on_device(self):
+        """Nothing when the launcher's device is current (one cheap check), else a switch."""
+        if not self.cuda or torch._C._cuda_getDevice() == self.index:
+            return _NO_CONTEXT
+        return torch.cuda.device(self.index)
 
     def _stream(self, name: str) -> int:
         stream = self._streams.get(name)
@@ -484,15 +499,7 @@ class _GraphRing:
         self.next = 0
 
 
-class _NoContext:
-    def __enter__(self) -> None:
-        return None
-
-    def __exit__(self, *exc_info: object) -> None:
-        return None
-
-
-_NO_CONTEXT = _NoContext()
+_NO_CONTEXT = contextlib.nullcontext()
 _LAUNCHERS: dict[str, Launcher] = {}
 _LAUNCHERS_LOCK = threading.Lock()
 

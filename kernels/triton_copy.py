@@ -309,6 +309,7 @@ DEVICE_TILE_CONFIGS: dict[str, TileConfig] = {
     "H200": TileConfig(tile_words=2048, max_block_w=256, num_warps=2),
 }
 
+_DEFAULT_TILES = TileConfig()
 _override: TileConfig | None = None
 _by_device: dict[int, TileConfig] = {}
 
@@ -322,16 +323,17 @@ def set_tile_config(config: TileConfig | None) -> TileConfig | None:
 
 
 def tile_config(device: torch.device) -> TileConfig:
-    """The launch shape for `device`: the override if set, else its per-device default."""
+    """The launch shape for `device`: the override if set, else its per-device default
+    (the same object every call: launch routes keep it and compare by identity)."""
     if _override is not None:
         return _override
     if device.type != "cuda":
-        return TileConfig()
+        return _DEFAULT_TILES
     index = device.index if device.index is not None else torch.cuda.current_device()
     config = _by_device.get(index)
     if config is None:
         name = torch.cuda.get_device_name(index)
-        config = next((c for key, c in DEVICE_TILE_CONFIGS.items() if key in name), TileConfig())
+        config = next((c for key, c in DEVICE_TILE_CONFIGS.items() if key in name), _DEFAULT_TILES)
         _by_device[index] = config
     return config
 
@@ -677,24 +679,6 @@ def launch_hooks_set() -> bool:
         if hook is not None and getattr(hook, "calls", True):
             return True
     return False
-
-
-class on_device:
-    """`with torch.cuda.device(d)` only when `d` is not already current (it costs a few
-    microseconds per call)."""
-
-    def __init__(self, index: int) -> None:
-        self.index = index
-        self.switch = None
-
-    def __enter__(self) -> None:
-        if self.index != torch.cuda.current_device():
-            self.switch = torch.cuda.device(self.index)
-            self.switch.__enter__()
-
-    def __exit__(self, *exc_info: object) -> None:
-        if self.switch is not None:
-            self.switch.__exit__(*exc_info)
 
 
 def side_alignment(row_bytes: tuple[int, int], src: Side, dst: Side, counts: np.ndarray) -> int:

@@ -110,7 +110,7 @@ def test_table_buffers_change_hands_between_routes():
     it has table buffers: each buffer holds another route's template every time it comes
     round, and every message is still exact."""
     generator = torch.Generator().manual_seed(5)
-    launcher = Launcher("cpu")
+    launcher = Launcher("cpu", mode="direct")
     layouts = [kernels.staging_layout(c, 24, 24, torch.float16) for c in ([1, 3, 4, 5], [9], [2, 6])]
     for i in range(14):
         layout = layouts[i % 3]
@@ -137,7 +137,7 @@ def test_route_tables_equal_the_general_tables(monkeypatch):
     calls = _recorded_tables(monkeypatch)
     generator = torch.Generator().manual_seed(6)
     layout = kernels.staging_layout([1, 3, 4, 5], 40, 40, torch.bfloat16)
-    launcher = Launcher("cpu")
+    launcher = Launcher("cpu", mode="direct")
     for starts in ([3, 0, 2, 1], [0, 1, 3, 2]):
         message = Message(layout, 4, starts, generator)
         side = ops.staging_side(message.staging, layout)
@@ -162,7 +162,7 @@ def test_row_columns_address_the_rows(monkeypatch):
         layout = kernels.staging_layout([1, 3, 4, 5], dim, dim, torch.bfloat16)
         message = Message(layout, 4, [3, 0, 2, 1], generator)
         addresses = np.array([ops.row_addresses(r) for r in message.sources], dtype=np.int64)
-        Launcher("cpu").pack_addressed_rows(addresses, message.row_starts, message.staging, layout)
+        Launcher("cpu", mode="direct").pack_addressed_rows(addresses, message.row_starts, message.staging, layout)
         _, table, (s, *_), _, _ = calls[-1]
         columns = table[HEADER_WORDS.value + 2 * s : HEADER_WORDS.value + 7 * s].reshape(5, s)
         base, starts, row = message.staging.data_ptr(), message.row_starts, dim * 2

@@ -20,8 +20,8 @@ from embxfer.kernels.triton_copy import _LAUNCHER
 pytestmark = pytest.mark.gpu
 
 OPERATIONS = ("pack", "unpack", "pack_addressed_rows", "unpack_addressed_rows", "gather_addressed")
-MODES = {"direct": {"mode": "direct"}, "side_upload": {"mode": "direct", "side_upload": True},
-         "graph": {"mode": "graph"}}
+MODES = {"direct": {"mode": "direct", "side_upload": False}, "side_upload": {"mode": "direct", "side_upload": True},
+         "graph": {"mode": "graph", "side_upload": False}}
 GRID = [
     (dtype, dim, layers, block_size)
     for dtype in DTYPES
