@@ -263,6 +263,29 @@ def host_time(fn, calls: int = 20) -> float:
     return 1e6 * float(np.median(times))
 
 
+def issue_time(fn, windows: int = 40, calls: int = 4) -> float:
+    """Median host microseconds to issue one call while the device is busy: a sleep kernel
+    is queued ahead of each window of `calls` back-to-back calls, so that no call waits for
+    the device and none starts right after a long synchronize (on the GPU machine's VM,
+    host code right after a wait of a few hundred microseconds ran up to 2x slower);
+    the median over the windows of the mean per call."""
+    global _SLEEP_CYCLES_PER_US
+    if _SLEEP_CYCLES_PER_US is None:
+        _SLEEP_CYCLES_PER_US = _calibrate_sleep()
+    fn()
+    cycles = int(_SLEEP_CYCLES_PER_US * 3000)
+    times = []
+    for _ in range(windows):
+        torch.cuda.synchronize()
+        torch.cuda._sleep(cycles)
+        start = time.perf_counter()
+        for _ in range(calls):
+            fn()
+        times.append((time.perf_counter() - start) / calls)
+    torch.cuda.synchronize()
+    return 1e6 * float(np.median(times))
+
+
 def measure(fn, reps: int = 50) -> float:
     """Median device time of one call, in microseconds: from an event just before the
     call's first kernel to one just after its last, L2 flushed before each call. A
@@ -439,8 +462,8 @@ def _same(a, b) -> bool:
 
 def launch_costs(before) -> dict:
     """Host microseconds per message launch on the runtime's path, for every alternative
-    of the launch path, measured the same way (`host_time`: the device idle before each
-    call, median of 200): the code before (`before`), the launcher's modes, the ops
+    of the launch path, measured the same way (`issue_time`): the code before (`before`),
+    the launcher's modes, the ops
     functions (the default launcher). Each alternative's output is checked bit-exact
     against the ops function's first. Then the floors: each piece of a launch alone."""
     from embxfer.kernels.cuda_driver import driver
@@ -453,7 +476,8 @@ def launch_costs(before) -> dict:
         torch.cuda.empty_cache()
     after = {mode: {"mode_after": L.mode, "graphs": len(L._graphs), "routes": len(L._routes)}
              for mode, L in launchers.items()}
-    return {"method": "host_time: torch.cuda.synchronize() before each call, median of 200 calls",
+    return {"method": "issue_time: windows of 4 back-to-back calls behind a 3 ms sleep kernel, median of 40 "
+                      "windows of the mean per call",
             "messages": rows, "launchers": after, "floors": _launch_floors(launchers, driver())}
 
 
@@ -512,7 +536,7 @@ def _launch_case(case: Case, launchers: dict, before) -> list[dict]:
             torch.cuda.synchronize()
             if not _same(written, expected):
                 raise SystemExit(f"launch costs: {label} {operation} on {case.name} is not bit-exact")
-            row[label] = round(host_time(fn, calls=200), 2)
+            row[label] = round(issue_time(fn), 2)
         rows.append(row)
         print("launch " + ", ".join(f"{k} {v}" for k, v in row.items()), flush=True)
     if case.name == "b":
@@ -537,7 +561,7 @@ def _fresh_layouts(case: Case, launchers: dict) -> dict:
             layout, plan = next(items)
             launcher.pack(case.source, plan, case.staging, layout)
 
-        row[mode] = round(host_time(fn, calls=250), 2)
+        row[mode] = round(issue_time(fn), 2)
     print("launch " + ", ".join(f"{k} {v}" for k, v in row.items()), flush=True)
     return row
 
@@ -561,7 +585,7 @@ def _launch_floors(launchers: dict, drv) -> dict:
         "driver upload of a 32 KB table": lambda: drv.memcpy_to_device(device.data_ptr(), pinned.data_ptr(),
                                                                        32768, stream),
         "driver event record": lambda: drv.event_record(buffer.event, stream),
-        "launch through Triton's dispatcher": lambda: launch_jit(variant.programs, buffer.device, variant.scalars,
+        "launch through Triton's dispatcher (typed tensor arguments)": lambda: launch_jit(variant.programs, buffer.device, variant.scalars,
                                                                  variant.tensors(objects), variant.constants, False,
                                                                  variant.num_warps),
         "direct launch (bound arguments)": lambda: launch(variant.programs, stream, buffer.device_pointer),
@@ -574,8 +598,7 @@ def _launch_floors(launchers: dict, drv) -> dict:
         floors["graph replay (driver)"] = lambda: drv.graph_launch(graphs[0].executable, stream)
     result = {}
     for label, fn in floors.items():
-        fn()
-        result[label] = round(host_time(fn, calls=200), 2)
+        result[label] = round(issue_time(fn), 2)
     print("launch floors: " + ", ".join(f"{k} {v}" for k, v in result.items()), flush=True)
     return result
 
@@ -626,8 +649,7 @@ def host_breakdown(name: str = "b") -> dict[str, float]:
     }
     result = {"case": name, "segments": len(case.counts), "path": "Launcher, direct mode"}
     for label, fn in steps.items():
-        fn()
-        result[label] = round(host_time(fn, calls=100), 2)
+        result[label] = round(issue_time(fn), 2)
     print("host breakdown (pack, case " + name + "): " + ", ".join(f"{k} {v}" for k, v in result.items()), flush=True)
     return result
 

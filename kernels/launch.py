@@ -282,14 +282,19 @@ class Launcher:
             if len(self._graphs) >= MAX_GRAPH_RINGS:
                 self._drop_graphs()
             ring = self._graphs[key] = _GraphRing()
-        index = ring.next
-        ring.next = (index + 1) % GRAPH_COPIES
-        if index < len(ring.graphs):
-            graph = ring.graphs[index]
-            if graph.pending:
-                if not self.driver.event_done(graph.event):
-                    self.driver.event_synchronize(graph.event)
+        # The first graph whose last replay has finished; another one is captured only
+        # while all are still in flight (so an idle device needs one, and the copies are
+        # made during warm-up under load, not in a later steady state), and past
+        # GRAPH_COPIES the oldest is waited for.
+        for graph in ring.graphs:
+            if not graph.pending or self.driver.event_done(graph.event):
                 graph.pending = False
+                return graph
+        if len(ring.graphs) == GRAPH_COPIES:
+            graph = ring.graphs[ring.oldest]
+            ring.oldest = (ring.oldest + 1) % GRAPH_COPIES
+            self.driver.event_synchronize(graph.event)
+            graph.pending = False
             return graph
         try:
             graph = self._capture(variant, programs, words, objects)
@@ -496,7 +501,7 @@ class _Graph:
 class _GraphRing:
     def __init__(self) -> None:
         self.graphs: list[_Graph] = []
-        self.next = 0
+        self.oldest = 0
 
 
 _NO_CONTEXT = contextlib.nullcontext()

@@ -494,10 +494,14 @@ def fill_pool_columns(out: np.ndarray, base: int, head: int, plan: BlockPlan) ->
     """A pool side's varying columns (the offset of each segment's blocks in the block
     table, its first row) and its block table at `head`; returns the block count."""
     s = plan.lengths.shape[0]
-    first_block = out[base : base + s]
-    np.cumsum(plan.lengths, out=first_block)
-    first_block -= plan.lengths
-    out[base + s : base + 2 * s] = plan.first_rows
+    if s == 1:  # the latency case: scalar stores cost less than array operations
+        out[base] = 0
+        out[base + 1] = plan.first_rows[0]
+    else:
+        first_block = out[base : base + s]
+        np.cumsum(plan.lengths, out=first_block)
+        first_block -= plan.lengths
+        out[base + s : base + 2 * s] = plan.first_rows
     n = plan.blocks.size
     out[head : head + n] = plan.blocks
     out[head + n] = 0

@@ -127,10 +127,10 @@ def test_ops_use_the_device_launcher_gpu():
     generator = torch.Generator().manual_seed(11)
     layout = kernels.staging_layout([5, 9], 256, 0, torch.float16)
     message = Message(layout, 16, [3, 0], generator, "cuda")
-    staging = torch.empty(layout.nbytes, dtype=torch.uint8, device="cuda")
+    staging = torch.full((layout.nbytes,), 0xA5, dtype=torch.uint8, device="cuda")
     ops.pack(message.pool, plan_spans(message.spans, 16), staging, layout)
     routes = launcher_for(staging.device)._routes
     assert any(key[0] == "pack" and key[1] == id(layout) for key in routes)
-    want = torch.empty_like(staging)
+    want = torch.full_like(staging, 0xA5)
     reference.pack_reference(message.pool, message.plan, want, layout)
     assert_bitwise_equal(staging[: layout.nbytes], want, what="ops.pack")
