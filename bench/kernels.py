@@ -427,7 +427,8 @@ def load_before(path: str):
 
 
 def _route_of(launcher, operation: str):
-    """The launcher's route for `operation` (the benchmark gives it one) and its variant."""
+    """The launcher's route for `operation` and its variant (callers use a launcher made
+    for one case: a route of a case freed since would name freed memory)."""
     route = next(r for key, r in launcher._routes.items() if key[0] == operation)
     return route, route.variant
 
@@ -478,7 +479,7 @@ def launch_costs(before) -> dict:
              for mode, L in launchers.items()}
     return {"method": "issue_time: windows of 4 back-to-back calls behind a 3 ms sleep kernel, median of 40 "
                       "windows of the mean per call",
-            "messages": rows, "launchers": after, "floors": _launch_floors(launchers, driver())}
+            "messages": rows, "launchers": after, "floors": _launch_floors(driver())}
 
 
 def _launch_case(case: Case, launchers: dict, before) -> list[dict]:
@@ -566,12 +567,14 @@ def _fresh_layouts(case: Case, launchers: dict) -> dict:
     return row
 
 
-def _launch_floors(launchers: dict, drv) -> dict:
+def _launch_floors(drv) -> dict:
     """Each piece of a launch alone, and the same pieces through torch and Triton's dispatcher."""
+    from embxfer.kernels.launch import Launcher
     from embxfer.kernels.triton_copy import launch_jit
 
     case = Case("one", LAUNCH_CASES["one"])
-    direct = launchers["direct"]
+    # fresh launchers: one route each, for this case's tensors only
+    direct = Launcher(DEVICE, **DIRECT)
     direct.pack(case.source, case.plan, case.staging, case.layout)
     route, variant = _route_of(direct, "pack")
     buffer = _last_buffer(direct)
@@ -591,7 +594,7 @@ def _launch_floors(launchers: dict, drv) -> dict:
         "direct launch (bound arguments)": lambda: launch(variant.programs, stream, buffer.device_pointer),
         "table columns of one message (fill_pool_columns)": lambda: _fill_only(route, variant, case.plan, buffer),
     }
-    graph_launcher = launchers["graph"]
+    graph_launcher = Launcher(DEVICE, **LAUNCH_MODES["graph"])
     graph_launcher.pack(case.source, case.plan, case.staging, case.layout)
     graphs = [g for ring in graph_launcher._graphs.values() for g in ring.graphs]
     if graphs:

@@ -26,9 +26,10 @@ Modes (`bench/kernels.py --launch` compares them; results in bench/results/kerne
   a fixed-grid launch (`HEADER`: the kernel reads the message's segment count and size
   from the table, programs past its last tile leave at once) and the event is captured
   once; a message writes its table into the graph's pinned buffer and replays it: one
-  driver call. Only for launches of at most `graph_max_programs` programs (bigger ones
-  run long enough that their host cost does not matter, and the grid's rounding up to
-  its bucket would cost device time).
+  driver call. Only for messages of at most `graph_max_bytes` payload bytes: in a graph
+  the upload stays on the kernel's critical path (about 9 us of device time on an H100,
+  bench/results/kernels-NOTES.md), which a big message's side-stream upload avoids, and
+  its kernel runs long enough that the host's few microseconds do not matter.
 - `side_upload=True` (direct launches): the table goes up on a stream of the launcher's
   own and the launching stream waits for it by an event, so that on a busy device the
   kernel does not queue behind its own upload (the upload overlaps the work before it).
@@ -88,11 +89,11 @@ from .types import PoolTensors
 from .workspace import TableBuffer, TableSlots
 
 MODES = ("direct", "graph")
-# The defaults (what `launcher_for` makes): graphs for launches of up to
-# GRAPH_MAX_PROGRAMS programs, bigger ones direct with the upload on its own stream.
+# The defaults (what `launcher_for` makes): graphs for messages of up to GRAPH_MAX_BYTES
+# payload bytes, bigger ones direct with the upload on its own stream.
 DEFAULT_MODE = "graph"
 DEFAULT_SIDE_UPLOAD = True
-GRAPH_MAX_PROGRAMS = 16384
+GRAPH_MAX_BYTES = 32 << 20
 GRAPH_COPIES = 4  # graphs per (variant, buckets): messages of one shape in flight at once
 MAX_GRAPH_RINGS = 128  # then all are dropped and captured again as needed
 MAX_ROUTES = 256
@@ -116,7 +117,7 @@ class Launcher:
     around the table buffers (held a few microseconds)."""
 
     def __init__(self, device: torch.device | str, *, mode: str = DEFAULT_MODE, side_upload: bool = DEFAULT_SIDE_UPLOAD,
-                 graph_max_programs: int = GRAPH_MAX_PROGRAMS) -> None:
+                 graph_max_bytes: int = GRAPH_MAX_BYTES) -> None:
         if mode not in MODES:
             raise ValueError(f"Launcher: mode={mode!r}, expected one of {MODES}")
         device = torch.device(device)
@@ -129,7 +130,7 @@ class Launcher:
         # graphs need the driver's capture calls; without them every launch is direct
         self.mode = mode if not self.cuda or self.driver is not None else "direct"
         self.side_upload = side_upload and self.driver is not None
-        self.graph_max_programs = graph_max_programs
+        self.graph_max_bytes = graph_max_bytes
         self._routes: dict[tuple, _Route] = {}
         self._slots = TableSlots(device, self.driver)
         self._graphs: dict[tuple, _GraphRing] = {}
@@ -257,7 +258,7 @@ class Launcher:
         self._slots.release(buffer, stream)
 
     def _graphed(self, variant: _Variant) -> bool:
-        return self.mode == "graph" and variant.graphs and variant.programs <= self.graph_max_programs
+        return self.mode == "graph" and variant.graphs and variant.payload_bytes <= self.graph_max_bytes
 
     def _on_device(self):
         """Nothing when the launcher's device is current (one cheap check), else a switch."""
@@ -431,6 +432,7 @@ class _Variant:
         self.pointers = pointers
         self.template: np.ndarray | None = None
         self.graphs = route is not None  # a general call's pointers change per call: no graphs
+        self.payload_bytes = 0 if route is None else int(route.counts.sum()) * (sum(route.row_bytes) + 16)
         self.graph_key = (self.constants, self.num_warps, shape.word, pointers, self.scalars[2:])
         self._direct: DirectLaunch | None | bool = False  # False: not bound yet
         self._header: DirectLaunch | None | bool = False
