@@ -7,7 +7,8 @@
 #   pipeline-<device>.json/.png, vlm-<device>.json
 # Arguments are passed to bench/kernels.py (e.g. --sweep, --cases ab).
 # GPU_CHECK_SKIP_TESTS=1 skips the tests, GPU_CHECK_SKIP_BENCH=1 the benchmarks,
-# GPU_CHECK_SKIP_VLM=1 the example.
+# GPU_CHECK_SKIP_PIPELINE=1 the pipeline benchmark alone, GPU_CHECK_SKIP_VLM=1 the example;
+# GPU_CHECK_TESTS names the test paths (default: tests/).
 #
 # The package is not installed there: a sitecustomize maps the three rooms under the
 # embxfer namespace exactly as pyproject.toml does (embxfer=embxfer/,
@@ -67,7 +68,8 @@ nvidia-smi --query-gpu=name,driver_version,clocks.sm,clocks.mem,temperature.gpu 
 LOG="$OUT/gpu-check.log"
 status=0
 if [ "${GPU_CHECK_SKIP_TESTS:-0}" != 1 ]; then
-    timeout "${GPU_CHECK_TEST_TIMEOUT:-360}" python3 -m pytest -m gpu tests/ -q -p no:cacheprovider -rs \
+    # shellcheck disable=SC2086 # GPU_CHECK_TESTS is a list of paths
+    timeout "${GPU_CHECK_TEST_TIMEOUT:-360}" python3 -m pytest -m gpu ${GPU_CHECK_TESTS:-tests/} -q -p no:cacheprovider -rs \
         --continue-on-collection-errors 2>&1 | tee -a "$LOG" | tail -25
     status=${PIPESTATUS[0]}
     echo "gpu tests exit status: $status" | tee -a "$LOG"
@@ -82,10 +84,12 @@ if [ "${GPU_CHECK_SKIP_BENCH:-0}" != 1 ]; then
     bench_status=${PIPESTATUS[0]}
     echo "kernels bench exit status: $bench_status" | tee -a "$LOG"
     [ "$bench_status" = 0 ] || status=$bench_status
-    python3 bench/pipeline.py --json "$OUT/pipeline-{device}.json" 2>&1 | tee -a "$LOG"
-    pipeline_status=${PIPESTATUS[0]}
-    echo "pipeline exit status: $pipeline_status" | tee -a "$LOG"
-    [ "$pipeline_status" = 0 ] || status=$pipeline_status
+    if [ "${GPU_CHECK_SKIP_PIPELINE:-0}" != 1 ]; then
+        python3 bench/pipeline.py --json "$OUT/pipeline-{device}.json" 2>&1 | tee -a "$LOG"
+        pipeline_status=${PIPESTATUS[0]}
+        echo "pipeline exit status: $pipeline_status" | tee -a "$LOG"
+        [ "$pipeline_status" = 0 ] || status=$pipeline_status
+    fi
 fi
 if [ "${GPU_CHECK_SKIP_VLM:-0}" != 1 ]; then
     HF_HUB_OFFLINE=1 python3 examples/vlm/run.py --device cuda --dtype bf16 --json "$OUT/vlm-{device}.json" 2>&1 \

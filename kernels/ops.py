@@ -5,6 +5,15 @@ no destination row written twice, staging buffers large enough. The runtime call
 on its hot path; everyone else should call the checked functions.
 
 Plans (`BlockPlan`) say where pool tokens are; `plan_spans` makes one from `TokenSpan`s.
+
+Launch path. On CUDA, `pack`, `unpack` (all segments), `pack_addressed_rows`,
+`unpack_addressed_rows` and `gather_addressed` go through the device's `Launcher`
+(`launcher_for`, kernels/launch.py): a route per (operation, sides, layout) keeps the
+launch's shape, its bound kernel and its table's constant columns, so a message costs a
+few microseconds of host time (bench/results/kernels-NOTES.md). Callers that keep the
+same pool, staging buffers and layout objects (the runtime caches its layouts per counts)
+get the cached routes; `Launcher(device, mode="graph")` replays CUDA graphs instead of
+launching. The other operations build their launch per call (`copy_segments`).
 """
 
 from __future__ import annotations
@@ -15,18 +24,23 @@ import numpy as np
 import torch
 
 from . import reference
+from .launch import Launcher, launcher_for
 from .layout import StagingLayout
 from .plan import BlockPlan
 from .types import PoolTensors, RowTensors
+
+__all__ = [
+    "Launcher", "addressed_rows_side", "gather", "gather_addressed", "launcher_for", "pack", "pack_addressed_rows",
+    "pack_rows", "row_addresses", "rows_side", "scatter", "staging_side", "unpack", "unpack_addressed_rows",
+    "unpack_to_rows",
+]
 
 
 def pack(pool: PoolTensors, plan: BlockPlan, staging: torch.Tensor, layout: StagingLayout, *,
          triton: bool | None = None) -> None:
     """Pool tokens of each segment -> the segment's rows of `staging`."""
     if _triton(triton, staging):
-        from .triton_copy import PoolSide, copy_segments
-
-        copy_segments(layout.counts, PoolSide(pool, plan), staging_side(staging, layout), **_widths(layout))
+        launcher_for(staging.device).pack(pool, plan, staging, layout)
     else:
         reference.pack_reference(pool, plan, staging, layout)
 
@@ -38,18 +52,24 @@ def unpack(staging: torch.Tensor, layout: StagingLayout, pool: PoolTensors, plan
     if _triton(triton, staging):
         from .triton_copy import PoolSide, copy_segments
 
-        side = staging_side(staging, layout)
-        counts = layout.counts
-        if segments is not None:
-            index = np.asarray(segments, dtype=np.int64)
-            side = side._replace(columns=None, **{name: getattr(side, name)[index] for name in _ADDRESS_FIELDS})
-            counts = np.asarray(counts, dtype=np.int64)[index]
+        if segments is None:
+            launcher_for(staging.device).unpack(staging, layout, pool, plan)
+            return
+        side, counts = _some_segments(staging, layout, segments)
         copy_segments(counts, side, PoolSide(pool, plan), **_widths(layout))
     else:
         reference.unpack_reference(staging, layout, pool, plan, segments)
 
 
 _ADDRESS_FIELDS = ("emb_addresses", "ds_addresses", "fill_addresses", "mrope_addresses", "mrope_strides")
+
+
+def _some_segments(staging: torch.Tensor, layout: StagingLayout, segments: Sequence[int]):
+    """The staging side of only `segments` (by index), and their counts."""
+    index = np.asarray(segments, dtype=np.int64)
+    side = staging_side(staging, layout)
+    side = side._replace(columns=None, **{name: getattr(side, name)[index] for name in _ADDRESS_FIELDS})
+    return side, np.asarray(layout.counts, dtype=np.int64)[index]
 
 
 def pack_rows(rows: Sequence[RowTensors], row_starts: Sequence[int], staging: torch.Tensor,
@@ -196,12 +216,34 @@ def pack_addressed_rows(anchor: RowTensors, addresses: np.ndarray, starts: np.nd
     """`pack_rows` for callers that keep each payload's `row_addresses`: on CUDA the
     segments are addressed from the table (no per-segment Python); on CPU `rows` are used."""
     if _triton(triton, staging):
-        from .triton_copy import copy_segments
-
-        src = addressed_rows_side(anchor, addresses, starts, layout.dim, layout.deepstack_dim, layout.element_size)
-        copy_segments(layout.counts, src, staging_side(staging, layout), **_widths(layout))
+        launcher_for(staging.device).pack_addressed_rows(addresses, starts, staging, layout)
     else:
         reference.pack_rows_reference(rows, starts.tolist(), staging, layout)
+
+
+def unpack_addressed_rows(staging: torch.Tensor, layout: StagingLayout, anchor: RowTensors, addresses: np.ndarray,
+                          starts: np.ndarray, rows: Sequence[RowTensors], *, segments: Sequence[int] | None = None,
+                          triton: bool | None = None) -> None:
+    """`pack_addressed_rows` in reverse: segment i of `staging` -> rows `[starts[i],
+    starts[i] + counts[i])` of the row tensors whose `row_addresses` are `addresses[i]`
+    (`rows[i]` on CPU), one launch; for rounds whose outputs exist when their message
+    lands, which then skip the landing blocks and the read-out.
+
+    With `segments`, only those segments (by index, ascending) are copied, and
+    `addresses`, `starts` and `rows` cover only them. `anchor`: any live row tensor set
+    on the device (kept for the signature's symmetry with `pack_addressed_rows`: the
+    launcher reaches the rows from the staging buffer's address)."""
+    if _triton(triton, staging):
+        if segments is None:
+            launcher_for(staging.device).unpack_addressed_rows(staging, layout, addresses, starts)
+            return
+        from .triton_copy import copy_segments
+
+        side, counts = _some_segments(staging, layout, segments)
+        dst = addressed_rows_side(anchor, addresses, starts, layout.dim, layout.deepstack_dim, layout.element_size)
+        copy_segments(counts, side, dst, **_widths(layout))
+    else:
+        reference.unpack_to_rows_reference(staging, layout, rows, starts.tolist(), segments)
 
 
 def gather_addressed(pool: PoolTensors, plan: BlockPlan, counts: Sequence[int], outputs: Sequence[RowTensors],
@@ -209,11 +251,7 @@ def gather_addressed(pool: PoolTensors, plan: BlockPlan, counts: Sequence[int], 
     """`gather` for callers that keep each output's `row_addresses`: on CUDA the outputs
     are addressed from the table (no per-output Python); on CPU `outputs` are used."""
     if _triton(triton, pool.embeddings):
-        from .triton_copy import PoolSide, copy_segments
-
-        widths = _pool_widths(pool)
-        dst = addressed_rows_side(outputs[0], addresses, out_starts, widths["dim"], widths["deepstack_dim"],
-                                  widths["element_size"])
-        copy_segments(counts, PoolSide(pool, plan), dst, **widths)
+        if sum(counts):
+            launcher_for(pool.embeddings.device).gather_addressed(pool, plan, counts, addresses, out_starts)
     else:
         reference.gather_reference(pool, plan, counts, outputs, out_starts.tolist())

@@ -60,10 +60,11 @@ import triton.language as tl
 
 from .plan import BlockPlan
 from .types import PoolTensors
-from .workspace import workspace_for
 
-# Metadata: one int64 array per launch, column-major over the S segments of the batch
-# (column c of segment s at c * S + s), then the block table:
+# Metadata: one int64 array per launch. A header of HEADER_WORDS words (the segment
+# count S, the number of programs that have work, the offset of the block tables from
+# the columns, unused), then S rows of columns stored column-major (column c of segment
+# s at HEADER_WORDS + c * S + s), then the block table:
 #   column 0: the segment's token count
 #   column 1: the segment's first work item (exclusive prefix sum of its token tiles)
 #   columns 2-6: source side, columns 7-11: destination side; for a side that is
@@ -71,7 +72,11 @@ from .workspace import workspace_for
 #               relative to the first of those blocks, unused x3)
 #     linear:   (embeddings offset in words, deepstack offset in words, fill_ids offset
 #               in int32s, mrope offset in int32s, mrope stride between t/h/w rows)
-#   then, from 12 * S: the block tables of the pool sides, concatenated.
+#   then, 12 * S words after the columns' start: the block tables of the pool sides,
+#   concatenated, and one 0 (so that it is never empty).
+# The header is what a launch with a fixed grid reads (HEADER, see `_copy_kernel`); a
+# launch sized for its message gets S and the table's offset as arguments.
+HEADER_WORDS = tl.constexpr(4)
 SEGMENT_COLUMNS = tl.constexpr(12)
 SOURCE = tl.constexpr(2)
 DESTINATION = tl.constexpr(7)
@@ -84,6 +89,7 @@ def _token_offsets(
     segment,
     table,
     side: tl.constexpr,
+    first_token,
     tokens,
     token_mask,
     block_size,
@@ -91,6 +97,7 @@ def _token_offsets(
     ds_words,
     POOL: tl.constexpr,
     VEC: tl.constexpr,
+    TOKENS: tl.constexpr,
 ):
     """Per token of the tile: (embeddings row offset, deepstack row offset, fill_ids offset,
     mrope t-row offset) on one side, plus that side's stride between the mrope rows.
@@ -101,9 +108,17 @@ def _token_offsets(
     if POOL:
         table_offset = tl.load(segments + side * num_segments + segment)
         first = tl.load(segments + (side + 1) * num_segments + segment)
-        position = first + tokens
-        block = tl.load(table + table_offset + position // block_size, mask=token_mask, other=0)
-        row = position % block_size
+        # The tile's tokens are consecutive: one division for its first token, then 32-bit
+        # steps (a 64-bit division per token cost more instructions than the copy's own).
+        start = first + first_token
+        first_block = start // block_size
+        row = (start - first_block * block_size).to(tl.int32) + tl.arange(0, TOKENS)
+        if TOKENS <= block_size:  # the tile spans at most two blocks
+            step = (row >= block_size).to(tl.int32)
+        else:
+            step = row // block_size
+        row -= step * block_size
+        block = tl.load(table + table_offset + first_block + step, mask=token_mask, other=0)
         slot = block * block_size + row
         mrope = block * (3 * block_size) + row
         mrope_stride = block_size.to(tl.int64)
@@ -150,7 +165,7 @@ def _copy_rows(
 
 @triton.jit(do_not_specialize=["num_segments", "table_start", "block_size"])
 def _copy_kernel(
-    segments,
+    metadata,
     num_segments,
     table_start,
     src_emb,
@@ -173,9 +188,20 @@ def _copy_kernel(
     BLOCK_W: tl.constexpr,
     VEC: tl.constexpr,
     STREAM: tl.constexpr,
+    HEADER: tl.constexpr,
 ):
-    """One `TOKENS x BLOCK_W` tile per program (see the module docstring)."""
+    """One `TOKENS x BLOCK_W` tile per program (see the module docstring).
+
+    HEADER: the grid is fixed (a launch captured once in a CUDA graph and replayed for
+    many messages): S and the table's offset come from the table's header, and the
+    programs past the message's last tile leave at once."""
     program = tl.program_id(0)
+    if HEADER:
+        if program >= tl.load(metadata + 1):
+            return
+        num_segments = tl.load(metadata).to(tl.int32)
+        table_start = tl.load(metadata + 2)
+    segments = metadata + HEADER_WORDS
     item = program // column_tiles
     column_tile = program % column_tiles
     # The segment owning this work item: the last one whose first item is <= item
@@ -200,6 +226,7 @@ def _copy_kernel(
         segment,
         table,
         SOURCE,
+        first_token,
         tokens,
         token_mask,
         block_size,
@@ -207,6 +234,7 @@ def _copy_kernel(
         ds_words,
         SRC_POOL,
         VEC,
+        TOKENS,
     )
     d_emb, d_ds, d_fill, d_mrope, d_mrope_stride = _token_offsets(
         segments,
@@ -214,6 +242,7 @@ def _copy_kernel(
         segment,
         table,
         DESTINATION,
+        first_token,
         tokens,
         token_mask,
         block_size,
@@ -221,6 +250,7 @@ def _copy_kernel(
         ds_words,
         DST_POOL,
         VEC,
+        TOKENS,
     )
 
     if column_tile < emb_tiles:
@@ -279,6 +309,7 @@ DEVICE_TILE_CONFIGS: dict[str, TileConfig] = {
     "H200": TileConfig(tile_words=2048, max_block_w=256, num_warps=2),
 }
 
+_DEFAULT_TILES = TileConfig()
 _override: TileConfig | None = None
 _by_device: dict[int, TileConfig] = {}
 
@@ -292,16 +323,17 @@ def set_tile_config(config: TileConfig | None) -> TileConfig | None:
 
 
 def tile_config(device: torch.device) -> TileConfig:
-    """The launch shape for `device`: the override if set, else its per-device default."""
+    """The launch shape for `device`: the override if set, else its per-device default
+    (the same object every call: launch routes keep it and compare by identity)."""
     if _override is not None:
         return _override
     if device.type != "cuda":
-        return TileConfig()
+        return _DEFAULT_TILES
     index = device.index if device.index is not None else torch.cuda.current_device()
     config = _by_device.get(index)
     if config is None:
         name = torch.cuda.get_device_name(index)
-        config = next((c for key, c in DEVICE_TILE_CONFIGS.items() if key in name), TileConfig())
+        config = next((c for key, c in DEVICE_TILE_CONFIGS.items() if key in name), _DEFAULT_TILES)
         _by_device[index] = config
     return config
 
@@ -387,178 +419,262 @@ def copy_segments(
     """Copy every field of every segment from `src` to `dst` in one launch. The caller has
     validated everything (shapes, dtypes, devices, block bounds, disjoint writes).
 
-    Host cost matters here: it is paid on every call, and for a small request it is longer
-    than the kernel. The tables are written with a handful of whole-batch numpy
-    operations straight into the pinned upload buffer (never a Python loop over segments
-    or blocks), pointers travel as integers, and on CUDA the compiled kernel is launched
-    directly (`_DirectLauncher`) instead of through Triton's JIT dispatcher."""
+    The general path, for any pair of sides: the launch's shape and whole table are
+    worked out per call (a handful of whole-batch numpy operations, never a Python loop
+    over segments or blocks) and issued through the device's `Launcher` (launch.py).
+    The runtime's own operations take the launcher's cached routes instead."""
+    from .launch import launcher_for
+
     counts = np.asarray(counts, dtype=np.int64)
-    num_segments = counts.shape[0]
-    if num_segments == 0 or int(counts.max()) == 0:
+    if counts.shape[0] == 0 or int(counts.max()) == 0:
         return
-    emb_row_bytes, ds_row_bytes = dim * element_size, deepstack_dim * element_size
-    word, word_bytes, vec = pick_word(_alignment((emb_row_bytes, ds_row_bytes), src, dst, counts))
+    launcher_for(side_device(src)).copy(counts, src, dst, dim=dim, deepstack_dim=deepstack_dim,
+                                        element_size=element_size)
+
+
+class LaunchShape(NamedTuple):
+    """How one message is cut into programs (see the module docstring), given the word
+    the rows are copied in."""
+
+    word: torch.dtype
+    word_bytes: int
+    vec: int
+    emb_words: int
+    ds_words: int
+    tokens: int
+    block_w: int
+    items: int
+    emb_tiles: int
+    column_tiles: int
+
+    @property
+    def programs(self) -> int:
+        return self.items * self.column_tiles
+
+    def constants(self, src_pool: bool, dst_pool: bool, config: TileConfig) -> tuple:
+        """The kernel's constexprs SRC_POOL .. STREAM, in signature order (HEADER apart)."""
+        return (src_pool, dst_pool, self.ds_words > 0, self.tokens, self.block_w, self.vec, config.streaming_stores)
+
+
+def launch_shape(counts: np.ndarray, emb_row_bytes: int, ds_row_bytes: int, alignment: int,
+                 config: TileConfig) -> LaunchShape:
+    """The shape of a launch over segments of `counts` tokens whose rows and bases are all
+    multiples of `alignment` bytes."""
+    word, word_bytes, vec = pick_word(alignment)
     emb_words, ds_words = emb_row_bytes // word_bytes, ds_row_bytes // word_bytes
-    device = (src.pool.embeddings if isinstance(src, PoolSide) else src.words_base).device
-    config = tile_config(device)
-    tokens, block_w, num_items = pick_tile(emb_words, ds_words, counts, config)
+    tokens, block_w, items = pick_tile(emb_words, ds_words, counts, config)
     emb_tiles = -(-emb_words // block_w)
     column_tiles = emb_tiles + (-(-ds_words // block_w) if ds_words else 0)
-
-    table_size = sum(side.plan.blocks.size for side in (src, dst) if isinstance(side, PoolSide))
-    size = SEGMENT_COLUMNS.value * num_segments + table_size + 1
-    src_pointers, dst_pointers = _addresses(src, word_bytes), _addresses(dst, word_bytes)
-    pool_sides = [side for side in (src, dst) if isinstance(side, PoolSide)]
-    block_size = pool_sides[0].pool.embeddings.shape[1] if pool_sides else 1
-    constants = (isinstance(src, PoolSide), isinstance(dst, PoolSide), ds_words > 0, tokens, block_w, vec,
-                 config.streaming_stores)
-    scalars = (num_segments, SEGMENT_COLUMNS.value * num_segments, *src_pointers, *dst_pointers,
-               block_size, emb_words, ds_words, emb_tiles, column_tiles)
-    grid = num_items * column_tiles
-
-    if device.type != "cuda":  # the interpreter: host memory, nothing in flight
-        metadata = np.empty(size, dtype=np.int64)
-        _fill_metadata(metadata, counts, tokens, src, dst, word_bytes, ds_words)
-        _launch_jit(torch.from_numpy(metadata), scalars, constants, grid, src, dst, word, config.num_warps)
-        return
-    workspace = workspace_for(device)
-    with workspace.lock, _on_device(device):
-        host, slot = workspace.acquire(size)
-        _fill_metadata(host, counts, tokens, src, dst, word_bytes, ds_words)
-        metadata = workspace.upload(slot, size)
-        _LAUNCHER.launch(metadata, scalars, constants, grid, src, dst, word, config.num_warps, device)
-        workspace.release(slot)
+    return LaunchShape(word, word_bytes, vec, emb_words, ds_words, tokens, block_w, items, emb_tiles, column_tiles)
 
 
-def _fill_metadata(out: np.ndarray, counts: np.ndarray, tokens: int, src: Side, dst: Side, word_bytes: int,
-                   ds_words: int) -> None:
-    """The launch's int64 table (layout at the top of this file), written into `out`."""
+def table_head(num_segments: int) -> int:
+    """Words of a table before its block tables: the header and the segment columns."""
+    return HEADER_WORDS.value + SEGMENT_COLUMNS.value * num_segments
+
+
+def table_size(src: Side, dst: Side, num_segments: int) -> int:
+    blocks = sum(side.plan.blocks.size for side in (src, dst) if isinstance(side, PoolSide))
+    return table_head(num_segments) + blocks + 1
+
+
+def fill_header_and_counts(out: np.ndarray, counts: np.ndarray, shape: LaunchShape) -> None:
+    """The header and the columns that depend on the counts alone (0 and 1)."""
     s = counts.shape[0]
-    tiles = -(-counts // tokens)
-    out[0:s] = counts
-    np.cumsum(tiles, out=out[s : 2 * s])
-    out[s : 2 * s] -= tiles
-    table_used = 0
-    table = SEGMENT_COLUMNS.value * s
-    for base, side in ((2 * s, src), (7 * s, dst)):
+    columns = HEADER_WORDS.value
+    out[0], out[1], out[2], out[3] = s, shape.programs, SEGMENT_COLUMNS.value * s, 0
+    tiles = -(-counts // shape.tokens)
+    out[columns : columns + s] = counts
+    first_items = out[columns + s : columns + 2 * s]
+    np.cumsum(tiles, out=first_items)
+    first_items -= tiles
+
+
+def fill_pool_columns(out: np.ndarray, base: int, head: int, plan: BlockPlan) -> int:
+    """A pool side's varying columns (the offset of each segment's blocks in the block
+    table, its first row) and its block table at `head`; returns the block count."""
+    s = plan.lengths.shape[0]
+    if s == 1:  # the latency case: scalar stores cost less than array operations
+        out[base] = 0
+        out[base + 1] = plan.first_rows[0]
+    else:
+        first_block = out[base : base + s]
+        np.cumsum(plan.lengths, out=first_block)
+        first_block -= plan.lengths
+        out[base + s : base + 2 * s] = plan.first_rows
+    n = plan.blocks.size
+    out[head : head + n] = plan.blocks
+    out[head + n] = 0
+    return n
+
+
+def _fill_metadata(out: np.ndarray, counts: np.ndarray, shape: LaunchShape, src: Side, dst: Side) -> None:
+    """The launch's whole int64 table (layout at the top of this file), written into `out`."""
+    s = counts.shape[0]
+    fill_header_and_counts(out, counts, shape)
+    head = table_head(s)
+    columns = HEADER_WORDS.value
+    for base, side in ((columns + SOURCE.value * s, src), (columns + DESTINATION.value * s, dst)):
         if isinstance(side, PoolSide):
-            plan = side.plan
-            first_block = out[base : base + s]
-            np.cumsum(plan.lengths, out=first_block)
-            first_block += table_used - plan.lengths
-            out[base + s : base + 2 * s] = plan.first_rows
             out[base + 2 * s : base + 5 * s] = 0
-            n = plan.blocks.size
-            out[table + table_used : table + table_used + n] = plan.blocks
-            table_used += n
-        elif side.columns is not None and word_bytes in side.columns:
-            out[base : base + 5 * s] = side.columns[word_bytes]
+            head += fill_pool_columns(out, base, head, side.plan)
         else:
-            words_ptr, ints_ptr = side.words_base.data_ptr(), side.ints_base.data_ptr()
-            np.subtract(side.emb_addresses, words_ptr, out=out[base : base + s])
-            out[base : base + s] //= word_bytes
-            if ds_words:
-                np.subtract(side.ds_addresses, words_ptr, out=out[base + s : base + 2 * s])
-                out[base + s : base + 2 * s] //= word_bytes
-            else:
-                out[base + s : base + 2 * s] = 0
-            np.subtract(side.fill_addresses, ints_ptr, out=out[base + 2 * s : base + 3 * s])
-            np.subtract(side.mrope_addresses, ints_ptr, out=out[base + 3 * s : base + 4 * s])
-            out[base + 2 * s : base + 4 * s] //= 4
-            out[base + 4 * s : base + 5 * s] = side.mrope_strides
-            if side.columns is not None:
-                side.columns[word_bytes] = out[base : base + 5 * s].copy()
-    out[table + table_used] = 0  # never empty
+            out[base : base + 5 * s] = _linear_columns(side, shape.word_bytes, shape.ds_words)
+    out[head] = 0
 
 
-def _addresses(side: Side, word_bytes: int) -> tuple[int, int, int, int]:
+def _linear_columns(side: LinearSide, word_bytes: int, ds_words: int) -> np.ndarray:
+    """A linear side's five columns (int64 [5 * S]): offsets from its bases, in words and
+    int32s, and the mrope stride; kept in `side.columns` for a reused side."""
+    if side.columns is not None and word_bytes in side.columns:
+        return side.columns[word_bytes]
+    s = side.emb_addresses.shape[0]
+    columns = np.empty(5 * s, dtype=np.int64)
+    words_ptr, ints_ptr = side.words_base.data_ptr(), side.ints_base.data_ptr()
+    np.subtract(side.emb_addresses, words_ptr, out=columns[0:s])
+    if ds_words:
+        np.subtract(side.ds_addresses, words_ptr, out=columns[s : 2 * s])
+    else:
+        columns[s : 2 * s] = 0
+    columns[0 : 2 * s] //= word_bytes
+    np.subtract(side.fill_addresses, ints_ptr, out=columns[2 * s : 3 * s])
+    np.subtract(side.mrope_addresses, ints_ptr, out=columns[3 * s : 4 * s])
+    columns[2 * s : 4 * s] //= 4
+    columns[4 * s :] = side.mrope_strides
+    if side.columns is not None:
+        side.columns[word_bytes] = columns
+    return columns
+
+
+def side_device(side: Side) -> torch.device:
+    return (side.pool.embeddings if isinstance(side, PoolSide) else side.words_base).device
+
+
+def side_pointers(side: Side) -> tuple[int, int, int, int]:
     """(embeddings, deepstack, fill_ids, mrope) base addresses of a side."""
     if isinstance(side, PoolSide):
-        pool = side.pool
-        emb = pool.embeddings.data_ptr()
-        ds = pool.deepstack.data_ptr() if pool.deepstack is not None else emb
-        return emb, ds, pool.fill_ids.data_ptr(), pool.mrope_positions.data_ptr()
+        return pool_pointers(side.pool)
     words, ints = side.words_base.data_ptr(), side.ints_base.data_ptr()
     return words, words, ints, ints
 
 
-def _tensors(side: Side, word: torch.dtype) -> tuple[torch.Tensor, ...]:
-    """The same four bases as typed tensors (what Triton's JIT dispatcher needs)."""
-    if isinstance(side, PoolSide):
-        pool = side.pool
-        emb = pool.embeddings.view(word)
-        ds = pool.deepstack.view(word) if pool.deepstack is not None else emb
-        return emb, ds, pool.fill_ids, pool.mrope_positions
-    words = side.words_base.view(word)
-    ints = side.ints_base.view(torch.int32)
+def pool_pointers(pool: PoolTensors) -> tuple[int, int, int, int]:
+    emb = pool.embeddings.data_ptr()
+    ds = pool.deepstack.data_ptr() if pool.deepstack is not None else emb
+    return emb, ds, pool.fill_ids.data_ptr(), pool.mrope_positions.data_ptr()
+
+
+def pool_tensors(pool: PoolTensors, word: torch.dtype) -> tuple[torch.Tensor, ...]:
+    """A pool's four bases as typed tensors (what Triton's dispatcher and interpreter need)."""
+    emb = pool.embeddings.view(word)
+    ds = pool.deepstack.view(word) if pool.deepstack is not None else emb
+    return emb, ds, pool.fill_ids, pool.mrope_positions
+
+
+def linear_tensors(words_base: torch.Tensor, ints_base: torch.Tensor, word: torch.dtype) -> tuple[torch.Tensor, ...]:
+    """A linear side's bases as typed tensors: words for embeddings and deepstack, int32
+    for fill_ids and mrope (a byte buffer is cut to a whole number of words first)."""
+    words, ints = _typed(words_base, word), _typed(ints_base, torch.int32)
     return words, words, ints, ints
 
 
-def _jit_arguments(metadata: torch.Tensor, scalars: tuple, src: Side, dst: Side, word: torch.dtype) -> list:
-    """The kernel's arguments in signature order, pointers as tensors."""
-    return [metadata, scalars[0], scalars[1], *_tensors(src, word), *_tensors(dst, word), *scalars[10:]]
+def _typed(tensor: torch.Tensor, dtype: torch.dtype) -> torch.Tensor:
+    if tensor.dtype == dtype:
+        return tensor
+    if tensor.dim() == 1 and tensor.dtype == torch.uint8:
+        tensor = tensor[: tensor.numel() // dtype.itemsize * dtype.itemsize]
+    return tensor.view(dtype)
 
 
-def _launch_jit(metadata: torch.Tensor, scalars: tuple, constants: tuple, grid: int, src: Side, dst: Side,
-                word: torch.dtype, num_warps: int):
+def side_tensors(side: Side, word: torch.dtype) -> tuple[torch.Tensor, ...]:
+    if isinstance(side, PoolSide):
+        return pool_tensors(side.pool, word)
+    return linear_tensors(side.words_base, side.ints_base, word)
+
+
+def constexprs(constants: tuple, header: bool) -> dict:
     src_pool, dst_pool, has_ds, tokens, block_w, vec, stream = constants
-    return _copy_kernel[(grid,)](
-        *_jit_arguments(metadata, scalars, src, dst, word),
-        SRC_POOL=src_pool, DST_POOL=dst_pool, HAS_DS=has_ds, TOKENS=tokens, BLOCK_W=block_w, VEC=vec,
-        STREAM=stream, num_warps=num_warps,
-    )
+    return {"SRC_POOL": src_pool, "DST_POOL": dst_pool, "HAS_DS": has_ds, "TOKENS": tokens, "BLOCK_W": block_w,
+            "VEC": vec, "STREAM": stream, "HEADER": header}
 
 
-class _DirectLauncher:
-    """Launches compiled `_copy_kernel` variants without Triton's JIT dispatcher.
+def launch_jit(grid: int, metadata: torch.Tensor, scalars: tuple, tensors: tuple, constants: tuple, header: bool,
+               num_warps: int, *, warmup: bool = False):
+    """Through Triton's dispatcher (or interpreter). `scalars`: num_segments, table_start,
+    then block_size, emb_words, ds_words, emb_tiles, column_tiles; `tensors` the eight
+    bases (source then destination) as typed tensors."""
+    arguments = (metadata, scalars[0], scalars[1], *tensors, *scalars[2:])
+    options = {**constexprs(constants, header), "num_warps": num_warps}
+    if warmup:
+        return _copy_kernel.warmup(*arguments, grid=(grid,), **options)
+    return _copy_kernel[(grid,)](*arguments, **options)
+
+
+class DirectLaunch(NamedTuple):
+    """A compiled variant with its arguments bound: `launch(programs, stream, table)`
+    enqueues it with no Python between the caller and Triton's C launcher but one call."""
+
+    function: object
+    head: tuple
+    tail: tuple
+
+    def __call__(self, programs: int, stream: int, table: int) -> None:
+        self.function(programs, 1, 1, stream, *self.head, table, *self.tail)
+
+
+class _CompiledKernels:
+    """Compiled `_copy_kernel` variants, launched without Triton's dispatcher.
 
     The dispatcher re-derives on every call what does not change between calls of one
     shape (argument binding, specialization key, cache lookup, launch hooks); on the GPU
-    machine's CPU that costs tens of microseconds per call. Here the first call of a
-    variant goes through the dispatcher, which compiles it (or finds it in Triton's
-    cache); the compiled kernel is kept under a key that is at least as fine as Triton's
-    own specialization (16-byte alignment of every pointer; for every specialized
-    integer: == 1, multiple of 16, fits int32), and later calls with that key launch it
-    directly with integer pointers. Anything unexpected (a Triton without these
-    internals, launch hooks set by a profiler) falls back to the dispatcher."""
+    machine's CPU that costs 11-20 microseconds per call. Here a variant is compiled once
+    (`JITFunction.warmup`, which finds it in Triton's cache when it was built before) under
+    a key that is at least as fine as Triton's own specialization (16-byte alignment of
+    every pointer; for every specialized integer: == 1, multiple of 16, fits int32), and
+    `bind` returns a `DirectLaunch` that calls Triton's generated C launcher straight
+    away, pointers as integers. Anything unexpected (a Triton without these internals)
+    makes `bind` return None, and callers launch through the dispatcher."""
 
     def __init__(self) -> None:
         self._kernels: dict[tuple, object] = {}
         self._usable = True
 
-    def launch(self, metadata: torch.Tensor, scalars: tuple, constants: tuple, grid: int, src: Side, dst: Side,
-               word: torch.dtype, num_warps: int, device: torch.device) -> None:
-        if not self._usable or _launch_hooks_set():
-            _launch_jit(metadata, scalars, constants, grid, src, dst, word, num_warps)
-            return
-        pointers = (metadata.data_ptr(), *scalars[2:10])
-        key = (constants, num_warps, word, device.index,
-               tuple(p % 16 == 0 for p in pointers),
-               tuple((v == 1, v % 16 == 0, v < 2**31) for v in (*scalars[:2], *scalars[10:])))
+    def bind(self, pointers: tuple, scalars: tuple, tensors: tuple, constants: tuple, header: bool, num_warps: int,
+             word: torch.dtype, device_index: int, metadata: torch.Tensor) -> DirectLaunch | None:
+        """`pointers`: the table's, then the eight bases; `scalars` as for `launch_jit`."""
+        if not self._usable:
+            return None
+        key = (constants, header, num_warps, word, device_index, tuple(p % 16 == 0 for p in pointers),
+               tuple((v == 1, v % 16 == 0, v < 2**31) for v in scalars))
         kernel = self._kernels.get(key)
         if kernel is None:
-            kernel = _launch_jit(metadata, scalars, constants, grid, src, dst, word, num_warps)
+            kernel = launch_jit(1, metadata, scalars, tensors, constants, header, num_warps, warmup=True)
             try:
                 kernel.run  # noqa: B018 - loads the module, makes the launcher
                 kernel.function, kernel.packed_metadata  # noqa: B018
             except AttributeError:
                 self._usable = False
-                return
+                return None
             self._kernels[key] = kernel
-            return
-        stream = torch._C._cuda_getCurrentRawStream(device.index)
-        kernel.run(grid, 1, 1, stream, kernel.function, kernel.packed_metadata, None, None, None,
-                   pointers[0], *scalars[:2], *pointers[1:], *scalars[10:], *constants)
+        tail = (*scalars[:2], *pointers[1:], *scalars[2:], *constants, header)
+        run = kernel.run
+        if (getattr(run, "global_scratch_size", 1) == 0 and getattr(run, "profile_scratch_size", 1) == 0
+                and hasattr(run, "launch")):
+            # Triton's CudaLauncher.__call__ only adds the (here empty) scratch buffers
+            head = (kernel.function, run.launch_cooperative_grid, run.launch_pdl, None, None,
+                    kernel.packed_metadata, None, None, None)
+            return DirectLaunch(run.launch, head, tail)
+        return DirectLaunch(run, (kernel.function, kernel.packed_metadata, None, None, None), tail)
 
 
-_LAUNCHER = _DirectLauncher()
+_LAUNCHER = _CompiledKernels()
 try:
     from triton import knobs as _knobs  # Triton >= 3.3; older ones have no launch hooks here
 except ImportError:
     _knobs = None
 
 
-def _launch_hooks_set() -> bool:
+def launch_hooks_set() -> bool:
     """Whether a profiler set Triton launch hooks (then the dispatcher must call them).
     Triton 3.6 keeps them in chains that are never None: look at what the chain holds."""
     if _knobs is None:
@@ -569,25 +685,7 @@ def _launch_hooks_set() -> bool:
     return False
 
 
-class _on_device:
-    """`with torch.cuda.device(d)` only when `d` is not already current (it costs a few
-    microseconds per call)."""
-
-    def __init__(self, device: torch.device) -> None:
-        self.device = device
-        self.switch = None
-
-    def __enter__(self) -> None:
-        if self.device.index is not None and self.device.index != torch.cuda.current_device():
-            self.switch = torch.cuda.device(self.device)
-            self.switch.__enter__()
-
-    def __exit__(self, *exc_info: object) -> None:
-        if self.switch is not None:
-            self.switch.__exit__(*exc_info)
-
-
-def _alignment(row_bytes: tuple[int, int], src: Side, dst: Side, counts: np.ndarray) -> int:
+def side_alignment(row_bytes: tuple[int, int], src: Side, dst: Side, counts: np.ndarray) -> int:
     """The largest power of two (<= 16) dividing every row length and every base address
     of the embeddings and deepstack on both sides."""
     value = 16 | row_bytes[0] | row_bytes[1]

@@ -468,7 +468,13 @@ class Receiver(Endpoint):
         channel.discarded += len(message.requests) - len(pooled) - len(direct)
         if direct:
             whole = len(direct) == len(message.requests)
-            ops.unpack_to_rows(staging, message.layout, outputs, starts, segments=None if whole else direct)
+            if self.spec.device.type == "cuda":  # one launch, rows addressed from the table
+                addresses = np.array([message.requests[i].output_addresses for i in direct], dtype=np.int64)
+                ops.unpack_addressed_rows(staging, message.layout, outputs[0], addresses,
+                                          np.array(starts, dtype=np.int64), outputs,
+                                          segments=None if whole else direct)
+            else:
+                ops.unpack_to_rows(staging, message.layout, outputs, starts, segments=None if whole else direct)
         if pooled:
             plan = segment_plan(blocks, offsets, counts, self.config.block_size)
             whole = len(pooled) == len(message.requests)

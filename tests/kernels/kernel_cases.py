@@ -2,9 +2,11 @@
 
 from __future__ import annotations
 
+import numpy as np
 import torch
 
-from embxfer.kernels import PoolTensors, RowTensors, TokenSpan
+from embxfer.kernels import PoolTensors, RowTensors, TokenSpan, plan_spans, reference
+from embxfer.kernels.ops import row_addresses
 
 DTYPES = (torch.bfloat16, torch.float16, torch.float32)
 SAME_SIZE_INT = {
@@ -256,3 +258,74 @@ def check_op(
     else:
         raise ValueError(op)
     both(run)
+
+
+def random_rows(count, dim, layers, dtype, generator, device="cpu"):
+    return RowTensors(*(None if t is None else random_bits(tuple(t.shape), t.dtype, generator, device)
+                        for t in empty_rows(count, dim, layers, dtype, device)))
+
+
+class Message:
+    """One message's inputs for every operation: a pool and spans over it, a staging
+    buffer of random bits, and row tensors (segment 0 its own, the others sharing one
+    with gaps of 3 rows) with their addresses."""
+
+    def __init__(self, layout, block_size, starts, generator, device="cpu"):
+        counts = list(layout.counts)
+        dim, layers, dtype = layout.dim, layout.deepstack_dim // layout.dim, layout.dtype
+        num_blocks = blocks_needed(counts, starts, block_size) + 3
+        self.device = device
+        self.pool = random_pool(num_blocks, block_size, dim, layers, dtype, generator, device)
+        self.spans = spans_over(counts, starts, block_size, num_blocks, generator)
+        self.plan = plan_spans(self.spans, block_size)
+        self.staging = random_bits((layout.nbytes,), torch.uint8, generator, device)
+        shared_starts = [3 + sum(counts[1:i]) + 3 * i for i in range(1, len(counts))]
+        self.row_starts = np.array([2, *shared_starts], dtype=np.int64)[: len(counts)]
+        shared_rows = shared_starts[-1] + counts[-1] + 1 if len(counts) > 1 else 0
+        self.sources = [random_rows(counts[0] + 2, dim, layers, dtype, generator, device)]
+        self.sources += [random_rows(shared_rows, dim, layers, dtype, generator, device)] * (len(counts) - 1)
+        self.layout = layout
+
+    def outputs(self):
+        layout = self.layout
+        layers = layout.deepstack_dim // layout.dim
+        own = empty_rows(self.sources[0].num_tokens, layout.dim, layers, layout.dtype, self.device)
+        shared = empty_rows(self.sources[-1].num_tokens, layout.dim, layers, layout.dtype, self.device)
+        return [own] + [shared] * (len(self.sources) - 1)
+
+    def run(self, operation, launcher, backend):
+        """The operation through `launcher` (backend "triton") or the reference; returns
+        every tensor it wrote (poisoned beforehand)."""
+        layout, triton = self.layout, backend == "triton"
+        if operation in ("pack", "pack_addressed_rows"):
+            staging = poison(torch.empty(layout.nbytes + 256, dtype=torch.uint8, device=self.device))
+            if operation == "pack":
+                if triton:
+                    launcher.pack(self.pool, self.plan, staging, layout)
+                else:
+                    reference.pack_reference(self.pool, self.plan, staging, layout)
+            elif triton:
+                addresses = np.array([row_addresses(r) for r in self.sources], dtype=np.int64)
+                launcher.pack_addressed_rows(addresses, self.row_starts, staging, layout)
+            else:
+                reference.pack_rows_reference(self.sources, self.row_starts.tolist(), staging, layout)
+            return (staging,)
+        if operation == "unpack":
+            target = poisoned_like(self.pool)
+            if triton:
+                launcher.unpack(self.staging, layout, target, self.plan)
+            else:
+                reference.unpack_reference(self.staging, layout, target, self.plan)
+            return tuple(target)
+        outputs = self.outputs()
+        addresses = np.array([row_addresses(r) for r in outputs], dtype=np.int64)
+        if operation == "unpack_addressed_rows":
+            if triton:
+                launcher.unpack_addressed_rows(self.staging, layout, addresses, self.row_starts)
+            else:
+                reference.unpack_to_rows_reference(self.staging, layout, outputs, self.row_starts.tolist())
+        elif triton:
+            launcher.gather_addressed(self.pool, self.plan, layout.counts, addresses, self.row_starts)
+        else:
+            reference.gather_reference(self.pool, self.plan, layout.counts, outputs, self.row_starts.tolist())
+        return tuple(outputs[0]) + tuple(outputs[-1])

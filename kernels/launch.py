@@ -1,0 +1,523 @@
+"""The launch path: the host's part of every copy, a few microseconds per message.
+
+A message's copy is one launch of `_copy_kernel`, but issuing it is work on the host
+every time: the launch's shape, its table (written, then uploaded), the launch, and an
+event that says when the table's buffers are free again. For a small message that work
+takes longer than the copy. A `Launcher` keeps, per device, what makes it short:
+
+- **Routes.** The runtime's operations (`pack`, `unpack`, `pack_addressed_rows`,
+  `unpack_addressed_rows`, `gather_addressed`) see the same sides again and again: one
+  pool, a few staging buffers, layouts that repeat. A route is one (operation, sides,
+  layout): its launch shape, its compiled kernel with every argument bound but the
+  table (`DirectLaunch`: one call into Triton's C launcher) and a *template*, the
+  table's header and every column that does not change between its messages (counts,
+  tile offsets, the staging buffer's addresses). A message writes only what is its own:
+  a pool side's block table (4 numpy operations) or a row side's addresses (4 operations
+  over one [5, S] array). Each table buffer remembers which template it holds, so the
+  template is copied in only when the buffer last served another route.
+- **Table buffers** (`workspace.py`): a ring of pinned host + device buffers, reused
+  once the event recorded after their last launch has completed.
+- **Driver calls** (`cuda_driver.py`): the upload and the event are direct driver calls.
+
+Modes (`bench/kernels.py --launch` compares them; results in bench/results/kernels-NOTES.md):
+
+- `"direct"`: upload on the launching stream, then the launch, then the event.
+- `"graph"`: per (kernel variant, grid bucket, table bucket) a CUDA graph of the upload,
+  a fixed-grid launch (`HEADER`: the kernel reads the message's segment count and size
+  from the table, programs past its last tile leave at once) and the event is captured
+  once; a message writes its table into the graph's pinned buffer and replays it: one
+  driver call. Only for messages of at most `graph_max_bytes` payload bytes: in a graph
+  the upload stays on the kernel's critical path (about 9 us of device time on an H100,
+  bench/results/kernels-NOTES.md), which a big message's side-stream upload avoids, and
+  its kernel runs long enough that the host's few microseconds do not matter.
+- `side_upload=True` (direct launches): the table goes up on a stream of the launcher's
+  own and the launching stream waits for it by an event, so that on a busy device the
+  kernel does not queue behind its own upload (the upload overlaps the work before it).
+
+The defaults (`DEFAULT_MODE`, `DEFAULT_SIDE_UPLOAD`) are what measured best.
+
+On CPU (Triton's interpreter, the tests) the same routes, templates and tables are
+used, the table buffers are plain host memory and the kernel is launched through
+Triton's dispatcher; mode "graph" runs the fixed-grid kernel over the bucketed grid, so
+the logic of both modes is tested without a GPU.
+
+Nothing here checks its inputs: callers are `ops.py`'s operations (see there).
+"""
+
+from __future__ import annotations
+
+import contextlib
+import threading
+import warnings
+import weakref
+from collections.abc import Sequence
+
+import numpy as np
+import torch
+
+from . import cuda_driver
+from .layout import StagingLayout
+from .plan import BlockPlan
+from .triton_copy import (
+    _LAUNCHER,
+    DESTINATION,
+    HEADER_WORDS,
+    SEGMENT_COLUMNS,
+    SOURCE,
+    DirectLaunch,
+    LaunchShape,
+    PoolSide,
+    Side,
+    TileConfig,
+    _fill_metadata,
+    fill_header_and_counts,
+    fill_pool_columns,
+    launch_hooks_set,
+    launch_jit,
+    launch_shape,
+    linear_tensors,
+    pool_pointers,
+    pool_tensors,
+    side_alignment,
+    side_pointers,
+    side_tensors,
+    table_head,
+    table_size,
+    tile_config,
+)
+from .types import PoolTensors
+from .workspace import TableBuffer, TableSlots
+
+MODES = ("direct", "graph")
+# The defaults (what `launcher_for` makes): graphs for messages of up to GRAPH_MAX_BYTES
+# payload bytes, bigger ones direct with the upload on its own stream.
+DEFAULT_MODE = "graph"
+DEFAULT_SIDE_UPLOAD = True
+GRAPH_MAX_BYTES = 32 << 20
+GRAPH_COPIES = 4  # graphs per (variant, buckets): messages of one shape in flight at once
+MAX_GRAPH_RINGS = 128  # then all are dropped and captured again as needed
+MAX_ROUTES = 256
+
+# side kinds of a route
+POOL, STAGING, ROWS = "pool", "staging", "rows"
+_OPERATIONS = {  # operation -> (source kind, destination kind)
+    "pack": (POOL, STAGING),
+    "unpack": (STAGING, POOL),
+    "pack_rows": (ROWS, STAGING),
+    "unpack_rows": (STAGING, ROWS),
+    "gather": (POOL, ROWS),
+}
+
+
+class Launcher:
+    """Issues the copy kernel for one device (see the module docstring).
+
+    `embxfer.kernels.ops` uses one per device (`launcher_for`); a caller may keep its
+    own, e.g. with another mode. Thread-safe: concurrent calls serialize on a lock
+    around the table buffers (held a few microseconds)."""
+
+    def __init__(self, device: torch.device | str, *, mode: str = DEFAULT_MODE, side_upload: bool = DEFAULT_SIDE_UPLOAD,
+                 graph_max_bytes: int = GRAPH_MAX_BYTES) -> None:
+        if mode not in MODES:
+            raise ValueError(f"Launcher: mode={mode!r}, expected one of {MODES}")
+        device = torch.device(device)
+        if device.type == "cuda" and device.index is None:
+            device = torch.device("cuda", torch.cuda.current_device())
+        self.device = device
+        self.cuda = device.type == "cuda"
+        self.index = device.index if self.cuda else -1
+        self.driver = cuda_driver.driver() if self.cuda else None
+        # graphs need the driver's capture calls; without them every launch is direct
+        self.mode = mode if not self.cuda or self.driver is not None else "direct"
+        self.side_upload = side_upload and self.driver is not None
+        self.graph_max_bytes = graph_max_bytes
+        self._routes: dict[tuple, _Route] = {}
+        self._slots = TableSlots(device, self.driver)
+        self._graphs: dict[tuple, _GraphRing] = {}
+        self._lock = threading.Lock()
+        self._streams: dict[str, torch.cuda.Stream] = {}
+
+    # --- the runtime's operations ------------------------------------------------------
+    def pack(self, pool: PoolTensors, plan: BlockPlan, staging: torch.Tensor, layout: StagingLayout) -> None:
+        """Pool tokens of each segment -> the segment's rows of `staging` (ops.pack)."""
+        self._issue(self._route("pack", layout, staging, pool), plan, None, (pool, staging))
+
+    def unpack(self, staging: torch.Tensor, layout: StagingLayout, pool: PoolTensors, plan: BlockPlan) -> None:
+        """Every segment of `staging` -> its pool rows (ops.unpack without `segments`)."""
+        self._issue(self._route("unpack", layout, staging, pool), plan, None, (pool, staging))
+
+    def pack_addressed_rows(self, addresses: np.ndarray, starts: np.ndarray, staging: torch.Tensor,
+                            layout: StagingLayout) -> None:
+        """Rows `[starts[i], starts[i] + counts[i])` of the row tensors whose
+        `ops.row_addresses` are `addresses[i]` -> segment i of `staging`."""
+        self._issue(self._route("pack_rows", layout, staging, None), None, (addresses, starts), (None, staging))
+
+    def unpack_addressed_rows(self, staging: torch.Tensor, layout: StagingLayout, addresses: np.ndarray,
+                              starts: np.ndarray) -> None:
+        """Segment i of `staging` -> rows `[starts[i], starts[i] + counts[i])` of the row
+        tensors whose `ops.row_addresses` are `addresses[i]`."""
+        self._issue(self._route("unpack_rows", layout, staging, None), None, (addresses, starts), (None, staging))
+
+    def gather_addressed(self, pool: PoolTensors, plan: BlockPlan, counts: Sequence[int], addresses: np.ndarray,
+                         starts: np.ndarray) -> None:
+        """Pool tokens of segment i -> rows `[starts[i], starts[i] + counts[i])` of the row
+        tensors whose `ops.row_addresses` are `addresses[i]`."""
+        route = self._route("gather", tuple(counts), None, pool)
+        self._issue(route, plan, (addresses, starts), (pool, None))
+
+    def copy(self, counts: np.ndarray, src: Side, dst: Side, *, dim: int, deepstack_dim: int,
+             element_size: int) -> None:
+        """Any two sides (`triton_copy.copy_segments`): shape and table made per call."""
+        config = tile_config(self.device)
+        row_bytes = (dim * element_size, deepstack_dim * element_size)
+        shape = launch_shape(counts, *row_bytes, side_alignment(row_bytes, src, dst, counts), config)
+        block_size = next((s.pool.embeddings.shape[1] for s in (src, dst) if isinstance(s, PoolSide)), 1)
+        variant = _Variant(None, shape, config, (isinstance(src, PoolSide), isinstance(dst, PoolSide)),
+                           counts.shape[0], block_size, (*side_pointers(src), *side_pointers(dst)))
+        size = table_size(src, dst, counts.shape[0])
+        with self._lock, self._on_device():
+            table, buffer = self._begin(variant, size, (src, dst))
+            _fill_metadata(table, counts, shape, src, dst)
+            self._end(variant, buffer, size, (src, dst))
+
+    # --- routes ---------------------------------------------------------------------------
+    def _route(self, operation: str, layout, staging: torch.Tensor | None, pool: PoolTensors | None) -> _Route:
+        # a layout by identity (the runtime keeps them; hashing one costs a pass over its
+        # counts), a gather's counts by value
+        key = (operation, layout if type(layout) is tuple else id(layout), 0 if staging is None else staging.data_ptr(),
+               0 if pool is None else id(pool.embeddings))
+        route = self._routes.get(key)
+        if route is None or not route.same_pool(pool) or route.config is not tile_config(self.device):
+            if len(self._routes) >= MAX_ROUTES:
+                self._routes.clear()
+            route = self._routes[key] = _Route(self, operation, layout, staging, pool)
+        return route
+
+    def _issue(self, route: _Route, plan: BlockPlan | None, rows: tuple | None, objects: tuple) -> None:
+        if route.empty:
+            return
+        if rows is None:
+            variant = route.variant
+            if variant is None:
+                variant = route.variant = _Variant.of_route(self, route, route.alignment, objects)
+        else:
+            offsets, alignment = route.row_offsets(*rows)
+            variant = route.variants.get(alignment)
+            if variant is None:
+                variant = route.variants[alignment] = _Variant.of_route(self, route, alignment, objects)
+        size = variant.head + (0 if plan is None else plan.blocks.size) + 1
+        with self._lock, self._on_device():
+            table, buffer = self._begin(variant, size, objects)
+            if plan is None:
+                table[variant.head] = 0
+            else:
+                fill_pool_columns(table, route.pool_base, variant.head, plan)
+            if rows is not None:
+                s = route.num_segments
+                np.floor_divide(offsets, variant.row_divisors,
+                                out=table[route.rows_base : route.rows_base + 5 * s].reshape(5, s))
+            self._end(variant, buffer, size, objects)
+
+    # --- one launch: a table buffer, its upload, the kernel, the event -------------------
+    def _begin(self, variant: _Variant, size: int, objects: tuple) -> tuple[np.ndarray, TableBuffer]:
+        """A table buffer for this launch (a graph's own in graph mode) with the variant's
+        template in place."""
+        buffer = None
+        if self.cuda and self._graphed(variant):
+            buffer = self._graph(variant, size, objects)
+        if buffer is None:
+            buffer = self._slots.acquire(size)
+        table = buffer.host
+        if variant.template is None:
+            buffer.owner = None
+        elif buffer.owner is not variant:
+            table[: variant.head] = variant.template
+            buffer.owner = variant
+        return table, buffer
+
+    def _end(self, variant: _Variant, buffer: TableBuffer, size: int, objects: tuple) -> None:
+        if not self.cuda:  # the interpreter reads the host table in place
+            header = self._graphed(variant)
+            launch_jit(grid_bucket(variant.programs) if header else variant.programs,
+                       torch.from_numpy(buffer.host[:size]), variant.scalars, variant.tensors(objects),
+                       variant.constants, header, variant.num_warps)
+            return
+        stream = torch._C._cuda_getCurrentRawStream(self.index)
+        if isinstance(buffer, _Graph):
+            self.driver.graph_launch(buffer.executable, stream)
+            buffer.pending = True
+            return
+        upload = self._stream("upload") if self.side_upload else None
+        self._slots.upload(buffer, size, stream, upload)
+        launch = variant.direct(self, buffer, objects)
+        if launch is None or launch_hooks_set():
+            launch_jit(variant.programs, buffer.device, variant.scalars, variant.tensors(objects),
+                       variant.constants, False, variant.num_warps)
+        else:
+            launch(variant.programs, stream, buffer.device_pointer)
+        self._slots.release(buffer, stream)
+
+    def _graphed(self, variant: _Variant) -> bool:
+        return self.mode == "graph" and variant.graphs and variant.payload_bytes <= self.graph_max_bytes
+
+    def _on_device(self):
+        """Nothing when the launcher's device is current (one cheap check), else a switch."""
+        if not self.cuda or torch._C._cuda_getDevice() == self.index:
+            return _NO_CONTEXT
+        return torch.cuda.device(self.index)
+
+    def _stream(self, name: str) -> int:
+        stream = self._streams.get(name)
+        if stream is None:
+            stream = self._streams[name] = torch.cuda.Stream(self.device)
+        return stream.cuda_stream
+
+    # --- graphs ---------------------------------------------------------------------------
+    def _graph(self, variant: _Variant, size: int, objects: tuple) -> _Graph | None:
+        """The next graph of the variant's (grid bucket, table bucket) ring, free to be
+        written; None when graphs cannot be used (then the launch is direct)."""
+        programs, words = grid_bucket(variant.programs), max(1024, 1 << (size - 1).bit_length())
+        key = (variant.graph_key, programs, words)
+        ring = self._graphs.get(key)
+        if ring is None:
+            if len(self._graphs) >= MAX_GRAPH_RINGS:
+                self._drop_graphs()
+            ring = self._graphs[key] = _GraphRing()
+        # The first graph whose last replay has finished; another one is captured only
+        # while all are still in flight (so an idle device needs one, and the copies are
+        # made during warm-up under load, not in a later steady state), and past
+        # GRAPH_COPIES the oldest is waited for.
+        for graph in ring.graphs:
+            if not graph.pending or self.driver.event_done(graph.event):
+                graph.pending = False
+                return graph
+        if len(ring.graphs) == GRAPH_COPIES:
+            graph = ring.graphs[ring.oldest]
+            ring.oldest = (ring.oldest + 1) % GRAPH_COPIES
+            self.driver.event_synchronize(graph.event)
+            graph.pending = False
+            return graph
+        try:
+            graph = self._capture(variant, programs, words, objects)
+        except Exception as error:  # noqa: BLE001 - any failure: launch directly from now on
+            warnings.warn(f"embxfer: CUDA graph capture failed ({error!r}); launching directly", stacklevel=3)
+            self.mode = "direct"
+            return None
+        ring.graphs.append(graph)
+        return graph
+
+    def _drop_graphs(self) -> None:
+        for ring in self._graphs.values():
+            for graph in ring.graphs:
+                if graph.pending:
+                    self.driver.event_synchronize(graph.event)
+                self.driver.graph_destroy(graph.executable)
+                self.driver.event_destroy(graph.event)
+        self._graphs.clear()
+
+    def _capture(self, variant: _Variant, programs: int, words: int, objects: tuple) -> _Graph:
+        """Capture upload + fixed-grid kernel + event on the launcher's capture stream."""
+        buffer = TableBuffer(self.device, words, self.driver)
+        launch = variant.header_launch(self, buffer, objects)
+        if launch is None:
+            raise RuntimeError("no direct launch for the fixed-grid kernel")
+        graph = _Graph(buffer)
+        stream = self._stream("capture")
+        driver = self.driver
+        driver.begin_capture(stream)
+        try:
+            driver.memcpy_to_device(buffer.device_pointer, buffer.host_pointer, 8 * words, stream)
+            launch(programs, stream, buffer.device_pointer)
+            driver.event_record_in_graph(buffer.event, stream)
+        except BaseException:
+            try:
+                driver.end_capture(stream)
+            except cuda_driver.CudaError:
+                pass
+            raise
+        graph.executable = driver.end_capture(stream)
+        return graph
+
+
+def grid_bucket(programs: int) -> int:
+    """`programs` rounded up to m * 2**k with m in 4..7 (at most a quarter more): the
+    fixed grids that graphs are captured for."""
+    if programs <= 8:
+        return programs
+    shift = programs.bit_length() - 3
+    return ((programs + (1 << shift) - 1) >> shift) << shift
+
+
+class _Route:
+    """One (operation, sides, layout): what does not change between its messages."""
+
+    def __init__(self, launcher: Launcher, operation: str, layout, staging: torch.Tensor | None,
+                 pool: PoolTensors | None) -> None:
+        src_kind, dst_kind = self.kinds = _OPERATIONS[operation]
+        self.layout = layout
+        self.config: TileConfig = tile_config(launcher.device)
+        self.pool_refs = None if pool is None else tuple(None if t is None else weakref.ref(t) for t in pool)
+        if isinstance(layout, StagingLayout):
+            counts = layout.counts
+            emb_row, ds_row = layout.dim * layout.element_size, layout.deepstack_dim * layout.element_size
+        else:
+            counts = layout
+            element = pool.embeddings.element_size()
+            ds_dim = 0 if pool.deepstack is None else pool.deepstack.shape[2]
+            emb_row, ds_row = pool.embeddings.shape[2] * element, ds_dim * element
+        self.counts = np.asarray(counts, dtype=np.int64).reshape(-1)
+        s = self.num_segments = self.counts.shape[0]
+        self.empty = s == 0 or int(self.counts.max()) == 0
+        self.row_bytes = (emb_row, ds_row)
+        self.block_size = 1 if pool is None else pool.embeddings.shape[1]
+        columns = HEADER_WORDS.value
+        bases = {src_kind: columns + SOURCE.value * s, dst_kind: columns + DESTINATION.value * s}
+        self.pool_base, self.rows_base, self.staging_base = bases.get(POOL), bases.get(ROWS), bases.get(STAGING)
+        alignment = 16 | emb_row | ds_row
+        side_pointer = {}
+        if pool is not None:
+            side_pointer[POOL] = pool_pointers(pool)
+            alignment |= side_pointer[POOL][0] | side_pointer[POOL][1]
+        if staging is not None:
+            side_pointer[STAGING] = (staging.data_ptr(),) * 4
+        if ROWS in self.kinds:
+            # Row sides are reached from the other side's bases: the kernel's arguments stay
+            # the same whatever rows a message names.
+            other = side_pointer[STAGING] if STAGING in side_pointer else side_pointer[POOL]
+            words_base, ints_base = other[0], other[2]
+            side_pointer[ROWS] = (words_base, words_base, ints_base, ints_base)
+            self.row_steps = np.array([[emb_row], [ds_row], [4], [4], [0]], dtype=np.int64)
+            self.row_bases = np.array([[words_base], [words_base], [ints_base], [ints_base], [0]], dtype=np.int64)
+            self.row_checked = 2 if ds_row else 1
+            self.live = None if int(self.counts.min(initial=1)) > 0 else self.counts > 0
+            self.variants: dict[int, _Variant] = {}
+        self.alignment = alignment & -alignment
+        self.pointers = (*side_pointer[src_kind], *side_pointer[dst_kind])
+        self.variant: _Variant | None = None
+
+    def same_pool(self, pool: PoolTensors | None) -> bool:
+        refs = self.pool_refs
+        if refs is None:
+            return pool is None
+        return (refs[0]() is pool.embeddings and refs[1]() is pool.fill_ids and refs[2]() is pool.mrope_positions
+                and (pool.deepstack is None if refs[3] is None else refs[3]() is pool.deepstack))
+
+    def row_offsets(self, addresses: np.ndarray, starts: np.ndarray) -> tuple[np.ndarray, int]:
+        """A message's row side as byte offsets from the route's bases ([5, S]: embeddings,
+        deepstack, fill_ids, mrope, and the mrope stride), and the alignment they allow."""
+        offsets = self.row_steps * starts
+        offsets += addresses.T
+        offsets -= self.row_bases
+        checked = offsets[: self.row_checked]
+        if self.live is not None:
+            checked = checked[:, self.live]
+        value = self.alignment | int(np.bitwise_or.reduce(checked, axis=None))
+        return offsets, value & -value
+
+
+class _Variant:
+    """One compiled shape of a route (or of one general call): launch shape, arguments,
+    table template, and the bound direct launches."""
+
+    def __init__(self, route: _Route | None, shape: LaunchShape, config: TileConfig,
+                 pools: tuple[bool, bool], num_segments: int, block_size: int, pointers: tuple) -> None:
+        self.route = route
+        self.shape = shape
+        self.programs = shape.programs
+        self.constants = shape.constants(*pools, config)
+        self.num_warps = config.num_warps
+        self.head = table_head(num_segments)
+        self.scalars = (num_segments, SEGMENT_COLUMNS.value * num_segments, block_size, shape.emb_words,
+                        shape.ds_words, shape.emb_tiles, shape.column_tiles)
+        self.pointers = pointers
+        self.template: np.ndarray | None = None
+        self.graphs = route is not None  # a general call's pointers change per call: no graphs
+        self.payload_bytes = 0 if route is None else int(route.counts.sum()) * (sum(route.row_bytes) + 16)
+        self.graph_key = (self.constants, self.num_warps, shape.word, pointers, self.scalars[2:])
+        self._direct: DirectLaunch | None | bool = False  # False: not bound yet
+        self._header: DirectLaunch | None | bool = False
+
+    @classmethod
+    def of_route(cls, launcher: Launcher, route: _Route, alignment: int, objects: tuple) -> _Variant:
+        shape = launch_shape(route.counts, *route.row_bytes, alignment, route.config)
+        src_kind, dst_kind = route.kinds
+        variant = cls(route, shape, route.config, (src_kind == POOL, dst_kind == POOL),
+                      route.num_segments, route.block_size, route.pointers)
+        s = route.num_segments
+        template = np.zeros(variant.head, dtype=np.int64)
+        fill_header_and_counts(template, route.counts, shape)
+        word_bytes = shape.word_bytes
+        if route.staging_base is not None:
+            np.floor_divide(route.layout.offset_arrays, np.array([[word_bytes], [word_bytes], [4], [4], [1]]),
+                            out=template[route.staging_base : route.staging_base + 5 * s].reshape(5, s))
+        variant.template = template
+        variant.row_divisors = np.array([[word_bytes], [word_bytes], [4], [4], [1]], dtype=np.int64)
+        return variant
+
+    def tensors(self, objects: tuple) -> tuple[torch.Tensor, ...]:
+        """The eight bases as typed tensors, for Triton's dispatcher and interpreter."""
+        word = self.shape.word
+        if self.route is None:
+            src, dst = objects
+            return (*side_tensors(src, word), *side_tensors(dst, word))
+        pool, staging = objects
+        by_kind = {}
+        if pool is not None:
+            by_kind[POOL] = pool_tensors(pool, word)
+        if staging is not None:
+            by_kind[STAGING] = linear_tensors(staging, staging, word)
+        if ROWS in self.route.kinds:
+            by_kind[ROWS] = (by_kind[STAGING] if staging is not None
+                             else linear_tensors(pool.embeddings, pool.fill_ids, word))
+        src_kind, dst_kind = self.route.kinds
+        return (*by_kind[src_kind], *by_kind[dst_kind])
+
+    def direct(self, launcher: Launcher, buffer: TableBuffer, objects: tuple) -> DirectLaunch | None:
+        if self._direct is False:
+            self._direct = self._bind(launcher, buffer.device, objects, header=False)
+        return self._direct
+
+    def header_launch(self, launcher: Launcher, buffer: TableBuffer, objects: tuple) -> DirectLaunch | None:
+        if self._header is False:
+            self._header = self._bind(launcher, buffer.device, objects, header=True)
+        return self._header
+
+    def _bind(self, launcher: Launcher, metadata: torch.Tensor, objects: tuple, header: bool) -> DirectLaunch | None:
+        scalars = (0, 0, *self.scalars[2:]) if header else self.scalars
+        return _LAUNCHER.bind((metadata.data_ptr(), *self.pointers), scalars, self.tensors(objects),
+                              self.constants, header, self.num_warps, self.shape.word, launcher.index, metadata)
+
+
+class _Graph:
+    """A captured upload + fixed-grid launch + event, and the table buffer it reads."""
+
+    def __init__(self, buffer: TableBuffer) -> None:
+        self.buffer = buffer
+        self.host = buffer.host
+        self.event = buffer.event
+        self.executable = 0
+        self.pending = False
+        self.owner = None
+
+
+class _GraphRing:
+    def __init__(self) -> None:
+        self.graphs: list[_Graph] = []
+        self.oldest = 0
+
+
+_NO_CONTEXT = contextlib.nullcontext()
+_LAUNCHERS: dict[str, Launcher] = {}
+_LAUNCHERS_LOCK = threading.Lock()
+
+
+def launcher_for(device: torch.device) -> Launcher:
+    """The launcher `embxfer.kernels.ops` uses on `device` (one per device, made on first use)."""
+    key = str(device) if device.type != "cuda" or device.index is not None else f"cuda:{torch.cuda.current_device()}"
+    launcher = _LAUNCHERS.get(key)
+    if launcher is None:
+        with _LAUNCHERS_LOCK:
+            launcher = _LAUNCHERS.get(key)
+            if launcher is None:
+                launcher = _LAUNCHERS[key] = Launcher(torch.device(key))
+    return launcher

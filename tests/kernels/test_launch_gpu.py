@@ -1,0 +1,136 @@
+"""The launch path on a CUDA device, in each of its modes: every runtime operation
+bit-exact against the torch reference, many messages in flight (table buffers and
+graphs reused while the device is still busy), no device allocation in steady state,
+and no silent fallback (graphs really replayed, kernels launched directly)."""
+
+from __future__ import annotations
+
+import zlib
+
+import numpy as np
+import pytest
+import torch
+from kernel_cases import DTYPES, Message, assert_bitwise_equal, odd_batch
+
+from embxfer import kernels
+from embxfer.kernels import ops, plan_spans, reference
+from embxfer.kernels.launch import GRAPH_COPIES, Launcher
+from embxfer.kernels.triton_copy import _LAUNCHER
+
+pytestmark = pytest.mark.gpu
+
+OPERATIONS = ("pack", "unpack", "pack_addressed_rows", "unpack_addressed_rows", "gather_addressed")
+MODES = {"direct": {"mode": "direct", "side_upload": False}, "side_upload": {"mode": "direct", "side_upload": True},
+         "graph": {"mode": "graph", "side_upload": False}}
+GRID = [
+    (dtype, dim, layers, block_size)
+    for dtype in DTYPES
+    for dim, layers in ((1000, 0), (33, 2), (3584, 1))
+    for block_size in (1, 16, 128)
+]
+
+
+def _case_id(case):
+    dtype, dim, layers, block_size = case
+    return f"{str(dtype).removeprefix('torch.')}-D{dim}-K{layers}-bs{block_size}"
+
+
+def _launcher(mode: str) -> Launcher:
+    return Launcher("cuda", **MODES[mode])
+
+
+def _assert_no_fallback(launcher: Launcher, mode: str) -> None:
+    assert _LAUNCHER._usable and _LAUNCHER._kernels, "kernels launched through Triton's dispatcher"
+    if mode == "graph":
+        assert launcher.mode == "graph" and launcher._graphs, "graph mode fell back to direct launches"
+
+
+@pytest.mark.parametrize("mode", MODES)
+@pytest.mark.parametrize("case", GRID, ids=_case_id)
+def test_operations_match_reference_gpu(mode, case):
+    dtype, dim, layers, block_size = case
+    seed = zlib.crc32(f"{mode}-{_case_id(case)}".encode()) % 10_000
+    generator = torch.Generator().manual_seed(seed)
+    counts, starts = odd_batch(block_size) if block_size > 1 else ([1, 2, 3], [0, 1, 2])
+    layout = kernels.staging_layout(counts, dim, layers * dim, dtype)
+    launcher = _launcher(mode)
+    messages = [Message(layout, block_size, starts, generator, "cuda"),
+                Message(layout, block_size, starts[::-1], generator, "cuda")]
+    for message in messages:
+        for operation in OPERATIONS:
+            assert_bitwise_equal(message.run(operation, launcher, "triton"), message.run(operation, launcher, "torch"),
+                                 what=f"{operation} seed={seed} {_case_id(case)} {mode}")
+    _assert_no_fallback(launcher, mode)
+
+
+@pytest.mark.parametrize("mode", MODES)
+def test_many_messages_in_flight_gpu(mode):
+    """40 messages of two layouts issued back to back on a side stream, with no
+    synchronization: a busy device, so table buffers and graphs come round again while
+    earlier launches may still be queued. Every staging buffer exact at the end."""
+    generator = torch.Generator().manual_seed(9)
+    launcher = _launcher(mode)
+    layouts = [kernels.staging_layout(c, 4096, 0, torch.bfloat16) for c in ([300, 1, 700, 129], [1024])]
+    messages = [Message(layouts[i % 2], 128, [i % 128] * layouts[i % 2].num_segments, generator, "cuda")
+                for i in range(6)]
+    stream = torch.cuda.Stream()
+    outputs = []
+    torch.cuda.synchronize()
+    with torch.cuda.stream(stream):
+        torch.cuda._sleep(20_000_000)  # keep the device busy while the host races ahead
+        for i in range(40):
+            message = messages[i % len(messages)]
+            staging = torch.empty(message.layout.nbytes, dtype=torch.uint8, device="cuda").fill_(0xA5)
+            launcher.pack(message.pool, message.plan, staging, message.layout)
+            outputs.append(staging)
+    stream.synchronize()
+    for i, staging in enumerate(outputs):
+        message = messages[i % len(messages)]
+        want = torch.empty_like(staging).fill_(0xA5)
+        reference.pack_reference(message.pool, message.plan, want, message.layout)
+        assert_bitwise_equal(staging, want, what=f"message {i} ({mode})")
+    _assert_no_fallback(launcher, mode)
+
+
+@pytest.mark.parametrize("mode", MODES)
+def test_steady_state_allocates_nothing_gpu(mode):
+    generator = torch.Generator().manual_seed(10)
+    launcher = _launcher(mode)
+    layout = kernels.staging_layout([300, 17, 2], 1000, 1000, torch.bfloat16)
+    message = Message(layout, 16, [3, 0, 15], generator, "cuda")
+    staging = torch.empty(layout.nbytes, dtype=torch.uint8, device="cuda")
+    outputs = message.outputs()
+    addresses = np.array([ops.row_addresses(r) for r in outputs], dtype=np.int64)
+
+    def step():
+        launcher.pack(message.pool, message.plan, staging, layout)
+        launcher.unpack(staging, layout, message.pool, message.plan)
+        launcher.unpack_addressed_rows(staging, layout, addresses, message.row_starts)
+        launcher.gather_addressed(message.pool, message.plan, layout.counts, addresses, message.row_starts)
+
+    for _ in range(GRAPH_COPIES + 1):  # compiled, table buffers sized, every graph captured
+        step()
+    torch.cuda.synchronize()
+    before = torch.cuda.memory_stats()
+    for _ in range(50):
+        step()
+    torch.cuda.synchronize()
+    after = torch.cuda.memory_stats()
+    for key in ("allocation.all.allocated", "segment.all.allocated", "requested_bytes.all.allocated"):
+        assert after[key] == before[key], f"{key}: {before[key]} -> {after[key]}"
+
+
+def test_ops_use_the_device_launcher_gpu():
+    """The ops functions the runtime calls go through the device's launcher's routes."""
+    from embxfer.kernels.launch import launcher_for
+
+    generator = torch.Generator().manual_seed(11)
+    layout = kernels.staging_layout([5, 9], 256, 0, torch.float16)
+    message = Message(layout, 16, [3, 0], generator, "cuda")
+    staging = torch.full((layout.nbytes,), 0xA5, dtype=torch.uint8, device="cuda")
+    ops.pack(message.pool, plan_spans(message.spans, 16), staging, layout)
+    routes = launcher_for(staging.device)._routes
+    assert any(key[0] == "pack" and key[1] == id(layout) for key in routes)
+    want = torch.full_like(staging, 0xA5)
+    reference.pack_reference(message.pool, message.plan, want, layout)
+    assert_bitwise_equal(staging[: layout.nbytes], want, what="ops.pack")
