@@ -2,12 +2,12 @@
 # GPU check, run on the device machine from anywhere: every GPU test of the project
 # (pytest -m gpu tests/), the kernel and pipeline benchmarks (the copy ceiling measured in
 # the same run) and the real-model example in bf16. Results go to $OUT (default
-# /tmp/embxfer-gpu-check), six files, no sub-folders (the device tool brings back 8):
+# /tmp/embxfer-gpu-check), seven files, no sub-folders:
 #   gpu-check.log (everything printed), kernels-<device>.json/.png,
-#   pipeline-<device>.json/.png, vlm-<device>.json
+#   pipeline-<device>.json/.png, items-<device>.json, vlm-<device>.json
 # Arguments are passed to bench/kernels.py (e.g. --sweep, --cases ab).
 # GPU_CHECK_SKIP_TESTS=1 skips the tests, GPU_CHECK_SKIP_BENCH=1 the benchmarks,
-# GPU_CHECK_SKIP_PIPELINE=1 the pipeline benchmark alone, GPU_CHECK_SKIP_VLM=1 the example;
+# GPU_CHECK_SKIP_PIPELINE=1 the pipeline and items benchmarks, GPU_CHECK_SKIP_VLM=1 the example;
 # GPU_CHECK_TESTS names the test paths (default: tests/).
 #
 # The package is not installed there: a sitecustomize maps the three rooms under the
@@ -75,8 +75,10 @@ if [ "${GPU_CHECK_SKIP_TESTS:-0}" != 1 ]; then
     echo "gpu tests exit status: $status" | tee -a "$LOG"
 fi
 if [ "${GPU_CHECK_SKIP_GROUPS:-0}" != 1 ]; then
-    # embxfer's stateless groups on this machine's torch (the CPU/gloo tests; NCCL needs 2 GPUs)
-    timeout 150 python3 -m pytest tests/runtime/test_groups.py -q -p no:cacheprovider -rs 2>&1 | tee -a "$LOG" | tail -5
+    # embxfer's rendezvous, data pairs (gloo) and outsider tests on this machine's torch
+    # (NCCL pairs need two GPUs: NCCL puts one rank per GPU)
+    timeout 300 python3 -m pytest tests/runtime/test_two_engines.py tests/reliability/test_outsiders.py \
+        tests/elastic -q -p no:cacheprovider -rs 2>&1 | tee -a "$LOG" | tail -5
     echo "groups tests exit status: ${PIPESTATUS[0]}" | tee -a "$LOG"
 fi
 if [ "${GPU_CHECK_SKIP_BENCH:-0}" != 1 ]; then
@@ -89,6 +91,10 @@ if [ "${GPU_CHECK_SKIP_BENCH:-0}" != 1 ]; then
         pipeline_status=${PIPESTATUS[0]}
         echo "pipeline exit status: $pipeline_status" | tee -a "$LOG"
         [ "$pipeline_status" = 0 ] || status=$pipeline_status
+        python3 bench/items.py --device cuda --json "$OUT/items-{device}.json" 2>&1 | tee -a "$LOG"
+        items_status=${PIPESTATUS[0]}
+        echo "items bench exit status: $items_status" | tee -a "$LOG"
+        [ "$items_status" = 0 ] || status=$items_status
     fi
 fi
 if [ "${GPU_CHECK_SKIP_VLM:-0}" != 1 ]; then

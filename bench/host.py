@@ -15,7 +15,11 @@ path; only the two transports are in-process), one torch thread. Cases (D = 64, 
 
 Each in-process figure is the median over repetitions of wall time / requests; the
 process CPU time is reported next to it (the two differ when the machine is busy).
-Targets (issue 11): batch <= 100 us at TP 1 and <= 150 us at TP 2.
+  idle_1000                `progress()` of the language leader with nothing due: with no
+                           request, and with 1000 admitted requests whose data never comes
+
+Targets (issue 18): batch <= 30 us at TP 1 and <= 45 us at TP 2; idle progress about 1 us
+(as before), also with 1000 requests waiting.
 """
 
 from __future__ import annotations
@@ -84,6 +88,29 @@ def single_case(language_tp: int, requests: int) -> dict:
             "cpu_us_per_request": 1e6 * statistics.median(cpus)}
 
 
+def idle_case(waiting: int, calls: int = 20000) -> dict:
+    """`progress()` of the language leader with nothing due: no request, then `waiting`
+    requests admitted (their allocations sent) whose encoder never submits."""
+    cluster = cluster_for(1)
+    leader = cluster.leader
+    out = {"case": f"idle_{waiting}", "waiting": waiting}
+    for label in ("empty", "waiting"):
+        if label == "waiting":
+            for rid in range(waiting):
+                cluster.admit(rid)
+            for _ in range(5):
+                cluster.step()
+            assert leader.in_flight == waiting
+        for _ in range(1000):
+            leader.progress()
+        started = time.perf_counter()
+        for _ in range(calls):
+            leader.progress()
+        out[f"{label}_us"] = 1e6 * (time.perf_counter() - started) / calls
+    out["us_per_request"] = out["waiting_us"]
+    return out
+
+
 def demo_case(requests: int) -> dict:
     with tempfile.TemporaryDirectory() as folder:
         path = Path(folder) / "demo.json"
@@ -108,10 +135,11 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--skip-demo", action="store_true")
     args = parser.parse_args(argv)
     torch.set_num_threads(1)
-    cases = [batch_case(1, 256, args.reps), batch_case(2, 256, args.reps), single_case(1, 300), single_case(2, 300)]
+    cases = [batch_case(1, 256, args.reps), batch_case(2, 256, args.reps), single_case(1, 300), single_case(2, 300),
+             idle_case(1000)]
     if not args.skip_demo:
         cases.append(demo_case(1000))
-    targets = {"batch_tp1": 100.0, "batch_tp2": 150.0}
+    targets = {"batch_tp1": 30.0, "batch_tp2": 45.0}
     for case in cases:
         if case["case"] in targets:
             case["target_us"] = targets[case["case"]]
@@ -122,6 +150,10 @@ def main(argv: list[str] | None = None) -> int:
     path.parent.mkdir(parents=True, exist_ok=True)
     path.write_text(json.dumps(out, indent=2) + "\n")
     for c in cases:
+        if c["case"].startswith("idle"):
+            print(f"  {c['case']:<11} progress() with nothing due: {c['empty_us']:.2f} us, "
+                  f"with {c['waiting']} waiting {c['waiting_us']:.2f} us")
+            continue
         extra = f"  ({c['requests_per_s']:.0f} requests/s)" if "requests_per_s" in c else \
             f"  (cpu {c['cpu_us_per_request']:.0f} us)"
         target = f"  target <= {c['target_us']:.0f}: {'met' if c['met'] else 'MISSED'}" if "target_us" in c else ""
@@ -136,7 +168,7 @@ def plot(out: dict, path: Path) -> None:
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
-    cases = [c for c in out["cases"] if c["case"] != "demo"]
+    cases = [c for c in out["cases"] if c["case"] != "demo" and not c["case"].startswith("idle")]
     fig, ax = plt.subplots(figsize=(7, 3.8))
     bars = ax.bar([c["case"] for c in cases], [c["us_per_request"] for c in cases], color="steelblue")
     ax.bar_label(bars, fmt="%.0f", fontsize=8)

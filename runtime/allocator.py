@@ -117,6 +117,14 @@ class BlockAllocator:
 
     def _pop(self, count: int) -> list[int]:
         stack, in_use = self._free_stack, self._in_use
+        if len(stack) == self._free:  # no entry a claim left behind: the top `count` are free
+            taken = stack[-count:]
+            taken.reverse()
+            del stack[-count:]
+            for b in taken:
+                in_use[b] = 1
+            self._free -= count
+            return taken
         taken = []
         while len(taken) < count:
             b = stack.pop()

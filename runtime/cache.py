@@ -120,8 +120,14 @@ class PayloadCache:
         if key in self.entries:  # another request brought the same item: keep the first
             self.entries.move_to_end(key)
             return
-        copy = _copy(rows)
-        copy.mrope_positions.sub_(copy.mrope_positions[:, :1].clone())
+        if _nbytes(rows) > self.capacity_bytes:
+            return
+        positions = rows.mrope_positions
+        # One op makes the copy of the positions and moves them to count from the first row.
+        copy = RowTensors(rows.embeddings.clone(memory_format=torch.contiguous_format),
+                          rows.fill_ids.clone(memory_format=torch.contiguous_format),
+                          positions - positions[:, :1],
+                          None if rows.deepstack is None else rows.deepstack.clone(memory_format=torch.contiguous_format))
         self._insert(key, copy, 0, copied=True)
 
     # -- both
@@ -133,14 +139,19 @@ class PayloadCache:
         if old is not None:
             self.bytes -= _nbytes(old[0])
         if self.bytes + size > self.capacity_bytes:
-            for victim in [k for k in self.entries if k not in self.pins]:
-                if self.bytes + size <= self.capacity_bytes:
-                    break
-                evicted, _ = self.entries.pop(victim)
-                self.bytes -= _nbytes(evicted)
-                self.evictions += 1
-            if self.bytes + size > self.capacity_bytes:
-                return  # what is left is pinned by requests in flight
+            victims, freed = [], 0
+            for victim, (evicted, _) in self.entries.items():  # least recently used first
+                if victim not in self.pins:
+                    victims.append(victim)
+                    freed += _nbytes(evicted)
+                    if self.bytes - freed + size <= self.capacity_bytes:
+                        break
+            if self.bytes - freed + size > self.capacity_bytes:
+                return  # what is left is pinned by requests in flight: keep what is there
+            for victim in victims:
+                del self.entries[victim]
+            self.bytes -= freed
+            self.evictions += len(victims)
         self.entries[key] = (rows if copied else _copy(rows), mrope_delta)
         self.bytes += size
         self.inserts += 1

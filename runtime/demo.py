@@ -334,7 +334,8 @@ def run_rank(args: argparse.Namespace, lifetime: RankLifetime) -> int:
         torch.cuda.set_device(device)
     config = config_of(args, device_kind)
     lifetime.prefix = config.shm_prefix
-    lifetime.label = f"rank {rank} ({topology.engine_name(rank)} TP rank {topology.tp_index(rank)})"
+    role = topology.role(rank).value
+    lifetime.label = f"rank {rank} ({role} engine '{topology.engine_name(rank)}' TP rank {topology.tp_index(rank)})"
     engines = [topology.engine_name(r) for r in range(topology.world_size) if topology.is_leader(r)]
     common = dict(dim=args.dim, dtype=DTYPES[args.dtype], deepstack_layers=args.deepstack, device=device,
                   config=config, timeout_s=args.timeout)
@@ -498,7 +499,7 @@ def run_language(args: argparse.Namespace, receiver: Receiver, engine: int, leng
     tally = Tally()
     aborted = 0
     bar = _progress_bar(len(todo), show_progress and not args.quiet)
-    while (todo or active) and time.monotonic() < deadline and not receiver.dead_peers:
+    while (todo or active or receiver.busy) and time.monotonic() < deadline and not receiver.dead_peers:
         check_signals()
         while todo and len(active) < args.inflight:
             rid = todo.popleft()

@@ -417,11 +417,12 @@ class Receiver(Endpoint):
                 target = RowTensors(*(None if t is None else t[:, item.start : item.start + item.count] if i == 2
                                       else t[item.start : item.start + item.count]
                                       for i, t in enumerate(request.outputs)))
-                for source, dest in zip(cached, target, strict=True):
-                    if source is not None:
-                        dest.copy_(source)
-                target.mrope_positions.add_(torch.tensor(item.anchor, dtype=torch.int32,
-                                                         device=target.mrope_positions.device).view(3, 1))
+                pairs = [(dest, source) for source, dest in zip(cached, target, strict=True) if source is not None]
+                torch._foreach_copy_([d for d, _ in pairs], [s for _, s in pairs])
+                positions = target.mrope_positions
+                for axis, shift in enumerate(item.anchor):  # scalars: no upload, no wait
+                    if shift:
+                        positions[axis].add_(shift)
 
     def _check_segment(self, request: Request, s: rec.Segment, source: EngineView) -> str | None:
         if request.peer is None:  # a follower binds on the first segment from its serving rank

@@ -81,6 +81,13 @@ def main() -> int:
     endpoint = embxfer.connect(args.role, engine=args.name, tp_rank=args.tp_rank, tp_size=args.tp_size,
                                dim=args.dim, dtype=torch.bfloat16, config=config, timeout_s=args.timeout)
     store = endpoint.membership.app_store
+    router = os.environ.get("ELASTIC_ROUTER")  # host:port of a router store of its own
+    if router:
+        from datetime import timedelta
+
+        host, port = router.rsplit(":", 1)
+        store = torch.distributed.PrefixStore("app/", torch.distributed.TCPStore(
+            host, int(port), None, False, timedelta(seconds=30), wait_for_workers=False))
     emit(event="up", member=endpoint.rank, fds=len(os.listdir("/proc/self/fd")))
     if args.idle:
         try:

@@ -51,12 +51,17 @@ class Rank:
 
 class Job:
     def __init__(self, prefix: str, *, secret: str | None = None, env: dict[str, str] | None = None,
-                 server: RendezvousServer | None = None) -> None:
+                 server: RendezvousServer | None = None, separate_router: bool = False) -> None:
         self.server = server or RendezvousServer("127.0.0.1", 0)
+        # The routes at the rendezvous, or (separate_router) in a store of their own, so that
+        # the rendezvous can go down while the router still reaches the engines.
+        self.router = RendezvousServer("127.0.0.1", 0) if separate_router else None
         self.prefix = prefix
         self.env = dict(os.environ, EMBXFER_RENDEZVOUS=self.server.address, EMBXFER_SHM_PREFIX=prefix,
                         EMBXFER_SECRET=secret or secrets.token_hex(32), OMP_NUM_THREADS="1",
                         PYTHONPATH=ROOT + os.pathsep + os.environ.get("PYTHONPATH", ""), **(env or {}))
+        if self.router is not None:
+            self.env["ELASTIC_ROUTER"] = f"{self.router.host}:{self.router.port}"
         for name in ("RANK", "WORLD_SIZE", "MASTER_ADDR", "MASTER_PORT", "EMBXFER_NODE_ID"):
             self.env.pop(name, None)
         self.ranks: list[Rank] = []
@@ -127,6 +132,9 @@ class Job:
 
     # -- the router
     def app(self):
+        if self._store is None and self.router is not None:
+            self._raw = self.router.client()
+            self._store = dist.PrefixStore("app/", self._raw)
         if self._store is None:
             from embxfer.runtime.membership import SignedStore
             from embxfer.runtime.secret import load_secret
@@ -191,6 +199,8 @@ class Job:
                 rank.process.wait()
         self._store = self._raw = None
         self.server.close()
+        if self.router is not None:
+            self.router.close()
 
     def __enter__(self) -> Job:
         return self

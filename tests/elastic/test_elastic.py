@@ -148,3 +148,35 @@ def test_the_elastic_scenario_predicts_every_request(nodes):
             assert closed["fds"] <= rank.first("up")["fds"] + 2
     for name in prefixes:
         assert shm_entries(name) == []
+
+
+def test_while_the_rendezvous_is_down_joined_engines_serve_on_and_a_join_waits_for_it():
+    """The rendezvous (not the router: its routes live elsewhere here) stops; the engines
+    that joined keep moving data; an engine started meanwhile waits; the rendezvous comes
+    back empty on the same address, the members publish themselves again, and the new
+    engine joins and serves."""
+    from embxfer.runtime.rendezvous import RendezvousServer
+
+    with Job(f"rv{secrets.token_hex(3)}", separate_router=True) as job:
+        job.start("vit-0", "encoder")
+        job.start("llm-a", "language", tp=2)
+        job.wait_up("vit-0", "llm-a")
+        before = [job.route("vit-0", "llm-a", 300 + 50 * i) for i in range(3)]
+        job.wait_done("llm-a", before, ranks=2)
+
+        port = job.server.port
+        job.server.close()  # down
+        time.sleep(1.0)
+        during = [job.route("vit-0", "llm-a", 500 + 50 * i) for i in range(4)]
+        job.wait_done("llm-a", during, ranks=2, timeout=30)
+        late = job.start("vit-1", "encoder")[0]
+        time.sleep(3.0)
+        assert late.first("up") is None and late.process.poll() is None, job.describe("vit-1")
+
+        job.server = RendezvousServer("127.0.0.1", port)  # back, empty
+        job.wait_up("vit-1", timeout=45)
+        after = [job.route(encoder, "llm-a", 400) for encoder in ("vit-1", "vit-0")]
+        job.wait_done("llm-a", after, ranks=2, timeout=30)
+        outcomes = job.outcomes("llm-a")
+        for rid in before + during + after:
+            assert len(outcomes[rid]) == 2 and statuses(outcomes[rid]) == {"verified"}, (rid, outcomes[rid])

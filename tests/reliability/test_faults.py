@@ -203,7 +203,7 @@ def test_sigkill_under_torchrun_leaves_no_rank_and_no_segment(tmp_path):
         for name in shm_entries(prefix):
             os.unlink(os.path.join("/dev/shm", name))
     # torchrun prints its own ChildFailedError traceback; the ranks print one line each.
-    assert "terminate called" not in err and "embxfer demo: rank 0 (encoder0 TP rank 0)" in err, err[-3000:]
+    assert "terminate called" not in err and "embxfer demo: rank 0 (encoder engine 'encoder0' TP rank 0)" in err, err[-3000:]
     assert launcher.returncode != 0
     print(f"\n[faults] SIGKILL language leader under torchrun (T={PEER_TIMEOUT_S:g}s): every rank and segment gone "
           f"after {gone_s:.2f}s")

@@ -241,8 +241,9 @@ def test_a_rank_that_never_arrives_is_named_within_the_deadline(missing: str) ->
                 engines.example(f"language {rank}", "language", "--rendezvous", address, "--encoders", "2",
                                 "--tp-rank", str(rank), "--tp-size", "2", "--engine-address", language_world,
                                 "--timeout", str(timeout_s))
+            # Its own deadline is later, so that what ends it is the language engine giving up.
             engines.example("encoder 0", "encoder", "--rendezvous", address, "--tp-rank", "0", "--tp-size", "1",
-                            "--engine-address", f"tcp://127.0.0.1:{free_port()}", "--timeout", str(timeout_s))
+                            "--engine-address", f"tcp://127.0.0.1:{free_port()}", "--timeout", str(3 * timeout_s))
             expected = "engine 'encoder1' never joined"
         else:
             for role, rank, size in (("language", 0, 2), ("encoder", 0, 1)):
