@@ -18,9 +18,9 @@ chat: turn 1 = 64 text rows + a picture of P rows + 32 text rows; turn 2 = a lon
   against the full payload. `wire_fall` (1 - bytes with reuse / bytes without) is
   compared with `item_share` (the picture's rows / all rows).
 cost: one request of P + 96 rows at a time, (a) no items named, (b) the same rows named
-  as one item with a new hash each time (a miss: the language side caches it, evicting
-  older ones), interleaved a, b, a, b...; p50 and p99 of each. The item path must cost
-  nothing measurable: b's p50 within the run's noise of a's.
+  as one item with a new hash each time (a miss: the language side caches it, copying
+  its rows and evicting older ones), (c) as b with caching off (the item path without
+  the copy), interleaved a, b, c, a, b, c...; p50 and p99 of each.
 """
 
 from __future__ import annotations
@@ -153,15 +153,21 @@ def chat_case(dim: int, picture_rows: int, tp: int, device: str, reps: int) -> d
 
 
 def cost_case(dim: int, picture_rows: int, device: str, reps: int) -> dict:
-    """One request at a time, without items and with one item that misses, interleaved."""
-    config = Config(block_size=64, default_alloc_tokens=4096, language_pool_blocks=512,
-                    staging_bytes=64 << 20, cache_bytes=(picture_rows * dim * 2 + 4096) * 4)
-    cluster = LocalCluster(config=config, dim=dim, device=device)
+    """One request at a time, interleaved: no items; one item that misses and is cached
+    (the language side copies its rows, evicting older items); one item that misses with
+    caching off (`cache_bytes=0`: the item path alone, no copy)."""
+    def make(cache_bytes: int) -> LocalCluster:
+        return LocalCluster(config=Config(block_size=64, default_alloc_tokens=4096, language_pool_blocks=512,
+                                          staging_bytes=64 << 20, cache_bytes=cache_bytes), dim=dim, device=device)
+
+    cached, uncached = make((picture_rows * dim * 2 + 4096) * 4), make(0)
+    variants = {"no_items": (cached, False), "item_miss": (cached, True), "item_no_cache": (uncached, True)}
     base = random_payload(picture_rows + 96, dim, seed=1, device=device)
-    sender, leader = cluster.senders[0], cluster.leader
-    times: dict[str, list[float]] = {"no_items": [], "item_miss": []}
-    for rep in range(2 * (reps + 20)):
-        named = rep % 2 == 1
+    times: dict[str, list[float]] = {name: [] for name in variants}
+    for rep in range(len(variants) * (reps + 20)):
+        name = list(variants)[rep % len(variants)]
+        cluster, named = variants[name]
+        sender, leader = cluster.senders[0], cluster.leader
         items = [Item(rep.to_bytes(8, "little"), 32, picture_rows)] if named else []
         payload = Payload(base.embeddings, base.fill_ids, base.mrope_positions, base.mrope_delta, items=items)
         sync(device)
@@ -176,17 +182,18 @@ def cost_case(dim: int, picture_rows: int, device: str, reps: int) -> dict:
         elapsed = time.perf_counter() - started
         cluster.settle()
         sender.release(rep)
-        if rep < 2 and not taken.bit_equal(payload):
-            raise SystemExit("cost: not bit-exact")
-        if rep >= 40:
-            times["item_miss" if named else "no_items"].append(elapsed)
+        if rep < len(variants) and not taken.bit_equal(payload):
+            raise SystemExit(f"cost {name}: not bit-exact")
+        if rep >= len(variants) * 20:
+            times[name].append(elapsed)
     out = {"case": "cost", "dim": dim, "rows": base.num_tokens, "item_rows": picture_rows,
-           "items_cached": len(leader.cache.entries)}
+           "items_cached": len(cached.leader.cache.entries)}
     for name, values in times.items():
         values.sort()
         out[name] = {"p50_us": 1e6 * statistics.median(values),
                      "p99_us": 1e6 * values[min(len(values) - 1, int(0.99 * len(values)))]}
     out["p50_ratio"] = out["item_miss"]["p50_us"] / out["no_items"]["p50_us"]
+    out["p50_ratio_no_cache"] = out["item_no_cache"]["p50_us"] / out["no_items"]["p50_us"]
     return out
 
 
@@ -219,8 +226,10 @@ def main(argv: list[str] | None = None) -> int:
                   f"turn {t2n['turn_ms']:.2f} -> {t2['turn_ms']:.2f} ms")
         else:
             print(f"  cost {case['rows']} rows: p50 no items {case['no_items']['p50_us']:.0f} us, "
-                  f"one item (miss) {case['item_miss']['p50_us']:.0f} us (x{case['p50_ratio']:.3f}); "
-                  f"p99 {case['no_items']['p99_us']:.0f} / {case['item_miss']['p99_us']:.0f} us")
+                  f"one item missed and cached {case['item_miss']['p50_us']:.0f} us (x{case['p50_ratio']:.3f}), "
+                  f"missed, caching off {case['item_no_cache']['p50_us']:.0f} us (x{case['p50_ratio_no_cache']:.3f}); "
+                  f"p99 {case['no_items']['p99_us']:.0f} / {case['item_miss']['p99_us']:.0f} / "
+                  f"{case['item_no_cache']['p99_us']:.0f} us")
     return 0
 
 

@@ -116,8 +116,9 @@ MAX_SLOT_BYTES = 1 << 24
 # A control ring holds records of a few kB; a segment beyond this is a mistake.
 MAX_SEGMENT_BYTES = 1 << 32
 NAME_FIELD_BYTES = 64
-# Longest a parked participant sleeps before it re-checks by itself (liveness, heartbeat).
-PARK_SLICE_S = 0.1
+# Longest a parked participant sleeps before it re-checks by itself (liveness, heartbeat):
+# each such wake costs a few hundred us of Python, so an idle engine pays it 4 times a second.
+PARK_SLICE_S = 0.25
 DEFAULT_SPIN_S = 50e-6
 SHM_DIR = "/dev/shm"
 # posix_ipc turns a very long semaphore wait into an overflowed timespec (an immediate

@@ -239,7 +239,13 @@ class Sender(Endpoint):
         if kind is rec.Allocations or kind is rec.Completions:
             if record.dst_rank == self.me.incarnation:
                 view = self.directory.view_of(record.src_rank)
-                if view is not None and view.leader == record.src_rank and view.role is Role.LANGUAGE:
+                if view is None or view.leader != record.src_rank or view.role is not Role.LANGUAGE:
+                    self.stats.rejected_records += 1  # not a language leader of this job
+                elif view.gone:
+                    # An incarnation that left or died: nothing it says is acted on (a stale
+                    # round-0 allocation must never be kept for a later submit of the id).
+                    self.stats.late_records += 1
+                else:
                     handle = self._on_resume if kind is rec.Allocations else self._on_completion
                     for item in record.items():
                         handle(item, view)

@@ -157,3 +157,17 @@ def test_replayed_decision_is_late_not_applied_twice(cluster):
     assert follower.take(1).bit_equal(payload)
     cluster.leader.take(1)
     healthy(cluster)
+
+
+def test_allocations_from_an_unknown_or_departed_incarnation_are_never_kept(cluster):
+    """A round-0 allocation for an id the encoder has not submitted yet is kept for the
+    submit, but only from a live language leader of the job: one from a member id nobody
+    knows (a forger, an incarnation long forgotten) is rejected, one from an incarnation
+    that died is late; neither is used by the later submit of that id."""
+    sender = cluster.senders[0]
+    rejected, late = sender.stats.rejected_records, sender.stats.late_records
+    sender._on_record(resume(request_id=7, src_rank=0x77_0000_0001))
+    assert sender.stats.rejected_records == rejected + 1 and 7 not in sender._early_allocations
+    sender.directory.view_of(1).state = "dead"  # the language engine's incarnation died
+    sender._on_record(resume(request_id=8))
+    assert sender.stats.late_records == late + 1 and 8 not in sender._early_allocations
