@@ -469,6 +469,22 @@ class _Batch(_Record):
         return self._FIXED.pack(self.src_rank, self.dst_rank, len(self.entries)) + self.entries.tobytes()
 
     @classmethod
+    def _of_rows(cls, src_rank: int, dst_rank: int, rows: list[tuple[int, ...]]) -> _Batch:
+        """A record of tuples in ENTRY's field order, computed by the caller itself (not
+        checked again: see `trusted`)."""
+        array = np.array(rows, dtype=np.int64)
+        out = entries(cls.ENTRY, len(rows))
+        for column, name in enumerate(cls.ENTRY.names):
+            out[name] = array[:, column]
+        return cls.trusted(src_rank=src_rank, dst_rank=dst_rank, entries=out)
+
+    def _rows(self, item: type) -> list:
+        """Each entry as `item(*fields, src_rank)`."""
+        e, src = self.entries, self.src_rank
+        columns = [e[name].tolist() for name in self.ENTRY.names]
+        return [item(*row, src) for row in zip(*columns, strict=True)]
+
+    @classmethod
     def _parse(cls, body: memoryview, limits: Limits) -> _Batch:
         if len(body) < cls._FIXED.size:
             raise RecordError(f"{cls.__name__}: body of {len(body)} bytes is truncated")
@@ -523,16 +539,10 @@ class Allocations(_Batch):
     def of(cls, src_rank: int, dst_rank: int, items: list[tuple[int, int, int, int]]) -> Allocations:
         """A record of (request_id, round, sent_tokens, allocated_tokens) tuples the caller
         computed itself (not checked again: see `trusted`)."""
-        array = np.array(items, dtype=np.int64)
-        out = entries(_ALLOCATION, len(items))
-        for column, name in enumerate(_ALLOCATION.names):
-            out[name] = array[:, column]
-        return cls.trusted(src_rank=src_rank, dst_rank=dst_rank, entries=out)
+        return cls._of_rows(src_rank, dst_rank, items)
 
     def items(self) -> list[Allocation]:
-        e, src = self.entries, self.src_rank
-        return [Allocation(*row, src) for row in zip(e["request_id"].tolist(), e["round"].tolist(),
-                                                     e["sent_tokens"].tolist(), e["allocated_tokens"].tolist(), strict=False)]
+        return self._rows(Allocation)
 
     @classmethod
     def _check_entries(cls, array: object, error: type[Exception]) -> None:
@@ -558,17 +568,10 @@ class Completions(_Batch):
     def of(cls, src_rank: int, dst_rank: int, items: list[tuple[int, int, int, int, int]]) -> Completions:
         """A record of (request_id, round, sent_tokens, total_tokens, flags) tuples the
         caller computed itself (not checked again: see `trusted`)."""
-        array = np.array(items, dtype=np.int64)
-        out = entries(_COMPLETION, len(items))
-        for column, name in enumerate(_COMPLETION.names):
-            out[name] = array[:, column]
-        return cls.trusted(src_rank=src_rank, dst_rank=dst_rank, entries=out)
+        return cls._of_rows(src_rank, dst_rank, items)
 
     def items(self) -> list[Completion]:
-        e, src = self.entries, self.src_rank
-        return [Completion(*row, src) for row in zip(e["request_id"].tolist(), e["round"].tolist(),
-                                                     e["sent_tokens"].tolist(), e["total_tokens"].tolist(),
-                                                     e["flags"].tolist(), strict=False)]
+        return self._rows(Completion)
 
     @classmethod
     def _check_entries(cls, array: object, error: type[Exception]) -> None:

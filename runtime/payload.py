@@ -52,6 +52,22 @@ _METADATA_TORCH = {code: dtype for dtype, code in _METADATA_CODES.items()}
 _BITS_OF = {torch.bfloat16: torch.int16}
 
 
+def kept_rows(skipped: list[tuple[int, int]], total: int) -> tuple[list[tuple[int, int, int]], int]:
+    """The stretches of a payload's rows that travel when the items at `skipped` ((start,
+    count), in row order) stay behind: ([(payload row, wire row, count)], rows on the wire).
+    The sender and the receiver both derive the wire's row order from this."""
+    kept, wire, row = [], 0, 0
+    for start, count in skipped:
+        if start > row:
+            kept.append((row, wire, start - row))
+            wire += start - row
+        row = start + count
+    if row < total:
+        kept.append((row, wire, total - row))
+        wire += total - row
+    return kept, wire
+
+
 def content_hash_bytes(value: bytes | str, what: str = "content_hash") -> bytes:
     """An engine's content hash as 1..32 bytes (longer ones, e.g. hex strings of a
     SHA-256, are hashed down with BLAKE2b)."""

@@ -49,7 +49,7 @@ from .cache import PayloadCache
 from .channels import RecvChannel, RecvMessage, segment_plan, wire_to_rows
 from .endpoint import Endpoint, Request, check_request_id
 from .membership import EngineView, Role, engine_name
-from .payload import Item, Payload, check_items, metadata_tensors
+from .payload import Item, Payload, check_items, content_hash_bytes, kept_rows, metadata_tensors
 from .pool import BlockPool
 from .state import RequestState
 
@@ -215,11 +215,11 @@ class Receiver(Endpoint):
         outputs = request.outputs
         self._drop_outputs(request)
         self._retire(request)  # remembered (bounded) so that late records are known as late
-        info = request.info
-        items = () if info is None else tuple(Item(i.content_hash, i.start, i.count) for i in info.items)
+        items = tuple(Item(i.content_hash, i.start, i.count) for i in _items_of(request))
         return Payload._trusted(outputs.embeddings, outputs.fill_ids, outputs.mrope_positions,
                                 request.mrope_delta, outputs.deepstack, items,
-                                metadata_tensors(info.metadata) if info is not None and info.metadata else None)
+                                metadata_tensors(request.info.metadata) if request.info is not None
+                                and request.info.metadata else None)
 
     def abort(self, request_id: int, message: str = "aborted by the language engine") -> None:
         """Fail a request in flight, on both sides; a finished one is released (a SUCCESS
@@ -391,21 +391,13 @@ class Receiver(Endpoint):
             return (f"the payload's info says {info.wire_tokens} of {info.total_tokens} rows travel, its first "
                     f"segment says {segment.total_tokens}")
         pinned = self._pinned.get(request.request_id, ())
-        kept, wire, row = [], 0, 0
-        for item in info.items:
-            if not item.skipped:
-                continue
+        skipped = [item for item in info.items if item.skipped]
+        for item in skipped:
             if item.content_hash not in pinned or not self.cache.holds_item(item.content_hash, item.count):
                 return (f"the encoder side skipped item {item.content_hash.hex()[:16]} (rows {item.start}.."
                         f"{item.start + item.count}), which this rank does not hold for this request")
-            if item.start > row:
-                kept.append((row, wire, item.start - row))
-                wire += item.start - row
-            row = item.start + item.count
-        if row < info.total_tokens:
-            kept.append((row, wire, info.total_tokens - row))
         request.info, request.rows = info, info.total_tokens
-        request.kept = kept if any(item.skipped for item in info.items) else None
+        request.kept = kept_rows([(i.start, i.count) for i in skipped], info.total_tokens)[0] if skipped else None
         return None
 
     def _fill_items(self, request: Request) -> None:
@@ -599,10 +591,10 @@ class Receiver(Endpoint):
     def _cache_items(self, request: Request) -> None:
         """Every item this request brought (not taken from the cache) goes into the cache,
         on every rank in decision order, from the rows this rank received."""
-        if request.info is None or request.outputs is None or not self.cache.capacity_bytes:
+        if request.outputs is None or not self.cache.capacity_bytes:
             return
         out = request.outputs
-        for item in request.info.items:
+        for item in _items_of(request):
             if not item.skipped:
                 end = item.start + item.count
                 self.cache.insert_item(item.content_hash, RowTensors(
@@ -930,20 +922,20 @@ class _EncoderPeer:
         self.channel = channel
 
 
-def _content_hash(value: bytes | str | None) -> bytes | None:
-    """An engine's content hash as at most 32 bytes (longer ones, e.g. hex strings of a
-    SHA-256, are hashed down with BLAKE2b)."""
-    if value is None:
-        return None
-    if isinstance(value, str):
-        value = value.encode()
-    if not isinstance(value, bytes) or not value:
-        raise ValueError(f"content_hash={value!r:.60}: expected None, or non-empty bytes or str")
-    if len(value) > rec.MAX_HASH_BYTES:
-        import hashlib
+def _items_of(request: Request) -> list:
+    """The request's items: as the encoder side described them (PayloadInfo, which says
+    which it skipped), else as this engine named them at `admit` (none skipped; only those
+    inside the payload's rows)."""
+    info = request.info
+    if info is not None and info.items:
+        return list(info.items)
+    return [rec.PayloadItem(i.content_hash, i.start, i.count) for i in request.items
+            if i.start + i.count <= request.rows]
 
-        value = hashlib.blake2b(value, digest_size=rec.MAX_HASH_BYTES).digest()
-    return value
+
+def _content_hash(value: bytes | str | None) -> bytes | None:
+    """An engine's content hash for `admit` (None: no reuse); see `content_hash_bytes`."""
+    return None if value is None else content_hash_bytes(value)
 
 
 def _remember(memory: OrderedDict, key: int, value: object) -> None:

@@ -32,7 +32,7 @@ from embxfer.kernels import ops
 from .channels import SendChannel, SendChunk
 from .endpoint import Endpoint, Request, check_request_id
 from .membership import EngineView, Role, engine_name
-from .payload import Payload, metadata_records
+from .payload import Payload, kept_rows, metadata_records
 from .state import RequestState
 
 MAX_PENDING_ALLOCATIONS = 4096
@@ -158,32 +158,25 @@ class Sender(Endpoint):
 
     def _describe(self, request: Request, payload: Payload, metadata: tuple) -> None:
         """What travels with `payload` besides its rows, and which of its rows travel: every
-        row but those of the items the language side holds."""
+        row but those of the items the language side holds. A PayloadInfo goes out only when
+        there is something the language side cannot know (skipped items, metadata): an item
+        that misses costs no record."""
         held = self._held.pop(request.request_id, (None, set()))
         skipped = [item for item in payload.items if item.content_hash in held[1]]
+        if not skipped and not metadata:
+            return  # every row travels: the language side's own admission names the items
         anchors = {}
         if skipped:
             starts = torch.tensor([item.start for item in skipped], device=payload.mrope_positions.device)
             anchors = dict(zip((item.start for item in skipped),
                                payload.mrope_positions[:, starts].t().tolist(), strict=True))
-        items, kept, wire, row = [], [], 0, 0
-        for item in payload.items:
-            is_skipped = item.start in anchors
-            items.append(rec.PayloadItem(item.content_hash, item.start, item.count, is_skipped,
-                                         tuple(anchors.get(item.start, (0, 0, 0)))))
-            if is_skipped:
-                if item.start > row:
-                    kept.append((row, wire, item.start - row))
-                    wire += item.start - row
-                row = item.start + item.count
-        if row < payload.num_tokens:
-            kept.append((row, wire, payload.num_tokens - row))
-            wire += payload.num_tokens - row
+        items = [rec.PayloadItem(item.content_hash, item.start, item.count, item.start in anchors,
+                                 tuple(anchors.get(item.start, (0, 0, 0)))) for item in payload.items]
         request.info = rec.PayloadInfo.trusted(src_rank=self.rank, dst_rank=-1, request_id=request.request_id,
                                                total_tokens=payload.num_tokens, items=tuple(items),
                                                metadata=metadata)
         if skipped:
-            request.kept, request.total_tokens = kept, wire
+            request.kept, request.total_tokens = kept_rows([(i.start, i.count) for i in skipped], payload.num_tokens)
             held_engine = held[0]
             if request.engine is None and held_engine is not None:
                 request.engine = held_engine  # the engine that said it holds them serves it

@@ -159,11 +159,10 @@ def link_port(env: Mapping[str, str] | None = None, *, ports: int = 1) -> int | 
     return port
 
 
-def advertise_host(env: Mapping[str, str] | None = None) -> str | None:
-    """EMBXFER_ADVERTISE_HOST: the address peers dial (an IP address or a host name; it
-    need not be this machine's, behind NAT it is not). None when unset or empty."""
-    env = os.environ if env is None else env
-    raw = env.get(ADVERTISE_HOST)
+def _host_variable(env: Mapping[str, str], name: str) -> tuple[str, str, ipaddress._BaseAddress | None] | None:
+    """(raw value, host without IPv6 brackets, its ip_address or None for a name); None
+    when the variable is unset or empty."""
+    raw = env.get(name)
     if raw is None or not raw.strip():
         return None
     host = raw.strip()
@@ -172,6 +171,17 @@ def advertise_host(env: Mapping[str, str] | None = None) -> str | None:
         address = ipaddress.ip_address(literal)
     except ValueError:
         address = None
+    return raw, literal, address
+
+
+def advertise_host(env: Mapping[str, str] | None = None) -> str | None:
+    """EMBXFER_ADVERTISE_HOST: the address peers dial (an IP address or a host name; it
+    need not be this machine's, behind NAT it is not). None when unset or empty."""
+    env = os.environ if env is None else env
+    parsed = _host_variable(env, ADVERTISE_HOST)
+    if parsed is None:
+        return None
+    raw, literal, address = parsed
     if literal in _WILDCARDS or (address is not None and address.is_unspecified):
         raise ValueError(f"{ADVERTISE_HOST}={raw!r}: peers cannot dial a wildcard address; expected the address "
                          "other nodes reach this node on")
@@ -187,15 +197,10 @@ def bind_host(env: Mapping[str, str] | None = None) -> str | None:
     `*`) only with EMBXFER_ADVERTISE_HOST set: peers cannot dial a wildcard. None when
     unset or empty. IPv6 brackets are taken off."""
     env = os.environ if env is None else env
-    raw = env.get(BIND_HOST)
-    if raw is None or not raw.strip():
+    parsed = _host_variable(env, BIND_HOST)
+    if parsed is None:
         return None
-    host = raw.strip()
-    literal = host[1:-1] if host.startswith("[") and host.endswith("]") else host
-    try:
-        address = ipaddress.ip_address(literal)
-    except ValueError:
-        address = None
+    raw, literal, address = parsed
     if literal in _WILDCARDS or (address is not None and address.is_unspecified):
         if advertise_host(env) is None:
             raise ValueError(f"{BIND_HOST}={raw!r} listens on every interface, and peers cannot dial a wildcard: "

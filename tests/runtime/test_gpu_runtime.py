@@ -41,17 +41,22 @@ def test_steady_state_allocates_only_the_outputs():
     c = cluster(language_tp=1)
     lengths = [3000, 700, 5000, 2048]
     payloads = [random_payload(n, 1000, seed=i, device="cuda") for i, n in enumerate(lengths)]
-    c.transfer(dict(enumerate(payloads)))  # warm-up: kernels compiled, workspaces sized
-    torch.cuda.synchronize()
-    before = torch.cuda.memory_stats()["allocation.all.allocated"]
-    taken = c.transfer({100 + i: p for i, p in enumerate(payloads)})
-    torch.cuda.synchronize()
-    allocations = torch.cuda.memory_stats()["allocation.all.allocated"] - before
+    # Two warm-ups: kernels compiled, workspaces sized, and the launcher's table buffers and
+    # graphs made for both of its routes (the second pass still makes a few: measured 24,
+    # 18, then 12 allocations a pass on an H100).
+    for warm_up in range(2):
+        c.transfer({10 * warm_up + i: p for i, p in enumerate(payloads)})
     fields = 3  # embeddings, fill_ids, mrope positions: the request's own outputs
-    print(f"\n[gpu] steady state: {allocations} device allocations for {len(payloads)} requests "
-          f"({fields} output tensors each)")
-    assert allocations == fields * len(payloads)
-    assert all(taken[100 + i][0].bit_equal(p) for i, p in enumerate(payloads))
+    for rep in range(2):
+        torch.cuda.synchronize()
+        before = torch.cuda.memory_stats()["allocation.all.allocated"]
+        taken = c.transfer({100 * (rep + 1) + i: p for i, p in enumerate(payloads)})
+        torch.cuda.synchronize()
+        allocations = torch.cuda.memory_stats()["allocation.all.allocated"] - before
+        print(f"\n[gpu] steady state: {allocations} device allocations for {len(payloads)} requests "
+              f"({fields} output tensors each)")
+        assert allocations == fields * len(payloads)
+        assert all(taken[100 * (rep + 1) + i][0].bit_equal(p) for i, p in enumerate(payloads))
 
 
 def test_many_requests_per_message_on_cuda_use_the_direct_launcher():
