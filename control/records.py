@@ -963,7 +963,7 @@ class Metadata(NamedTuple):
 class PayloadInfo(_Record):
     """Encoder rank -> the language ranks it serves (`dst_rank`: their incarnation), just
     before the request's first segment: the payload's rows (`total_tokens`, the output's
-    N), its items and its metadata. Sent only for payloads that have items or metadata;
+    N), its items and its metadata. Sent only for payloads that skip items or carry metadata;
     the rows on the wire are then the non-skipped ones, in order."""
 
     src_rank: int

@@ -169,14 +169,16 @@ def test_the_same_hash_with_another_row_count_is_a_miss_never_wrong_rows():
     assert cluster.leader.cache.item_hits == 0
 
 
-def test_the_encoder_may_send_a_held_item_anyway():
+def test_an_encoder_that_computed_a_held_item_anyway_still_sends_only_the_rest():
     cluster = cluster_for(2)
     cat = picture(1, 30)
     first, items = prompt(1, [2, (b"cat", cat), 2])
     run(cluster, 1, first, items)
     second, items = prompt(2, [7, (b"cat", cat), 1])
-    for copy in run(cluster, 2, second, items, skip=False):
+    sent_before = cluster.senders[0].stats.tokens
+    for copy in run(cluster, 2, second, items, skip=False):  # the full payload, picture included
         assert copy.bit_equal(second)
+    assert cluster.senders[0].stats.tokens - sent_before == 7 + 1
 
 
 def test_metadata_travels_to_every_rank_and_its_bounds_are_checked():
