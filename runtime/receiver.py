@@ -878,9 +878,16 @@ class Receiver(Endpoint):
             self._release_blocks(request)  # no decision will ever come
 
     def _on_engine_lost(self, view: EngineView, reason: rec.AbortReason, why: str) -> None:
-        """An encoder incarnation died or left: exactly its requests fail."""
+        """An encoder incarnation died or left: exactly its requests fail. One that left (it
+        drained: what it had in flight was complete on the language side) takes nothing
+        with it that has all its rows here: a follower may learn of the leave before its
+        leader's last decision for such a request, which then completes as usual."""
+        left = reason is rec.AbortReason.SHUTDOWN
         for request in list(self.requests.values()):
             if request.peer is view or (request.peer is None and request.engine == view.name):
+                if left and request.total_tokens is not None and not request.state.terminal \
+                        and request.sent_tokens + request.round_landed >= request.total_tokens:
+                    continue
                 self._fail(request, reason, why, notify=self.is_leader)
         for request in self._engine_waiting.pop(view.name, []):
             if not request.state.terminal:

@@ -301,3 +301,27 @@ def test_follower_admitting_after_the_leaders_abort_fails_at_once():
     for receiver in cluster.receivers.values():
         receiver.take(1)
     assert_healthy_afterwards(cluster)
+
+
+def test_an_encoder_that_left_takes_nothing_that_has_all_its_rows_here():
+    """A drained encoder leaves once the language leader confirmed its requests; a follower
+    may see the LEFT (the encoder's ring) before the leader's last decision (the leader's
+    ring). Its copy has arrived in full: it completes, bit-exact. A request still missing
+    rows from the engine that left fails (shutdown), naming it."""
+    cluster = cluster_for(language_tp=2)
+    payload = random_payload(700, DIM, seed=4)
+    cluster.admit(1)
+    cluster.submit(1, payload)
+    cluster.admit(2)  # never submitted: it waits on the encoder
+    follower = cluster.receivers[2]
+
+    def arrived() -> bool:
+        r = follower.requests.get(1)
+        return r is not None and r.total_tokens is not None and r.sent_tokens + r.round_landed >= r.total_tokens
+
+    cluster.run_until(arrived)
+    assert not follower.state(1).terminal  # the leader's decision has not come yet
+    follower._member_state(0, "left")
+    cluster.run_until(lambda: follower.state(1).terminal)
+    assert follower.state(1) is RequestState.SUCCESS and follower.take(1).bit_equal(payload)
+    assert follower.state(2) is RequestState.FAILED and "left the job" in follower.error(2)
