@@ -544,6 +544,15 @@ def run_language(args: argparse.Namespace, receiver: Receiver, engine: int, leng
                     bar.set_postfix(failed=tally.failed, aborted=aborted)
         if not worked:
             receiver.wait(0.001 if receiver.busy else 0.02)
+    # Blocks of aborted rounds are freed once the rest of the round has been received and
+    # discarded (a follower's, once its leader's decision came): let that finish before
+    # blocks are counted as leaks (bounded: a real leak is reported after it).
+    settle_until = min(deadline, time.monotonic() + 10.0)
+    while (receiver.busy or receiver._blocks_in_use()) and time.monotonic() < settle_until \
+            and not receiver.dead_peers:
+        check_signals()
+        if not receiver.progress():
+            receiver.wait(0.001)
     probe.finish()
     for rid in active:
         outcome = outcomes[rid]
