@@ -43,6 +43,9 @@ log = logging.getLogger("embxfer")
 
 P2P_TAG = 0
 NONCE_BYTES = 32
+# How long closing a pair waits for its waiter threads to leave gloo (they do at once once
+# the pair is severed; the bound is for a backend that does not answer).
+WAITER_JOIN_S = 2.0
 
 
 @dataclass
@@ -164,12 +167,20 @@ class PairTransport:
     def _stop_pair(self, pair: _Pair) -> None:
         for waiter in pair.waiters.values():
             waiter.stop()
-        if pair.backend is None:
-            return
-        pending = any(not w.is_completed() for w in pair.in_flight)
-        if self.backend == "gloo" and pending:
-            _sever_gloo(pair.backend, 1 - pair.peer_rank, 2)
-        _stop_backend(pair.backend, pending)
+        if pair.backend is not None:
+            pending = any(not w.is_completed() for w in pair.in_flight)
+            if self.backend == "gloo" and pending:
+                _sever_gloo(pair.backend, 1 - pair.peer_rank, 2)
+            _stop_backend(pair.backend, pending)
+        # Nothing of the pair may outlive this call inside gloo: its waiter threads leave
+        # (a severed wait raises at once) and its works go, so the backend is destroyed
+        # now, on this thread, not during interpreter shutdown.
+        for waiter in pair.waiters.values():
+            if not waiter.join(WAITER_JOIN_S):
+                log.warning("%s: a waiter thread did not leave within %.0f s", self.describe(pair.peer),
+                            WAITER_JOIN_S)
+        pair.waiters.clear()
+        pair.in_flight = []
         pair.backend = None
 
     # -- data

@@ -104,6 +104,13 @@ class _Waiter:
     def stop(self) -> None:
         self._queue.put(None)
 
+    def join(self, timeout: float) -> bool:
+        """Wait for the thread to leave (after `stop`, once its current wait returned);
+        True if it did. A thread still inside gloo's C++ when the interpreter exits is
+        killed mid-unwind (SIGABRT, "terminate called without an active exception")."""
+        self._thread.join(timeout)
+        return not self._thread.is_alive()
+
     def _run(self) -> None:
         while (item := self._queue.get()) is not None:
             try:
