@@ -78,12 +78,17 @@ class Job:
             except Exception as exc:  # the rendezvous may be down: peers find the death themselves
                 log.debug("could not post the death of %x: %s", member, exc)
         if info is not None and info.node == self.me.node:
-            from embxfer.control.hygiene import remove_segments
+            self._remove_stale_segments()
 
-            try:
-                remove_segments(stale_only=True, prefix=self.config.shm_prefix)
-            except Exception as exc:  # clean-up is best effort; `embxfer ring rm` exists
-                log.debug("could not remove stale segments: %s", exc)
+    def _remove_stale_segments(self) -> None:
+        """Unlink the entries of this job's prefix whose creator is gone (only a creator
+        unlinks its own: one killed, or one that died before it ever joined, leaves them)."""
+        from embxfer.control.hygiene import remove_segments
+
+        try:
+            remove_segments(stale_only=True, prefix=self.config.shm_prefix)
+        except Exception as exc:  # clean-up is best effort; `embxfer ring rm` exists
+            log.debug("could not remove stale segments: %s", exc)
 
     def barrier(self, endpoint: Any, timeout_s: float) -> None:
         """Wait until every member this one works with (its own engine and the usable
@@ -116,6 +121,7 @@ class Job:
                 part.close()
             except Exception as exc:  # tear everything down even if one part is broken
                 log.warning("closing %s: %s", type(part).__name__, exc)
+        self._remove_stale_segments()  # what processes of this prefix that died left behind
         self.raw_store = None
 
 

@@ -9,7 +9,6 @@ are admitted and bound, and cannot finish.
 
 from __future__ import annotations
 
-import os
 import secrets
 import signal
 import time
@@ -17,12 +16,9 @@ import time
 import pytest
 
 from tests.elastic.harness import Job
+from tests.procs import shm_entries
 
 pytestmark = pytest.mark.timeout(240)
-
-
-def shm_entries(prefix: str) -> list[str]:
-    return [n for n in os.listdir("/dev/shm") if n.removeprefix("sem.").startswith(prefix + "-")]
 
 
 def statuses(events: list[dict]) -> set[str]:
@@ -147,7 +143,7 @@ def test_the_elastic_scenario_predicts_every_request(nodes):
             assert closed["blocks"] == 0
             assert closed["fds"] <= rank.first("up")["fds"] + 2
     for name in prefixes:
-        assert shm_entries(name) == []
+        assert not shm_entries(name)
 
 
 def test_while_the_rendezvous_is_down_joined_engines_serve_on_and_a_join_waits_for_it():

@@ -19,6 +19,7 @@ from embxfer.runtime.pairs import PairTransport
 from embxfer.runtime.rendezvous import RendezvousServer
 from embxfer.runtime.secret import load_secret
 from tests.elastic.harness import Job
+from tests.procs import shm_entries
 
 pytestmark = pytest.mark.timeout(180)
 
@@ -98,8 +99,10 @@ def test_a_process_without_the_secret_cannot_register_post_errors_or_events():
 def test_a_squatter_with_another_secret_gets_no_slot_and_no_data():
     """A process of another job (or a forger) starts as language TP rank 1 before the real
     one: its values do not verify, so it never becomes a member; the real rank joins and
-    receives every payload; the squatter's connect ends without a byte of payload."""
-    with Job(f"os{secrets.token_hex(3)}") as job:
+    receives every payload; the squatter's connect ends without a byte of payload. The
+    squatter is killed; the job's members remove what it left in /dev/shm when they close."""
+    prefix = f"os{secrets.token_hex(3)}"
+    with Job(prefix) as job:
         squatter = job.start("llm-a", "language", tp=2, env={"EMBXFER_SECRET": secrets.token_hex(32)},
                              tp_ranks=[1])[0]
         time.sleep(1.0)  # it registers first, under the wrong key
@@ -113,6 +116,7 @@ def test_a_squatter_with_another_secret_gets_no_slot_and_no_data():
         assert squatter.first("up") is None and not [e for e in squatter.events if e.get("event") == "done"]
         squatter.process.kill()
         assert len(real) == 2
+    assert not shm_entries(prefix)
 
 
 class Squatter:
