@@ -70,6 +70,9 @@ class Receiver(Endpoint):
     def __init__(self, *, pool_blocks: int | None = None, **kwargs) -> None:
         self.sources: dict[int, _EncoderPeer] = {}  # encoder incarnation -> its serving rank's channel
         self._engine_waiting: dict[str, list[Request]] = {}  # leader: admitted before the engine joined
+        # TRANSFERs from an encoder rank whose engine this rank has not found usable yet
+        # (`_early_channel`), replayed when its channel is made.
+        self._early_transfers: dict[int, deque[rec.Transfer]] = {}
         super().__init__(**kwargs)
         if self.me.role != Role.LANGUAGE.value:
             raise ValueError(f"{self.me.describe()} is not a language rank")
@@ -311,15 +314,37 @@ class Receiver(Endpoint):
             request.expected_tokens = record.total_tokens  # still waiting for blocks: allocate exactly
 
     def _on_transfer(self, record: rec.Transfer) -> None:
-        channel = self.channels.get(record.src_rank)
-        if channel is None or record.dst_rank not in (rec.BROADCAST_RANK, self.me.incarnation):
+        if record.dst_rank not in (rec.BROADCAST_RANK, self.me.incarnation):
             return  # a stream to another language engine
+        channel = self.channels.get(record.src_rank)
+        if channel is None:
+            channel = self._early_channel(record)
+            if channel is None:
+                return
         if channel.dead:
             return
         broken = channel.add(record)
         if broken:
             self.stats.rejected_records += 1
             self._channel_broken(channel, broken)
+
+    def _early_channel(self, record: rec.Transfer) -> RecvChannel | None:
+        """The channel of a TRANSFER's encoder rank whose engine this rank has not found
+        usable yet. Its sender found the two linked before it sent, but this rank checks
+        joining engines only after the step's records (a follower, which is not the one that
+        bound the request, can read the first TRANSFER first): check now, and hold the
+        record (bounded) while the engine is still joining; it is replayed by `_source`."""
+        view = self.directory.view_of(record.src_rank)
+        if view is None or view.role is not Role.ENCODER or view.state != "joining" \
+                or view.members[self.me.tp_rank % view.tp_size] != record.src_rank:
+            return None  # not an engine that joins, or a rank that serves another of ours
+        self._check_joining()
+        channel = self.channels.get(record.src_rank)
+        if channel is None and view.state == "joining":
+            for member in [m for m in self._early_transfers if self.directory.view_of(m) is None]:
+                del self._early_transfers[member]  # engines that never became usable
+            self._early_transfers.setdefault(record.src_rank, deque(maxlen=EARLY_MEMORY)).append(record)
+        return channel
 
     def _accept(self, channel: RecvChannel, message: RecvMessage) -> bool:
         """Head-of-line gate of a staging message: bind each segment to its request (or to
@@ -847,6 +872,8 @@ class Receiver(Endpoint):
             channel.source = view
             self.channels[serving] = channel
             source = self.sources[view.incarnation] = _EncoderPeer(view, serving, channel)
+            for record in self._early_transfers.pop(serving, ()):
+                self._on_transfer(record)
         return source
 
     def _channel_broken(self, channel: RecvChannel, why: str) -> None:
@@ -892,6 +919,8 @@ class Receiver(Endpoint):
         for request in self._engine_waiting.pop(view.name, []):
             if not request.state.terminal:
                 self._fail(request, reason, why, notify=False)
+        for member in view.members:
+            self._early_transfers.pop(member, None)
         source = self.sources.pop(view.incarnation, None)
         if source is not None:
             source.channel.dead = True

@@ -356,3 +356,39 @@ def test_follower_that_never_called_admit_still_receives():
     assert cluster.leader.take(4).bit_equal(payload)
     cluster.settle()
     assert_no_leaks(cluster)
+
+
+@pytest.mark.parametrize("encoder_tp", [1, 2])
+def test_a_follower_that_reads_a_transfer_before_it_finds_the_encoder_usable_keeps_it(encoder_tp):
+    """An encoder sends once it finds the language engine linked, but a language follower
+    finds a joining encoder usable only after the step's records: the first TRANSFER can
+    come first. It is kept (and replayed once the channel exists), never dropped: the
+    request completes on the follower, bit-exact (it used to wait there until its timeout;
+    seen in the elastic scenario on a busy machine)."""
+    cluster = make_cluster(Topology(1, encoder_tp, 2), default_alloc_tokens=1024)
+    follower = cluster.receivers[cluster.topology.language_ranks[1]]
+    view = follower.directory.view_of(cluster.topology.encoder_ranks(0)[0])
+    source = follower.sources.pop(view.incarnation)
+    if encoder_tp == 2:  # the other encoder rank's JOIN not seen yet either: held until it is
+        missing, view.members[0] = view.members[0], None
+    follower.channels.pop(source.serving)
+    view.state = "joining"
+    follower._joining.append(view)
+    payload = random_payload(900, DIM, seed=3)
+    cluster.admit(7)
+    cluster.submit(7, payload)
+    others = [e for e in cluster.endpoints if e is not follower]
+    for _ in range(5):  # the encoder side sends before the follower takes a step
+        for endpoint in others:
+            endpoint.progress()
+    assert any(not c.idle for s in cluster.senders.values() for c in s.channels.values())  # sent
+    follower.progress()
+    if encoder_tp == 2:
+        assert source.serving in follower._early_transfers  # held, not dropped
+        view.members[0] = missing
+    cluster.run_until(lambda: follower.requests[7].state.terminal and cluster.leader.requests[7].state.terminal)
+    assert follower.take(7).bit_equal(payload)
+    assert cluster.leader.take(7).bit_equal(payload)
+    assert not follower._early_transfers
+    cluster.settle()
+    assert_no_leaks(cluster)
