@@ -28,28 +28,11 @@ ORIGINAL_SITECUSTOMIZE=$(python3 -c 'import sitecustomize; print(sitecustomize._
 cat >"$PKG/sitecustomize.py" <<PYTHON
 """Written by bench/gpu_check.sh: the embxfer package mapped as pyproject.toml maps it."""
 import importlib.util
-import sys
 
-_ROOMS = {
-    "embxfer": "$REPO/embxfer",
-    "embxfer.kernels": "$REPO/kernels",
-    "embxfer.control": "$REPO/control",
-    "embxfer.runtime": "$REPO/runtime",
-}
-
-
-class _RoomFinder:
-    @staticmethod
-    def find_spec(name, path=None, target=None):
-        folder = _ROOMS.get(name)
-        if folder is None:
-            return None
-        return importlib.util.spec_from_file_location(
-            name, folder + "/__init__.py", submodule_search_locations=[folder]
-        )
-
-
-sys.meta_path.insert(0, _RoomFinder)
+_spec = importlib.util.spec_from_file_location("_embxfer_rooms", "$REPO/bench/rooms.py")
+_rooms = importlib.util.module_from_spec(_spec)
+_spec.loader.exec_module(_rooms)
+_rooms.install("$REPO")
 if "$ORIGINAL_SITECUSTOMIZE":
     exec(compile(open("$ORIGINAL_SITECUSTOMIZE").read(), "$ORIGINAL_SITECUSTOMIZE", "exec"))
 PYTHON

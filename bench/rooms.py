@@ -15,18 +15,19 @@ import os
 import runpy
 import sys
 
+ROOMS = {"embxfer": "embxfer", "embxfer.kernels": "kernels", "embxfer.control": "control",
+         "embxfer.runtime": "runtime"}
 
-def main() -> None:
-    if len(sys.argv) < 3:
-        raise SystemExit(__doc__)
-    root, script = os.path.abspath(sys.argv[1]), sys.argv[2]
-    rooms = {"embxfer": "embxfer", "embxfer.kernels": "kernels", "embxfer.control": "control",
-             "embxfer.runtime": "runtime"}
+
+def install(root: str) -> None:
+    """Put a finder first on sys.meta_path that maps the four package names onto `root`'s
+    folders (also used by bench/gpu_check.sh's sitecustomize, for every python it starts)."""
+    root = os.path.abspath(root)
 
     class RoomFinder:
         @staticmethod
         def find_spec(name, path=None, target=None):
-            folder = rooms.get(name)
+            folder = ROOMS.get(name)
             if folder is None:
                 return None
             folder = os.path.join(root, folder)
@@ -34,6 +35,13 @@ def main() -> None:
                                                           submodule_search_locations=[folder])
 
     sys.meta_path.insert(0, RoomFinder)
+
+
+def main() -> None:
+    if len(sys.argv) < 3:
+        raise SystemExit(__doc__)
+    root, script = sys.argv[1], sys.argv[2]
+    install(root)
     sys.argv = sys.argv[2:]
     sys.path.insert(0, os.path.dirname(os.path.abspath(script)))
     runpy.run_path(script, run_name="__main__")

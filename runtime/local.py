@@ -40,6 +40,7 @@ class LocalCluster:
         self.p2p = LoopbackHub()
         self.senders: dict[int, Sender] = {}
         self.receivers: dict[int, Receiver] = {}
+        self._of_engine: dict[tuple[str, int], list] = {}  # (role, engine index) -> its endpoints
         for rank in range(self.topology.world_size):
             common = dict(
                 config=self.config, topology=self.topology, rank=rank, bus=self.bus_hub.bus(rank),
@@ -60,17 +61,16 @@ class LocalCluster:
         return self.receivers[self.topology.language_leader]
 
     def language_receivers(self, engine: int) -> list[Receiver]:
-        cache = self.__dict__.setdefault("_engine_receivers", {})
-        found = cache.get(engine)
-        if found is None:
-            found = cache[engine] = [self.receivers[r] for r in self.topology.language_engine_ranks(engine)]
+        found = self._of_engine.get(("language", engine))
+        if found is None:  # cached: the engine's loop asks for every request
+            found = self._of_engine[("language", engine)] = [
+                self.receivers[r] for r in self.topology.language_engine_ranks(engine)]
         return found
 
     def engine_senders(self, engine: int) -> list[Sender]:
-        cache = self.__dict__.setdefault("_engine_senders", {})
-        found = cache.get(engine)
+        found = self._of_engine.get(("encoder", engine))
         if found is None:
-            found = cache[engine] = [self.senders[r] for r in self.topology.encoder_ranks(engine)]
+            found = self._of_engine[("encoder", engine)] = [self.senders[r] for r in self.topology.encoder_ranks(engine)]
         return found
 
     def step(self) -> bool:
