@@ -152,6 +152,7 @@ class Endpoint:
         self.directory = directory
         self.me: MemberInfo = directory.me
         self.rank = self.me.member
+        self.is_leader = self.me.tp_rank == 0  # TP rank 0 decides for its engine (asked on every path)
         self.topology = topology
         self.bus = bus
         self.transport = transport
@@ -191,10 +192,6 @@ class Endpoint:
     @property
     def tp_rank(self) -> int:
         return self.me.tp_rank
-
-    @property
-    def is_leader(self) -> bool:
-        return self.me.tp_rank == 0
 
     def engines(self, role: str | None = None) -> dict[str, str]:
         """Engines this endpoint knows, by name, with their state (joining, usable,

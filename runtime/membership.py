@@ -120,6 +120,22 @@ def check_engine_name(name: object, what: str = "engine") -> str:
 
 def engine_name(role: Role | str, engine: int | str) -> str:
     """An engine's name: a name as given, or the legacy index form (`encoder1`, `language0`)."""
+    kind = type(engine)
+    if kind is not str and kind is not int:  # a bool, or anything else: the checks say what is wrong
+        return _engine_name(role, engine)
+    known = _NAMES.get((role, engine, kind))  # asked for every request: remember the few good names
+    if known is not None:
+        return known
+    name = _engine_name(role, engine)
+    if len(_NAMES) < 1024:
+        _NAMES[(role, engine, kind)] = name
+    return name
+
+
+_NAMES: dict[tuple, str] = {}
+
+
+def _engine_name(role: Role | str, engine: int | str) -> str:
     role = Role(role)
     if isinstance(engine, bool):
         raise ValueError(f"engine={engine!r}: expected an engine name (str) or index (int)")

@@ -785,12 +785,17 @@ def verdict(raw: bytes, limits: Limits) -> str:
 
 
 @settings(max_examples=300, deadline=None)
-@given(RANK, st.lists(decision_entries(), min_size=1, max_size=8), st.data())
-def test_the_small_record_checks_and_the_vectorized_ones_agree(src, items, data):
-    """A DECISIONS record of a few entries is checked entry by entry in plain Python, a
-    larger one with numpy: on any bytes, valid or corrupted, both accept exactly the same
-    and refuse exactly the same (against a small pool, so the bounds are exercised too)."""
-    raw = bytearray(encode(Decisions.of(src, items)))
+@given(RANK, st.one_of(
+    st.lists(decision_entries(), min_size=1, max_size=8).map(lambda items: (Decisions, items)),
+    st.lists(allocation_entries(), min_size=1, max_size=8).map(lambda items: (Allocations, items)),
+    st.lists(completion_entries(), min_size=1, max_size=8).map(lambda items: (Completions, items))), st.data())
+def test_the_small_record_checks_and_the_vectorized_ones_agree(src, batch, data):
+    """A batch record of a few entries (DECISIONS, ALLOCATIONS, COMPLETIONS) is checked
+    entry by entry in plain Python, a larger one with numpy: on any bytes, valid or
+    corrupted, both accept exactly the same and refuse exactly the same (against a small
+    pool, so the bounds are exercised too)."""
+    kind, items = batch
+    raw = bytearray(encode(kind.of(src, items) if kind is Decisions else kind.of(src, 7, items)))
     for _ in range(data.draw(st.integers(0, 3))):
         raw[data.draw(st.integers(0, len(raw) - 1))] ^= 1 << data.draw(st.integers(0, 7))
     for limits in (Limits.for_pool(64), UNBOUNDED):
