@@ -70,9 +70,9 @@ class Receiver(Endpoint):
     def __init__(self, *, pool_blocks: int | None = None, **kwargs) -> None:
         self.sources: dict[int, _EncoderPeer] = {}  # encoder incarnation -> its serving rank's channel
         self._engine_waiting: dict[str, list[Request]] = {}  # leader: admitted before the engine joined
-        # TRANSFERs from an encoder rank whose engine this rank has not found usable yet
-        # (`_early_channel`), replayed when its channel is made.
-        self._early_transfers: dict[int, deque[rec.Transfer]] = {}
+        # TRANSFER and PAYLOAD_INFO records from an encoder rank whose engine this rank has
+        # not found usable yet (`_early_channel`), replayed in order when its channel is made.
+        self._early_records: dict[int, deque[rec.Record]] = {}
         super().__init__(**kwargs)
         if self.me.role != Role.LANGUAGE.value:
             raise ValueError(f"{self.me.describe()} is not a language rank")
@@ -276,7 +276,8 @@ class Receiver(Endpoint):
         elif kind is rec.Member:
             self._member_state(record.src_rank, "draining" if record.state is rec.MemberState.DRAINING else "left")
         elif kind is rec.PayloadInfo:
-            if record.src_rank in self.channels and record.dst_rank == self.me.incarnation:
+            if record.dst_rank == self.me.incarnation and (record.src_rank in self.channels
+                                                           or self._early_channel(record) is not None):
                 _remember(self._infos, record.request_id, record)
 
     def _on_abort(self, record: rec.Abort) -> None:
@@ -328,12 +329,13 @@ class Receiver(Endpoint):
             self.stats.rejected_records += 1
             self._channel_broken(channel, broken)
 
-    def _early_channel(self, record: rec.Transfer) -> RecvChannel | None:
-        """The channel of a TRANSFER's encoder rank whose engine this rank has not found
-        usable yet. Its sender found the two linked before it sent, but this rank checks
-        joining engines only after the step's records (a follower, which is not the one that
-        bound the request, can read the first TRANSFER first): check now, and hold the
-        record (bounded) while the engine is still joining; it is replayed by `_source`."""
+    def _early_channel(self, record: rec.Transfer | rec.PayloadInfo) -> RecvChannel | None:
+        """The channel of an encoder rank whose engine this rank has not found usable yet,
+        for a record of its stream (TRANSFER, PAYLOAD_INFO). Its sender found the two linked
+        before it sent, but this rank checks joining engines only after the step's records
+        (a follower, which is not the one that bound the request, can read the stream's
+        first records first): check now, and hold the record (bounded) while the engine is
+        still joining; `_source` replays what it held, in order."""
         view = self.directory.view_of(record.src_rank)
         if view is None or view.role is not Role.ENCODER or view.state != "joining" \
                 or view.members[self.me.tp_rank % view.tp_size] != record.src_rank:
@@ -341,9 +343,9 @@ class Receiver(Endpoint):
         self._check_joining()
         channel = self.channels.get(record.src_rank)
         if channel is None and view.state == "joining":
-            for member in [m for m in self._early_transfers if self.directory.view_of(m) is None]:
-                del self._early_transfers[member]  # engines that never became usable
-            self._early_transfers.setdefault(record.src_rank, deque(maxlen=EARLY_MEMORY)).append(record)
+            for member in [m for m in self._early_records if self.directory.view_of(m) is None]:
+                del self._early_records[member]  # engines that never became usable
+            self._early_records.setdefault(record.src_rank, deque(maxlen=EARLY_MEMORY)).append(record)
         return channel
 
     def _accept(self, channel: RecvChannel, message: RecvMessage) -> bool:
@@ -872,8 +874,8 @@ class Receiver(Endpoint):
             channel.source = view
             self.channels[serving] = channel
             source = self.sources[view.incarnation] = _EncoderPeer(view, serving, channel)
-            for record in self._early_transfers.pop(serving, ()):
-                self._on_transfer(record)
+            for record in self._early_records.pop(serving, ()):
+                self._on_record(record)
         return source
 
     def _channel_broken(self, channel: RecvChannel, why: str) -> None:
@@ -920,7 +922,7 @@ class Receiver(Endpoint):
             if not request.state.terminal:
                 self._fail(request, reason, why, notify=False)
         for member in view.members:
-            self._early_transfers.pop(member, None)
+            self._early_records.pop(member, None)
         source = self.sources.pop(view.incarnation, None)
         if source is not None:
             source.channel.dead = True

@@ -226,3 +226,47 @@ def test_arrived_counts_the_rows_a_request_has_so_far():
     assert {total for rows, total in seen if rows} == {300}  # N is known from the first segment on
     assert any(0 < rows < 300 for rows in got)  # it grows round by round
     assert receiver.take(1).bit_equal(payload)
+
+
+def test_a_follower_that_reads_the_stream_before_it_finds_the_encoder_usable_keeps_its_payload_info():
+    """What travels with a payload (PAYLOAD_INFO: which items were skipped) comes just
+    before its first TRANSFER; a language follower that has not yet found the encoder
+    engine usable when it reads them holds both and replays them in order, so the skipped
+    item's rows are still filled in, bit-exact."""
+    cluster = cluster_for(2)
+    cat = picture(1, 40)
+    first, first_items = prompt(1, [6, (b"cat", cat), 4])
+    run(cluster, 1, first, first_items)
+    follower = cluster.receivers[cluster.topology.language_ranks[1]]
+    view = follower.directory.view_of(cluster.topology.encoder_ranks(0)[0])
+    source = follower.sources.pop(view.incarnation)
+    follower.channels.pop(source.serving)
+    view.state = "joining"
+    follower._joining.append(view)
+    make_source = follower._source
+
+    def source_that_goes_on(view):  # the stream goes on: a new channel would start at message 0
+        made = make_source(view)
+        made.channel.next_message = source.channel.next_message
+        return made
+
+    follower._source = source_that_goes_on
+    second, second_items = prompt(2, [9, (b"cat", cat), 5])
+    for receiver in cluster.receivers.values():
+        receiver.admit(2, 0, items=second_items)
+    others = [e for e in cluster.endpoints if e is not follower]
+    for _ in range(3):
+        for endpoint in others:
+            endpoint.progress()
+    assert cluster.senders[0].lookup_items(2) == {b"cat"}
+    cluster.submit(2, blanked(second, {b"cat"}))
+    for _ in range(3):  # the encoder sends the info and the text rows before the follower steps
+        for endpoint in others:
+            endpoint.progress()
+    cluster.run_until(lambda: all(s.terminal for s in cluster.states(2)))
+    for receiver in cluster.receivers.values():
+        assert receiver.take(2).bit_equal(second)
+    assert not follower._early_records
+    cluster.run_until(lambda: cluster.senders[0].state(2).terminal)
+    cluster.senders[0].release(2)
+    cluster.settle()

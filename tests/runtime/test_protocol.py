@@ -384,11 +384,11 @@ def test_a_follower_that_reads_a_transfer_before_it_finds_the_encoder_usable_kee
     assert any(not c.idle for s in cluster.senders.values() for c in s.channels.values())  # sent
     follower.progress()
     if encoder_tp == 2:
-        assert source.serving in follower._early_transfers  # held, not dropped
+        assert source.serving in follower._early_records  # held, not dropped
         view.members[0] = missing
     cluster.run_until(lambda: follower.requests[7].state.terminal and cluster.leader.requests[7].state.terminal)
     assert follower.take(7).bit_equal(payload)
     assert cluster.leader.take(7).bit_equal(payload)
-    assert not follower._early_transfers
+    assert not follower._early_records
     cluster.settle()
     assert_no_leaks(cluster)
