@@ -248,6 +248,8 @@ def unpack_to_rows_reference(
 
 
 def _row_slice(rows: RowTensors, start: int, count: int) -> RowTensors:
+    if start == 0 and count == rows.fill_ids.shape[0]:
+        return rows  # all of them (most requests fit one message): no views to make
     end = start + count
     return RowTensors(
         rows.embeddings[start:end],
