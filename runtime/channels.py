@@ -105,11 +105,11 @@ class _Staging:
         self.messages = 0
         self.bytes = 0
         self.discarded = 0
-        self._errors: list[tuple[int, str]] = []
+        self.errors: list[tuple[int, str]] = []  # (peer, why) of failed transfers, until taken
 
     def take_errors(self) -> list[tuple[int, str]]:
         """(peer, why) of every peer whose transfer failed since the last call."""
-        errors, self._errors = self._errors, []
+        errors, self.errors = self.errors, []
         return errors
 
 
@@ -196,13 +196,13 @@ class SendChannel(_Staging):
                 waiting = True
                 continue
             if state == "failed":
-                self._errors.append((peer, f"data pair with {peer:x} failed: {why}"))
+                self.errors.append((peer, f"data pair with {peer:x} failed: {why}"))
                 self.drop_peer(peer)
                 continue
             try:
                 sent.posts[peer] = self.transport.isend(sent.buffer, peer)
             except Exception as exc:  # the transport's connection to the peer is gone
-                self._errors.append((peer, f"send to {peer:x} failed: {_one_line(exc)}"))
+                self.errors.append((peer, f"send to {peer:x} failed: {_one_line(exc)}"))
                 self.drop_peer(peer)
         return not waiting
 
@@ -220,7 +220,7 @@ class SendChannel(_Staging):
                     continue
                 done, error = finished(handle)
                 if error:
-                    self._errors.append((peer, f"send to {peer:x} failed: {error}"))
+                    self.errors.append((peer, f"send to {peer:x} failed: {error}"))
                     self.drop_peer(peer)
                 elif not done:
                     pending = True
@@ -380,7 +380,7 @@ class RecvChannel(_Staging):
             done, error = finished(posted.handle)
             if error:
                 self.dead = True
-                self._errors.append((self.peer, f"receive from {self.peer:x} failed: {error}"))
+                self.errors.append((self.peer, f"receive from {self.peer:x} failed: {error}"))
                 return True
             if not done:
                 break
@@ -394,7 +394,7 @@ class RecvChannel(_Staging):
             state, why = _pair_state(self.transport, self.peer)
             if state == "failed":
                 self.dead = True
-                self._errors.append((self.peer, f"data pair with {self.peer:x} failed: {why}"))
+                self.errors.append((self.peer, f"data pair with {self.peer:x} failed: {why}"))
                 return True
             if state == "pending":
                 return worked
@@ -408,7 +408,7 @@ class RecvChannel(_Staging):
                 handle = self.transport.irecv(self.staging[slot][: message.layout.nbytes], self.peer)
             except Exception as exc:  # the transport's connection to the peer is gone
                 self.dead = True
-                self._errors.append((self.peer, f"receive from {self.peer:x} failed: {_one_line(exc)}"))
+                self.errors.append((self.peer, f"receive from {self.peer:x} failed: {_one_line(exc)}"))
                 return True
             self.posted.append(_Posted(slot, handle, message))
             worked = True

@@ -238,13 +238,19 @@ class Endpoint:
         if self._joining:
             self._check_joining()
         worked |= self._pump()
+        for channel in self.channels.values():
+            if channel.errors:  # a transfer failed: its peer is lost (rarely: no copy otherwise)
+                self._take_channel_errors()
+                break
+        self._emit()
+        self.bus.flush()
+        return worked
+
+    def _take_channel_errors(self) -> None:
         for channel in list(self.channels.values()):
             for peer, why in channel.take_errors():
                 if peer not in self.dead_peers:
                     self._peer_lost(peer, why)
-        self._emit()
-        self.bus.flush()
-        return worked
 
     def wait(self, timeout: float) -> None:
         """Park until a record may have arrived or `timeout` passed (idle loops)."""

@@ -709,6 +709,8 @@ class Receiver(Endpoint):
     def _emit(self) -> None:
         """This step's allocations, completions and decisions, one batch record per peer and
         kind, cut to fit a frame; decisions keep the order they were made in."""
+        if not (self._held or self._allocations or self._completions or self._decisions):
+            return  # nothing this step (what an idle loop asks every time)
         capacity = self.bus.outbox.capacity
         for pending, kind in ((self._held, rec.HeldItems), (self._allocations, rec.Allocations),
                               (self._completions, rec.Completions)):
