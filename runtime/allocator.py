@@ -80,9 +80,21 @@ class BlockAllocator:
         """Take exactly these blocks; ValueError if any is out of range, repeated or in use."""
         # A one-shot iterable would be used up by the check and then claim nothing.
         blocks = list(blocks)
-        self._check_indices(blocks, want_in_use=False, action="claim")
-        for b in blocks:
-            self._in_use[b] = 1
+        in_use = self._in_use
+        claimed = 0
+        try:
+            # One pass checks and claims (a TP follower claims every request's blocks); a
+            # bad index undoes what this call claimed before raising.
+            for b in blocks:
+                if type(b) is not int or in_use[b] or b < 0:
+                    raise IndexError
+                in_use[b] = 1
+                claimed += 1
+        except (IndexError, TypeError):
+            for b in blocks[:claimed]:
+                in_use[b] = 0
+            self._check_indices(blocks, want_in_use=False, action="claim")  # names what is wrong
+            raise
         self._free -= len(blocks)
 
     def free(self, blocks: Iterable[int]) -> None:

@@ -681,9 +681,9 @@ class Receiver(Endpoint):
             worked = True
         return worked
 
-    def _assign(self, request: Request, blocks: list[int]) -> None:
+    def _assign(self, request: Request, blocks: list[int], array: np.ndarray | None = None) -> None:
         request.blocks = blocks
-        request.block_array = np.asarray(blocks, dtype=np.int64)
+        request.block_array = np.asarray(blocks, dtype=np.int64) if array is None else array
         request.allocated_tokens = self.allocator.allocated_tokens(blocks)  # R2
         request.round_accepted = request.round_landed = 0
         if request.total_tokens is not None:
@@ -806,7 +806,7 @@ class Receiver(Endpoint):
                 self._fail(request, rec.AbortReason.INTERNAL, f"cannot apply the leader's blocks: {exc}", notify=True)
                 return
             request.round = d.round
-            self._assign(request, blocks)
+            self._assign(request, blocks, d.blocks)
             if d.action is rec.DecisionAction.ADMIT:
                 self._set_state(request, RequestState.WAITING_FOR_INPUT)
             else:
