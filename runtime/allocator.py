@@ -80,46 +80,37 @@ class BlockAllocator:
         """Take exactly these blocks; ValueError if any is out of range, repeated or in use."""
         # A one-shot iterable would be used up by the check and then claim nothing.
         blocks = list(blocks)
-        in_use = self._in_use
-        claimed = 0
-        try:
-            # One pass checks and claims (a TP follower claims every request's blocks); a
-            # bad index undoes what this call claimed before raising.
-            for b in blocks:
-                if type(b) is not int or in_use[b] or b < 0:
-                    raise IndexError
-                in_use[b] = 1
-                claimed += 1
-        except (IndexError, TypeError):
-            for b in blocks[:claimed]:
-                in_use[b] = 0
-            self._check_indices(blocks, want_in_use=False, action="claim")  # names what is wrong
-            raise
+        self._mark(blocks, 1, "claim")
         self._free -= len(blocks)
 
     def free(self, blocks: Iterable[int]) -> None:
         """Give blocks back; the next allocation returns them first, in the same order.
         ValueError (nothing freed) for an index out of range, repeated, or not in use."""
         blocks = list(blocks)
-        in_use = self._in_use
-        freed = 0
-        try:
-            # One pass checks and frees (every request frees its blocks: keep it cheap);
-            # a bad index undoes what this call freed before raising.
-            for b in blocks:
-                if type(b) is not int or not in_use[b] or b < 0:
-                    raise IndexError
-                in_use[b] = 0
-                freed += 1
-        except (IndexError, TypeError):
-            for b in blocks[:freed]:
-                in_use[b] = 1
-            self._check_indices(blocks, want_in_use=True, action="free")  # names what is wrong
-            raise
+        self._mark(blocks, 0, "free")
         self._free_stack.extend(reversed(blocks))
         self._free += len(blocks)
         if len(self._free_stack) > 2 * self.num_blocks:
             self._compact()
+
+    def _mark(self, blocks: list[int], value: int, action: str) -> None:
+        """Set every block's in-use flag to `value` (1: claim, 0: free), in one pass that
+        checks as it goes (every request frees its blocks, a TP follower also claims them:
+        keep it cheap); a bad index undoes what this call marked, then raises ValueError
+        naming it. An index is bad when out of range, repeated, or already at `value`."""
+        in_use = self._in_use
+        marked = 0
+        try:
+            for b in blocks:
+                if type(b) is not int or in_use[b] == value or b < 0:
+                    raise IndexError
+                in_use[b] = value
+                marked += 1
+        except (IndexError, TypeError):
+            for b in blocks[:marked]:
+                in_use[b] = 1 - value
+            self._check_indices(blocks, want_in_use=not value, action=action)  # names what is wrong
+            raise
 
     def is_free(self, block: int) -> bool:
         # bytearray would accept -1 (the last block) silently.
