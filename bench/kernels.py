@@ -461,6 +461,16 @@ def _same(a, b) -> bool:
                for x, y in zip(a, b, strict=True))
 
 
+def _check_exact(fn, written, expected, what: str) -> None:
+    """Run `fn` once over poisoned outputs; SystemExit unless it wrote `expected` bit for bit."""
+    for tensor in written:
+        tensor.view(torch.uint8).fill_(0xA5)
+    fn()
+    torch.cuda.synchronize()
+    if not _same(written, expected):
+        raise SystemExit(f"{what} is not bit-exact")
+
+
 def launch_costs(before) -> dict:
     """Host microseconds per message launch on the runtime's path, for every alternative
     of the launch path, measured the same way (`issue_time`): the code before (`before`),
@@ -531,12 +541,7 @@ def _launch_case(case: Case, launchers: dict, before) -> list[dict]:
         alternatives["ops (default launcher)"] = through_ops
         row = {"message": message, "operation": operation}
         for label, fn in alternatives.items():
-            for tensor in written:
-                tensor.view(torch.uint8).fill_(0xA5)
-            fn()
-            torch.cuda.synchronize()
-            if not _same(written, expected):
-                raise SystemExit(f"launch costs: {label} {operation} on {case.name} is not bit-exact")
+            _check_exact(fn, written, expected, f"launch costs: {label} {operation} on {case.name}")
             row[label] = round(issue_time(fn), 2)
         rows.append(row)
         print("launch " + ", ".join(f"{k} {v}" for k, v in row.items()), flush=True)
@@ -703,12 +708,7 @@ def _paths_of(case: Case, op: str, ceiling: float, before) -> dict:
               "upload on its own stream": functools.partial(call, side), "kernel alone": alone}
     row = {"case": case.name, "op": op, "bytes": 2 * case.payload_bytes}
     for label, fn in paths.items():
-        for tensor in written:
-            tensor.view(torch.uint8).fill_(0xA5)
-        fn()
-        torch.cuda.synchronize()
-        if not _same(written, expected):
-            raise SystemExit(f"kernel paths: {label} {op} on {case.name} is not bit-exact")
+        _check_exact(fn, written, expected, f"kernel paths: {label} {op} on {case.name}")
         row[label] = _timed(fn, 2 * case.payload_bytes, ceiling, reps=30)
     src = torch.empty(case.payload_bytes, dtype=torch.uint8, device=DEVICE).random_()
     dst = torch.empty_like(src)

@@ -282,13 +282,22 @@ class SendChannel(_Staging):
         return True
 
 
+def _kept_interval(kept: list[tuple[int, int, int]], wire: int) -> tuple[int, int, int] | None:
+    """The kept interval (payload row, wire row, count) that holds wire row `wire`."""
+    for interval in kept:
+        if interval[1] <= wire < interval[1] + interval[2]:
+            return interval
+    return None
+
+
 def _payload_rows(kept: list[tuple[int, int, int]], wire: int, count: int) -> tuple[int, int]:
     """(payload row, tokens) of the stretch of wire rows from `wire` (at most `count`) that
     stays inside one kept interval."""
-    for row, first, length in kept:
-        if first <= wire < first + length:
-            return row + wire - first, min(count, first + length - wire)
-    raise ValueError(f"wire row {wire} is in no kept interval {kept}")
+    interval = _kept_interval(kept, wire)
+    if interval is None:
+        raise ValueError(f"wire row {wire} is in no kept interval {kept}")
+    row, first, length = interval
+    return row + wire - first, min(count, first + length - wire)
 
 
 def wire_to_rows(kept: list[tuple[int, int, int]] | None, wire: int, count: int) -> int | None:
@@ -296,10 +305,10 @@ def wire_to_rows(kept: list[tuple[int, int, int]] | None, wire: int, count: int)
     interval; None if it does not (the sender never crosses a gap)."""
     if kept is None:
         return wire
-    for row, first, length in kept:
-        if first <= wire < first + length:
-            return row + wire - first if wire + count <= first + length else None
-    return None
+    interval = _kept_interval(kept, wire)
+    if interval is None or wire + count > interval[1] + interval[2]:
+        return None
+    return interval[0] + wire - interval[1]
 
 
 def _pair_state(transport: Transport, peer: int) -> tuple[str, str]:

@@ -178,13 +178,12 @@ class Receiver(Endpoint):
                 return
             self.cache.misses += 1
         for item in request.items:
-            if self.cache.holds_item(item.content_hash, item.count) and self.cache.pin(item.content_hash,
-                                                                                       request.request_id):
+            if not self.cache.holds_item(item.content_hash, item.count):
+                self.cache.item_misses += 1
+            elif self.cache.pin(item.content_hash, request.request_id):
                 self._pinned.setdefault(request.request_id, []).append(item.content_hash)
                 self._decide_pin(request, item.content_hash)
                 self._held.setdefault(view.leader, []).append((request.request_id, item.content_hash))
-            elif not self.cache.holds_item(item.content_hash, item.count):
-                self.cache.item_misses += 1
         self._admission.append(request)
         self._admit_waiting()
 

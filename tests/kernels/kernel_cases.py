@@ -128,6 +128,21 @@ def assert_bitwise_equal(actual, expected, what: str = "") -> None:
 OPS = ("pack", "pack_rows", "unpack", "unpack_to_rows", "gather", "gather_many", "scatter")
 
 
+def assert_steady_state_allocates_nothing(step, warmups: int, steps: int = 50) -> None:
+    """After `warmups` calls of `step` (compiled, buffers sized, graphs captured), `steps`
+    more allocate no device memory at all (CUDA's allocator statistics unchanged)."""
+    for _ in range(warmups):
+        step()
+    torch.cuda.synchronize()
+    before = torch.cuda.memory_stats()
+    for _ in range(steps):
+        step()
+    torch.cuda.synchronize()
+    after = torch.cuda.memory_stats()
+    for key in ("allocation.all.allocated", "segment.all.allocated", "requested_bytes.all.allocated"):
+        assert after[key] == before[key], f"{key}: {before[key]} -> {after[key]}"
+
+
 def odd_batch(block_size: int) -> tuple[list[int], list[int]]:
     """(counts, starts): 1 token, block_size - 1, block_size, block_size + 1 tokens, starting
     at the last row of a block, at a block boundary, mid-block and one row in."""

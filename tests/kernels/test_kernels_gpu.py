@@ -7,7 +7,15 @@ import zlib
 
 import pytest
 import torch
-from kernel_cases import DTYPES, OPS, assert_bitwise_equal, check_op, odd_batch, poison
+from kernel_cases import (
+    DTYPES,
+    OPS,
+    assert_bitwise_equal,
+    assert_steady_state_allocates_nothing,
+    check_op,
+    odd_batch,
+    poison,
+)
 
 from embxfer import kernels
 from embxfer.kernels import PoolTensors, TokenSpan, staging_layout
@@ -199,20 +207,7 @@ def test_steady_state_allocates_nothing():
         kernels.gather(pool, spans[0], rows[0])
         kernels.scatter(rows[1], 0, pool, dest[1])
 
-    for _ in range(3):
-        step()
-    torch.cuda.synchronize()
-    before = torch.cuda.memory_stats()
-    for _ in range(50):
-        step()
-    torch.cuda.synchronize()
-    after = torch.cuda.memory_stats()
-    for key in (
-        "allocation.all.allocated",
-        "segment.all.allocated",
-        "requested_bytes.all.allocated",
-    ):
-        assert after[key] == before[key], f"{key}: {before[key]} -> {after[key]}"
+    assert_steady_state_allocates_nothing(step, 3)
 
 
 def test_other_stream_and_growing_batches():

@@ -10,7 +10,13 @@ import zlib
 import numpy as np
 import pytest
 import torch
-from kernel_cases import DTYPES, Message, assert_bitwise_equal, odd_batch
+from kernel_cases import (
+    DTYPES,
+    Message,
+    assert_bitwise_equal,
+    assert_steady_state_allocates_nothing,
+    odd_batch,
+)
 
 from embxfer import kernels
 from embxfer.kernels import ops, plan_spans, reference
@@ -108,16 +114,7 @@ def test_steady_state_allocates_nothing_gpu(mode):
         launcher.unpack_addressed_rows(staging, layout, addresses, message.row_starts)
         launcher.gather_addressed(message.pool, message.plan, layout.counts, addresses, message.row_starts)
 
-    for _ in range(GRAPH_COPIES + 1):  # compiled, table buffers sized, every graph captured
-        step()
-    torch.cuda.synchronize()
-    before = torch.cuda.memory_stats()
-    for _ in range(50):
-        step()
-    torch.cuda.synchronize()
-    after = torch.cuda.memory_stats()
-    for key in ("allocation.all.allocated", "segment.all.allocated", "requested_bytes.all.allocated"):
-        assert after[key] == before[key], f"{key}: {before[key]} -> {after[key]}"
+    assert_steady_state_allocates_nothing(step, GRAPH_COPIES + 1)  # every graph captured first
 
 
 def test_ops_use_the_device_launcher_gpu():
