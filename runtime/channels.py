@@ -132,6 +132,7 @@ class _Sent:
     buffer: torch.Tensor
     posts: dict[int, Handle | None]  # peer -> its send, None until the pair is ready
     nbytes: int
+    requests: list  # the requests it carries rows of
 
 
 class SendChannel(_Staging):
@@ -167,6 +168,13 @@ class SendChannel(_Staging):
     def enqueue(self, chunk: SendChunk) -> None:
         if not self.dead:
             self.queue.append(chunk)
+
+    def delivered(self, request) -> bool:
+        """True once every row of `request` this channel was given has reached every peer
+        (none queued, none in a message whose sends have not finished)."""
+        self._retire()
+        return not any(c.request is request for c in self.queue) \
+            and not any(request in sent.requests for sent in self.inflight)
 
     def drop_peer(self, peer: int) -> None:
         """Stop sending to `peer` (lost); with no peer left, drop everything queued."""
@@ -275,7 +283,7 @@ class SendChannel(_Staging):
         self.publish(rec.Transfer.trusted(src_rank=self.rank, dst_rank=self.destination, message=self.next_message,
                                   nbytes=layout.nbytes, segments=tuple(segments)))
         self.next_message += 1
-        sent = _Sent(slot, staging[: layout.nbytes], dict.fromkeys(self.peers), layout.nbytes)
+        sent = _Sent(slot, staging[: layout.nbytes], dict.fromkeys(self.peers), layout.nbytes, requests)
         self.inflight.append(sent)
         if len(self.inflight) == 1 or all(h is not None for h in self.inflight[-2].posts.values()):
             self._post(sent)

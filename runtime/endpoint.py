@@ -174,6 +174,9 @@ class Endpoint:
         self._next_liveness = 0.0
         self._closed = False
         self._joining: list[EngineView] = []  # incarnations not usable yet
+        # Members the rendezvous says left, whose own LEFT record (behind everything else
+        # they sent) has not come over the bus yet: member -> when to stop waiting for it.
+        self._leaving: dict[int, float] = {}
         # What connect() made for this endpoint (transport, bus, directory), closed with it.
         self.membership = None
         self.resources: list = []
@@ -374,7 +377,12 @@ class Endpoint:
             elif change is Change.DRAINING:
                 self._member_state(subject, "draining")
             elif change is Change.LEFT:
-                self._member_state(subject, "left")
+                if subject != self.rank and self._reads(subject):
+                    # Its records (a COMPLETE, a decision) may still be on their way: its own
+                    # LEFT record comes behind them. Wait for that, or peer_timeout_s.
+                    self._leaving.setdefault(subject, time.monotonic() + self.config.peer_timeout_s)
+                else:
+                    self._member_state(subject, "left")
             elif change is Change.DEAD and subject != self.rank and subject in self.directory.members:
                 self._peer_lost(subject, why or "reported dead by a peer")
 
@@ -443,9 +451,18 @@ class Endpoint:
                             f"{'every TP rank of an engine' if own else 'both sides'} must use the same value")
         return None
 
+    def _reads(self, member: int) -> bool:
+        """True if this rank reads `member`'s records over the bus."""
+        info = self.directory.member(member)
+        return info is not None and self._works_with(info) and self._is_linked(member)
+
     def _member_state(self, member: int, state: str) -> None:
+        if state == "left":
+            self._leaving.pop(member, None)
         view = self.directory.mark(member, state)
         if view is None:
+            if state == "left":  # another member of an engine already gone: stop reading it too
+                self._forget_member(member)
             return
         log.info("member=%x: %s is %s", self.rank, view.describe(), state)
         if state == "left":
@@ -573,8 +590,12 @@ class Endpoint:
 
     def _check_liveness(self, now: float) -> None:
         for rank, why in self.bus.dead_ranks().items():
-            if rank not in self.dead_peers:
+            if rank in self._leaving:  # it left (the rendezvous says so) and is gone now
+                self._member_state(rank, "left")
+            elif rank not in self.dead_peers:
                 self._peer_lost(rank, why)
+        for member in [m for m, until in self._leaving.items() if now >= until]:
+            self._member_state(member, "left")
         timeout = self.config.request_timeout_s
         for request in list(self.requests.values()):
             if request.state.terminal or not self._timeout_applies(request):

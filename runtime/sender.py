@@ -46,6 +46,9 @@ class Sender(Endpoint):
 
     def __init__(self, **kwargs) -> None:
         self.peers: dict[int, _LanguagePeer] = {}  # language incarnation -> what this rank keeps of it
+        # Requests sent in full to an engine that left, waiting for its leader's COMPLETE:
+        # request id -> (request, until, why it would fail).
+        self._after_leave: dict[int, tuple[Request, float, str]] = {}
         super().__init__(**kwargs)
         if self.me.role != Role.ENCODER.value:
             raise ValueError(f"{self.me.describe()} is not an encoder rank")
@@ -234,10 +237,18 @@ class Sender(Endpoint):
                 view = self.directory.view_of(record.src_rank)
                 if view is None or view.leader != record.src_rank or view.role is not Role.LANGUAGE:
                     self.stats.rejected_records += 1  # not a language leader of this job
-                elif view.gone:
+                elif view.gone and not (kind is rec.Completions and self._after_leave):
                     # An incarnation that left or died: nothing it says is acted on (a stale
-                    # round-0 allocation must never be kept for a later submit of the id).
+                    # round-0 allocation must never be kept for a later submit of the id),
+                    # but the COMPLETE of a request sent in full before it left.
                     self.stats.late_records += 1
+                elif view.gone:
+                    for item in record.items():
+                        if item.request_id in self._after_leave:
+                            self._on_completion(item, view)
+                            self._after_leave.pop(item.request_id, None)
+                        else:
+                            self.stats.late_records += 1
                 else:
                     handle = self._on_resume if kind is rec.Allocations else self._on_completion
                     for item in record.items():
@@ -425,14 +436,40 @@ class Sender(Endpoint):
         request.pending_resume = None
 
     def _on_engine_lost(self, view: EngineView, reason: rec.AbortReason, why: str) -> None:
+        """A language incarnation died or left: exactly its requests fail. One that left (a
+        graceful close) takes nothing with it that reached it in full (none of its rows
+        queued or in a message still being sent): the news of the leave (a follower's
+        LEFT, the rendezvous) may come before the leader's COMPLETE, which travels on the
+        leader's own channel. Such a request waits for it until the leader's own LEFT is
+        read (behind all it sent) or peer_timeout_s passed."""
+        left = reason is rec.AbortReason.SHUTDOWN
+        until = time.monotonic() + self.config.peer_timeout_s
+        peer = self.peers.get(view.incarnation)
         for request in list(self.requests.values()):
             if request.peer is view or (request.peer is None and request.engine == view.name):
+                if left and request.peer is view and request.state is RequestState.TRANSFERRING \
+                        and request.sent_tokens == request.total_tokens \
+                        and (peer is None or peer.channel is None or peer.channel.delivered(request)):
+                    self._after_leave[request.request_id] = (request, until, why)
+                    continue
                 self._fail(request, reason, why, notify=False)
         peer = self.peers.pop(view.incarnation, None)
         if peer is not None and peer.channel is not None:
             for member in list(peer.channel.peers):
                 peer.channel.drop_peer(member)
             self.channels.pop(view.incarnation, None)
+
+    def _check_liveness(self, now: float) -> None:
+        super()._check_liveness(now)
+        if self._after_leave:
+            gone = self.directory.gone_members
+            for rid, (request, until, why) in list(self._after_leave.items()):
+                if request.state.terminal or self.requests.get(rid) is not request:
+                    del self._after_leave[rid]
+                elif now >= until or request.peer.leader in gone:
+                    del self._after_leave[rid]
+                    self._fail(request, rec.AbortReason.SHUTDOWN, f"{why}; its leader did not confirm the "
+                               "transfer before leaving", notify=False)
 
     def _on_own_engine_lost(self, rank: int, why: str) -> None:
         for peer in self.peers.values():

@@ -7,6 +7,8 @@ stay in use anywhere.
 
 from __future__ import annotations
 
+import time
+
 import numpy as np
 import pytest
 import torch
@@ -325,3 +327,62 @@ def test_an_encoder_that_left_takes_nothing_that_has_all_its_rows_here():
     cluster.run_until(lambda: follower.state(1).terminal)
     assert follower.state(1) is RequestState.SUCCESS and follower.take(1).bit_equal(payload)
     assert follower.state(2) is RequestState.FAILED and "left the job" in follower.error(2)
+
+
+def test_a_language_engine_that_left_takes_nothing_the_encoder_sent_in_full():
+    """The mirror of the test above: a language follower closes once it took its copy; the
+    encoder may read its LEFT before the leader's COMPLETE (the leader's own channel). A
+    request delivered in full still completes on that COMPLETE; one with rows still to
+    send fails (shutdown) at once; one delivered in full whose leader leaves without
+    confirming it fails when the leader's LEFT is read, not a timeout later."""
+    cluster = cluster_for(language_tp=2, pool_blocks=64)
+    sender, follower = cluster.senders[0], cluster.receivers[2]
+    start(cluster, 1, 700)
+    start(cluster, 2, 5000)  # more than one default allocation: a resume round is due
+
+    def sent_in_full() -> bool:
+        r = sender.requests.get(1)
+        return r is not None and r.state is RequestState.TRANSFERRING and r.sent_tokens == r.total_tokens \
+            and sender.channel.delivered(r)
+
+    cluster.run_until(sent_in_full)
+    assert sender.state(2) is not RequestState.SUCCESS and sender.requests[2].sent_tokens < 5000
+    sender._member_state(follower.rank, "left")
+    assert sender.state(2) is RequestState.FAILED and "left the job" in sender.error(2)
+    assert not sender.state(1).terminal  # waits for the leader's word
+    cluster.run_until(lambda: sender.state(1).terminal)
+    assert sender.state(1) is RequestState.SUCCESS, sender.error(1)
+
+    cluster = cluster_for(language_tp=2, pool_blocks=64)
+    sender, leader, follower = cluster.senders[0], cluster.leader, cluster.receivers[2]
+    start(cluster, 1, 700)
+    cluster.run_until(sent_in_full)
+    sender._member_state(follower.rank, "left")
+    sender._member_state(leader.rank, "left")  # behind its last record: nothing more comes
+    sender._check_liveness(time.monotonic())
+    assert sender.state(1) is RequestState.FAILED and "did not confirm" in sender.error(1)
+
+
+def test_a_leave_posted_at_the_rendezvous_waits_for_the_members_own_record():
+    """The rendezvous may tell of a member's leave before the records it sent just before
+    (a COMPLETE) are read: the leave is applied when the member's own LEFT record comes
+    over the bus (behind them), or at the latest peer_timeout_s later."""
+    from embxfer.runtime.membership import Change
+
+    cluster = cluster_for(language_tp=1)
+    sender, leader = cluster.senders[0], cluster.leader
+    sender._apply_changes([(Change.LEFT, leader.rank, "")])
+    assert leader.rank in sender._leaving and not sender.directory.engine("language0").gone
+    payload = start(cluster, 1, 700)
+    cluster.run_until(lambda: sender.state(1).terminal and leader.state(1).terminal)
+    assert sender.state(1) is RequestState.SUCCESS and leader.take(1).bit_equal(payload)
+    leader._announce_state(rec.MemberState.LEFT)  # its own record, behind the COMPLETE
+    leader.bus.flush()
+    cluster.run_until(lambda: leader.rank not in sender._leaving)
+    assert sender.directory.engine("language0").gone
+
+    cluster = cluster_for(language_tp=1)
+    sender, leader = cluster.senders[0], cluster.leader
+    sender._apply_changes([(Change.LEFT, leader.rank, "")])
+    sender._check_liveness(time.monotonic() + sender.config.peer_timeout_s)  # its record never came
+    assert leader.rank not in sender._leaving and sender.directory.engine("language0").gone
