@@ -105,6 +105,13 @@ def unpack_to_rows(staging: torch.Tensor, layout: StagingLayout, outputs: Sequen
         reference.unpack_to_rows_reference(staging, layout, outputs, out_starts, segments)
 
 
+def unpack_together(staging: torch.Tensor, layout: StagingLayout, whole: RowTensors) -> None:
+    """Every segment of `staging`, in order, -> `whole`: the rows of one allocation per field
+    that its requests' outputs are views of (`BlockPool.empty_rows_together`; CPU tensors:
+    on a GPU, `unpack_to_rows` with the views' addresses is one launch already)."""
+    reference.unpack_together_reference(staging, layout, whole)
+
+
 def gather(pool: PoolTensors, plan: BlockPlan, counts: Sequence[int], outputs: Sequence[RowTensors],
            out_starts: Sequence[int], *, triton: bool | None = None) -> None:
     """Pool tokens of segment i -> rows `[out_starts[i], out_starts[i] + counts[i])` of `outputs[i]`."""

@@ -6,9 +6,10 @@ number of segments: the staging layout keeps each field of a batch in one region
 (`plan_rows`). On a CPU, a torch call costs microseconds of fixed overhead, so a
 per-segment or per-block loop would cost more than the copy itself for small requests.
 
-Copies go through same-width integer views: they move bits (a NaN payload stays that
-NaN), and torch's CPU index kernels on bf16/fp16 slow down by ~100x on NaN and
-denormal patterns, which synthetic and real embeddings both contain.
+Index copies go through same-width integer views: they move bits (a NaN payload stays
+that NaN), and torch's CPU index kernels on bf16/fp16 slow down by ~100x on NaN and
+denormal patterns, which synthetic and real embeddings both contain. Plain same-dtype
+copies (`cat`, `copy_`) move bits as they are and need no views.
 """
 
 from __future__ import annotations
@@ -197,11 +198,12 @@ def pack_rows_reference(
     parts = [_row_slice(r, s, n) for r, s, n in zip(rows, row_starts, layout.counts, strict=True) if n]
     if not parts:
         return
-    torch.cat([_bits(p.embeddings) for p in parts], out=_bits(regions.embeddings))
+    # Same-dtype copies move bits (only the index kernels need the integer views).
+    torch.cat([p.embeddings for p in parts], out=regions.embeddings)
     torch.cat([p.fill_ids for p in parts], out=regions.fill_ids)
     torch.cat([p.mrope_positions for p in parts], dim=1, out=regions.mrope_positions)
     if regions.deepstack is not None:
-        torch.cat([_bits(p.deepstack) for p in parts], out=_bits(regions.deepstack))
+        torch.cat([p.deepstack for p in parts], out=regions.deepstack)
 
 
 def unpack_to_rows_reference(
@@ -214,34 +216,61 @@ def unpack_to_rows_reference(
     """Copy segment i of `staging` into rows `[out_starts[i], out_starts[i] + counts[i])` of
     `outputs[i]` (with `segments`: only those, `outputs` and `out_starts` listing theirs)."""
     regions = layout._regions(staging)
-    counts = list(layout.counts)
+    counts = layout.counts
     # torch.split makes every segment's view in one call, and one _foreach_copy_ per field
-    # copies them all: per segment, only the target's views are made in Python.
-    parts = [regions.embeddings, regions.fill_ids, regions.mrope_positions, regions.deepstack]
-    parts[0], parts[3] = _bits(parts[0]), None if parts[3] is None else _bits(parts[3])
-    split = [None if p is None else p.split_with_sizes(counts, dim=1 if i == 2 else 0) for i, p in enumerate(parts)]
+    # copies them all (same dtype: bits move as they are, no integer views needed): per
+    # segment, only the target's views are made in Python, none when it fills its target.
     chosen = range(len(counts)) if segments is None else segments
-    targets: list[list[torch.Tensor]] = [[], [], [], []]
-    sources: list[list[torch.Tensor]] = [[], [], [], []]
-    for out, start, index in zip(outputs, out_starts, chosen, strict=True):
+    deep = regions.deepstack is not None
+    embeddings, fill_ids, mrope, deepstack, used = [], [], [], [], []
+    for (e, f, m, d), start, index in zip(outputs, out_starts, chosen, strict=True):
         n = counts[index]
         if not n:
             continue
-        whole = start == 0 and n == out.fill_ids.shape[0]
-        for field, (target, part) in enumerate(zip(out, split, strict=True)):
-            if part is None:
-                continue
-            if field == 2:
-                target = target if whole else target[:, start : start + n]
-            else:
-                target = target if whole else target[start : start + n]
-                if field in (0, 3):
-                    target = _bits(target)
-            targets[field].append(target)
-            sources[field].append(part[index])
-    for field in range(4):
-        if targets[field]:
-            torch._foreach_copy_(targets[field], sources[field])
+        if start or n != f.shape[0]:
+            end = start + n
+            e, f, m = e[start:end], f[start:end], m[:, start:end]
+            d = d[start:end] if deep else None
+        embeddings.append(e)
+        fill_ids.append(f)
+        mrope.append(m)
+        if deep:
+            deepstack.append(d)
+        used.append(index)
+    if not used:
+        return
+    every = len(used) == len(counts)
+    fields = [(embeddings, regions.embeddings, 0), (fill_ids, regions.fill_ids, 0), (mrope, regions.mrope_positions, 1)]
+    if deep:
+        fields.append((deepstack, regions.deepstack, 0))
+    for targets, region, dim in fields:
+        parts = region.split_with_sizes(counts, dim=dim)
+        torch._foreach_copy_(targets, list(parts) if every else [parts[i] for i in used])
+
+
+def unpack_together_reference(staging: torch.Tensor, layout: StagingLayout, whole: RowTensors) -> None:
+    """Copy every segment of `staging`, in order, into `whole`: rows made by one allocation
+    per field for all of them (`BlockPool.empty_rows_together`). Embeddings, fill ids and
+    deepstack lie in the same order in both: one copy each; the mrope positions, axis-major
+    over all tokens in the staging buffer and `[3, n]` per segment in `whole`, go through
+    one gather whose index is made once per layout."""
+    regions = layout._regions(staging)
+    whole.embeddings.copy_(regions.embeddings)
+    whole.fill_ids.copy_(regions.fill_ids)
+    if whole.deepstack is not None:
+        whole.deepstack.copy_(regions.deepstack)
+    index = layout.__dict__.get("_together_mrope_index")
+    if index is None:
+        counts = np.asarray(layout.counts, dtype=np.int64)
+        total = int(counts.sum())
+        segment = np.repeat(np.arange(counts.shape[0]), counts)
+        first = (np.cumsum(counts) - counts)[segment]
+        token = np.arange(total, dtype=np.int64)
+        index = np.empty(3 * total, dtype=np.int64)
+        for axis in range(3):  # element (axis, token) of segment s sits at 3 first + axis n + (token - first)
+            index[2 * first + axis * counts[segment] + token] = axis * total + token
+        index = layout.__dict__["_together_mrope_index"] = torch.from_numpy(index).to(staging.device)
+    torch.index_select(regions.mrope_positions.reshape(-1), 0, index, out=whole.mrope_positions)
 
 
 # -- helpers ------------------------------------------------------------------------

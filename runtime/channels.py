@@ -342,6 +342,9 @@ class RecvMessage:
     layout: StagingLayout
     requests: list = field(default_factory=list)
     first_seen: float = 0.0
+    # The one allocation per field whose views are the outputs of every segment's request,
+    # in order (each request arriving whole in this message), else None.
+    together: object = None
 
 
 @dataclass(eq=False)

@@ -22,7 +22,10 @@ pool streams through it, and the allocator may hand back the very same indices (
 outputs are drawn from a bounded budget (`output_budget_bytes`): a request waits for
 budget holding only its landing blocks (no data of it is in flight then, so waiting can
 never block the stream that would free the budget), in arrival order, and one larger
-than the whole budget fails with a clear error.
+than the whole budget fails with a clear error. Requests that arrive whole in one
+message (most small ones) get their outputs together: one allocation per field, each
+request's tensors a contiguous view of it, and on a CPU the message lands with one copy
+per field (`_take_outputs_together`).
 
 Which encoder engine serves a request is the router's choice, named at `admit` (a name,
 or an index for the layouts of one torchrun world). The request is bound to that engine's
@@ -365,10 +368,13 @@ class Receiver(Endpoint):
                                                or segment.round == request.round and not request.blocks):
                 return False  # this rank has not applied the leader's decision for that round yet
         source = channel.source
-        message.requests = [self._bind_segment(segment, source) for segment in message.record.segments]
+        whole: list[Request] = []
+        message.requests = [self._bind_segment(segment, source, whole) for segment in message.record.segments]
+        if whole:
+            self._take_outputs_together(whole, message)
         return True
 
-    def _bind_segment(self, segment: rec.Segment, source: EngineView) -> Request | None:
+    def _bind_segment(self, segment: rec.Segment, source: EngineView, whole: list[Request]) -> Request | None:
         request = self.requests.get(segment.request_id)
         if request is None:
             if segment.request_id in self.retired:
@@ -401,7 +407,13 @@ class Receiver(Endpoint):
             request.round_tokens = min(request.total_tokens - request.sent_tokens, request.allocated_tokens)
             self._set_state(request, RequestState.TRANSFERRING)
         if request.round_accepted == 0:  # the round's first segment: where will it land?
-            request.direct = request.outputs is not None or self._take_outputs(request)
+            if request.outputs is not None:
+                request.direct = True
+            elif segment.count == request.rows:  # all of it, in this message: outputs made together
+                request.direct = False
+                whole.append(request)
+            else:
+                request.direct = self._take_outputs(request)
         request.round_accepted += segment.count
         request.last_progress = time.monotonic()
         return request
@@ -487,7 +499,9 @@ class Receiver(Endpoint):
         channel.discarded += len(message.requests) - len(pooled) - len(direct)
         if direct:
             whole = len(direct) == len(message.requests)
-            if self.spec.device.type == "cuda":  # one launch, rows addressed from the table
+            if whole and message.together is not None and self.spec.device.type != "cuda":
+                ops.unpack_together(staging, message.layout, message.together)  # a copy per field
+            elif self.spec.device.type == "cuda":  # one launch, rows addressed from the table
                 addresses = np.array([message.requests[i].output_addresses for i in direct], dtype=np.int64)
                 ops.unpack_addressed_rows(staging, message.layout, outputs[0], addresses,
                                           np.array(starts, dtype=np.int64), outputs,
@@ -522,6 +536,29 @@ class Receiver(Endpoint):
         if request.kept is not None:
             self._fill_items(request)
         return True
+
+    def _take_outputs_together(self, requests: list[Request], message: RecvMessage) -> None:
+        """Outputs for requests that arrive whole in one message: one allocation per field
+        for all of them when the budget has room for all and no one waits for it, each
+        request's tensors a contiguous view of it (the memory is freed once every view is
+        dropped: the engine may keep at most one message's worth beyond what it holds);
+        else one by one (`_take_outputs`)."""
+        per_token = self.spec.bytes_per_token
+        need = sum(r.rows for r in requests) * per_token
+        if len(requests) == 1 or self._budget_waiting or self.output_bytes + need > self.config.output_budget_bytes:
+            for request in requests:
+                request.direct = self._take_outputs(request)
+            return
+        together, views = self.pool.empty_rows_together([r.rows for r in requests])
+        cuda = self.spec.device.type == "cuda"
+        for request, outputs in zip(requests, views, strict=True):
+            request.outputs, request.direct = outputs, True
+            request.output_bytes = request.rows * per_token
+            if cuda:
+                request.output_addresses = ops.row_addresses(outputs)
+        self.output_bytes += need
+        if len(requests) == len(message.requests) and all(r is q for r, q in zip(requests, message.requests)):
+            message.together = together
 
     def _read_out(self) -> None:
         """Read every round that landed in blocks and completed in this step out into the

@@ -184,3 +184,34 @@ def test_unpack_of_some_segments_skips_the_others(backend):
         kernels.gather(target, spans[1], untouched, backend="torch")
         kernels.gather(pool, spans[1], before, backend="torch")
         assert_bitwise_equal(tuple(untouched), tuple(before), what="skipped segment")
+
+
+@settings(max_examples=40, deadline=None, suppress_health_check=[HealthCheck.function_scoped_fixture])
+@given(counts=st.lists(st.integers(0, 40), min_size=1, max_size=9), layers=st.sampled_from([0, 2]),
+       dtype=st.sampled_from(DTYPES), seed=st.integers(0, 2**31 - 1))
+def test_unpack_together_lands_every_segment_in_its_view_of_one_allocation(counts, layers, dtype, seed):
+    """`unpack_together` (a copy per field into one allocation whose views are the
+    requests' outputs) gives every request the same bits as `unpack_to_rows` into
+    separate tensors; each view is contiguous, and neither touches a byte outside."""
+    from embxfer.kernels import ops
+    from embxfer.runtime.pool import BlockPool
+
+    from kernel_cases import random_bits
+
+    dim = 24
+    generator = torch.Generator().manual_seed(seed)
+    layout = kernels.staging_layout(counts, dim, layers * dim, dtype)
+    staging = random_bits((layout.nbytes,), torch.uint8, generator, "cpu") if layout.nbytes else \
+        torch.zeros(0, dtype=torch.uint8)
+    expected = [_rows(c, dim, layers, dtype) for c in counts]
+    ops.unpack_to_rows(staging, layout, expected, [0] * len(counts), triton=False)
+    pool = BlockPool(1, 4, dim, dtype, layers, torch.device("cpu"))
+    whole, views = pool.empty_rows_together(counts)
+    for t in whole:
+        if t is not None:
+            t.view(torch.uint8).fill_(0xA5)
+    ops.unpack_together(staging, layout, whole)
+    for count, view, want in zip(counts, views, expected, strict=True):
+        assert view.embeddings.shape == (count, dim) and view.mrope_positions.shape == (3, count)
+        assert all(t.is_contiguous() for t in view if t is not None)
+        assert_bitwise_equal(view, want, what=f"seed={seed} counts={counts}")

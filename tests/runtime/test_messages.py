@@ -31,9 +31,10 @@ class LaunchCounter:
     """Counts the data-plane calls the runtime makes (each is one launch on a GPU)."""
 
     def __init__(self, monkeypatch) -> None:
-        self.calls = {"pack_rows": 0, "unpack": 0, "unpack_to_rows": 0, "gather_addressed": 0}
+        self.calls = {"pack_rows": 0, "unpack": 0, "unpack_to_rows": 0, "unpack_together": 0, "gather_addressed": 0}
         for module, name in ((channels_module.ops, "pack_rows"), (receiver_module.ops, "unpack"),
-                             (receiver_module.ops, "unpack_to_rows"), (receiver_module.ops, "gather_addressed")):
+                             (receiver_module.ops, "unpack_to_rows"), (receiver_module.ops, "unpack_together"),
+                             (receiver_module.ops, "gather_addressed")):
             original = getattr(module, name)
 
             def counted(*args, _original=original, _name=name, **kwargs):
@@ -63,10 +64,13 @@ def test_many_requests_travel_in_one_message_with_one_launch_each_way(monkeypatc
             assert receiver.take(rid).bit_equal(payload)
     # 40 requests, at most 64 segments a message: one message (one pack), fanned out to both
     # language ranks (one send each), and on each rank one unpack straight into the outputs
-    # (the budget has room for all of them): three passes, no read-out.
+    # (the budget has room for all of them; each request arrives whole, so their outputs
+    # are views of one allocation per field and the unpack is a copy per field): three
+    # passes, no read-out.
     assert len(encoder.of(rec.Transfer)) == 1 and len(encoder.of(rec.Transfer)[0].segments) == 40
     assert cluster.p2p.messages == 2
-    assert launches.calls == {"pack_rows": 1, "unpack": 0, "unpack_to_rows": 2, "gather_addressed": 0}
+    assert launches.calls == {"pack_rows": 1, "unpack": 0, "unpack_to_rows": 0, "unpack_together": 2,
+                              "gather_addressed": 0}
     cluster.settle()
     assert_no_leaks(cluster)
 
@@ -252,3 +256,61 @@ def test_finished_reports_each_request_once(language_tp):
             seen[receiver.rank] += receiver.finished()
     assert all(sorted(ids) == list(payloads) for ids in seen.values())
     assert sorted(cluster.senders[0].finished()) == list(payloads)
+
+
+def test_requests_that_arrive_whole_share_one_allocation_and_fall_back_one_by_one(monkeypatch):
+    """The outputs of requests that arrive whole in one message are views of one
+    allocation per field: each contiguous, each the engine's alone (a sibling written or
+    dropped changes nothing). With budget for only some of them they are made one by one
+    (the others land in their blocks and wait), bit-exact; a request that fails between
+    its message's acceptance and its landing is skipped, the others still exact."""
+    cluster = cluster_for(Topology(1, 1, 2))
+    payloads = {rid: random_payload(3 + rid, DIM, seed=rid) for rid in range(12)}
+    copies = cluster.transfer(payloads)
+    first = [copies[rid][0] for rid in payloads]
+    base = first[0].embeddings.untyped_storage().data_ptr()
+    assert all(p.embeddings.untyped_storage().data_ptr() == base for p in first)  # one allocation
+    assert all(t.is_contiguous() for p in first for t in (p.embeddings, p.fill_ids, p.mrope_positions))
+    first[0].embeddings.fill_(0)
+    del first[1]
+    assert all(first[i].bit_equal(payloads[i + (i > 0)]) for i in range(1, len(first)))
+    assert_no_leaks(cluster)
+
+    per_token = cluster.leader.spec.bytes_per_token
+    cluster = cluster_for(Topology(1, 1, 2), output_budget_bytes=5 * 10 * per_token)
+    payloads = {rid: random_payload(10, DIM, seed=100 + rid) for rid in range(9)}
+    for rid in payloads:
+        cluster.admit(rid)
+    for rid, payload in payloads.items():
+        cluster.submit(rid, payload)
+    for batch in (range(5), range(5, 9)):  # the budget holds five: the rest wait for the takes
+        cluster.run_until(lambda b=batch: all(s is RequestState.SUCCESS for rid in b for s in cluster.states(rid)))
+        for receiver in cluster.receivers.values():
+            assert all(receiver.take(rid).bit_equal(payloads[rid]) for rid in batch)
+    cluster.settle()
+    assert_no_leaks(cluster)
+
+    cluster = cluster_for()
+    launches = LaunchCounter(monkeypatch)
+    payloads = {rid: random_payload(5 + rid, DIM, seed=200 + rid) for rid in range(6)}
+    for rid in payloads:
+        cluster.admit(rid)
+    for rid, payload in payloads.items():
+        cluster.submit(rid, payload)
+    leader = cluster.leader
+    original = leader._take_outputs_together
+
+    def fail_one_after(requests, message):
+        original(requests, message)
+        leader.abort(3, "the engine gave up")
+
+    leader._take_outputs_together = fail_one_after
+    cluster.run_until(lambda: all(leader.state(rid).terminal for rid in payloads))
+    assert leader.state(3) is RequestState.FAILED
+    for rid, payload in payloads.items():
+        if rid != 3:
+            assert leader.take(rid).bit_equal(payload)
+    assert launches.calls["unpack_together"] == 0 and launches.calls["unpack_to_rows"] == 1
+    leader.release(3)
+    cluster.settle()
+    assert_no_leaks(cluster)
