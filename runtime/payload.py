@@ -12,6 +12,7 @@ from __future__ import annotations
 
 from collections.abc import Mapping
 from dataclasses import dataclass, field
+from functools import cached_property
 from typing import NamedTuple
 
 import numpy as np
@@ -358,8 +359,8 @@ class RowSpec:
     def deepstack_dim(self) -> int:
         return self.dim * self.deepstack_layers
 
-    @property
-    def bytes_per_token(self) -> int:
+    @cached_property
+    def bytes_per_token(self) -> int:  # asked per request on the hot path: computed once
         return self.dtype.itemsize * (self.dim + self.deepstack_dim) + 4 * (1 + 3)
 
     def check_payload(self, payload: Payload, owner: str = "endpoint") -> None:
