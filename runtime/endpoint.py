@@ -529,14 +529,14 @@ class Endpoint:
         return view, None
 
     def _set_state(self, request: Request, state: RequestState, why: str = "") -> None:
-        """The one place a transition happens (and is logged)."""
+        """The one place a transition happens (and is logged). A transition to a state in
+        flight comes with progress its caller stamps (`last_progress`) in the same step."""
         if request.state is state:
             return
         if log.isEnabledFor(logging.DEBUG):
             log.debug("member=%x role=%s request=%d %s -> %s%s", self.rank, self.role, request.request_id,
                       request.state.value, state.value, f" ({why})" if why else "")
         request.state = state
-        request.last_progress = time.monotonic()
         if state.terminal:
             self.in_flight -= 1
             if request.engine_admitted:  # else reported when this rank's engine admits it

@@ -261,10 +261,9 @@ class Payload:
                  metadata: dict | None = None) -> Payload:
         """A Payload of tensors embxfer made itself (validated by construction): no checks."""
         payload = object.__new__(cls)
-        for name, value in (("embeddings", embeddings), ("fill_ids", fill_ids),
-                            ("mrope_positions", mrope_positions), ("mrope_delta", mrope_delta),
-                            ("deepstack", deepstack), ("items", items), ("metadata", metadata or {})):
-            object.__setattr__(payload, name, value)
+        # Frozen: the fields go straight into the instance's dict (one call, no __setattr__).
+        payload.__dict__.update(embeddings=embeddings, fill_ids=fill_ids, mrope_positions=mrope_positions,
+                                mrope_delta=mrope_delta, deepstack=deepstack, items=items, metadata=metadata or {})
         return payload
 
     @property

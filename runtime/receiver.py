@@ -157,7 +157,7 @@ class Receiver(Endpoint):
             self._fail(request, rec.AbortReason.PEER_DEAD if "dead" in why else rec.AbortReason.SHUTDOWN, why,
                        notify=False)
             return
-        aborted = self._early_aborts.pop(request_id, None)
+        aborted = self._early_aborts.pop(request_id, None) if self._early_aborts else None
         if aborted is not None:
             self._fail(request, rec.AbortReason.USER, aborted, notify=False)
             return
@@ -172,7 +172,7 @@ class Receiver(Endpoint):
         """Leader: bind the request to the encoder incarnation, then cache or queue it."""
         request.peer = view
         self._source(view)
-        announced = self._announced.pop(request.request_id, None)
+        announced = self._announced.pop(request.request_id, None) if self._announced else None
         if request.expected_tokens is None and announced is not None and announced[1] in view.members:
             request.expected_tokens = announced[0]
         if request.content_hash is not None:
@@ -220,11 +220,12 @@ class Receiver(Endpoint):
         outputs = request.outputs
         self._drop_outputs(request)
         self._retire(request)  # remembered (bounded) so that late records are known as late
-        items = tuple(Item(i.content_hash, i.start, i.count) for i in _items_of(request))
+        info = request.info
+        items = tuple(Item(i.content_hash, i.start, i.count) for i in _items_of(request)) \
+            if request.items or info is not None else ()
         return Payload._trusted(outputs.embeddings, outputs.fill_ids, outputs.mrope_positions,
                                 request.mrope_delta, outputs.deepstack, items,
-                                metadata_tensors(request.info.metadata) if request.info is not None
-                                and request.info.metadata else None)
+                                metadata_tensors(info.metadata) if info is not None and info.metadata else None)
 
     def abort(self, request_id: int, message: str = "aborted by the language engine") -> None:
         """Fail a request in flight, on both sides; a finished one is released (a SUCCESS
@@ -421,7 +422,7 @@ class Receiver(Endpoint):
     def _take_info(self, request: Request, segment: rec.Segment) -> str | None:
         """What came with the payload (items, metadata; PayloadInfo, read just before its
         first segment): which rows travel, and the cached items that fill the others."""
-        info = self._infos.pop(request.request_id, None)
+        info = self._infos.pop(request.request_id, None) if self._infos else None
         request.rows = segment.total_tokens
         if info is None:
             return None

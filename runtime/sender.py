@@ -108,11 +108,11 @@ class Sender(Endpoint):
                 self._fail(request, rec.AbortReason.PEER_DEAD if "dead" in why else rec.AbortReason.SHUTDOWN, why,
                            notify=False)
                 return
-        aborted = self._early_aborts.pop(request_id, None)
+        aborted = self._early_aborts.pop(request_id, None) if self._early_aborts else None
         if aborted is not None:
             self._fail(request, rec.AbortReason.USER, aborted, notify=False)
             return
-        cached = self._early_cached.pop(request_id, None)
+        cached = self._early_cached.pop(request_id, None) if self._early_cached else None
         if cached is not None:
             self._on_completion(cached)
             return
