@@ -759,16 +759,21 @@ class Receiver(Endpoint):
                 pending.clear()
         if self._decisions:
             items, self._decisions = self._decisions, []
-            batch, blocks = [], 0  # a decision takes at most one item per block
-            pool = self.allocator.num_blocks  # one record never names more blocks than a pool
-            for item in items:
-                if batch and (rec.Decisions.bytes_for(len(batch) + 1, blocks + len(item[8])) > capacity
-                              or blocks + len(item[8]) > pool):
-                    self._publish(rec.Decisions.of(self.rank, batch))
-                    batch, blocks = [], 0
-                batch.append(item)
-                blocks += len(item[8])
-            self._publish(rec.Decisions.of(self.rank, batch))
+            # Cut where the next decision would overflow the frame (Decisions.bytes_for: a
+            # fixed part, then per entry, then at most 3 bytes per block) or name more
+            # blocks than a pool holds (what one record may make a receiver claim).
+            fixed = rec.Decisions.bytes_for(0, 0)
+            room, per_entry = capacity - fixed, rec.Decisions.bytes_for(1, 0) - fixed
+            pool = self.allocator.num_blocks
+            first = used = blocks = 0
+            for index, item in enumerate(items):
+                count = len(item[8])
+                if index > first and (used + per_entry + 3 * count > room or blocks + count > pool):
+                    self._publish(rec.Decisions.of(self.rank, items[first:index]))
+                    first, used, blocks = index, 0, 0
+                used += per_entry + 3 * count
+                blocks += count
+            self._publish(rec.Decisions.of(self.rank, items[first:]))
 
     # -- the cache ------------------------------------------------------------------------
     def _complete_from_cache(self, request: Request) -> None:
