@@ -493,7 +493,7 @@ class Receiver(Endpoint):
                                                                                        segment.count))
             else:
                 pooled.append(index)
-                blocks.append(request.block_array)
+                blocks.append(_block_array(request))
                 offsets.append(segment.start - request.sent_tokens)
                 counts.append(segment.count)
         channel = self.channels[message.record.src_rank]
@@ -583,7 +583,7 @@ class Receiver(Endpoint):
         # unless the encoder side skipped cached items inside it).
         pieces = [(r, offset, count, row) for r in ready for offset, count, row in _round_pieces(r)]
         counts = [count for _, _, count, _ in pieces]
-        plan = segment_plan([r.block_array for r, _, _, _ in pieces], [offset for _, offset, _, _ in pieces], counts,
+        plan = segment_plan([_block_array(r) for r, _, _, _ in pieces], [offset for _, offset, _, _ in pieces], counts,
                             self.config.block_size)
         starts = np.array([row for _, _, _, row in pieces], dtype=np.int64)
         if self.spec.device.type == "cuda":
@@ -720,7 +720,7 @@ class Receiver(Endpoint):
 
     def _assign(self, request: Request, blocks: list[int], array: np.ndarray | None = None) -> None:
         request.blocks = blocks
-        request.block_array = np.asarray(blocks, dtype=np.int64) if array is None else array
+        request.block_array = array  # made when first needed (`_block_array`): most rounds land in the outputs
         request.allocated_tokens = self.allocator.allocated_tokens(blocks)  # R2
         request.round_accepted = request.round_landed = 0
         if request.total_tokens is not None:
@@ -736,7 +736,7 @@ class Receiver(Endpoint):
             return
         self._decisions.append((request.request_id, max(request.round, 0), action, request.sent_tokens,
                                 request.total_tokens or 0, request.allocated_tokens, request.mrope_delta,
-                                content_hash, request.block_array if request.blocks else _NO_BLOCKS))
+                                content_hash, _block_array(request) if request.blocks else _NO_BLOCKS))
 
     def _decide_pin(self, request: Request, content_hash: bytes) -> None:
         if self.followers:
@@ -979,6 +979,14 @@ class Receiver(Endpoint):
             self._release_blocks(request)
             self._drop_outputs(request)
         self._awaiting_free.clear()
+
+
+def _block_array(request: Request) -> np.ndarray:
+    """The request's blocks as int64 (for a read-out plan or a decision record), made once."""
+    array = request.block_array
+    if array is None:
+        array = request.block_array = np.asarray(request.blocks, dtype=np.int64)
+    return array
 
 
 def _round_pieces(request: Request) -> list[tuple[int, int, int]]:
