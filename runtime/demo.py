@@ -34,6 +34,7 @@ import torch
 from embxfer.control import records as rec
 
 from .config import Config
+from .launch import say
 from .payload import Payload
 from .receiver import Receiver
 from .sender import Sender
@@ -292,8 +293,7 @@ class RankLifetime:
             removed = f"removed its {len(remove_own_segments(self.prefix))} shared-memory entries"
         except Exception as exc:  # exiting matters more than a complete clean-up
             removed = f"could not remove its shared memory ({type(exc).__name__}: {exc})"
-        print(f"embxfer demo: {self.label}: tear-down took more than {self.grace_s:g}s; {removed} and exited",
-              file=sys.stderr, flush=True)
+        say(f"embxfer demo: {self.label}: tear-down took more than {self.grace_s:g}s; {removed} and exited")
         os._exit(self.code)
 
 
@@ -400,8 +400,8 @@ def run_job(args: argparse.Namespace, config: Config, topology: Topology, rank: 
                                                                     deadline, check_signals)
         if gathered is None:
             # The job cannot finish together: say what this rank saw, and go.
-            print(f"embxfer demo: rank {rank} ({endpoint.me.describe()}): the job is lost: {_lost_peers(endpoint)}; "
-                  f"{tally.describe()}", file=sys.stderr, flush=True)
+            say(f"embxfer demo: rank {rank} ({endpoint.me.describe()}): the job is lost: {_lost_peers(endpoint)}; "
+                f"{tally.describe()}")
             return 1
         if metrics_server is not None:
             time.sleep(args.metrics_linger)  # every rank is done: the figures are final
@@ -695,7 +695,7 @@ def report(args, config, topology: Topology, lengths, outcomes, codes, blocks, r
     if bad or encoder_blocks or language_blocks:
         first = bad[0] if bad else None
         what = f"request {first['id']}: {first['error']}" if first else "blocks still in use"
-        print(f"embxfer demo: FAILED: {len(bad)} request(s) not verified (first: {what})", file=sys.stderr)
+        say(f"embxfer demo: FAILED: {len(bad)} request(s) not verified (first: {what})")
         return 1
     return 0
 
@@ -729,7 +729,7 @@ def main(argv: Sequence[str] | None = None) -> int:
         topology = topology_of(args)
         config = config_of(args)
     except (UsageError, ValueError) as exc:
-        print(f"embxfer demo: error: {exc}" if isinstance(exc, ValueError) else str(exc), file=sys.stderr)
+        say(f"embxfer demo: error: {exc}" if isinstance(exc, ValueError) else str(exc))
         return 2
     if under_torchrun() or os.environ.get(CHILD_ENV):
         _end_process(_rank_main(args))
@@ -748,7 +748,7 @@ def main(argv: Sequence[str] | None = None) -> int:
                                  failure_grace_s=config.peer_timeout_s + config.heartbeat_interval_s + 1.0,
                                  extra_env=env)
     except KeyboardInterrupt:
-        print("embxfer demo: interrupted; the local world was stopped", file=sys.stderr)
+        say("embxfer demo: interrupted; the local world was stopped")
         return 130
     finally:
         server.close()
@@ -762,17 +762,15 @@ def _rank_main(args: argparse.Namespace) -> int:
     try:
         return run_rank(args, lifetime)
     except KeyboardInterrupt:  # Ctrl-C reaches every rank; tear-down has run
-        print(f"embxfer demo: {lifetime.label}: interrupted", file=sys.stderr)
+        say(f"embxfer demo: {lifetime.label}: interrupted")
         return 130
     except SystemExit as exc:  # SIGTERM
-        print(f"embxfer demo: {lifetime.label}: stopped by {lifetime.signal_name or 'SystemExit'}",
-              file=sys.stderr)
+        say(f"embxfer demo: {lifetime.label}: stopped by {lifetime.signal_name or 'SystemExit'}")
         return exc.code if isinstance(exc.code, int) else 1
     except Exception as exc:  # one line per failing rank, the full story in --verbose
         logging.getLogger("embxfer").debug("rank failed", exc_info=True)
         first_line = (str(exc).splitlines() or [""])[0]
-        print(f"embxfer demo: {lifetime.label}: {type(exc).__name__}: {rec.clip_message(first_line, 300)}",
-              file=sys.stderr)
+        say(f"embxfer demo: {lifetime.label}: {type(exc).__name__}: {rec.clip_message(first_line, 300)}")
         return 1
 
 

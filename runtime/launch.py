@@ -196,8 +196,8 @@ def spawn_local_world(module: str, argv: list[str], world_size: int, deadline_s:
             if first_failure is not None and all(_stopped(c.pid) for c in running):
                 break  # what is left is stopped (SIGSTOP): it reports nothing, waiting is pointless
             if time.monotonic() > deadline:
-                print(f"embxfer: stopping the local world ({'a rank failed' if first_failure else 'timeout'} "
-                      f"after {time.monotonic() - started:.0f}s)", file=sys.stderr)
+                say(f"embxfer: stopping the local world ({'a rank failed' if first_failure else 'timeout'} "
+                    f"after {time.monotonic() - started:.0f}s)")
                 break
             time.sleep(0.05)
     finally:
@@ -208,13 +208,12 @@ def spawn_local_world(module: str, argv: list[str], world_size: int, deadline_s:
             # A rank that crashed (SIGABRT, SIGSEGV) is news even when the world was being
             # stopped; SIGTERM and SIGKILL are what stopping it sends.
             if child.returncode is not None and -child.returncode in _CRASHES:
-                print(f"embxfer: rank {rank} ended by {signal.Signals(-child.returncode).name}", file=sys.stderr)
+                say(f"embxfer: rank {rank} ended by {signal.Signals(-child.returncode).name}")
     codes = [c.returncode for c in children]
     if first_failure is not None:
         rank, code = first_failure
         if code < 0 and -code not in _CRASHES:
-            print(f"embxfer: rank {rank} was killed by signal {-code} ({signal.Signals(-code).name})",
-                  file=sys.stderr)
+            say(f"embxfer: rank {rank} was killed by signal {-code} ({signal.Signals(-code).name})")
         return code if code > 0 else 128 - code
     return max((code if code >= 0 else 128 - code) for code in codes) if codes else 1
 
@@ -230,7 +229,15 @@ def _remove_leftovers() -> None:
         for name in (prefix, *(f"{prefix[:20]}.n{node}" for node in range(8))):
             remove_segments(stale_only=True, prefix=name)
     except Exception as exc:  # cleanup must never hide the run's own outcome
-        print(f"embxfer: could not clean /dev/shm: {exc}", file=sys.stderr)
+        say(f"embxfer: could not clean /dev/shm: {exc}")
+
+
+def say(line: str) -> None:
+    """One line on stderr, in one write: a launcher and its ranks share the stream, and
+    `print` writes a text and its newline apart (two writes when stderr is unbuffered, as
+    with PYTHONUNBUFFERED=1), so two ranks' lines could run into each other."""
+    sys.stderr.write(line + "\n")
+    sys.stderr.flush()
 
 
 def _stopped(pid: int) -> bool:

@@ -558,7 +558,7 @@ class Receiver(Endpoint):
             if cuda:
                 request.output_addresses = ops.row_addresses(outputs)
         self.output_bytes += need
-        if len(requests) == len(message.requests) and all(r is q for r, q in zip(requests, message.requests)):
+        if len(requests) == len(message.requests) and all(r is q for r, q in zip(requests, message.requests, strict=True)):
             message.together = together
 
     def _read_out(self) -> None:

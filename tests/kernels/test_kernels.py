@@ -193,10 +193,10 @@ def test_unpack_together_lands_every_segment_in_its_view_of_one_allocation(count
     """`unpack_together` (a copy per field into one allocation whose views are the
     requests' outputs) gives every request the same bits as `unpack_to_rows` into
     separate tensors; each view is contiguous, and neither touches a byte outside."""
+    from kernel_cases import random_bits
+
     from embxfer.kernels import ops
     from embxfer.runtime.pool import BlockPool
-
-    from kernel_cases import random_bits
 
     dim = 24
     generator = torch.Generator().manual_seed(seed)

@@ -152,3 +152,27 @@ def test_a_long_abort_reason_is_clipped_in_the_log_and_the_error_alike(caplog):
     messages = [r.getMessage() for r in caplog.records]
     assert any("x" * 100 in m for m in messages)
     assert max(len(m) for m in messages) <= MAX_MESSAGE_BYTES + 200, max(messages, key=len)[:200]
+
+
+def test_a_rank_line_reaches_stderr_in_one_write(monkeypatch):
+    """The launcher and its ranks share stderr; `print` writes a line and its newline apart
+    (two writes when stderr is unbuffered, PYTHONUNBUFFERED=1), which let two ranks' lines
+    run into each other (`test_sigterm_to_the_launcher_stops_the_world_and_cleans_up`
+    failed so). What the demo and the launcher say about a rank goes out in one write."""
+    import io
+
+    from embxfer.runtime import launch
+
+    class Recorder(io.StringIO):
+        def __init__(self) -> None:
+            super().__init__()
+            self.writes: list[str] = []
+
+        def write(self, text: str) -> int:
+            self.writes.append(text)
+            return super().write(text)
+
+    recorder = Recorder()
+    monkeypatch.setattr("sys.stderr", recorder)
+    launch.say("embxfer demo: rank 2 (language engine 'language0' TP rank 1): stopped by SIGTERM")
+    assert recorder.writes == ["embxfer demo: rank 2 (language engine 'language0' TP rank 1): stopped by SIGTERM\n"]
