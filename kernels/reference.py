@@ -251,26 +251,23 @@ def unpack_to_rows_reference(
 def unpack_together_reference(staging: torch.Tensor, layout: StagingLayout, whole: RowTensors) -> None:
     """Copy every segment of `staging`, in order, into `whole`: rows made by one allocation
     per field for all of them (`BlockPool.empty_rows_together`). Embeddings, fill ids and
-    deepstack lie in the same order in both: one copy each; the mrope positions, axis-major
-    over all tokens in the staging buffer and `[3, n]` per segment in `whole`, go through
-    one gather whose index is made once per layout."""
+    deepstack lie in the same order in both: one copy each. The mrope positions lie
+    axis-major over all T tokens in the staging buffer and `[3, n]` per segment in `whole`:
+    one gather, its index that of a single block of T rows (`_segment_mrope_index`), made
+    once per staging buffer."""
     regions = layout._regions(staging)
     whole.embeddings.copy_(regions.embeddings)
     whole.fill_ids.copy_(regions.fill_ids)
     if whole.deepstack is not None:
         whole.deepstack.copy_(regions.deepstack)
-    index = layout.__dict__.get("_together_mrope_index")
-    if index is None:
-        counts = np.asarray(layout.counts, dtype=np.int64)
-        total = int(counts.sum())
-        segment = np.repeat(np.arange(counts.shape[0]), counts)
-        first = (np.cumsum(counts) - counts)[segment]
-        token = np.arange(total, dtype=np.int64)
-        index = np.empty(3 * total, dtype=np.int64)
-        for axis in range(3):  # element (axis, token) of segment s sits at 3 first + axis n + (token - first)
-            index[2 * first + axis * counts[segment] + token] = axis * total + token
-        index = layout.__dict__["_together_mrope_index"] = torch.from_numpy(index).to(staging.device)
-    torch.index_select(regions.mrope_positions.reshape(-1), 0, index, out=whole.mrope_positions)
+    total = layout.num_tokens
+
+    def make(buffer: torch.Tensor) -> torch.Tensor:
+        index = _segment_mrope_index(np.arange(total, dtype=np.int64), layout.counts, total)
+        return torch.from_numpy(index).to(buffer.device)
+
+    index = layout.per_buffer(staging, "together_mrope", make)
+    torch.index_select(regions.mrope_positions.reshape(-1), 0, index, out=whole.mrope_positions.view(-1))
 
 
 # -- helpers ------------------------------------------------------------------------

@@ -61,16 +61,17 @@ class LocalCluster:
         return self.receivers[self.topology.language_leader]
 
     def language_receivers(self, engine: int) -> list[Receiver]:
-        found = self._of_engine.get(("language", engine))
-        if found is None:  # cached: the engine's loop asks for every request
-            found = self._of_engine[("language", engine)] = [
-                self.receivers[r] for r in self.topology.language_engine_ranks(engine)]
-        return found
+        return self._endpoints_of("language", engine)
 
     def engine_senders(self, engine: int) -> list[Sender]:
-        found = self._of_engine.get(("encoder", engine))
-        if found is None:
-            found = self._of_engine[("encoder", engine)] = [self.senders[r] for r in self.topology.encoder_ranks(engine)]
+        return self._endpoints_of("encoder", engine)
+
+    def _endpoints_of(self, role: str, engine: int) -> list:
+        found = self._of_engine.get((role, engine))
+        if found is None:  # cached: the engine's loop asks for every request
+            found = self._of_engine[(role, engine)] = (
+                [self.receivers[r] for r in self.topology.language_engine_ranks(engine)] if role == "language"
+                else [self.senders[r] for r in self.topology.encoder_ranks(engine)])
         return found
 
     def step(self) -> bool:

@@ -109,21 +109,17 @@ class BlockPool:
 
     def empty_rows_together(self, counts: Sequence[int]) -> tuple[RowTensors, list[RowTensors]]:
         """Uninitialised rows for several requests from one allocation per field: the whole
-        (`[sum(counts), ...]`, mrope flat, each request's `[3, n]` after the one before) and
-        each request's contiguous view of it. One allocation and one split per field,
-        whatever the number of requests; the memory lives until every view is dropped."""
-        total = sum(counts)
-        embeddings = torch.empty(total, self.dim, dtype=self.dtype, device=self.device)
-        fill_ids = torch.empty(total, dtype=torch.int32, device=self.device)
-        mrope = torch.empty(3 * total, dtype=torch.int32, device=self.device)
-        deepstack = (torch.empty(total, self.deepstack_layers * self.dim, dtype=self.dtype, device=self.device)
-                     if self.deepstack_layers else None)
+        (`empty_rows(sum(counts))`) and each request's contiguous view of it, its mrope
+        positions `[3, n]` cut from the whole's, read flat. One allocation and one split
+        per field, whatever the number of requests; the memory lives until every view is
+        dropped."""
         counts = list(counts)
-        per_deep = deepstack.split(counts) if deepstack is not None else [None] * len(counts)
+        whole = self.empty_rows(sum(counts))
+        mrope = whole.mrope_positions.view(-1).split([3 * n for n in counts])
+        deepstack = whole.deepstack.split(counts) if whole.deepstack is not None else [None] * len(counts)
         views = [RowTensors(e, f, m.view(3, n), d) for e, f, m, d, n in zip(
-            embeddings.split(counts), fill_ids.split(counts), mrope.split([3 * n for n in counts]), per_deep, counts,
-            strict=True)]
-        return RowTensors(embeddings, fill_ids, mrope, deepstack), views
+            whole.embeddings.split(counts), whole.fill_ids.split(counts), mrope, deepstack, counts, strict=True)]
+        return whole, views
 
     def read_into(self, blocks: Sequence[int], num_tokens: int, out: RowTensors, out_start: int = 0,
                   start: int = 0) -> None:
