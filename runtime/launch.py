@@ -31,6 +31,9 @@ CHILD_ENV = "EMBXFER_SPAWNED_CHILD"
 # After SIGTERM, a rank has this long to tear down before it is killed (a rank bounds its
 # own tear-down a little below this, see demo.TEARDOWN_GRACE_S).
 STOP_GRACE_S = 4.0
+# After Ctrl-C (which every rank receives too), how long ranks get to end on their own
+# before the launcher sends SIGTERM (a rank's tear-down takes about 0.4 s).
+INTERRUPT_GRACE_S = 1.5
 # Deaths by signal that are a rank's own doing, never the launcher's.
 _CRASHES = {signal.SIGABRT, signal.SIGSEGV, signal.SIGBUS, signal.SIGFPE, signal.SIGILL}
 
@@ -200,6 +203,12 @@ def spawn_local_world(module: str, argv: list[str], world_size: int, deadline_s:
                     f"after {time.monotonic() - started:.0f}s)")
                 break
             time.sleep(0.05)
+    except KeyboardInterrupt:
+        # Ctrl-C reaches the whole foreground process group: the ranks got the SIGINT too
+        # and end by themselves. Give them a moment before SIGTERM, else one still busy may
+        # act on the launcher's SIGTERM first and report the wrong cause.
+        _wait_all(children, INTERRUPT_GRACE_S)
+        raise
     finally:
         _stop(children, stop_grace_s)
         _remove_leftovers()
@@ -248,6 +257,16 @@ def _stopped(pid: int) -> bool:
     except OSError:
         return False
     return raw[raw.rindex(b")") + 2 :].split()[0] in (b"T", b"t")
+
+
+def _wait_all(children: list[subprocess.Popen], timeout_s: float) -> None:
+    """Wait (at most `timeout_s` in all) for every child to end."""
+    end = time.monotonic() + timeout_s
+    for child in children:
+        try:
+            child.wait(timeout=max(0.0, end - time.monotonic()))
+        except subprocess.TimeoutExpired:
+            return
 
 
 def _stop(children: list[subprocess.Popen], grace_s: float) -> None:
