@@ -782,24 +782,31 @@ class Decisions(_Batch):
     def of(cls, src_rank: int, items: list[tuple], dst_rank: int = BROADCAST_RANK) -> Decisions:
         """A record of (request_id, round, action, sent_tokens, total_tokens,
         allocated_tokens, mrope_delta, content_hash, blocks) tuples the caller computed
-        itself (not checked again: see `trusted`)."""
+        itself (not checked again: see `trusted`); blocks a list or an array of ints."""
         out = entries(_DECISION, len(items))
         numbers = np.array([item[:7] for item in items], dtype=np.int64)
         for column, name in enumerate(("request_id", "round", "action", "sent_tokens", "total_tokens",
                                        "allocated_tokens", "mrope_delta")):
             out[name] = numbers[:, column]
-        area = []
-        forms, counts = out["form"], out["items"]
-        for index, item in enumerate(items):
-            form, values = _block_items(item[8])
-            forms[index], counts[index] = form, len(values)
-            area.append(values)
+        area: list[int] = []
+        forms, counts = [], []
+        for item in items:
+            blocks = item[8]
+            if len(blocks) <= 2:  # runs take two items each: never shorter (most requests hold a block or two)
+                forms.append(_FORM_PLAIN if len(blocks) else _FORM_EMPTY)
+                counts.append(len(blocks))
+                area.extend(blocks)
+            else:
+                form, values = _block_items(np.asarray(blocks, dtype=np.int64))
+                forms.append(form)
+                counts.append(len(values))
+                area.extend(values.tolist())
+        out["form"], out["items"] = forms, counts
         hashes = [item[7] for item in items]
         if any(hashes):
             out["content_hash"] = hashes
             out["hash_length"] = [len(h) for h in hashes]
-        flat = np.concatenate(area) if area else np.zeros(0, dtype=np.int64)
-        return cls.trusted(src_rank=src_rank, dst_rank=dst_rank, entries=out, items=flat)
+        return cls.trusted(src_rank=src_rank, dst_rank=dst_rank, entries=out, items=np.array(area, dtype=np.int64))
 
     def decisions(self) -> list[Decision]:
         e, src = self.entries, self.src_rank
@@ -811,6 +818,17 @@ class Decisions(_Batch):
             e["request_id"].tolist(), e["round"].tolist(), actions, e["sent_tokens"].tolist(),
             e["total_tokens"].tolist(), e["allocated_tokens"].tolist(), e["mrope_delta"].tolist(), hashes,
             self.blocks(), strict=False)]
+
+    def block_lists(self) -> list[list[int]]:
+        """Each entry's block indices as a list of ints, in token order (what a follower
+        claims): the item area sliced once when no entry uses runs."""
+        if (self.entries["form"] == _FORM_RUNS).any():
+            return [blocks.tolist() for blocks in self.blocks()]
+        flat, out, offset = self.items.tolist(), [], 0
+        for count in self.entries["items"].tolist():
+            out.append(flat[offset : offset + count])
+            offset += count
+        return out
 
     def blocks(self) -> list[np.ndarray]:
         """Each entry's block indices (int64), in token order."""

@@ -60,7 +60,8 @@ from .state import RequestState
 # its channel for the leader's ADMIT decision before its data is discarded.
 UNKNOWN_REQUEST_GRACE_S = 5.0
 EARLY_MEMORY = 4096
-_NO_BLOCKS = np.zeros(0, dtype=np.int64)
+_ADMIT, _RESUME, _COMPLETE = rec.DecisionAction.ADMIT.value, rec.DecisionAction.RESUME.value, \
+    rec.DecisionAction.COMPLETE.value
 # What a language rank reads of the records every peer publishes (the rest is stepped over).
 _T = rec.RecordType
 LEADER_WANTS = frozenset({_T.TRANSFER, _T.COMPLETIONS, _T.ABORT, _T.ANNOUNCE, _T.MEMBER, _T.PAYLOAD_INFO})
@@ -264,12 +265,10 @@ class Receiver(Endpoint):
             self._on_transfer(record)
         elif kind is rec.Decisions:
             if not self.is_leader and record.src_rank == self.leader_rank:
-                for decision in record.decisions():
-                    self._apply_decision(decision)
+                self._apply_decisions(record)
         elif kind is rec.Completions:
             if self.is_leader and record.dst_rank == self.rank and record.src_rank in self.followers:
-                for ack in record.items():
-                    self._on_follower_ack(ack)
+                self._on_follower_acks(record)
         elif kind is rec.Abort:
             if record.dst_rank in (-1, self.rank, self.leader_rank):
                 self._on_abort(record)
@@ -614,15 +613,20 @@ class Receiver(Endpoint):
         request.outputs = None
 
     # -- leader: decisions ------------------------------------------------------------------
-    def _on_follower_ack(self, ack: rec.Completion) -> None:  # an entry of a COMPLETIONS record
-        request = self.requests.get(ack.request_id)
-        if request is None or request.state.terminal or ack.round != request.round:
-            self.stats.late_records += 1
-            return
-        if request.acks is None:
-            request.acks = set()
-        request.acks.add(ack.src_rank)
-        self._decide(request)
+    def _on_follower_acks(self, record: rec.Completions) -> None:
+        """A follower read these requests' rounds (one COMPLETIONS record: its columns,
+        no entry objects); a request whose every rank has read its round is decided."""
+        follower, requests = record.src_rank, self.requests
+        entries = record.entries
+        for request_id, round_ in zip(entries["request_id"].tolist(), entries["round"].tolist(), strict=True):
+            request = requests.get(request_id)
+            if request is None or request.state.terminal or round_ != request.round:
+                self.stats.late_records += 1
+                continue
+            if request.acks is None:
+                request.acks = set()
+            request.acks.add(follower)
+            self._decide(request)
 
     def _decide(self, request: Request) -> None:
         """Complete or resume, once every language rank has read the current round."""
@@ -736,12 +740,11 @@ class Receiver(Endpoint):
             return
         self._decisions.append((request.request_id, max(request.round, 0), action, request.sent_tokens,
                                 request.total_tokens or 0, request.allocated_tokens, request.mrope_delta,
-                                content_hash, _block_array(request) if request.blocks else _NO_BLOCKS))
+                                content_hash, request.blocks))
 
     def _decide_pin(self, request: Request, content_hash: bytes) -> None:
         if self.followers:
-            self._decisions.append((request.request_id, 0, rec.DecisionAction.PIN, 0, 0, 0, 0, content_hash,
-                                    _NO_BLOCKS))
+            self._decisions.append((request.request_id, 0, rec.DecisionAction.PIN, 0, 0, 0, 0, content_hash, ()))
 
     def _emit(self) -> None:
         """This step's allocations, completions and decisions, one batch record per peer and
@@ -803,6 +806,36 @@ class Receiver(Endpoint):
         self._set_state(request, RequestState.SUCCESS, "served from the cache")
 
     # -- followers: apply the leader's decisions ---------------------------------------------
+    def _apply_decisions(self, record: rec.Decisions) -> None:
+        """The leader's decisions, in its order. The entries of a step's usual work (the
+        next round's ADMIT or RESUME of a request in flight or not yet admitted here, the
+        COMPLETE of a request in flight, no cache entry named) are applied from the
+        record's columns; any other entry as one `Decision` (`_apply_decision`, which
+        holds every rule: the fast kinds are its plain cases, not other rules)."""
+        entries = record.entries
+        ids, rounds = entries["request_id"].tolist(), entries["round"].tolist()
+        actions, totals = entries["action"].tolist(), entries["total_tokens"].tolist()
+        hashed = entries["hash_length"].tolist()
+        blocks = record.block_lists()
+        requests, retired, awaiting = self.requests, self.retired, self._awaiting_free
+        decisions = None
+        for index, request_id in enumerate(ids):
+            action = actions[index]
+            request = requests.get(request_id)
+            if action == _ADMIT and request is None and request_id not in retired:
+                request = self._add(Request(request_id, None))  # admit() may come later
+                self._early_aborts.pop(request_id, None)  # the leader's FAIL follows an abort it saw
+            if request is not None and not request.state.terminal and not hashed[index]:
+                if (action == _ADMIT or action == _RESUME) and rounds[index] == request.round + 1:
+                    self._start_round(request, rounds[index], blocks[index], None, action == _ADMIT)
+                    continue
+                if action == _COMPLETE and request_id not in awaiting:
+                    self._finish_round(request, totals[index], b"")
+                    continue
+            if decisions is None:
+                decisions = record.decisions()
+            self._apply_decision(decisions[index])
+
     def _apply_decision(self, d: rec.Decision) -> None:
         if d.action is rec.DecisionAction.PIN:
             # The leader keeps this cached item for the request (it comes before the
@@ -839,32 +872,42 @@ class Receiver(Endpoint):
                     self._fail(request, rec.AbortReason.INTERNAL,
                                f"decision for round {d.round}, this rank is at round {request.round}", notify=True)
                 return
-            self._release_blocks(request)
-            blocks = d.blocks.tolist()
-            try:
-                self.allocator.claim(blocks)
-            except ValueError as exc:  # the allocators disagree: never write into someone else's blocks
-                self.stats.rejected_records += 1
-                self._fail(request, rec.AbortReason.INTERNAL, f"cannot apply the leader's blocks: {exc}", notify=True)
-                return
-            request.round = d.round
-            self._assign(request, blocks, d.blocks)
-            if d.action is rec.DecisionAction.ADMIT:
-                self._set_state(request, RequestState.WAITING_FOR_INPUT)
-            else:
-                request.resumes += 1
-                self.stats.resumes += 1
+            self._start_round(request, d.round, d.blocks.tolist(), d.blocks, d.action is rec.DecisionAction.ADMIT)
             return
-        self._release_blocks(request)
         if d.action is rec.DecisionAction.COMPLETE:
-            if request.sent_tokens != d.total_tokens:
-                self._fail(request, rec.AbortReason.INTERNAL,
-                           f"leader completed at {d.total_tokens} tokens, this rank read {request.sent_tokens}",
-                           notify=True)
-            else:
-                self._complete(request, d.content_hash)
+            self._finish_round(request, d.total_tokens, d.content_hash)
         else:  # FAIL / FREE: the leader has freed the blocks; so does this rank
+            self._release_blocks(request)
             self._fail(request, rec.AbortReason.INTERNAL, "failed by the TP leader", notify=False)
+
+    def _start_round(self, request: Request, round_: int, blocks: list[int], array: np.ndarray | None,
+                     admit: bool) -> None:
+        """The leader's ADMIT or RESUME of the request's next round: this rank frees the
+        blocks of the round before and claims the very blocks the leader took."""
+        self._release_blocks(request)
+        try:
+            self.allocator.claim(blocks)
+        except ValueError as exc:  # the allocators disagree: never write into someone else's blocks
+            self.stats.rejected_records += 1
+            self._fail(request, rec.AbortReason.INTERNAL, f"cannot apply the leader's blocks: {exc}", notify=True)
+            return
+        request.round = round_
+        self._assign(request, blocks, array)
+        if admit:
+            self._set_state(request, RequestState.WAITING_FOR_INPUT)
+        else:
+            request.resumes += 1
+            self.stats.resumes += 1
+
+    def _finish_round(self, request: Request, total_tokens: int, content_hash: bytes) -> None:
+        """The leader's COMPLETE: SUCCESS if this rank read all `total_tokens` rows too."""
+        self._release_blocks(request)
+        if request.sent_tokens != total_tokens:
+            self._fail(request, rec.AbortReason.INTERNAL,
+                       f"leader completed at {total_tokens} tokens, this rank read {request.sent_tokens}",
+                       notify=True)
+        else:
+            self._complete(request, content_hash)
 
     def _settle_terminal(self, request: Request, d: rec.Decision) -> None:
         """Follower: the leader's last word on a request this rank failed on its own. A

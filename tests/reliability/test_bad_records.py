@@ -133,6 +133,27 @@ def test_out_of_range_blocks_never_reach_a_kernel(cluster, blocks):
     healthy(cluster)
 
 
+def test_one_decisions_record_mixing_usual_and_odd_entries_applies_each_in_order(cluster):
+    """A follower applies a step's usual entries from the record's columns and any other
+    entry one by one, in the leader's order: here a next-round ADMIT (applied), the same
+    ADMIT again (late), then a COMPLETE at more rows than this rank read (the request
+    fails, its blocks are freed)."""
+    follower = cluster.receivers[2]
+    follower.admit(9)
+    admit = (9, 0, rec.DecisionAction.ADMIT, 0, 0, 128, 0, b"", [4])
+    record = rec.Decisions.of(1, [admit, admit, (9, 0, rec.DecisionAction.COMPLETE, 64, 64, 0, 0, b"", ())])
+    late = follower.stats.late_records
+    follower._on_record(rec.decode(rec.encode(record), rec.UNBOUNDED))
+    request = follower.requests[9]
+    assert follower.stats.late_records == late + 1
+    assert request.state is RequestState.FAILED and request.round == 0
+    assert request.error.endswith("leader completed at 64 tokens, this rank read 0")
+    assert follower.allocator.num_used == 0
+    cluster.leader.abort(9)
+    cluster.settle()
+    healthy(cluster)
+
+
 def test_replayed_decision_is_late_not_applied_twice(cluster):
     spy = []
     leader_publish = cluster.leader.bus.publish
