@@ -5,10 +5,15 @@
 # /tmp/embxfer-gpu-check), seven files, no sub-folders:
 #   gpu-check.log (everything printed), kernels-<device>.json/.png,
 #   pipeline-<device>.json/.png, items-<device>.json, vlm-<device>.json
+#   (and pipeline-<device>-before.json/.png with GPU_CHECK_BEFORE)
 # Arguments are passed to bench/kernels.py (e.g. --sweep, --cases ab).
 # GPU_CHECK_SKIP_TESTS=1 skips the tests, GPU_CHECK_SKIP_BENCH=1 the benchmarks,
 # GPU_CHECK_SKIP_PIPELINE=1 the pipeline and items benchmarks, GPU_CHECK_SKIP_VLM=1 the example;
-# GPU_CHECK_TESTS names the test paths (default: tests/).
+# GPU_CHECK_TESTS names the test paths (default: tests/). GPU_CHECK_BEFORE=DIR (an export of
+# an older commit, e.g. `git archive C | tar -x -C DIR`) runs that code's pipeline benchmark
+# right after this code's, in the same call (pipeline-<device>-before.json): compare the two
+# there, never with another machine's run.
+# Order: what a short call needs most comes first (tests, the pipeline, then kernels).
 #
 # The package is not installed there: a sitecustomize maps the three rooms under the
 # embxfer namespace exactly as pyproject.toml does (embxfer=embxfer/,
@@ -66,15 +71,23 @@ if [ "${GPU_CHECK_SKIP_GROUPS:-0}" != 1 ]; then
     echo "groups tests exit status: ${PIPESTATUS[0]}" | tee -a "$LOG"
 fi
 if [ "${GPU_CHECK_SKIP_BENCH:-0}" != 1 ]; then
-    python3 bench/kernels.py --json "$OUT/kernels-{device}.json" "$@" 2>&1 | tee -a "$LOG"
-    bench_status=${PIPESTATUS[0]}
-    echo "kernels bench exit status: $bench_status" | tee -a "$LOG"
-    [ "$bench_status" = 0 ] || status=$bench_status
     if [ "${GPU_CHECK_SKIP_PIPELINE:-0}" != 1 ]; then
         python3 bench/pipeline.py --json "$OUT/pipeline-{device}.json" 2>&1 | tee -a "$LOG"
         pipeline_status=${PIPESTATUS[0]}
         echo "pipeline exit status: $pipeline_status" | tee -a "$LOG"
         [ "$pipeline_status" = 0 ] || status=$pipeline_status
+        if [ -n "${GPU_CHECK_BEFORE:-}" ]; then
+            echo "=== the code in ${GPU_CHECK_BEFORE} (before), same machine ===" | tee -a "$LOG"
+            python3 bench/rooms.py "$GPU_CHECK_BEFORE" "$GPU_CHECK_BEFORE/bench/pipeline.py" \
+                --json "$OUT/pipeline-{device}-before.json" 2>&1 | tee -a "$LOG"
+            echo "pipeline (before) exit status: ${PIPESTATUS[0]}" | tee -a "$LOG"
+        fi
+    fi
+    python3 bench/kernels.py --json "$OUT/kernels-{device}.json" "$@" 2>&1 | tee -a "$LOG"
+    bench_status=${PIPESTATUS[0]}
+    echo "kernels bench exit status: $bench_status" | tee -a "$LOG"
+    [ "$bench_status" = 0 ] || status=$bench_status
+    if [ "${GPU_CHECK_SKIP_PIPELINE:-0}" != 1 ]; then
         python3 bench/items.py --device cuda --json "$OUT/items-{device}.json" 2>&1 | tee -a "$LOG"
         items_status=${PIPESTATUS[0]}
         echo "items bench exit status: $items_status" | tee -a "$LOG"
