@@ -69,6 +69,7 @@ from __future__ import annotations
 
 import operator
 import struct
+from collections.abc import Sequence
 from dataclasses import dataclass
 from enum import IntEnum
 from typing import ClassVar, NamedTuple
@@ -791,16 +792,10 @@ class Decisions(_Batch):
         area: list[int] = []
         forms, counts = [], []
         for item in items:
-            blocks = item[8]
-            if len(blocks) <= 2:  # runs take two items each: never shorter (most requests hold a block or two)
-                forms.append(_FORM_PLAIN if len(blocks) else _FORM_EMPTY)
-                counts.append(len(blocks))
-                area.extend(blocks)
-            else:
-                form, values = _block_items(np.asarray(blocks, dtype=np.int64))
-                forms.append(form)
-                counts.append(len(values))
-                area.extend(values.tolist())
+            form, values = _block_items(item[8])
+            forms.append(form)
+            counts.append(len(values))
+            area.extend(values)
         out["form"], out["items"] = forms, counts
         hashes = [item[7] for item in items]
         if any(hashes):
@@ -922,19 +917,21 @@ def _check_small_decisions(body: memoryview, offset: int, count: int, items: lis
                 raise RecordError("Decisions.entries.allocated_tokens: expected len(blocks) * block_size")
 
 
-def _block_items(blocks: np.ndarray) -> tuple[int, np.ndarray]:
-    """(form, items) of one block list: the shorter of plain and maximal runs."""
+def _block_items(blocks: Sequence[int]) -> tuple[int, Sequence[int]]:
+    """(form, items) of one block list (a list or an array of ints): the shorter of plain
+    and maximal runs."""
     n = len(blocks)
     if n <= 2:  # runs take two items each: never shorter (and most requests hold a block or two)
         return (_FORM_PLAIN if n else _FORM_EMPTY), blocks
+    blocks = np.asarray(blocks, dtype=np.int64)
     breaks = np.flatnonzero(np.diff(blocks) != 1) + 1
     if 2 * (len(breaks) + 1) >= n:
-        return _FORM_PLAIN, blocks
+        return _FORM_PLAIN, blocks.tolist()
     firsts = np.concatenate(([0], breaks))
     runs = np.empty(2 * len(firsts), dtype=np.int64)
     runs[0::2] = blocks[firsts]
     runs[1::2] = np.diff(np.concatenate((firsts, [n]))) - 1
-    return _FORM_RUNS, runs
+    return _FORM_RUNS, runs.tolist()
 
 
 _FORM_EMPTY, _FORM_PLAIN, _FORM_RUNS = 0, 1, 2

@@ -823,8 +823,7 @@ class Receiver(Endpoint):
             action = actions[index]
             request = requests.get(request_id)
             if action == _ADMIT and request is None and request_id not in retired:
-                request = self._add(Request(request_id, None))  # admit() may come later
-                self._early_aborts.pop(request_id, None)  # the leader's FAIL follows an abort it saw
+                request = self._adopt(request_id)
             if request is not None and not request.state.terminal and not hashed[index]:
                 if (action == _ADMIT or action == _RESUME) and rounds[index] == request.round + 1:
                     self._start_round(request, rounds[index], blocks[index], None, action == _ADMIT)
@@ -853,9 +852,7 @@ class Receiver(Endpoint):
             return
         if request is None and d.action in (rec.DecisionAction.ADMIT, rec.DecisionAction.CACHED) \
                 and d.request_id not in self.retired:
-            request = self._add(Request(d.request_id, None))  # admit() may come later
-            # An abort seen before this decision is the leader's to act on: its FAIL follows.
-            self._early_aborts.pop(d.request_id, None)
+            request = self._adopt(d.request_id)
         if request is None or request.state.terminal and d.action is not rec.DecisionAction.FAIL:
             self.stats.late_records += 1
             return
@@ -879,6 +876,12 @@ class Receiver(Endpoint):
         else:  # FAIL / FREE: the leader has freed the blocks; so does this rank
             self._release_blocks(request)
             self._fail(request, rec.AbortReason.INTERNAL, "failed by the TP leader", notify=False)
+
+    def _adopt(self, request_id: int) -> Request:
+        """A request the leader admitted before this rank's engine did (admit() may come
+        later). An abort seen before the decision is the leader's to act on: its FAIL follows."""
+        self._early_aborts.pop(request_id, None)
+        return self._add(Request(request_id, None))
 
     def _start_round(self, request: Request, round_: int, blocks: list[int], array: np.ndarray | None,
                      admit: bool) -> None:

@@ -444,7 +444,7 @@ class Sender(Endpoint):
         read (behind all it sent) or peer_timeout_s passed."""
         left = reason is rec.AbortReason.SHUTDOWN
         until = time.monotonic() + self.config.peer_timeout_s
-        peer = self.peers.get(view.incarnation)
+        peer = self.peers.pop(view.incarnation, None)
         for request in list(self.requests.values()):
             if request.peer is view or (request.peer is None and request.engine == view.name):
                 if left and request.peer is view and request.state is RequestState.TRANSFERRING \
@@ -453,7 +453,6 @@ class Sender(Endpoint):
                     self._after_leave[request.request_id] = (request, until, why)
                     continue
                 self._fail(request, reason, why, notify=False)
-        peer = self.peers.pop(view.incarnation, None)
         if peer is not None and peer.channel is not None:
             for member in list(peer.channel.peers):
                 peer.channel.drop_peer(member)
