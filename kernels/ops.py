@@ -200,6 +200,24 @@ def row_addresses(rows: RowTensors) -> tuple[int, int, int, int, int]:
             rows.fill_ids.data_ptr(), rows.mrope_positions.data_ptr(), rows.mrope_positions.stride(0))
 
 
+def together_addresses(whole: RowTensors, counts: Sequence[int]) -> np.ndarray:
+    """int64 [S, 5]: the `row_addresses` of each view that `BlockPool.empty_rows_together`
+    cuts from `whole` for `counts`, from the whole's addresses and the counts' prefix sums
+    (numpy, no per-view Python): view i starts `sum(counts[:i])` rows in, its mrope
+    positions a contiguous `[3, counts[i]]` block of the whole's flat buffer."""
+    counts = np.asarray(counts, dtype=np.int64)
+    before = np.cumsum(counts) - counts
+    embeddings, deepstack, fill_ids, mrope, _ = row_addresses(whole)
+    element = whole.embeddings.element_size()
+    out = np.empty((len(counts), 5), dtype=np.int64)
+    out[:, 0] = embeddings + before * (whole.embeddings.shape[1] * element)
+    out[:, 1] = 0 if whole.deepstack is None else deepstack + before * (whole.deepstack.shape[1] * element)
+    out[:, 2] = fill_ids + 4 * before
+    out[:, 3] = mrope + 12 * before  # int32, three rows of counts[i] each
+    out[:, 4] = counts
+    return out
+
+
 def addressed_rows_side(anchor: RowTensors, addresses: np.ndarray, starts: np.ndarray, dim: int,
                         deepstack_dim: int, element_size: int):
     """Like `rows_side`, from an int64 [S, 5] table of `row_addresses` and the first row of

@@ -105,7 +105,7 @@ class Request:
         self.outputs = None
         self.output_addresses: tuple[int, ...] | None = None  # the outputs' row addresses (CUDA read-out)
         self.output_bytes = 0
-        self.acks: set[int] | None = None  # leader: followers that read the current round
+        self.acks = 0  # leader: bit mask of the followers that read the current round
         self.round_read = False
         self.resume_due = False
         # Items and metadata (a PayloadInfo: to send, or as received); `kept`: the row

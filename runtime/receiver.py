@@ -88,6 +88,10 @@ class Receiver(Endpoint):
         self.leader_rank = self.me.incarnation  # an incarnation is named by its TP rank 0's id
         self.bus.wanted = LEADER_WANTS if self.is_leader else FOLLOWER_WANTS
         self.followers: list[int] = []
+        # A request's `acks` is a bit mask over the followers (bit i: followers[i] read the
+        # current round): an int per request, no set, compared with `_all_acks` once full.
+        self._ack_bits: dict[int, int] = {}
+        self._all_acks = 0
         self._on_own_engine_usable()
         self.default_tokens = min(self.config.default_alloc_blocks, blocks) * self.config.block_size
         self.output_bytes = 0  # outputs of requests in flight and not taken
@@ -502,7 +506,10 @@ class Receiver(Endpoint):
             if whole and message.together is not None and self.spec.device.type != "cuda":
                 ops.unpack_together(staging, message.layout, message.together)  # a copy per field
             elif self.spec.device.type == "cuda":  # one launch, rows addressed from the table
-                addresses = np.array([message.requests[i].output_addresses for i in direct], dtype=np.int64)
+                if whole and message.together is not None:
+                    addresses = ops.together_addresses(message.together, [r.rows for r in message.requests])
+                else:
+                    addresses = np.array([_output_addresses(message.requests[i]) for i in direct], dtype=np.int64)
                 ops.unpack_addressed_rows(staging, message.layout, outputs[0], addresses,
                                           np.array(starts, dtype=np.int64), outputs,
                                           segments=None if whole else direct)
@@ -529,8 +536,6 @@ class Receiver(Endpoint):
         if self._budget_waiting or self.output_bytes + need > self.config.output_budget_bytes:
             return False
         request.outputs = self.pool.empty_rows(request.rows)
-        if self.spec.device.type == "cuda":
-            request.output_addresses = ops.row_addresses(request.outputs)
         request.output_bytes = need
         self.output_bytes += need
         if request.kept is not None:
@@ -550,12 +555,9 @@ class Receiver(Endpoint):
                 request.direct = self._take_outputs(request)
             return
         together, views = self.pool.empty_rows_together([r.rows for r in requests])
-        cuda = self.spec.device.type == "cuda"
         for request, outputs in zip(requests, views, strict=True):
             request.outputs, request.direct = outputs, True
             request.output_bytes = request.rows * per_token
-            if cuda:
-                request.output_addresses = ops.row_addresses(outputs)
         self.output_bytes += need
         if len(requests) == len(message.requests) and all(r is q for r, q in zip(requests, message.requests, strict=True)):
             message.together = together
@@ -586,7 +588,7 @@ class Receiver(Endpoint):
                             self.config.block_size)
         starts = np.array([row for _, _, _, row in pieces], dtype=np.int64)
         if self.spec.device.type == "cuda":
-            addresses = np.array([r.output_addresses for r, _, _, _ in pieces], dtype=np.int64)
+            addresses = np.array([_output_addresses(r) for r, _, _, _ in pieces], dtype=np.int64)
         else:
             addresses = None
         ops.gather_addressed(self.pool.tensors, plan, counts, [r.outputs for r, _, _, _ in pieces], addresses, starts)
@@ -610,32 +612,28 @@ class Receiver(Endpoint):
     def _drop_outputs(self, request: Request) -> None:
         self.output_bytes -= request.output_bytes
         request.output_bytes = 0
-        request.outputs = None
+        request.outputs = request.output_addresses = None
 
     # -- leader: decisions ------------------------------------------------------------------
     def _on_follower_acks(self, record: rec.Completions) -> None:
         """A follower read these requests' rounds (one COMPLETIONS record: its columns,
         no entry objects); a request whose every rank has read its round is decided."""
-        follower, requests = record.src_rank, self.requests
+        bit, requests = self._ack_bits[record.src_rank], self.requests
         entries = record.entries
         for request_id, round_ in zip(entries["request_id"].tolist(), entries["round"].tolist(), strict=True):
             request = requests.get(request_id)
             if request is None or request.state.terminal or round_ != request.round:
                 self.stats.late_records += 1
                 continue
-            if request.acks is None:
-                request.acks = set()
-            request.acks.add(follower)
+            request.acks |= bit
             self._decide(request)
 
     def _decide(self, request: Request) -> None:
         """Complete or resume, once every language rank has read the current round."""
-        if not request.round_read or (self.followers and (request.acks is None
-                                                           or not request.acks.issuperset(self.followers))):
+        if not request.round_read or request.acks != self._all_acks:
             return
         request.round_read = False
-        if request.acks is not None:
-            request.acks.clear()
+        request.acks = 0
         self._release_blocks(request)
         if request.sent_tokens == request.total_tokens:
             self._broadcast_decision(request, rec.DecisionAction.COMPLETE, request.content_hash or b"")
@@ -799,7 +797,7 @@ class Receiver(Endpoint):
         rows, delta = entry
         request.total_tokens = request.sent_tokens = rows.embeddings.shape[0]
         request.mrope_delta = delta
-        request.outputs = self.pool.clone_rows(rows)
+        request.outputs, request.output_addresses = self.pool.clone_rows(rows), None
         request.output_bytes = request.total_tokens * self.spec.bytes_per_token
         self.output_bytes += request.output_bytes
         self.stats.cached += 1
@@ -944,6 +942,8 @@ class Receiver(Endpoint):
         own = self.directory.my_engine
         if own.complete:
             self.followers = list(own.members[1:])
+            self._ack_bits = {rank: 1 << i for i, rank in enumerate(self.followers)}
+            self._all_acks = (1 << len(self.followers)) - 1
 
     def _on_engine_usable(self, view: EngineView) -> None:
         if view.role is not Role.ENCODER:
@@ -1025,6 +1025,15 @@ class Receiver(Endpoint):
             self._release_blocks(request)
             self._drop_outputs(request)
         self._awaiting_free.clear()
+
+
+def _output_addresses(request: Request) -> tuple[int, ...]:
+    """The request's outputs' `row_addresses` (CUDA: what the addressed unpack and read-out
+    launches take), made on first use: a message whose requests share one allocation is
+    addressed from it instead (`ops.together_addresses`), so they never need their own."""
+    if request.output_addresses is None:
+        request.output_addresses = ops.row_addresses(request.outputs)
+    return request.output_addresses
 
 
 def _block_array(request: Request) -> np.ndarray:

@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import zlib
 
+import numpy as np
 import pytest
 import torch
 from hypothesis import HealthCheck, given, settings
@@ -215,3 +216,19 @@ def test_unpack_together_lands_every_segment_in_its_view_of_one_allocation(count
         assert view.embeddings.shape == (count, dim) and view.mrope_positions.shape == (3, count)
         assert all(t.is_contiguous() for t in view if t is not None)
         assert_bitwise_equal(view, want, what=f"seed={seed} counts={counts}")
+
+
+@given(counts=st.lists(st.integers(1, 40), min_size=1, max_size=9), layers=st.sampled_from([0, 2]),
+       dtype=st.sampled_from(DTYPES))
+def test_together_addresses_are_each_views_row_addresses(counts, layers, dtype):
+    """The addressed unpack of a message whose requests share one allocation takes its
+    table from the whole (`together_addresses`, numpy): it must name exactly what each
+    view's own `row_addresses` would, deepstack or not."""
+    from embxfer.kernels import ops
+    from embxfer.runtime.pool import BlockPool
+
+    pool = BlockPool(1, 4, 24, dtype, layers, torch.device("cpu"))
+    whole, views = pool.empty_rows_together(counts)
+    table = ops.together_addresses(whole, counts)
+    assert table.dtype == np.int64 and table.shape == (len(counts), 5)
+    assert table.tolist() == [list(ops.row_addresses(v)) for v in views]
