@@ -9,7 +9,10 @@ per-segment or per-block loop would cost more than the copy itself for small req
 Index copies go through same-width integer views: they move bits (a NaN payload stays
 that NaN), and torch's CPU index kernels on bf16/fp16 slow down by ~100x on NaN and
 denormal patterns, which synthetic and real embeddings both contain. Plain same-dtype
-copies (`cat`, `copy_`) move bits as they are and need no views.
+copies (`cat`, `copy_`) move bits as they are and need no views, and so does
+`_foreach_copy_` on a CPU; on CUDA it computes in float32 (torch's "opmath" for
+half-precision foreach ops), which turns every 16-bit NaN into the canonical 0x7FFF, so
+there its floating fields go through the integer views too.
 """
 
 from __future__ import annotations
@@ -218,8 +221,9 @@ def unpack_to_rows_reference(
     regions = layout._regions(staging)
     counts = layout.counts
     # torch.split makes every segment's view in one call, and one _foreach_copy_ per field
-    # copies them all (same dtype: bits move as they are, no integer views needed): per
-    # segment, only the target's views are made in Python, none when it fills its target.
+    # copies them all (same dtype on a CPU: bits move as they are, no integer views needed;
+    # on CUDA the floating fields need them, see the module docstring): per segment, only
+    # the target's views are made in Python, none when it fills its target.
     chosen = range(len(counts)) if segments is None else segments
     deep = regions.deepstack is not None
     embeddings, fill_ids, mrope, deepstack, used = [], [], [], [], []
@@ -243,7 +247,10 @@ def unpack_to_rows_reference(
     fields = [(embeddings, regions.embeddings, 0), (fill_ids, regions.fill_ids, 0), (mrope, regions.mrope_positions, 1)]
     if deep:
         fields.append((deepstack, regions.deepstack, 0))
+    cuda = regions.embeddings.is_cuda
     for targets, region, dim in fields:
+        if cuda and region.is_floating_point():
+            targets, region = [_bits(t) for t in targets], _bits(region)
         parts = region.split_with_sizes(counts, dim=dim)
         torch._foreach_copy_(targets, list(parts) if every else [parts[i] for i in used])
 
