@@ -54,7 +54,12 @@ class Sender(Endpoint):
             raise ValueError(f"{self.me.describe()} is not an encoder rank")
         self.bus.wanted = WANTED
         # Allocations, cache hits and aborts announced before the engine submitted the payload.
-        self._early_allocations: OrderedDict[int, rec.Allocation] = OrderedDict()
+        # An id's allocation comes with the RESUMEs that followed it (`_hold`): an encoder rank
+        # that serves no language rank follows the rounds without sending, so its engine may
+        # submit after rounds another rank served, even after their COMPLETE.
+        self._early_allocations: OrderedDict[int, list[rec.Allocation]] = OrderedDict()
+        self._early_resumes = 0  # RESUMEs held in _early_allocations, all ids together
+        self._early_completions: OrderedDict[int, rec.Completion] = OrderedDict()
         self._early_cached: OrderedDict[int, rec.Completion] = OrderedDict()
         self._early_aborts: OrderedDict[int, str] = OrderedDict()
         # Items the language side holds, by request (HeldItems records): what lookup_items says.
@@ -99,6 +104,10 @@ class Sender(Endpoint):
         if payload.items or metadata:
             self._describe(request, payload, metadata)
         self._add(request)
+        # What came before this submit: taken now, so that a request failing below leaves
+        # nothing behind; applied at the end, in round order.
+        held = self._take_held(request_id) if self._early_allocations else []
+        completion = self._early_completions.pop(request_id, None) if self._early_completions else None
         if self.broken is not None:
             self._fail(request, rec.AbortReason.PEER_DEAD, self.broken, notify=False)
             return
@@ -119,9 +128,10 @@ class Sender(Endpoint):
         request.payload = payload
         if self.spec.device.type == "cuda":
             request.addresses = ops.row_addresses(payload)
-        early = self._early_allocations.pop(request_id, None)
-        if early is not None:
-            self._on_resume(early)
+        for resume in held:
+            self._on_resume(resume)
+        if completion is not None:
+            self._on_completion(completion)
 
     def announce(self, request_id: int, num_tokens: int, language_engine: str | int | None = None) -> None:
         """Tell the language side now that `request_id` will have `num_tokens` tokens (as
@@ -277,7 +287,8 @@ class Sender(Endpoint):
             # The language side gave up before this engine submitted: remember it
             # (bounded), so the submit fails at once instead of sending anything.
             if source is not None and source.role is Role.LANGUAGE:
-                self._early_allocations.pop(record.request_id, None)
+                self._take_held(record.request_id)
+                self._early_completions.pop(record.request_id, None)
                 _remember(self._early_aborts, record.request_id, self._abort_text(record))
         elif source is None or (source is not request.peer and source is not self.directory.my_engine
                                 and not (request.peer is None and source.role is Role.LANGUAGE)):
@@ -295,17 +306,18 @@ class Sender(Endpoint):
         if request is None:
             if resume.request_id in self.retired:
                 self.stats.late_records += 1
-            elif resume.round == 0:
-                _remember(self._early_allocations, resume.request_id, resume)
             else:
-                self.stats.rejected_records += 1
+                self._hold(resume)
             return
         if request.state.terminal and resume.round == 0:
             # The language side admitted the id again while this engine still holds the old,
             # finished incarnation: keep the allocation for the next submit of the id.
-            _remember(self._early_allocations, resume.request_id, resume)
+            self._hold(resume)
             return
         if request.peer is None:
+            if resume.round != 0 and resume.request_id in self._early_allocations:
+                self._hold(resume)  # behind its allocation, still waiting for the join to apply
+                return
             if resume.round != 0 or (request.engine is not None and request.engine != view.name):
                 self.stats.rejected_records += 1
                 self._fail(request, rec.AbortReason.INVALID,
@@ -313,7 +325,7 @@ class Sender(Endpoint):
                            f"'{request.engine}'", notify=False)
                 return
             if view.state not in ("usable", "draining"):
-                _remember(self._early_allocations, resume.request_id, resume)  # its join is not applied yet
+                self._hold(resume)  # its join is not applied yet
                 return
             request.peer = view
             request.engine = view.name
@@ -332,6 +344,36 @@ class Sender(Endpoint):
         request.pending_resume = resume
         self._start_round(request)
 
+    def _hold(self, resume: rec.Allocation) -> None:
+        """Keep an allocation for an id whose rounds this rank cannot apply yet (not
+        submitted, or its language engine's join not applied), with the RESUMEs that follow
+        it, in round order; applied in that order once it can (submit, the join). A new
+        allocation (round 0) replaces what the id held (the language side admitted it
+        again). Bounded: MAX_PENDING_ALLOCATIONS ids (the oldest dropped) and as many held
+        RESUMEs in all; one past that, out of order, or without its allocation is refused
+        and counted, and the request then fails at its next RESUME, naming the round."""
+        held = self._early_allocations
+        if resume.round == 0:
+            self._take_held(resume.request_id)
+            held[resume.request_id] = [resume]
+            while len(held) > MAX_PENDING_ALLOCATIONS:
+                self._take_held(next(iter(held)))
+            return
+        rounds = held.get(resume.request_id)
+        if rounds is None or rounds[-1].round != resume.round - 1 or self._early_resumes >= MAX_PENDING_ALLOCATIONS:
+            self.stats.rejected_records += 1
+            return
+        rounds.append(resume)
+        self._early_resumes += 1
+
+    def _take_held(self, request_id: int) -> list[rec.Allocation]:
+        """What `_hold` kept for the id (forgotten here), in round order; [] if nothing."""
+        rounds = self._early_allocations.pop(request_id, None)
+        if rounds is None:
+            return []
+        self._early_resumes -= len(rounds) - 1
+        return rounds
+
     def _check_resume(self, request: Request, resume: rec.Allocation) -> str | None:
         if resume.round != request.round + 1:
             return f"RESUME round {resume.round}, expected round {request.round + 1}"
@@ -345,13 +387,20 @@ class Sender(Endpoint):
     def _on_completion(self, completion: rec.Completion, view: EngineView | None = None) -> None:
         request = self.requests.get(completion.request_id)
         if request is None:
-            if completion.flags & rec.COMPLETION_CACHED and completion.request_id not in self.retired:
+            if completion.request_id in self.retired:
+                self.stats.late_records += 1
+            elif completion.flags & rec.COMPLETION_CACHED:
                 _remember(self._early_cached, completion.request_id, completion)  # before the submit
+            elif completion.request_id in self._early_allocations:  # rounds this rank follows late
+                _remember(self._early_completions, completion.request_id, completion)
             else:
                 self.stats.late_records += 1
             return
         if request.state.terminal:
             self.stats.late_records += 1
+            return
+        if completion.request_id in self._early_allocations:  # its rounds wait for the join: so does this
+            _remember(self._early_completions, completion.request_id, completion)
             return
         if view is not None and request.peer is not None and request.peer is not view:
             self.stats.rejected_records += 1
@@ -377,9 +426,13 @@ class Sender(Endpoint):
         if view.role is not Role.LANGUAGE or not hasattr(self, "_early_allocations"):
             return
         members = set(view.members)
-        for rid in [rid for rid, r in self._early_allocations.items() if r.src_rank in members]:
+        for rid in [rid for rid, r in self._early_allocations.items() if r[0].src_rank in members]:
             if rid in self.requests:
-                self._on_resume(self._early_allocations.pop(rid), view)
+                for resume in self._take_held(rid):
+                    self._on_resume(resume, view)
+                completion = self._early_completions.pop(rid, None)
+                if completion is not None:
+                    self._on_completion(completion, view)
 
     def _peer(self, view: EngineView) -> _LanguagePeer:
         """What this rank keeps of a language incarnation: the channel to the language

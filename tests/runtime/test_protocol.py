@@ -392,3 +392,40 @@ def test_a_follower_that_reads_a_transfer_before_it_finds_the_encoder_usable_kee
     assert not follower._early_records
     cluster.settle()
     assert_no_leaks(cluster)
+
+
+@pytest.mark.parametrize("late_until", ["round 1", "complete"])
+def test_an_encoder_rank_that_serves_no_language_rank_may_submit_after_several_rounds(late_until):
+    """Encoder TP 2 feeding language TP 1: encoder rank 1 serves no language rank, it only
+    follows the rounds. Its engine may submit late, after the language side has resumed
+    the request on rank 0's data more than once: the allocation and every RESUME that came
+    before the submit are kept in order and applied at submit, so both encoder ranks end
+    SUCCESS (rank 1 used to drop a RESUME for an id it did not know yet and fail the
+    request at the next one: "RESUME round 2, expected round 1"; seen in the demo's
+    two-encoder layout on a busy machine). Also when it submits after the COMPLETE: the
+    COMPLETE is kept behind the rounds (it used to be dropped as late, leaving rank 1's
+    request in flight for good)."""
+    cluster = make_cluster(Topology(1, 2, 1), default_alloc_tokens=256, language_pool_blocks=2)  # 4 rounds
+    first, late = (cluster.senders[r] for r in cluster.topology.encoder_ranks(0))
+    payload = random_payload(1000, DIM, seed=5)
+    cluster.admit(3)
+    first.submit(3, payload)
+    if late_until == "round 1":
+        cluster.run_until(lambda: cluster.leader.requests[3].round >= 1)
+        cluster.step()  # the RESUME of round 1 reaches both encoder ranks
+        assert not cluster.leader.requests[3].state.terminal
+    else:
+        cluster.run_until(lambda: first.requests[3].state.terminal)
+        assert len(late._early_allocations[3]) == 4 and 3 in late._early_completions  # 4 rounds and the COMPLETE
+    assert 3 not in late.requests
+    late.submit(3, payload)
+    cluster.run_until(lambda: all(s.requests[3].state.terminal for s in (first, late))
+                      and cluster.leader.requests[3].state.terminal)
+    assert [s.state(3) for s in (first, late)] == [RequestState.SUCCESS] * 2, late.error(3)
+    assert late.requests[3].round == first.requests[3].round == cluster.leader.requests[3].round
+    assert cluster.leader.take(3).bit_equal(payload)
+    for sender in (first, late):
+        sender.release(3)
+    cluster.settle()
+    assert not late._early_allocations and not late._early_completions and late._early_resumes == 0
+    assert_no_leaks(cluster)
