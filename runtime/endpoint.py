@@ -17,6 +17,7 @@ from __future__ import annotations
 import logging
 import time
 from collections import OrderedDict, deque
+from collections.abc import Sequence
 
 import numpy as np
 import torch
@@ -83,7 +84,7 @@ class Request:
         self.mrope_delta = mrope_delta
         self.sent_tokens = 0  # encoder: tokens scheduled; language: tokens received and read
         self.round = -1  # current (language) or last sent (encoder) round number
-        self.blocks: list[int] = []
+        self.blocks: Sequence[int] = ()  # the current round's blocks (language side); () when none
         self.allocated_tokens = 0
         self.resumes = 0
         self.error: str | None = None

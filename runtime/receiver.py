@@ -923,7 +923,7 @@ class Receiver(Endpoint):
     def _release_blocks(self, request: Request) -> None:
         if request.blocks:
             self.allocator.free_held(request.blocks)
-            request.blocks, request.block_array, request.allocated_tokens = [], None, 0
+            request.blocks, request.block_array, request.allocated_tokens = (), None, 0
 
     # -- pumping and failure ---------------------------------------------------------------
     def _pump(self) -> bool:
