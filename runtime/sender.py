@@ -287,8 +287,7 @@ class Sender(Endpoint):
             # The language side gave up before this engine submitted: remember it
             # (bounded), so the submit fails at once instead of sending anything.
             if source is not None and source.role is Role.LANGUAGE:
-                self._take_held(record.request_id)
-                self._early_completions.pop(record.request_id, None)
+                self._drop_held(record.request_id)
                 _remember(self._early_aborts, record.request_id, self._abort_text(record))
         elif source is None or (source is not request.peer and source is not self.directory.my_engine
                                 and not (request.peer is None and source.role is Role.LANGUAGE)):
@@ -354,10 +353,10 @@ class Sender(Endpoint):
         and counted, and the request then fails at its next RESUME, naming the round."""
         held = self._early_allocations
         if resume.round == 0:
-            self._take_held(resume.request_id)
+            self._drop_held(resume.request_id)
             held[resume.request_id] = [resume]
             while len(held) > MAX_PENDING_ALLOCATIONS:
-                self._take_held(next(iter(held)))
+                self._drop_held(next(iter(held)))
             return
         rounds = held.get(resume.request_id)
         if rounds is None or rounds[-1].round != resume.round - 1 or self._early_resumes >= MAX_PENDING_ALLOCATIONS:
@@ -365,6 +364,11 @@ class Sender(Endpoint):
             return
         rounds.append(resume)
         self._early_resumes += 1
+
+    def _drop_held(self, request_id: int) -> None:
+        """Forget what this rank holds for the id: its rounds and a COMPLETE behind them."""
+        self._take_held(request_id)
+        self._early_completions.pop(request_id, None)
 
     def _take_held(self, request_id: int) -> list[rec.Allocation]:
         """What `_hold` kept for the id (forgotten here), in round order; [] if nothing."""

@@ -15,6 +15,7 @@ import pytest
 
 from embxfer.control import records as rec
 from embxfer.runtime import Config
+from embxfer.runtime import sender as sender_module
 from embxfer.runtime.local import LocalCluster, random_payload
 from embxfer.runtime.state import RequestState
 from embxfer.runtime.topology import Topology
@@ -178,6 +179,27 @@ def test_replayed_decision_is_late_not_applied_twice(cluster):
     assert follower.take(1).bit_equal(payload)
     cluster.leader.take(1)
     healthy(cluster)
+
+
+def test_resumes_held_before_a_submit_are_bounded_in_order_and_counted(cluster, monkeypatch):
+    """RESUMEs for an id the encoder has not submitted yet are held behind its allocation
+    (a rank that serves no language rank may submit late): only the next round is kept;
+    one without its allocation, a gap, a repeat or one past the bound is refused and
+    counted, and nothing grows beyond the bound (MAX_PENDING_ALLOCATIONS in all)."""
+    monkeypatch.setattr(sender_module, "MAX_PENDING_ALLOCATIONS", 3)
+    sender = cluster.senders[0]
+    rejected = sender.stats.rejected_records
+    sender._on_record(resume(request_id=9, round=1, sent_tokens=1024))  # no allocation before it
+    sender._on_record(resume(request_id=7))
+    sender._on_record(resume(request_id=7, round=2, sent_tokens=2048))  # a gap
+    for round_ in (1, 1, 2, 3, 4):  # a repeat, then one past the bound of 3 held RESUMEs
+        sender._on_record(resume(request_id=7, round=round_, sent_tokens=1024 * round_))
+    assert [a.round for a in sender._early_allocations[7]] == [0, 1, 2, 3]
+    assert 9 not in sender._early_allocations and sender._early_resumes == 3
+    assert sender.stats.rejected_records == rejected + 4
+    for request_id in (20, 21, 22):  # three more ids: the oldest (7) and its RESUMEs go
+        sender._on_record(resume(request_id=request_id))
+    assert list(sender._early_allocations) == [20, 21, 22] and sender._early_resumes == 0
 
 
 def test_allocations_from_an_unknown_or_departed_incarnation_are_never_kept(cluster):
