@@ -308,9 +308,10 @@ class Sender(Endpoint):
             else:
                 self._hold(resume)
             return
-        if request.state.terminal and resume.round == 0:
+        if request.state.terminal and (resume.round == 0 or resume.request_id in self._early_allocations):
             # The language side admitted the id again while this engine still holds the old,
-            # finished incarnation: keep the allocation for the next submit of the id.
+            # finished incarnation: keep the allocation (and the rounds after it) for the
+            # next submit of the id.
             self._hold(resume)
             return
         if request.peer is None:
@@ -400,11 +401,13 @@ class Sender(Endpoint):
             else:
                 self.stats.late_records += 1
             return
+        if completion.request_id in self._early_allocations:
+            # Its rounds are held (a join to apply, or a new incarnation of a finished id
+            # not submitted again yet): so is its COMPLETE, which comes after them.
+            _remember(self._early_completions, completion.request_id, completion)
+            return
         if request.state.terminal:
             self.stats.late_records += 1
-            return
-        if completion.request_id in self._early_allocations:  # its rounds wait for the join: so does this
-            _remember(self._early_completions, completion.request_id, completion)
             return
         if view is not None and request.peer is not None and request.peer is not view:
             self.stats.rejected_records += 1

@@ -429,3 +429,33 @@ def test_an_encoder_rank_that_serves_no_language_rank_may_submit_after_several_r
     cluster.settle()
     assert not late._early_allocations and not late._early_completions and late._early_resumes == 0
     assert_no_leaks(cluster)
+
+
+def test_an_encoder_rank_that_still_holds_a_finished_id_keeps_the_rounds_of_its_next_incarnation():
+    """The same id again: encoder rank 1 (serving no language rank) has not released the
+    finished first incarnation when the second runs through all its rounds on rank 0's
+    data; the second's allocation, RESUMEs and COMPLETE are held for rank 1's next submit
+    of the id, and every rank ends SUCCESS with the second payload."""
+    cluster = make_cluster(Topology(1, 2, 1), default_alloc_tokens=256, language_pool_blocks=2)
+    first, late = (cluster.senders[r] for r in cluster.topology.encoder_ranks(0))
+    one, two = random_payload(600, DIM, seed=6), random_payload(1000, DIM, seed=7)
+    cluster.admit(3)
+    cluster.submit(3, one)
+    cluster.run_until(lambda: all(s.state(3) is RequestState.SUCCESS for s in (first, late)))
+    assert cluster.leader.take(3).bit_equal(one)
+    first.release(3)  # rank 1 keeps the finished incarnation a while longer
+    cluster.admit(3)
+    first.submit(3, two)
+    cluster.run_until(lambda: first.state(3).terminal)
+    assert late.state(3) is RequestState.SUCCESS and len(late._early_allocations[3]) == 4  # 4 rounds held
+    late.release(3)
+    late.submit(3, two)
+    cluster.run_until(lambda: late.state(3).terminal and cluster.leader.state(3).terminal)
+    assert [s.state(3) for s in (first, late)] == [RequestState.SUCCESS] * 2, late.error(3)
+    assert cluster.leader.take(3).bit_equal(two)
+    for sender in (first, late):
+        sender.release(3)
+    cluster.settle()
+    assert not late._early_allocations and not late._early_completions and late._early_resumes == 0
+    assert_no_leaks(cluster)
+
