@@ -394,6 +394,18 @@ def test_a_follower_that_reads_a_transfer_before_it_finds_the_encoder_usable_kee
     assert_no_leaks(cluster)
 
 
+def both_succeeded_and_nothing_is_held(cluster: LocalCluster, first, late, payload) -> None:
+    """Request 3 ended SUCCESS on both encoder ranks, the language side got `payload`
+    bit-exact, and once released nothing is held early or left in use anywhere."""
+    assert [s.state(3) for s in (first, late)] == [RequestState.SUCCESS] * 2, late.error(3)
+    assert cluster.leader.take(3).bit_equal(payload)
+    for sender in (first, late):
+        sender.release(3)
+    cluster.settle()
+    assert not late._early_allocations and not late._early_completions and late._early_resumes == 0
+    assert_no_leaks(cluster)
+
+
 @pytest.mark.parametrize("late_until", ["round 1", "complete"])
 def test_an_encoder_rank_that_serves_no_language_rank_may_submit_after_several_rounds(late_until):
     """Encoder TP 2 feeding language TP 1: encoder rank 1 serves no language rank, it only
@@ -421,14 +433,9 @@ def test_an_encoder_rank_that_serves_no_language_rank_may_submit_after_several_r
     late.submit(3, payload)
     cluster.run_until(lambda: all(s.requests[3].state.terminal for s in (first, late))
                       and cluster.leader.requests[3].state.terminal)
-    assert [s.state(3) for s in (first, late)] == [RequestState.SUCCESS] * 2, late.error(3)
+    assert late.state(3) is RequestState.SUCCESS, late.error(3)
     assert late.requests[3].round == first.requests[3].round == cluster.leader.requests[3].round
-    assert cluster.leader.take(3).bit_equal(payload)
-    for sender in (first, late):
-        sender.release(3)
-    cluster.settle()
-    assert not late._early_allocations and not late._early_completions and late._early_resumes == 0
-    assert_no_leaks(cluster)
+    both_succeeded_and_nothing_is_held(cluster, first, late, payload)
 
 
 def test_an_encoder_rank_that_still_holds_a_finished_id_keeps_the_rounds_of_its_next_incarnation():
@@ -451,11 +458,5 @@ def test_an_encoder_rank_that_still_holds_a_finished_id_keeps_the_rounds_of_its_
     late.release(3)
     late.submit(3, two)
     cluster.run_until(lambda: late.state(3).terminal and cluster.leader.state(3).terminal)
-    assert [s.state(3) for s in (first, late)] == [RequestState.SUCCESS] * 2, late.error(3)
-    assert cluster.leader.take(3).bit_equal(two)
-    for sender in (first, late):
-        sender.release(3)
-    cluster.settle()
-    assert not late._early_allocations and not late._early_completions and late._early_resumes == 0
-    assert_no_leaks(cluster)
+    both_succeeded_and_nothing_is_held(cluster, first, late, two)
 
