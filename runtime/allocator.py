@@ -88,10 +88,7 @@ class BlockAllocator:
         ValueError (nothing freed) for an index out of range, repeated, or not in use."""
         blocks = list(blocks)
         self._mark(blocks, 0, "free")
-        self._free_stack.extend(reversed(blocks))
-        self._free += len(blocks)
-        if len(self._free_stack) > 2 * self.num_blocks:
-            self._compact()
+        self._push(blocks)
 
     def free_held(self, blocks: list[int]) -> None:
         """`free` for a list this allocator handed out or claimed (every element an int it
@@ -99,20 +96,20 @@ class BlockAllocator:
         is checked and marked with two slice operations instead of a loop per block (a
         default allocation is 64 blocks); anything else, or a block not in use (a double
         free), goes through `free`, which names it."""
-        count = len(blocks)
-        if count > 2:
-            first = blocks[0]
-            end = first + count
-            in_use = self._in_use
-            if first >= 0 and end <= self.num_blocks and blocks == list(range(first, end)) \
-                    and in_use.find(0, first, end) < 0:
-                in_use[first:end] = bytes(count)
-                self._free_stack.extend(reversed(blocks))
-                self._free += count
-                if len(self._free_stack) > 2 * self.num_blocks:
-                    self._compact()
-                return
-        self.free(blocks)
+        first = _run_start(blocks)
+        end = first + len(blocks)
+        if first < 0 or end > self.num_blocks or self._in_use.find(0, first, end) >= 0:
+            self.free(blocks)
+            return
+        self._in_use[first:end] = bytes(len(blocks))
+        self._push(blocks)
+
+    def _push(self, blocks: list[int]) -> None:
+        """Freed blocks onto the stack (the next allocation hands them back first, in order)."""
+        self._free_stack.extend(reversed(blocks))
+        self._free += len(blocks)
+        if len(self._free_stack) > 2 * self.num_blocks:
+            self._compact()
 
     def _mark(self, blocks: list[int], value: int, action: str) -> None:
         """Set every block's in-use flag to `value` (1: claim, 0: free), in one pass that
@@ -145,8 +142,8 @@ class BlockAllocator:
             taken = stack[-count:]
             taken.reverse()
             del stack[-count:]
-            first = taken[0]
-            if count > 2 and taken == list(range(first, first + count)):  # a run: one slice
+            first = _run_start(taken)
+            if first >= 0:  # a run: one slice
                 in_use[first:first + count] = b"\x01" * count
             else:
                 for b in taken:
@@ -192,3 +189,13 @@ class BlockAllocator:
                 raise ValueError(f"{action}: block {b} is not allocated (double free or foreign index)")
             if not want_in_use and self._in_use[b]:
                 raise ValueError(f"{action}: block {b} is already in use")
+
+
+def _run_start(blocks: list[int]) -> int:
+    """The first index of `blocks` when they are a run of more than two consecutive
+    indices (ints, ascending: what a fresh allocation usually is), else -1."""
+    count = len(blocks)
+    if count <= 2:
+        return -1
+    first = blocks[0]
+    return first if blocks == list(range(first, first + count)) else -1

@@ -128,10 +128,7 @@ class Sender(Endpoint):
         request.payload = payload
         if self.spec.device.type == "cuda":
             request.addresses = ops.row_addresses(payload)
-        for resume in held:
-            self._on_resume(resume)
-        if completion is not None:
-            self._on_completion(completion)
+        self._replay(held, completion)
 
     def announce(self, request_id: int, num_tokens: int, language_engine: str | int | None = None) -> None:
         """Tell the language side now that `request_id` will have `num_tokens` tokens (as
@@ -366,6 +363,15 @@ class Sender(Endpoint):
         rounds.append(resume)
         self._early_resumes += 1
 
+    def _replay(self, rounds: list[rec.Allocation], completion: rec.Completion | None,
+                view: EngineView | None = None) -> None:
+        """Apply what was held for a request, now that it can be: its rounds in order, then
+        the COMPLETE behind them."""
+        for resume in rounds:
+            self._on_resume(resume, view)
+        if completion is not None:
+            self._on_completion(completion, view)
+
     def _drop_held(self, request_id: int) -> None:
         """Forget what this rank holds for the id: its rounds and a COMPLETE behind them."""
         self._take_held(request_id)
@@ -435,11 +441,7 @@ class Sender(Endpoint):
         members = set(view.members)
         for rid in [rid for rid, r in self._early_allocations.items() if r[0].src_rank in members]:
             if rid in self.requests:
-                for resume in self._take_held(rid):
-                    self._on_resume(resume, view)
-                completion = self._early_completions.pop(rid, None)
-                if completion is not None:
-                    self._on_completion(completion, view)
+                self._replay(self._take_held(rid), self._early_completions.pop(rid, None), view)
 
     def _peer(self, view: EngineView) -> _LanguagePeer:
         """What this rank keeps of a language incarnation: the channel to the language
