@@ -300,9 +300,12 @@ class Sender(Endpoint):
                 return
         request = self.requests.get(resume.request_id)
         if request is None:
-            if resume.request_id in self.retired:
-                self.stats.late_records += 1
+            if resume.request_id in self.retired and resume.round != 0:
+                self.stats.late_records += 1  # a round of the incarnation this engine released
             else:
+                # Not submitted yet; or released, and this is the allocation of the id admitted
+                # again (records between two members come in order: the old one's COMPLETE
+                # came before it), which the engine's next submit of the id uses.
                 self._hold(resume)
             return
         if request.state.terminal and (resume.round == 0 or resume.request_id in self._early_allocations):
@@ -398,9 +401,7 @@ class Sender(Endpoint):
     def _on_completion(self, completion: rec.Completion, view: EngineView | None = None) -> None:
         request = self.requests.get(completion.request_id)
         if request is None:
-            if completion.request_id in self.retired:
-                self.stats.late_records += 1
-            elif completion.flags & rec.COMPLETION_CACHED:
+            if completion.flags & rec.COMPLETION_CACHED and completion.request_id not in self.retired:
                 _remember(self._early_cached, completion.request_id, completion)  # before the submit
             elif completion.request_id in self._early_allocations:  # rounds this rank follows late
                 _remember(self._early_completions, completion.request_id, completion)

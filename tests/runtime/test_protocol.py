@@ -460,3 +460,26 @@ def test_an_encoder_rank_that_still_holds_a_finished_id_keeps_the_rounds_of_its_
     cluster.run_until(lambda: late.state(3).terminal and cluster.leader.state(3).terminal)
     both_succeeded_and_nothing_is_held(cluster, first, late, two)
 
+
+def test_an_id_admitted_again_after_the_encoder_released_it_gets_its_allocation_at_the_next_submit():
+    """The language side admits an id again after the encoder engine released it (the id
+    is remembered as finished there) and before the engine submits it again: the new
+    allocation is kept for that submit, not dropped as a late record of the old request
+    (it used to be, and the request waited for its timeout)."""
+    cluster = make_cluster(default_alloc_tokens=256, language_pool_blocks=8)
+    payload = random_payload(300, DIM, seed=8)
+    assert cluster.transfer({3: payload})[3][0].bit_equal(payload)
+    sender = cluster.senders[0]
+    assert 3 in sender.retired
+    cluster.admit(3)
+    for _ in range(3):
+        cluster.step()  # the allocation reaches the encoder before its engine submits again
+    assert [a.round for a in sender._early_allocations[3]] == [0]
+    cluster.submit(3, payload)
+    cluster.run_until(lambda: cluster.leader.state(3).terminal and sender.state(3).terminal)
+    assert sender.state(3) is RequestState.SUCCESS and cluster.leader.take(3).bit_equal(payload)
+    sender.release(3)
+    cluster.settle()
+    assert not sender._early_allocations
+    assert_no_leaks(cluster)
+
