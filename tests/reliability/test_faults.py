@@ -105,7 +105,9 @@ def test_sigstop_peer_times_out_instead_of_hanging():
     detection_s = min(detected) - stopped_wall
     print(f"\n[faults] SIGSTOP encoder: detected after {detection_s:.3f}s (peer_timeout_s={PEER_TIMEOUT_S:g}), "
           f"every process and segment gone after {gone_s:.2f}s")
-    assert PEER_TIMEOUT_S * 0.9 < detection_s < PEER_TIMEOUT_S + 2 * HEARTBEAT_S + 1
+    # Never before the timeout counted from the last heartbeat, which may precede the stop
+    # by up to one heartbeat interval (a 0.9 x timeout bound failed once at 1.34 s of 1.5).
+    assert PEER_TIMEOUT_S - HEARTBEAT_S < detection_s < PEER_TIMEOUT_S + 2 * HEARTBEAT_S + 1
 
 
 def test_sigterm_to_the_launcher_stops_the_world_and_cleans_up():
