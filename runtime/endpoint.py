@@ -65,7 +65,7 @@ class Request:
         "request_id", "engine", "state", "total_tokens", "mrope_delta", "sent_tokens", "round", "blocks",
         "allocated_tokens", "resumes", "error", "reason", "peer", "admitted_at", "last_progress",
         # encoder side
-        "payload", "addresses", "pending_resume", "cached",
+        "payload", "addresses", "cached",
         # language side
         "engine_admitted", "expected_tokens", "content_hash", "block_array", "round_tokens", "round_accepted",
         "round_landed", "direct", "outputs", "output_addresses", "output_bytes", "acks", "round_read", "resume_due",
@@ -93,7 +93,6 @@ class Request:
         self.admitted_at = self.last_progress = now
         self.payload: Payload | None = None
         self.addresses: tuple[int, ...] | None = None  # the payload's row addresses (CUDA pack)
-        self.pending_resume: rec.Allocation | None = None
         self.cached = False
         self.engine_admitted = engine_admitted  # this rank's engine called admit() (a follower may learn first)
         self.expected_tokens = expected_tokens

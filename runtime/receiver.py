@@ -596,18 +596,21 @@ class Receiver(Endpoint):
 
     def _rounds_read(self, requests: list[Request]) -> None:
         """These requests' current rounds are in their outputs: acknowledge or decide."""
-        now = time.monotonic()
+        if not requests:
+            return
+        now, tokens = time.monotonic(), 0
+        acks = None if self.is_leader else self._completions.setdefault(self.leader_rank, [])
         for request in requests:
             request.sent_tokens += request.round_tokens
+            tokens += request.round_tokens
             request.round_read = True
             request.last_progress = now
-            self.stats.rounds += 1
-            self.stats.tokens += request.round_tokens
-            if self.is_leader:
+            if acks is None:
                 self._decide(request)
             else:
-                self._completions.setdefault(self.leader_rank, []).append(
-                    (request.request_id, request.round, request.sent_tokens, request.total_tokens, 0))
+                acks.append((request.request_id, request.round, request.sent_tokens, request.total_tokens, 0))
+        self.stats.rounds += len(requests)
+        self.stats.tokens += tokens
 
     def _drop_outputs(self, request: Request) -> None:
         self.output_bytes -= request.output_bytes

@@ -256,10 +256,10 @@ class Sender(Endpoint):
                             self._after_leave.pop(item.request_id, None)
                         else:
                             self.stats.late_records += 1
+                elif kind is rec.Allocations:
+                    self._on_allocations(record, view)
                 else:
-                    handle = self._on_resume if kind is rec.Allocations else self._on_completion
-                    for item in record.items():
-                        handle(item, view)
+                    self._on_completions(record, view)
         elif kind is rec.Abort:
             if record.dst_rank in (-1, self.rank, self.me.incarnation):
                 self._on_abort(record)
@@ -291,6 +291,55 @@ class Sender(Endpoint):
             self.stats.rejected_records += 1  # from an engine this request has nothing to do with
         else:
             self._fail(request, rec.AbortReason(record.reason), self._abort_text(record), notify=False)
+
+    def _on_allocations(self, record: rec.Allocations, view: EngineView) -> None:
+        """An ALLOCATIONS record from the leader of `view`, in its order. An entry of a
+        step's usual work (the next round of a request in flight here, bound to `view` or
+        its first allocation, consistent with what this rank sent) is applied from the
+        record's columns; any other through `_on_resume`, which holds every rule (the fast
+        entries are its plain cases, not other rules)."""
+        e = record.entries
+        ids, rounds = e["request_id"].tolist(), e["round"].tolist()
+        sent, allocated = e["sent_tokens"].tolist(), e["allocated_tokens"].tolist()
+        requests, block_size, name = self.requests, self.config.block_size, view.name
+        usable = view.state in ("usable", "draining")
+        entries = None
+        for index, request_id in enumerate(ids):
+            request = requests.get(request_id)
+            if request is not None and not request.state.terminal and rounds[index] == request.round + 1 \
+                    and sent[index] == request.sent_tokens and not allocated[index] % block_size:
+                if request.peer is view:
+                    self._start_round(request, rounds[index], allocated[index])
+                    continue
+                if request.peer is None and rounds[index] == 0 and usable and request.engine in (None, name):
+                    request.peer, request.engine = view, name
+                    self._peer(view)
+                    self._start_round(request, 0, allocated[index])
+                    continue
+            if entries is None:
+                entries = record.items()
+            self._on_resume(entries[index], view)
+
+    def _on_completions(self, record: rec.Completions, view: EngineView) -> None:
+        """A COMPLETIONS record from the leader of `view`: the COMPLETE of a request in
+        flight here, bound to `view`, that this rank sent in full, from the record's
+        columns; any other entry through `_on_completion` (every rule)."""
+        e = record.entries
+        ids, sent = e["request_id"].tolist(), e["sent_tokens"].tolist()
+        totals, flags = e["total_tokens"].tolist(), e["flags"].tolist()
+        requests, held = self.requests, self._early_allocations
+        entries = None
+        for index, request_id in enumerate(ids):
+            request = requests.get(request_id)
+            if request is not None and request.peer is view and not flags[index] and not request.state.terminal \
+                    and totals[index] == sent[index] == request.total_tokens == request.sent_tokens \
+                    and request_id not in held:
+                request.payload = request.addresses = None
+                self._set_state(request, RequestState.SUCCESS)
+                continue
+            if entries is None:
+                entries = record.items()
+            self._on_completion(entries[index], view)
 
     def _on_resume(self, resume: rec.Allocation, view: EngineView | None = None) -> None:
         if view is None:
@@ -341,8 +390,7 @@ class Sender(Endpoint):
             self.stats.rejected_records += 1
             self._fail(request, rec.AbortReason.INVALID, problem, notify=True)
             return
-        request.pending_resume = resume
-        self._start_round(request)
+        self._start_round(request, resume.round, resume.allocated_tokens)
 
     def _hold(self, resume: rec.Allocation) -> None:
         """Keep an allocation for an id whose rounds this rank cannot apply yet (not
@@ -463,19 +511,18 @@ class Sender(Endpoint):
         return peer
 
     # -- rounds ---------------------------------------------------------------------
-    def _start_round(self, request: Request) -> None:
-        """Schedule the round the pending RESUME allows (SPEC R1)."""
-        resume, request.pending_resume = request.pending_resume, None
-        count = min(request.total_tokens - request.sent_tokens, resume.allocated_tokens)
-        request.round = resume.round
-        if resume.round > 0:
+    def _start_round(self, request: Request, round_: int, allocated_tokens: int) -> None:
+        """Schedule the round an allocation or RESUME allows (SPEC R1)."""
+        count = min(request.total_tokens - request.sent_tokens, allocated_tokens)
+        request.round = round_
+        if round_ > 0:
             request.resumes += 1
             self.stats.resumes += 1
         self._set_state(request, RequestState.TRANSFERRING)
         request.last_progress = time.monotonic()
         channel = self.peers[request.peer.incarnation].channel
         if channel is not None:
-            channel.enqueue(SendChunk(request, resume.round, request.sent_tokens, count))
+            channel.enqueue(SendChunk(request, round_, request.sent_tokens, count))
         request.sent_tokens += count
         self.stats.rounds += 1
         if channel is not None:
@@ -496,7 +543,6 @@ class Sender(Endpoint):
 
     def _fail_cleanup(self, request: Request) -> None:
         request.payload = request.addresses = None  # its chunks not yet sent are dropped
-        request.pending_resume = None
 
     def _on_engine_lost(self, view: EngineView, reason: rec.AbortReason, why: str) -> None:
         """A language incarnation died or left: exactly its requests fail. One that left (a
