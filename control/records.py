@@ -116,6 +116,7 @@ class RecordType(IntEnum):
     MEMBER = 7
     PAYLOAD_INFO = 8
     HELD = 9
+    ANNOUNCEMENTS = 10
 
 
 class AbortReason(IntEnum):
@@ -607,6 +608,43 @@ class Completions(_Batch):
                 raise error(f"Completions.entries.flags: expected 0 or {COMPLETION_CACHED}")
             if sent_tokens > total_tokens:
                 raise error("Completions.entries.sent_tokens: expected at most total_tokens")
+
+
+_ANNOUNCEMENT = np.dtype([("request_id", "<i8"), ("total_tokens", "<u4")])
+
+
+@dataclass(frozen=True, eq=False)
+class Announcements(_Batch):
+    """Encoder leader -> language leader: for each request, its size `total_tokens` (the
+    rows that travel), for submits whose first allocation has not come (`Announce` for
+    one, from the engine). What the language leader does with it is `Announce`'s."""
+
+    src_rank: int
+    dst_rank: int
+    entries: np.ndarray
+
+    RECORD_TYPE: ClassVar[RecordType] = RecordType.ANNOUNCEMENTS
+    ENTRY: ClassVar[np.dtype] = _ANNOUNCEMENT
+
+    @classmethod
+    def of(cls, src_rank: int, dst_rank: int, items: list[tuple[int, int]]) -> Announcements:
+        """A record of (request_id, total_tokens) tuples the caller computed itself (not
+        checked again: see `trusted`)."""
+        return cls._of_rows(src_rank, dst_rank, items)
+
+    @classmethod
+    def _check_entries(cls, array: object, error: type[Exception]) -> None:
+        super()._check_entries(array, error)
+        if (array["total_tokens"] < 1).any():
+            raise error("Announcements.entries.total_tokens: expected >= 1")
+
+    @classmethod
+    def _check_rows(cls, rows: list[tuple], error: type[Exception]) -> None:
+        for request_id, total_tokens in rows:
+            if request_id < 0:
+                raise error("Announcements.entries.request_id: a negative id")
+            if total_tokens < 1:
+                raise error("Announcements.entries.total_tokens: expected >= 1")
 
 
 class Decision(NamedTuple):
@@ -1187,11 +1225,12 @@ class HeldItems(_Batch):
                 zip(e["request_id"].tolist(), e["content_hash"].tolist(), e["hash_length"].tolist(), strict=True)]
 
 
-Record = Transfer | Allocations | Completions | Abort | Announce | Decisions | Member | PayloadInfo | HeldItems
+Record = (Transfer | Allocations | Completions | Abort | Announce | Announcements | Decisions | Member | PayloadInfo
+          | HeldItems)
 
 _BY_TYPE: dict[int, type[_Record]] = {
-    cls.RECORD_TYPE: cls for cls in (Transfer, Allocations, Completions, Abort, Announce, Decisions, Member,
-                                     PayloadInfo, HeldItems)
+    cls.RECORD_TYPE: cls for cls in (Transfer, Allocations, Completions, Abort, Announce, Announcements, Decisions,
+                                     Member, PayloadInfo, HeldItems)
 }
 
 
@@ -1338,6 +1377,7 @@ __all__ = [
     "Abort",
     "AbortReason",
     "Announce",
+    "Announcements",
     "Allocation",
     "Allocations",
     "Completion",

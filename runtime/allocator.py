@@ -40,6 +40,7 @@ class BlockAllocator:
         # which `_pop` skips and `_compact` drops (a follower claims on every decision).
         self._free_stack: list[int] = list(range(num_blocks - 1, -1, -1))
         self._in_use = bytearray(num_blocks)
+        self._ids = list(range(num_blocks))  # a run is recognised by comparing with a slice of it
         self._free = num_blocks
 
     @property
@@ -96,7 +97,7 @@ class BlockAllocator:
         is checked and marked with two slice operations instead of a loop per block (a
         default allocation is 64 blocks); anything else, or a block not in use (a double
         free), goes through `free`, which names it."""
-        first = _run_start(blocks)
+        first = _run_start(blocks, self._ids)
         end = first + len(blocks)
         if first < 0 or end > self.num_blocks or self._in_use.find(0, first, end) >= 0:
             self.free(blocks)
@@ -142,7 +143,7 @@ class BlockAllocator:
             taken = stack[-count:]
             taken.reverse()
             del stack[-count:]
-            first = _run_start(taken)
+            first = _run_start(taken, self._ids)
             if first >= 0:  # a run: one slice
                 in_use[first:first + count] = b"\x01" * count
             else:
@@ -191,11 +192,13 @@ class BlockAllocator:
                 raise ValueError(f"{action}: block {b} is already in use")
 
 
-def _run_start(blocks: list[int]) -> int:
+def _run_start(blocks: list[int], ids: list[int]) -> int:
     """The first index of `blocks` when they are a run of more than two consecutive
-    indices (ints, ascending: what a fresh allocation usually is), else -1."""
+    indices (ints, ascending: what a fresh allocation usually is), else -1. `ids` is
+    `list(range(num_blocks))`: a slice of it is the run to compare with (one copy in C,
+    no list built from a range)."""
     count = len(blocks)
     if count <= 2:
         return -1
     first = blocks[0]
-    return first if blocks == list(range(first, first + count)) else -1
+    return first if type(first) is int and blocks == ids[first:first + count] else -1

@@ -64,7 +64,8 @@ _ADMIT, _RESUME, _COMPLETE = rec.DecisionAction.ADMIT.value, rec.DecisionAction.
     rec.DecisionAction.COMPLETE.value
 # What a language rank reads of the records every peer publishes (the rest is stepped over).
 _T = rec.RecordType
-LEADER_WANTS = frozenset({_T.TRANSFER, _T.COMPLETIONS, _T.ABORT, _T.ANNOUNCE, _T.MEMBER, _T.PAYLOAD_INFO})
+LEADER_WANTS = frozenset({_T.TRANSFER, _T.COMPLETIONS, _T.ABORT, _T.ANNOUNCE, _T.ANNOUNCEMENTS, _T.MEMBER,
+                          _T.PAYLOAD_INFO})
 FOLLOWER_WANTS = frozenset({_T.TRANSFER, _T.DECISIONS, _T.ABORT, _T.MEMBER, _T.PAYLOAD_INFO})
 
 
@@ -276,7 +277,7 @@ class Receiver(Endpoint):
         elif kind is rec.Abort:
             if record.dst_rank in (-1, self.rank, self.leader_rank):
                 self._on_abort(record)
-        elif kind is rec.Announce:
+        elif kind is rec.Announce or kind is rec.Announcements:
             if self.is_leader and record.dst_rank == self.rank:
                 self._on_announce(record)
         elif kind is rec.Member:
@@ -307,18 +308,29 @@ class Receiver(Endpoint):
             return
         self._fail(request, rec.AbortReason(record.reason), text, notify=False)
 
-    def _on_announce(self, record: rec.Announce) -> None:
+    def _on_announce(self, record: rec.Announce | rec.Announcements) -> None:
+        """Sizes an encoder leader announced (one from its engine, or those of submits still
+        without an allocation): a request still waiting for its first allocation gets an
+        exact one; one not admitted yet keeps the size (bounded) for its admission."""
         view = self.directory.view_of(record.src_rank)
         if view is None or view.role is not Role.ENCODER:
             return
-        request = self.requests.get(record.request_id)
+        if type(record) is rec.Announce:
+            self._announced_size(record.request_id, record.total_tokens, view, record.src_rank)
+            return
+        e = record.entries
+        for request_id, total_tokens in zip(e["request_id"].tolist(), e["total_tokens"].tolist(), strict=True):
+            self._announced_size(request_id, total_tokens, view, record.src_rank)
+
+    def _announced_size(self, request_id: int, total_tokens: int, view: EngineView, src_rank: int) -> None:
+        request = self.requests.get(request_id)
         if request is None:
-            if record.request_id not in self.retired:
-                _remember(self._announced, record.request_id, (record.total_tokens, record.src_rank))
+            if request_id not in self.retired:
+                _remember(self._announced, request_id, (total_tokens, src_rank))
             return
         if request.state is RequestState.BOOTSTRAPPING and request.expected_tokens is None \
                 and request.engine == view.name:
-            request.expected_tokens = record.total_tokens  # still waiting for blocks: allocate exactly
+            request.expected_tokens = total_tokens  # still waiting for blocks: allocate exactly
 
     def _on_transfer(self, record: rec.Transfer) -> None:
         if record.dst_rank not in (rec.BROADCAST_RANK, self.me.incarnation):

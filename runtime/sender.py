@@ -64,6 +64,11 @@ class Sender(Endpoint):
         self._early_aborts: OrderedDict[int, str] = OrderedDict()
         # Items the language side holds, by request (HeldItems records): what lookup_items says.
         self._held: OrderedDict[int, tuple[int, set[bytes]]] = OrderedDict()
+        # Submits still without their first allocation: those of the last step are checked
+        # at this step (`_announce_unallocated`), those of this step at the next.
+        self._unallocated_due: list[Request] = []
+        self._unallocated_new: list[Request] = []
+        self._announcements: dict[int, list[tuple[int, int]]] = {}  # this step's, by language leader
 
     @property
     def dummy(self) -> bool:
@@ -84,7 +89,8 @@ class Sender(Endpoint):
         fails at once, before any work.
 
         The payload is sent straight from its tensors: leave them unchanged until the
-        request is finished."""
+        request is finished. If the language side's allocation has not come by the next
+        step, its size is announced (`_announce_unallocated`)."""
         check_request_id(request_id)
         self._check_open("submit")
         if not isinstance(payload, Payload):
@@ -129,6 +135,8 @@ class Sender(Endpoint):
         if self.spec.device.type == "cuda":
             request.addresses = ops.row_addresses(payload)
         self._replay(held, completion)
+        if request.round < 0 and self.is_leader:
+            self._unallocated_new.append(request)
 
     def announce(self, request_id: int, num_tokens: int, language_engine: str | int | None = None) -> None:
         """Tell the language side now that `request_id` will have `num_tokens` tokens (as
@@ -145,6 +153,40 @@ class Sender(Endpoint):
         if self.is_leader and view is not None:
             self._publish(rec.Announce(request_id=request_id, total_tokens=num_tokens, src_rank=self.rank,
                                        dst_rank=view.leader))
+
+    def _announce_unallocated(self) -> None:
+        """Announce N (one ANNOUNCEMENTS record per step) for the requests submitted before the previous
+        step whose first allocation has still not come: their admission waits on the
+        language side (for blocks, or for the router), where the announcement makes the
+        allocation exact, so a request holds the blocks it needs, not the default, and
+        needs no resume round. One step late on purpose: an allocation that was on its way
+        at the submit has arrived by then, and nothing is sent. Only the leader announces
+        (it is the rank the language leader allocates with). A request bound to no
+        language engine yet is announced only when a single one is in the job."""
+        due, self._unallocated_due, self._unallocated_new = self._unallocated_due, self._unallocated_new, []
+        only = False  # the single usable language engine, looked up once (False: not yet)
+        for request in due:
+            if request.round >= 0 or request.state.terminal or not request.total_tokens \
+                    or self.requests.get(request.request_id) is not request:
+                continue
+            if request.engine is not None:
+                view, _ = self._peer_view(request.engine)
+            else:
+                if only is False:
+                    usable = [v for v in self.directory.engines(Role.LANGUAGE) if v.state == "usable"]
+                    only = usable[0] if len(usable) == 1 else None
+                view = only
+            if view is not None:
+                self._announcements.setdefault(view.leader, []).append((request.request_id, request.total_tokens))
+                self.stats.announced += 1
+
+    def _emit(self) -> None:
+        if self._announcements:
+            fit = rec.Announcements.entries_that_fit(self.bus.outbox.capacity)
+            for dst, items in self._announcements.items():
+                for first in range(0, len(items), fit):
+                    self._publish(rec.Announcements.of(self.rank, dst, items[first : first + fit]))
+            self._announcements.clear()
 
     def _language_target(self, language_engine: str | int | None, verb: str) -> EngineView | None:
         if language_engine is not None:
@@ -530,6 +572,8 @@ class Sender(Endpoint):
 
     def _pump(self) -> bool:
         worked = False
+        if self._unallocated_due or self._unallocated_new:
+            self._announce_unallocated()
         for peer in self.peers.values():
             if peer.channel is not None:
                 worked |= peer.channel.pump()

@@ -43,6 +43,7 @@ class Stats:
     rejected_records: int = 0
     discarded_segments: int = 0
     cached: int = 0
+    announced: int = 0  # encoder leader: sizes it announced for submits still without an allocation
     blocks_in_use: int = 0
     in_flight: int = 0
 

@@ -27,6 +27,7 @@ from embxfer.control.records import (
     Allocation,
     Allocations,
     Announce,
+    Announcements,
     Completion,
     Completions,
     DecisionAction,
@@ -133,6 +134,14 @@ def completions_records():
     return st.builds(Completions.of, RANK, DST, st.lists(completion_entries(), min_size=1, max_size=8))
 
 
+def announcement_entries():
+    return st.tuples(NONNEG, st.integers(1, U32_MAX))
+
+
+def announcements_records():
+    return st.builds(Announcements.of, RANK, DST, st.lists(announcement_entries(), min_size=1, max_size=8))
+
+
 def decisions_records():
     return st.builds(lambda src, items, dst: Decisions.of(src, items, dst),
                      RANK, st.lists(decision_entries(), min_size=1, max_size=6), DST)
@@ -164,7 +173,7 @@ def members():
     return st.builds(Member, RANK, st.sampled_from(MemberState))
 
 
-BATCH_RECORD = st.one_of(allocations_records(), completions_records(), decisions_records())
+BATCH_RECORD = st.one_of(allocations_records(), completions_records(), decisions_records(), announcements_records())
 ANY_RECORD = st.one_of(BATCH_RECORD, transfers(), aborts(), announces(), members())
 
 
@@ -226,7 +235,7 @@ def test_every_record_type_round_trips(record):
     assert decode(bytearray(data), UNBOUNDED) == record and decode(memoryview(data), UNBOUNDED) == record
     assert rebuilt(decoded) == record  # what decode returns passes the checked constructor
     assert decode_frame(data + data, UNBOUNDED) == ([record, record], None)
-    if not isinstance(record, (Allocations, Completions, Decisions)) or len(record) == 1:  # about one request
+    if not isinstance(record, (Allocations, Completions, Decisions, Announcements)) or len(record) == 1:
         assert len(data) <= max_record_bytes(UNBOUNDED) == rec.MAX_RECORD_BYTES
 
 
@@ -588,11 +597,11 @@ def test_max_record_bytes_is_tight_for_the_wires_maxima():
         assert decode(encode(record), UNBOUNDED) == record
 
 
-@pytest.mark.parametrize("kind, entry_bytes", [(Allocations, 20), (Completions, 21)])
+@pytest.mark.parametrize("kind, entry_bytes", [(Allocations, 20), (Completions, 21), (Announcements, 12)])
 @pytest.mark.parametrize("frame_bytes", [64, 100, 4096, 65536])
 def test_a_batch_cut_with_entries_that_fit_fits_its_frame(kind, entry_bytes, frame_bytes):
     fit = kind.entries_that_fit(frame_bytes)
-    one = (1, 0, 0, 1) if kind is Allocations else (1, 0, 0, 1, 0)
+    one = {Allocations: (1, 0, 0, 1), Completions: (1, 0, 0, 1, 0), Announcements: (1, 1)}[kind]
     assert len(encode(kind.of(0, 1, [one] * fit))) <= frame_bytes < len(encode(kind.of(0, 1, [one] * (fit + 1))))
     assert len(encode(kind.of(0, 1, [one] * fit))) == 28 + entry_bytes * fit
 
@@ -788,9 +797,10 @@ def verdict(raw: bytes, limits: Limits) -> str:
 @given(RANK, st.one_of(
     st.lists(decision_entries(), min_size=1, max_size=8).map(lambda items: (Decisions, items)),
     st.lists(allocation_entries(), min_size=1, max_size=8).map(lambda items: (Allocations, items)),
-    st.lists(completion_entries(), min_size=1, max_size=8).map(lambda items: (Completions, items))), st.data())
+    st.lists(completion_entries(), min_size=1, max_size=8).map(lambda items: (Completions, items)),
+    st.lists(announcement_entries(), min_size=1, max_size=8).map(lambda items: (Announcements, items))), st.data())
 def test_the_small_record_checks_and_the_vectorized_ones_agree(src, batch, data):
-    """A batch record of a few entries (DECISIONS, ALLOCATIONS, COMPLETIONS) is checked
+    """A batch record of a few entries (DECISIONS, ALLOCATIONS, COMPLETIONS, ANNOUNCEMENTS) is checked
     entry by entry in plain Python, a larger one with numpy: on any bytes, valid or
     corrupted, both accept exactly the same and refuse exactly the same (against a small
     pool, so the bounds are exercised too)."""

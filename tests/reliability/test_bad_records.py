@@ -214,3 +214,22 @@ def test_allocations_from_an_unknown_or_departed_incarnation_are_never_kept(clus
     sender.directory.view_of(1).state = "dead"  # the language engine's incarnation died
     sender._on_record(resume(request_id=8))
     assert sender.stats.late_records == late + 1 and 8 not in sender._early_allocations
+
+
+def test_announcements_are_bounded_and_taken_only_from_an_encoder_leader(cluster, monkeypatch):
+    """An ANNOUNCEMENTS record costs the language leader at most its bounded memory of sizes
+    for ids not admitted yet (the oldest dropped); one from a rank that is not an encoder
+    (here the language follower) changes nothing; the sizes kept make the admissions exact."""
+    from embxfer.runtime import receiver as receiver_module
+
+    monkeypatch.setattr(receiver_module, "EARLY_MEMORY", 8)
+    leader = cluster.leader
+    leader._on_record(rec.Announcements.of(2, 1, [(rid, 100) for rid in range(100, 150)]))  # from the follower
+    assert not leader._announced
+    leader._on_record(rec.Announcements.of(0, 1, [(rid, 1400 + rid) for rid in range(100, 150)]))
+    assert list(leader._announced) == list(range(142, 150))  # the newest 8
+    assert all(leader._announced[rid][0] == 1400 + rid for rid in leader._announced)
+    payload = random_payload(1549, DIM, seed=149)
+    taken = cluster.transfer({149: payload})[149]  # admitted after its announcement: exact, no resume
+    assert all(copy.bit_equal(payload) for copy in taken) and leader._lookup(149).resumes == 0
+    healthy(cluster)

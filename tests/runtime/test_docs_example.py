@@ -16,10 +16,12 @@ import sys
 from pathlib import Path
 
 import pytest
+import torch
 
 import embxfer
 from embxfer import Config, LocalCluster, Payload, RequestState, Topology
 from embxfer.runtime.local import random_payload
+from embxfer.runtime.payload import Item
 
 ROOT = Path(__file__).resolve().parents[2]
 DOC = ROOT / "docs" / "integration.md"
@@ -468,6 +470,75 @@ def test_an_announcement_after_the_allocation_is_ignored_and_harmless() -> None:
     cluster.run_until(lambda: cluster.leader.state(1) is RequestState.SUCCESS)
     assert cluster.leader._lookup(1).resumes == 1  # 1024, then the other 1476: as without the announcement
     assert cluster.leader.take(1).bit_equal(payload)
+    drain(cluster)
+
+
+def test_a_submit_still_without_its_allocation_a_step_later_is_announced_and_allocated_exactly() -> None:
+    """The engine announces nothing: the encoder leader announces request 2's size itself,
+    one step after the submit, because its allocation has not come (the pool is held by
+    request 1); the admission waiting for blocks then takes 3 blocks, not the default 8."""
+    cluster = make_cluster((1, 1, 2), pool_blocks=8)  # one default allocation, taken by request 1
+    for receiver in cluster.receivers.values():
+        receiver.admit(1)
+        receiver.admit(2)
+    quiet(cluster)
+    blocks = first_allocation(cluster, 2)
+    scene_payload, second = random_payload(700, DIM, seed=1), random_payload(300, DIM, seed=2)
+    cluster.submit(1, scene_payload)
+    cluster.submit(2, second)
+    cluster.run_until(lambda: language_states(cluster, 2) == {RequestState.SUCCESS})
+    assert blocks == [3] and cluster.leader._lookup(2).resumes == 0
+    assert cluster.senders[0].stats.announced == 1  # request 2 only: request 1 had its allocation
+    assert all(receiver.take(2).bit_equal(second) for receiver in cluster.receivers.values())
+    assert all(receiver.take(1).bit_equal(scene_payload) for receiver in cluster.receivers.values())
+    drain(cluster)
+
+
+def test_a_submit_whose_allocation_comes_within_a_step_announces_nothing() -> None:
+    """Admitted and submitted together, with blocks free: the allocation reaches the encoder
+    leader at the next step, before anything is announced (also for a whole batch)."""
+    cluster = make_cluster((1, 2, 2))
+    payloads = {rid: random_payload(100 + 37 * rid, DIM, seed=rid) for rid in range(1, 9)}
+    taken = cluster.transfer(payloads)
+    assert all(copy.bit_equal(payloads[rid]) for rid, copies in taken.items() for copy in copies)
+    assert sum(sender.stats.announced for sender in cluster.senders.values()) == 0
+    drain(cluster)
+
+
+def test_an_announced_size_is_the_rows_that_travel() -> None:
+    """A request that waits for blocks is announced with the rows that travel: with an item
+    the language side holds, fewer than the payload's, and its allocation is that many."""
+    cluster = make_cluster((1, 1, 1), pool_blocks=8, cache_bytes=1 << 20)
+    leader, sender = cluster.leader, cluster.senders[0]
+
+    def payload(text_before: int, picture: Payload, text_after: int, seed: int) -> Payload:
+        text = random_payload(text_before + text_after, DIM, seed=seed)
+        rows = picture.num_tokens
+        positions = torch.arange(text_before + rows + text_after, dtype=torch.int32).expand(3, -1).clone()
+        return Payload(torch.cat([text.embeddings[:text_before], picture.embeddings, text.embeddings[text_before:]]),
+                       torch.cat([text.fill_ids[:text_before], picture.fill_ids, text.fill_ids[text_before:]]),
+                       positions, 0, items=[Item(b"picture", text_before, rows)])
+
+    picture = random_payload(256, DIM, seed=3)
+    first = payload(10, picture, 6, seed=4)
+    leader.admit(1, items=list(first.items))  # a miss: the picture is cached at completion
+    sender.submit(1, first)
+    cluster.run_until(lambda: leader.state(1) is RequestState.SUCCESS)
+    assert leader.take(1).bit_equal(first)
+    drain(cluster)
+    leader.admit(9)  # takes the whole pool (one default allocation)
+    second = payload(64, picture, 36, seed=5)
+    leader.admit(2, items=list(second.items))
+    quiet(cluster)
+    assert sender.lookup_items(2) == {b"picture"}
+    blocks = first_allocation(cluster, 2)
+    sender.submit(2, second)
+    quiet(cluster)
+    assert sender.stats.announced == 1 and leader.state(2) is RequestState.BOOTSTRAPPING
+    sender.submit(9, random_payload(40, DIM, seed=6))
+    cluster.run_until(lambda: leader.state(2) is RequestState.SUCCESS)
+    assert blocks == [1] and leader._lookup(2).resumes == 0  # the 100 text rows, not the payload's 356
+    assert leader.take(2).bit_equal(second)
     drain(cluster)
 
 
