@@ -155,14 +155,15 @@ class Sender(Endpoint):
                                        dst_rank=view.leader))
 
     def _announce_unallocated(self) -> None:
-        """Announce N (one ANNOUNCEMENTS record per step) for the requests submitted before the previous
-        step whose first allocation has still not come: their admission waits on the
+        """Announce the size (the rows that travel) of each request submitted before the
+        previous step whose first allocation has still not come, all of them in one
+        ANNOUNCEMENTS record per language leader (`_emit`). Its admission waits on the
         language side (for blocks, or for the router), where the announcement makes the
-        allocation exact, so a request holds the blocks it needs, not the default, and
-        needs no resume round. One step late on purpose: an allocation that was on its way
-        at the submit has arrived by then, and nothing is sent. Only the leader announces
-        (it is the rank the language leader allocates with). A request bound to no
-        language engine yet is announced only when a single one is in the job."""
+        allocation exact: the request holds the blocks it needs, not the default, and needs
+        no resume round. One step late on purpose: an allocation that was on its way at the
+        submit has arrived by then, and nothing is sent. Only the leader announces (the
+        language leader allocates with it). A request bound to no language engine yet is
+        announced only when a single one is in the job."""
         due, self._unallocated_due, self._unallocated_new = self._unallocated_due, self._unallocated_new, []
         only = False  # the single usable language engine, looked up once (False: not yet)
         for request in due:

@@ -63,6 +63,10 @@ def stress_writer(conn, seed: int, records: int, slots: int, slot_bytes: int, re
     try:
         conn.send(writer.name)
         wait_for_readers(writer, readers)
+        # A reader's entry counts in `readers()` a moment before its attach returns, and it
+        # sees the records published after that: start once every attach has returned.
+        if not conn.poll(30.0) or conn.recv() != "go":
+            raise TimeoutError("no go from the test within 30 s")
         content = random.Random(seed)
         pauses = random.Random(seed + 1)
         for index in range(records):

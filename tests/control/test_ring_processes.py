@@ -61,6 +61,7 @@ def test_stress_every_reader_gets_every_record_once_in_order(spawn):
         readers.append((reader_end, spawn(ringworkers.stress_reader, reader_conn, name, seed, seed + 2 + k, STRESS_RECORDS)))
     for reader_end, _ in readers:
         assert _recv(reader_end) == "attached", f"seed {seed}"
+    writer_end.send("go")  # every attach has returned: each reader sees every record from here
     context_info = f"seed {seed} (EMBXFER_TEST_SEED={seed} reproduces), slots {slots}, slot_bytes {slot_bytes}"
     outcome = _recv(writer_end, 200)
     assert outcome == ("done", STRESS_RECORDS), f"writer: {outcome}; {context_info}"
