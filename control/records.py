@@ -1212,6 +1212,18 @@ class HeldItems(_Batch):
             raise error("HeldItems.entries.content_hash: bytes past hash_length are not zero")
 
     @classmethod
+    def _check_rows(cls, rows: list[tuple], error: type[Exception]) -> None:
+        # A row's hash is read without its trailing zero bytes: it is no longer than
+        # hash_length exactly when every byte past hash_length is zero.
+        for request_id, hash_length, content_hash in rows:
+            if request_id < 0:
+                raise error("HeldItems.entries.request_id: a negative id")
+            if not 1 <= hash_length <= MAX_HASH_BYTES:
+                raise error(f"HeldItems.entries.hash_length: expected 1..{MAX_HASH_BYTES}")
+            if len(content_hash) > hash_length:
+                raise error("HeldItems.entries.content_hash: bytes past hash_length are not zero")
+
+    @classmethod
     def of(cls, src_rank: int, dst_rank: int, items: list[tuple[int, bytes]]) -> HeldItems:
         out = entries(_HELD, len(items))
         out["request_id"] = [rid for rid, _ in items]

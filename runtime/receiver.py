@@ -456,19 +456,27 @@ class Receiver(Endpoint):
 
     def _fill_items(self, request: Request) -> None:
         """The rows of the items the encoder side skipped, from the cache, their positions
-        moved to where each item sits in this request (its anchor)."""
+        moved to where each item sits in this request (its anchor): one copy call for all
+        of them, one add for every shifted axis (scalars: no upload, no wait)."""
+        destinations, sources, axes, shifts = [], [], [], []
         for item in request.info.items:
             if item.skipped:
                 cached = self.cache.item(item.content_hash)
                 target = RowTensors(*(None if t is None else t[:, item.start : item.start + item.count] if i == 2
                                       else t[item.start : item.start + item.count]
                                       for i, t in enumerate(request.outputs)))
-                pairs = [(dest, source) for source, dest in zip(cached, target, strict=True) if source is not None]
-                torch._foreach_copy_([d for d, _ in pairs], [s for _, s in pairs])
-                positions = target.mrope_positions
-                for axis, shift in enumerate(item.anchor):  # scalars: no upload, no wait
+                for source, dest in zip(cached, target, strict=True):
+                    if source is not None:
+                        destinations.append(dest)
+                        sources.append(source)
+                for axis, shift in enumerate(item.anchor):
                     if shift:
-                        positions[axis].add_(shift)
+                        axes.append(target.mrope_positions[axis])
+                        shifts.append(shift)
+        if destinations:
+            torch._foreach_copy_(destinations, sources)
+        if axes:
+            torch._foreach_add_(axes, shifts)
 
     def _check_segment(self, request: Request, s: rec.Segment, source: EngineView) -> str | None:
         if request.peer is None:  # a follower binds on the first segment from its serving rank

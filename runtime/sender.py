@@ -219,10 +219,10 @@ class Sender(Endpoint):
         if not skipped and not metadata:
             return  # every row travels: the language side's own admission names the items
         anchors = {}
-        if skipped:
-            starts = torch.tensor([item.start for item in skipped], device=payload.mrope_positions.device)
-            anchors = dict(zip((item.start for item in skipped),
-                               payload.mrope_positions[:, starts].t().tolist(), strict=True))
+        if skipped:  # each skipped item's first position column: views, one gather, one read (no upload)
+            positions = payload.mrope_positions
+            columns = torch.stack([positions[:, item.start] for item in skipped]).tolist()
+            anchors = dict(zip((item.start for item in skipped), columns, strict=True))
         items = [rec.PayloadItem(item.content_hash, item.start, item.count, item.start in anchors,
                                  tuple(anchors.get(item.start, (0, 0, 0)))) for item in payload.items]
         request.info = rec.PayloadInfo.trusted(src_rank=self.rank, dst_rank=-1, request_id=request.request_id,

@@ -32,6 +32,7 @@ from embxfer.control.records import (
     Completions,
     DecisionAction,
     Decisions,
+    HeldItems,
     Limits,
     Member,
     MemberState,
@@ -798,10 +799,12 @@ def verdict(raw: bytes, limits: Limits) -> str:
     st.lists(decision_entries(), min_size=1, max_size=8).map(lambda items: (Decisions, items)),
     st.lists(allocation_entries(), min_size=1, max_size=8).map(lambda items: (Allocations, items)),
     st.lists(completion_entries(), min_size=1, max_size=8).map(lambda items: (Completions, items)),
-    st.lists(announcement_entries(), min_size=1, max_size=8).map(lambda items: (Announcements, items))), st.data())
+    st.lists(announcement_entries(), min_size=1, max_size=8).map(lambda items: (Announcements, items)),
+    st.lists(st.tuples(NONNEG, st.binary(min_size=1, max_size=MAX_HASH_BYTES)), min_size=1, max_size=8).map(
+        lambda items: (HeldItems, items))), st.data())
 def test_the_small_record_checks_and_the_vectorized_ones_agree(src, batch, data):
-    """A batch record of a few entries (DECISIONS, ALLOCATIONS, COMPLETIONS, ANNOUNCEMENTS) is checked
-    entry by entry in plain Python, a larger one with numpy: on any bytes, valid or
+    """A batch record of a few entries (DECISIONS, ALLOCATIONS, COMPLETIONS, ANNOUNCEMENTS,
+    HELD) is checked entry by entry in plain Python, a larger one with numpy: on any bytes, valid or
     corrupted, both accept exactly the same and refuse exactly the same (against a small
     pool, so the bounds are exercised too)."""
     kind, items = batch
