@@ -9,6 +9,9 @@ path; only the two transports are in-process), one torch thread. Cases (D = 64, 
 64-token requests, all fitting the default allocation):
 
   batch_tp1 / batch_tp2    256 requests admitted and submitted together, language TP 1 / 2
+  blind_tp1                the same 256 with an 8192-token default allocation and a pool of
+                           2048 blocks (32 default allocations): admissions wait for blocks,
+                           the shape of the GPU benchmark's many_small
   single_tp1 / single_tp2  one request at a time (admit + submit -> take), TP 1 / 2
   demo                     `embxfer demo` on CPU (three processes, gloo, shm rings): 1000
                            requests of 64..512 tokens, D = 1024; requests per second
@@ -45,13 +48,21 @@ DIM = 64
 TOKENS = 64
 
 
-def cluster_for(language_tp: int) -> LocalCluster:
-    config = Config(block_size=128, default_alloc_tokens=128, language_pool_blocks=4096, staging_bytes=8 << 20)
+def cluster_for(language_tp: int, default_alloc_tokens: int = 128, pool_blocks: int = 4096) -> LocalCluster:
+    config = Config(block_size=128, default_alloc_tokens=default_alloc_tokens, language_pool_blocks=pool_blocks,
+                    staging_bytes=8 << 20)
     return LocalCluster(Topology(1, 1, language_tp), config, dim=DIM)
 
 
-def batch_case(language_tp: int, requests: int, reps: int) -> dict:
-    cluster = cluster_for(language_tp)
+def batch_case(language_tp: int, requests: int, reps: int, blind: bool = False) -> dict:
+    cluster = cluster_for(language_tp, 8192, 2048) if blind else cluster_for(language_tp)
+    steps, step = [0], cluster.step
+
+    def counted() -> bool:
+        steps[0] += 1
+        return step()
+
+    cluster.step = counted
     payloads = [random_payload(TOKENS, DIM, seed=i) for i in range(requests)]
     walls, cpus = [], []
     next_id = 0
@@ -66,7 +77,8 @@ def batch_case(language_tp: int, requests: int, reps: int) -> dict:
             continue
         walls.append(wall / requests)
         cpus.append(cpu / requests)
-    return {"case": f"batch_tp{language_tp}", "requests": requests, "tokens": TOKENS, "dim": DIM,
+    return {"case": f"{'blind' if blind else 'batch'}_tp{language_tp}", "requests": requests, "tokens": TOKENS,
+            "dim": DIM, "steps_per_batch": steps[0] // (reps + 1),
             "us_per_request": 1e6 * statistics.median(walls), "cpu_us_per_request": 1e6 * statistics.median(cpus),
             "messages_per_batch": cluster.leader.snapshot_stats()["messages"] // (reps + 1)}
 
@@ -135,8 +147,8 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--skip-demo", action="store_true")
     args = parser.parse_args(argv)
     torch.set_num_threads(1)
-    cases = [batch_case(1, 256, args.reps), batch_case(2, 256, args.reps), single_case(1, 300), single_case(2, 300),
-             idle_case(1000)]
+    cases = [batch_case(1, 256, args.reps), batch_case(2, 256, args.reps), batch_case(1, 256, args.reps, blind=True),
+             single_case(1, 300), single_case(2, 300), idle_case(1000)]
     if not args.skip_demo:
         cases.append(demo_case(1000))
     targets = {"batch_tp1": 30.0, "batch_tp2": 45.0}
