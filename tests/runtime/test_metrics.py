@@ -301,13 +301,15 @@ def scrape(url: str) -> dict | None:
 @needs_client
 @pytest.mark.timeout(90)
 def test_demo_serves_metrics_while_it_runs(tmp_path):
-    """Layout 1/1/2: the encoder is rank 0 (PORT), the language leader rank 1 (PORT+1)."""
+    """Layout 1/1/2: the encoder is rank 0 (PORT), the language leader rank 1 (PORT+1). A
+    pool of 16 blocks (2048 tokens) makes the 3000-token requests resume, also when the
+    encoder side has announced their size (an allocation is capped by the pool)."""
     port = consecutive_free_ports(3)
     prefix = unique_prefix()
     path = tmp_path / "demo.json"
     run = start_demo("--requests", "4", "--lengths", "3000,100", "--dim", "64", "--default-alloc-tokens", "1024",
-                     "--timeout", "60", "--json", str(path), "--metrics-port", str(port), "--metrics-linger", "3",
-                     prefix=prefix)
+                     "--language-pool-blocks", "16", "--timeout", "60", "--json", str(path), "--metrics-port",
+                     str(port), "--metrics-linger", "3", prefix=prefix)
     leader_url, encoder_url = f"http://127.0.0.1:{port + 1}/metrics", f"http://127.0.0.1:{port}/metrics"
     final = encoder = None
     deadline = time.monotonic() + 75
