@@ -471,7 +471,7 @@ class _Batch(_Record):
         return self._FIXED.pack(self.src_rank, self.dst_rank, len(self.entries)) + self.entries.tobytes()
 
     @classmethod
-    def _of_rows(cls, src_rank: int, dst_rank: int, rows: list[tuple[int, ...]]) -> _Batch:
+    def of(cls, src_rank: int, dst_rank: int, rows: list[tuple[int, ...]]) -> _Batch:
         """A record of tuples in ENTRY's field order, computed by the caller itself (not
         checked again: see `trusted`)."""
         return cls.trusted(src_rank=src_rank, dst_rank=dst_rank, entries=np.array(rows, dtype=cls.ENTRY))
@@ -536,7 +536,8 @@ class Completion(NamedTuple):
 class Allocations(_Batch):
     """Language leader -> encoder leader: for each request, send round `round`, starting at
     `sent_tokens`, at most `allocated_tokens` tokens (whole blocks, R2). Round 0 is the
-    first allocation, later rounds are resumes."""
+    first allocation, later rounds are resumes. `of` takes (request_id, round,
+    sent_tokens, allocated_tokens) tuples."""
 
     src_rank: int
     dst_rank: int
@@ -544,12 +545,6 @@ class Allocations(_Batch):
 
     RECORD_TYPE: ClassVar[RecordType] = RecordType.ALLOCATIONS
     ENTRY: ClassVar[np.dtype] = _ALLOCATION
-
-    @classmethod
-    def of(cls, src_rank: int, dst_rank: int, items: list[tuple[int, int, int, int]]) -> Allocations:
-        """A record of (request_id, round, sent_tokens, allocated_tokens) tuples the caller
-        computed itself (not checked again: see `trusted`)."""
-        return cls._of_rows(src_rank, dst_rank, items)
 
     def items(self) -> list[Allocation]:
         return self._rows(Allocation)
@@ -573,7 +568,8 @@ class Allocations(_Batch):
 class Completions(_Batch):
     """A language rank read round `round` of each request (follower -> leader), or each
     request is complete (leader -> encoder leader; `flags & COMPLETION_CACHED`: served
-    from the cache, no data moved)."""
+    from the cache, no data moved). `of` takes (request_id, round, sent_tokens,
+    total_tokens, flags) tuples."""
 
     src_rank: int
     dst_rank: int
@@ -581,12 +577,6 @@ class Completions(_Batch):
 
     RECORD_TYPE: ClassVar[RecordType] = RecordType.COMPLETIONS
     ENTRY: ClassVar[np.dtype] = _COMPLETION
-
-    @classmethod
-    def of(cls, src_rank: int, dst_rank: int, items: list[tuple[int, int, int, int, int]]) -> Completions:
-        """A record of (request_id, round, sent_tokens, total_tokens, flags) tuples the
-        caller computed itself (not checked again: see `trusted`)."""
-        return cls._of_rows(src_rank, dst_rank, items)
 
     def items(self) -> list[Completion]:
         return self._rows(Completion)
@@ -617,7 +607,8 @@ _ANNOUNCEMENT = np.dtype([("request_id", "<i8"), ("total_tokens", "<u4")])
 class Announcements(_Batch):
     """Encoder leader -> language leader: for each request, its size `total_tokens` (the
     rows that travel), for submits whose first allocation has not come (`Announce` for
-    one, from the engine). What the language leader does with it is `Announce`'s."""
+    one, from the engine). What the language leader does with it is `Announce`'s. `of`
+    takes (request_id, total_tokens) tuples."""
 
     src_rank: int
     dst_rank: int
@@ -625,12 +616,6 @@ class Announcements(_Batch):
 
     RECORD_TYPE: ClassVar[RecordType] = RecordType.ANNOUNCEMENTS
     ENTRY: ClassVar[np.dtype] = _ANNOUNCEMENT
-
-    @classmethod
-    def of(cls, src_rank: int, dst_rank: int, items: list[tuple[int, int]]) -> Announcements:
-        """A record of (request_id, total_tokens) tuples the caller computed itself (not
-        checked again: see `trusted`)."""
-        return cls._of_rows(src_rank, dst_rank, items)
 
     @classmethod
     def _check_entries(cls, array: object, error: type[Exception]) -> None:
