@@ -441,8 +441,13 @@ def entries(dtype: np.dtype, count: int) -> np.ndarray:
     return np.zeros(count, dtype=dtype)
 
 
+@dataclass(frozen=True, eq=False)
 class _Batch(_Record):
     """A record of `entries` (a numpy structured array) from `src_rank` to `dst_rank`."""
+
+    src_rank: int
+    dst_rank: int
+    entries: np.ndarray
 
     ENTRY: ClassVar[np.dtype]
     _FIXED: ClassVar[struct.Struct] = struct.Struct("<qqI")
@@ -539,10 +544,6 @@ class Allocations(_Batch):
     first allocation, later rounds are resumes. `of` takes (request_id, round,
     sent_tokens, allocated_tokens) tuples."""
 
-    src_rank: int
-    dst_rank: int
-    entries: np.ndarray
-
     RECORD_TYPE: ClassVar[RecordType] = RecordType.ALLOCATIONS
     ENTRY: ClassVar[np.dtype] = _ALLOCATION
 
@@ -570,10 +571,6 @@ class Completions(_Batch):
     request is complete (leader -> encoder leader; `flags & COMPLETION_CACHED`: served
     from the cache, no data moved). `of` takes (request_id, round, sent_tokens,
     total_tokens, flags) tuples."""
-
-    src_rank: int
-    dst_rank: int
-    entries: np.ndarray
 
     RECORD_TYPE: ClassVar[RecordType] = RecordType.COMPLETIONS
     ENTRY: ClassVar[np.dtype] = _COMPLETION
@@ -609,10 +606,6 @@ class Announcements(_Batch):
     rows that travel), for submits whose first allocation has not come (`Announce` for
     one, from the engine). What the language leader does with it is `Announce`'s. `of`
     takes (request_id, total_tokens) tuples."""
-
-    src_rank: int
-    dst_rank: int
-    entries: np.ndarray
 
     RECORD_TYPE: ClassVar[RecordType] = RecordType.ANNOUNCEMENTS
     ENTRY: ClassVar[np.dtype] = _ANNOUNCEMENT
@@ -661,9 +654,6 @@ class Decisions(_Batch):
     when strictly shorter than plain; 0, no blocks. So one scattered allocation of n
     blocks never takes more than 3 * n bytes."""
 
-    src_rank: int
-    dst_rank: int
-    entries: np.ndarray
     items: np.ndarray  # int64 values of the item area (each < 2**24)
 
     RECORD_TYPE: ClassVar[RecordType] = RecordType.DECISIONS
@@ -1176,10 +1166,6 @@ _HELD = np.dtype([("request_id", "<i8"), ("hash_length", "u1"), ("content_hash",
 class HeldItems(_Batch):
     """Language leader -> encoder leader: items of admitted requests that the language
     side holds in its cache (the encoder engine may skip them: `Sender.lookup_items`)."""
-
-    src_rank: int
-    dst_rank: int
-    entries: np.ndarray
 
     RECORD_TYPE: ClassVar[RecordType] = RecordType.HELD
     ENTRY: ClassVar[np.dtype] = _HELD
