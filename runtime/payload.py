@@ -28,6 +28,14 @@ INT64_MIN, INT64_MAX = -(1 << 63), (1 << 63) - 1
 _BITS_VIEW = {torch.bfloat16: torch.int16, torch.float16: torch.int16, torch.float32: torch.int32}
 
 
+def as_bits(tensor: torch.Tensor) -> torch.Tensor:
+    """`tensor`, floating values viewed as integers of the same width (the same bytes): what
+    compares, and copies through a torch op that might compute (`_foreach_copy_` on CUDA),
+    bit for bit, NaN payloads and -0.0 included."""
+    view = _BITS_VIEW.get(tensor.dtype)
+    return tensor if view is None else tensor.view(view)
+
+
 def _dtype_name(dtype: torch.dtype) -> str:
     return str(dtype).removeprefix("torch.")
 
@@ -330,9 +338,7 @@ class Payload:
             if a.shape != b.shape or a.dtype != b.dtype:
                 diffs.append(name)
                 continue
-            view = _BITS_VIEW.get(a.dtype)
-            if view is not None:
-                a, b = a.view(view), b.view(view)
+            a, b = as_bits(a), as_bits(b)
             if not torch.equal(a, b.to(a.device)):
                 diffs.append(name)
         return diffs

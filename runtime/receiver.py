@@ -52,7 +52,15 @@ from .cache import PayloadCache
 from .channels import RecvChannel, RecvMessage, segment_plan, wire_to_rows
 from .endpoint import Endpoint, Request, check_request_id
 from .membership import EngineView, Role, engine_name
-from .payload import Item, Payload, check_items, content_hash_bytes, kept_rows, metadata_tensors
+from .payload import (
+    Item,
+    Payload,
+    as_bits,
+    check_items,
+    content_hash_bytes,
+    kept_rows,
+    metadata_tensors,
+)
 from .pool import BlockPool
 from .state import RequestState
 
@@ -457,7 +465,11 @@ class Receiver(Endpoint):
     def _fill_items(self, request: Request) -> None:
         """The rows of the items the encoder side skipped, from the cache, their positions
         moved to where each item sits in this request (its anchor): one copy call for all
-        of them, one add for every shifted axis (scalars: no upload, no wait)."""
+        of them, one add for every shifted axis (scalars: no upload, no wait). Floating rows
+        are copied as same-width integers, so the copy moves bits whichever path torch
+        takes: on CUDA, `_foreach_copy_`'s fast path (a list of one half-precision dtype)
+        computes in float32 and would turn NaN payloads into the canonical NaN; a list that
+        mixes dtypes, as this one always did, takes the per-tensor path, which moves bits."""
         destinations, sources, axes, shifts = [], [], [], []
         for item in request.info.items:
             if item.skipped:
@@ -467,8 +479,8 @@ class Receiver(Endpoint):
                                       for i, t in enumerate(request.outputs)))
                 for source, dest in zip(cached, target, strict=True):
                     if source is not None:
-                        destinations.append(dest)
-                        sources.append(source)
+                        destinations.append(as_bits(dest))
+                        sources.append(as_bits(source))
                 for axis, shift in enumerate(item.anchor):
                     if shift:
                         axes.append(target.mrope_positions[axis])

@@ -75,3 +75,38 @@ def test_many_requests_per_message_on_cuda_use_the_direct_launcher():
     assert triton_copy._LAUNCHER._usable and triton_copy._LAUNCHER._kernels
     assert c.senders[0].snapshot_stats()["messages"] < len(payloads)  # 96 requests in fewer messages
     assert set(c.blocks_in_use().values()) == {0}
+
+
+def test_reused_items_arrive_bit_exact_on_cuda():
+    """A second turn about a cached picture whose rows are random bit patterns (NaN payloads
+    included): the rows filled from the cache on every language rank are the very bits the
+    encoder engine had (the fill copies floating rows as integers; a bf16-only
+    `_foreach_copy_` on CUDA would canonicalize the NaNs)."""
+    from embxfer.runtime.payload import Item, Payload
+
+    config = Config(default_alloc_tokens=2048, language_pool_blocks=64, staging_bytes=4 << 20, cache_bytes=64 << 20)
+    c = LocalCluster(Topology(1, 1, 2), config, dim=1000, device="cuda")
+    picture = random_payload(300, 1000, seed=7, device="cuda")
+    assert torch.isnan(picture.embeddings.float()).any()  # the bits include NaN payloads
+
+    def prompt(before: int, after: int, seed: int) -> Payload:
+        text = random_payload(before + after, 1000, seed=seed, device="cuda")
+        positions = torch.arange(before + 300 + after, dtype=torch.int32, device="cuda").expand(3, -1).clone()
+        return Payload(torch.cat([text.embeddings[:before], picture.embeddings, text.embeddings[before:]]),
+                       torch.cat([text.fill_ids[:before], picture.fill_ids, text.fill_ids[before:]]),
+                       positions, 0, items=[Item(b"picture", before, 300)])
+
+    for rid, (before, after) in enumerate([(20, 10), (64, 36)], start=1):
+        payload = prompt(before, after, seed=rid)
+        for receiver in c.receivers.values():
+            receiver.admit(rid, items=list(payload.items))
+        for _ in range(3):
+            c.step()
+        assert c.senders[0].lookup_items(rid) == (set() if rid == 1 else {b"picture"})
+        c.submit(rid, payload)
+        c.run_until(lambda rid=rid: all(r.state(rid).terminal for r in c.receivers.values()))
+        for receiver in c.receivers.values():
+            assert receiver.take(rid).mismatches(payload) == [], (rid, receiver.rank)
+        c.settle()
+        c.senders[0].release(rid)
+    assert c.senders[0].stats.tokens < 2 * 330 + 100  # the second turn sent its text rows only
