@@ -31,7 +31,7 @@ import torch
 from . import checks, ops
 from .layout import StagingLayout, staging_layout, staging_nbytes, tokens_that_fit
 from .plan import BlockPlan, plan_spans
-from .types import PoolTensors, RowTensors, TokenSpan
+from .types import PoolTensors, RowTensors, TokenSpan, as_bits
 
 BACKENDS = ("triton", "torch")
 
@@ -190,6 +190,7 @@ __all__ = [
     "RowTensors",
     "StagingLayout",
     "TokenSpan",
+    "as_bits",
     "gather",
     "gather_many",
     "ops",

@@ -24,13 +24,7 @@ import torch
 
 from .layout import StagingLayout
 from .plan import BlockPlan
-from .types import PoolTensors, RowTensors
-
-_BITS = {torch.bfloat16: torch.int16, torch.float16: torch.int16, torch.float32: torch.int32}
-
-
-def _bits(tensor: torch.Tensor) -> torch.Tensor:
-    return tensor.view(_BITS.get(tensor.dtype, tensor.dtype))
+from .types import PoolTensors, RowTensors, as_bits
 
 
 def plan_rows(plan: BlockPlan, counts: np.ndarray, block_size: int) -> np.ndarray:
@@ -58,9 +52,9 @@ class _PoolRows:
     def __init__(self, pool: PoolTensors) -> None:
         blocks, block_size = pool.embeddings.shape[:2]
         self.block_size = block_size
-        self.embeddings = _bits(pool.embeddings).view(blocks * block_size, -1)
+        self.embeddings = as_bits(pool.embeddings).view(blocks * block_size, -1)
         self.fill_ids = pool.fill_ids.view(-1)
-        self.deepstack = None if pool.deepstack is None else _bits(pool.deepstack).view(blocks * block_size, -1)
+        self.deepstack = None if pool.deepstack is None else as_bits(pool.deepstack).view(blocks * block_size, -1)
         self.mrope = pool.mrope_positions.view(-1)
 
     def indices(self, rows: np.ndarray) -> tuple[torch.Tensor, torch.Tensor]:
@@ -112,9 +106,9 @@ def unpack_reference(
         counts = [layout.counts[i] for i in segments]
         tokens = torch.cat([torch.arange(layout.token_offsets[i], layout.token_offsets[i] + layout.counts[i])
                             for i in segments]).to(staging.device)
-        regions = RowTensors(_bits(regions.embeddings)[tokens], regions.fill_ids[tokens],
+        regions = RowTensors(as_bits(regions.embeddings)[tokens], regions.fill_ids[tokens],
                              regions.mrope_positions[:, tokens],
-                             None if regions.deepstack is None else _bits(regions.deepstack)[tokens])
+                             None if regions.deepstack is None else as_bits(regions.deepstack)[tokens])
     _rows_to_pool(regions, pool, plan, counts)
 
 
@@ -144,7 +138,7 @@ def gather_reference(
             index = rows[first : first + n]
             end = start + n
             whole = start == 0 and n == out.embeddings.shape[0]  # the common case: no slicing
-            torch.index_select(flat.embeddings, 0, index, out=_bits(out.embeddings if whole else out.embeddings[start:end]))
+            torch.index_select(flat.embeddings, 0, index, out=as_bits(out.embeddings if whole else out.embeddings[start:end]))
             torch.index_select(flat.fill_ids, 0, index, out=out.fill_ids if whole else out.fill_ids[start:end])
             positions = out.mrope_positions if whole else out.mrope_positions[:, start:end]
             if positions.is_contiguous():
@@ -152,7 +146,7 @@ def gather_reference(
             else:
                 positions.copy_(flat.mrope[mrope[3 * first : 3 * (first + n)]].view(3, n))
             if flat.deepstack is not None:
-                torch.index_select(flat.deepstack, 0, index, out=_bits(out.deepstack)[start:end])
+                torch.index_select(flat.deepstack, 0, index, out=as_bits(out.deepstack)[start:end])
         first += n
 
 
@@ -250,7 +244,7 @@ def unpack_to_rows_reference(
     cuda = regions.embeddings.is_cuda
     for targets, region, dim in fields:
         if cuda and region.is_floating_point():
-            targets, region = [_bits(t) for t in targets], _bits(region)
+            targets, region = [as_bits(t) for t in targets], as_bits(region)
         parts = region.split_with_sizes(counts, dim=dim)
         torch._foreach_copy_(targets, list(parts) if every else [parts[i] for i in used])
 
@@ -293,11 +287,11 @@ def _row_slice(rows: RowTensors, start: int, count: int) -> RowTensors:
 
 
 def _copy_rows(source: RowTensors, target: RowTensors) -> None:
-    _bits(target.embeddings).copy_(_bits(source.embeddings))
+    as_bits(target.embeddings).copy_(as_bits(source.embeddings))
     target.fill_ids.copy_(source.fill_ids)
     target.mrope_positions.copy_(source.mrope_positions)
     if source.deepstack is not None:
-        _bits(target.deepstack).copy_(_bits(source.deepstack))
+        as_bits(target.deepstack).copy_(as_bits(source.deepstack))
 
 
 def _pool_to_rows(pool: PoolTensors, plan: BlockPlan, counts: Sequence[int], out: RowTensors) -> None:
@@ -342,16 +336,16 @@ def _into(tensor: torch.Tensor, source: torch.Tensor, index: torch.Tensor) -> No
 def _select(flat: _PoolRows, rows: torch.Tensor, mrope: torch.Tensor, out: RowTensors,
             stretches: list[tuple[int, int, int]] | None = None) -> None:
     if stretches is None:
-        _into(_bits(out.embeddings), flat.embeddings, rows)
+        _into(as_bits(out.embeddings), flat.embeddings, rows)
         _into(out.fill_ids, flat.fill_ids, rows)
         if flat.deepstack is not None:
-            _into(_bits(out.deepstack), flat.deepstack, rows)
+            _into(as_bits(out.deepstack), flat.deepstack, rows)
     else:
         for first, n, token in stretches:
-            _bits(out.embeddings)[token : token + n].copy_(flat.embeddings[first : first + n])
+            as_bits(out.embeddings)[token : token + n].copy_(flat.embeddings[first : first + n])
             out.fill_ids[token : token + n].copy_(flat.fill_ids[first : first + n])
             if flat.deepstack is not None:
-                _bits(out.deepstack)[token : token + n].copy_(flat.deepstack[first : first + n])
+                as_bits(out.deepstack)[token : token + n].copy_(flat.deepstack[first : first + n])
     positions = out.mrope_positions
     if positions.is_contiguous():
         torch.index_select(flat.mrope, 0, mrope, out=positions.view(-1))
@@ -362,14 +356,14 @@ def _select(flat: _PoolRows, rows: torch.Tensor, mrope: torch.Tensor, out: RowTe
 def _index_copy(flat: _PoolRows, rows: torch.Tensor, mrope: torch.Tensor, source: RowTensors,
                 stretches: list[tuple[int, int, int]] | None = None) -> None:
     if stretches is None:
-        flat.embeddings.index_copy_(0, rows, _bits(source.embeddings))
+        flat.embeddings.index_copy_(0, rows, as_bits(source.embeddings))
         flat.fill_ids.index_copy_(0, rows, source.fill_ids)
         if flat.deepstack is not None:
-            flat.deepstack.index_copy_(0, rows, _bits(source.deepstack))
+            flat.deepstack.index_copy_(0, rows, as_bits(source.deepstack))
     else:
         for first, n, token in stretches:
-            flat.embeddings[first : first + n].copy_(_bits(source.embeddings)[token : token + n])
+            flat.embeddings[first : first + n].copy_(as_bits(source.embeddings)[token : token + n])
             flat.fill_ids[first : first + n].copy_(source.fill_ids[token : token + n])
             if flat.deepstack is not None:
-                flat.deepstack[first : first + n].copy_(_bits(source.deepstack)[token : token + n])
+                flat.deepstack[first : first + n].copy_(as_bits(source.deepstack)[token : token + n])
     flat.mrope.index_copy_(0, mrope, source.mrope_positions.reshape(-1))

@@ -39,6 +39,18 @@ class PoolTensors(NamedTuple):
         return self.embeddings.shape[1]
 
 
+# Floating dtypes and the integers of the same width their bits are read as.
+BITS_VIEW = {torch.bfloat16: torch.int16, torch.float16: torch.int16, torch.float32: torch.int32}
+
+
+def as_bits(tensor: torch.Tensor) -> torch.Tensor:
+    """`tensor`, floating values viewed as integers of the same width (the same bytes):
+    what compares, indexes and copies bit for bit (NaN payloads, -0.0), also through a
+    torch op that would compute (index kernels, `_foreach_copy_` on CUDA)."""
+    view = BITS_VIEW.get(tensor.dtype)
+    return tensor if view is None else tensor.view(view)
+
+
 class RowTensors(NamedTuple):
     embeddings: torch.Tensor
     fill_ids: torch.Tensor

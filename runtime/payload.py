@@ -19,21 +19,11 @@ import numpy as np
 import torch
 
 from embxfer.control import records as rec
+from embxfer.kernels import as_bits
 
 EMBEDDING_DTYPES = (torch.bfloat16, torch.float16, torch.float32)
 INT64_MIN, INT64_MAX = -(1 << 63), (1 << 63) - 1
 
-# Bit-exact comparison reinterprets floats as integers of the same width, so NaN
-# payloads compare equal to themselves and -0.0 differs from +0.0.
-_BITS_VIEW = {torch.bfloat16: torch.int16, torch.float16: torch.int16, torch.float32: torch.int32}
-
-
-def as_bits(tensor: torch.Tensor) -> torch.Tensor:
-    """`tensor`, floating values viewed as integers of the same width (the same bytes): what
-    compares, and copies through a torch op that might compute (`_foreach_copy_` on CUDA),
-    bit for bit, NaN payloads and -0.0 included."""
-    view = _BITS_VIEW.get(tensor.dtype)
-    return tensor if view is None else tensor.view(view)
 
 
 def _dtype_name(dtype: torch.dtype) -> str:

@@ -45,22 +45,14 @@ import numpy as np
 import torch
 
 from embxfer.control import records as rec
-from embxfer.kernels import RowTensors, ops
+from embxfer.kernels import RowTensors, as_bits, ops
 
 from .allocator import BlockAllocator
 from .cache import PayloadCache
 from .channels import RecvChannel, RecvMessage, segment_plan, wire_to_rows
 from .endpoint import Endpoint, Request, check_request_id
 from .membership import EngineView, Role, engine_name
-from .payload import (
-    Item,
-    Payload,
-    as_bits,
-    check_items,
-    content_hash_bytes,
-    kept_rows,
-    metadata_tensors,
-)
+from .payload import Item, Payload, check_items, content_hash_bytes, kept_rows, metadata_tensors
 from .pool import BlockPool
 from .state import RequestState
 
