@@ -458,10 +458,9 @@ class Receiver(Endpoint):
         """The rows of the items the encoder side skipped, from the cache, their positions
         moved to where each item sits in this request (its anchor): one copy call for all
         of them, one add for every shifted axis (scalars: no upload, no wait). Floating rows
-        are copied as same-width integers, so the copy moves bits whichever path torch
-        takes: on CUDA, `_foreach_copy_`'s fast path (a list of one half-precision dtype)
-        computes in float32 and would turn NaN payloads into the canonical NaN; a list that
-        mixes dtypes, as this one always did, takes the per-tensor path, which moves bits."""
+        are copied as same-width integers (`as_bits`): on CUDA, `_foreach_copy_`'s fast path
+        for a list of one half-precision dtype computes in float32 and would turn NaN
+        payloads into the canonical NaN."""
         destinations, sources, axes, shifts = [], [], [], []
         for item in request.info.items:
             if item.skipped:
