@@ -214,8 +214,12 @@ class Launcher:
                 fill_pool_columns(table, route.pool_base, variant.head, plan)
             if rows is not None:
                 s = route.num_segments
-                np.floor_divide(offsets, variant.row_divisors,
-                                out=table[route.rows_base : route.rows_base + 5 * s].reshape(5, s))
+                if s == 1:
+                    table[route.rows_base : route.rows_base + 5] = [
+                        offset // divisor for offset, divisor in zip(offsets, variant.row_divisor_list, strict=True)]
+                else:
+                    np.floor_divide(offsets, variant.row_divisors,
+                                    out=table[route.rows_base : route.rows_base + 5 * s].reshape(5, s))
             self._end(variant, buffer, size, objects)
 
     # --- one launch: a table buffer, its upload, the kernel, the event -------------------
@@ -388,6 +392,7 @@ class _Route:
             side_pointer[ROWS] = (words_base, words_base, ints_base, ints_base)
             self.row_steps = np.array([[emb_row], [ds_row], [4], [4], [0]], dtype=np.int64)
             self.row_bases = np.array([[words_base], [words_base], [ints_base], [ints_base], [0]], dtype=np.int64)
+            self.row_step_list, self.row_base_list = self.row_steps[:, 0].tolist(), self.row_bases[:, 0].tolist()
             self.row_checked = 2 if ds_row else 1
             self.live = None if int(self.counts.min(initial=1)) > 0 else self.counts > 0
             self.variants: dict[int, _Variant] = {}
@@ -402,9 +407,18 @@ class _Route:
         return (refs[0]() is pool.embeddings and refs[1]() is pool.fill_ids and refs[2]() is pool.mrope_positions
                 and (pool.deepstack is None if refs[3] is None else refs[3]() is pool.deepstack))
 
-    def row_offsets(self, addresses: np.ndarray, starts: np.ndarray) -> tuple[np.ndarray, int]:
+    def row_offsets(self, addresses: np.ndarray, starts: np.ndarray) -> tuple[np.ndarray | list[int], int]:
         """A message's row side as byte offsets from the route's bases ([5, S]: embeddings,
-        deepstack, fill_ids, mrope, and the mrope stride), and the alignment they allow."""
+        deepstack, fill_ids, mrope, and the mrope stride), and the alignment they allow. A
+        message of one segment (every request on its own: the latency case) is worked out
+        with Python integers, a list of 5: numpy's calls on a [5, 1] array cost more than
+        the arithmetic."""
+        if self.num_segments == 1:
+            start, row = int(starts[0]), addresses[0].tolist()
+            offsets = [step * start + address - base
+                       for step, address, base in zip(self.row_step_list, row, self.row_base_list, strict=True)]
+            value = self.alignment | offsets[0] | (offsets[1] if self.row_checked == 2 else 0)
+            return offsets, value & -value
         offsets = self.row_steps * starts
         offsets += addresses.T
         offsets -= self.row_bases
@@ -452,6 +466,7 @@ class _Variant:
                             out=template[route.staging_base : route.staging_base + 5 * s].reshape(5, s))
         variant.template = template
         variant.row_divisors = np.array([[word_bytes], [word_bytes], [4], [4], [1]], dtype=np.int64)
+        variant.row_divisor_list = [word_bytes, word_bytes, 4, 4, 1]
         return variant
 
     def tensors(self, objects: tuple) -> tuple[torch.Tensor, ...]:

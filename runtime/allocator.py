@@ -105,6 +105,25 @@ class BlockAllocator:
         self._in_use[first:end] = bytes(len(blocks))
         self._push(blocks)
 
+    def free_lists(self, lists: list[list[int]]) -> None:
+        """`free_held` for several block lists at once, in order (the stack ends as if each
+        list were freed in turn): what a step's completions give back. A list of one
+        block, what a small request holds, is checked and marked inline; any other goes
+        through `free_held`. ValueError as `free` says for the first bad list (the lists
+        before it stay freed)."""
+        in_use, stack, count = self._in_use, self._free_stack, self.num_blocks
+        for blocks in lists:
+            if len(blocks) == 1:
+                b = blocks[0]
+                if type(b) is int and 0 <= b < count and in_use[b]:
+                    in_use[b] = 0
+                    stack.append(b)
+                    self._free += 1
+                    continue
+            self.free_held(blocks)
+        if len(stack) > 2 * count:
+            self._compact()
+
     def _push(self, blocks: list[int]) -> None:
         """Freed blocks onto the stack (the next allocation hands them back first, in order)."""
         self._free_stack.extend(reversed(blocks))

@@ -386,7 +386,9 @@ class RecvChannel(_Staging):
         return None
 
     def pump(self, accept: Callable[[RecvMessage], bool], landed: Callable[[RecvMessage, torch.Tensor], None]) -> bool:
-        """Unpack what arrived, then post receives in stream order.
+        """Unpack what arrived, then post receives in stream order, then unpack what arrived
+        meanwhile (a receive whose send was posted first often completes at once: the
+        loopback always, a small NCCL message often), so it lands in this step, not the next.
 
         `accept(m)` is asked when `m` is at the head of the line with a buffer free; it
         returns False to wait (a request's blocks are not known on this rank yet) and
@@ -394,6 +396,39 @@ class RecvChannel(_Staging):
         after it arrived, to unpack it."""
         if self.dead:
             return False
+        worked = self._land_arrived(landed)
+        if self.dead:
+            return True
+        if self.pending and not self.posted:
+            state, why = _pair_state(self.transport, self.peer)
+            if state == "failed":
+                self.dead = True
+                self.errors.append((self.peer, f"data pair with {self.peer:x} failed: {why}"))
+                return True
+            if state == "pending":
+                return worked
+        posted = False
+        while self.pending and self.free_slots:
+            message = self.pending[0]
+            if not accept(message):
+                break
+            self.pending.popleft()
+            slot = self.free_slots.popleft()
+            try:
+                handle = self.transport.irecv(self.staging[slot][: message.layout.nbytes], self.peer)
+            except Exception as exc:  # the transport's connection to the peer is gone
+                self.dead = True
+                self.errors.append((self.peer, f"receive from {self.peer:x} failed: {_one_line(exc)}"))
+                return True
+            self.posted.append(_Posted(slot, handle, message))
+            posted = True
+        if posted:
+            self._land_arrived(landed)
+        return worked or posted
+
+    def _land_arrived(self, landed: Callable[[RecvMessage, torch.Tensor], None]) -> bool:
+        """Unpack the posted receives that completed, in order; True if any did (or failed:
+        the channel is then dead, with the reason in `errors`)."""
         worked = False
         while self.posted:
             posted = self.posted[0]
@@ -409,28 +444,6 @@ class RecvChannel(_Staging):
             self.bytes += posted.message.layout.nbytes
             landed(posted.message, self.staging[posted.slot])
             self.free_slots.append(posted.slot)
-            worked = True
-        if self.pending and not self.posted:
-            state, why = _pair_state(self.transport, self.peer)
-            if state == "failed":
-                self.dead = True
-                self.errors.append((self.peer, f"data pair with {self.peer:x} failed: {why}"))
-                return True
-            if state == "pending":
-                return worked
-        while self.pending and self.free_slots:
-            message = self.pending[0]
-            if not accept(message):
-                break
-            self.pending.popleft()
-            slot = self.free_slots.popleft()
-            try:
-                handle = self.transport.irecv(self.staging[slot][: message.layout.nbytes], self.peer)
-            except Exception as exc:  # the transport's connection to the peer is gone
-                self.dead = True
-                self.errors.append((self.peer, f"receive from {self.peer:x} failed: {_one_line(exc)}"))
-                return True
-            self.posted.append(_Posted(slot, handle, message))
             worked = True
         return worked
 

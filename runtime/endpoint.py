@@ -531,22 +531,32 @@ class Endpoint:
     def _set_state(self, request: Request, state: RequestState, why: str = "") -> None:
         """The one place a transition happens (and is logged). A transition to a state in
         flight comes with progress its caller stamps (`last_progress`) in the same step."""
-        if request.state is state:
-            return
-        if log.isEnabledFor(logging.DEBUG):
-            log.debug("member=%x role=%s request=%d %s -> %s%s", self.rank, self.role, request.request_id,
-                      request.state.value, state.value, f" ({why})" if why else "")
-        request.state = state
-        if state.terminal:
-            self.in_flight -= 1
-            if request.engine_admitted:  # else reported when this rank's engine admits it
-                self._just_finished.append(request.request_id)
+        self._set_states((request,), state, why)
+
+    def _set_states(self, requests: Sequence[Request], state: RequestState, why: str = "") -> None:
+        """`_set_state` for a step's batch of requests (one check of the log level, the
+        counters moved once)."""
+        debug = log.isEnabledFor(logging.DEBUG)
+        changed = 0
+        for request in requests:
+            if request.state is state:
+                continue
+            if debug:
+                log.debug("member=%x role=%s request=%d %s -> %s%s", self.rank, self.role, request.request_id,
+                          request.state.value, state.value, f" ({why})" if why else "")
+            request.state = state
+            changed += 1
+            if state.terminal:
+                if request.engine_admitted:  # else reported when this rank's engine admits it
+                    self._just_finished.append(request.request_id)
+                if self.metrics is not None:
+                    self.metrics.finished(self, request)
+        if state.terminal and changed:
+            self.in_flight -= changed
             if state is RequestState.SUCCESS:
-                self.stats.succeeded += 1
+                self.stats.succeeded += changed
             else:
-                self.stats.failed += 1
-            if self.metrics is not None:
-                self.metrics.finished(self, request)
+                self.stats.failed += changed
 
     def _retire(self, request: Request) -> None:
         """Move a terminal request to the bounded memory of finished ones."""

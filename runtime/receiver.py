@@ -628,12 +628,12 @@ class Receiver(Endpoint):
             tokens += request.round_tokens
             request.round_read = True
             request.last_progress = now
-            if acks is None:
-                self._decide(request)
-            else:
+            if acks is not None:
                 acks.append((request.request_id, request.round, request.sent_tokens, request.total_tokens, 0))
         self.stats.rounds += len(requests)
         self.stats.tokens += tokens
+        if acks is None:
+            self._decide(requests)
 
     def _drop_outputs(self, request: Request) -> None:
         self.output_bytes -= request.output_bytes
@@ -646,39 +646,62 @@ class Receiver(Endpoint):
         no entry objects); a request whose every rank has read its round is decided."""
         bit, requests = self._ack_bits[record.src_rank], self.requests
         entries = record.entries
+        acked = []
         for request_id, round_ in zip(entries["request_id"].tolist(), entries["round"].tolist(), strict=True):
             request = requests.get(request_id)
             if request is None or request.state.terminal or round_ != request.round:
                 self.stats.late_records += 1
                 continue
             request.acks |= bit
-            self._decide(request)
+            acked.append(request)
+        self._decide(acked)
 
-    def _decide(self, request: Request) -> None:
-        """Complete or resume, once every language rank has read the current round."""
-        if not request.round_read or request.acks != self._all_acks:
+    def _decide(self, requests: list[Request]) -> None:
+        """Complete or resume each request whose current round every language rank has
+        read. The completions are one batch, decided (and broadcast) before any resume, so
+        a follower frees their blocks before a resume may be given them; a request that
+        resumes frees its blocks just before it allocates the next round's (so it gets
+        them back, at least: blocks that a follower still sees as held by a request whose
+        next decision is not out yet are never handed to another)."""
+        ready = [r for r in requests if r.round_read and r.acks == self._all_acks]
+        if not ready:
             return
-        request.round_read = False
-        request.acks = 0
-        self._release_blocks(request)
-        if request.sent_tokens == request.total_tokens:
-            self._broadcast_decision(request, rec.DecisionAction.COMPLETE, request.content_hash or b"")
-            self._complete(request, request.content_hash)
-            self._completions.setdefault(request.peer.leader, []).append(
-                (request.request_id, request.round, request.sent_tokens, request.total_tokens, 0))
-            return
-        request.resume_due = True
-        if not self._try_resume(request):
-            self._resume_waiting.append(request)
+        for request in ready:
+            request.round_read = False
+            request.acks = 0
+        done = [r for r in ready if r.sent_tokens == r.total_tokens]
+        if done:
+            self._release_all(done)
+            if self.followers:
+                for request in done:
+                    self._broadcast_decision(request, rec.DecisionAction.COMPLETE, request.content_hash or b"")
+            self._complete(done, [r.content_hash for r in done])
+            completions = self._completions
+            for request in done:
+                completions.setdefault(request.peer.leader, []).append(
+                    (request.request_id, request.round, request.sent_tokens, request.total_tokens, 0))
+        if len(done) < len(ready):
+            for request in ready:
+                if request.sent_tokens != request.total_tokens:
+                    self._release_blocks(request)
+                    request.resume_due = True
+                    if not self._try_resume(request):
+                        self._resume_waiting.append(request)
 
-    def _complete(self, request: Request, content_hash: bytes | None) -> None:
-        """SUCCESS; with the leader's `content_hash`, a copy goes into the cache (on every
-        rank in decision order, so the ranks' caches stay identical)."""
-        if content_hash:
-            self.cache.insert(content_hash, request.outputs, request.mrope_delta)
-        self._cache_items(request)
-        self._unpin(request.request_id)
-        self._set_state(request, RequestState.SUCCESS)
+    def _complete(self, requests: list[Request], content_hashes: list[bytes | None]) -> None:
+        """SUCCESS, for a batch; with the leader's content hash, a copy of a request's
+        payload goes into the cache (on every rank in decision order, so the ranks' caches
+        stay identical)."""
+        for request, content_hash in zip(requests, content_hashes, strict=True):
+            if content_hash:
+                self.cache.insert(content_hash, request.outputs, request.mrope_delta)
+        if self.cache.capacity_bytes:
+            for request in requests:
+                self._cache_items(request)
+        if self._pinned:
+            for request in requests:
+                self._unpin(request.request_id)
+        self._set_states(requests, RequestState.SUCCESS)
 
     def _cache_items(self, request: Request) -> None:
         """Every item this request brought (not taken from the cache) goes into the cache,
@@ -832,10 +855,12 @@ class Receiver(Endpoint):
     # -- followers: apply the leader's decisions ---------------------------------------------
     def _apply_decisions(self, record: rec.Decisions) -> None:
         """The leader's decisions, in its order. The entries of a step's usual work (the
-        next round's ADMIT or RESUME of a request in flight or not yet admitted here, the
-        COMPLETE of a request in flight, no cache entry named) are applied from the
-        record's columns; any other entry as one `Decision` (`_apply_decision`, which
-        holds every rule: the fast kinds are its plain cases, not other rules)."""
+        first round's ADMIT of a request admitted here or not yet, the COMPLETE of a request
+        in flight, no cache entry named; a RESUME of the next round) are applied from the
+        record's columns, each run of first ADMITs or of COMPLETEs as a batch
+        (`_start_first_rounds`, `_finish_rounds`); any other entry
+        as one `Decision` (`_apply_decision`, which holds every rule: the fast kinds are its
+        plain cases, not other rules), after the runs before it."""
         entries = record.entries
         ids, rounds = entries["request_id"].tolist(), entries["round"].tolist()
         actions, totals = entries["action"].tolist(), entries["total_tokens"].tolist()
@@ -843,21 +868,48 @@ class Receiver(Endpoint):
         blocks = record.block_lists()
         requests, retired, awaiting = self.requests, self.retired, self._awaiting_free
         decisions = None
+        starts: list[tuple[Request, list[int]]] = []
+        finishes: list[tuple[Request, int]] = []
         for index, request_id in enumerate(ids):
             action = actions[index]
             request = requests.get(request_id)
             if action == _ADMIT and request is None and request_id not in retired:
                 request = self._adopt(request_id)
             if request is not None and not request.state.terminal and not hashed[index]:
-                if (action == _ADMIT or action == _RESUME) and rounds[index] == request.round + 1:
-                    self._start_round(request, rounds[index], blocks[index], None, action == _ADMIT)
+                if action == _ADMIT and rounds[index] == 0 and request.round == -1:
+                    if finishes:
+                        self._finish_rounds(finishes)
+                        finishes = []
+                    starts.append((request, blocks[index]))
                     continue
                 if action == _COMPLETE and request_id not in awaiting:
-                    self._finish_round(request, totals[index], b"")
+                    if starts:
+                        self._start_first_rounds(starts)
+                        starts = []
+                    finishes.append((request, totals[index]))
                     continue
+                if (action == _ADMIT or action == _RESUME) and rounds[index] == request.round + 1:
+                    if starts:
+                        self._start_first_rounds(starts)
+                        starts = []
+                    if finishes:
+                        self._finish_rounds(finishes)
+                        finishes = []
+                    self._start_round(request, rounds[index], blocks[index], None, action == _ADMIT)
+                    continue
+            if starts:
+                self._start_first_rounds(starts)
+                starts = []
+            if finishes:
+                self._finish_rounds(finishes)
+                finishes = []
             if decisions is None:
                 decisions = record.decisions()
             self._apply_decision(decisions[index])
+        if starts:
+            self._start_first_rounds(starts)
+        if finishes:
+            self._finish_rounds(finishes)
 
     def _apply_decision(self, d: rec.Decision) -> None:
         if d.action is rec.DecisionAction.PIN:
@@ -926,15 +978,41 @@ class Receiver(Endpoint):
             request.resumes += 1
             self.stats.resumes += 1
 
+    def _start_first_rounds(self, starts: list[tuple[Request, list[int]]]) -> None:
+        """`_start_round` for a run of ADMITs of first rounds (requests holding no blocks):
+        all their blocks claimed in one call; if that fails, one by one, so that exactly
+        the request whose blocks disagree fails."""
+        try:
+            self.allocator.claim([b for _, blocks in starts for b in blocks])
+        except ValueError:
+            for request, blocks in starts:
+                self._start_round(request, 0, blocks, None, True)
+            return
+        for request, blocks in starts:
+            request.round = 0
+            self._assign(request, blocks)
+        self._set_states([request for request, _ in starts], RequestState.WAITING_FOR_INPUT)
+
     def _finish_round(self, request: Request, total_tokens: int, content_hash: bytes) -> None:
         """The leader's COMPLETE: SUCCESS if this rank read all `total_tokens` rows too."""
-        self._release_blocks(request)
-        if request.sent_tokens != total_tokens:
-            self._fail(request, rec.AbortReason.INTERNAL,
-                       f"leader completed at {total_tokens} tokens, this rank read {request.sent_tokens}",
-                       notify=True)
-        else:
-            self._complete(request, content_hash)
+        self._finish_rounds([(request, total_tokens)], [content_hash])
+
+    def _finish_rounds(self, finishes: list[tuple[Request, int]], content_hashes: list[bytes] | None = None) -> None:
+        """The leader's COMPLETEs, as one batch: SUCCESS for each request whose rows this
+        rank read up to the `total_tokens` the leader says; FAILED for any other."""
+        requests = [request for request, _ in finishes]
+        self._release_all(requests)
+        hashes = content_hashes or [None] * len(requests)
+        if all(request.sent_tokens == total for request, total in finishes):
+            self._complete(requests, hashes)
+            return
+        for (request, total_tokens), content_hash in zip(finishes, hashes, strict=True):
+            if request.sent_tokens != total_tokens:
+                self._fail(request, rec.AbortReason.INTERNAL,
+                           f"leader completed at {total_tokens} tokens, this rank read {request.sent_tokens}",
+                           notify=True)
+            else:
+                self._complete([request], [content_hash])
 
     def _settle_terminal(self, request: Request, d: rec.Decision) -> None:
         """Follower: the leader's last word on a request this rank failed on its own. A
@@ -949,6 +1027,13 @@ class Receiver(Endpoint):
     def _release_blocks(self, request: Request) -> None:
         if request.blocks:
             self.allocator.free_held(request.blocks)
+            request.blocks, request.block_array, request.allocated_tokens = (), None, 0
+
+    def _release_all(self, requests: list[Request]) -> None:
+        """`_release_blocks` for a batch, in order (one allocator call)."""
+        holding = [request for request in requests if request.blocks]
+        self.allocator.free_lists([request.blocks for request in holding])
+        for request in holding:
             request.blocks, request.block_array, request.allocated_tokens = (), None, 0
 
     # -- pumping and failure ---------------------------------------------------------------
