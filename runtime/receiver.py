@@ -385,12 +385,20 @@ class Receiver(Endpoint):
                 return False  # this rank has not applied the leader's decision for that round yet
         source = channel.source
         whole: list[Request] = []
-        message.requests = [self._bind_segment(segment, source, whole) for segment in message.record.segments]
+        started: list[Request] = []
+        message.requests = [self._bind_segment(segment, source, whole, started)
+                            for segment in message.record.segments]
+        if started:  # (one may have failed on a later segment of this message)
+            self._set_states([r for r in started if not r.state.terminal], RequestState.TRANSFERRING)
         if whole:
             self._take_outputs_together(whole, message)
         return True
 
-    def _bind_segment(self, segment: rec.Segment, source: EngineView, whole: list[Request]) -> Request | None:
+    def _bind_segment(self, segment: rec.Segment, source: EngineView, whole: list[Request],
+                      started: list[Request]) -> Request | None:
+        """The request `segment` belongs to, checked and bound (None: discard it). A first
+        round's request learns N here and goes into `started` (its caller moves them all to
+        TRANSFERRING); one whose outputs can be made with the message's others, in `whole`."""
         request = self.requests.get(segment.request_id)
         if request is None:
             if segment.request_id in self.retired:
@@ -421,7 +429,7 @@ class Receiver(Endpoint):
             request.total_tokens = segment.total_tokens
             request.mrope_delta = segment.mrope_delta
             request.round_tokens = min(request.total_tokens - request.sent_tokens, request.allocated_tokens)
-            self._set_state(request, RequestState.TRANSFERRING)
+            started.append(request)
         if request.round_accepted == 0:  # the round's first segment: where will it land?
             if request.outputs is not None:
                 request.direct = True

@@ -347,21 +347,29 @@ class Sender(Endpoint):
         requests, block_size, name = self.requests, self.config.block_size, view.name
         usable = view.state in ("usable", "draining")
         entries = None
+        started: list[Request] = []  # scheduled; their state moves at once, before any other entry's rules
         for index, request_id in enumerate(ids):
             request = requests.get(request_id)
             if request is not None and not request.state.terminal and rounds[index] == request.round + 1 \
                     and sent[index] == request.sent_tokens and not allocated[index] % block_size:
                 if request.peer is view:
-                    self._start_round(request, rounds[index], allocated[index])
+                    self._schedule_round(request, rounds[index], allocated[index])
+                    started.append(request)
                     continue
                 if request.peer is None and rounds[index] == 0 and usable and request.engine in (None, name):
                     request.peer, request.engine = view, name
                     self._peer(view)
-                    self._start_round(request, 0, allocated[index])
+                    self._schedule_round(request, 0, allocated[index])
+                    started.append(request)
                     continue
+            if started:
+                self._set_states(started, RequestState.TRANSFERRING)
+                started = []
             if entries is None:
                 entries = record.items()
             self._on_resume(entries[index], view)
+        if started:
+            self._set_states(started, RequestState.TRANSFERRING)
 
     def _on_completions(self, record: rec.Completions, view: EngineView) -> None:
         """A COMPLETIONS record from the leader of `view`: the COMPLETE of a request in
@@ -372,17 +380,23 @@ class Sender(Endpoint):
         totals, flags = e["total_tokens"].tolist(), e["flags"].tolist()
         requests, held = self.requests, self._early_allocations
         entries = None
+        done: list[Request] = []
         for index, request_id in enumerate(ids):
             request = requests.get(request_id)
             if request is not None and request.peer is view and not flags[index] and not request.state.terminal \
                     and totals[index] == sent[index] == request.total_tokens == request.sent_tokens \
-                    and request_id not in held:
-                request.payload = request.addresses = None
-                self._set_state(request, RequestState.SUCCESS)
+                    and request_id not in held and request.payload is not None:
+                request.payload = request.addresses = None  # also marks it done for a repeated entry
+                done.append(request)
                 continue
+            if done:  # the entries before this one first, in order
+                self._set_states(done, RequestState.SUCCESS)
+                done = []
             if entries is None:
                 entries = record.items()
             self._on_completion(entries[index], view)
+        if done:
+            self._set_states(done, RequestState.SUCCESS)
 
     def _on_resume(self, resume: rec.Allocation, view: EngineView | None = None) -> None:
         if view is None:
@@ -556,20 +570,23 @@ class Sender(Endpoint):
     # -- rounds ---------------------------------------------------------------------
     def _start_round(self, request: Request, round_: int, allocated_tokens: int) -> None:
         """Schedule the round an allocation or RESUME allows (SPEC R1)."""
+        self._schedule_round(request, round_, allocated_tokens)
+        self._set_state(request, RequestState.TRANSFERRING)
+
+    def _schedule_round(self, request: Request, round_: int, allocated_tokens: int) -> None:
+        """`_start_round` but for the state (a batch of starts moves theirs at once)."""
         count = min(request.total_tokens - request.sent_tokens, allocated_tokens)
         request.round = round_
         if round_ > 0:
             request.resumes += 1
             self.stats.resumes += 1
-        self._set_state(request, RequestState.TRANSFERRING)
         request.last_progress = time.monotonic()
         channel = self.peers[request.peer.incarnation].channel
         if channel is not None:
             channel.enqueue(SendChunk(request, round_, request.sent_tokens, count))
+            self.stats.tokens += count
         request.sent_tokens += count
         self.stats.rounds += 1
-        if channel is not None:
-            self.stats.tokens += count
 
     def _pump(self) -> bool:
         worked = False

@@ -483,3 +483,23 @@ def test_an_id_admitted_again_after_the_encoder_released_it_gets_its_allocation_
     assert not sender._early_allocations
     assert_no_leaks(cluster)
 
+
+
+def test_a_first_round_that_fails_on_a_later_segment_of_its_message_stays_failed():
+    """A request's first segment in a message moves it towards TRANSFERRING (all of the
+    message's at once, after every segment is bound); a later segment of the same
+    message that breaks the rules fails it, and it stays FAILED."""
+    cluster = make_cluster()
+    leader = cluster.leader
+    cluster.admit(7)
+    cluster.step()
+    assert leader.poll(7) is RequestState.WAITING_FOR_INPUT
+    channel = leader._source(leader.requests[7].peer).channel
+    good = rec.Segment(7, 0, 0, 100, 300, 0)
+    bad = rec.Segment(7, 0, 100, 100, 300, 5)  # says another mrope delta than the first segment
+    record = rec.Transfer(src_rank=0, dst_rank=-1, message=0, nbytes=channel.layout((100, 100)).nbytes,
+                          segments=(good, bad))
+    assert channel.add(record) is None
+    leader.progress()  # binds the message's segments (its data never comes)
+    assert leader.poll(7) is RequestState.FAILED
+    assert "delta" in leader.error(7)
