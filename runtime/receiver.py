@@ -34,6 +34,16 @@ waits, holding nothing, until it does (or until `request_timeout_s`). Each encod
 incarnation that serves this rank has a channel of its own (its TP rank `j % encoder_tp`
 sends to this language TP rank `j`); records about a request are taken only from the
 incarnation it is bound to.
+
+A step's work is done in batches, so that it costs per record and per message more than
+per request: the segments of a staging message are bound together (their first rounds
+move to TRANSFERRING at once) and land with one launch; the rounds a step completes are
+acknowledged or decided together (`_decide` over a list: the completions' blocks go back
+in one allocator call and their COMPLETEs go out before any RESUME, so a follower always
+frees what a resume may be given); a follower applies a DECISIONS record's runs of first
+ADMITs and of COMPLETEs as batches (one claim, one free). Each batch keeps the per-request
+order of the single-request rules it stands for, and an entry outside the usual cases
+takes those rules.
 """
 
 from __future__ import annotations
@@ -657,8 +667,8 @@ class Receiver(Endpoint):
         acked = []
         for request_id, round_ in zip(entries["request_id"].tolist(), entries["round"].tolist(), strict=True):
             request = requests.get(request_id)
-            if request is None or request.state.terminal or round_ != request.round:
-                self.stats.late_records += 1
+            if request is None or request.state.terminal or round_ != request.round or request.acks & bit:
+                self.stats.late_records += 1  # (or a repeated acknowledgement of the round)
                 continue
             request.acks |= bit
             acked.append(request)
@@ -671,12 +681,14 @@ class Receiver(Endpoint):
         resumes frees its blocks just before it allocates the next round's (so it gets
         them back, at least: blocks that a follower still sees as held by a request whose
         next decision is not out yet are never handed to another)."""
-        ready = [r for r in requests if r.round_read and r.acks == self._all_acks]
+        ready, all_acks = [], self._all_acks
+        for request in requests:
+            if request.round_read and request.acks == all_acks:
+                request.round_read = False  # (decided once, even if listed twice)
+                request.acks = 0
+                ready.append(request)
         if not ready:
             return
-        for request in ready:
-            request.round_read = False
-            request.acks = 0
         done = [r for r in ready if r.sent_tokens == r.total_tokens]
         if done:
             self._release_all(done)
@@ -876,8 +888,11 @@ class Receiver(Endpoint):
         blocks = record.block_lists()
         requests, retired, awaiting = self.requests, self.retired, self._awaiting_free
         decisions = None
+        # A run's requests are marked as they join it (round 0; `finishing`), so that a
+        # repeated entry is not taken as usual: it ends the run and is late.
         starts: list[tuple[Request, list[int]]] = []
         finishes: list[tuple[Request, int]] = []
+        finishing: set[int] = set()
         for index, request_id in enumerate(ids):
             action = actions[index]
             request = requests.get(request_id)
@@ -887,22 +902,25 @@ class Receiver(Endpoint):
                 if action == _ADMIT and rounds[index] == 0 and request.round == -1:
                     if finishes:
                         self._finish_rounds(finishes)
-                        finishes = []
+                        finishes, finishing = [], set()
+                    request.round = 0
                     starts.append((request, blocks[index]))
                     continue
-                if action == _COMPLETE and request_id not in awaiting:
+                if action == _COMPLETE and request_id not in awaiting and request_id not in finishing:
                     if starts:
                         self._start_first_rounds(starts)
                         starts = []
+                    finishing.add(request_id)
                     finishes.append((request, totals[index]))
                     continue
-                if (action == _ADMIT or action == _RESUME) and rounds[index] == request.round + 1:
+                if (action == _ADMIT or action == _RESUME) and rounds[index] == request.round + 1 \
+                        and request_id not in finishing:
                     if starts:
                         self._start_first_rounds(starts)
                         starts = []
                     if finishes:
                         self._finish_rounds(finishes)
-                        finishes = []
+                        finishes, finishing = [], set()
                     self._start_round(request, rounds[index], blocks[index], None, action == _ADMIT)
                     continue
             if starts:
@@ -910,7 +928,7 @@ class Receiver(Endpoint):
                 starts = []
             if finishes:
                 self._finish_rounds(finishes)
-                finishes = []
+                finishes, finishing = [], set()
             if decisions is None:
                 decisions = record.decisions()
             self._apply_decision(decisions[index])
@@ -987,13 +1005,15 @@ class Receiver(Endpoint):
             self.stats.resumes += 1
 
     def _start_first_rounds(self, starts: list[tuple[Request, list[int]]]) -> None:
-        """`_start_round` for a run of ADMITs of first rounds (requests holding no blocks):
+        """`_start_round` for a run of ADMITs of first rounds (requests holding no blocks,
+        marked at round 0 already):
         all their blocks claimed in one call; if that fails, one by one, so that exactly
         the request whose blocks disagree fails."""
         try:
             self.allocator.claim([b for _, blocks in starts for b in blocks])
         except ValueError:
             for request, blocks in starts:
+                request.round = -1  # (marked by `_apply_decisions`)
                 self._start_round(request, 0, blocks, None, True)
             return
         for request, blocks in starts:

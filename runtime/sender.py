@@ -1,8 +1,10 @@
 """The encoder engine's endpoint: submit payloads, send rounds, follow resumes.
 
-A round is scheduled in exactly one place, `_start_round`, which runs for the first
+A round is scheduled in exactly one place, `_schedule_round`, which runs for the first
 round (the language side's allocation) and for every RESUME (SPEC R1: a resume always
-leads to a send), from the payload and total saved at submit time. Rounds are
+leads to a send), from the payload and total saved at submit time: one by one through
+`_start_round`, or for the usual entries of an ALLOCATIONS record as a batch whose
+states move together (the same for the COMPLETEs of a COMPLETIONS record). Rounds are
 identified by number and `sent_tokens`, never by block indices (R5, R6).
 
 Which language engine a request goes to is the router's choice: `submit` may name it,

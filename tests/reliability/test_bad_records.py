@@ -155,6 +155,62 @@ def test_one_decisions_record_mixing_usual_and_odd_entries_applies_each_in_order
     healthy(cluster)
 
 
+def test_a_complete_repeated_in_one_decisions_record_completes_once(cluster):
+    """A follower applies a record's COMPLETEs as one batch; the same COMPLETE twice in it
+    completes the request once and the repeat is late (as one by one)."""
+    follower = cluster.receivers[2]
+    follower.admit(9)
+    admit = (9, 0, rec.DecisionAction.ADMIT, 0, 0, 128, 0, b"", [4])
+    complete = (9, 0, rec.DecisionAction.COMPLETE, 0, 0, 0, 0, b"", ())
+    follower._on_record(rec.decode(rec.encode(rec.Decisions.of(1, [admit])), rec.UNBOUNDED))
+    late, succeeded = follower.stats.late_records, follower.stats.succeeded
+    follower.finished()
+    follower._on_record(rec.decode(rec.encode(rec.Decisions.of(1, [complete, complete])), rec.UNBOUNDED))
+    assert follower.requests[9].state is RequestState.SUCCESS
+    assert follower.stats.succeeded == succeeded + 1 and follower.stats.late_records == late + 1
+    assert follower.finished() == [9]
+    assert follower.allocator.num_used == 0
+    cluster.leader.abort(9)
+    cluster.settle()
+    healthy(cluster)
+
+
+def test_a_repeated_acknowledgement_decides_the_round_once(cluster):
+    """The leader decides a step's acknowledged rounds as one batch; a follower's
+    acknowledgement listed twice in one record is late, and the round is decided (and
+    its COMPLETE broadcast) once."""
+    leader, follower = cluster.leader, cluster.receivers[2]
+    payload = random_payload(100, DIM, seed=9)
+    cluster.admit(9)
+    cluster.submit(9, payload)
+    acks = []
+    follower_publish = follower.bus.publish
+
+    def hold_acks(record):  # the follower's acknowledgements are held back, then sent twice over
+        (acks if isinstance(record, rec.Completions) else []).append(record)
+        if not isinstance(record, rec.Completions):
+            follower_publish(record)
+
+    follower.bus.publish = hold_acks
+    cluster.run_until(lambda: acks and leader.requests[9].round_read)
+    follower.bus.publish = follower_publish
+    entry = rec.decode(rec.encode(acks[0]), rec.UNBOUNDED).items()[0]
+    assert entry.request_id == 9
+    twice = rec.Completions.of(follower.rank, leader.rank, [tuple(entry)[:5]] * 2)
+    decisions = []
+    leader_publish = leader.bus.publish
+    leader.bus.publish = lambda r: (decisions.append(r), leader_publish(r))
+    late = leader.stats.late_records
+    leader._on_record(rec.decode(rec.encode(twice), rec.UNBOUNDED))
+    leader.progress()
+    completes = [d for r in decisions if isinstance(r, rec.Decisions) for d in r.decisions()
+                 if d.request_id == 9 and d.action is rec.DecisionAction.COMPLETE]
+    assert len(completes) == 1 and leader.stats.late_records == late + 1
+    cluster.settle()
+    assert all(copy.bit_equal(payload) for copy in (r.take(9) for r in cluster.receivers.values()))
+    healthy(cluster)
+
+
 def test_replayed_decision_is_late_not_applied_twice(cluster):
     spy = []
     leader_publish = cluster.leader.bus.publish
