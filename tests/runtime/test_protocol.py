@@ -503,3 +503,21 @@ def test_a_first_round_that_fails_on_a_later_segment_of_its_message_stays_failed
     leader.progress()  # binds the message's segments (its data never comes)
     assert leader.poll(7) is RequestState.FAILED
     assert "delta" in leader.error(7)
+
+
+def test_a_message_already_sent_lands_in_the_pump_that_posts_its_receive():
+    """A receive whose send was posted first completes as it is posted (here the loopback
+    always does): the message lands in that same step, not the next one."""
+    cluster = make_cluster()
+    leader, sender = cluster.leader, cluster.senders[0]
+    payload = random_payload(100, DIM, seed=1)
+    cluster.admit(1)
+    cluster.submit(1, payload)
+    leader.progress()  # the allocation goes out
+    sender.progress()  # packed and sent (nobody receives yet); its TRANSFER goes out
+    assert leader.state(1) is RequestState.WAITING_FOR_INPUT
+    leader.progress()  # the TRANSFER: receive posted, completed at once, unpacked
+    assert leader.state(1) is RequestState.SUCCESS
+    assert leader.take(1).bit_equal(payload)
+    cluster.settle()
+    assert_no_leaks(cluster)
