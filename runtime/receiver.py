@@ -129,8 +129,9 @@ class Receiver(Endpoint):
     def admit(self, request_id: int, encoder_engine: str | int = 0, *, expected_tokens: int | None = None,
               content_hash: bytes | str | None = None, items: list | None = None) -> None:
         """Start receiving `request_id` from `encoder_engine` (its name, or its index in a
-        one-world layout). The leader reserves the first allocation (now, or as soon as
-        blocks are free and the engine has joined) and announces it: exactly
+        one-world layout). The leader reserves the first allocation (at its next
+        `progress()`, with the step's other admissions; or as soon as blocks are free and
+        the engine has joined) and announces it: exactly
         `expected_tokens` (rounded up to blocks, capped by the pool) when the size is known
         by then (given here, or announced by the encoder side), else the default
         allocation. With `content_hash` (e.g. the engine's mm_hash) a payload still in
@@ -204,7 +205,6 @@ class Receiver(Endpoint):
                 self._decide_pin(request, item.content_hash)
                 self._held.setdefault(view.leader, []).append((request.request_id, item.content_hash))
         self._admission.append(request)
-        self._admit_waiting()
 
     def arrived(self, request_id: int) -> tuple[int, int | None]:
         """(rows of the request in its outputs so far, its N or None while unknown): for a
@@ -769,25 +769,28 @@ class Receiver(Endpoint):
                 return worked
             self._resume_waiting.popleft()
             worked = True
-        while self._admission:
-            request = self._admission[0]
-            if request.state is not RequestState.BOOTSTRAPPING:
-                self._admission.popleft()
+        admission, allocator, admitted = self._admission, self.allocator, []
+        pool_tokens = allocator.num_blocks * self.config.block_size
+        while admission:
+            request = admission[0]
+            if request.state is not RequestState.BOOTSTRAPPING or request.round >= 0:
+                admission.popleft()
                 continue
             tokens = self.default_tokens
             if request.expected_tokens is not None:
-                tokens = min(request.expected_tokens, self.allocator.num_blocks * self.config.block_size)
-            blocks = self.allocator.allocate(tokens)
+                tokens = min(request.expected_tokens, pool_tokens)
+            blocks = allocator.allocate(tokens)
             if blocks is None:
                 break
-            self._admission.popleft()
+            admission.popleft()
             request.round = 0
             self._assign(request, blocks)
-            self._set_state(request, RequestState.WAITING_FOR_INPUT)
+            admitted.append(request)
             self._broadcast_decision(request, rec.DecisionAction.ADMIT)
             self._announce(request)
-            worked = True
-        return worked
+        if admitted:
+            self._set_states(admitted, RequestState.WAITING_FOR_INPUT)
+        return worked or bool(admitted)
 
     def _assign(self, request: Request, blocks: list[int], array: np.ndarray | None = None) -> None:
         request.blocks = blocks
