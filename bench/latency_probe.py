@@ -26,7 +26,9 @@ import torch
 from embxfer.kernels import cuda_driver, launch, ops
 from embxfer.runtime import Config, bus, channels, pool, receiver, sender, transport
 from embxfer.runtime.local import LocalCluster, random_payload
-from embxfer.runtime.state import RequestState
+
+sys.path.insert(0, str(Path(__file__).parent))
+import pipeline  # noqa: E402 - bench/pipeline.py, next to this file
 
 CUDA = torch.cuda.is_available()
 TOKENS, DIM = (1024, 3584) if CUDA else (64, 64)
@@ -78,19 +80,7 @@ def run(cluster: LocalCluster, payload, first_id: int, reps: int) -> list[tuple[
     """(admit -> data on the device, admit -> take returned) per request, in seconds."""
     times = []
     for request_id in range(first_id, first_id + reps):
-        if CUDA:
-            torch.cuda.synchronize()
-        started = time.perf_counter()
-        cluster.admit(request_id)
-        cluster.submit(request_id, payload)
-        leader = cluster.leader
-        while leader.state(request_id) is not RequestState.SUCCESS:
-            cluster.step()
-        leader.take(request_id)
-        host = time.perf_counter() - started
-        if CUDA:
-            torch.cuda.synchronize()
-        times.append((time.perf_counter() - started, host))
+        times.append(pipeline.one_request(cluster, request_id, payload)[:2])
         cluster.settle()
         cluster.senders[0].release(request_id)
     return times
@@ -99,9 +89,6 @@ def run(cluster: LocalCluster, payload, first_id: int, reps: int) -> list[tuple[
 def main(argv: list[str]) -> int:
     mode = argv[0] if argv else "timed"
     if mode == "bench":
-        sys.path.insert(0, str(Path(__file__).parent))
-        import pipeline
-
         for _ in range(2):
             case = pipeline.latency_case(1024, 3584, 256, 200)
             print(f"bench latency p50 {case['p50_us']:.1f} us p99 {case['p99_us']:.1f} us")

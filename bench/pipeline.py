@@ -93,6 +93,28 @@ def run_case(name: str, lengths: list[int], dim: int, default_alloc: int, pool_b
             "messages_per_rep": cluster.p2p.messages // (reps + 2)}
 
 
+def one_request(cluster: LocalCluster, request_id: int, payload) -> tuple[float, float, object]:
+    """Admit + submit -> take of one request, the device idle at the start: (seconds until
+    its data is on the device, seconds until take() returned, the payload taken). On a
+    CPU cluster (bench/latency_probe.py without CUDA) there is nothing to wait for."""
+    sync = torch.cuda.synchronize if torch.cuda.is_available() else _nothing
+    sync()
+    started = time.perf_counter()
+    cluster.admit(request_id)
+    cluster.submit(request_id, payload)
+    leader = cluster.leader
+    while leader.state(request_id) is not RequestState.SUCCESS:
+        cluster.step()
+    taken = leader.take(request_id)
+    host = time.perf_counter() - started
+    sync()
+    return time.perf_counter() - started, host, taken
+
+
+def _nothing() -> None:
+    pass
+
+
 def latency_case(tokens: int, dim: int, staging_mb: int, reps: int) -> dict:
     """One request at a time through the whole runtime: admit + submit -> take, the data on
     the device (synchronized) when the clock stops."""
@@ -101,16 +123,7 @@ def latency_case(tokens: int, dim: int, staging_mb: int, reps: int) -> dict:
     payload = random_payload(tokens, dim, seed=1, device="cuda")
     times = []
     for rep in range(reps + 20):
-        torch.cuda.synchronize()
-        started = time.perf_counter()
-        cluster.admit(rep)
-        cluster.submit(rep, payload)
-        leader = cluster.leader
-        while leader.state(rep) is not RequestState.SUCCESS:
-            cluster.step()
-        taken = leader.take(rep)
-        torch.cuda.synchronize()
-        elapsed = time.perf_counter() - started
+        elapsed, _, taken = one_request(cluster, rep, payload)
         cluster.settle()
         cluster.senders[0].release(rep)
         if rep == 0 and not taken.bit_equal(payload):

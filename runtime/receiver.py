@@ -891,11 +891,18 @@ class Receiver(Endpoint):
         blocks = record.block_lists()
         requests, retired, awaiting = self.requests, self.retired, self._awaiting_free
         decisions = None
-        # A run's requests are marked as they join it (round 0; `finishing`), so that a
-        # repeated entry is not taken as usual: it ends the run and is late.
-        starts: list[tuple[Request, list[int]]] = []
-        finishes: list[tuple[Request, int]] = []
-        finishing: set[int] = set()
+        # One run at a time: first ADMITs or COMPLETEs, applied when an entry of another
+        # kind comes. A run's requests are marked as they join it (round 0; `finishing`),
+        # so that a repeated entry is not taken as usual: it ends the run and is late.
+        run: list[tuple] = []
+        run_kind, finishing = None, set()
+
+        def flush() -> None:
+            nonlocal run, run_kind, finishing
+            if run:
+                (self._start_first_rounds if run_kind == _ADMIT else self._finish_rounds)(run)
+                run, run_kind, finishing = [], None, set()
+
         for index, request_id in enumerate(ids):
             action = actions[index]
             request = requests.get(request_id)
@@ -903,42 +910,29 @@ class Receiver(Endpoint):
                 request = self._adopt(request_id)
             if request is not None and not request.state.terminal and not hashed[index]:
                 if action == _ADMIT and rounds[index] == 0 and request.round == -1:
-                    if finishes:
-                        self._finish_rounds(finishes)
-                        finishes, finishing = [], set()
+                    if run_kind != _ADMIT:
+                        flush()
+                        run_kind = _ADMIT
                     request.round = 0
-                    starts.append((request, blocks[index]))
+                    run.append((request, blocks[index]))
                     continue
                 if action == _COMPLETE and request_id not in awaiting and request_id not in finishing:
-                    if starts:
-                        self._start_first_rounds(starts)
-                        starts = []
+                    if run_kind != _COMPLETE:
+                        flush()
+                        run_kind = _COMPLETE
                     finishing.add(request_id)
-                    finishes.append((request, totals[index]))
+                    run.append((request, totals[index]))
                     continue
                 if (action == _ADMIT or action == _RESUME) and rounds[index] == request.round + 1 \
                         and request_id not in finishing:
-                    if starts:
-                        self._start_first_rounds(starts)
-                        starts = []
-                    if finishes:
-                        self._finish_rounds(finishes)
-                        finishes, finishing = [], set()
+                    flush()
                     self._start_round(request, rounds[index], blocks[index], None, action == _ADMIT)
                     continue
-            if starts:
-                self._start_first_rounds(starts)
-                starts = []
-            if finishes:
-                self._finish_rounds(finishes)
-                finishes, finishing = [], set()
+            flush()
             if decisions is None:
                 decisions = record.decisions()
             self._apply_decision(decisions[index])
-        if starts:
-            self._start_first_rounds(starts)
-        if finishes:
-            self._finish_rounds(finishes)
+        flush()
 
     def _apply_decision(self, d: rec.Decision) -> None:
         if d.action is rec.DecisionAction.PIN:
