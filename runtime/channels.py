@@ -396,9 +396,11 @@ class RecvChannel(_Staging):
         after it arrived, to unpack it."""
         if self.dead:
             return False
-        worked = self._land_arrived(landed)
-        if self.dead:
-            return True
+        worked = False
+        if self.posted:
+            worked = self._land_arrived(landed)
+            if self.dead:
+                return True
         if self.pending and not self.posted:
             state, why = _pair_state(self.transport, self.peer)
             if state == "failed":

@@ -759,6 +759,8 @@ class Receiver(Endpoint):
     def _admit_waiting(self) -> bool:
         """Resumes first (they free what they hold and never wait behind admissions), then
         admissions in arrival order."""
+        if not (self._resume_waiting or self._admission):
+            return False  # (what an idle loop asks every time)
         worked = False
         while self._resume_waiting:
             request = self._resume_waiting[0]
