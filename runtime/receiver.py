@@ -710,16 +710,16 @@ class Receiver(Endpoint):
 
     def _complete(self, requests: list[Request], content_hashes: list[bytes | None]) -> None:
         """SUCCESS, for a batch; with the leader's content hash, a copy of a request's
-        payload goes into the cache (on every rank in decision order, so the ranks' caches
-        stay identical)."""
+        payload goes into the cache. Every rank does each request's cache work (its
+        payload, its items, its pins) request by request in decision order, however its
+        batches are cut, so that the ranks' caches stay identical."""
+        caching, pinned = self.cache.capacity_bytes, self._pinned
         for request, content_hash in zip(requests, content_hashes, strict=True):
             if content_hash:
                 self.cache.insert(content_hash, request.outputs, request.mrope_delta)
-        if self.cache.capacity_bytes:
-            for request in requests:
+            if caching:
                 self._cache_items(request)
-        if self._pinned:
-            for request in requests:
+            if pinned:
                 self._unpin(request.request_id)
         self._set_states(requests, RequestState.SUCCESS)
 
