@@ -894,40 +894,37 @@ class Receiver(Endpoint):
         requests, retired, awaiting = self.requests, self.retired, self._awaiting_free
         decisions = None
         # One run at a time: first ADMITs or COMPLETEs, applied when an entry of another
-        # kind comes. A run's requests are marked as they join it (round 0; `finishing`),
-        # so that a repeated entry is not taken as usual: it ends the run and is late.
+        # kind comes, or another entry about a request in the run: every entry is judged on
+        # what the entries before it did (a repeated one is then late, as one by one).
         run: list[tuple] = []
-        run_kind, finishing = None, set()
+        run_kind, in_run = None, set()
 
         def flush() -> None:
-            nonlocal run, run_kind, finishing
+            nonlocal run, run_kind, in_run
             if run:
                 (self._start_first_rounds if run_kind == _ADMIT else self._finish_rounds)(run)
-                run, run_kind, finishing = [], None, set()
+                run, run_kind, in_run = [], None, set()
 
         for index, request_id in enumerate(ids):
             action = actions[index]
+            if run and (action != run_kind or request_id in in_run):
+                flush()
             request = requests.get(request_id)
             if action == _ADMIT and request is None and request_id not in retired:
                 request = self._adopt(request_id)
             if request is not None and not request.state.terminal and not hashed[index]:
                 if action == _ADMIT and rounds[index] == 0 and request.round == -1:
-                    if run_kind != _ADMIT:
-                        flush()
-                        run_kind = _ADMIT
-                    request.round = 0
+                    run_kind = _ADMIT
+                    in_run.add(request_id)
                     run.append((request, blocks[index]))
                     continue
-                if action == _COMPLETE and request_id not in awaiting and request_id not in finishing:
-                    if run_kind != _COMPLETE:
-                        flush()
-                        run_kind = _COMPLETE
-                    finishing.add(request_id)
+                if action == _COMPLETE and request_id not in awaiting:
+                    run_kind = _COMPLETE
+                    in_run.add(request_id)
                     run.append((request, totals[index]))
                     continue
-                if (action == _ADMIT or action == _RESUME) and rounds[index] == request.round + 1 \
-                        and request_id not in finishing:
-                    flush()
+                if (action == _ADMIT or action == _RESUME) and rounds[index] == request.round + 1:
+                    flush()  # (first ADMITs of other requests)
                     self._start_round(request, rounds[index], blocks[index], None, action == _ADMIT)
                     continue
             flush()
@@ -1004,15 +1001,13 @@ class Receiver(Endpoint):
             self.stats.resumes += 1
 
     def _start_first_rounds(self, starts: list[tuple[Request, list[int]]]) -> None:
-        """`_start_round` for a run of ADMITs of first rounds (requests holding no blocks,
-        marked at round 0 already):
+        """`_start_round` for a run of ADMITs of first rounds (requests holding no blocks):
         all their blocks claimed in one call; if that fails, one by one, so that exactly
         the request whose blocks disagree fails."""
         try:
             self.allocator.claim([b for _, blocks in starts for b in blocks])
         except ValueError:
             for request, blocks in starts:
-                request.round = -1  # (marked by `_apply_decisions`)
                 self._start_round(request, 0, blocks, None, True)
             return
         for request, blocks in starts:
