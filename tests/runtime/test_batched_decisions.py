@@ -14,7 +14,7 @@ import pytest
 
 from embxfer.control import records as rec
 from embxfer.runtime import Config
-from embxfer.runtime.local import LocalCluster
+from embxfer.runtime.local import LocalCluster, random_payload
 from embxfer.runtime.topology import Topology
 
 POOL_BLOCKS = 16
@@ -84,4 +84,70 @@ def test_batched_decisions_do_what_one_by_one_does(seed: int) -> None:
         for decision in record.decisions():
             single._apply_decision(decision)
         assert snapshot(batched) == snapshot(single)
+        assert batched.finished() == single.finished()
+
+
+def encoder() -> tuple[LocalCluster, object]:
+    config = Config(block_size=BLOCK, default_alloc_tokens=4 * BLOCK, language_pool_blocks=POOL_BLOCKS,
+                    staging_bytes=1 << 14)
+    cluster = LocalCluster(Topology(1, 1, 1), config, dim=16)
+    return cluster, cluster.senders[0]
+
+
+def encoder_snapshot(sender) -> dict:
+    requests = {rid: (r.state, r.round, r.sent_tokens, r.resumes, r.error, r.payload is None)
+                for rid, r in sorted(sender.requests.items())}
+    queued = [(c.request.request_id, c.round, c.start, c.count) for p in sender.peers.values() if p.channel
+              for c in p.channel.queue]
+    stats = sender.stats
+    return {"requests": requests, "queued": queued, "in_flight": sender.in_flight,
+            "counters": (stats.late_records, stats.rejected_records, stats.succeeded, stats.failed, stats.rounds,
+                         stats.resumes, stats.tokens)}
+
+
+@pytest.mark.parametrize("seed", range(40))
+def test_batched_allocations_and_completions_do_what_one_by_one_does(seed: int) -> None:
+    """The encoder side's batched ALLOCATIONS and COMPLETIONS (`Sender._on_allocations`,
+    `_on_completions`) against their per-entry rules (`_on_resume`, `_on_completion`), on
+    random streams built from the requests' state (right, off by one, repeated)."""
+    rng = random.Random(seed)
+    (cluster_a, batched), (cluster_b, single) = encoder(), encoder()
+    leader = cluster_a.leader.rank
+    assert leader == cluster_b.leader.rank
+    for request_id in range(1, 9):
+        payload = random_payload(rng.randint(50, 1200), 16, seed=request_id)
+        batched.submit(request_id, payload)
+        single.submit(request_id, payload)
+    previous: list[tuple] = []
+    for _ in range(60):
+        allocations = rng.random() < 0.6
+        rows = []
+        for _ in range(rng.randint(1, 6)):
+            if previous and rng.random() < 0.15:
+                rows.append(rng.choice(previous))
+                continue
+            request = single.requests.get(rng.randrange(1, 9))
+            if request is None:
+                continue
+            if allocations:
+                round_ = max(0, request.round + rng.choice((1, 1, 1, 0, 2)))
+                sent = request.sent_tokens if rng.random() < 0.85 else request.sent_tokens + 1
+                allocated = BLOCK * rng.randint(1, 4) + (0 if rng.random() < 0.9 else 1)
+                row = (request.request_id, round_, sent, allocated)
+            else:
+                total = request.total_tokens if rng.random() < 0.8 else request.total_tokens + 1
+                sent = request.sent_tokens if rng.random() < 0.8 else total
+                row = (request.request_id, max(request.round, 0), sent, total, 0)
+            rows.append(row)
+            previous.append(row)
+        rows = [r for r in rows if len(r) == (4 if allocations else 5)]
+        if not rows:
+            continue
+        kind = rec.Allocations if allocations else rec.Completions
+        record = rec.decode(rec.encode(kind.of(leader, batched.rank, rows)), rec.UNBOUNDED)
+        batched._on_record(record)
+        view = single.directory.view_of(record.src_rank)
+        for item in record.items():
+            (single._on_resume if allocations else single._on_completion)(item, view)
+        assert encoder_snapshot(batched) == encoder_snapshot(single)
         assert batched.finished() == single.finished()
