@@ -465,8 +465,8 @@ class _Variant:
             np.floor_divide(route.layout.offset_arrays, np.array([[word_bytes], [word_bytes], [4], [4], [1]]),
                             out=template[route.staging_base : route.staging_base + 5 * s].reshape(5, s))
         variant.template = template
-        variant.row_divisors = np.array([[word_bytes], [word_bytes], [4], [4], [1]], dtype=np.int64)
-        variant.row_divisor_list = [word_bytes, word_bytes, 4, 4, 1]
+        variant.row_divisor_list = [word_bytes, word_bytes, 4, 4, 1]  # (one segment: Python ints)
+        variant.row_divisors = np.array(variant.row_divisor_list, dtype=np.int64).reshape(5, 1)
         return variant
 
     def tensors(self, objects: tuple) -> tuple[torch.Tensor, ...]:

@@ -25,7 +25,6 @@ EMBEDDING_DTYPES = (torch.bfloat16, torch.float16, torch.float32)
 INT64_MIN, INT64_MAX = -(1 << 63), (1 << 63) - 1
 
 
-
 def _dtype_name(dtype: torch.dtype) -> str:
     return str(dtype).removeprefix("torch.")
 

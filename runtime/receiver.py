@@ -50,6 +50,7 @@ from __future__ import annotations
 
 import time
 from collections import OrderedDict, deque
+from collections.abc import Sequence
 
 import numpy as np
 import torch
@@ -689,7 +690,9 @@ class Receiver(Endpoint):
                 ready.append(request)
         if not ready:
             return
-        done = [r for r in ready if r.sent_tokens == r.total_tokens]
+        done, resuming = [], []
+        for request in ready:
+            (done if request.sent_tokens == request.total_tokens else resuming).append(request)
         if done:
             self._release_all(done)
             if self.followers:
@@ -700,13 +703,11 @@ class Receiver(Endpoint):
             for request in done:
                 completions.setdefault(request.peer.leader, []).append(
                     (request.request_id, request.round, request.sent_tokens, request.total_tokens, 0))
-        if len(done) < len(ready):
-            for request in ready:
-                if request.sent_tokens != request.total_tokens:
-                    self._release_blocks(request)
-                    request.resume_due = True
-                    if not self._try_resume(request):
-                        self._resume_waiting.append(request)
+        for request in resuming:
+            self._release_blocks(request)
+            request.resume_due = True
+            if not self._try_resume(request):
+                self._resume_waiting.append(request)
 
     def _complete(self, requests: list[Request], content_hashes: list[bytes | None]) -> None:
         """SUCCESS, for a batch; with the leader's content hash, a copy of a request's
@@ -879,13 +880,13 @@ class Receiver(Endpoint):
 
     # -- followers: apply the leader's decisions ---------------------------------------------
     def _apply_decisions(self, record: rec.Decisions) -> None:
-        """The leader's decisions, in its order. The entries of a step's usual work (the
-        first round's ADMIT of a request admitted here or not yet, the COMPLETE of a request
-        in flight, no cache entry named; a RESUME of the next round) are applied from the
-        record's columns, each run of first ADMITs or of COMPLETEs as a batch
-        (`_start_first_rounds`, `_finish_rounds`); any other entry
-        as one `Decision` (`_apply_decision`, which holds every rule: the fast kinds are its
-        plain cases, not other rules), after the runs before it."""
+        """The leader's decisions, in its order. The entries of a step's usual work, none
+        naming a cache entry, are applied from the record's columns: runs of first-round
+        ADMITs (of requests admitted here or not yet) and of COMPLETEs of requests in flight
+        as batches (`_start_first_rounds`, `_finish_rounds`), the RESUME or ADMIT of a
+        request's next round one by one (`_start_round`). Any other entry goes through
+        `_apply_decision` as one `Decision` (it holds every rule: the usual kinds are its
+        plain cases, not other rules)."""
         entries = record.entries
         ids, rounds = entries["request_id"].tolist(), entries["round"].tolist()
         actions, totals = entries["action"].tolist(), entries["total_tokens"].tolist()
@@ -1048,11 +1049,10 @@ class Receiver(Endpoint):
 
     def _release_blocks(self, request: Request) -> None:
         if request.blocks:
-            self.allocator.free_held(request.blocks)
-            request.blocks, request.block_array, request.allocated_tokens = (), None, 0
+            self._release_all((request,))
 
-    def _release_all(self, requests: list[Request]) -> None:
-        """`_release_blocks` for a batch, in order (one allocator call)."""
+    def _release_all(self, requests: Sequence[Request]) -> None:
+        """Give back what these requests' current rounds hold, in order (one allocator call)."""
         holding = [request for request in requests if request.blocks]
         self.allocator.free_lists([request.blocks for request in holding])
         for request in holding:
