@@ -280,13 +280,19 @@ class Launcher:
     def _graph(self, variant: _Variant, size: int, objects: tuple) -> _Graph | None:
         """The next graph of the variant's (grid bucket, table bucket) ring, free to be
         written; None when graphs cannot be used (then the launch is direct)."""
-        programs, words = grid_bucket(variant.programs), max(1024, 1 << (size - 1).bit_length())
-        key = (variant.graph_key, programs, words)
-        ring = self._graphs.get(key)
-        if ring is None:
-            if len(self._graphs) >= MAX_GRAPH_RINGS:
-                self._drop_graphs()
-            ring = self._graphs[key] = _GraphRing()
+        words = 1024 if size <= 1024 else 1 << (size - 1).bit_length()
+        # The variant remembers its rings by table bucket: a message of a known shape finds
+        # its ring without hashing the variant's whole graph key (a dozen words) each time.
+        ring = variant.rings.get(words)
+        if ring is None or ring.dropped:
+            programs = grid_bucket(variant.programs)
+            key = (variant.graph_key, programs, words)  # variants of one key share their graphs
+            ring = self._graphs.get(key)
+            if ring is None:
+                if len(self._graphs) >= MAX_GRAPH_RINGS:
+                    self._drop_graphs()
+                ring = self._graphs[key] = _GraphRing(programs)
+            variant.rings[words] = ring
         # The first graph whose last replay has finished; another one is captured only
         # while all are still in flight (so an idle device needs one, and the copies are
         # made during warm-up under load, not in a later steady state), and past
@@ -302,7 +308,7 @@ class Launcher:
             graph.pending = False
             return graph
         try:
-            graph = self._capture(variant, programs, words, objects)
+            graph = self._capture(variant, ring.programs, words, objects)
         except Exception as error:  # noqa: BLE001 - any failure: launch directly from now on
             warnings.warn(f"embxfer: CUDA graph capture failed ({error!r}); launching directly", stacklevel=3)
             self.mode = "direct"
@@ -312,6 +318,7 @@ class Launcher:
 
     def _drop_graphs(self) -> None:
         for ring in self._graphs.values():
+            ring.dropped = True  # (variants holding it look it up again)
             for graph in ring.graphs:
                 if graph.pending:
                     self.driver.event_synchronize(graph.event)
@@ -450,6 +457,7 @@ class _Variant:
         self.graph_key = (self.constants, self.num_warps, shape.word, pointers, self.scalars[2:])
         self._direct: DirectLaunch | None | bool = False  # False: not bound yet
         self._header: DirectLaunch | None | bool = False
+        self.rings: dict[int, _GraphRing] = {}  # table bucket (words) -> the launcher's ring for it
 
     @classmethod
     def of_route(cls, launcher: Launcher, route: _Route, alignment: int, objects: tuple) -> _Variant:
@@ -516,9 +524,11 @@ class _Graph:
 
 
 class _GraphRing:
-    def __init__(self) -> None:
+    def __init__(self, programs: int) -> None:
+        self.programs = programs  # the fixed grid its graphs were captured with
         self.graphs: list[_Graph] = []
         self.oldest = 0
+        self.dropped = False
 
 
 _NO_CONTEXT = contextlib.nullcontext()

@@ -18,6 +18,7 @@ import logging
 import time
 from collections import OrderedDict, deque
 from collections.abc import Sequence
+from typing import NamedTuple
 
 import numpy as np
 import torch
@@ -121,6 +122,33 @@ class Request:
         return self.state is RequestState.FAILED
 
 
+_STATE_OF_VALUE = RequestState._value2member_map_
+
+
+class Finished(NamedTuple):
+    """What a rank keeps of a request it handed back (`Endpoint.retired`, bounded): enough to
+    answer `state`, `error` and `arrived` and to know a late record as late. The memory
+    holds it as a plain tuple of plain values (`kept`), which the garbage collector stops
+    tracking at its first pass (it does so for exact tuples only, hence no NamedTuple
+    there); `_lookup` wraps one in this class when asked. A `Request` kept instead would be
+    a tracked object per request living for thousands of requests, and such survivors
+    are what bring Python's full collections (tens of milliseconds on the engine's
+    scheduler thread) sooner."""
+
+    value: str  # the state's value
+    error: str | None
+    rows: int | None  # N (rows of the payload) once known
+    resumes: int
+
+    @staticmethod
+    def kept(request: Request) -> tuple:
+        return (request.state._value_, request.error, request.rows, request.resumes)
+
+    @property
+    def state(self) -> RequestState:
+        return _STATE_OF_VALUE[self.value]
+
+
 class Endpoint:
     """Base of Sender and Receiver. Subclasses implement `_on_record`, `_pump`,
     `_on_engine_lost`, `_on_engine_usable` and `_fail_cleanup`."""
@@ -161,7 +189,7 @@ class Endpoint:
             device = torch.device("cuda", torch.cuda.current_device())
         self.spec = RowSpec(dim, deepstack_layers, dtype, device)
         self.requests: dict[int, Request] = {}
-        self.retired: OrderedDict[int, Request] = OrderedDict()  # terminal and handed back
+        self.retired: OrderedDict[int, tuple] = OrderedDict()  # terminal and handed back: Finished.kept
         self.stats = Stats()
         self.metrics = None  # set by embxfer.runtime.metrics when an engine asks for metrics
         self.channels: dict = {}  # peer member -> SendChannel / RecvChannel (set by subclasses)
@@ -500,8 +528,10 @@ class Endpoint:
                              f"{request.state.value} (abort() it first)")
         return request
 
-    def _lookup(self, request_id: int) -> Request:
-        request = self.requests.get(request_id) or self.retired.get(request_id)
+    def _lookup(self, request_id: int) -> Request | Finished:
+        request = self.requests.get(request_id)
+        if request is None and request_id in self.retired:
+            request = Finished(*self.retired[request_id])
         if request is None:
             raise KeyError(f"request {request_id} is not known on {self.me.describe()}")
         return request
@@ -561,7 +591,7 @@ class Endpoint:
     def _retire(self, request: Request) -> None:
         """Move a terminal request to the bounded memory of finished ones."""
         self.requests.pop(request.request_id, None)
-        self.retired[request.request_id] = request
+        self.retired[request.request_id] = Finished.kept(request)
         while len(self.retired) > FINISHED_MEMORY:
             self.retired.popitem(last=False)
 

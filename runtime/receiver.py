@@ -61,7 +61,7 @@ from embxfer.kernels import RowTensors, as_bits, ops
 from .allocator import BlockAllocator
 from .cache import PayloadCache
 from .channels import RecvChannel, RecvMessage, segment_plan, wire_to_rows
-from .endpoint import Endpoint, Request, check_request_id
+from .endpoint import Endpoint, Finished, Request, check_request_id
 from .membership import EngineView, Role, engine_name
 from .payload import Item, Payload, check_items, content_hash_bytes, kept_rows, metadata_tensors
 from .pool import BlockPool
@@ -214,6 +214,8 @@ class Receiver(Endpoint):
         request = self._lookup(check_request_id(request_id))
         if request.state is RequestState.SUCCESS:
             return request.rows, request.rows
+        if type(request) is Finished:  # handed back: its outputs are gone
+            return 0, request.rows
         if request.total_tokens is None:
             return 0, None
         landed = request.sent_tokens + (request.round_landed if request.direct else 0)

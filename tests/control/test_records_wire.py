@@ -115,8 +115,8 @@ def completion_entries(draw) -> tuple[int, int, int, int, int]:
 
 
 @st.composite
-def decision_entries(draw) -> tuple:
-    block_list = draw(block_lists())
+def decision_entries(draw, blocks=None) -> tuple:
+    block_list = draw(blocks if blocks is not None else block_lists())
     action = draw(st.sampled_from(DecisionAction))
     total = draw(st.one_of(st.just(0), U32))  # 0: not known yet, sent_tokens unbounded
     sent = draw(st.integers(0, total or U32_MAX))
@@ -145,7 +145,7 @@ def announcements_records():
 
 def decisions_records():
     return st.builds(lambda src, items, dst: Decisions.of(src, items, dst),
-                     RANK, st.lists(decision_entries(), min_size=1, max_size=6), DST)
+                     RANK, st.lists(decision_entries(), min_size=1, max_size=24), DST)
 
 
 @st.composite
@@ -264,8 +264,9 @@ def maximal_runs(block_list: np.ndarray) -> list[tuple[int, int]]:
 
 
 @settings(max_examples=200, deadline=None)
-@given(RANK, st.lists(decision_entries(), min_size=1, max_size=6))
+@given(RANK, st.lists(decision_entries(), min_size=1, max_size=24))
 def test_decisions_give_each_entrys_blocks_in_token_order_in_the_shorter_form(src, items):
+    # (up to 24 entries: `of` builds a few row by row and more column by column)
     record = Decisions.of(src, items)
     data = encode(record)
     decoded = decode(data, UNBOUNDED)
@@ -283,6 +284,21 @@ def test_decisions_give_each_entrys_blocks_in_token_order_in_the_shorter_form(sr
         area += int(decoded.entries["items"][index])
     assert len(data) == Decisions.bytes_for(len(items), area)
     assert [b.tolist() for b in decoded.blocks()] == [item[8].tolist() for item in items]
+
+
+FEW_BLOCKS = st.lists(st.integers(0, 1 << 20), max_size=2, unique=True).map(lambda b: np.array(b, dtype=np.int64))
+
+
+@settings(max_examples=100, deadline=None)
+@given(RANK, st.lists(decision_entries(FEW_BLOCKS), min_size=1, max_size=40))
+def test_decisions_of_a_steps_many_short_allocations_is_the_entry_by_entry_encoding(src, items):
+    # a step's batch (each request a block or two) is built column by column: the same
+    # bytes as the record made of its entries one at a time
+    record = Decisions.of(src, items)
+    singles = [Decisions.of(src, [item]) for item in items]
+    assert record.entries.tobytes() == b"".join(r.entries.tobytes() for r in singles)
+    assert record.items.tolist() == [b for r in singles for b in r.items.tolist()]
+    assert decode(encode(record), UNBOUNDED) == record
 
 
 def test_runs_make_contiguous_lists_small_and_keep_token_order():

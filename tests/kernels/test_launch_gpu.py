@@ -98,6 +98,32 @@ def test_many_messages_in_flight_gpu(mode):
     _assert_no_fallback(launcher, mode)
 
 
+def test_graphs_captured_again_after_the_rings_are_dropped_gpu(monkeypatch):
+    """Past MAX_GRAPH_RINGS every ring is dropped: a variant that cached its ring finds a
+    new one (not the destroyed graphs), and every message stays exact."""
+    from embxfer.kernels import launch
+
+    monkeypatch.setattr(launch, "MAX_GRAPH_RINGS", 2)
+    generator = torch.Generator().manual_seed(12)
+    launcher = _launcher("graph")
+    layouts = [kernels.staging_layout(c, 512, 0, torch.bfloat16) for c in ([5, 9], [40], [3, 3, 3])]
+    messages = [Message(layout, 16, [1] * layout.num_segments, generator, "cuda") for layout in layouts]
+    for round_ in range(3):  # each round passes the cap: all rings dropped, then used again
+        for index, message in enumerate(messages):
+            staging = torch.full((message.layout.nbytes,), 0xA5, dtype=torch.uint8, device="cuda")
+            launcher.pack(message.pool, message.plan, staging, message.layout)
+            want = torch.full_like(staging, 0xA5)
+            reference.pack_reference(message.pool, message.plan, want, message.layout)
+            assert_bitwise_equal(staging, want, what=f"round {round_} layout {index}")
+    torch.cuda.synchronize()
+    assert 0 < len(launcher._graphs) <= 2
+    live = {id(ring) for ring in launcher._graphs.values()}
+    for route in launcher._routes.values():
+        if route.variant is not None:
+            assert all(ring.dropped or id(ring) in live for ring in route.variant.rings.values())
+    _assert_no_fallback(launcher, "graph")
+
+
 @pytest.mark.parametrize("mode", MODES)
 def test_steady_state_allocates_nothing_gpu(mode):
     generator = torch.Generator().manual_seed(10)
