@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 from collections.abc import Sequence
+from itertools import accumulate
 
 import torch
 
@@ -111,14 +112,17 @@ class BlockPool:
         """Uninitialised rows for several requests from one allocation per field: the whole
         (`empty_rows(sum(counts))`) and each request's contiguous view of it, its mrope
         positions `[3, n]` cut from the whole's, read flat. One allocation and one split
-        per field, whatever the number of requests; the memory lives until every view is
-        dropped."""
+        per field, whatever the number of requests (the mrope blocks, 2-D, one strided view
+        each: a split and a reshape would make two tensors); the memory lives until every
+        view is dropped."""
         counts = list(counts)
         whole = self.empty_rows(sum(counts))
-        mrope = whole.mrope_positions.view(-1).split([3 * n for n in counts])
+        cut = whole.mrope_positions.as_strided
+        base = whole.mrope_positions.storage_offset()
+        starts = accumulate(counts, initial=0)
         deepstack = whole.deepstack.split(counts) if whole.deepstack is not None else [None] * len(counts)
-        views = [RowTensors(e, f, m.view(3, n), d) for e, f, m, d, n in zip(
-            whole.embeddings.split(counts), whole.fill_ids.split(counts), mrope, deepstack, counts, strict=True)]
+        views = [RowTensors(e, f, cut((3, n), (n, 1), base + 3 * start), d) for e, f, d, n, start in zip(
+            whole.embeddings.split(counts), whole.fill_ids.split(counts), deepstack, counts, starts)]
         return whole, views
 
     def read_into(self, blocks: Sequence[int], num_tokens: int, out: RowTensors, out_start: int = 0,
