@@ -146,14 +146,15 @@ class Launcher:
         """Every segment of `staging` -> its pool rows (ops.unpack without `segments`)."""
         self._issue(self._route("unpack", layout, staging, pool), plan, None, (pool, staging))
 
-    def pack_addressed_rows(self, addresses: np.ndarray, starts: np.ndarray, staging: torch.Tensor,
-                            layout: StagingLayout) -> None:
+    def pack_addressed_rows(self, addresses: np.ndarray | Sequence[tuple[int, ...]], starts: np.ndarray | Sequence[int],
+                            staging: torch.Tensor, layout: StagingLayout) -> None:
         """Rows `[starts[i], starts[i] + counts[i])` of the row tensors whose
-        `ops.row_addresses` are `addresses[i]` -> segment i of `staging`."""
+        `ops.row_addresses` are `addresses[i]` -> segment i of `staging` (arrays, or a list
+        of address tuples and a list of starts: `_Route.row_offsets`)."""
         self._issue(self._route("pack_rows", layout, staging, None), None, (addresses, starts), (None, staging))
 
-    def unpack_addressed_rows(self, staging: torch.Tensor, layout: StagingLayout, addresses: np.ndarray,
-                              starts: np.ndarray) -> None:
+    def unpack_addressed_rows(self, staging: torch.Tensor, layout: StagingLayout,
+                              addresses: np.ndarray | Sequence[tuple[int, ...]], starts: np.ndarray | Sequence[int]) -> None:
         """Segment i of `staging` -> rows `[starts[i], starts[i] + counts[i])` of the row
         tensors whose `ops.row_addresses` are `addresses[i]`."""
         self._issue(self._route("unpack_rows", layout, staging, None), None, (addresses, starts), (None, staging))
@@ -414,20 +415,25 @@ class _Route:
         return (refs[0]() is pool.embeddings and refs[1]() is pool.fill_ids and refs[2]() is pool.mrope_positions
                 and (pool.deepstack is None if refs[3] is None else refs[3]() is pool.deepstack))
 
-    def row_offsets(self, addresses: np.ndarray, starts: np.ndarray) -> tuple[np.ndarray | list[int], int]:
+    def row_offsets(self, addresses: np.ndarray | Sequence[tuple[int, ...]],
+                    starts: np.ndarray | Sequence[int]) -> tuple[np.ndarray | list[int], int]:
         """A message's row side as byte offsets from the route's bases ([5, S]: embeddings,
-        deepstack, fill_ids, mrope, and the mrope stride), and the alignment they allow. A
-        message of one segment (every request on its own: the latency case) is worked out
-        with Python integers, a list of 5: numpy's calls on a [5, 1] array cost more than
-        the arithmetic."""
+        deepstack, fill_ids, mrope, and the mrope stride), and the alignment they allow.
+        `addresses`: an int64 [S, 5] array or S tuples of `ops.row_addresses`; `starts`: an
+        array or a list. A message of one segment (every request on its own: the latency
+        case) is worked out with Python integers, a list of 5: numpy's calls on a [5, 1]
+        array cost more than the arithmetic, and a caller that passes its tuple and list
+        as they are builds no array at all."""
         if self.num_segments == 1:
-            start, row = int(starts[0]), addresses[0].tolist()
+            start, row = int(starts[0]), addresses[0]
+            if type(row) is not tuple:
+                row = row.tolist()
             offsets = [step * start + address - base
                        for step, address, base in zip(self.row_step_list, row, self.row_base_list, strict=True)]
             value = self.alignment | offsets[0] | (offsets[1] if self.row_checked == 2 else 0)
             return offsets, value & -value
-        offsets = self.row_steps * starts
-        offsets += addresses.T
+        offsets = self.row_steps * np.asarray(starts, dtype=np.int64)
+        offsets += np.asarray(addresses, dtype=np.int64).T
         offsets -= self.row_bases
         checked = offsets[: self.row_checked]
         if self.live is not None:

@@ -142,6 +142,10 @@ def _triton(flag: bool | None, tensor: torch.Tensor) -> bool:
     return tensor.device.type == "cuda" if flag is None else flag
 
 
+def _ints(values: np.ndarray | Sequence[int]) -> list[int]:
+    return values if type(values) is list else np.asarray(values).tolist()
+
+
 def _widths(layout: StagingLayout) -> dict[str, int]:
     return {"dim": layout.dim, "deepstack_dim": layout.deepstack_dim, "element_size": layout.element_size}
 
@@ -236,20 +240,25 @@ def addressed_rows_side(anchor: RowTensors, addresses: np.ndarray, starts: np.nd
     )
 
 
-def pack_addressed_rows(anchor: RowTensors, addresses: np.ndarray, starts: np.ndarray, rows: Sequence[RowTensors],
-                        staging: torch.Tensor, layout: StagingLayout, *, triton: bool | None = None) -> None:
+def pack_addressed_rows(anchor: RowTensors, addresses: np.ndarray | Sequence[tuple[int, ...]],
+                        starts: np.ndarray | Sequence[int], rows: Sequence[RowTensors], staging: torch.Tensor,
+                        layout: StagingLayout, *, triton: bool | None = None) -> None:
     """`pack_rows` for callers that keep each payload's `row_addresses`: on CUDA the
-    segments are addressed from the table (no per-segment Python); on CPU `rows` are used."""
+    segments are addressed from the table (no per-segment Python); on CPU `rows` are used.
+    `addresses`: an int64 [S, 5] array, or the S tuples themselves; `starts`: an int64
+    array or a list (a message of one segment then builds no array at all)."""
     if _triton(triton, staging):
         launcher_for(staging.device).pack_addressed_rows(addresses, starts, staging, layout)
     else:
-        reference.pack_rows_reference(rows, starts.tolist(), staging, layout)
+        reference.pack_rows_reference(rows, _ints(starts), staging, layout)
 
 
-def unpack_addressed_rows(staging: torch.Tensor, layout: StagingLayout, anchor: RowTensors, addresses: np.ndarray,
-                          starts: np.ndarray, rows: Sequence[RowTensors], *, segments: Sequence[int] | None = None,
+def unpack_addressed_rows(staging: torch.Tensor, layout: StagingLayout, anchor: RowTensors,
+                          addresses: np.ndarray | Sequence[tuple[int, ...]], starts: np.ndarray | Sequence[int],
+                          rows: Sequence[RowTensors], *, segments: Sequence[int] | None = None,
                           triton: bool | None = None) -> None:
-    """`pack_addressed_rows` in reverse: segment i of `staging` -> rows `[starts[i],
+    """`pack_addressed_rows` in reverse (the same forms of `addresses` and `starts`):
+    segment i of `staging` -> rows `[starts[i],
     starts[i] + counts[i])` of the row tensors whose `row_addresses` are `addresses[i]`
     (`rows[i]` on CPU), one launch; for rounds whose outputs exist when their message
     lands, which then skip the landing blocks and the read-out.
@@ -265,10 +274,11 @@ def unpack_addressed_rows(staging: torch.Tensor, layout: StagingLayout, anchor: 
         from .triton_copy import copy_segments
 
         side, counts = _some_segments(staging, layout, segments)
-        dst = addressed_rows_side(anchor, addresses, starts, layout.dim, layout.deepstack_dim, layout.element_size)
+        dst = addressed_rows_side(anchor, np.asarray(addresses, dtype=np.int64), np.asarray(starts, dtype=np.int64),
+                                  layout.dim, layout.deepstack_dim, layout.element_size)
         copy_segments(counts, side, dst, **_widths(layout))
     else:
-        reference.unpack_to_rows_reference(staging, layout, rows, starts.tolist(), segments)
+        reference.unpack_to_rows_reference(staging, layout, rows, _ints(starts), segments)
 
 
 def gather_addressed(pool: PoolTensors, plan: BlockPlan, counts: Sequence[int], outputs: Sequence[RowTensors],

@@ -275,8 +275,7 @@ class SendChannel(_Staging):
         slot = self.free_slots.popleft()
         staging = self.staging[slot]
         if self.spec.device.type == "cuda":
-            addresses = np.array([r.addresses for r in requests], dtype=np.int64)
-            ops.pack_addressed_rows(requests[0].payload, addresses, np.array(rows, dtype=np.int64),
+            ops.pack_addressed_rows(requests[0].payload, [r.addresses for r in requests], rows,
                                     [r.payload for r in requests], staging, layout)
         else:
             ops.pack_rows([r.payload for r in requests], rows, staging, layout)

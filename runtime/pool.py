@@ -119,10 +119,10 @@ class BlockPool:
         whole = self.empty_rows(sum(counts))
         cut = whole.mrope_positions.as_strided
         base = whole.mrope_positions.storage_offset()
-        starts = accumulate(counts, initial=0)
+        starts = accumulate(counts[:-1], initial=0) if counts else ()  # where each request begins
         deepstack = whole.deepstack.split(counts) if whole.deepstack is not None else [None] * len(counts)
         views = [RowTensors(e, f, cut((3, n), (n, 1), base + 3 * start), d) for e, f, d, n, start in zip(
-            whole.embeddings.split(counts), whole.fill_ids.split(counts), deepstack, counts, starts)]
+            whole.embeddings.split(counts), whole.fill_ids.split(counts), deepstack, counts, starts, strict=True)]
         return whole, views
 
     def read_into(self, blocks: Sequence[int], num_tokens: int, out: RowTensors, out_start: int = 0,

@@ -553,9 +553,8 @@ class Receiver(Endpoint):
                 if whole and message.together is not None:
                     addresses = ops.together_addresses(message.together, [r.rows for r in message.requests])
                 else:
-                    addresses = np.array([_output_addresses(message.requests[i]) for i in direct], dtype=np.int64)
-                ops.unpack_addressed_rows(staging, message.layout, outputs[0], addresses,
-                                          np.array(starts, dtype=np.int64), outputs,
+                    addresses = [_output_addresses(message.requests[i]) for i in direct]
+                ops.unpack_addressed_rows(staging, message.layout, outputs[0], addresses, starts, outputs,
                                           segments=None if whole else direct)
             else:
                 ops.unpack_to_rows(staging, message.layout, outputs, starts, segments=None if whole else direct)

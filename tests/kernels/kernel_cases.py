@@ -308,10 +308,14 @@ class Message:
         shared = empty_rows(self.sources[-1].num_tokens, layout.dim, layers, layout.dtype, self.device)
         return [own] + [shared] * (len(self.sources) - 1)
 
-    def run(self, operation, launcher, backend):
+    def run(self, operation, launcher, backend, as_lists=False):
         """The operation through `launcher` (backend "triton") or the reference; returns
-        every tensor it wrote (poisoned beforehand)."""
+        every tensor it wrote (poisoned beforehand). `as_lists`: the addressed operations
+        get their row addresses as tuples and their starts as a list, as the runtime
+        passes them, instead of arrays."""
         layout, triton = self.layout, backend == "triton"
+        forms = (lambda a: [tuple(r) for r in a.tolist()], lambda s: s.tolist()) if as_lists else \
+            (lambda a: a, lambda s: s)
         if operation in ("pack", "pack_addressed_rows"):
             staging = poison(torch.empty(layout.nbytes + 256, dtype=torch.uint8, device=self.device))
             if operation == "pack":
@@ -321,7 +325,7 @@ class Message:
                     reference.pack_reference(self.pool, self.plan, staging, layout)
             elif triton:
                 addresses = np.array([row_addresses(r) for r in self.sources], dtype=np.int64)
-                launcher.pack_addressed_rows(addresses, self.row_starts, staging, layout)
+                launcher.pack_addressed_rows(forms[0](addresses), forms[1](self.row_starts), staging, layout)
             else:
                 reference.pack_rows_reference(self.sources, self.row_starts.tolist(), staging, layout)
             return (staging,)
@@ -336,7 +340,7 @@ class Message:
         addresses = np.array([row_addresses(r) for r in outputs], dtype=np.int64)
         if operation == "unpack_addressed_rows":
             if triton:
-                launcher.unpack_addressed_rows(self.staging, layout, addresses, self.row_starts)
+                launcher.unpack_addressed_rows(self.staging, layout, forms[0](addresses), forms[1](self.row_starts))
             else:
                 reference.unpack_to_rows_reference(self.staging, layout, outputs, self.row_starts.tolist())
         elif triton:

@@ -75,6 +75,20 @@ def test_operations_match_reference(launcher, case):
                                  what=what)
 
 
+@pytest.mark.parametrize("counts", [[37], [5, 9, 1]], ids=["one-segment", "three-segments"])
+def test_addressed_rows_take_the_runtimes_tuples_and_lists(launcher, counts):
+    """The runtime passes its row-address tuples and its list of starts as they are (a
+    message of one segment then builds no array): the same bytes as arrays give."""
+    generator = torch.Generator().manual_seed(len(counts))
+    layout = kernels.staging_layout(counts, 40, 40, torch.bfloat16)
+    message = Message(layout, 4, [1] * len(counts), generator)
+    for operation in ("pack_addressed_rows", "unpack_addressed_rows"):
+        want = message.run(operation, launcher, "torch")
+        assert_bitwise_equal(message.run(operation, launcher, "triton"), want, what=f"{operation} arrays")
+        assert_bitwise_equal(message.run(operation, launcher, "triton", as_lists=True), want,
+                             what=f"{operation} tuples and lists")
+
+
 @pytest.mark.parametrize("dtype", DTYPES)
 @pytest.mark.parametrize("layers", [0, 1])
 def test_unpack_addressed_rows_through_ops(dtype, layers):

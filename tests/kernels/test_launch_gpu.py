@@ -66,6 +66,10 @@ def test_operations_match_reference_gpu(mode, case):
         for operation in OPERATIONS:
             assert_bitwise_equal(message.run(operation, launcher, "triton"), message.run(operation, launcher, "torch"),
                                  what=f"{operation} seed={seed} {_case_id(case)} {mode}")
+        for operation in ("pack_addressed_rows", "unpack_addressed_rows"):  # as the runtime passes them
+            assert_bitwise_equal(message.run(operation, launcher, "triton", as_lists=True),
+                                 message.run(operation, launcher, "torch"),
+                                 what=f"{operation} (tuples, list) seed={seed} {_case_id(case)} {mode}")
     _assert_no_fallback(launcher, mode)
 
 
