@@ -47,6 +47,7 @@ Nothing here checks its inputs: callers are `ops.py`'s operations (see there).
 from __future__ import annotations
 
 import contextlib
+import struct
 import threading
 import warnings
 import weakref
@@ -97,6 +98,7 @@ GRAPH_MAX_BYTES = 32 << 20
 GRAPH_COPIES = 4  # graphs per (variant, buckets): messages of one shape in flight at once
 MAX_GRAPH_RINGS = 128  # then all are dropped and captured again as needed
 MAX_ROUTES = 256
+_PACK_ROW = struct.Struct("<5q").pack_into  # one segment's row columns into a table (an int64 array)
 
 # side kinds of a route
 POOL, STAGING, ROWS = "pool", "staging", "rows"
@@ -215,9 +217,10 @@ class Launcher:
                 fill_pool_columns(table, route.pool_base, variant.head, plan)
             if rows is not None:
                 s = route.num_segments
-                if s == 1:
-                    table[route.rows_base : route.rows_base + 5] = [
-                        offset // divisor for offset, divisor in zip(offsets, variant.row_divisor_list, strict=True)]
+                if s == 1:  # five Python ints written in place (no list, no numpy call)
+                    emb, deep, ids, mrope, stride = offsets
+                    word = variant.word_bytes
+                    _PACK_ROW(table, 8 * route.rows_base, emb // word, deep // word, ids // 4, mrope // 4, stride)
                 else:
                     np.floor_divide(offsets, variant.row_divisors,
                                     out=table[route.rows_base : route.rows_base + 5 * s].reshape(5, s))
@@ -400,7 +403,7 @@ class _Route:
             side_pointer[ROWS] = (words_base, words_base, ints_base, ints_base)
             self.row_steps = np.array([[emb_row], [ds_row], [4], [4], [0]], dtype=np.int64)
             self.row_bases = np.array([[words_base], [words_base], [ints_base], [ints_base], [0]], dtype=np.int64)
-            self.row_step_list, self.row_base_list = self.row_steps[:, 0].tolist(), self.row_bases[:, 0].tolist()
+            self.row_constants = (emb_row, ds_row, words_base, ints_base)  # (one segment: Python ints)
             self.row_checked = 2 if ds_row else 1
             self.live = None if int(self.counts.min(initial=1)) > 0 else self.counts > 0
             self.variants: dict[int, _Variant] = {}
@@ -416,20 +419,20 @@ class _Route:
                 and (pool.deepstack is None if refs[3] is None else refs[3]() is pool.deepstack))
 
     def row_offsets(self, addresses: np.ndarray | Sequence[tuple[int, ...]],
-                    starts: np.ndarray | Sequence[int]) -> tuple[np.ndarray | list[int], int]:
+                    starts: np.ndarray | Sequence[int]) -> tuple[np.ndarray | tuple[int, ...], int]:
         """A message's row side as byte offsets from the route's bases ([5, S]: embeddings,
         deepstack, fill_ids, mrope, and the mrope stride), and the alignment they allow.
         `addresses`: an int64 [S, 5] array or S tuples of `ops.row_addresses`; `starts`: an
         array or a list. A message of one segment (every request on its own: the latency
-        case) is worked out with Python integers, a list of 5: numpy's calls on a [5, 1]
+        case) is worked out with Python integers, a tuple of 5: numpy's calls on a [5, 1]
         array cost more than the arithmetic, and a caller that passes its tuple and list
         as they are builds no array at all."""
         if self.num_segments == 1:
             start, row = int(starts[0]), addresses[0]
-            if type(row) is not tuple:
-                row = row.tolist()
-            offsets = [step * start + address - base
-                       for step, address, base in zip(self.row_step_list, row, self.row_base_list, strict=True)]
+            embeddings, deepstack, fill_ids, mrope, stride = row if type(row) is tuple else row.tolist()
+            emb_row, ds_row, words_base, ints_base = self.row_constants
+            offsets = (emb_row * start + embeddings - words_base, ds_row * start + deepstack - words_base,
+                       4 * start + fill_ids - ints_base, 4 * start + mrope - ints_base, stride)
             value = self.alignment | offsets[0] | (offsets[1] if self.row_checked == 2 else 0)
             return offsets, value & -value
         offsets = self.row_steps * np.asarray(starts, dtype=np.int64)
@@ -479,8 +482,8 @@ class _Variant:
             np.floor_divide(route.layout.offset_arrays, np.array([[word_bytes], [word_bytes], [4], [4], [1]]),
                             out=template[route.staging_base : route.staging_base + 5 * s].reshape(5, s))
         variant.template = template
-        variant.row_divisor_list = [word_bytes, word_bytes, 4, 4, 1]  # (one segment: Python ints)
-        variant.row_divisors = np.array(variant.row_divisor_list, dtype=np.int64).reshape(5, 1)
+        variant.word_bytes = word_bytes
+        variant.row_divisors = np.array([[word_bytes], [word_bytes], [4], [4], [1]], dtype=np.int64)
         return variant
 
     def tensors(self, objects: tuple) -> tuple[torch.Tensor, ...]:
