@@ -521,3 +521,29 @@ def test_a_message_already_sent_lands_in_the_pump_that_posts_its_receive():
     assert leader.take(1).bit_equal(payload)
     cluster.settle()
     assert_no_leaks(cluster)
+
+
+def test_handed_back_requests_answer_from_plain_tuples_the_collector_stops_tracking():
+    """After take() and release(), state(), error() and arrived() still answer (from the
+    bounded memory of finished requests), and what that memory holds is no longer walked
+    by Python's garbage collector: a Request kept there per request would be."""
+    import gc
+
+    cluster = make_cluster(default_alloc_tokens=256, language_pool_blocks=8)
+    payload = random_payload(300, DIM, seed=9)
+    assert cluster.transfer({5: payload})[5][0].bit_equal(payload)
+    leader, sender = cluster.leader, cluster.senders[0]
+    cluster.admit(6)
+    leader.abort(6, "not wanted")
+    cluster.run_until(lambda: leader.state(6).terminal)
+    leader.release(6)
+    gc.collect()
+    for endpoint, request_id in ((leader, 5), (sender, 5), (leader, 6)):
+        kept = endpoint.retired[request_id]
+        assert type(kept) is tuple and not gc.is_tracked(kept), (endpoint.role, request_id)
+    assert leader.state(5) is RequestState.SUCCESS and sender.state(5) is RequestState.SUCCESS
+    assert leader.arrived(5) == (300, 300) and leader.error(5) is None
+    assert leader.state(6) is RequestState.FAILED and "not wanted" in leader.error(6)
+    assert leader.arrived(6) == (0, None)
+    with pytest.raises(ValueError, match="already taken or released"):
+        leader.take(5)
