@@ -429,7 +429,7 @@ class _Route:
         as they are builds no array at all."""
         if self.num_segments == 1:
             start, row = int(starts[0]), addresses[0]
-            embeddings, deepstack, fill_ids, mrope, stride = row if type(row) is tuple else row.tolist()
+            embeddings, deepstack, fill_ids, mrope, stride = row.tolist() if isinstance(row, np.ndarray) else row
             emb_row, ds_row, words_base, ints_base = self.row_constants
             offsets = (emb_row * start + embeddings - words_base, ds_row * start + deepstack - words_base,
                        4 * start + fill_ids - ints_base, 4 * start + mrope - ints_base, stride)
