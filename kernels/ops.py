@@ -258,10 +258,10 @@ def unpack_addressed_rows(staging: torch.Tensor, layout: StagingLayout, anchor: 
                           rows: Sequence[RowTensors], *, segments: Sequence[int] | None = None,
                           triton: bool | None = None) -> None:
     """`pack_addressed_rows` in reverse (the same forms of `addresses` and `starts`):
-    segment i of `staging` -> rows `[starts[i],
-    starts[i] + counts[i])` of the row tensors whose `row_addresses` are `addresses[i]`
-    (`rows[i]` on CPU), one launch; for rounds whose outputs exist when their message
-    lands, which then skip the landing blocks and the read-out.
+    segment i of `staging` -> rows `[starts[i], starts[i] + counts[i])` of the row tensors
+    whose `row_addresses` are `addresses[i]` (`rows[i]` on CPU), one launch; for rounds
+    whose outputs exist when their message lands, which then skip the landing blocks and
+    the read-out.
 
     With `segments`, only those segments (by index, ascending) are copied, and
     `addresses`, `starts` and `rows` cover only them. `anchor`: any live row tensor set

@@ -122,7 +122,7 @@ class Request:
         return self.state is RequestState.FAILED
 
 
-_STATE_OF_VALUE = RequestState._value2member_map_
+_STATE_OF_VALUE = {state.value: state for state in RequestState}
 
 
 class Finished(NamedTuple):
