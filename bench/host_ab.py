@@ -15,7 +15,6 @@ from __future__ import annotations
 
 import argparse
 import json
-import os
 import statistics
 import subprocess
 import sys
@@ -23,49 +22,47 @@ from pathlib import Path
 
 BENCH = Path(__file__).resolve().parent
 
-ONE_RUN = """
-import json, os, sys
-import torch
-torch.set_num_threads(1)
-sys.path.insert(0, os.environ["HOST_AB_BENCH"])
-import host
-case = host.batch_case(int(os.environ["HOST_AB_TP"]), 256, int(os.environ["HOST_AB_BATCHES"]),
-                       blind=bool(os.environ.get("HOST_AB_BLIND")))
-print(json.dumps(case))
-"""
 
-
-def one_run(root: str, env: dict) -> float:
-    script = Path(env["HOST_AB_SCRIPT"])
-    result = subprocess.run([sys.executable, str(BENCH / "rooms.py"), root, str(script)], capture_output=True,
-                            text=True, env=env, timeout=600)
+def one_run(root: str, tp: int, batches: int, blind: bool) -> float:
+    """One process on `root`'s code: this file again (`--one`) through `bench/rooms.py`."""
+    command = [sys.executable, str(BENCH / "rooms.py"), root, str(Path(__file__).resolve()), "--one", "--tp", str(tp),
+               "--batches", str(batches), *(["--blind"] if blind else [])]
+    result = subprocess.run(command, capture_output=True, text=True, timeout=600)
     if result.returncode != 0:
         raise SystemExit(f"{root}: exit {result.returncode}: {result.stderr[-500:]}")
     return json.loads(result.stdout.strip().splitlines()[-1])["us_per_request"]
 
 
+def time_batches(tp: int, batches: int, blind: bool) -> None:
+    """(--one) bench/host.py's batch case on the code this process was started on."""
+    import host  # bench/host.py, next to this file (rooms.py puts this folder first on the path)
+    import torch
+
+    torch.set_num_threads(1)
+    print(json.dumps(host.batch_case(tp, 256, batches, blind=blind)))
+
+
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("old")
-    parser.add_argument("new")
+    parser.add_argument("old", nargs="?")
+    parser.add_argument("new", nargs="?")
     parser.add_argument("--tp", type=int, default=2)
     parser.add_argument("--pairs", type=int, default=6)
     parser.add_argument("--batches", type=int, default=8)
     parser.add_argument("--blind", action="store_true")
+    parser.add_argument("--one", action="store_true", help=argparse.SUPPRESS)
     args = parser.parse_args(argv)
     if args.pairs < 1 or args.batches < 1:
         raise SystemExit(f"--pairs={args.pairs}, --batches={args.batches}: expected integers >= 1")
-    script = Path(os.environ.get("TMPDIR", "/tmp")) / f"host_ab_{os.getpid()}.py"
-    script.write_text(ONE_RUN)
-    env = dict(os.environ, HOST_AB_BENCH=str(BENCH), HOST_AB_TP=str(args.tp), HOST_AB_BATCHES=str(args.batches),
-               HOST_AB_SCRIPT=str(script), **({"HOST_AB_BLIND": "1"} if args.blind else {}))
+    if args.one:
+        time_batches(args.tp, args.batches, args.blind)
+        return 0
+    if args.old is None or args.new is None:
+        parser.error("expected OLD_ROOT and NEW_ROOT")
     times: dict[str, list[float]] = {args.old: [], args.new: []}
-    try:
-        for pair in range(args.pairs):
-            for root in (args.old, args.new) if pair % 2 == 0 else (args.new, args.old):
-                times[root].append(one_run(root, env))
-    finally:
-        script.unlink(missing_ok=True)
+    for pair in range(args.pairs):
+        for root in (args.old, args.new) if pair % 2 == 0 else (args.new, args.old):
+            times[root].append(one_run(root, args.tp, args.batches, args.blind))
     old, new = times[args.old], times[args.new]
     ratios = [n / o for o, n in zip(old, new, strict=True)]
     name = f"{'blind' if args.blind else 'batch'} TP {args.tp}"

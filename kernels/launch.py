@@ -219,7 +219,7 @@ class Launcher:
                 s = route.num_segments
                 if s == 1:  # five Python ints written in place (no list, no numpy call)
                     emb, deep, ids, mrope, stride = offsets
-                    word = variant.word_bytes
+                    word = variant.shape.word_bytes
                     _PACK_ROW(table, 8 * route.rows_base, emb // word, deep // word, ids // 4, mrope // 4, stride)
                 else:
                     np.floor_divide(offsets, variant.row_divisors,
@@ -477,13 +477,13 @@ class _Variant:
         s = route.num_segments
         template = np.zeros(variant.head, dtype=np.int64)
         fill_header_and_counts(template, route.counts, shape)
+        # bytes -> the kernel's units: words for embeddings and deepstack, int32 for the rest
         word_bytes = shape.word_bytes
+        variant.row_divisors = np.array([[word_bytes], [word_bytes], [4], [4], [1]], dtype=np.int64)
         if route.staging_base is not None:
-            np.floor_divide(route.layout.offset_arrays, np.array([[word_bytes], [word_bytes], [4], [4], [1]]),
+            np.floor_divide(route.layout.offset_arrays, variant.row_divisors,
                             out=template[route.staging_base : route.staging_base + 5 * s].reshape(5, s))
         variant.template = template
-        variant.word_bytes = word_bytes
-        variant.row_divisors = np.array([[word_bytes], [word_bytes], [4], [4], [1]], dtype=np.int64)
         return variant
 
     def tensors(self, objects: tuple) -> tuple[torch.Tensor, ...]:

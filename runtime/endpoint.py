@@ -530,9 +530,10 @@ class Endpoint:
 
     def _lookup(self, request_id: int) -> Request | Finished:
         request = self.requests.get(request_id)
-        if request is None and request_id in self.retired:
-            request = Finished(*self.retired[request_id])
         if request is None:
+            kept = self.retired.get(request_id)
+            if kept is not None:
+                return Finished(*kept)
             raise KeyError(f"request {request_id} is not known on {self.me.describe()}")
         return request
 
