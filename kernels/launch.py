@@ -555,3 +555,15 @@ def launcher_for(device: torch.device) -> Launcher:
             if launcher is None:
                 launcher = _LAUNCHERS[key] = Launcher(torch.device(key))
     return launcher
+
+
+_BY_INDEX: dict[int, Launcher] = {}  # tensor.get_device() (-1: CPU) -> launcher_for(tensor.device)
+
+
+def launcher_of(tensor: torch.Tensor) -> Launcher:
+    """`launcher_for(tensor.device)`, found by the tensor's device index: the operations'
+    lookup on every call, without making a device object and its name (~0.6 us)."""
+    launcher = _BY_INDEX.get(tensor.get_device())
+    if launcher is None:
+        launcher = _BY_INDEX[tensor.get_device()] = launcher_for(tensor.device)
+    return launcher

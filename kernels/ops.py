@@ -24,7 +24,7 @@ import numpy as np
 import torch
 
 from . import reference
-from .launch import Launcher, launcher_for
+from .launch import Launcher, launcher_for, launcher_of
 from .layout import StagingLayout
 from .plan import BlockPlan
 from .types import PoolTensors, RowTensors
@@ -40,7 +40,7 @@ def pack(pool: PoolTensors, plan: BlockPlan, staging: torch.Tensor, layout: Stag
          triton: bool | None = None) -> None:
     """Pool tokens of each segment -> the segment's rows of `staging`."""
     if _triton(triton, staging):
-        launcher_for(staging.device).pack(pool, plan, staging, layout)
+        launcher_of(staging).pack(pool, plan, staging, layout)
     else:
         reference.pack_reference(pool, plan, staging, layout)
 
@@ -53,7 +53,7 @@ def unpack(staging: torch.Tensor, layout: StagingLayout, pool: PoolTensors, plan
         from .triton_copy import PoolSide, copy_segments
 
         if segments is None:
-            launcher_for(staging.device).unpack(staging, layout, pool, plan)
+            launcher_of(staging).unpack(staging, layout, pool, plan)
             return
         side, counts = _some_segments(staging, layout, segments)
         copy_segments(counts, side, PoolSide(pool, plan), **_widths(layout))
@@ -139,7 +139,7 @@ def scatter(rows: Sequence[RowTensors], row_starts: Sequence[int], counts: Seque
 
 
 def _triton(flag: bool | None, tensor: torch.Tensor) -> bool:
-    return tensor.device.type == "cuda" if flag is None else flag
+    return tensor.is_cuda if flag is None else flag
 
 
 def _ints(values: np.ndarray | Sequence[int]) -> list[int]:
@@ -248,7 +248,7 @@ def pack_addressed_rows(anchor: RowTensors, addresses: np.ndarray | Sequence[tup
     `addresses`: an int64 [S, 5] array, or the S tuples themselves; `starts`: an int64
     array or a list (a message of one segment then builds no array at all)."""
     if _triton(triton, staging):
-        launcher_for(staging.device).pack_addressed_rows(addresses, starts, staging, layout)
+        launcher_of(staging).pack_addressed_rows(addresses, starts, staging, layout)
     else:
         reference.pack_rows_reference(rows, _ints(starts), staging, layout)
 
@@ -269,7 +269,7 @@ def unpack_addressed_rows(staging: torch.Tensor, layout: StagingLayout, anchor: 
     launcher reaches the rows from the staging buffer's address)."""
     if _triton(triton, staging):
         if segments is None:
-            launcher_for(staging.device).unpack_addressed_rows(staging, layout, addresses, starts)
+            launcher_of(staging).unpack_addressed_rows(staging, layout, addresses, starts)
             return
         from .triton_copy import copy_segments
 
@@ -287,6 +287,6 @@ def gather_addressed(pool: PoolTensors, plan: BlockPlan, counts: Sequence[int], 
     are addressed from the table (no per-output Python); on CPU `outputs` are used."""
     if _triton(triton, pool.embeddings):
         if sum(counts):
-            launcher_for(pool.embeddings.device).gather_addressed(pool, plan, counts, addresses, out_starts)
+            launcher_of(pool.embeddings).gather_addressed(pool, plan, counts, addresses, out_starts)
     else:
         reference.gather_reference(pool, plan, counts, outputs, out_starts.tolist())

@@ -274,7 +274,7 @@ class SendChannel(_Staging):
         layout = self.layout(tuple(s.count for s in segments))
         slot = self.free_slots.popleft()
         staging = self.staging[slot]
-        if self.spec.device.type == "cuda":
+        if self.spec.is_cuda:
             ops.pack_addressed_rows(requests[0].payload, [r.addresses for r in requests], rows,
                                     [r.payload for r in requests], staging, layout)
         else:

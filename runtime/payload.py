@@ -354,6 +354,10 @@ class RowSpec:
         return self.dim * self.deepstack_layers
 
     @cached_property
+    def is_cuda(self) -> bool:  # asked per message on the hot path: computed once
+        return self.device.type == "cuda"
+
+    @cached_property
     def bytes_per_token(self) -> int:  # asked per request on the hot path: computed once
         return self.dtype.itemsize * (self.dim + self.deepstack_dim) + 4 * (1 + 3)
 

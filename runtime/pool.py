@@ -3,7 +3,7 @@
 from __future__ import annotations
 
 from collections.abc import Sequence
-from itertools import accumulate
+from itertools import groupby
 
 import torch
 
@@ -112,17 +112,24 @@ class BlockPool:
         """Uninitialised rows for several requests from one allocation per field: the whole
         (`empty_rows(sum(counts))`) and each request's contiguous view of it, its mrope
         positions `[3, n]` cut from the whole's, read flat. One allocation and one split
-        per field, whatever the number of requests (the mrope blocks, 2-D, one strided view
-        each: a split and a reshape would make two tensors); the memory lives until every
-        view is dropped."""
+        per field, whatever the number of requests; the mrope blocks, 2-D, are one strided
+        view per run of equal counts, unbound into its requests' views (a split and a
+        reshape would make two tensors per request). The memory lives until every view is
+        dropped."""
         counts = list(counts)
         whole = self.empty_rows(sum(counts))
         cut = whole.mrope_positions.as_strided
-        base = whole.mrope_positions.storage_offset()
-        starts = accumulate(counts[:-1], initial=0) if counts else ()  # where each request begins
+        at = whole.mrope_positions.storage_offset()
+        mrope = []
+        for n, run in groupby(counts):
+            k = sum(1 for _ in run)
+            if k == 1:
+                mrope.append(cut((3, n), (n, 1), at))
+            else:
+                mrope.extend(cut((k, 3, n), (3 * n, n, 1), at).unbind(0))
+            at += 3 * k * n
         deepstack = whole.deepstack.split(counts) if whole.deepstack is not None else [None] * len(counts)
-        views = [RowTensors(e, f, cut((3, n), (n, 1), base + 3 * start), d) for e, f, d, n, start in zip(
-            whole.embeddings.split(counts), whole.fill_ids.split(counts), deepstack, counts, starts, strict=True)]
+        views = list(map(RowTensors, whole.embeddings.split(counts), whole.fill_ids.split(counts), mrope, deepstack))
         return whole, views
 
     def read_into(self, blocks: Sequence[int], num_tokens: int, out: RowTensors, out_start: int = 0,

@@ -547,9 +547,9 @@ class Receiver(Endpoint):
         channel.discarded += len(message.requests) - len(pooled) - len(direct)
         if direct:
             whole = len(direct) == len(message.requests)
-            if whole and message.together is not None and self.spec.device.type != "cuda":
+            if whole and message.together is not None and not self.spec.is_cuda:
                 ops.unpack_together(staging, message.layout, message.together)  # a copy per field
-            elif self.spec.device.type == "cuda":  # one launch, rows addressed from the table
+            elif self.spec.is_cuda:  # one launch, rows addressed from the table
                 if whole and message.together is not None:
                     addresses = ops.together_addresses(message.together, [r.rows for r in message.requests])
                 else:
@@ -630,7 +630,7 @@ class Receiver(Endpoint):
         plan = segment_plan([_block_array(r) for r, _, _, _ in pieces], [offset for _, offset, _, _ in pieces], counts,
                             self.config.block_size)
         starts = np.array([row for _, _, _, row in pieces], dtype=np.int64)
-        if self.spec.device.type == "cuda":
+        if self.spec.is_cuda:
             addresses = np.array([_output_addresses(r) for r, _, _, _ in pieces], dtype=np.int64)
         else:
             addresses = None

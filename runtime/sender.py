@@ -134,7 +134,7 @@ class Sender(Endpoint):
             self._on_completion(cached)
             return
         request.payload = payload
-        if self.spec.device.type == "cuda":
+        if self.spec.is_cuda:
             request.addresses = ops.row_addresses(payload)
         self._replay(held, completion)
         if request.round < 0 and self.is_leader:

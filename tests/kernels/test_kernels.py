@@ -11,7 +11,7 @@ import zlib
 import numpy as np
 import pytest
 import torch
-from hypothesis import HealthCheck, given, settings
+from hypothesis import HealthCheck, example, given, settings
 from hypothesis import strategies as st
 from kernel_cases import (
     DTYPES,
@@ -190,6 +190,7 @@ def test_unpack_of_some_segments_skips_the_others(backend):
 @settings(max_examples=40, deadline=None, suppress_health_check=[HealthCheck.function_scoped_fixture])
 @given(counts=st.lists(st.integers(0, 40), min_size=1, max_size=9), layers=st.sampled_from([0, 2]),
        dtype=st.sampled_from(DTYPES), seed=st.integers(0, 2**31 - 1))
+@example(counts=[7, 7, 7, 2, 0, 0, 3, 3], layers=2, dtype=torch.bfloat16, seed=1)  # runs of equal counts
 def test_unpack_together_lands_every_segment_in_its_view_of_one_allocation(counts, layers, dtype, seed):
     """`unpack_together` (a copy per field into one allocation whose views are the
     requests' outputs) gives every request the same bits as `unpack_to_rows` into
@@ -220,6 +221,8 @@ def test_unpack_together_lands_every_segment_in_its_view_of_one_allocation(count
 
 @given(counts=st.lists(st.integers(1, 40), min_size=1, max_size=9), layers=st.sampled_from([0, 2]),
        dtype=st.sampled_from(DTYPES))
+@example(counts=[4, 4, 4, 1, 6, 6, 9], layers=2, dtype=torch.bfloat16)  # runs of equal counts: one view each
+@example(counts=[5] * 9, layers=0, dtype=torch.float32)
 def test_together_addresses_are_each_views_row_addresses(counts, layers, dtype):
     """The addressed unpack of a message whose requests share one allocation takes its
     table from the whole (`together_addresses`, numpy): it must name exactly what each
