@@ -57,6 +57,7 @@ import numpy as np
 import torch
 
 from . import cuda_driver
+from . import triton_copy as _triton_copy
 from .layout import StagingLayout
 from .plan import BlockPlan
 from .triton_copy import (
@@ -138,6 +139,18 @@ class Launcher:
         self._graphs: dict[tuple, _GraphRing] = {}
         self._lock = threading.Lock()
         self._streams: dict[str, torch.cuda.Stream] = {}
+        self._device_tiles: TileConfig | None = None  # tile_config(device) without an override
+
+    def _tiles(self) -> TileConfig:
+        """`tile_config(self.device)`, the device's own default looked up once (a route made
+        under another shape is made again)."""
+        override = _triton_copy._override
+        if override is not None:
+            return override
+        tiles = self._device_tiles
+        if tiles is None:
+            tiles = self._device_tiles = tile_config(self.device)
+        return tiles
 
     # --- the runtime's operations ------------------------------------------------------
     def pack(self, pool: PoolTensors, plan: BlockPlan, staging: torch.Tensor, layout: StagingLayout) -> None:
@@ -190,7 +203,7 @@ class Launcher:
         key = (operation, layout if type(layout) is tuple else id(layout), 0 if staging is None else staging.data_ptr(),
                0 if pool is None else id(pool.embeddings))
         route = self._routes.get(key)
-        if route is None or not route.same_pool(pool) or route.config is not tile_config(self.device):
+        if route is None or not route.same_pool(pool) or route.config is not self._tiles():
             if len(self._routes) >= MAX_ROUTES:
                 self._routes.clear()
             route = self._routes[key] = _Route(self, operation, layout, staging, pool)
