@@ -57,7 +57,6 @@ import numpy as np
 import torch
 
 from . import cuda_driver
-from . import triton_copy as _triton_copy
 from .layout import StagingLayout
 from .plan import BlockPlan
 from .triton_copy import (
@@ -86,6 +85,7 @@ from .triton_copy import (
     table_head,
     table_size,
     tile_config,
+    tiles_at,
 )
 from .types import PoolTensors
 from .workspace import TableBuffer, TableSlots
@@ -139,18 +139,6 @@ class Launcher:
         self._graphs: dict[tuple, _GraphRing] = {}
         self._lock = threading.Lock()
         self._streams: dict[str, torch.cuda.Stream] = {}
-        self._device_tiles: TileConfig | None = None  # tile_config(device) without an override
-
-    def _tiles(self) -> TileConfig:
-        """`tile_config(self.device)`, the device's own default looked up once (a route made
-        under another shape is made again)."""
-        override = _triton_copy._override
-        if override is not None:
-            return override
-        tiles = self._device_tiles
-        if tiles is None:
-            tiles = self._device_tiles = tile_config(self.device)
-        return tiles
 
     # --- the runtime's operations ------------------------------------------------------
     def pack(self, pool: PoolTensors, plan: BlockPlan, staging: torch.Tensor, layout: StagingLayout) -> None:
@@ -203,7 +191,7 @@ class Launcher:
         key = (operation, layout if type(layout) is tuple else id(layout), 0 if staging is None else staging.data_ptr(),
                0 if pool is None else id(pool.embeddings))
         route = self._routes.get(key)
-        if route is None or not route.same_pool(pool) or route.config is not self._tiles():
+        if route is None or not route.same_pool(pool) or route.config is not tiles_at(self.index):
             if len(self._routes) >= MAX_ROUTES:
                 self._routes.clear()
             route = self._routes[key] = _Route(self, operation, layout, staging, pool)
@@ -554,29 +542,29 @@ class _GraphRing:
 
 
 _NO_CONTEXT = contextlib.nullcontext()
-_LAUNCHERS: dict[str, Launcher] = {}
+_LAUNCHERS: dict[int, Launcher] = {}  # CUDA device index (-1: the CPU) -> its launcher
 _LAUNCHERS_LOCK = threading.Lock()
 
 
 def launcher_for(device: torch.device) -> Launcher:
     """The launcher `embxfer.kernels.ops` uses on `device` (one per device, made on first use)."""
-    key = str(device) if device.type != "cuda" or device.index is not None else f"cuda:{torch.cuda.current_device()}"
-    launcher = _LAUNCHERS.get(key)
-    if launcher is None:
-        with _LAUNCHERS_LOCK:
-            launcher = _LAUNCHERS.get(key)
-            if launcher is None:
-                launcher = _LAUNCHERS[key] = Launcher(torch.device(key))
-    return launcher
-
-
-_BY_INDEX: dict[int, Launcher] = {}  # tensor.get_device() (-1: CPU) -> launcher_for(tensor.device)
+    if device.type != "cuda":
+        return _launcher_at(-1)
+    return _launcher_at(device.index if device.index is not None else torch.cuda.current_device())
 
 
 def launcher_of(tensor: torch.Tensor) -> Launcher:
     """`launcher_for(tensor.device)`, found by the tensor's device index: the operations'
-    lookup on every call, without making a device object and its name (~0.6 us)."""
-    launcher = _BY_INDEX.get(tensor.get_device())
+    lookup on every call, without making a device object (~0.6 us)."""
+    launcher = _LAUNCHERS.get(tensor.get_device())
+    return launcher if launcher is not None else launcher_for(tensor.device)
+
+
+def _launcher_at(index: int) -> Launcher:
+    launcher = _LAUNCHERS.get(index)
     if launcher is None:
-        launcher = _BY_INDEX[tensor.get_device()] = launcher_for(tensor.device)
+        with _LAUNCHERS_LOCK:
+            launcher = _LAUNCHERS.get(index)
+            if launcher is None:
+                launcher = _LAUNCHERS[index] = Launcher(torch.device("cuda", index) if index >= 0 else "cpu")
     return launcher

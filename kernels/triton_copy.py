@@ -325,11 +325,18 @@ def set_tile_config(config: TileConfig | None) -> TileConfig | None:
 def tile_config(device: torch.device) -> TileConfig:
     """The launch shape for `device`: the override if set, else its per-device default
     (the same object every call: launch routes keep it and compare by identity)."""
+    if device.type != "cuda":
+        return tiles_at(-1)
+    return tiles_at(device.index if device.index is not None else torch.cuda.current_device())
+
+
+def tiles_at(index: int) -> TileConfig:
+    """`tile_config` of CUDA device `index` (-1: the CPU) for callers that keep the index: a
+    launcher asks at every route lookup, where making a device object would cost more."""
     if _override is not None:
         return _override
-    if device.type != "cuda":
+    if index < 0:
         return _DEFAULT_TILES
-    index = device.index if device.index is not None else torch.cuda.current_device()
     config = _by_device.get(index)
     if config is None:
         name = torch.cuda.get_device_name(index)
