@@ -7,8 +7,9 @@ plain-torch baselines, measured in the same run.
 `--launch` compares the host cost of one message launch on the runtime's path for each
 alternative of the launch path (`kernels/launch.py`; the code before it, loaded from
 `--before DIR`, a copy of an older `kernels/` folder); `--paths` times cases a and d with
-the table's upload on the kernel's stream, on a stream of its own, and not at all (the
-kernel alone), against a same-size `copy_`; `--sweep` times tile shapes on those cases.
+the table's upload on the kernel's stream, on a stream of its own, read by the kernel in
+host memory, and not uploaded at all (the kernel alone), against a same-size `copy_`;
+`--sweep` times tile shapes on those cases.
 
 Cases (bf16, block 128, blocks shuffled over a pool twice the payload's size):
   a. one request 16384 x 8192, fill_ids + mrope
@@ -75,11 +76,14 @@ SWEEP = [
 ]
 # Launch-path messages: case b's 64 requests, and one request of the latency case.
 LAUNCH_CASES = {"b": CASES["b"], "one": {"dim": 3584, "layers": 0, "counts": [1024]}}
+ALL = 1 << 62  # host_table_max_bytes: every message reads its table in host memory
 LAUNCH_MODES = {
-    "direct": {"mode": "direct", "side_upload": False},
-    "direct, side upload": {"mode": "direct", "side_upload": True},
-    "graph": {"mode": "graph", "side_upload": False},
-    "graph, side upload": {"mode": "graph", "side_upload": True},
+    "direct": {"mode": "direct", "side_upload": False, "host_table_max_bytes": 0},
+    "direct, side upload": {"mode": "direct", "side_upload": True, "host_table_max_bytes": 0},
+    "direct, host table": {"mode": "direct", "side_upload": True, "host_table_max_bytes": ALL},
+    "graph": {"mode": "graph", "side_upload": False, "host_table_max_bytes": 0},
+    "graph, side upload": {"mode": "graph", "side_upload": True, "host_table_max_bytes": 0},
+    "graph, host table": {"mode": "graph", "side_upload": True, "host_table_max_bytes": ALL},
 }
 DIRECT = LAUNCH_MODES["direct"]
 
@@ -681,6 +685,7 @@ def _paths_of(case: Case, op: str, ceiling: float, before) -> dict:
 
     old_layout = staging_layout(case.counts, case.dim, case.layers * case.dim, DTYPE)
     direct, side = Launcher(DEVICE, **DIRECT), Launcher(DEVICE, **LAUNCH_MODES["direct, side upload"])
+    host = Launcher(DEVICE, **LAUNCH_MODES["direct, host table"])
     if op == "pack":
         def call(launcher):
             launcher.pack(case.source, case.plan, case.staging, case.layout)
@@ -705,7 +710,8 @@ def _paths_of(case: Case, op: str, ceiling: float, before) -> dict:
     alone = _kernel_alone(direct, op, functools.partial(call, direct), (pool, case.staging))
     paths = {"before": old} if before is not None else {}
     paths |= {"upload on the kernel's stream": functools.partial(call, direct),
-              "upload on its own stream": functools.partial(call, side), "kernel alone": alone}
+              "upload on its own stream": functools.partial(call, side),
+              "table read in host memory": functools.partial(call, host), "kernel alone": alone}
     row = {"case": case.name, "op": op, "bytes": 2 * case.payload_bytes}
     for label, fn in paths.items():
         _check_exact(fn, written, expected, f"kernel paths: {label} {op} on {case.name}")

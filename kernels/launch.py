@@ -33,6 +33,18 @@ Modes (`bench/kernels.py --launch` compares them; results in bench/results/kerne
 - `side_upload=True` (direct launches): the table goes up on a stream of the launcher's
   own and the launching stream waits for it by an event, so that on a busy device the
   kernel does not queue behind its own upload (the upload overlaps the work before it).
+- `host_table_max_bytes`: messages of at most that many payload bytes are not uploaded
+  at all: the kernel reads its table where the host wrote it, in the buffer's pinned
+  host array (pinned memory is mapped into the device's address space at the same
+  address). A direct launch is then the launch and the event (two driver calls, not
+  five); a graph holds the kernel and the event, no upload node. What the kernel pays
+  instead: its reads of the table cross the bus, a chain of dependent reads in every
+  program before it copies its tile. Measured on an H200 (bench/results/kernels-NOTES.md,
+  tenth session) that chain costs far more device time than the upload: case a 0.71 of
+  the copy ceiling against 0.93, the 64-segment case b 0.45, the small case c 55 us
+  against about 20, for 2-5 us less host time per launch. So it is off by default (0)
+  and kept for the benchmark's comparison. The buffer rules are the same: a host array
+  is written again only after the event recorded behind its last reader.
 
 The defaults (`DEFAULT_MODE`, `DEFAULT_SIDE_UPLOAD`) are what measured best.
 
@@ -96,6 +108,7 @@ MODES = ("direct", "graph")
 DEFAULT_MODE = "graph"
 DEFAULT_SIDE_UPLOAD = True
 GRAPH_MAX_BYTES = 32 << 20
+DEFAULT_HOST_TABLE_MAX_BYTES = 0  # no message: measured slower on the device (below)
 GRAPH_COPIES = 4  # graphs per (variant, buckets): messages of one shape in flight at once
 MAX_GRAPH_RINGS = 128  # then all are dropped and captured again as needed
 MAX_ROUTES = 256
@@ -120,7 +133,8 @@ class Launcher:
     around the table buffers (held a few microseconds)."""
 
     def __init__(self, device: torch.device | str, *, mode: str = DEFAULT_MODE, side_upload: bool = DEFAULT_SIDE_UPLOAD,
-                 graph_max_bytes: int = GRAPH_MAX_BYTES) -> None:
+                 graph_max_bytes: int = GRAPH_MAX_BYTES,
+                 host_table_max_bytes: int = DEFAULT_HOST_TABLE_MAX_BYTES) -> None:
         if mode not in MODES:
             raise ValueError(f"Launcher: mode={mode!r}, expected one of {MODES}")
         device = torch.device(device)
@@ -134,6 +148,7 @@ class Launcher:
         self.mode = mode if not self.cuda or self.driver is not None else "direct"
         self.side_upload = side_upload and self.driver is not None
         self.graph_max_bytes = graph_max_bytes
+        self.host_table_max_bytes = host_table_max_bytes if self.cuda else 0
         self._routes: dict[tuple, _Route] = {}
         self._slots = TableSlots(device, self.driver)
         self._graphs: dict[tuple, _GraphRing] = {}
@@ -256,10 +271,15 @@ class Launcher:
             self.driver.graph_launch(buffer.executable, stream)
             buffer.pending = True
             return
+        launch = variant.direct(self, buffer, objects)
+        hooks = launch is None or launch_hooks_set()
+        if not hooks and self._host_table(variant):
+            launch(variant.programs, stream, buffer.host_pointer)  # the kernel reads the pinned table
+            self._slots.release(buffer, stream)
+            return
         upload = self._stream("upload") if self.side_upload else None
         self._slots.upload(buffer, size, stream, upload)
-        launch = variant.direct(self, buffer, objects)
-        if launch is None or launch_hooks_set():
+        if hooks:
             launch_jit(variant.programs, buffer.device, variant.scalars, variant.tensors(objects),
                        variant.constants, False, variant.num_warps)
         else:
@@ -268,6 +288,9 @@ class Launcher:
 
     def _graphed(self, variant: _Variant) -> bool:
         return self.mode == "graph" and variant.graphs and variant.payload_bytes <= self.graph_max_bytes
+
+    def _host_table(self, variant: _Variant) -> bool:
+        return 0 < self.host_table_max_bytes and variant.payload_bytes <= self.host_table_max_bytes
 
     def _on_device(self):
         """Nothing when the launcher's device is current (one cheap check), else a switch."""
@@ -313,7 +336,7 @@ class Launcher:
             graph.pending = False
             return graph
         try:
-            graph = self._capture(variant, ring.programs, words, objects)
+            graph = self._capture(variant, ring.programs, words, objects, self._host_table(variant))
         except Exception as error:  # noqa: BLE001 - any failure: launch directly from now on
             warnings.warn(f"embxfer: CUDA graph capture failed ({error!r}); launching directly", stacklevel=3)
             self.mode = "direct"
@@ -331,8 +354,10 @@ class Launcher:
                 self.driver.event_destroy(graph.event)
         self._graphs.clear()
 
-    def _capture(self, variant: _Variant, programs: int, words: int, objects: tuple) -> _Graph:
-        """Capture upload + fixed-grid kernel + event on the launcher's capture stream."""
+    def _capture(self, variant: _Variant, programs: int, words: int, objects: tuple, host_table: bool) -> _Graph:
+        """Capture upload + fixed-grid kernel + event on the launcher's capture stream
+        (`host_table`: the kernel reads the pinned array, no upload). Either graph is
+        right for every variant of its ring: the host array is written for each replay."""
         buffer = TableBuffer(self.device, words, self.driver)
         launch = variant.header_launch(self, buffer, objects)
         if launch is None:
@@ -342,8 +367,11 @@ class Launcher:
         driver = self.driver
         driver.begin_capture(stream)
         try:
-            driver.memcpy_to_device(buffer.device_pointer, buffer.host_pointer, 8 * words, stream)
-            launch(programs, stream, buffer.device_pointer)
+            if host_table:
+                launch(programs, stream, buffer.host_pointer)
+            else:
+                driver.memcpy_to_device(buffer.device_pointer, buffer.host_pointer, 8 * words, stream)
+                launch(programs, stream, buffer.device_pointer)
             driver.event_record_in_graph(buffer.event, stream)
         except BaseException:
             try:
@@ -522,7 +550,8 @@ class _Variant:
 
 
 class _Graph:
-    """A captured upload + fixed-grid launch + event, and the table buffer it reads."""
+    """A captured upload (none with a host table) + fixed-grid launch + event, and the
+    table buffer it reads."""
 
     def __init__(self, buffer: TableBuffer) -> None:
         self.buffer = buffer
