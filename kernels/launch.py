@@ -41,9 +41,9 @@ Modes (`bench/kernels.py --launch` compares them; results in bench/results/kerne
   instead: its reads of the table cross the bus, a chain of dependent reads in every
   program before it copies its tile. Measured on an H200 (bench/results/kernels-NOTES.md,
   tenth session) that chain costs far more device time than the upload: case a 0.71 of
-  the copy ceiling against 0.93, the 64-segment case b 0.45, the small case c 55 us
-  against about 20, for 2-5 us less host time per launch. So it is off by default (0)
-  and kept for the benchmark's comparison. The buffer rules are the same: a host array
+  the copy ceiling against 0.93 with the side upload, d 0.77-0.79 against 0.91-0.93, the
+  64-segment case b 0.45, for 1-11 us less host time per launch. So it is off by default
+  (0) and kept for the benchmark's comparison. The buffer rules are the same: a host array
   is written again only after the event recorded behind its last reader.
 
 The defaults (`DEFAULT_MODE`, `DEFAULT_SIDE_UPLOAD`) are what measured best.
@@ -148,6 +148,10 @@ class Launcher:
         self.mode = mode if not self.cuda or self.driver is not None else "direct"
         self.side_upload = side_upload and self.driver is not None
         self.graph_max_bytes = graph_max_bytes
+        if isinstance(host_table_max_bytes, bool) or not isinstance(host_table_max_bytes, int) \
+                or host_table_max_bytes < 0:
+            raise ValueError(f"Launcher: host_table_max_bytes={host_table_max_bytes!r}, expected an integer >= 0 "
+                             "(0: every table is uploaded)")
         self.host_table_max_bytes = host_table_max_bytes if self.cuda else 0
         self._routes: dict[tuple, _Route] = {}
         self._slots = TableSlots(device, self.driver)

@@ -119,6 +119,12 @@ def test_empty_messages_launch_nothing(launcher, operation):
     assert_bitwise_equal(message.run(operation, launcher, "triton"), message.run(operation, launcher, "torch"))
 
 
+@pytest.mark.parametrize("value", [-1, 1.5, True, None, float("nan")])
+def test_a_bad_host_table_limit_is_refused(value):
+    with pytest.raises(ValueError, match=r"host_table_max_bytes=.*expected an integer >= 0"):
+        Launcher("cpu", host_table_max_bytes=value)
+
+
 def test_table_buffers_change_hands_between_routes():
     """Three layouts (S = 4, 1, 2) packed in turn through one launcher, more messages than
     it has table buffers: each buffer holds another route's template every time it comes
