@@ -152,7 +152,9 @@ class Launcher:
                 or host_table_max_bytes < 0:
             raise ValueError(f"Launcher: host_table_max_bytes={host_table_max_bytes!r}, expected an integer >= 0 "
                              "(0: every table is uploaded)")
-        self.host_table_max_bytes = host_table_max_bytes if self.cuda else 0
+        # The largest payload whose table stays in host memory; -1 when none does (one
+        # comparison per launch, whatever the setting).
+        self._host_table_limit = host_table_max_bytes if self.cuda and host_table_max_bytes > 0 else -1
         self._routes: dict[tuple, _Route] = {}
         self._slots = TableSlots(device, self.driver)
         self._graphs: dict[tuple, _GraphRing] = {}
@@ -277,7 +279,7 @@ class Launcher:
             return
         launch = variant.direct(self, buffer, objects)
         hooks = launch is None or launch_hooks_set()
-        if not hooks and self._host_table(variant):
+        if not hooks and variant.payload_bytes <= self._host_table_limit:
             launch(variant.programs, stream, buffer.host_pointer)  # the kernel reads the pinned table
             self._slots.release(buffer, stream)
             return
@@ -292,9 +294,6 @@ class Launcher:
 
     def _graphed(self, variant: _Variant) -> bool:
         return self.mode == "graph" and variant.graphs and variant.payload_bytes <= self.graph_max_bytes
-
-    def _host_table(self, variant: _Variant) -> bool:
-        return 0 < self.host_table_max_bytes and variant.payload_bytes <= self.host_table_max_bytes
 
     def _on_device(self):
         """Nothing when the launcher's device is current (one cheap check), else a switch."""
@@ -340,7 +339,8 @@ class Launcher:
             graph.pending = False
             return graph
         try:
-            graph = self._capture(variant, ring.programs, words, objects, self._host_table(variant))
+            graph = self._capture(variant, ring.programs, words, objects,
+                                  variant.payload_bytes <= self._host_table_limit)
         except Exception as error:  # noqa: BLE001 - any failure: launch directly from now on
             warnings.warn(f"embxfer: CUDA graph capture failed ({error!r}); launching directly", stacklevel=3)
             self.mode = "direct"
