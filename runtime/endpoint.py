@@ -630,7 +630,16 @@ class Endpoint:
         self.bus.publish(record)
 
     def _check_liveness(self, now: float) -> None:
-        for rank, why in self.bus.dead_ranks().items():
+        dead = self.bus.dead_ranks()
+        if dead:
+            # A member that leaves writes its last records (its LEFT among them) before its
+            # process ends, and this step may have drained its ring just before that: read
+            # what it left first, so that a clean leave is never taken for a death. (Only
+            # when a death is suspected: nothing is added to an idle step.)
+            for record in self.bus.drain():
+                self._on_record(record)
+            dead = self.bus.dead_ranks()  # (a member that left is no longer read)
+        for rank, why in dead.items():
             if rank in self._leaving:  # it left (the rendezvous says so) and is gone now
                 self._member_state(rank, "left")
             elif rank not in self.dead_peers:

@@ -387,3 +387,23 @@ def test_a_leave_posted_at_the_rendezvous_waits_for_the_members_own_record():
     sender._apply_changes([(Change.LEFT, leader.rank, "")])
     sender._check_liveness(time.monotonic() + sender.config.peer_timeout_s)  # its record never came
     assert leader.rank not in sender._leaving and sender.directory.engine("language0").gone
+
+
+def test_a_member_whose_process_ended_after_its_leave_record_left_and_is_not_dead(monkeypatch):
+    """A member that closes writes its LEFT and then its process ends. A peer whose step
+    drained the bus just before the record was written finds the process gone at its
+    liveness check: it reads what the member left first, and sees a leave, not a death
+    (a race seen once in CI, where the encoder of tests/reliability/test_stall.py
+    declared its finished language leader dead)."""
+    cluster = cluster_for(language_tp=1)
+    sender, leader = cluster.senders[0], cluster.leader
+    payload = start(cluster, 1, 700)
+    cluster.run_until(lambda: sender.state(1).terminal and leader.state(1).terminal)
+    assert leader.take(1).bit_equal(payload)
+    read = {leader.rank}  # ranks whose ring the sender still reads (ShmBus forgets one that left)
+    monkeypatch.setattr(sender.bus, "forget", read.discard)
+    monkeypatch.setattr(sender.bus, "dead_ranks", lambda: {r: f"pid {r} is gone" for r in read})
+    leader.close()  # its LEFT is in the sender's inbox, unread; its process "ends"
+    sender._check_liveness(time.monotonic())
+    assert not sender.dead_peers, sender.dead_peers
+    assert sender.directory.engine("language0").gone and not read
