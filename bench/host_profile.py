@@ -8,6 +8,8 @@ there is one, else on CPU): `latency` (one 1024 x 3584 request at a time) or
 `many_small` (256 requests of 256 tokens, D = 3584). `report` folds py-spy's raw stacks
 into the share of samples spent in (inclusive) and at (self) each function of the
 request's path, so a change can be aimed at what costs, and checked against it after.
+Samples of one-time work (compiling a kernel, importing a module: the first transfers of
+a run) are counted apart and left out of the shares, which are the steady state's.
 """
 
 from __future__ import annotations
@@ -43,10 +45,15 @@ def run(case: str, seconds: float) -> None:
     print(f"{case}: {done} requests in {seconds:.0f} s on {device}", file=sys.stderr)
 
 
+# Frames of work done once per run, not per request: a Triton compile (its cache key, the
+# compiler's passes) and module imports.
+ONE_TIME = ("JITFunction._do_compile", "triton_key", "<frozen importlib._bootstrap")
+
+
 def report(raw: Path, top: int) -> dict:
     inclusive: collections.Counter = collections.Counter()
     own: collections.Counter = collections.Counter()
-    total = 0
+    total = one_time = 0
     for line in raw.read_text().splitlines():
         stack, _, count = line.rpartition(" ")
         frames = [f.split(" (")[0] + " " + f.split(" (")[1].split(":")[0] if " (" in f else f
@@ -54,12 +61,18 @@ def report(raw: Path, top: int) -> dict:
         if not any("LocalCluster.transfer" in f for f in frames):
             continue
         n = int(count)
+        if any(marker in f for f in frames for marker in ONE_TIME):
+            one_time += n
+            continue
         total += n
         own[frames[-1]] += n
         for frame in set(frames):
             inclusive[frame] += n
+    if not total:
+        raise SystemExit(f"{raw}: no steady-state sample in LocalCluster.transfer ({one_time} of one-time work)")
     return {
         "samples": total,
+        "one_time_samples": one_time,
         "inclusive": [{"function": f, "share": round(n / total, 4)} for f, n in inclusive.most_common(top)],
         "self": [{"function": f, "share": round(n / total, 4)} for f, n in own.most_common(top)],
     }
@@ -81,7 +94,8 @@ def main(argv: list[str] | None = None) -> int:
         return 0
     out = {path.stem: report(path, args.top) for path in args.raw}
     for name, result in out.items():
-        print(f"{name}: {result['samples']} samples in LocalCluster.transfer; inclusive share:")
+        print(f"{name}: {result['samples']} samples in LocalCluster.transfer (and {result['one_time_samples']} of "
+              "one-time work left out: compiles, imports); inclusive share:")
         for row in result["inclusive"][: args.top]:
             print(f"  {row['share'] * 100:5.1f}%  {row['function']}")
     if args.json:
