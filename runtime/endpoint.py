@@ -58,6 +58,25 @@ def check_request_id(request_id: int) -> int:
     return request_id
 
 
+def checked_ids(request_ids: object, field: str = "request_ids") -> list[int]:
+    """A batch of request ids (`admit_many`, `submit_many`, `take_many`) as a list, each an
+    id, none repeated: ValueError naming the first bad one (`request_ids[i]`)."""
+    if isinstance(request_ids, (str, bytes)) or not hasattr(request_ids, "__iter__"):
+        raise ValueError(f"{field}: expected a sequence of request ids, got {type(request_ids).__name__}")
+    ids = list(request_ids)
+    seen: set[int] = set()
+    for index, request_id in enumerate(ids):
+        if type(request_id) is not int or not 0 <= request_id <= MAX_REQUEST_ID:
+            try:
+                check_request_id(request_id)
+            except ValueError as exc:
+                raise ValueError(f"{field}[{index}]: {exc}") from None
+        if request_id in seen:
+            raise ValueError(f"{field}[{index}]={request_id}: repeated in the batch")
+        seen.add(request_id)
+    return ids
+
+
 class Request:
     """Bookkeeping of one request on one rank (fields used by one side only are marked).
     A slotted class with one constructor: an engine makes one per request."""

@@ -10,6 +10,7 @@ drive the protocol step by step and deterministically.
 from __future__ import annotations
 
 from collections.abc import Callable
+from itertools import groupby
 
 import torch
 
@@ -118,9 +119,13 @@ class LocalCluster:
         endpoints = self.endpoints
         for endpoint in endpoints:
             endpoint.finished()  # what finished before is not this transfer's
-        for rid, payload in payloads.items():
-            self.admit(rid, engine_of(rid))
-            self.submit(rid, payload, engine_of(rid))
+        # What a step's scheduler does: one batch call per engine and run of its requests.
+        for engine, run in groupby(payloads.items(), key=lambda item: engine_of(item[0])):
+            run = list(run)
+            for receiver in self.language_receivers(0):
+                receiver.admit_many([rid for rid, _ in run], encoder_engine=engine)
+            for sender in self.engine_senders(engine):
+                sender.submit_many(run)
         expected = sum(len(self.receivers) + len(self.engine_senders(engine_of(rid))) for rid in payloads)
         finished: dict[int, list[int]] = {id(e): [] for e in endpoints}
         count = 0
@@ -138,7 +143,9 @@ class LocalCluster:
                   if self.leader.state(rid) is RequestState.FAILED}
         if failed:
             raise RuntimeError(f"requests failed: {failed}")
-        taken = {rid: [r.take(rid) for r in self.receivers.values()] for rid in payloads}
+        ids = list(payloads)
+        copies = [r.take_many(ids) for r in self.receivers.values()]
+        taken = {rid: [payloads_of[index] for payloads_of in copies] for index, rid in enumerate(ids)}
         for sender in self.senders.values():
             for rid in finished[id(sender)]:
                 sender.release(rid)

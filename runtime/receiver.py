@@ -61,7 +61,7 @@ from embxfer.kernels import RowTensors, as_bits, ops
 from .allocator import BlockAllocator
 from .cache import PayloadCache
 from .channels import RecvChannel, RecvMessage, segment_plan, wire_to_rows
-from .endpoint import Endpoint, Finished, Request, check_request_id
+from .endpoint import Endpoint, Finished, Request, check_request_id, checked_ids
 from .membership import EngineView, Role, engine_name
 from .payload import Item, Payload, check_items, content_hash_bytes, kept_rows, metadata_tensors
 from .pool import BlockPool
@@ -144,25 +144,59 @@ class Receiver(Endpoint):
         (`state()` says FAILED)."""
         check_request_id(request_id)
         self._check_open("admit")
-        name = engine_name(Role.ENCODER, encoder_engine)
-        if self.topology is not None and isinstance(encoder_engine, int):
-            self.topology.check_engine(encoder_engine)
+        name = self._encoder_name(encoder_engine)
         if expected_tokens is not None and (isinstance(expected_tokens, bool) or not isinstance(expected_tokens, int)
                                             or not 1 <= expected_tokens <= 0xFFFFFFFF):
             raise ValueError(f"expected_tokens={expected_tokens!r}: expected None or an integer in 1..2**32-1")
         content_hash = _content_hash(content_hash)
         items = check_items(items, expected_tokens)
+        self._check_admissible(request_id, name, "request_id")
+        self._admit(request_id, name, None, expected_tokens, content_hash, items)
+
+    def admit_many(self, request_ids: Sequence[int], encoder_engine: str | int = 0) -> None:
+        """`admit` of each id, in order, from one encoder engine: what an engine's scheduler
+        admits in one step, for a fraction of the host time of one call per request (the
+        engine, the batch and the encoder's incarnation are checked once). Every id is
+        checked before any is admitted: ValueError naming the first bad one
+        (`request_ids[i]`: not an id, repeated in the batch, already admitted) and nothing
+        is admitted. Requests that come with `expected_tokens`, a `content_hash` or `items`
+        take `admit`."""
+        self._check_open("admit_many")
+        name = self._encoder_name(encoder_engine)
+        ids = checked_ids(request_ids)
+        for index, request_id in enumerate(ids):
+            self._check_admissible(request_id, name, f"request_ids[{index}]")
+        resolved = self._peer_view(name) if self.broken is None else None
+        for request_id in ids:
+            self._admit(request_id, name, resolved, None, None, ())
+
+    def _encoder_name(self, encoder_engine: str | int) -> str:
+        name = engine_name(Role.ENCODER, encoder_engine)
+        if self.topology is not None and isinstance(encoder_engine, int):
+            self.topology.check_engine(encoder_engine)
+        return name
+
+    def _check_admissible(self, request_id: int, name: str, field: str) -> None:
+        """ValueError if `request_id` is in flight here, but for a follower's request that the
+        leader's decision made before this rank's engine admitted it."""
         request = self.requests.get(request_id)
-        if request is not None:
-            if not self.is_leader and not request.engine_admitted and request.engine in (None, name):
-                request.engine = name  # the leader's decision came first
-                request.engine_admitted = True
-                if request.state.terminal:  # it finished before this engine knew of it
-                    self._just_finished.append(request_id)
-                return
-            raise ValueError(f"request_id={request_id}: already admitted and {request.state.value} "
+        if request is not None and (self.is_leader or request.engine_admitted or request.engine not in (None, name)):
+            raise ValueError(f"{field}={request_id}: already admitted and {request.state.value} "
                              "(take() a SUCCESS, release() a FAILED one first)")
-        self.retired.pop(request_id, None)
+
+    def _admit(self, request_id: int, name: str, resolved: tuple[EngineView | None, str | None] | None,
+               expected_tokens: int | None, content_hash: bytes | None, items: tuple) -> None:
+        """Admit a checked id (`_check_admissible`); `resolved`: the encoder engine's
+        `_peer_view`, when its caller looked it up once for many."""
+        request = self.requests.get(request_id)
+        if request is not None:  # a follower: the leader's decision came first
+            request.engine = name
+            request.engine_admitted = True
+            if request.state.terminal:  # it finished before this engine knew of it
+                self._just_finished.append(request_id)
+            return
+        if self.retired:
+            self.retired.pop(request_id, None)
         request = Request(request_id, name, expected_tokens=expected_tokens, content_hash=content_hash,
                           engine_admitted=True)
         request.items = items
@@ -170,7 +204,7 @@ class Receiver(Endpoint):
         if self.broken is not None:
             self._fail(request, rec.AbortReason.PEER_DEAD, self.broken, notify=False)
             return
-        view, why = self._peer_view(name)
+        view, why = resolved or self._peer_view(name)
         if why is not None:
             self._fail(request, rec.AbortReason.PEER_DEAD if "dead" in why else rec.AbortReason.SHUTDOWN, why,
                        notify=False)
@@ -225,17 +259,32 @@ class Receiver(Endpoint):
     def take(self, request_id: int) -> Payload:
         """The completed payload as contiguous tensors; the request is forgotten. The
         tensors are the engine's from now on (and no longer count against the budget)."""
-        check_request_id(request_id)
+        return self._hand_over(self._takeable(check_request_id(request_id), "request_id"))
+
+    def take_many(self, request_ids: Sequence[int]) -> list[Payload]:
+        """`take` of each id, in order: the payloads, as `take` returns them. Every id is
+        checked before any is taken (KeyError for one never known here, ValueError naming
+        the first other bad one: `request_ids[i]` not an id, repeated, not SUCCESS) and then
+        nothing is taken."""
+        ids = checked_ids(request_ids)
+        requests = [self._takeable(request_id, f"request_ids[{index}]") for index, request_id in enumerate(ids)]
+        return [self._hand_over(request) for request in requests]
+
+    def _takeable(self, request_id: int, field: str) -> Request:
         request = self.requests.get(request_id)
         if request is None:
             if request_id in self.retired:
-                raise ValueError(f"request_id={request_id}: already taken or released")
+                raise ValueError(f"{field}={request_id}: already taken or released")
             raise KeyError(f"request {request_id} is not known on rank {self.rank} ({self.role})")
         if request.state is not RequestState.SUCCESS:
             raise ValueError(
-                f"request_id={request_id}: take() needs state SUCCESS, it is {request.state.value}"
+                f"{field}={request_id}: take() needs state SUCCESS, it is {request.state.value}"
                 + (f" ({request.error})" if request.error else "")
             )
+        return request
+
+    def _hand_over(self, request: Request) -> Payload:
+        """The outputs of a SUCCESS as a Payload; the request is forgotten."""
         outputs = request.outputs
         self._drop_outputs(request)
         self._retire(request)  # remembered (bounded) so that late records are known as late

@@ -244,8 +244,11 @@ def check_cell(scene: Scene, side: str, call: str, cell: str) -> None:
     output_bytes = sum(r.output_bytes for r in cluster.receivers.values())
     calls = {
         "admit": lambda e: e.admit(RID, encoder_engine=0),
+        "admit_many": lambda e: e.admit_many([RID], encoder_engine=0),
         "take": lambda e: e.take(RID),
+        "take_many": lambda e: e.take_many([RID])[0],
         "submit": lambda e: e.submit(RID, scene.payload),
+        "submit_many": lambda e: e.submit_many([(RID, scene.payload)]),
         "abort": lambda e: e.abort(RID, "the test aborts it"),
         "release": lambda e: e.release(RID),
     }
@@ -311,10 +314,10 @@ TOPOLOGIES = [(1, 1, 1), (1, 1, 2), (1, 2, 2)]
 def test_the_tables_cover_every_state_and_call() -> None:
     assert {state for _, state in LANGUAGE_TABLE} == {
         "BOOTSTRAPPING", "WAITING_FOR_INPUT", "TRANSFERRING", "SUCCESS", "FAILED", "taken or released", "unknown"}
-    assert {call for call, _ in LANGUAGE_TABLE} == {"admit", "take", "abort", "release"}
+    assert {call for call, _ in LANGUAGE_TABLE} == {"admit", "admit_many", "take", "take_many", "abort", "release"}
     assert {state for _, state in ENCODER_TABLE} == {
         "BOOTSTRAPPING", "TRANSFERRING", "SUCCESS", "FAILED", "released", "unknown"}
-    assert {call for call, _ in ENCODER_TABLE} == {"submit", "abort", "release"}
+    assert {call for call, _ in ENCODER_TABLE} == {"submit", "submit_many", "abort", "release"}
 
 
 @pytest.mark.parametrize("topology", TOPOLOGIES, ids=lambda t: f"enc_tp{t[1]}-lang_tp{t[2]}")
