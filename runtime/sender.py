@@ -116,7 +116,7 @@ class Sender(Endpoint):
         for index, pair in enumerate(pairs):
             if type(pair) is not tuple or len(pair) != 2 or not isinstance(pair[1], Payload):
                 raise ValueError(f"submits[{index}]: expected a (request_id, embxfer.Payload) pair")
-        ids = checked_ids([request_id for request_id, _ in pairs], "submits")
+        checked_ids([request_id for request_id, _ in pairs], "submits")
         target = None if language_engine is None else engine_name(Role.LANGUAGE, language_engine)
         metadata = []
         for index, (request_id, payload) in enumerate(pairs):
@@ -125,7 +125,7 @@ class Sender(Endpoint):
             except ValueError as exc:
                 raise ValueError(f"submits[{index}]: {exc}") from None
         resolved = self._peer_view(target) if target is not None and self.broken is None else None
-        for request_id, (_, payload), info in zip(ids, pairs, metadata, strict=True):
+        for (request_id, payload), info in zip(pairs, metadata, strict=True):
             self._submit(request_id, payload, info, target, resolved)
 
     def _check_submit(self, request_id: int, payload: Payload, field: str) -> tuple:
