@@ -284,7 +284,7 @@ class Endpoint:
         now = time.monotonic()
         if now >= self._next_liveness:
             self._next_liveness = now + self.config.heartbeat_interval_s
-            self._check_liveness(now)
+            worked |= self._check_liveness(now)
         if self._joining:
             self._check_joining()
         worked |= self._pump()
@@ -610,10 +610,16 @@ class Endpoint:
 
     def _retire(self, request: Request) -> None:
         """Move a terminal request to the bounded memory of finished ones."""
-        self.requests.pop(request.request_id, None)
-        self.retired[request.request_id] = Finished.kept(request)
-        while len(self.retired) > FINISHED_MEMORY:
-            self.retired.popitem(last=False)
+        self._retire_all((request,))
+
+    def _retire_all(self, requests: Sequence[Request]) -> None:
+        """`_retire` of each, in order; the memory trimmed once."""
+        live, retired, kept = self.requests, self.retired, Finished.kept
+        for request in requests:
+            live.pop(request.request_id, None)
+            retired[request.request_id] = kept(request)
+        for _ in range(len(retired) - FINISHED_MEMORY):
+            retired.popitem(last=False)
 
     def _fail(self, request: Request, reason: rec.AbortReason, message: str, *, notify: bool) -> None:
         """Turn a request FAILED (once), free what this rank may free, tell peers if asked."""
@@ -648,7 +654,11 @@ class Endpoint:
     def _publish(self, record: rec.Record) -> None:
         self.bus.publish(record)
 
-    def _check_liveness(self, now: float) -> None:
+    def _check_liveness(self, now: float) -> bool:
+        """Members gone or dead, members whose leave is over, requests past their timeout:
+        True if any of it changed something (a record read, a peer lost, a request failed),
+        so that `progress()` reports the step as work and a loop does not park on it."""
+        worked = False
         dead = self.bus.dead_ranks()
         if dead:
             # A member that leaves writes its last records (its LEFT among them) before its
@@ -657,14 +667,18 @@ class Endpoint:
             # when a death is suspected: nothing is added to an idle step.)
             for record in self.bus.drain():
                 self._on_record(record)
+                worked = True
             dead = self.bus.dead_ranks()  # (a member that left is no longer read)
         for rank, why in dead.items():
             if rank in self._leaving:  # it left (the rendezvous says so) and is gone now
                 self._member_state(rank, "left")
+                worked = True
             elif rank not in self.dead_peers:
                 self._peer_lost(rank, why)
+                worked = True
         for member in [m for m, until in self._leaving.items() if now >= until]:
             self._member_state(member, "left")
+            worked = True
         timeout = self.config.request_timeout_s
         for request in list(self.requests.values()):
             if request.state.terminal or not self._timeout_applies(request):
@@ -676,6 +690,8 @@ class Endpoint:
                     f"(request_timeout_s={timeout})",
                     notify=True,
                 )
+                worked = True
+        return worked
 
     def _timeout_applies(self, request: Request) -> bool:
         return True

@@ -268,7 +268,7 @@ class Receiver(Endpoint):
         nothing is taken."""
         ids = checked_ids(request_ids)
         requests = [self._takeable(request_id, f"request_ids[{index}]") for index, request_id in enumerate(ids)]
-        return [self._hand_over(request) for request in requests]
+        return self._hand_over_all(requests)
 
     def _takeable(self, request_id: int, field: str) -> Request:
         request = self.requests.get(request_id)
@@ -285,15 +285,25 @@ class Receiver(Endpoint):
 
     def _hand_over(self, request: Request) -> Payload:
         """The outputs of a SUCCESS as a Payload; the request is forgotten."""
-        outputs = request.outputs
-        self._drop_outputs(request)
-        self._retire(request)  # remembered (bounded) so that late records are known as late
-        info = request.info
-        items = tuple(Item(i.content_hash, i.start, i.count) for i in _items_of(request)) \
-            if request.items or info is not None else ()
-        return Payload._trusted(outputs.embeddings, outputs.fill_ids, outputs.mrope_positions,
-                                request.mrope_delta, outputs.deepstack, items,
-                                metadata_tensors(info.metadata) if info is not None and info.metadata else None)
+        return self._hand_over_all((request,))[0]
+
+    def _hand_over_all(self, requests: Sequence[Request]) -> list[Payload]:
+        """`_hand_over` of each, in order: the budget given back and the requests retired
+        (remembered, bounded, so that late records are known as late) once for all."""
+        payloads, trusted, freed = [], Payload._trusted, 0
+        for request in requests:
+            outputs, info = request.outputs, request.info
+            items = tuple(Item(i.content_hash, i.start, i.count) for i in _items_of(request)) \
+                if request.items or info is not None else ()
+            payloads.append(trusted(outputs.embeddings, outputs.fill_ids, outputs.mrope_positions, request.mrope_delta,
+                                    outputs.deepstack, items,
+                                    metadata_tensors(info.metadata) if info is not None and info.metadata else None))
+            freed += request.output_bytes
+            request.output_bytes = 0
+            request.outputs = request.output_addresses = None
+        self.output_bytes -= freed
+        self._retire_all(requests)
+        return payloads
 
     def abort(self, request_id: int, message: str = "aborted by the language engine") -> None:
         """Fail a request in flight, on both sides; a finished one is released (a SUCCESS

@@ -670,8 +670,8 @@ class Sender(Endpoint):
                 peer.channel.drop_peer(member)
             self.channels.pop(view.incarnation, None)
 
-    def _check_liveness(self, now: float) -> None:
-        super()._check_liveness(now)
+    def _check_liveness(self, now: float) -> bool:
+        worked = super()._check_liveness(now)
         if self._after_leave:
             gone = self.directory.gone_members
             for rid, (request, until, why) in list(self._after_leave.items()):
@@ -681,6 +681,8 @@ class Sender(Endpoint):
                     del self._after_leave[rid]
                     self._fail(request, rec.AbortReason.SHUTDOWN, f"{why}; its leader did not confirm the "
                                "transfer before leaving", notify=False)
+                    worked = True
+        return worked
 
     def _on_own_engine_lost(self, rank: int, why: str) -> None:
         for peer in self.peers.values():

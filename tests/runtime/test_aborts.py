@@ -360,8 +360,9 @@ def test_a_language_engine_that_left_takes_nothing_the_encoder_sent_in_full():
     cluster.run_until(sent_in_full)
     sender._member_state(follower.rank, "left")
     sender._member_state(leader.rank, "left")  # behind its last record: nothing more comes
-    sender._check_liveness(time.monotonic())
+    assert sender._check_liveness(time.monotonic())  # (work done: a step that did it is not idle)
     assert sender.state(1) is RequestState.FAILED and "did not confirm" in sender.error(1)
+    assert not sender._check_liveness(time.monotonic())  # nothing left to do
 
 
 def test_a_leave_posted_at_the_rendezvous_waits_for_the_members_own_record():
@@ -385,7 +386,7 @@ def test_a_leave_posted_at_the_rendezvous_waits_for_the_members_own_record():
     cluster = cluster_for(language_tp=1)
     sender, leader = cluster.senders[0], cluster.leader
     sender._apply_changes([(Change.LEFT, leader.rank, "")])
-    sender._check_liveness(time.monotonic() + sender.config.peer_timeout_s)  # its record never came
+    assert sender._check_liveness(time.monotonic() + sender.config.peer_timeout_s)  # its record never came
     assert leader.rank not in sender._leaving and sender.directory.engine("language0").gone
 
 
@@ -404,6 +405,13 @@ def test_a_member_whose_process_ended_after_its_leave_record_left_and_is_not_dea
     monkeypatch.setattr(sender.bus, "forget", read.discard)
     monkeypatch.setattr(sender.bus, "dead_ranks", lambda: {r: f"pid {r} is gone" for r in read})
     leader.close()  # its LEFT is in the sender's inbox, unread; its process "ends"
-    sender._check_liveness(time.monotonic())
+    # The step's first read comes just before the LEFT is written (an empty read), its
+    # liveness check after. The records read there are the step's work: a loop that parks
+    # on an idle step must not park on this one (its timeout, tens of milliseconds).
+    drain, reads = sender.bus.drain, []
+    monkeypatch.setattr(sender.bus, "drain", lambda: reads.append(1) or ([] if len(reads) == 1 else drain()))
+    sender._next_liveness = 0.0  # the step below checks liveness
+    assert sender.progress()
+    assert len(reads) == 2  # (the step's read, then the liveness check's)
     assert not sender.dead_peers, sender.dead_peers
     assert sender.directory.engine("language0").gone and not read
