@@ -466,16 +466,16 @@ def run_encoder(args: argparse.Namespace, sender: Sender, engine: int, lengths: 
                           language_engine=rid % args.languages)
             active.add(rid)
         worked = sender.progress()
-        for rid in list(active):
-            state = sender.state(rid)
-            if state.terminal:
-                if state is RequestState.SUCCESS:
-                    tally.succeeded += 1
-                else:
-                    tally.count_failure(sender.error(rid))
-                sender.release(rid)
-                active.discard(rid)
-                probe.done(tally.succeeded + tally.failed)
+        for rid in sender.finished():  # what turned SUCCESS or FAILED in this step, never a scan
+            if rid not in active:
+                continue
+            if sender.state(rid) is RequestState.SUCCESS:
+                tally.succeeded += 1
+            else:
+                tally.count_failure(sender.error(rid))
+            sender.release(rid)
+            active.discard(rid)
+            probe.done(tally.succeeded + tally.failed)
         if not worked:
             sender.wait(0.001 if sender.busy else 0.02)
     for rid in active:  # the loop ended with them in flight: the endpoint fails them on close
@@ -495,7 +495,10 @@ def run_language(args: argparse.Namespace, receiver: Receiver, engine: int, leng
     abort_after = {rid: rng.randint(0, 200) for rid in range(len(lengths)) if rng.random() < args.abort_rate}
     todo = deque(rid for rid in range(len(lengths)) if rid % args.languages == engine)
     active: dict[int, float] = {}
-    polls: dict[int, int] = {}
+    # --abort-rate: the leader aborts each chosen request once `abort_after[rid]` steps have
+    # passed since its admission without it finishing (only those are looked at each step).
+    doomed: dict[int, int] = {}
+    step = 0
     tally = Tally()
     aborted = 0
     bar = _progress_bar(len(todo), show_progress and not args.quiet)
@@ -505,16 +508,21 @@ def run_language(args: argparse.Namespace, receiver: Receiver, engine: int, leng
             rid = todo.popleft()
             receiver.admit(rid, encoder_engine=rid % args.encoders)
             active[rid] = time.monotonic()
+            if receiver.is_leader and rid in abort_after:
+                doomed[rid] = step + abort_after[rid]
         worked = receiver.progress()
-        for rid in list(active):
-            state = receiver.state(rid)
-            if receiver.is_leader and rid in abort_after and not state.terminal:
-                polls[rid] = polls.get(rid, 0) + 1
-                if polls[rid] > abort_after[rid]:
-                    receiver.abort(rid, "demo --abort-rate")
-                    state = RequestState.FAILED
-            if not state.terminal:
+        step += 1
+        for rid, due in list(doomed.items()):
+            if rid not in active:
+                del doomed[rid]
+            elif step > due:
+                del doomed[rid]
+                if not receiver.state(rid).terminal:
+                    receiver.abort(rid, "demo --abort-rate")  # (it is among finished() below)
+        for rid in receiver.finished():  # what turned SUCCESS or FAILED in this step, never a scan
+            if rid not in active:
                 continue
+            state = receiver.state(rid)
             outcome = outcomes[rid]
             outcome.latency_s = time.monotonic() - active.pop(rid)
             outcome.resumes = receiver._lookup(rid).resumes

@@ -614,9 +614,15 @@ class Endpoint:
 
     def _retire_all(self, requests: Sequence[Request]) -> None:
         """`_retire` of each, in order; the memory trimmed once."""
-        live, retired, kept = self.requests, self.retired, Finished.kept
+        live = self.requests
         for request in requests:
             live.pop(request.request_id, None)
+        self._remember_finished(requests)
+
+    def _remember_finished(self, requests: Sequence[Request]) -> None:
+        """Put these requests, no longer live, in the bounded memory of finished ones."""
+        retired, kept = self.retired, Finished.kept
+        for request in requests:
             retired[request.request_id] = kept(request)
         for _ in range(len(retired) - FINISHED_MEMORY):
             retired.popitem(last=False)

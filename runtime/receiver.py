@@ -445,8 +445,8 @@ class Receiver(Endpoint):
         for segment in message.record.segments:
             request = self.requests.get(segment.request_id)
             if request is None:
-                if segment.request_id in self.retired:
-                    continue
+                if segment.request_id in self.retired or segment.request_id in self._awaiting_free:
+                    continue  # known, finished here: its segments are discarded (late)
                 if not message.first_seen:
                     message.first_seen = now
                 if now - message.first_seen < UNKNOWN_REQUEST_GRACE_S:
@@ -473,7 +473,7 @@ class Receiver(Endpoint):
         TRANSFERRING); one whose outputs can be made with the message's others, in `whole`."""
         request = self.requests.get(segment.request_id)
         if request is None:
-            if segment.request_id in self.retired:
+            if segment.request_id in self.retired or segment.request_id in self._awaiting_free:
                 self.stats.late_records += 1
             else:
                 self.stats.rejected_records += 1
@@ -1002,7 +1002,10 @@ class Receiver(Endpoint):
                 self._pinned.setdefault(d.request_id, []).append(d.content_hash)
             return
         if d.action in (rec.DecisionAction.FAIL, rec.DecisionAction.COMPLETE) and d.request_id in self._awaiting_free:
-            self._settle_terminal(self._awaiting_free.pop(d.request_id), d)
+            released = self._awaiting_free.pop(d.request_id)
+            self._settle_terminal(released, d)
+            if d.request_id not in self.requests:  # (else the engine admitted the id again)
+                self._remember_finished((released,))  # its late segments are known as late
             return
         request = self.requests.get(d.request_id)
         if request is not None and request.state is RequestState.FAILED \
@@ -1035,6 +1038,10 @@ class Receiver(Endpoint):
         else:  # FAIL / FREE: the leader has freed the blocks; so does this rank
             self._release_blocks(request)
             self._fail(request, rec.AbortReason.INTERNAL, "failed by the TP leader", notify=False)
+            if request.state is RequestState.FAILED:
+                # This is the leader's last word on it: nothing is left to keep its rows for
+                # (`_fail_cleanup`), and a release must not wait for another decision.
+                self._drop_outputs(request)
 
     def _adopt(self, request_id: int) -> Request:
         """A request the leader admitted before this rank's engine did (admit() may come
@@ -1094,6 +1101,7 @@ class Receiver(Endpoint):
                 self._fail(request, rec.AbortReason.INTERNAL,
                            f"leader completed at {total_tokens} tokens, this rank read {request.sent_tokens}",
                            notify=True)
+                self._drop_outputs(request)  # (the leader's COMPLETE was its last word on it)
             else:
                 self._complete([request], [content_hash])
 

@@ -415,3 +415,61 @@ def test_a_member_whose_process_ended_after_its_leave_record_left_and_is_not_dea
     assert len(reads) == 2  # (the step's read, then the liveness check's)
     assert not sender.dead_peers, sender.dead_peers
     assert sender.directory.engine("language0").gone and not read
+
+
+def _no_grace_for_unknown_requests(monkeypatch) -> None:
+    """A staging message held at the head of its channel for a request this rank does not
+    know stays there for good: a wait that should not happen shows as no progress."""
+    from embxfer.runtime import receiver as receiver_module
+
+    monkeypatch.setattr(receiver_module, "UNKNOWN_REQUEST_GRACE_S", 1e9)
+
+
+def test_a_follower_failed_by_the_leaders_decision_keeps_nothing_once_released(monkeypatch):
+    """A FAIL decision is the leader's last word on a request: a follower that fails on it
+    (not on an ABORT read before) drops the request's rows there, so that the engine's
+    release forgets it at once. Before, the follower kept it aside for a decision that
+    would never come, its output budget never given back."""
+    _no_grace_for_unknown_requests(monkeypatch)
+    cluster = cluster_for(language_tp=2)
+    start(cluster, 1, 3000)
+    follower = cluster.receivers[2]
+    cluster.run_until(lambda: follower.requests[1].outputs is not None)
+    request = follower.requests[1]
+    follower._on_record(rec.Decisions.of(cluster.leader.rank, [(1, request.round, rec.DecisionAction.FAIL, 0, 3000,
+                                                                0, 0, b"", np.zeros(0, dtype=np.int64))]))
+    assert follower.state(1) is RequestState.FAILED and "failed by the TP leader" in follower.error(1)
+    assert follower.output_bytes == 0 and follower.allocator.num_used == 0
+    follower.release(1)
+    assert follower._awaiting_free == {} and follower.state(1) is RequestState.FAILED
+    cluster.leader.abort(1)  # (the leader of this test never decided so: it catches up)
+    cluster.settle()  # the rows still on the wire are discarded as late
+    assert_healthy_afterwards(cluster)
+
+
+def test_rows_of_a_request_released_before_the_leaders_decision_are_discarded_as_late(monkeypatch):
+    """The encoder engine aborts a request: the follower reads the ABORT before the
+    leader's FAIL decision, fails and is released (it keeps the request's blocks and rows
+    aside until the decision comes). Messages carrying the request's rows, sent before the
+    abort, are discarded as late, before and after the decision, never held at the head of
+    the channel as an unknown request's (for 5 s each: what stalled `embxfer demo
+    --abort-rate` for 5-10 s in some runs)."""
+    _no_grace_for_unknown_requests(monkeypatch)
+    cluster = cluster_for(language_tp=2)
+    start(cluster, 1, 3000)
+    sender, follower = cluster.senders[0], cluster.receivers[2]
+    cluster.run_until(lambda: follower.requests[1].outputs is not None)
+    sender.progress()  # more of the round is on the wire
+    sender.abort(1)
+    sender.progress()  # its ABORT goes to every language rank
+    for record in follower.bus.drain():  # the follower reads it (and the stream's records), no rows yet
+        follower._on_record(record)
+    assert follower.state(1) is RequestState.FAILED
+    follower.release(1)
+    assert 1 in follower._awaiting_free  # its blocks wait for the leader's word
+    late = follower.stats.late_records
+    cluster.settle()
+    assert follower.stats.late_records > late  # rows that came after the release, discarded
+    assert follower._awaiting_free == {} and follower.output_bytes == 0 and follower.allocator.num_used == 0
+    assert follower.state(1) is RequestState.FAILED  # remembered as finished
+    assert_healthy_afterwards(cluster)
