@@ -329,8 +329,11 @@ class Receiver(Endpoint):
                 and (request.blocks or request.outputs is not None):
             # A follower frees only on the leader's decision, which may still be on its way;
             # keep the old incarnation apart so a re-admitted id cannot be confused with it.
+            # For the engine it is released now: remembered as finished like any other, so
+            # that its rows still on the wire are known as late (not held as an unknown id's).
             self.requests.pop(request_id, None)
             self._awaiting_free[request_id] = request
+            self._remember_finished((request,))
             return
         self._drop_outputs(request)
         self._retire(request)
@@ -445,8 +448,8 @@ class Receiver(Endpoint):
         for segment in message.record.segments:
             request = self.requests.get(segment.request_id)
             if request is None:
-                if segment.request_id in self.retired or segment.request_id in self._awaiting_free:
-                    continue  # known, finished here: its segments are discarded (late)
+                if segment.request_id in self.retired:
+                    continue
                 if not message.first_seen:
                     message.first_seen = now
                 if now - message.first_seen < UNKNOWN_REQUEST_GRACE_S:
@@ -473,7 +476,7 @@ class Receiver(Endpoint):
         TRANSFERRING); one whose outputs can be made with the message's others, in `whole`."""
         request = self.requests.get(segment.request_id)
         if request is None:
-            if segment.request_id in self.retired or segment.request_id in self._awaiting_free:
+            if segment.request_id in self.retired:
                 self.stats.late_records += 1
             else:
                 self.stats.rejected_records += 1
@@ -1002,10 +1005,7 @@ class Receiver(Endpoint):
                 self._pinned.setdefault(d.request_id, []).append(d.content_hash)
             return
         if d.action in (rec.DecisionAction.FAIL, rec.DecisionAction.COMPLETE) and d.request_id in self._awaiting_free:
-            released = self._awaiting_free.pop(d.request_id)
-            self._settle_terminal(released, d)
-            if d.request_id not in self.requests:  # (else the engine admitted the id again)
-                self._remember_finished((released,))  # its late segments are known as late
+            self._settle_terminal(self._awaiting_free.pop(d.request_id), d)
             return
         request = self.requests.get(d.request_id)
         if request is not None and request.state is RequestState.FAILED \
