@@ -8,7 +8,10 @@ per step, whatever the message holds. Outputs come from a bounded budget.
 
 from __future__ import annotations
 
+from types import SimpleNamespace
+
 import pytest
+import torch
 
 from embxfer.control import records as rec
 from embxfer.runtime import Config
@@ -318,3 +321,17 @@ def test_requests_that_arrive_whole_share_one_allocation_and_fall_back_one_by_on
     leader.release(3)
     cluster.settle()
     assert_no_leaks(cluster)
+
+
+def test_a_staging_view_is_made_once_per_message_size_and_slot_and_bounded():
+    """`_Staging.prefix`: the first n bytes of a slot's staging buffer, the same view for the
+    same size (a CUDA slice costs microseconds of host time), a view of that buffer's
+    memory, and at most PREFIXES_PER_SLOT sizes kept per slot."""
+    staging = channels_module._Staging(SimpleNamespace(device=torch.device("cpu")), depth=2, staging_bytes=4096)
+    first = staging.prefix(1, 100)
+    assert staging.prefix(1, 100) is first
+    assert first.numel() == 100 and first.data_ptr() == staging.staging[1].data_ptr()
+    assert staging.prefix(0, 100) is not first and staging.prefix(0, 100).data_ptr() == staging.staging[0].data_ptr()
+    for size in range(1, 3 * channels_module.PREFIXES_PER_SLOT):
+        assert staging.prefix(1, size).numel() == size
+        assert len(staging._prefixes[1]) <= channels_module.PREFIXES_PER_SLOT
