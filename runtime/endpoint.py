@@ -413,10 +413,15 @@ class Endpoint:
 
     # -- membership -------------------------------------------------------------
     def _apply_changes(self, changes: list) -> None:
+        """Apply what the rendezvous's log said since the last call, in its order. A member
+        whose DEAD or LEFT event is in the same batch (a joiner's first read holds every
+        member the job ever had) is never linked: it is gone, and its end, applied below,
+        is someone else's finding, not news to post or to log as this rank's error."""
+        gone = {subject for change, subject, _ in changes if change is Change.DEAD or change is Change.LEFT}
         for change, subject, why in changes:
             if change is Change.JOINED:
                 view = self.directory.add(subject)
-                if view is None:
+                if view is None or subject.member in gone:
                     continue
                 self._link(subject)
                 if view not in self._joining and view.state == "joining":
@@ -431,7 +436,7 @@ class Endpoint:
                 else:
                     self._member_state(subject, "left")
             elif change is Change.DEAD and subject != self.rank and subject in self.directory.members:
-                self._peer_lost(subject, why or "reported dead by a peer")
+                self._peer_lost(subject, why or "reported dead by a peer", reported=True)
 
     def _link(self, info: MemberInfo) -> None:
         """Start reading a new member's records (only members this one works with)."""
@@ -702,20 +707,24 @@ class Endpoint:
     def _timeout_applies(self, request: Request) -> bool:
         return True
 
-    def _peer_lost(self, rank: int, why: str) -> None:
+    def _peer_lost(self, rank: int, why: str, *, reported: bool = False) -> None:
         """A member is dead: so is its engine incarnation. Exactly the requests bound to it
-        fail (all of them if it is a TP peer of this engine)."""
+        fail (all of them if it is a TP peer of this engine). A death this rank found itself
+        is posted at the rendezvous for members that join later; one it read there
+        (`reported`) is not posted again, and is an error in this rank's log only when it
+        touches this rank (a member it read records from, or a TP peer of its incarnation)."""
         if rank in self.dead_peers:
             return
         reason = why
         why = f"{self._describe_peer(rank)} is dead: {reason}"
         self.dead_peers[rank] = why
-        log.error("member=%x %s: %s", self.rank, self.me.describe(), why)
         view = self.directory.view_of(rank)
+        touched = not reported or self._reads(rank) or (view is not None and view.incarnation == self.me.incarnation)
+        log.log(logging.ERROR if touched else logging.INFO, "member=%x %s: %s", self.rank, self.me.describe(), why)
         self.directory.mark(rank, "dead", why)
         report = getattr(self.membership, "report_dead", None)
         if report is not None:
-            report(rank, reason)
+            report(rank, reason, publish=not reported)
         self._forget_member(rank)
         if view is None:
             return

@@ -68,11 +68,12 @@ class Job:
                 raise RuntimeError(f"{info.describe()} is on node {info.node!r} and has no cross-node link")
             self.bus.add_remote(info.member, info.link)
 
-    def report_dead(self, member: int, why: str) -> None:
-        """Tell members that join later not to wait for it, and remove what it left in
+    def report_dead(self, member: int, why: str, *, publish: bool = True) -> None:
+        """Tell members that join later not to wait for it (`publish`: this rank found the
+        death itself; one read from the log is there already), and remove what it left in
         /dev/shm when it lived on this node (only its creator unlinks, and it is gone)."""
         info = self.directory.member(member)
-        if isinstance(self.directory, LiveDirectory):
+        if publish and isinstance(self.directory, LiveDirectory):
             try:
                 self.directory.publish(state_event(Change.DEAD, member, why), remember=False)
             except Exception as exc:  # the rendezvous may be down: peers find the death themselves

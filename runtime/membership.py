@@ -59,8 +59,11 @@ TP slots have joined, every one of them is linked, and its settings agree.
 **Leaving and dying**: `close(drain=True)` announces DRAINING (no new requests), finishes
 what is in flight, then LEFT: peers drop the engine without failing anything. A member
 that dies (its process gone, its heartbeats stale, its link silent) is found by each
-peer's own liveness checks, not through the rendezvous; the first survivor to notice
-also posts a DEAD event, which tells members that join later not to wait for it. A dead
+peer's own liveness checks, not through the rendezvous; a survivor that finds it so also
+posts a DEAD event, which tells members that join later not to wait for it. A death read
+in the log is not posted again, and a joiner does not link a member whose DEAD or LEFT
+is in the same read: each restart adds its own events to the log (its JOIN, at most one
+DEAD a member that read the dead one's records), not one per death before it. A dead
 member takes its engine incarnation with it: every peer fails exactly the requests bound
 to that incarnation (`peer_dead`, naming the engine and the TP rank).
 """

@@ -176,3 +176,39 @@ def test_while_the_rendezvous_is_down_joined_engines_serve_on_and_a_join_waits_f
         outcomes = job.outcomes("llm-a")
         for rid in before + during + after:
             assert len(outcomes[rid]) == 2 and statuses(outcomes[rid]) == {"verified"}, (rid, outcomes[rid])
+
+
+def test_restarts_grow_the_log_by_their_own_events_and_a_new_rank_does_not_report_old_deaths():
+    """An engine killed and started again, three times: each restart adds its JOIN and the
+    DEAD events of the peers that found the death (at most one per member that read its
+    records: the three language ranks), whatever came before. The new rank reads the
+    earlier deaths in the log: it neither posts them again nor logs them as its errors.
+    (Before: every joiner re-posted every death it replayed, so restart k added k + 5
+    events and the log grew with the square of the restarts; each new rank logged every
+    earlier death at ERROR.)"""
+    from embxfer.runtime.membership import SignedStore
+    from embxfer.runtime.secret import load_secret
+
+    with Job(f"lg{secrets.token_hex(3)}") as job:
+        store = SignedStore(job.server.client(), load_secret({"EMBXFER_SECRET": job.env["EMBXFER_SECRET"]}))
+        job.start("llm-a", "language", tp=2)
+        job.start("llm-b", "language")
+        job.start("vit-0", "encoder")
+        job.wait_up("llm-a", "llm-b", "vit-0")
+        rid = job.route("vit-0", "llm-a", 300)
+        job.wait_done("llm-a", [rid], ranks=2)
+        for restart in range(3):
+            before = store.log_length()
+            job.kill("vit-0")
+            deadline = time.monotonic() + 20
+            while store.log_length() == before and time.monotonic() < deadline:
+                time.sleep(0.05)  # a language rank found the death and posted it
+            time.sleep(0.5)
+            new = job.start("vit-0", "encoder")[0]
+            job.wait_up("vit-0")
+            rid = job.route("vit-0", "llm-a" if restart % 2 else "llm-b", 400)
+            job.wait_done("llm-a" if restart % 2 else "llm-b", [rid], ranks=2 if restart % 2 else 1)
+            time.sleep(0.5)
+            added = store.log_length() - before
+            assert 2 <= added <= 4, (restart, added)
+            assert not [line for line in new.stderr if " is dead" in line], new.stderr
