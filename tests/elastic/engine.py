@@ -8,7 +8,9 @@ rendezvous, under the job's app namespace: `route/count`, and `route/<n>` =
 on those that name its engine: an encoder rank submits the payload (made from (seed,
 rid), the same on every rank) for the named language engine; a language rank admits it
 from the named encoder engine, and verifies what arrives bit-exact against the same
-payload. `drain/<name>` asks the engine to `close(drain=True)` and exit.
+payload. A rank takes the routes written after it connected: a restarted engine does not
+take its earlier incarnation's again. `drain/<name>` asks the engine to
+`close(drain=True)` and exit (`Job.start` clears it for the next start of that name).
 
 Every outcome is one JSON line on stdout: {"event": "done", "rid", "status", "error",
 "at"} (status "verified", "mismatch", "failed", "sent"), plus {"event": "up", "at"} once
@@ -88,6 +90,9 @@ def main() -> int:
         host, port = router.rsplit(":", 1)
         store = torch.distributed.PrefixStore("app/", torch.distributed.TCPStore(
             host, int(port), None, False, timedelta(seconds=30), wait_for_workers=False))
+    # Routes written before this start were for an earlier incarnation of the engine (the
+    # router routes to engines that are up): a restarted engine does not take them again.
+    seen = int(store.add("route/count", 0))
     emit(event="up", member=endpoint.rank, fds=len(os.listdir("/proc/self/fd")))
     if args.idle:
         try:
@@ -96,7 +101,6 @@ def main() -> int:
                 endpoint.wait(0.5)
         finally:
             endpoint.close()
-    seen = 0
     payloads: dict[int, tuple[int, int]] = {}  # rid -> tokens, encoder
     active: set[int] = set()
     next_look = 0.0

@@ -73,6 +73,8 @@ class Job:
     # -- engines
     def start(self, name: str, role: str, tp: int = 1, env: dict[str, str] | None = None,
               tp_ranks: list[int] | None = None, extra: tuple[str, ...] = ()) -> list[Rank]:
+        if name in self.latest:  # a new start of an engine that was drained: not drained again
+            self.app().delete_key(f"drain/{name}")
         started = []
         for tp_rank in range(tp) if tp_ranks is None else tp_ranks:
             process = subprocess.Popen(

@@ -10,7 +10,14 @@ import secrets
 import pytest
 
 from embxfer.runtime import membership
-from embxfer.runtime.membership import Change, LiveDirectory, MemberInfo, SignedStore, new_member_id, state_event
+from embxfer.runtime.membership import (
+    Change,
+    LiveDirectory,
+    MemberInfo,
+    SignedStore,
+    new_member_id,
+    state_event,
+)
 from embxfer.runtime.rendezvous import RendezvousServer
 from embxfer.runtime.secret import load_secret
 
