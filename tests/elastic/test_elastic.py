@@ -212,3 +212,58 @@ def test_restarts_grow_the_log_by_their_own_events_and_a_new_rank_does_not_repor
             added = store.log_length() - before
             assert 2 <= added <= 4, (restart, added)
             assert not [line for line in new.stderr if " is dead" in line], new.stderr
+
+
+def test_kills_restarts_and_a_drain_under_traffic_fail_only_what_a_kill_caught():
+    """Traffic from two encoders to two language engines (one of TP 2) while encoders are
+    killed with -9 and started again three times, then a language engine drained with
+    requests in flight and started again: every request ends on every rank of its
+    language engine, verified, or failed naming the encoder engine that was killed after
+    it was routed (nothing hangs, nothing else fails)."""
+    import random
+
+    rng = random.Random(4)
+    routed: dict[int, tuple[str, str, float]] = {}  # rid -> encoder, language, when
+    kills: list[tuple[float, str]] = []
+    with Job(f"tr{secrets.token_hex(3)}") as job:
+        job.start("vit-0", "encoder")
+        job.start("vit-1", "encoder")
+        job.start("llm-a", "language", tp=2)
+        job.start("llm-b", "language")
+        job.wait_up("vit-0", "vit-1", "llm-a", "llm-b")
+
+        def burst(count: int, encoders=("vit-0", "vit-1"), languages=("llm-a", "llm-b")) -> None:
+            for _ in range(count):
+                encoder, language = rng.choice(encoders), rng.choice(languages)
+                routed[job.route(encoder, language, rng.randint(1, 2500))] = (encoder, language, time.time())
+
+        for _ in range(3):
+            burst(30)
+            time.sleep(rng.uniform(0.05, 0.3))
+            victim = rng.choice(["vit-0", "vit-1"])
+            kills.append((time.time(), victim))
+            job.kill(victim)
+            burst(15, encoders=tuple(e for e in ("vit-0", "vit-1") if e != victim))
+            time.sleep(rng.uniform(0.1, 0.5))
+            job.start(victim, "encoder")
+            job.wait_up(victim)
+            burst(20)
+        burst(15, languages=("llm-b",))
+        job.drain("llm-b")
+        for rank in job.latest["llm-b"]:
+            rank.process.wait(timeout=60)
+            assert rank.first("left")["blocks"] == 0
+        job.start("llm-b", "language")
+        job.wait_up("llm-b")
+        burst(30)
+        for language, ranks in (("llm-a", 2), ("llm-b", 1)):
+            mine = [rid for rid, (_, lang, _) in routed.items() if lang == language]
+            outcomes = job.wait_done(language, mine, ranks=ranks, timeout=90)
+            for rid in mine:
+                encoder, _, at = routed[rid]
+                caught = any(name == encoder and when > at for when, name in kills)
+                for event in outcomes[rid]:
+                    if event["status"] == "verified":
+                        continue
+                    assert event["status"] == "failed" and caught, (rid, routed[rid], event)
+                    assert event["error"].startswith("peer_dead:") and f"encoder engine '{encoder}'" in event["error"]
