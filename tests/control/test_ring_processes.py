@@ -211,18 +211,21 @@ def test_no_lost_wakeups_with_parked_readers(spawn):
 
 @pytest.mark.timeout(60)
 def test_idle_parked_reader_uses_no_cpu(spawn):
+    """The least of two 3 s windows: what the VM adds now and then (a busy neighbour, a
+    burst of interrupts) only inflates a window, and a busy loop fills both."""
     with RingWriter.create(4, 128, 1, prefix=TEST_PREFIX) as writer:
         parent_end, child_end = spawn.context.Pipe()
-        process = spawn(ringworkers.parked_reader, child_end, writer.name, 3.5)
+        process = spawn(ringworkers.parked_reader, child_end, writer.name, 6.5)
         assert _recv(parent_end) == "parking"
         time.sleep(0.2)
-        cpu_before, start = _cpu_seconds(process.pid), time.monotonic()
-        time.sleep(3.0)
-        cpu_after, elapsed = _cpu_seconds(process.pid), time.monotonic() - start
+        fractions = []
+        for _ in range(2):
+            cpu_before, start = _cpu_seconds(process.pid), time.monotonic()
+            time.sleep(3.0)
+            fractions.append((_cpu_seconds(process.pid) - cpu_before) / (time.monotonic() - start))
         assert _recv(parent_end) == "done"
         process.join(10)
-    fraction = (cpu_after - cpu_before) / elapsed
-    assert fraction < 0.01, f"parked reader used {fraction:.2%} of a core"
+    assert min(fractions) < 0.01, f"parked reader used {[f'{f:.2%}' for f in fractions]} of a core"
 
 
 @pytest.mark.timeout(60)
