@@ -587,10 +587,11 @@ class LiveDirectory(Directory):
         while self._cursor < stop:
             end = min(stop, self._cursor + MAX_LOG_READ)
             keys = [f"log/{index}" for index in range(self._cursor + 1, end + 1)]
+            full = [self.store.prefix + key for key in keys]
             store = self.store.store
             forged = self.store.forged
-            if len(keys) > 1 and hasattr(store, "multi_get") and store.check([self.store.prefix + k for k in keys]):
-                raws = store.multi_get([self.store.prefix + k for k in keys])
+            if len(keys) > 1 and hasattr(store, "multi_get") and store.check(full):
+                raws = store.multi_get(full)
                 for key, raw in zip(keys, raws, strict=True):
                     self._take_event(self.store.open(key, raw), changes)
                 self._cursor = end

@@ -34,8 +34,7 @@ def store():
 def reader(store: SignedStore) -> LiveDirectory:
     me = MemberInfo(member=new_member_id(), engine="llm-a", role="language", incarnation=1, tp_rank=0, tp_size=1,
                     node="n", host="h", pid=os.getpid())
-    directory = LiveDirectory(store, me)  # the watcher thread is not started: reads are the test's
-    return directory
+    return LiveDirectory(store, me)  # the watcher thread is not started: reads are the test's
 
 
 def history(store: SignedStore, count: int) -> list[int]:
