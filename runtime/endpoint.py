@@ -27,6 +27,7 @@ from embxfer.control import records as rec
 from embxfer.control.deadlines import check_seconds
 
 from .bus import Bus
+from .channels import message_tokens
 from .config import Config
 from .membership import (
     Change,
@@ -120,7 +121,7 @@ class Request:
         self.block_array: np.ndarray | None = None
         self.round_tokens = 0  # tokens of the current round: min(remaining, allocated)
         self.round_accepted = 0  # of them, announced in messages this rank accepted
-        self.round_landed = 0  # of them, unpacked (into the outputs, or the landing blocks)
+        self.round_landed = 0  # of them, unpacked (into the outputs, or the landing blocks) and not read yet
         self.direct = False  # the current round lands straight in the outputs
         self.outputs = None
         self.output_addresses: tuple[int, ...] | None = None  # the outputs' row addresses (CUDA read-out)
@@ -207,6 +208,7 @@ class Endpoint:
         if device.type == "cuda" and device.index is None:
             device = torch.device("cuda", torch.cuda.current_device())
         self.spec = RowSpec(dim, deepstack_layers, dtype, device)
+        message_tokens(self.spec, config.staging_bytes)  # a staging buffer holds a row: checked here, not at the first send
         self.requests: dict[int, Request] = {}
         self.retired: OrderedDict[int, tuple] = OrderedDict()  # terminal and handed back: Finished.kept
         self.stats = Stats()

@@ -114,19 +114,21 @@ class LocalCluster:
         """Admit and submit every payload, run to completion, take every copy: what an
         engine's loop does (`finished()` each step, never a scan of every request).
 
-        Returns, per request id, the payload taken on each language rank (in rank order).
-        RuntimeError if any request ends FAILED. It consumes every endpoint's `finished()`."""
-        endpoints = self.endpoints
+        Returns, per request id, the payload taken on each rank of language engine 0 (in
+        rank order), the one engine it admits on. RuntimeError if any request ends FAILED.
+        It consumes every endpoint's `finished()`."""
+        receivers = self.language_receivers(0)
+        endpoints = [*self.senders.values(), *receivers]
         for endpoint in endpoints:
             endpoint.finished()  # what finished before is not this transfer's
         # What a step's scheduler does: one batch call per engine and run of its requests.
         for engine, run in groupby(payloads.items(), key=lambda item: engine_of(item[0])):
             run = list(run)
-            for receiver in self.language_receivers(0):
+            for receiver in receivers:
                 receiver.admit_many([rid for rid, _ in run], encoder_engine=engine)
             for sender in self.engine_senders(engine):
                 sender.submit_many(run)
-        expected = sum(len(self.receivers) + len(self.engine_senders(engine_of(rid))) for rid in payloads)
+        expected = sum(len(receivers) + len(self.engine_senders(engine_of(rid))) for rid in payloads)
         finished: dict[int, list[int]] = {id(e): [] for e in endpoints}
         count = 0
 
@@ -144,7 +146,7 @@ class LocalCluster:
         if failed:
             raise RuntimeError(f"requests failed: {failed}")
         ids = list(payloads)
-        copies = [r.take_many(ids) for r in self.receivers.values()]
+        copies = [r.take_many(ids) for r in receivers]
         taken = {rid: [payloads_of[index] for payloads_of in copies] for index, rid in enumerate(ids)}
         for sender in self.senders.values():
             for rid in finished[id(sender)]:

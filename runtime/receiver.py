@@ -172,8 +172,8 @@ class Receiver(Endpoint):
 
     def _encoder_name(self, encoder_engine: str | int) -> str:
         name = engine_name(Role.ENCODER, encoder_engine)
-        if self.topology is not None and isinstance(encoder_engine, int):
-            self.topology.check_engine(encoder_engine)
+        if self.topology is not None:
+            self.topology.check_peer(Role.ENCODER, encoder_engine, "encoder_engine")
         return name
 
     def _check_admissible(self, request_id: int, name: str, field: str) -> None:
@@ -252,9 +252,12 @@ class Receiver(Endpoint):
             return 0, request.rows
         if request.total_tokens is None:
             return 0, None
+        if request.outputs is None:  # none made yet (a first round in landing blocks), or dropped (failed)
+            return 0, request.rows
+        # rounds read into the outputs, the current round's rows that landed there (until it
+        # is read: `round_landed` counts only a round not read yet), the cached items' rows
         landed = request.sent_tokens + (request.round_landed if request.direct else 0)
-        skipped = request.rows - request.total_tokens if request.outputs is not None else 0
-        return landed + skipped, request.rows
+        return landed + request.rows - request.total_tokens, request.rows
 
     def take(self, request_id: int) -> Payload:
         """The completed payload as contiguous tensors; the request is forgotten. The
@@ -707,6 +710,7 @@ class Receiver(Endpoint):
         acks = None if self.is_leader else self._completions.setdefault(self.leader_rank, [])
         for request in requests:
             request.sent_tokens += request.round_tokens
+            request.round_landed = 0  # (now counted in sent_tokens)
             tokens += request.round_tokens
             request.round_read = True
             request.last_progress = now

@@ -67,6 +67,22 @@ class Topology:
         if isinstance(engine, bool) or not isinstance(engine, int) or not 0 <= engine < self.encoders:
             raise ValueError(f"encoder_engine={engine!r}: expected 0..{self.encoders - 1}")
 
+    def check_peer(self, role: Role, engine: str | int, field: str) -> None:
+        """ValueError naming `field` unless `engine` (an index or a name) is one of this
+        layout's engines of `role`: in a fixed layout no other engine can ever come."""
+        count = self.encoders if role is Role.ENCODER else self.languages
+        if type(engine) is int:
+            if not 0 <= engine < count:
+                raise ValueError(f"{field}={engine}: expected 0..{count - 1}")
+        elif engine not in self._names[role]:
+            raise ValueError(f"{field}={engine!r}: not an engine of this layout (expected {role.value}0.."
+                             f"{role.value}{count - 1} or 0..{count - 1})")
+
+    @cached_property
+    def _names(self) -> dict[Role, frozenset[str]]:
+        return {Role.ENCODER: frozenset(f"encoder{e}" for e in range(self.encoders)),
+                Role.LANGUAGE: frozenset(f"language{e}" for e in range(self.languages))}
+
     def check_rank(self, rank: int) -> None:
         if not 0 <= rank < self.world_size:
             raise ValueError(f"rank={rank}: expected 0..{self.world_size - 1} for {self}")

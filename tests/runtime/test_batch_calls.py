@@ -86,6 +86,38 @@ def test_admit_many_rejects_what_is_not_a_batch() -> None:
     assert rx.requests == {}
 
 
+def test_a_peer_engine_that_is_not_in_the_fixed_layout_is_refused_on_both_sides() -> None:
+    """In a fixed layout no other engine can come: an index or name outside it is a
+    ValueError naming the field, and nothing is queued (a submit to language engine 7 used
+    to wait in BOOTSTRAPPING for ever)."""
+    cluster = make_cluster()
+    rx, tx = cluster.leader, cluster.senders[0]
+    payload = random_payload(4, DIM)
+    for call in (lambda: tx.submit(1, payload, language_engine=7),
+                 lambda: tx.submit_many([(1, payload)], language_engine=1),
+                 lambda: tx.announce(1, 4, language_engine=3),
+                 lambda: tx.lost_peer(language_engine=2)):
+        with pytest.raises(ValueError, match=r"language_engine=\d: expected 0..0"):
+            call()
+    with pytest.raises(ValueError, match=r"language_engine='language3': not an engine of this layout"):
+        tx.submit(1, payload, language_engine="language3")
+    with pytest.raises(ValueError, match=r"encoder_engine='encoder1': not an engine of this layout"):
+        rx.admit(1, encoder_engine="encoder1")
+    assert tx.requests == {} and rx.requests == {} and not tx.busy
+    tx.submit(1, payload, language_engine="language0")
+    rx.admit(1, encoder_engine="encoder0")
+    cluster.run_until(lambda: rx.state(1) is RequestState.SUCCESS)
+    assert rx.take(1).bit_equal(payload)
+
+
+def test_transfer_admits_and_takes_on_the_first_language_engine_of_several() -> None:
+    cluster = LocalCluster(Topology(languages=2), Config(staging_bytes=1 << 16), dim=DIM)
+    payloads = {rid: random_payload(8 + rid, DIM, seed=rid) for rid in range(3)}
+    taken = cluster.transfer(payloads)
+    assert all(copies[0].bit_equal(payloads[rid]) and len(copies) == 1 for rid, copies in taken.items())
+    assert all(not e.busy for e in cluster.endpoints)
+
+
 def test_a_follower_that_heard_first_takes_admit_many_as_its_engines_admission() -> None:
     cluster = make_cluster(language_tp=2)
     leader, follower = cluster.receivers.values()

@@ -316,3 +316,13 @@ def test_describe_lists_every_field_and_value():
 def test_bad_shm_prefix_names_the_field(prefix):
     with pytest.raises(ValueError, match="config.shm_prefix"):
         Config(shm_prefix=prefix)
+
+
+def test_a_staging_buffer_too_small_for_one_row_is_refused_when_the_endpoint_is_made():
+    """Config cannot know D, K and the dtype; the endpoint can: a staging_bytes that holds
+    no row (here 48 bytes for a 32-byte row, which staging aligns) is a ValueError naming
+    it when the endpoint is made, not in the engine loop at the first send."""
+    from embxfer.runtime.local import LocalCluster
+
+    with pytest.raises(ValueError, match=r"config.staging_bytes=48: too small for one token of D=16"):
+        LocalCluster(config=Config(staging_bytes=48), dim=16)

@@ -547,3 +547,38 @@ def test_handed_back_requests_answer_from_plain_tuples_the_collector_stops_track
     assert leader.arrived(6) == (0, None)
     with pytest.raises(ValueError, match="already taken or released"):
         leader.take(5)
+
+
+@pytest.mark.parametrize("language_tp", [1, 2])
+def test_arrived_counts_each_row_once_and_never_goes_back(language_tp):
+    """arrived() on every language rank, step by step, through rounds of 8 of a 20-token
+    request: the rows in the outputs never exceed N and never go back while it is in
+    flight (a round read was counted twice until the next round started), and a failed
+    rank whose outputs are gone says 0."""
+    cluster = make_cluster(Topology(1, 1, language_tp), block_size=8, default_alloc_tokens=8, language_pool_blocks=8)
+    cluster.admit(1)
+    cluster.step()  # the default allocation goes out before the encoder side knows N: rounds of 8
+    cluster.submit(1, random_payload(20, DIM, seed=3))
+    seen = {r.rank: [] for r in cluster.receivers.values()}
+    while cluster.leader.state(1) is not RequestState.SUCCESS:
+        cluster.step()
+        for receiver in cluster.receivers.values():
+            seen[receiver.rank].append(receiver.arrived(1)[0])
+    for rank, rows in seen.items():
+        assert all(0 <= n <= 20 for n in rows) and rows == sorted(rows), (rank, rows)
+        assert any(0 < n < 20 for n in rows), (rank, rows)  # a round's rows showed before the last
+    for receiver in cluster.receivers.values():
+        cluster.run_until(lambda r=receiver: r.state(1) is RequestState.SUCCESS)
+        assert receiver.arrived(1) == (20, 20)
+        receiver.take(1)
+    cluster.settle()
+    cluster.admit(2)
+    cluster.submit(2, random_payload(20, DIM, seed=4))
+    cluster.run_until(lambda: cluster.leader.arrived(2)[0] > 0)
+    cluster.leader.abort(2, "not wanted")
+    assert cluster.leader.state(2) is RequestState.FAILED and cluster.leader.arrived(2) == (0, 20)
+    cluster.run_until(lambda: all(r.state(2).terminal for r in cluster.receivers.values()))
+    for receiver in cluster.receivers.values():
+        receiver.release(2)
+    cluster.settle()
+    assert_no_leaks(cluster)
