@@ -647,13 +647,23 @@ class Endpoint:
         if reason is rec.AbortReason.USER:
             self.stats.aborted += 1
         if notify:
+            # To the engine the request is bound to (its every rank takes a record addressed
+            # to its incarnation), so that other engines, which may see the id later for a
+            # request of their own, never hear of it; this engine's own ranks take any abort
+            # from each other (`_abort_for_me`).
             self._publish(
                 rec.Abort(
                     request_id=request.request_id, reason=reason, message=message,
-                    src_rank=self.rank, dst_rank=-1,
+                    src_rank=self.rank, dst_rank=-1 if request.peer is None else request.peer.incarnation,
                 )
             )
         self._fail_cleanup(request)
+
+    def _abort_for_me(self, record: rec.Abort) -> bool:
+        """An ABORT this rank acts on: one addressed to everyone, to this rank or its engine,
+        or sent by a rank of its own engine (whatever engine it names)."""
+        return record.dst_rank in (-1, self.rank, self.me.incarnation) \
+            or record.src_rank in self.directory.my_engine.members
 
     def _describe_peer(self, member: int) -> str:
         """A peer as the engine knows it: its engine and TP rank (never a member id alone)."""

@@ -353,7 +353,7 @@ class Receiver(Endpoint):
             if self.is_leader and record.dst_rank == self.rank and record.src_rank in self.followers:
                 self._on_follower_acks(record)
         elif kind is rec.Abort:
-            if record.dst_rank in (-1, self.rank, self.leader_rank):
+            if self._abort_for_me(record):
                 self._on_abort(record)
         elif kind is rec.Announce or kind is rec.Announcements:
             if self.is_leader and record.dst_rank == self.rank:

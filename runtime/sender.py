@@ -302,15 +302,22 @@ class Sender(Endpoint):
 
     def abort(self, request_id: int, message: str = "aborted by the encoder engine") -> None:
         """Fail a request in flight, on both sides; a finished one is released. An id this
-        engine never submitted: the language side is told (it fails the request if it
-        admitted it), nothing else."""
+        rank never submitted: the language side is told (it fails the request if it
+        admitted it; any TP rank may tell it for the engine), and this rank forgets what it
+        kept for the id's submit (an allocation, an abort heard first): the engine is done
+        with that request, a later submit of the id is another one."""
         request = self.requests.get(check_request_id(request_id))
         if request is None:
             # Never submitted (the vision model failed, say): the language side may be
-            # waiting for it; tell it, so the request fails there at once.
-            if self.is_leader:
-                self._publish(rec.Abort(request_id=request_id, reason=rec.AbortReason.USER,
-                                        message=rec.clip_message(message), src_rank=self.rank, dst_rank=-1))
+            # waiting for it; tell it, so the request fails there at once. To the engine
+            # whose allocation this rank holds, if any (else every language engine).
+            held = self._early_allocations.get(request_id)
+            self._publish(rec.Abort(request_id=request_id, reason=rec.AbortReason.USER,
+                                    message=rec.clip_message(message), src_rank=self.rank,
+                                    dst_rank=held[0].src_rank if held else -1))
+            self._drop_held(request_id)
+            self._early_aborts.pop(request_id, None)
+            self._early_cached.pop(request_id, None)
             return
         if request.state.terminal:
             self.release(request_id)
@@ -351,7 +358,7 @@ class Sender(Endpoint):
                 else:
                     self._on_completions(record, view)
         elif kind is rec.Abort:
-            if record.dst_rank in (-1, self.rank, self.me.incarnation):
+            if self._abort_for_me(record):
                 self._on_abort(record)
         elif kind is rec.Member:
             self._member_state(record.src_rank, "draining" if record.state is rec.MemberState.DRAINING else "left")
@@ -371,9 +378,13 @@ class Sender(Endpoint):
         if request is None and record.request_id in self.retired:
             self.stats.late_records += 1
         elif request is None:
-            # The language side gave up before this engine submitted: remember it
-            # (bounded), so the submit fails at once instead of sending anything.
-            if source is not None and source.role is Role.LANGUAGE:
+            # The language side gave up before this rank submitted, or another rank of this
+            # engine did while this rank holds the request's allocation: remember it
+            # (bounded), so the submit fails at once instead of sending anything. (A rank
+            # of this engine aborting an id this rank knows nothing of is the engine's
+            # loop calling abort on every rank: nothing to keep.)
+            if source is not None and (source.role is Role.LANGUAGE or (source is self.directory.my_engine
+                                                                         and record.request_id in self._early_allocations)):
                 self._drop_held(record.request_id)
                 _remember(self._early_aborts, record.request_id, self._abort_text(record))
         elif source is None or (source is not request.peer and source is not self.directory.my_engine

@@ -473,3 +473,95 @@ def test_rows_of_a_request_released_before_the_leaders_decision_are_discarded_as
     assert follower._awaiting_free == {} and follower.output_bytes == 0 and follower.allocator.num_used == 0
     assert follower.state(1) is RequestState.FAILED  # remembered as finished
     assert_healthy_afterwards(cluster)
+
+
+def test_any_encoder_tp_rank_may_abort_an_id_its_engine_never_submitted():
+    """Encoder TP 2: rank 1 alone gives up on a request the engine never submitted (its
+    vision model failed): the language side is told and fails it at once (only TP rank 0's
+    abort used to reach it; the request waited for request_timeout_s)."""
+    cluster = LocalCluster(Topology(1, 2, 1), cluster_for().config, dim=DIM)
+    cluster.admit(1)
+    cluster.step()
+    cluster.senders[1].abort(1, "vision model failed")
+    cluster.run_until(lambda: cluster.leader.state(1).terminal)
+    assert cluster.leader.state(1) is RequestState.FAILED and "vision model failed" in cluster.leader.error(1)
+    cluster.leader.release(1)
+    assert_healthy_afterwards(cluster)
+
+
+def test_an_encoder_rank_that_submits_after_another_rank_of_its_engine_aborted_fails_at_once():
+    """Encoder TP 2 (rank 1 serves no language rank): rank 0 submits and aborts for the
+    engine while rank 1 still holds the request's allocation; rank 1's submit a moment later
+    fails at once (it used to follow the allocation and wait for a COMPLETE that never
+    came, until request_timeout_s)."""
+    cluster = LocalCluster(Topology(1, 2, 1), cluster_for().config, dim=DIM)
+    payload = random_payload(100, DIM, seed=1)
+    cluster.admit(1)
+    cluster.senders[0].submit(1, payload)
+    cluster.step()
+    cluster.senders[0].abort(1, "engine aborted")
+    for _ in range(3):
+        cluster.step()
+    cluster.senders[1].submit(1, payload)
+    assert cluster.senders[1].state(1) is RequestState.FAILED and "engine aborted" in cluster.senders[1].error(1)
+    cluster.run_until(lambda: cluster.leader.state(1).terminal)
+    for endpoint in cluster.endpoints:
+        endpoint.release(1)
+    assert_healthy_afterwards(cluster)
+
+
+@pytest.mark.parametrize("language_first", [True, False])
+def test_an_encoder_abort_of_an_id_it_never_submitted_forgets_what_it_kept_for_it(language_first):
+    """The engine is done with the request: what this rank kept for its submit (the
+    language side's abort heard first, or its allocation) is forgotten, and the id's next
+    request, admitted again later, goes through (it failed at the submit on the stale abort,
+    or was sent into the old allocation and hung)."""
+    cluster = cluster_for()
+    sender, leader = cluster.senders[0], cluster.leader
+    if language_first:
+        cluster.admit(5)
+        cluster.step()
+        leader.abort(5)
+        for _ in range(3):  # (settle() would not step: nothing is in flight)
+            cluster.step()
+    else:
+        leader.admit(5, expected_tokens=8)  # an exact allocation of 8 tokens, held by the encoder rank
+        cluster.step()
+        cluster.step()
+    sender.abort(5)
+    for _ in range(3):  # the engine loop goes on before the id comes again
+        cluster.step()
+    assert leader.state(5) is RequestState.FAILED
+    leader.release(5)
+    payload = random_payload(300, DIM, seed=5)
+    sender.submit(5, payload)
+    cluster.admit(5)
+    cluster.run_until(lambda: leader.state(5).terminal and sender.state(5).terminal)
+    assert leader.take(5).bit_equal(payload) and sender.state(5) is RequestState.SUCCESS
+    sender.release(5)
+    assert_healthy_afterwards(cluster)
+
+
+def test_a_language_abort_goes_to_the_engine_its_request_is_bound_to_only():
+    """Two encoder engines: the language side aborts a request admitted from encoder 0.
+    Encoder 1 never hears of it, so the same id routed to encoder 1 later goes through (it
+    remembered the abort and failed the submit at once); encoder 0 still fails its submit."""
+    cluster = LocalCluster(Topology(2, 1, 1), cluster_for().config, dim=DIM)
+    leader, first, second = cluster.leader, cluster.senders[0], cluster.senders[1]
+    cluster.admit(7, engine=0)
+    cluster.step()
+    leader.abort(7)
+    for _ in range(3):
+        cluster.step()
+    first.submit(7, random_payload(10, DIM, seed=1))
+    assert first.state(7) is RequestState.FAILED
+    first.release(7)
+    leader.release(7)
+    payload = random_payload(50, DIM, seed=2)
+    cluster.admit(7, engine=1)
+    second.submit(7, payload)
+    cluster.run_until(lambda: leader.state(7).terminal and second.state(7).terminal)
+    assert leader.take(7).bit_equal(payload) and second.state(7) is RequestState.SUCCESS
+    second.release(7)
+    cluster.settle()
+    assert cluster.blocks_in_use() == {rank: 0 for rank in cluster.blocks_in_use()}
