@@ -363,7 +363,11 @@ class Receiver(Endpoint):
         elif kind is rec.PayloadInfo:
             if record.dst_rank == self.me.incarnation and (record.src_rank in self.channels
                                                            or self._early_channel(record) is not None):
-                _remember(self._infos, record.request_id, record)
+                request = self.requests.get(record.request_id)
+                if request is not None and request.state.terminal:
+                    self.stats.late_records += 1  # its request failed here first: never kept for the id's next one
+                else:
+                    _remember(self._infos, record.request_id, record)
 
     def _on_abort(self, record: rec.Abort) -> None:
         request = self.requests.get(record.request_id)
@@ -1186,6 +1190,8 @@ class Receiver(Endpoint):
 
     def _fail_cleanup(self, request: Request) -> None:
         request.resume_due = False
+        if self._infos:  # what came with its payload, if its first segment never did
+            self._infos.pop(request.request_id, None)
         self._unpin(request.request_id)
         leader_gone = self.leader_rank in self.dead_peers or self.broken is not None
         if self.is_leader or leader_gone:

@@ -64,6 +64,9 @@ class Sender(Endpoint):
         self._early_resumes = 0  # RESUMEs held in _early_allocations, all ids together
         self._early_completions: OrderedDict[int, rec.Completion] = OrderedDict()
         self._early_cached: OrderedDict[int, rec.Completion] = OrderedDict()
+        # Ids this rank gave up on without submitting them (its engine's abort on every
+        # rank): the same abort from another rank of the engine is not kept for them.
+        self._gave_up: OrderedDict[int, bool] = OrderedDict()
         self._early_aborts: OrderedDict[int, str] = OrderedDict()
         # Items the language side holds, by request (HeldItems records): what lookup_items says.
         self._held: OrderedDict[int, tuple[int, set[bytes]]] = OrderedDict()
@@ -146,6 +149,8 @@ class Sender(Endpoint):
         `_peer_view`, when its caller looked it up once for many."""
         if self.retired:
             self.retired.pop(request_id, None)
+        if self._gave_up:  # a new request with the id
+            self._gave_up.pop(request_id, None)
         request = Request(request_id, target, total_tokens=payload.num_tokens, mrope_delta=payload.mrope_delta,
                           engine_admitted=True)
         if payload.items or metadata:
@@ -318,6 +323,7 @@ class Sender(Endpoint):
             self._drop_held(request_id)
             self._early_aborts.pop(request_id, None)
             self._early_cached.pop(request_id, None)
+            _remember(self._gave_up, request_id, True)
             return
         if request.state.terminal:
             self.release(request_id)
@@ -379,12 +385,11 @@ class Sender(Endpoint):
             self.stats.late_records += 1
         elif request is None:
             # The language side gave up before this rank submitted, or another rank of this
-            # engine did while this rank holds the request's allocation: remember it
-            # (bounded), so the submit fails at once instead of sending anything. (A rank
-            # of this engine aborting an id this rank knows nothing of is the engine's
-            # loop calling abort on every rank: nothing to keep.)
+            # engine did: remember it (bounded), so the submit fails at once instead of
+            # sending anything; but not the abort of an id this rank gave up on itself
+            # (the engine's loop calls abort on every rank).
             if source is not None and (source.role is Role.LANGUAGE or (source is self.directory.my_engine
-                                                                         and record.request_id in self._early_allocations)):
+                                                                         and record.request_id not in self._gave_up)):
                 self._drop_held(record.request_id)
                 _remember(self._early_aborts, record.request_id, self._abort_text(record))
         elif source is None or (source is not request.peer and source is not self.directory.my_engine

@@ -565,3 +565,74 @@ def test_a_language_abort_goes_to_the_engine_its_request_is_bound_to_only():
     second.release(7)
     cluster.settle()
     assert cluster.blocks_in_use() == {rank: 0 for rank in cluster.blocks_in_use()}
+
+
+def test_what_came_with_a_failed_requests_payload_is_never_handed_to_the_ids_next_request():
+    """The language side aborts request 2 while its allocation is on the way; the encoder
+    submits it with metadata before it hears of the abort, so the metadata (a PAYLOAD_INFO,
+    sent before the first segment) reaches a rank where the request already failed. It
+    was kept under the id and handed to the id's next request: wrong metadata, silently."""
+    cluster = cluster_for()
+    leader, sender = cluster.leader, cluster.senders[0]
+    leader.admit(2)
+    cluster.step()
+    leader.abort(2)
+    p = random_payload(1, DIM, seed=1)
+    sender.submit(2, Payload(p.embeddings, p.fill_ids, p.mrope_positions, p.mrope_delta,
+                             metadata={"image_grid_thw": torch.tensor([[1, 2, 3]])}))
+    cluster.run_until(lambda: sender.state(2).terminal)
+    for _ in range(3):
+        cluster.step()
+    leader.release(2)
+    sender.release(2)
+    fresh = random_payload(1, DIM, seed=2)
+    cluster.admit(2)
+    sender.submit(2, fresh)
+    cluster.run_until(lambda: leader.state(2).terminal and sender.state(2).terminal)
+    taken = leader.take(2)
+    assert taken.metadata == {} and taken.bit_equal(fresh)
+    sender.release(2)
+    assert_healthy_afterwards(cluster)
+
+
+def test_an_encoder_rank_that_submits_after_its_peer_aborted_before_any_allocation_fails_at_once():
+    """Encoder TP 2, language TP 2: rank 0 submits and aborts before the language side's
+    allocation comes; rank 1's submit a moment later fails at once (it waited in
+    BOOTSTRAPPING for an allocation that never came)."""
+    cluster = LocalCluster(Topology(1, 2, 2), cluster_for().config, dim=DIM)
+    payload = random_payload(10, DIM, seed=1)
+    cluster.admit(2)
+    cluster.senders[0].submit(2, payload)
+    cluster.senders[0].abort(2, "engine aborted")
+    for _ in range(3):
+        cluster.step()
+    cluster.senders[1].submit(2, payload)
+    assert cluster.senders[1].state(2) is RequestState.FAILED and "engine aborted" in cluster.senders[1].error(2)
+    cluster.run_until(lambda: all(e.state(2).terminal for e in cluster.endpoints))
+    for endpoint in cluster.endpoints:
+        endpoint.release(2)
+    assert_healthy_afterwards(cluster)
+
+
+def test_every_encoder_rank_giving_up_on_a_never_submitted_id_keeps_nothing_of_it():
+    """The engine's loop calls abort on every TP rank: no rank keeps the others' aborts of
+    the id, so its next request goes through on every rank."""
+    cluster = LocalCluster(Topology(1, 2, 1), cluster_for().config, dim=DIM)
+    cluster.admit(4)
+    cluster.step()
+    for sender in cluster.senders.values():
+        sender.abort(4, "vision model failed")
+    for _ in range(3):
+        cluster.step()
+    assert cluster.leader.state(4) is RequestState.FAILED
+    cluster.leader.release(4)
+    assert all(not s._early_aborts for s in cluster.senders.values())
+    payload = random_payload(30, DIM, seed=4)
+    cluster.admit(4)
+    cluster.submit(4, payload)
+    cluster.run_until(lambda: all(e.state(4).terminal for e in cluster.endpoints))
+    assert cluster.leader.take(4).bit_equal(payload)
+    assert all(s.state(4) is RequestState.SUCCESS for s in cluster.senders.values())
+    for sender in cluster.senders.values():
+        sender.release(4)
+    assert_healthy_afterwards(cluster)
