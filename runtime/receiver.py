@@ -363,9 +363,13 @@ class Receiver(Endpoint):
         elif kind is rec.PayloadInfo:
             if record.dst_rank == self.me.incarnation and (record.src_rank in self.channels
                                                            or self._early_channel(record) is not None):
+                # Never kept for the id's next request: one whose request failed here first,
+                # or that the leader no longer holds (it admits before the encoder side
+                # sends anything, and holds the request until it is taken or released; a
+                # follower may hear of the data before its engine admits the id).
                 request = self.requests.get(record.request_id)
-                if request is not None and request.state.terminal:
-                    self.stats.late_records += 1  # its request failed here first: never kept for the id's next one
+                if request is not None and request.state.terminal or request is None and self.is_leader:
+                    self.stats.late_records += 1
                 else:
                     _remember(self._infos, record.request_id, record)
 

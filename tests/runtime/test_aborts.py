@@ -636,3 +636,30 @@ def test_every_encoder_rank_giving_up_on_a_never_submitted_id_keeps_nothing_of_i
     for sender in cluster.senders.values():
         sender.release(4)
     assert_healthy_afterwards(cluster)
+
+
+def test_what_comes_with_a_payload_after_its_request_was_released_is_dropped():
+    """The same as above, but the language leader also releases the failed request before
+    the metadata arrives: the leader holds every request until it is taken or released,
+    so what comes for an id it no longer holds is late, never kept for the id's next one."""
+    cluster = cluster_for()
+    leader, sender = cluster.leader, cluster.senders[0]
+    leader.admit(2)
+    cluster.step()
+    leader.abort(2)
+    leader.release(2)
+    p = random_payload(1, DIM, seed=1)
+    sender.submit(2, Payload(p.embeddings, p.fill_ids, p.mrope_positions, p.mrope_delta,
+                             metadata={"image_grid_thw": torch.tensor([[1, 2, 3]])}))
+    cluster.run_until(lambda: sender.state(2).terminal)
+    for _ in range(3):
+        cluster.step()
+    sender.release(2)
+    fresh = random_payload(1, DIM, seed=2)
+    cluster.admit(2)
+    sender.submit(2, fresh)
+    cluster.run_until(lambda: leader.state(2).terminal and sender.state(2).terminal)
+    taken = leader.take(2)
+    assert taken.metadata == {} and taken.bit_equal(fresh)
+    sender.release(2)
+    assert_healthy_afterwards(cluster)
