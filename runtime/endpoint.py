@@ -36,6 +36,7 @@ from .membership import (
     MemberInfo,
     Role,
     StaticDirectory,
+    engine_name,
     state_event,
 )
 from .payload import Payload, RowSpec
@@ -562,6 +563,14 @@ class Endpoint:
                 return Finished(*kept)
             raise KeyError(f"request {request_id} is not known on {self.me.describe()}")
         return request
+
+    def _peer_name(self, role: Role, engine: str | int, field: str) -> str:
+        """The name of the other side's engine `engine` (a name or an index); in a fixed
+        layout it must be one of the layout's (ValueError naming `field`)."""
+        name = engine_name(role, engine)
+        if self.topology is not None:
+            self.topology.check_peer(role, engine, field)
+        return name
 
     def _peer_view(self, name: str) -> tuple[EngineView | None, str | None]:
         """The usable incarnation of engine `name` (None, None while it joins), or why

@@ -62,7 +62,7 @@ from .allocator import BlockAllocator
 from .cache import PayloadCache
 from .channels import RecvChannel, RecvMessage, segment_plan, wire_to_rows
 from .endpoint import Endpoint, Finished, Request, check_request_id, checked_ids
-from .membership import EngineView, Role, engine_name
+from .membership import EngineView, Role
 from .payload import Item, Payload, check_items, content_hash_bytes, kept_rows, metadata_tensors
 from .pool import BlockPool
 from .state import RequestState
@@ -144,7 +144,7 @@ class Receiver(Endpoint):
         (`state()` says FAILED)."""
         check_request_id(request_id)
         self._check_open("admit")
-        name = self._encoder_name(encoder_engine)
+        name = self._peer_name(Role.ENCODER, encoder_engine, "encoder_engine")
         if expected_tokens is not None and (isinstance(expected_tokens, bool) or not isinstance(expected_tokens, int)
                                             or not 1 <= expected_tokens <= 0xFFFFFFFF):
             raise ValueError(f"expected_tokens={expected_tokens!r}: expected None or an integer in 1..2**32-1")
@@ -162,19 +162,13 @@ class Receiver(Endpoint):
         is admitted. Requests that come with `expected_tokens`, a `content_hash` or `items`
         take `admit`."""
         self._check_open("admit_many")
-        name = self._encoder_name(encoder_engine)
+        name = self._peer_name(Role.ENCODER, encoder_engine, "encoder_engine")
         ids = checked_ids(request_ids)
         for index, request_id in enumerate(ids):
             self._check_admissible(request_id, name, f"request_ids[{index}]")
         resolved = self._peer_view(name) if self.broken is None else None
         for request_id in ids:
             self._admit(request_id, name, resolved, None, None, ())
-
-    def _encoder_name(self, encoder_engine: str | int) -> str:
-        name = engine_name(Role.ENCODER, encoder_engine)
-        if self.topology is not None:
-            self.topology.check_peer(Role.ENCODER, encoder_engine, "encoder_engine")
-        return name
 
     def _check_admissible(self, request_id: int, name: str, field: str) -> None:
         """ValueError if `request_id` is in flight here, but for a follower's request that the

@@ -34,7 +34,7 @@ from embxfer.kernels import ops
 
 from .channels import SendChannel, SendChunk
 from .endpoint import Endpoint, Request, check_request_id, checked_ids
-from .membership import EngineView, Role, engine_name
+from .membership import EngineView, Role
 from .payload import Payload, kept_rows, metadata_records
 from .state import RequestState
 
@@ -101,7 +101,7 @@ class Sender(Endpoint):
         self._check_open("submit")
         if not isinstance(payload, Payload):
             raise ValueError(f"payload: expected an embxfer.Payload, got {type(payload).__name__}")
-        target = None if language_engine is None else self._language_name(language_engine)
+        target = None if language_engine is None else self._peer_name(Role.LANGUAGE, language_engine, "language_engine")
         metadata = self._check_submit(request_id, payload, "request_id")
         self._submit(request_id, payload, metadata, target, None)
 
@@ -120,7 +120,7 @@ class Sender(Endpoint):
             if type(pair) is not tuple or len(pair) != 2 or not isinstance(pair[1], Payload):
                 raise ValueError(f"submits[{index}]: expected a (request_id, embxfer.Payload) pair")
         checked_ids([request_id for request_id, _ in pairs], "submits")
-        target = None if language_engine is None else self._language_name(language_engine)
+        target = None if language_engine is None else self._peer_name(Role.LANGUAGE, language_engine, "language_engine")
         metadata = []
         for index, (request_id, payload) in enumerate(pairs):
             try:
@@ -235,15 +235,9 @@ class Sender(Endpoint):
                     self._publish(rec.Announcements.of(self.rank, dst, items[first : first + fit]))
             self._announcements.clear()
 
-    def _language_name(self, language_engine: str | int) -> str:
-        name = engine_name(Role.LANGUAGE, language_engine)
-        if self.topology is not None:
-            self.topology.check_peer(Role.LANGUAGE, language_engine, "language_engine")
-        return name
-
     def _language_target(self, language_engine: str | int | None, verb: str) -> EngineView | None:
         if language_engine is not None:
-            view, _ = self._peer_view(self._language_name(language_engine))
+            view, _ = self._peer_view(self._peer_name(Role.LANGUAGE, language_engine, "language_engine"))
             return view
         usable = [v for v in self.directory.engines(Role.LANGUAGE) if v.state == "usable"]
         if len(usable) > 1:
@@ -303,7 +297,7 @@ class Sender(Endpoint):
             return self.broken
         if language_engine is None:
             return None
-        return self._peer_view(self._language_name(language_engine))[1]
+        return self._peer_view(self._peer_name(Role.LANGUAGE, language_engine, "language_engine"))[1]
 
     def abort(self, request_id: int, message: str = "aborted by the encoder engine") -> None:
         """Fail a request in flight, on both sides; a finished one is released. An id this
