@@ -131,6 +131,7 @@ def test_progress_bar_counts_verified_requests_and_shows_failures(tmp_path):
     bar = [line for line in final if "embxfer demo:" in line and "req" in line][-1]
     assert f" {totals['verified']}/12 " in bar, bar
     assert f"aborted={totals['aborted']}" in bar and "failed=0" in bar, bar
+    assert not shm_entries(prefix)  # aborts on both sides leave no ring, no doorbell
 
 
 def test_a_long_abort_reason_is_clipped_in_the_log_and_the_error_alike(caplog):
