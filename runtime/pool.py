@@ -3,7 +3,7 @@
 from __future__ import annotations
 
 from collections.abc import Sequence
-from itertools import groupby
+from itertools import groupby, repeat
 
 import torch
 
@@ -129,7 +129,10 @@ class BlockPool:
                 mrope.extend(cut((k, 3, n), (3 * n, n, 1), at).unbind(0))
             at += 3 * k * n
         deepstack = whole.deepstack.split(counts) if whole.deepstack is not None else [None] * len(counts)
-        views = list(map(RowTensors, whole.embeddings.split(counts), whole.fill_ids.split(counts), mrope, deepstack))
+        # tuple.__new__ straight from C: a NamedTuple's own __new__ is a Python function, a
+        # frame per request
+        views = list(map(tuple.__new__, repeat(RowTensors), zip(
+            whole.embeddings.split(counts), whole.fill_ids.split(counts), mrope, deepstack, strict=True)))
         return whole, views
 
     def read_into(self, blocks: Sequence[int], num_tokens: int, out: RowTensors, out_start: int = 0,
