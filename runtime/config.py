@@ -66,6 +66,12 @@ class Config:
     peer_timeout_s: float = 10.0
     # A request that makes no progress for this long fails with a timeout.
     request_timeout_s: float = 120.0
+    # An encoder request that no language engine allocates for this long after its submit
+    # fails with a timeout, and the language side is told: the bound on how long an encoder
+    # holds a payload nobody asks for (the wait for admission is backpressure, so it gets
+    # far longer than request_timeout_s; vLLM's NIXL connector gives a prefill's KV blocks
+    # the same 480 s).
+    admission_timeout_s: float = 480.0
     # Completed payloads kept for reuse by content hash (0: no cache).
     cache_bytes: int = 0
     ring_slots: int = 1024
@@ -140,7 +146,7 @@ class Config:
         if not 2 <= self.ring_slots <= ring.MAX_SLOTS:
             raise ValueError(f"config.ring_slots={self.ring_slots}: expected 2..{ring.MAX_SLOTS} (a ring needs two "
                              "slots to publish one while the other is read)")
-        for name in ("heartbeat_interval_s", "peer_timeout_s", "request_timeout_s"):
+        for name in ("heartbeat_interval_s", "peer_timeout_s", "request_timeout_s", "admission_timeout_s"):
             check_timeout(f"config.{name}", getattr(self, name))
         if not isinstance(self.shm_prefix, str) or not re.fullmatch(r"[A-Za-z0-9_.]{1,24}", self.shm_prefix):
             raise ValueError(f"config.shm_prefix={self.shm_prefix!r}: expected 1-24 characters from [A-Za-z0-9_.]")

@@ -210,7 +210,8 @@ def config_of(args: argparse.Namespace, device_kind: str = "cpu") -> Config:
     nor the environment says anything."""
     demo_defaults = {"language_pool_blocks": 256,
                      "staging_bytes": (256 if device_kind == "cuda" else 8) << 20,
-                     "request_timeout_s": min(Config().request_timeout_s, args.timeout)}
+                     "request_timeout_s": min(Config().request_timeout_s, args.timeout),
+                     "admission_timeout_s": min(Config().admission_timeout_s, args.timeout)}
     flags = {name: getattr(args, name) for name in ("block_size", "default_alloc_tokens", "language_pool_blocks")
              if getattr(args, name) is not None}
     if args.staging_mb is not None:

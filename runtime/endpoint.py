@@ -711,19 +711,23 @@ class Endpoint:
         for member in [m for m, until in self._leaving.items() if now >= until]:
             self._member_state(member, "left")
             worked = True
-        timeout = self.config.request_timeout_s
         for request in list(self.requests.values()):
-            if request.state.terminal or not self._timeout_applies(request):
+            if request.state.terminal:
                 continue
-            if now - request.last_progress > timeout:
-                self._fail(
-                    request, rec.AbortReason.TIMEOUT,
-                    f"no progress for {now - request.last_progress:.1f}s in {request.state.value} "
-                    f"(request_timeout_s={timeout})",
-                    notify=True,
-                )
+            why = self._overdue(request, now)
+            if why is not None:
+                self._fail(request, rec.AbortReason.TIMEOUT, why, notify=True)
                 worked = True
         return worked
+
+    def _overdue(self, request: Request, now: float) -> str | None:
+        """Why a live request is past its deadline at `now` (its error then), or None: no
+        progress for `request_timeout_s` in a state `_timeout_applies` to."""
+        idle = now - request.last_progress
+        if idle > self.config.request_timeout_s and self._timeout_applies(request):
+            return (f"no progress for {idle:.1f}s in {request.state.value} "
+                    f"(request_timeout_s={self.config.request_timeout_s})")
+        return None
 
     def _timeout_applies(self, request: Request) -> bool:
         return True

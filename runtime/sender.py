@@ -657,8 +657,22 @@ class Sender(Endpoint):
     # -- failure --------------------------------------------------------------------
     def _timeout_applies(self, request: Request) -> bool:
         # Waiting for the language side's admission is backpressure, not a fault (a dead
-        # language side is caught by liveness).
+        # language side is caught by liveness): it has a deadline of its own (`_overdue`).
         return request.state is RequestState.TRANSFERRING
+
+    def _overdue(self, request: Request, now: float) -> str | None:
+        """A request submitted here that no language engine allocated for within
+        `admission_timeout_s` (never admitted, routed to an engine that never joined,
+        queued for blocks all that time) is past its deadline: the payload is not held for
+        ever. Its abort reaches the language side, which fails the id if it has it, or
+        remembers it for an admit still to come."""
+        if request.state is RequestState.BOOTSTRAPPING:
+            waited, limit = now - request.admitted_at, self.config.admission_timeout_s
+            if waited > limit:
+                return (f"no allocation from the language side for {waited:.1f}s after the submit "
+                        f"(admission_timeout_s={limit})")
+            return None
+        return super()._overdue(request, now)
 
     def _fail_cleanup(self, request: Request) -> None:
         request.payload = request.addresses = None  # its chunks not yet sent are dropped

@@ -25,6 +25,7 @@ DEFAULTS = {
     "heartbeat_interval_s": 0.5,
     "peer_timeout_s": 10.0,
     "request_timeout_s": 120.0,
+    "admission_timeout_s": 480.0,
     "cache_bytes": 0,
     "ring_slots": 1024,
     "ring_slot_bytes": 0,
@@ -120,7 +121,7 @@ INT_FIELDS = [
     "max_segments_per_message",
     "ring_slots",
 ]
-SECONDS_FIELDS = ["heartbeat_interval_s", "peer_timeout_s", "request_timeout_s"]
+SECONDS_FIELDS = ["heartbeat_interval_s", "peer_timeout_s", "request_timeout_s", "admission_timeout_s"]
 
 
 @pytest.mark.parametrize("field", INT_FIELDS)
