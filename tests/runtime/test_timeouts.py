@@ -11,8 +11,7 @@ from embxfer.runtime import Config
 from embxfer.runtime.local import LocalCluster, random_payload
 from embxfer.runtime.state import RequestState
 from embxfer.runtime.topology import Topology
-
-DIM = 32
+from tests.runtime.test_aborts import DIM, assert_healthy_afterwards
 
 
 def cluster_for(language_tp: int = 1, pool_blocks: int = 64, **config) -> LocalCluster:
@@ -26,14 +25,6 @@ def step_for(cluster: LocalCluster, seconds: float) -> None:
     while time.monotonic() < until:
         cluster.step()
         time.sleep(0.002)
-
-
-def assert_healthy_afterwards(cluster: LocalCluster, request_id: int = 999) -> None:
-    payload = random_payload(2500, DIM, seed=request_id)
-    copies = cluster.transfer({request_id: payload})[request_id]
-    assert all(c.bit_equal(payload) for c in copies)
-    cluster.settle()
-    assert cluster.blocks_in_use() == {rank: 0 for rank in cluster.blocks_in_use()}, cluster.describe()
 
 
 @pytest.mark.parametrize("language_tp", [1, 2])
