@@ -405,8 +405,10 @@ class Receiver(Endpoint):
     def _announced_size(self, request_id: int, total_tokens: int, view: EngineView, src_rank: int) -> None:
         request = self.requests.get(request_id)
         if request is None:
-            if request_id not in self.retired:
-                _remember(self._announced, request_id, (total_tokens, src_rank))
+            # Kept for the id's admission, also for an id this rank has retired: a size is a
+            # hint (a wrong one costs a resume or spare blocks, never data), and the id's
+            # next request may well be announced before it is admitted.
+            _remember(self._announced, request_id, (total_tokens, src_rank))
             return
         if request.state is RequestState.BOOTSTRAPPING and request.expected_tokens is None \
                 and request.engine == view.name:

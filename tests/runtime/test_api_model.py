@@ -87,10 +87,6 @@ REUSE_AN_ABORTED_ID_ON_OTHER_ENGINES = False
 # admits the id), and the id's next request is handed it on that rank: wrong data. Off:
 # an aborted id whose payload had metadata is not routed again.
 REUSE_AN_ABORTED_ID_THAT_HAD_METADATA = False
-# A size announced for a reused id before the language leader admits it is dropped there
-# (as late for the previous request): the allocation is the default one and the request
-# resumes. Off: such an announcement is not expected to make the allocation exact.
-ANNOUNCE_A_REUSED_ID = False
 
 
 @dataclass(eq=False)
@@ -422,8 +418,7 @@ class ApiModel(RuleBasedStateMachine):
             self.follow(rank, inc)
         leader = self.leader_of(inc)
         if leader in ranks:
-            announced = inc.announced if ANNOUNCE_A_REUSED_ID or inc.rid not in self.forgotten[leader] else None
-            inc.exact = (hint if hint is not None else announced) == inc.n
+            inc.exact = (hint if hint is not None else inc.announced) == inc.n
 
     @precondition(lambda self: any(True for _ in self.tracked(True, lambda s: s is S.SUCCESS)))
     @rule(data=st.data())

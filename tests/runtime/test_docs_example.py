@@ -443,6 +443,31 @@ def test_an_announcement_before_admission_makes_the_first_allocation_exact(topol
     assert blocks == [40]
 
 
+@pytest.mark.parametrize("first_ends", ["taken", "aborted"])
+def test_an_announcement_of_a_reused_id_before_its_admission_makes_its_allocation_exact(first_ends) -> None:
+    """The leader keeps an announced size for an id it has retired too: the id's next
+    request is announced before it is admitted (it was dropped as late for the previous
+    request, and the new one took the default allocation and a resume)."""
+    cluster = make_cluster((1, 1, 2))
+    first = random_payload(300, DIM, seed=1)
+    if first_ends == "taken":
+        assert transfer_with_hints(cluster, first) == 0
+        cluster.senders[0].release(1)
+    else:
+        cluster.admit(1)
+        cluster.submit(1, first)
+        cluster.leader.abort(1)
+        quiet(cluster)
+        for endpoint in cluster.endpoints:
+            endpoint.release(1)
+    quiet(cluster)
+    assert 1 in cluster.leader.retired
+    blocks = first_allocation(cluster, 1)
+    assert transfer_with_hints(cluster, random_payload(5000, DIM, seed=2), announce=5000) == 0
+    assert blocks == [40]
+    drain(cluster)
+
+
 def test_an_announcement_while_waiting_for_blocks_makes_the_first_allocation_exact() -> None:
     cluster = make_cluster((1, 1, 2), pool_blocks=8)  # one default allocation, taken by request 1
     scene_payload = random_payload(700, DIM, seed=1)
