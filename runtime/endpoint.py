@@ -468,8 +468,12 @@ class Endpoint:
                 view.state, view.why = "dead", problem
                 log.error("member=%x: %s cannot work with this engine: %s", self.rank, view.describe(), problem)
                 continue
-            view.state = "usable"
-            log.info("member=%x: %s is usable (incarnation %x)", self.rank, view.describe(), view.incarnation)
+            # A DRAINING that came while it joined makes it draining now: it still finishes
+            # what it took, so whatever waited for its join (held allocations, a channel
+            # from it) is set up as for a usable one.
+            view.state = "draining" if view.drains else "usable"
+            log.info("member=%x: %s is %s (incarnation %x)", self.rank, view.describe(), view.state,
+                     view.incarnation)
             if view.name != self.me.engine:
                 self._on_engine_usable(view)
             elif view.incarnation == self.me.incarnation:

@@ -207,6 +207,10 @@ class EngineView:
     members: list[int | None]
     state: str = "joining"  # joining -> usable -> draining -> left | dead
     why: str = ""  # for dead / left
+    # It announced DRAINING while this process still joined it (a restart's first read can
+    # hold both): it turns "draining", not "usable", once joined (`Endpoint._check_joining`),
+    # so that what it took before draining still finishes.
+    drains: bool = False
     settings: dict = field(default_factory=dict)
 
     @property
@@ -388,8 +392,11 @@ class Directory:
             self.gone_members.setdefault(member, why or state)
         if view is None or view.gone:
             return None
-        if state == "draining" and view.state == "draining":
-            return None
+        if state == "draining" and view.state in ("draining", "joining"):
+            if view.state == "draining" or view.drains:
+                return None
+            view.drains = True  # draining as soon as its join is complete
+            return view
         view.state, view.why = state, why
         return view
 

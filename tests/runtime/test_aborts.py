@@ -640,3 +640,30 @@ def test_every_encoder_rank_giving_up_on_a_never_submitted_id_keeps_nothing_of_i
     for sender in cluster.senders.values():
         sender.release(4)
     assert_healthy_afterwards(cluster)
+
+
+def test_a_language_engine_that_drains_while_a_restarted_encoder_joins_it_still_gets_its_rows(monkeypatch):
+    """A restarted encoder's first read of the job can hold a language engine's JOIN and
+    its DRAINING together. An allocation that engine made before draining, which reaches
+    the encoder while its join is still being completed, is held; the join must then end
+    in "draining" (what it took still finishes) and hand the held allocation over. It went
+    from joining straight to draining, the allocation stayed held and the request waited
+    until the engine left (found by tests/elastic: a drain that timed out)."""
+    from embxfer.runtime.membership import Change
+
+    cluster = cluster_for(language_tp=1)
+    sender, leader = cluster.senders[0], cluster.leader
+    view = sender.directory.engine("language0")
+    view.state = "joining"  # as this encoder sees it: joined, not linked yet
+    sender._joining.append(view)
+    linked = sender._is_linked
+    monkeypatch.setattr(sender, "_is_linked", lambda member: False)
+    payload = start(cluster, 1, 700)
+    for _ in range(4):
+        cluster.step()
+    assert 1 in sender._early_allocations or sender.requests[1].round < 0  # held: the join is not complete
+    sender._apply_changes([(Change.DRAINING, leader.rank, "")])
+    monkeypatch.setattr(sender, "_is_linked", linked)
+    cluster.run_until(lambda: leader.state(1) is RequestState.SUCCESS and sender.state(1).terminal)
+    assert view.state == "draining" and sender.state(1) is RequestState.SUCCESS
+    assert leader.take(1).bit_equal(payload)
