@@ -51,11 +51,18 @@ def payload(rng: random.Random, index: int, capacity: int) -> bytes:
 
 
 def wait_for_readers(writer: RingWriter, count: int, timeout: float = 30.0) -> None:
+    """Until `count` readers are attached. A reader's entry shows (cursor 0) a moment before
+    `RingReader.attach` stores its cursor at the head: on a fresh ring (head below the slot
+    count) records published in that moment are not that reader's, and these tests expect
+    every record from the first. So wait a little past the entry (the attach's next two
+    stores take microseconds; a CI flake of test_writer_killed_at_random_points once lost
+    records 0-3 this way)."""
     deadline = time.monotonic() + timeout
     while len(writer.readers()) < count:
         if time.monotonic() > deadline:
             raise TimeoutError(f"only {len(writer.readers())} of {count} readers attached")
         time.sleep(0.001)
+    time.sleep(0.05)
 
 
 def stress_writer(conn, seed: int, records: int, slots: int, slot_bytes: int, readers: int) -> None:
