@@ -655,13 +655,11 @@ class Sender(Endpoint):
         return worked
 
     # -- failure --------------------------------------------------------------------
-    def _timeout_applies(self, request: Request) -> bool:
-        # Waiting for the language side's admission is backpressure, not a fault (a dead
-        # language side is caught by liveness): it has a deadline of its own (`_overdue`).
-        return request.state is RequestState.TRANSFERRING
-
     def _overdue(self, request: Request, now: float) -> str | None:
-        """A request submitted here that no language engine allocated for within
+        """A request in flight (TRANSFERRING, the only other live state here) is bound by
+        `request_timeout_s`. Waiting for the language side's admission is backpressure, not
+        a lack of progress (a dead language side is caught by liveness), with a deadline of
+        its own: a request submitted here that no language engine allocated for within
         `admission_timeout_s` (never admitted, routed to an engine that never joined,
         queued for blocks all that time) is past its deadline: the payload is not held for
         ever. Its abort reaches the language side, which fails the id if it has it, or
