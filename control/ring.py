@@ -20,6 +20,7 @@ Memory layout (one segment, native byte order, every offset a multiple of 64)::
     256   reader entry 0 (192 bytes = three lines)
             +0    cursor u64                       <- reader, every record (own line)
             +64   pid i64 | start_ticks u64 | parked u64 | heartbeat_ns u64
+                                                   (heartbeat 0: attaching, see below)
             +128  doorbell name (64 bytes)
           reader entry 1 ... reader entry max_readers-1
     256 + 192 * max_readers
@@ -46,6 +47,17 @@ execute a full fence between the store and the load, obtained from an uncontende
 lock acquire/release (a `lock`-prefixed instruction on x86-64). The checksum backs the
 ordering argument up: on a weakly ordered CPU a torn slot is caught and re-read, and a
 parked reader re-checks every PARK_SLICE_S anyway, which bounds any missed wake-up.
+
+Attaching: a reader claims a free entry under the attach lock with cursor 0 and
+heartbeat 0, then reads the head, stores its cursor there and only then its first
+heartbeat. Cursor 0 holds the writer back from the moment the entry shows, so no record
+after that head is overwritten before the reader gets it; heartbeat 0 says the entry is
+still *attaching*: records published now may be at or below the head it is about to
+read, and they are not its. `PeerInfo.attached` reports the difference. A writer that
+saw a reader attached knows that reader gets every record it publishes from then on
+(the reader read the head before its heartbeat showed, and the head only grows); one
+that acts on an attaching entry would lose the records between (on a young ring, up to
+a slot count of them).
 
 Waiting (wait strategy "spin, then park"): a reader polls for `spin_s`, then sets its
 `parked` word, fences, re-polls, and sleeps on its `Doorbell` (a POSIX counting
@@ -225,9 +237,12 @@ class PeerInfo:
     pid: int
     cursor: int  # last sequence consumed (reader) or published (writer)
     lag: int  # records published and not yet consumed by this reader (0 for the writer)
-    heartbeat_age_s: float
+    heartbeat_age_s: float  # 0.0 for a reader still attaching
     alive: bool  # process running (not a zombie, same start time); False for a closed writer
     parked: bool
+    # A reader: its attach has stored its cursor (records published from now on are all
+    # its); False while it attaches. Always True for the writer.
+    attached: bool = True
 
     def describe(self) -> str:
         who = "writer" if self.role == "writer" else f"reader #{self.index}"
@@ -468,7 +483,8 @@ def _reader_info(mm: mmap.mmap, index: int, head: int, now_ns: int) -> PeerInfo 
     cursor = _U64.unpack_from(mm, entry + _CURSOR)[0]
     return PeerInfo(
         "reader", index, pid, cursor, max(0, head - cursor),
-        (now_ns - heartbeat) / 1e9, process_alive(pid, start), bool(parked),
+        (now_ns - heartbeat) / 1e9 if heartbeat else 0.0, process_alive(pid, start), bool(parked),
+        attached=heartbeat != 0,
     )
 
 
@@ -739,7 +755,8 @@ class RingWriter:
                 _U64.pack_into(self._mm, _WRITER_HEARTBEAT, _monotonic_ns())
 
     def readers(self) -> list[PeerInfo]:
-        """The attached readers: index, pid, cursor, lag, heartbeat age, alive."""
+        """The readers with an entry: index, pid, cursor, lag, heartbeat age, alive, attached
+        (False while one attaches: see the module docstring)."""
         if self._closed:
             raise self._closed_error()
         return _reader_infos(self._mm, self._max_readers, _monotonic_ns())
@@ -929,6 +946,7 @@ class RingReader:
         reader = cls(shm, mm, index, doorbell, owns_doorbell, spin_s)
         # The entry is visible (the flock syscalls ordered it) with cursor 0, which holds the
         # writer back; only now read the head, so no record after it can be overwritten.
+        # The first heartbeat, after the cursor, marks the entry attached (module docstring).
         head = _U64.unpack_from(mm, _HEAD)[0]
         _U64.pack_into(mm, reader._cursor_offset, head)
         reader._next = reader._first = head + 1
@@ -985,9 +1003,10 @@ class RingReader:
                 if owner and process_alive(owner, owner_start):
                     continue
                 # Cursor 0 before the pid: the writer never sees this entry with a stale cursor.
+                # Heartbeat 0: attaching, until attach has stored the cursor.
                 _U64.pack_into(mm, entry + _CURSOR, 0)
                 _write_name(mm, entry + _DOORBELL, doorbell.name)
-                _ENTRY_COLD.pack_into(mm, entry + _PID, pid, process_start_ticks(pid), 0, _monotonic_ns())
+                _ENTRY_COLD.pack_into(mm, entry + _PID, pid, process_start_ticks(pid), 0, 0)
                 return index
         raise RingError(f"ring {name!r}: all {max_readers} reader entries are taken by live processes")
 

@@ -320,7 +320,8 @@ class ShmBus(_Decoder):
         if member not in self.readers:
             return False
         pid = self._pids.get(member)
-        if any(info.pid == pid for info in self.writer.readers()):
+        # Attached, not just an entry: records published from now on are all the member's.
+        if any(info.pid == pid and info.attached for info in self.writer.readers()):
             self._linked.add(member)
             return True
         return False

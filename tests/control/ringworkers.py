@@ -51,18 +51,13 @@ def payload(rng: random.Random, index: int, capacity: int) -> bytes:
 
 
 def wait_for_readers(writer: RingWriter, count: int, timeout: float = 30.0) -> None:
-    """Until `count` readers are attached. A reader's entry shows (cursor 0) a moment before
-    `RingReader.attach` stores its cursor at the head: on a fresh ring (head below the slot
-    count) records published in that moment are not that reader's, and these tests expect
-    every record from the first. So wait a little past the entry (the attach's next two
-    stores take microseconds; a CI flake of test_writer_killed_at_random_points once lost
-    records 0-3 this way)."""
+    """Until `count` readers are attached (`PeerInfo.attached`): every record published
+    after that is theirs, from the first on a fresh ring."""
     deadline = time.monotonic() + timeout
-    while len(writer.readers()) < count:
+    while sum(info.attached for info in writer.readers()) < count:
         if time.monotonic() > deadline:
             raise TimeoutError(f"only {len(writer.readers())} of {count} readers attached")
         time.sleep(0.001)
-    time.sleep(0.05)
 
 
 def stress_writer(conn, seed: int, records: int, slots: int, slot_bytes: int, readers: int) -> None:
@@ -70,8 +65,6 @@ def stress_writer(conn, seed: int, records: int, slots: int, slot_bytes: int, re
     try:
         conn.send(writer.name)
         wait_for_readers(writer, readers)
-        # A reader's entry counts in `readers()` a moment before its attach returns, and it
-        # sees the records published after that: start once every attach has returned.
         if not conn.poll(30.0) or conn.recv() != "go":
             raise TimeoutError("no go from the test within 30 s")
         content = random.Random(seed)

@@ -65,6 +65,31 @@ def test_a_reader_sees_only_records_published_after_it_attached(ring):
         assert reader.poll() is None
 
 
+def test_a_reader_entry_counts_as_attached_only_once_every_later_record_is_its(ring, monkeypatch):
+    """Between claiming its entry and storing its cursor an attaching reader is in
+    `readers()`, but a record published then may not be its (a writer that took the entry
+    for a linked reader lost such records on a young ring). `attached` tells the two apart."""
+    seen = {}
+    claim = RingReader._claim_entry
+
+    def claim_then_look(*args):
+        index = claim(*args)
+        (info,) = ring.readers()
+        seen["during"] = info
+        ring.publish(b"in the window", timeout=1)  # at or below the head the reader reads next
+        return index
+
+    monkeypatch.setattr(RingReader, "_claim_entry", staticmethod(claim_then_look))
+    with RingReader.attach(ring.name) as reader:
+        during = seen["during"]
+        assert (during.attached, during.cursor, during.heartbeat_age_s, during.pid) == (False, 0, 0.0, os.getpid())
+        (after,) = ring.readers()
+        assert after.attached and after.cursor == 1 and after.heartbeat_age_s >= 0
+        ring.publish(b"once attached", timeout=1)
+        assert reader.read(timeout=1) == b"once attached"
+        assert reader.poll() is None
+
+
 def test_oversized_record_is_refused_with_the_slot_size(ring):
     ring.publish(bytes(ring.capacity), timeout=1)
     with pytest.raises(ValueError, match="slot_bytes=128 holds at most 112"):
