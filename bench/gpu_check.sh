@@ -2,8 +2,8 @@
 # GPU check, run on the device machine from anywhere: every GPU test of the project
 # (pytest -m gpu tests/), the kernel and pipeline benchmarks (the copy ceiling measured in
 # the same run) and the real-model example in bf16. Results go to $OUT (default
-# /tmp/embxfer-gpu-check), seven files, no sub-folders:
-#   gpu-check.log (everything printed), kernels-<device>.json/.png,
+# /tmp/embxfer-gpu-check), eight files, no sub-folders:
+#   gpu-check.log (everything printed), kernels-<device>.json/.png, graph-probe-<device>.json,
 #   pipeline-<device>.json/.png, items-<device>.json, vlm-<device>.json
 #   (and pipeline-<device>-before.json/.png with GPU_CHECK_BEFORE)
 # Arguments are passed to bench/kernels.py (e.g. --sweep, --cases ab).
@@ -87,6 +87,10 @@ if [ "${GPU_CHECK_SKIP_BENCH:-0}" != 1 ]; then
     bench_status=${PIPESTATUS[0]}
     echo "kernels bench exit status: $bench_status" | tee -a "$LOG"
     [ "$bench_status" = 0 ] || status=$bench_status
+    python3 bench/graph_probe.py --json "$OUT/graph-probe-{device}.json" 2>&1 | tee -a "$LOG"
+    probe_status=${PIPESTATUS[0]}
+    echo "graph probe exit status: $probe_status" | tee -a "$LOG"
+    [ "$probe_status" = 0 ] || status=$probe_status
     if [ "${GPU_CHECK_SKIP_PIPELINE:-0}" != 1 ]; then
         python3 bench/items.py --device cuda --json "$OUT/items-{device}.json" 2>&1 | tee -a "$LOG"
         items_status=${PIPESTATUS[0]}

@@ -686,27 +686,14 @@ def _paths_of(case: Case, op: str, ceiling: float, before) -> dict:
     old_layout = staging_layout(case.counts, case.dim, case.layers * case.dim, DTYPE)
     direct, side = Launcher(DEVICE, **DIRECT), Launcher(DEVICE, **LAUNCH_MODES["direct, side upload"])
     host = Launcher(DEVICE, **LAUNCH_MODES["direct, host table"])
-    if op == "pack":
-        def call(launcher):
-            launcher.pack(case.source, case.plan, case.staging, case.layout)
+    call, written, pool, expected = launcher_op(case, op)
 
-        def old():
+    def old():
+        if op == "pack":
             before.ops.pack(case.source, case.plan, case.staging, old_layout)
-
-        public, written, pool = case.triton_pack, (case.staging,), case.source
-    else:
-        def call(launcher):
-            launcher.unpack(case.staging, case.layout, case.dest, case.dest_plan)
-
-        def old():
+        else:
             before.ops.unpack(case.staging, old_layout, case.dest, case.dest_plan)
 
-        public, written, pool = case.triton_unpack, tuple(t for t in case.dest if t is not None), case.dest
-    for tensor in written:
-        tensor.view(torch.uint8).fill_(0xA5)
-    public()
-    torch.cuda.synchronize()
-    expected = tuple(t.clone() for t in written)
     alone = _kernel_alone(direct, op, functools.partial(call, direct), (pool, case.staging))
     paths = {"before": old} if before is not None else {}
     paths |= {"upload on the kernel's stream": functools.partial(call, direct),
@@ -722,6 +709,27 @@ def _paths_of(case: Case, op: str, ceiling: float, before) -> dict:
     print(f"paths {case.name} {op}: " + ", ".join(f"{k} {v['us']} us {v['fraction_of_ceiling']}"
                                                   for k, v in row.items() if isinstance(v, dict)), flush=True)
     return row
+
+
+def launcher_op(case: Case, op: str) -> tuple:
+    """Case a or d's `op` ("pack" or "unpack") through a launcher: (call(launcher), the
+    tensors it writes, the pool it reads or writes, what the public call wrote into them
+    over poisoned bytes: the bits every path must match)."""
+    if op == "pack":
+        def call(launcher):
+            launcher.pack(case.source, case.plan, case.staging, case.layout)
+
+        public, written, pool = case.triton_pack, (case.staging,), case.source
+    else:
+        def call(launcher):
+            launcher.unpack(case.staging, case.layout, case.dest, case.dest_plan)
+
+        public, written, pool = case.triton_unpack, tuple(t for t in case.dest if t is not None), case.dest
+    for tensor in written:
+        tensor.view(torch.uint8).fill_(0xA5)
+    public()
+    torch.cuda.synchronize()
+    return call, written, pool, tuple(t.clone() for t in written)
 
 
 def _timed(fn, nbytes: int, ceiling: float, reps: int) -> dict:

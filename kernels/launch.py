@@ -22,14 +22,23 @@ takes longer than the copy. A `Launcher` keeps, per device, what makes it short:
 Modes (`bench/kernels.py --launch` compares them; results in bench/results/kernels-NOTES.md):
 
 - `"direct"`: upload on the launching stream, then the launch, then the event.
-- `"graph"`: per (kernel variant, grid bucket, table bucket) a CUDA graph of the upload,
-  a fixed-grid launch (`HEADER`: the kernel reads the message's segment count and size
-  from the table, programs past its last tile leave at once) and the event is captured
-  once; a message writes its table into the graph's pinned buffer and replays it: one
-  driver call. Only for messages of at most `graph_max_bytes` payload bytes: in a graph
-  the upload stays on the kernel's critical path (about 9 us of device time on an H100,
-  bench/results/kernels-NOTES.md), which a big message's side-stream upload avoids, and
-  its kernel runs long enough that the host's few microseconds do not matter.
+- `"graph"`: per (kernel variant, grid bucket, table bucket) a CUDA graph of the table's
+  way to the device, a fixed-grid launch (`HEADER`: the kernel reads the message's segment
+  count and size from the table, programs past its last tile leave at once) and the event
+  is captured once; a message writes its table into the graph's pinned buffer and replays
+  it: one driver call. Only for messages of at most `graph_max_bytes` payload bytes: with
+  the default `graph_fetch="copy"` the table goes up by a copy node, which puts the copy
+  engine's start-up on the kernel's critical path (about 9.5 us of device time on an
+  H100), which a big message's side-stream upload avoids, and its kernel runs long enough
+  that the host's few microseconds matter less. `graph_fetch="kernel"` fetches the table
+  with a one-program kernel instead (`triton_copy._fetch_table`: it reads the pinned array
+  across the bus into the device buffer), about 3 us of device time: in
+  bench/graph_probe.py (H100, sixteenth session) it kept the big cases a and d at
+  0.93 of the copy ceiling (0.90 with the copy node, 0.94 for the direct launch with its
+  upload on its own stream), with a graph's 11-15 us of host time per launch against the
+  direct launch's 18-19. It is not the default yet: the GPU tests have not run on it as
+  the launcher's path (only the probe's copy of it was measured), and a default that
+  sends every size through graphs also needs the pipeline benchmark's word.
 - `side_upload=True` (direct launches): the table goes up on a stream of the launcher's
   own and the launching stream waits for it by an event, so that on a busy device the
   kernel does not queue behind its own upload (the upload overlaps the work before it).
@@ -83,6 +92,7 @@ from .triton_copy import (
     Side,
     TileConfig,
     _fill_metadata,
+    fetch_table,
     fill_header_and_counts,
     fill_pool_columns,
     launch_hooks_set,
@@ -108,6 +118,10 @@ MODES = ("direct", "graph")
 DEFAULT_MODE = "graph"
 DEFAULT_SIDE_UPLOAD = True
 GRAPH_MAX_BYTES = 32 << 20
+# How a graph's table reaches the device: "copy" (a copy node, the default) or "kernel"
+# (`_fetch_table`; see the module docstring for why it is not the default yet).
+GRAPH_FETCHES = ("copy", "kernel")
+DEFAULT_GRAPH_FETCH = "copy"
 DEFAULT_HOST_TABLE_MAX_BYTES = 0  # no message: measured slower on the device (below)
 GRAPH_COPIES = 4  # graphs per (variant, buckets): messages of one shape in flight at once
 MAX_GRAPH_RINGS = 128  # then all are dropped and captured again as needed
@@ -133,10 +147,13 @@ class Launcher:
     around the table buffers (held a few microseconds)."""
 
     def __init__(self, device: torch.device | str, *, mode: str = DEFAULT_MODE, side_upload: bool = DEFAULT_SIDE_UPLOAD,
-                 graph_max_bytes: int = GRAPH_MAX_BYTES,
+                 graph_max_bytes: int = GRAPH_MAX_BYTES, graph_fetch: str = DEFAULT_GRAPH_FETCH,
                  host_table_max_bytes: int = DEFAULT_HOST_TABLE_MAX_BYTES) -> None:
         if mode not in MODES:
             raise ValueError(f"Launcher: mode={mode!r}, expected one of {MODES}")
+        if graph_fetch not in GRAPH_FETCHES:
+            raise ValueError(f"Launcher: graph_fetch={graph_fetch!r}, expected one of {GRAPH_FETCHES}")
+        self.graph_fetch = graph_fetch
         device = torch.device(device)
         if device.type == "cuda" and device.index is None:
             device = torch.device("cuda", torch.cuda.current_device())
@@ -359,22 +376,31 @@ class Launcher:
         self._graphs.clear()
 
     def _capture(self, variant: _Variant, programs: int, words: int, objects: tuple, host_table: bool) -> _Graph:
-        """Capture upload + fixed-grid kernel + event on the launcher's capture stream
-        (`host_table`: the kernel reads the pinned array, no upload). Either graph is
-        right for every variant of its ring: the host array is written for each replay."""
+        """Capture table fetch (`graph_fetch`: a kernel or a copy node) + fixed-grid
+        kernel + event on the launcher's capture stream (`host_table`: the kernel reads the
+        pinned array, no fetch). Every graph is right for every variant of its ring: the
+        host array is written for each replay."""
         buffer = TableBuffer(self.device, words, self.driver)
         launch = variant.header_launch(self, buffer, objects)
         if launch is None:
             raise RuntimeError("no direct launch for the fixed-grid kernel")
         graph = _Graph(buffer)
         stream = self._stream("capture")
+        capture = self._streams["capture"]
+        fetch = not host_table and self.graph_fetch == "kernel"
+        if fetch:  # loaded (compiled the first time) outside the capture
+            fetch_table(buffer.host_tensor, buffer.device, words, capture)
+            capture.synchronize()
         driver = self.driver
         driver.begin_capture(stream)
         try:
             if host_table:
                 launch(programs, stream, buffer.host_pointer)
             else:
-                driver.memcpy_to_device(buffer.device_pointer, buffer.host_pointer, 8 * words, stream)
+                if fetch:
+                    fetch_table(buffer.host_tensor, buffer.device, words, capture)
+                else:
+                    driver.memcpy_to_device(buffer.device_pointer, buffer.host_pointer, 8 * words, stream)
                 launch(programs, stream, buffer.device_pointer)
             driver.event_record_in_graph(buffer.event, stream)
         except BaseException:

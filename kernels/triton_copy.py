@@ -163,6 +163,26 @@ def _copy_rows(
         tl.store(dst + dst_rows[:, None] + columns[None, :], values, mask=mask)
 
 
+FETCH_BLOCK = 1024  # words of a table each program of `_fetch_table` copies
+
+
+@triton.jit
+def _fetch_table(host, device, words, BLOCK: tl.constexpr):
+    """A graph's table from its pinned host array (mapped into the device's address space,
+    read across the bus) into its device buffer: a kernel node in the graph, where a
+    copy node would put the copy engine's start-up on the copy kernel's critical path."""
+    offsets = tl.program_id(0) * BLOCK + tl.arange(0, BLOCK)
+    mask = offsets < words
+    tl.store(device + offsets, tl.load(host + offsets, mask=mask), mask=mask)
+
+
+def fetch_table(host: torch.Tensor, device: torch.Tensor, words: int, stream: torch.cuda.Stream) -> None:
+    """Launch `_fetch_table` on `stream` for the first `words` words (while a graph is
+    captured there: once per graph, so Triton's dispatcher is fine)."""
+    with torch.cuda.stream(stream):
+        _fetch_table[(triton.cdiv(words, FETCH_BLOCK),)](host, device, words, BLOCK=FETCH_BLOCK)
+
+
 @triton.jit(do_not_specialize=["num_segments", "table_start", "block_size"])
 def _copy_kernel(
     metadata,

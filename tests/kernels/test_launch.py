@@ -125,6 +125,12 @@ def test_a_bad_host_table_limit_is_refused(value):
         Launcher("cpu", host_table_max_bytes=value)
 
 
+@pytest.mark.parametrize("value", ["upload", "", None, 1])
+def test_a_bad_graph_fetch_is_refused(value):
+    with pytest.raises(ValueError, match=r"graph_fetch=.*expected one of \('copy', 'kernel'\)"):
+        Launcher("cpu", graph_fetch=value)
+
+
 def test_table_buffers_change_hands_between_routes():
     """Three layouts (S = 4, 1, 2) packed in turn through one launcher, more messages than
     it has table buffers: each buffer holds another route's template every time it comes

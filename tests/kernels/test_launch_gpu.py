@@ -21,7 +21,7 @@ from kernel_cases import (
 from embxfer import kernels
 from embxfer.kernels import ops, plan_spans, reference
 from embxfer.kernels.launch import GRAPH_COPIES, Launcher
-from embxfer.kernels.triton_copy import _LAUNCHER
+from embxfer.kernels.triton_copy import _LAUNCHER, FETCH_BLOCK
 
 pytestmark = pytest.mark.gpu
 
@@ -30,6 +30,8 @@ ALL = 1 << 62
 MODES = {"direct": {"mode": "direct", "side_upload": False, "host_table_max_bytes": 0},
          "side_upload": {"mode": "direct", "side_upload": True, "host_table_max_bytes": 0},
          "graph": {"mode": "graph", "side_upload": False, "host_table_max_bytes": 0},
+         "graph_fetch_kernel": {"mode": "graph", "side_upload": False, "host_table_max_bytes": 0,
+                                "graph_fetch": "kernel"},
          "direct_host_table": {"mode": "direct", "host_table_max_bytes": ALL},
          "graph_host_table": {"mode": "graph", "host_table_max_bytes": ALL}}
 GRID = [
@@ -75,6 +77,27 @@ def test_operations_match_reference_gpu(mode, case):
                                  message.run(operation, launcher, "torch"),
                                  what=f"{operation} (tuples, list) seed={seed} {_case_id(case)} {mode}")
     _assert_no_fallback(launcher, mode)
+
+
+def test_a_graph_fetches_a_table_of_several_fetch_programs_gpu(monkeypatch):
+    """With graph_fetch="kernel" a graph's table comes up by `_fetch_table` (no copy to
+    the device issued or captured), FETCH_BLOCK words a program: a table of a few thousand
+    words (block size 1: a block per token) takes several programs."""
+    generator = torch.Generator().manual_seed(7)
+    counts, starts = [1500, 1, 1700], [0, 0, 0]
+    layout = kernels.staging_layout(counts, 64, 64, torch.bfloat16)
+    launcher = Launcher("cuda", mode="graph", side_upload=False, host_table_max_bytes=0, graph_fetch="kernel")
+    uploads = []
+    copy_to_device = launcher.driver.memcpy_to_device
+    monkeypatch.setattr(launcher.driver, "memcpy_to_device", lambda *a: (uploads.append(a), copy_to_device(*a)))
+    message = Message(layout, 1, starts, generator, "cuda")
+    for operation in ("pack", "unpack", "gather_addressed"):
+        assert_bitwise_equal(message.run(operation, launcher, "triton"), message.run(operation, launcher, "torch"),
+                             what=f"{operation} with a table of {FETCH_BLOCK}+ words")
+    _assert_no_fallback(launcher, "graph")
+    assert not uploads, f"{len(uploads)} tables copied to the device by the copy engine"
+    words = {key[-1] for key in launcher._graphs}
+    assert max(words) > FETCH_BLOCK, f"table buckets {sorted(words)}: none needs two fetch programs"
 
 
 @pytest.mark.parametrize("mode", MODES)
