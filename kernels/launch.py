@@ -394,14 +394,11 @@ class Launcher:
         driver = self.driver
         driver.begin_capture(stream)
         try:
-            if host_table:
-                launch(programs, stream, buffer.host_pointer)
-            else:
-                if fetch:
-                    fetch_table(buffer.host_tensor, buffer.device, words, capture)
-                else:
-                    driver.memcpy_to_device(buffer.device_pointer, buffer.host_pointer, 8 * words, stream)
-                launch(programs, stream, buffer.device_pointer)
+            if fetch:
+                fetch_table(buffer.host_tensor, buffer.device, words, capture)
+            elif not host_table:
+                driver.memcpy_to_device(buffer.device_pointer, buffer.host_pointer, 8 * words, stream)
+            launch(programs, stream, buffer.host_pointer if host_table else buffer.device_pointer)
             driver.event_record_in_graph(buffer.event, stream)
         except BaseException:
             try:
