@@ -41,6 +41,7 @@ from pathlib import Path
 
 import torch
 
+from embxfer.kernels import launch
 from embxfer.runtime import Config
 from embxfer.runtime.local import LocalCluster, random_payload
 from embxfer.runtime.state import RequestState
@@ -143,10 +144,19 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--json", default="bench/results/pipeline-{device}.json")
     parser.add_argument("--reps", type=int, default=5)
     parser.add_argument("--latency-reps", type=int, default=200)
+    parser.add_argument("--graph-fetch", choices=launch.GRAPH_FETCHES, default=launch.DEFAULT_GRAPH_FETCH,
+                        help="how a graph's table reaches the device (embxfer.kernels.launch.Launcher)")
+    parser.add_argument("--graph-max-mb", type=float, default=launch.GRAPH_MAX_BYTES / (1 << 20),
+                        help="messages of at most this many MiB launch as graphs, bigger ones direct "
+                             "(inf: every message)")
     args = parser.parse_args(argv)
     if not torch.cuda.is_available():
         print("bench/pipeline.py: needs a CUDA device", file=sys.stderr)
         return 2
+    graph_max_bytes = 1 << 62 if args.graph_max_mb == float("inf") else int(args.graph_max_mb * (1 << 20))
+    launch.use_launcher(launch.Launcher(torch.device("cuda", torch.cuda.current_device()),
+                                        graph_max_bytes=graph_max_bytes, graph_fetch=args.graph_fetch))
+    launch_options = {"graph_fetch": args.graph_fetch, "graph_max_bytes": graph_max_bytes}
     device = torch.cuda.get_device_name()
     ceiling = copy_ceiling()
     batch = [random.Random(0).randint(64, 4096) for _ in range(64)]
@@ -166,9 +176,9 @@ def main(argv: list[str] | None = None) -> int:
     path = Path(args.json.replace("{device}", slug.split("-")[0] if slug else "gpu"))
     path.parent.mkdir(parents=True, exist_ok=True)
     out = {"benchmark": "pipeline", "device": device, "torch": torch.__version__, "ceiling_gbps": ceiling,
-           "passes": PASSES, "cases": cases}
+           "passes": PASSES, "launch": launch_options, "cases": cases}
     path.write_text(json.dumps(out, indent=2))
-    print(f"{device}: copy ceiling {ceiling:.0f} GB/s (read + write)")
+    print(f"{device}: copy ceiling {ceiling:.0f} GB/s (read + write); launch {launch_options}")
     for c in cases:
         if c["case"] == "latency":
             print(f"  latency    staging {c['staging_mb']:>3} MiB  1 x {c['tokens']} x {c['dim']}: "

@@ -609,6 +609,18 @@ def launcher_for(device: torch.device) -> Launcher:
     return _launcher_at(device.index if device.index is not None else torch.cuda.current_device())
 
 
+def use_launcher(launcher: Launcher) -> Launcher | None:
+    """Make `launcher` the one `launcher_for` returns on its device (e.g. another mode or
+    `graph_fetch`, for a benchmark's comparison); returns the one it replaces, if any.
+    Call it before the device's first operation: routes and graphs are per launcher."""
+    if not isinstance(launcher, Launcher):
+        raise TypeError(f"use_launcher: launcher={launcher!r}, expected a Launcher")
+    with _LAUNCHERS_LOCK:
+        previous = _LAUNCHERS.get(launcher.index)
+        _LAUNCHERS[launcher.index] = launcher
+    return previous
+
+
 def launcher_of(tensor: torch.Tensor) -> Launcher:
     """`launcher_for(tensor.device)`, found by the tensor's device index: the operations'
     lookup on every call, without making a device object (~0.6 us)."""

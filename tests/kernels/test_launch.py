@@ -131,6 +131,20 @@ def test_a_bad_graph_fetch_is_refused(value):
         Launcher("cpu", graph_fetch=value)
 
 
+def test_use_launcher_replaces_the_devices_launcher_until_it_is_put_back():
+    mine = Launcher("cpu", mode="direct", graph_fetch="kernel")
+    previous = launch.use_launcher(mine)
+    try:
+        assert launch.launcher_for(torch.device("cpu")) is mine
+        assert launch.launcher_of(torch.empty(1)) is mine
+    finally:
+        restored = launch.use_launcher(previous) if previous is not None else launch._LAUNCHERS.pop(-1)
+    assert restored is mine
+    assert launch.launcher_for(torch.device("cpu")) is not mine
+    with pytest.raises(TypeError, match=r"use_launcher: launcher='direct', expected a Launcher"):
+        launch.use_launcher("direct")
+
+
 def test_table_buffers_change_hands_between_routes():
     """Three layouts (S = 4, 1, 2) packed in turn through one launcher, more messages than
     it has table buffers: each buffer holds another route's template every time it comes
