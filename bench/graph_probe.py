@@ -4,17 +4,19 @@ per launch <= 15 us for cases a and d, their kernels >= 0.90 of the copy ceiling
 
     python bench/graph_probe.py --json bench/results/graph-probe-{device}.json
 
-A message of more than 32 MiB launches directly: the table goes up on a stream of its
-own and an event orders the kernel after it (five driver calls, 18-20 us of host time on
-an H100), because a graph's copy node sits on the kernel's critical path (about 9.5 us of
-device time on an H100, a and d 0.90 of the ceiling). A small kernel that fetches the
-table from its pinned host array costs the kernel less (`Launcher(graph_fetch="kernel")`;
-its first run, on an H100: `graph-probe-h100-run1.json`, kernels-NOTES.md). This probe
-times cases a and d of bench/kernels.py, pack and unpack, through five launchers:
+Until the seventeenth session a message of more than 32 MiB launched directly: the
+table went up on a stream of its own and an event ordered the kernel after it (five
+driver calls, 18-20 us of host time on an H100), because a graph's copy node sits on the
+kernel's critical path (about 9.5 us of device time on an H100, a and d 0.90 of the
+ceiling). A small kernel that fetches the table from its pinned host array costs the
+kernel less (`Launcher(graph_fetch="kernel")`, now the default for every size; its runs
+on an H100: `graph-probe-h100-run1.json`, `graph-probe-h100-session17.json`,
+kernels-NOTES.md). This probe times cases a and d of bench/kernels.py, pack and unpack,
+through five launchers:
 
   direct, side upload        the direct launch, its upload on its own stream
-  graph, copy node           the default graph: copy node, fixed-grid kernel, event
-  graph, fetch kernel        graph_fetch="kernel": a one-program kernel copies the table
+  graph, copy node           graph_fetch="copy": copy node, fixed-grid kernel, event
+  graph, fetch kernel        the default graph: a one-program kernel copies the table
                              from its pinned host array (mapped into the device's address
                              space) into the device buffer, then the copy kernel, the event
   graph, host table          the copy kernel reads its table in the pinned host array

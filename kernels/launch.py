@@ -22,23 +22,22 @@ takes longer than the copy. A `Launcher` keeps, per device, what makes it short:
 Modes (`bench/kernels.py --launch` compares them; results in bench/results/kernels-NOTES.md):
 
 - `"direct"`: upload on the launching stream, then the launch, then the event.
-- `"graph"`: per (kernel variant, grid bucket, table bucket) a CUDA graph of the table's
-  way to the device, a fixed-grid launch (`HEADER`: the kernel reads the message's segment
-  count and size from the table, programs past its last tile leave at once) and the event
-  is captured once; a message writes its table into the graph's pinned buffer and replays
-  it: one driver call. Only for messages of at most `graph_max_bytes` payload bytes: with
-  the default `graph_fetch="copy"` the table goes up by a copy node, which puts the copy
-  engine's start-up on the kernel's critical path (about 9.5 us of device time on an
-  H100), which a big message's side-stream upload avoids, and its kernel runs long enough
-  that the host's few microseconds matter less. `graph_fetch="kernel"` fetches the table
-  with a one-program kernel instead (`triton_copy._fetch_table`: it reads the pinned array
-  across the bus into the device buffer), about 3 us of device time: in
-  bench/graph_probe.py (H100, sixteenth session) it kept the big cases a and d at
-  0.93 of the copy ceiling (0.90 with the copy node, 0.94 for the direct launch with its
-  upload on its own stream), with a graph's 11-15 us of host time per launch against the
-  direct launch's 18-19. It is not the default yet: the GPU tests have not run on it as
-  the launcher's path (only the probe's copy of it was measured), and a default that
-  sends every size through graphs also needs the pipeline benchmark's word.
+- `"graph"` (the default, for every message size): per (kernel variant, grid bucket,
+  table bucket) a CUDA graph of the table's way to the device, a fixed-grid launch
+  (`HEADER`: the kernel reads the message's segment count and size from the table,
+  programs past its last tile leave at once) and the event is captured once; a message
+  writes its table into the graph's pinned buffer and replays it: one driver call. The
+  table goes up by a one-program kernel (`graph_fetch="kernel"`, `triton_copy._fetch_table`:
+  it reads the pinned array across the bus into the device buffer), about 3 us of device
+  time on an H100. The other way, `graph_fetch="copy"`, a copy node, puts the copy engine's
+  start-up on the kernel's critical path (about 9.5 us), which is why graphs once stopped
+  at 32 MiB and bigger messages went direct with a side-stream upload. Measured on an H100
+  (seventeenth session, kernels-NOTES.md): the big cases a and d at 0.92-0.93 of the copy
+  ceiling (0.94 direct, 0.87-0.90 with the copy node) for 8-9 us of host time per launch on
+  the runtime path (18-19 direct), and every case of bench/pipeline.py as fast or faster
+  than with the copy node up to 32 MiB and direct launches above (two runs each,
+  alternating, one call). `graph_max_bytes` still sends bigger messages direct, for a
+  caller that wants the last percent of a huge message's bandwidth.
 - `side_upload=True` (direct launches): the table goes up on a stream of the launcher's
   own and the launching stream waits for it by an event, so that on a busy device the
   kernel does not queue behind its own upload (the upload overlaps the work before it).
@@ -113,15 +112,16 @@ from .types import PoolTensors
 from .workspace import TableBuffer, TableSlots
 
 MODES = ("direct", "graph")
-# The defaults (what `launcher_for` makes): graphs for messages of up to GRAPH_MAX_BYTES
-# payload bytes, bigger ones direct with the upload on its own stream.
+# The defaults (what `launcher_for` makes): graphs for every message (GRAPH_MAX_BYTES: no
+# limit; a launcher made with a smaller one launches bigger messages direct, with the
+# upload on its own stream).
 DEFAULT_MODE = "graph"
 DEFAULT_SIDE_UPLOAD = True
-GRAPH_MAX_BYTES = 32 << 20
-# How a graph's table reaches the device: "copy" (a copy node, the default) or "kernel"
-# (`_fetch_table`; see the module docstring for why it is not the default yet).
+GRAPH_MAX_BYTES = 1 << 62
+# How a graph's table reaches the device: "kernel" (`_fetch_table`, the default) or "copy"
+# (a copy node: 6-7 us more device time per launch; see the module docstring).
 GRAPH_FETCHES = ("copy", "kernel")
-DEFAULT_GRAPH_FETCH = "copy"
+DEFAULT_GRAPH_FETCH = "kernel"
 DEFAULT_HOST_TABLE_MAX_BYTES = 0  # no message: measured slower on the device (below)
 GRAPH_COPIES = 4  # graphs per (variant, buckets): messages of one shape in flight at once
 MAX_GRAPH_RINGS = 128  # then all are dropped and captured again as needed

@@ -29,9 +29,9 @@ OPERATIONS = ("pack", "unpack", "pack_addressed_rows", "unpack_addressed_rows", 
 ALL = 1 << 62
 MODES = {"direct": {"mode": "direct", "side_upload": False, "host_table_max_bytes": 0},
          "side_upload": {"mode": "direct", "side_upload": True, "host_table_max_bytes": 0},
-         "graph": {"mode": "graph", "side_upload": False, "host_table_max_bytes": 0},
-         "graph_fetch_kernel": {"mode": "graph", "side_upload": False, "host_table_max_bytes": 0,
-                                "graph_fetch": "kernel"},
+         "graph": {"mode": "graph", "side_upload": False, "host_table_max_bytes": 0, "graph_fetch": "kernel"},
+         "graph_copy_node": {"mode": "graph", "side_upload": False, "host_table_max_bytes": 0,
+                             "graph_fetch": "copy"},
          "direct_host_table": {"mode": "direct", "host_table_max_bytes": ALL},
          "graph_host_table": {"mode": "graph", "host_table_max_bytes": ALL}}
 GRID = [
