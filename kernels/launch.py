@@ -33,11 +33,11 @@ Modes (`bench/kernels.py --launch` compares them; results in bench/results/kerne
   start-up on the kernel's critical path (about 9.5 us), which is why graphs once stopped
   at 32 MiB and bigger messages went direct with a side-stream upload. Measured on an H100
   (seventeenth session, kernels-NOTES.md): the big cases a and d at 0.92-0.93 of the copy
-  ceiling (0.94 direct, 0.87-0.90 with the copy node) for 8-9 us of host time per launch on
-  the runtime path (18-19 direct), and every case of bench/pipeline.py as fast or faster
-  than with the copy node up to 32 MiB and direct launches above (two runs each,
-  alternating, one call). `graph_max_bytes` still sends bigger messages direct, for a
-  caller that wants the last percent of a huge message's bandwidth.
+  ceiling (0.94 direct, 0.87-0.90 with the copy node) for 7.5-9.4 us of host time per
+  launch on the runtime path (18-20 direct), and every case of bench/pipeline.py as fast
+  or faster than with the copy node up to 32 MiB and direct launches above (two runs
+  each, alternating, one call). `graph_max_bytes` still sends bigger messages direct, for
+  a caller that wants the last percent of a huge message's bandwidth.
 - `side_upload=True` (direct launches): the table goes up on a stream of the launcher's
   own and the launching stream waits for it by an event, so that on a busy device the
   kernel does not queue behind its own upload (the upload overlaps the work before it).

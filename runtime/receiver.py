@@ -468,7 +468,8 @@ class Receiver(Endpoint):
         source = channel.source
         whole: list[Request] = []
         started: list[Request] = []
-        message.requests = [self._bind_segment(segment, source, whole, started)
+        src_rank = message.record.src_rank
+        message.requests = [self._bind_segment(segment, source, src_rank, whole, started)
                             for segment in message.record.segments]
         if started:  # (one may have failed on a later segment of this message)
             self._set_states([r for r in started if not r.state.terminal], RequestState.TRANSFERRING)
@@ -476,17 +477,24 @@ class Receiver(Endpoint):
             self._take_outputs_together(whole, message)
         return True
 
-    def _bind_segment(self, segment: rec.Segment, source: EngineView, whole: list[Request],
+    def _bind_segment(self, segment: rec.Segment, source: EngineView, src_rank: int, whole: list[Request],
                       started: list[Request]) -> Request | None:
         """The request `segment` belongs to, checked and bound (None: discard it). A first
         round's request learns N here and goes into `started` (its caller moves them all to
-        TRANSFERRING); one whose outputs can be made with the message's others, in `whole`."""
+        TRANSFERRING); one whose outputs can be made with the message's others, in `whole`.
+
+        A PAYLOAD_INFO comes just before its request's first segment, from the same rank
+        (`SendChannel._send_one`), and only that segment takes it (`_take_info`). A first
+        segment discarded here (its request released, or failed and forgotten) takes its
+        info with it: kept under the id, it would be handed to the id's next request."""
         request = self.requests.get(segment.request_id)
         if request is None:
             if segment.request_id in self.retired:
                 self.stats.late_records += 1
             else:
                 self.stats.rejected_records += 1
+            if segment.start == 0 and self._infos:
+                self._drop_info(segment.request_id, src_rank)
             return None
         if request.state.terminal or segment.round < request.round:
             self.stats.late_records += 1
@@ -497,7 +505,7 @@ class Receiver(Endpoint):
             self._fail(request, rec.AbortReason.INVALID, problem, notify=True)
             return None
         if request.total_tokens is None:  # first round: the only source of N and delta (R3)
-            problem = self._take_info(request, segment)
+            problem = self._take_info(request, segment, src_rank)
             if problem:
                 self.stats.rejected_records += 1
                 self._fail(request, rec.AbortReason.INVALID, problem, notify=True)
@@ -524,10 +532,11 @@ class Receiver(Endpoint):
         request.last_progress = time.monotonic()
         return request
 
-    def _take_info(self, request: Request, segment: rec.Segment) -> str | None:
+    def _take_info(self, request: Request, segment: rec.Segment, src_rank: int) -> str | None:
         """What came with the payload (items, metadata; PayloadInfo, read just before its
-        first segment): which rows travel, and the cached items that fill the others."""
-        info = self._infos.pop(request.request_id, None) if self._infos else None
+        first segment, from the segment's own rank): which rows travel, and the cached items
+        that fill the others."""
+        info = self._drop_info(request.request_id, src_rank) if self._infos else None
         request.rows = segment.total_tokens
         if info is None:
             return None
@@ -543,6 +552,16 @@ class Receiver(Endpoint):
         request.info, request.rows = info, info.total_tokens
         request.kept = kept_rows([(i.start, i.count) for i in skipped], info.total_tokens)[0] if skipped else None
         return None
+
+    def _drop_info(self, request_id: int, src_rank: int) -> rec.PayloadInfo | None:
+        """The PAYLOAD_INFO kept for `request_id` if `src_rank` sent it, now forgotten; one
+        from another rank stays for that rank's first segment (another request of the id,
+        bound to another encoder engine)."""
+        info = self._infos.get(request_id)
+        if info is None or info.src_rank != src_rank:
+            return None
+        del self._infos[request_id]
+        return info
 
     def _fill_items(self, request: Request) -> None:
         """The rows of the items the encoder side skipped, from the cache, their positions

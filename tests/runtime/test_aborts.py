@@ -599,6 +599,43 @@ def test_what_came_with_a_failed_requests_payload_is_never_handed_to_the_ids_nex
     sender.release(2)
     assert_healthy_afterwards(cluster)
 
+@pytest.mark.parametrize("released_first", [False, True])
+def test_what_came_with_a_payload_a_follower_gave_up_on_is_never_handed_to_the_ids_next_request(released_first):
+    """Language TP 2: the follower aborts request 2 (and its engine may release it at once)
+    before the encoder submits it with metadata. The PAYLOAD_INFO reaches the follower when
+    it holds no request 2: a follower keeps such an info for a request its engine has not
+    admitted yet. The first segment that follows it, discarded there, must take it along;
+    it was kept under the id and handed to the id's next request on that rank (wrong
+    metadata, and a payload not equal to what was sent)."""
+    cluster = cluster_for(language_tp=2)
+    leader, follower = cluster.language_receivers(0)
+    sender = cluster.senders[0]
+    cluster.admit(2)
+    cluster.step()
+    follower.abort(2)
+    if released_first:
+        follower.release(2)
+    p = random_payload(1, DIM, seed=1)
+    sender.submit(2, Payload(p.embeddings, p.fill_ids, p.mrope_positions, p.mrope_delta,
+                             metadata={"image_grid_thw": torch.tensor([[1, 2, 3]])}))
+    cluster.run_until(lambda: sender.state(2).terminal)
+    for _ in range(3):
+        cluster.step()
+    assert [r.state(2) for r in (leader, follower, sender)] == [RequestState.FAILED] * 3
+    for endpoint in (leader, follower, sender):
+        endpoint.release(2)
+    cluster.settle()
+    fresh = random_payload(1, DIM, seed=2)
+    cluster.admit(2)
+    sender.submit(2, fresh)
+    cluster.run_until(lambda: all(r.state(2).terminal for r in (leader, follower, sender)))
+    for receiver in (leader, follower):
+        taken = receiver.take(2)
+        assert taken.metadata == {} and taken.bit_equal(fresh), f"rank {receiver.rank}"
+    sender.release(2)
+    assert_healthy_afterwards(cluster)
+
+
 def test_an_encoder_rank_that_submits_after_its_peer_aborted_before_any_allocation_fails_at_once():
     """Encoder TP 2, language TP 2: rank 0 submits and aborts before the language side's
     allocation comes; rank 1's submit a moment later fails at once (it waited in

@@ -82,11 +82,6 @@ REUSE_AN_ID_THE_ENCODER_ABORTED = False
 # engine of the other role, which remember it: the id routed there later fails at once.
 # Off: an aborted id is routed again only to the same engine pair.
 REUSE_AN_ABORTED_ID_ON_OTHER_ENGINES = False
-# The metadata sent for a request that a language TP follower aborted and already
-# released is kept there under the id (a follower may hear of a payload before its engine
-# admits the id), and the id's next request is handed it on that rank: wrong data. Off:
-# an aborted id whose payload had metadata is not routed again.
-REUSE_AN_ABORTED_ID_THAT_HAD_METADATA = False
 
 
 @dataclass(eq=False)
@@ -274,8 +269,6 @@ class ApiModel(RuleBasedStateMachine):
         """The router may route `inc`'s id again: no engine has it in flight (the language
         side forgot it; every encoder rank submitted it, or gave up, and holds it finished)."""
         if not REUSE_AN_ID_THE_ENCODER_ABORTED and (inc.encoder_aborted or inc.gave_up):
-            return False
-        if not REUSE_AN_ABORTED_ID_THAT_HAD_METADATA and inc.aborted and inc.payload.metadata:
             return False
         if not REUSE_AN_ID_RIGHT_AFTER_AN_ABORT and inc.last_abort is not None and self.steps < inc.last_abort + 2:
             return False
