@@ -568,68 +568,38 @@ def test_a_language_abort_goes_to_the_engine_its_request_is_bound_to_only():
 
 
 @pytest.mark.parametrize("released_first", [False, True])
-def test_what_came_with_a_failed_requests_payload_is_never_handed_to_the_ids_next_request(released_first):
-    """The language side aborts request 2 while its allocation is on the way; the encoder
+@pytest.mark.parametrize("aborting", ["leader", "follower"])
+def test_what_came_with_a_failed_requests_payload_is_never_handed_to_the_ids_next_request(aborting, released_first):
+    """A language rank aborts request 2 while its allocation is on the way; the encoder
     submits it with metadata before it hears of the abort, so the metadata (a PAYLOAD_INFO,
-    sent before the first segment) reaches the leader after the request failed there, or
-    after it was released too (the leader holds every request until it is taken or
-    released). It was kept under the id and handed to the id's next request: wrong
-    metadata, silently."""
-    cluster = cluster_for()
-    leader, sender = cluster.leader, cluster.senders[0]
-    leader.admit(2)
+    sent just before the first segment) reaches that rank after the request failed there,
+    or after it was released too. The leader (language TP 1) holds every request until it
+    is taken or released; a follower (TP 2) keeps an info for an id it does not hold (its
+    engine may admit the id later), and the first segment that follows it, discarded there,
+    takes it along. Either kept it under the id and handed it to the id's next request:
+    wrong metadata, silently, and a payload not equal to what was sent."""
+    cluster = cluster_for(language_tp=1 if aborting == "leader" else 2)
+    receivers, sender = cluster.language_receivers(0), cluster.senders[0]
+    rank = receivers[-1]  # the leader at TP 1, the follower at TP 2
+    cluster.admit(2)
     cluster.step()
-    leader.abort(2)
+    rank.abort(2)
     if released_first:
-        leader.release(2)
+        rank.release(2)
     p = random_payload(1, DIM, seed=1)
     sender.submit(2, Payload(p.embeddings, p.fill_ids, p.mrope_positions, p.mrope_delta,
                              metadata={"image_grid_thw": torch.tensor([[1, 2, 3]])}))
     cluster.run_until(lambda: sender.state(2).terminal)
     for _ in range(3):
         cluster.step()
-    leader.release(2)
-    sender.release(2)
+    assert [r.state(2) for r in (*receivers, sender)] == [RequestState.FAILED] * (len(receivers) + 1)
+    for endpoint in (*receivers, sender):
+        endpoint.release(2)  # (a no-op on a rank that released it already)
     fresh = random_payload(1, DIM, seed=2)
     cluster.admit(2)
     sender.submit(2, fresh)
-    cluster.run_until(lambda: leader.state(2).terminal and sender.state(2).terminal)
-    taken = leader.take(2)
-    assert taken.metadata == {} and taken.bit_equal(fresh)
-    sender.release(2)
-    assert_healthy_afterwards(cluster)
-
-@pytest.mark.parametrize("released_first", [False, True])
-def test_what_came_with_a_payload_a_follower_gave_up_on_is_never_handed_to_the_ids_next_request(released_first):
-    """Language TP 2: the follower aborts request 2 (and its engine may release it at once)
-    before the encoder submits it with metadata. The PAYLOAD_INFO reaches the follower when
-    it holds no request 2: a follower keeps such an info for a request its engine has not
-    admitted yet. The first segment that follows it, discarded there, must take it along;
-    it was kept under the id and handed to the id's next request on that rank (wrong
-    metadata, and a payload not equal to what was sent)."""
-    cluster = cluster_for(language_tp=2)
-    leader, follower = cluster.language_receivers(0)
-    sender = cluster.senders[0]
-    cluster.admit(2)
-    cluster.step()
-    follower.abort(2)
-    if released_first:
-        follower.release(2)
-    p = random_payload(1, DIM, seed=1)
-    sender.submit(2, Payload(p.embeddings, p.fill_ids, p.mrope_positions, p.mrope_delta,
-                             metadata={"image_grid_thw": torch.tensor([[1, 2, 3]])}))
-    cluster.run_until(lambda: sender.state(2).terminal)
-    for _ in range(3):
-        cluster.step()
-    assert [r.state(2) for r in (leader, follower, sender)] == [RequestState.FAILED] * 3
-    for endpoint in (leader, follower, sender):
-        endpoint.release(2)
-    cluster.settle()
-    fresh = random_payload(1, DIM, seed=2)
-    cluster.admit(2)
-    sender.submit(2, fresh)
-    cluster.run_until(lambda: all(r.state(2).terminal for r in (leader, follower, sender)))
-    for receiver in (leader, follower):
+    cluster.run_until(lambda: all(r.state(2).terminal for r in (*receivers, sender)))
+    for receiver in receivers:
         taken = receiver.take(2)
         assert taken.metadata == {} and taken.bit_equal(fresh), f"rank {receiver.rank}"
     sender.release(2)
