@@ -849,7 +849,13 @@ def main(argv: list[str] | None = None) -> int:
     comparison = compare(context, args.baseline, args.rounds, scale, cpus) if args.baseline else None
     if comparison is not None:
         _print_comparison(comparison)
-        if args.compare_only:
+        if args.compare_only:  # the comparison alone, written as the JSON's `compare`
+            args.json.parent.mkdir(parents=True, exist_ok=True)
+            args.json.write_text(json.dumps({
+                "benchmark": "ring-compare", "machine": _machine(None, loadavg_at_start),
+                "config": {"placement": args.placement, "cpus": list(cpus), "scale": scale},
+                "compare": comparison, "wall_s": round(time.monotonic() - began, 1)}, indent=1))
+            print(f"wrote {args.json}")
             return 0
     samples: dict[str, list[float]] = {}
     torch_version = None
