@@ -153,7 +153,7 @@ def main(argv: list[str] | None = None) -> int:
     if not torch.cuda.is_available():
         print("bench/pipeline.py: needs a CUDA device", file=sys.stderr)
         return 2
-    graph_max_bytes = 1 << 62 if args.graph_max_mb == float("inf") else int(args.graph_max_mb * (1 << 20))
+    graph_max_bytes = int(min(args.graph_max_mb * (1 << 20), 1 << 62))  # (inf: every message)
     launch.use_launcher(launch.Launcher(torch.device("cuda", torch.cuda.current_device()),
                                         graph_max_bytes=graph_max_bytes, graph_fetch=args.graph_fetch))
     launch_options = {"graph_fetch": args.graph_fetch, "graph_max_bytes": graph_max_bytes}
