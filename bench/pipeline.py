@@ -26,6 +26,16 @@ Since the encoder packs straight from the payload (no encoder pool), a request m
 passes now (pack, move, unpack, read-out); `fraction_of_ideal` still compares with the
 5 passes of the earlier design, so the numbers stay comparable across versions, and
 `fraction_of_4_pass_ideal` is given too.
+
+Each engine's own share (`--sides`, on by default): in this benchmark one thread runs both
+engines, so a case's time is the encoder's host time plus the language engine's plus the
+device's tail; in a deployment each engine runs its part on its own scheduler thread.
+After a case's timed repetitions, more repetitions run with every engine-facing call of
+each endpoint timed (`progress`, `admit*`, `submit*`, `take*`, `finished`, `release`,
+`state`; a call made from inside another is counted once), and the case reports the
+median seconds each side spent in them (`encoder_host_s`, `language_host_s`; per request
+in `*_host_us_per_request`). The timed calls cost a few tenths of a microsecond each,
+which is why the headline figures come from the untimed repetitions.
 """
 
 from __future__ import annotations
@@ -44,6 +54,7 @@ import torch
 from embxfer.kernels import launch
 from embxfer.runtime import Config
 from embxfer.runtime.local import LocalCluster, random_payload
+from embxfer.runtime.sender import Sender
 from embxfer.runtime.state import RequestState
 
 PASSES = 5
@@ -64,8 +75,53 @@ def copy_ceiling() -> float:
     return 2 * src.numel() / statistics.median(times[3:]) / 1e9
 
 
+ENGINE_CALLS = ("progress", "admit", "admit_many", "submit", "submit_many", "take", "take_many", "finished",
+                "release", "state")
+
+
+def time_engine_calls(cluster: LocalCluster) -> dict[str, float]:
+    """Wrap every engine-facing call of each endpoint of `cluster` (on the instance) so that
+    its seconds are added to its side's total in the returned dict ("encoder", "language"):
+    what each engine's scheduler thread pays. A call made while another is being timed
+    (`take` inside `take_many`, say) is not timed again."""
+    spent = {"encoder": 0.0, "language": 0.0}
+    inside = [False]
+    clock = time.perf_counter
+
+    def timed(method, side: str):
+        def call(*args, **kwargs):
+            if inside[0]:
+                return method(*args, **kwargs)
+            inside[0] = True
+            started = clock()
+            try:
+                return method(*args, **kwargs)
+            finally:
+                spent[side] += clock() - started
+                inside[0] = False
+        return call
+
+    for endpoint in cluster.endpoints:
+        side = "encoder" if isinstance(endpoint, Sender) else "language"
+        for name in ENGINE_CALLS:
+            method = getattr(endpoint, name, None)
+            if method is not None:
+                setattr(endpoint, name, timed(method, side))
+    return spent
+
+
+def _sides(spent_per_rep: list[dict[str, float]], requests: int) -> dict:
+    """The median of each side's seconds over the timed repetitions, and per request."""
+    out = {}
+    for side in ("encoder", "language"):
+        median = statistics.median(rep[side] for rep in spent_per_rep)
+        out[f"{side}_host_s"] = median
+        out[f"{side}_host_us_per_request"] = 1e6 * median / requests
+    return out
+
+
 def run_case(name: str, lengths: list[int], dim: int, default_alloc: int, pool_blocks: int, staging_mb: int,
-             reps: int) -> dict:
+             reps: int, sides: bool = True) -> dict:
     config = Config(default_alloc_tokens=default_alloc, language_pool_blocks=pool_blocks,
                     staging_bytes=staging_mb << 20)
     cluster = LocalCluster(config=config, dim=dim, device="cuda")
@@ -88,10 +144,20 @@ def run_case(name: str, lengths: list[int], dim: int, default_alloc: int, pool_b
         if rep >= 2:
             seconds.append(elapsed)
     median = statistics.median(seconds)
-    return {"case": name, "staging_mb": staging_mb, "requests": len(lengths), "tokens": sum(lengths), "dim": dim,
-            "bytes": nbytes, "median_s": median, "gbps": nbytes / median / 1e9,
-            "resumes": cluster.leader.stats.resumes // (reps + 2),
-            "messages_per_rep": cluster.p2p.messages // (reps + 2)}
+    out = {"case": name, "staging_mb": staging_mb, "requests": len(lengths), "tokens": sum(lengths), "dim": dim,
+           "bytes": nbytes, "median_s": median, "gbps": nbytes / median / 1e9,
+           "resumes": cluster.leader.stats.resumes // (reps + 2),
+           "messages_per_rep": cluster.p2p.messages // (reps + 2)}
+    if sides:
+        spent, per_rep = time_engine_calls(cluster), []
+        for _ in range(reps):
+            batch = {next_id + i: p for i, p in enumerate(payloads)}
+            next_id += len(payloads)
+            before = dict(spent)
+            cluster.transfer(batch)
+            per_rep.append({side: spent[side] - before[side] for side in spent})
+        out.update(_sides(per_rep, len(lengths)))
+    return out
 
 
 def one_request(cluster: LocalCluster, request_id: int, payload) -> tuple[float, float, object]:
@@ -116,7 +182,7 @@ def _nothing() -> None:
     pass
 
 
-def latency_case(tokens: int, dim: int, staging_mb: int, reps: int) -> dict:
+def latency_case(tokens: int, dim: int, staging_mb: int, reps: int, sides: bool = True) -> dict:
     """One request at a time through the whole runtime: admit + submit -> take, the data on
     the device (synchronized) when the clock stops."""
     config = Config(default_alloc_tokens=8192, language_pool_blocks=256, staging_bytes=staging_mb << 20)
@@ -133,10 +199,20 @@ def latency_case(tokens: int, dim: int, staging_mb: int, reps: int) -> dict:
             times.append(elapsed)
     times.sort()
     median = statistics.median(times)
-    return {"case": "latency", "staging_mb": staging_mb, "requests": 1, "tokens": tokens, "dim": dim,
-            "bytes": payload.nbytes, "median_s": median, "gbps": payload.nbytes / median / 1e9,
-            "p50_us": 1e6 * median, "p99_us": 1e6 * times[min(len(times) - 1, int(0.99 * len(times)))],
-            "resumes": 0, "messages_per_rep": 1}
+    out = {"case": "latency", "staging_mb": staging_mb, "requests": 1, "tokens": tokens, "dim": dim,
+           "bytes": payload.nbytes, "median_s": median, "gbps": payload.nbytes / median / 1e9,
+           "p50_us": 1e6 * median, "p99_us": 1e6 * times[min(len(times) - 1, int(0.99 * len(times)))],
+           "resumes": 0, "messages_per_rep": 1}
+    if sides:
+        spent, per_rep = time_engine_calls(cluster), []
+        for rep in range(reps + 20, 2 * reps + 20):
+            before = dict(spent)
+            one_request(cluster, rep, payload)
+            per_rep.append({side: spent[side] - before[side] for side in spent})
+            cluster.settle()
+            cluster.senders[0].release(rep)
+        out.update(_sides(per_rep, 1))
+    return out
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -149,6 +225,8 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--graph-max-mb", type=float, default=launch.GRAPH_MAX_BYTES / (1 << 20),
                         help="messages of at most this many MiB launch as graphs, bigger ones direct "
                              "(inf: every message)")
+    parser.add_argument("--no-sides", dest="sides", action="store_false",
+                        help="skip the repetitions that time each engine's calls (see the module's docstring)")
     args = parser.parse_args(argv)
     if not torch.cuda.is_available():
         print("bench/pipeline.py: needs a CUDA device", file=sys.stderr)
@@ -162,11 +240,11 @@ def main(argv: list[str] | None = None) -> int:
     batch = [random.Random(0).randint(64, 4096) for _ in range(64)]
     cases = []
     for staging_mb in (32, 256):
-        cases.append(run_case("one_round", [16384], 8192, 16384, 256, staging_mb, args.reps))
-        cases.append(run_case("resume", [16384], 8192, 8192, 64, staging_mb, args.reps))
-        cases.append(run_case("batch", batch, 3584, 8192, 2048, staging_mb, args.reps))
-        cases.append(run_case("many_small", [256] * 256, 3584, 8192, 2048, staging_mb, args.reps))
-    cases.append(latency_case(1024, 3584, 256, args.latency_reps))
+        cases.append(run_case("one_round", [16384], 8192, 16384, 256, staging_mb, args.reps, args.sides))
+        cases.append(run_case("resume", [16384], 8192, 8192, 64, staging_mb, args.reps, args.sides))
+        cases.append(run_case("batch", batch, 3584, 8192, 2048, staging_mb, args.reps, args.sides))
+        cases.append(run_case("many_small", [256] * 256, 3584, 8192, 2048, staging_mb, args.reps, args.sides))
+    cases.append(latency_case(1024, 3584, 256, args.latency_reps, args.sides))
     for case in cases:
         ideal = PASSES * 2 * case["bytes"] / (ceiling * 1e9)
         case["ideal_s"] = ideal
@@ -180,14 +258,16 @@ def main(argv: list[str] | None = None) -> int:
     path.write_text(json.dumps(out, indent=2))
     print(f"{device}: copy ceiling {ceiling:.0f} GB/s (read + write); launch {launch_options}")
     for c in cases:
+        sides = (f"  [host per request: encoder {c['encoder_host_us_per_request']:.1f} us, language "
+                 f"{c['language_host_us_per_request']:.1f} us]" if "encoder_host_s" in c else "")
         if c["case"] == "latency":
             print(f"  latency    staging {c['staging_mb']:>3} MiB  1 x {c['tokens']} x {c['dim']}: "
-                  f"p50 {c['p50_us']:.0f} us, p99 {c['p99_us']:.0f} us")
+                  f"p50 {c['p50_us']:.0f} us, p99 {c['p99_us']:.0f} us{sides}")
             continue
         print(f"  {c['case']:<10} staging {c['staging_mb']:>3} MiB  {c['bytes'] / 1e6:8.1f} MB  "
               f"{c['median_s'] * 1e3:8.2f} ms  {c['gbps']:7.1f} GB/s payload  "
               f"{c['fraction_of_ideal']:.2f} of {PASSES} passes at the ceiling  ({c['messages_per_rep']} chunks, "
-              f"{c['resumes']} resumes)")
+              f"{c['resumes']} resumes){sides}")
     plot(out, path.with_suffix(".png"))
     return 0
 

@@ -1,0 +1,57 @@
+"""bench/pipeline.py's per-engine host time (`time_engine_calls`), on the CPU."""
+
+from __future__ import annotations
+
+import sys
+import time
+from pathlib import Path
+
+from embxfer.runtime import Config
+from embxfer.runtime.local import LocalCluster, random_payload
+from embxfer.runtime.topology import Topology
+
+sys.path.insert(0, str(Path(__file__).resolve().parents[2] / "bench"))
+import pipeline  # noqa: E402 - bench/pipeline.py
+
+
+def test_each_engines_timed_calls_fit_in_the_wall_time_and_change_nothing():
+    """Both sides are charged, what they are charged fits in the wall time of the run (a
+    call timed twice, or a side charged for the other's work, would overflow it on a run
+    that is all engine calls), and the payloads still arrive bit for bit."""
+    cluster = LocalCluster(Topology(1, 1, 2), Config(block_size=16, default_alloc_tokens=32,
+                                                     language_pool_blocks=64), dim=16)
+    spent = pipeline.time_engine_calls(cluster)
+    payloads = {rid: random_payload(8 + 5 * rid, 16, seed=rid) for rid in range(6)}
+    started = time.perf_counter()
+    taken = cluster.transfer(payloads)
+    wall = time.perf_counter() - started
+    assert all(copy.bit_equal(payloads[rid]) for rid, copies in taken.items() for copy in copies)
+    assert len(taken) == 6 and all(len(copies) == 2 for copies in taken.values())
+    assert spent["encoder"] > 0 and spent["language"] > 0
+    assert spent["encoder"] + spent["language"] <= wall
+    # the endpoints' own methods are still there, wrapped on the instance only
+    assert "progress" in vars(cluster.leader) and "progress" not in vars(type(cluster.leader))
+
+
+def test_a_call_made_inside_a_timed_call_is_not_timed_again():
+    class Engine:  # a language-side stand-in whose progress() calls its own state()
+        def progress(self) -> bool:
+            self.state(0)
+            time.sleep(0.02)
+            return True
+
+        def state(self, request_id: int) -> str:
+            time.sleep(0.02)
+            return "SUCCESS"
+
+    class Cluster:
+        endpoints = [Engine()]
+
+    cluster = Cluster()
+    spent = pipeline.time_engine_calls(cluster)
+    started = time.perf_counter()
+    cluster.endpoints[0].progress()
+    wall = time.perf_counter() - started
+    assert 0.04 <= spent["language"] <= wall and spent["encoder"] == 0.0
+    cluster.endpoints[0].state(0)  # on its own, it is timed
+    assert spent["language"] >= 0.06
