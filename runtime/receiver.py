@@ -122,9 +122,10 @@ class Receiver(Endpoint):
         self._decisions: list[tuple] = []
         self._held: dict[int, list[tuple[int, bytes]]] = {}
         # Items kept in the cache for requests in flight (leader and followers alike, in
-        # decision order), and what came with payloads before their first segment.
+        # decision order), and what came with payloads before their first segment: by
+        # request id, then by the encoder rank that sent it (`_bind_segment`).
         self._pinned: dict[int, list[bytes]] = {}
-        self._infos: OrderedDict[int, rec.PayloadInfo] = OrderedDict()
+        self._infos: OrderedDict[int, dict[int, rec.PayloadInfo]] = OrderedDict()
 
     # -- public API -----------------------------------------------------------------
     def admit(self, request_id: int, encoder_engine: str | int = 0, *, expected_tokens: int | None = None,
@@ -360,12 +361,20 @@ class Receiver(Endpoint):
                 # Never kept for the id's next request: one whose request failed here first,
                 # or that the leader no longer holds (it admits before the encoder side
                 # sends anything, and holds the request until it is taken or released; a
-                # follower may hear of the data before its engine admits the id).
+                # follower may hear of the data before its engine admits the id), or one
+                # from a rank of another engine than the request is bound to (an earlier
+                # request of the id, aborted there).
                 request = self.requests.get(record.request_id)
-                if request is not None and request.state.terminal or request is None and self.is_leader:
+                if request is None and self.is_leader or request is not None and (
+                        request.state.terminal
+                        or request.peer is not None and record.src_rank not in request.peer.members):
                     self.stats.late_records += 1
                 else:
-                    _remember(self._infos, record.request_id, record)
+                    infos = self._infos.get(record.request_id)
+                    if infos is None:
+                        _remember(self._infos, record.request_id, {record.src_rank: record})
+                    else:
+                        infos[record.src_rank] = record
 
     def _on_abort(self, record: rec.Abort) -> None:
         request = self.requests.get(record.request_id)
@@ -484,9 +493,11 @@ class Receiver(Endpoint):
         TRANSFERRING); one whose outputs can be made with the message's others, in `whole`.
 
         A PAYLOAD_INFO comes just before its request's first segment, from the same rank
-        (`SendChannel._send_one`), and only that segment takes it (`_take_info`). A first
-        segment discarded here (its request released, or failed and forgotten) takes its
-        info with it: kept under the id, it would be handed to the id's next request."""
+        (`SendChannel._send_one`), and only that segment takes it (`_take_info`): an info of
+        the id from another rank (another engine's request of the id, aborted) neither
+        replaces it nor is taken for it, and goes when the request binds. A first segment
+        discarded here (its request released, or failed and forgotten) takes its own rank's
+        info with it: kept, it would be handed to the id's next request."""
         request = self.requests.get(segment.request_id)
         if request is None:
             if segment.request_id in self.retired:
@@ -536,7 +547,9 @@ class Receiver(Endpoint):
         """What came with the payload (items, metadata; PayloadInfo, read just before its
         first segment, from the segment's own rank): which rows travel, and the cached items
         that fill the others."""
-        info = self._drop_info(request.request_id, src_rank) if self._infos else None
+        # (the request is bound from now on: what other ranks sent of the id is not its)
+        infos = self._infos.pop(request.request_id, None) if self._infos else None
+        info = infos.get(src_rank) if infos is not None else None
         request.rows = segment.total_tokens
         if info is None:
             return None
@@ -553,15 +566,12 @@ class Receiver(Endpoint):
         request.kept = kept_rows([(i.start, i.count) for i in skipped], info.total_tokens)[0] if skipped else None
         return None
 
-    def _drop_info(self, request_id: int, src_rank: int) -> rec.PayloadInfo | None:
-        """The PAYLOAD_INFO kept for `request_id` if `src_rank` sent it, now forgotten; one
-        from another rank stays for that rank's first segment (another request of the id,
-        bound to another encoder engine)."""
-        info = self._infos.get(request_id)
-        if info is None or info.src_rank != src_rank:
-            return None
-        del self._infos[request_id]
-        return info
+    def _drop_info(self, request_id: int, src_rank: int) -> None:
+        """Forget the PAYLOAD_INFO that `src_rank` sent for `request_id`; one from another
+        rank stays for that rank's first segment (another request of the id)."""
+        infos = self._infos.get(request_id)
+        if infos is not None and infos.pop(src_rank, None) is not None and not infos:
+            del self._infos[request_id]
 
     def _fill_items(self, request: Request) -> None:
         """The rows of the items the encoder side skipped, from the cache, their positions

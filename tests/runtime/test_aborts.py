@@ -606,6 +606,56 @@ def test_what_came_with_a_failed_requests_payload_is_never_handed_to_the_ids_nex
     assert_healthy_afterwards(cluster)
 
 
+@pytest.mark.parametrize("rank", ["leader", "follower"])
+def test_an_info_of_the_id_from_another_engines_rank_never_hides_the_one_its_request_comes_with(rank):
+    """Language TP 2, two encoder engines. Encoder engine 1 sends request 9 with metadata; on
+    one language rank, right after its PAYLOAD_INFO, a PAYLOAD_INFO of the same id from
+    encoder engine 0's rank comes in (an earlier request of the id routed to engine 0,
+    aborted there, its records still on their way: the reuse of an aborted id on another
+    engine). Kept under the id alone, the later one replaced the request's own: its first
+    segment found an info from another rank and bound without any, and the request came
+    out without its metadata. Each info now waits for its own rank's segment, and the other
+    rank's goes when the request binds (the leader drops it at once: the request is bound
+    from its admission): the id's next request, from engine 0 and without metadata, gets
+    none."""
+    cluster = LocalCluster(Topology(2, 1, 2), cluster_for().config, dim=DIM)
+    receivers = cluster.language_receivers(0)
+    target = receivers[0 if rank == "leader" else 1]
+    other_rank = cluster.engine_senders(0)[0].rank
+    sender = cluster.engine_senders(1)[0]
+    read = target._on_record
+    foreign = []
+
+    def on_record(record: rec.Record) -> None:
+        read(record)
+        if type(record) is rec.PayloadInfo and record.request_id == 9 and not foreign:
+            foreign.append(rec.PayloadInfo.trusted(**{**record.__dict__, "src_rank": other_rank}))
+            read(foreign[0])
+
+    target._on_record = on_record
+    p = random_payload(20, DIM, seed=3)
+    sent = Payload(p.embeddings, p.fill_ids, p.mrope_positions, p.mrope_delta,
+                   metadata={"image_grid_thw": torch.tensor([[1, 2, 3]])})
+    cluster.admit(9, engine=1)
+    sender.submit(9, sent)
+    cluster.run_until(lambda: all(r.state(9).terminal for r in (*receivers, sender)))
+    assert foreign, "the other rank's info was never read"
+    for receiver in receivers:
+        taken = receiver.take(9)
+        assert taken.bit_equal(sent) and set(taken.metadata) == {"image_grid_thw"}, f"rank {receiver.rank}"
+    sender.release(9)
+    plain = random_payload(30, DIM, seed=4)
+    other = cluster.engine_senders(0)[0]
+    cluster.admit(9, engine=0)
+    other.submit(9, plain)
+    cluster.run_until(lambda: all(r.state(9).terminal for r in (*receivers, other)))
+    for receiver in receivers:
+        taken = receiver.take(9)
+        assert taken.bit_equal(plain) and taken.metadata == {}, f"rank {receiver.rank}"
+    other.release(9)
+    assert_healthy_afterwards(cluster)
+
+
 def test_an_encoder_rank_that_submits_after_its_peer_aborted_before_any_allocation_fails_at_once():
     """Encoder TP 2, language TP 2: rank 0 submits and aborts before the language side's
     allocation comes; rank 1's submit a moment later fails at once (it waited in
