@@ -643,6 +643,7 @@ class RemoteLink:
         self._unknown_dropped = 0
         self._heartbeat_now = False
         self._release_on_exit = False
+        self._thread_done = False
         self._released = False
         self._stop = False
         self._closed = False
@@ -651,20 +652,27 @@ class RemoteLink:
         # wake: caller side -> link thread; ready: link thread -> threads inside wait().
         self._wake_read, self._wake_write = os.pipe2(os.O_NONBLOCK | os.O_CLOEXEC)
         self._ready_read, self._ready_write = os.pipe2(os.O_NONBLOCK | os.O_CLOEXEC)
+        # A context is never left to the garbage collector: pyzmq's finalizer terminates it,
+        # and in a collection that also holds its sockets the context may be finalized
+        # first, its term() then waiting for ever on a socket whose own finalizer comes
+        # after it on the same thread. Every path that ends a link closes its sockets and
+        # terminates its context itself (`_release`; here, a failed start).
         self._context = zmq.Context(io_threads=1)
         self._zap: zmq.Socket | None = None
-        address = _resolve_bind_host(bind_host)
-        url = f"tcp://{_url_host(address)}:{port or '*'}"
-        self._pull = self._context.socket(zmq.PULL)
-        _set_tcp_options(self._pull, self._handshake_ms)
-        self._pull.setsockopt(zmq.MAXMSGSIZE, max(2 * self._max_wire_bytes, MIN_MAX_MESSAGE_BYTES))
-        if ":" in address:
-            self._pull.setsockopt(zmq.IPV6, 1)
-        monitor_url = f"inproc://embxfer-link-monitor-{self.incarnation.hex()}"
-        self._monitor = self._context.socket(zmq.PAIR)
-        self._monitor.setsockopt(zmq.LINGER, 0)
-        self._monitor.setsockopt(zmq.RCVHWM, MONITOR_QUEUE)
+        self._pull = self._monitor = None
+        url = f"tcp://{bind_host}:{port or '*'}"
         try:
+            address = _resolve_bind_host(bind_host)
+            url = f"tcp://{_url_host(address)}:{port or '*'}"
+            self._pull = self._context.socket(zmq.PULL)
+            _set_tcp_options(self._pull, self._handshake_ms)
+            self._pull.setsockopt(zmq.MAXMSGSIZE, max(2 * self._max_wire_bytes, MIN_MAX_MESSAGE_BYTES))
+            if ":" in address:
+                self._pull.setsockopt(zmq.IPV6, 1)
+            monitor_url = f"inproc://embxfer-link-monitor-{self.incarnation.hex()}"
+            self._monitor = self._context.socket(zmq.PAIR)
+            self._monitor.setsockopt(zmq.LINGER, 0)
+            self._monitor.setsockopt(zmq.RCVHWM, MONITOR_QUEUE)
             if curve:
                 # The ZAP handler must be bound before the first connection arrives.
                 self._zap = self._context.socket(zmq.ROUTER)
@@ -676,14 +684,17 @@ class RemoteLink:
             self._pull.monitor(monitor_url, _MONITOR_EVENTS)
             self._monitor.connect(monitor_url)
             self._pull.bind(url)
-        except zmq.ZMQError as exc:
+        except BaseException as exc:
             for sock in (self._pull, self._monitor, self._zap):
                 if sock is not None:
                     sock.close(linger=0)
             self._context.term()
             for fd in (self._wake_read, self._wake_write, self._ready_read, self._ready_write):
                 os.close(fd)
-            raise OSError(f"RemoteLink member {member}: cannot bind {bind_host}:{port or 0} ({url}): {exc}") from None
+            self._released = True
+            if isinstance(exc, zmq.ZMQError):
+                raise OSError(f"RemoteLink member {member}: cannot bind {bind_host}:{port or 0} ({url}): {exc}") from None
+            raise
         bound = self._pull.getsockopt_string(zmq.LAST_ENDPOINT)
         if advertise_host:
             bound = f"tcp://{_url_host(advertise_host)}:{bound.rsplit(':', 1)[1]}"
@@ -928,7 +939,8 @@ class RemoteLink:
 
     def close(self) -> None:
         """Stop the link thread and close every socket with linger 0 (unsent frames are
-        dropped). Idempotent; bounded by CLOSE_TIMEOUT_S."""
+        dropped). Idempotent; bounded by CLOSE_TIMEOUT_S: a thread that has not stopped by
+        then (an on_receive that blocks) closes everything itself when it does."""
         with self._close_lock:
             if self._closed:
                 return
@@ -940,12 +952,15 @@ class RemoteLink:
             self._release_on_exit = True  # called from on_receive: the thread finishes it
             return
         self._thread.join(CLOSE_TIMEOUT_S)
-        if self._thread.is_alive():
-            # Its PULL socket is still in use: leave the context (term would wait on it).
-            self._failure = (
-                f"close: link thread did not stop within {CLOSE_TIMEOUT_S} s (is on_receive blocking?)"
-            )
-            return
+        with self._close_lock:
+            if not self._thread_done:
+                # Its PULL socket is still in use (term would wait on it): the thread
+                # releases everything itself when it stops (`_run`).
+                self._failure = (
+                    f"close: link thread did not stop within {CLOSE_TIMEOUT_S} s (is on_receive blocking?)"
+                )
+                self._release_on_exit = True
+                return
         self._release()
 
     def __enter__(self) -> RemoteLink:
@@ -1011,7 +1026,10 @@ class RemoteLink:
             if self._zap is not None:
                 self._zap.close(linger=0)
             self._wake_waiters()
-            if self._release_on_exit:
+            with self._close_lock:  # (close() decides under it whether the thread releases)
+                self._thread_done = True
+                release = self._release_on_exit
+            if release:
                 self._release()
 
     def _loop(self) -> None:

@@ -18,6 +18,7 @@ import time
 import pytest
 import zmq
 
+from embxfer.control import remote
 from embxfer.control.remote import (
     HEADER_BYTES,
     MAC_BYTES,
@@ -569,6 +570,50 @@ def test_close_is_idempotent_and_leaves_no_thread_or_fd(make_link, secret):
     with pytest.raises(RuntimeError, match="after close"):
         a.send(1, b"x")
     assert not a.wait(0.0)
+
+
+def test_a_close_that_gives_up_on_its_thread_leaves_the_release_to_it(make_link, monkeypatch, secret):
+    """close() waits CLOSE_TIMEOUT_S for the link thread, then returns (here the thread is
+    inside an on_receive that blocks). The thread, when it stops, closes the sockets and
+    terminates the context itself: left to the garbage collector, the context's finalizer
+    could run before its last socket's and wait in term() for ever (what a loaded test run
+    showed)."""
+    monkeypatch.setattr(remote, "CLOSE_TIMEOUT_S", 0.2)
+    inside, go_on = threading.Event(), threading.Event()
+
+    def on_receive() -> None:
+        inside.set()
+        go_on.wait(10)
+
+    a = make_link(0)
+    b = RemoteLink(1, secret, HOST, max_frame_bytes=MAX_FRAME, heartbeat_interval_s=0.1, on_receive=on_receive)
+    thread = b._thread
+    try:
+        a.connect({1: b.endpoint})
+        b.connect({0: a.endpoint})
+        _send(a, 1, b"x")
+        assert inside.wait(5)
+        b.close()
+        assert thread.is_alive() and "did not stop within 0.2 s" in b.stats.last_error
+        assert not b._released and not b._context.closed  # (its thread still uses them)
+    finally:
+        go_on.set()
+    thread.join(5)
+    assert not thread.is_alive()
+    assert b._released and b._context.closed, "the context was left to the garbage collector"
+
+
+def test_a_link_that_fails_to_start_closes_what_it_opened(monkeypatch, secret):
+    """Any failure once the context exists (not only a bind) closes its sockets and pipes
+    and terminates it: nothing is left for the garbage collector."""
+    def broken(sock, handshake_ms):
+        raise RuntimeError("setsockopt failed")
+
+    fds_before = sorted(os.listdir("/proc/self/fd"))
+    monkeypatch.setattr(remote, "_set_tcp_options", broken)
+    with pytest.raises(RuntimeError, match="setsockopt failed"):
+        RemoteLink(0, secret, HOST, max_frame_bytes=64, heartbeat_interval_s=0.05)
+    assert sorted(os.listdir("/proc/self/fd")) == fds_before
 
 
 def test_close_from_on_receive_does_not_deadlock(make_link, secret):
