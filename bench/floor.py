@@ -27,8 +27,8 @@ from __future__ import annotations
 
 import argparse
 import json
-import re
 import statistics
+import sys
 import time
 from pathlib import Path
 
@@ -39,6 +39,9 @@ from embxfer.runtime.endpoint import check_request_id
 from embxfer.runtime.local import random_payload
 from embxfer.runtime.payload import Payload, RowSpec
 from embxfer.runtime.pool import BlockPool
+
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+from pipeline import result_path  # noqa: E402 - bench/pipeline.py, next to this file
 
 REQUESTS, TOKENS, DIM = 256, 256, 3584
 PER_MESSAGE = 51  # bench/pipeline.py's many_small: 5 messages of 256 MiB for 256 requests
@@ -110,9 +113,7 @@ def main(argv: list[str] | None = None) -> int:
     rounds = [measure(device, args.reps) for _ in range(args.rounds)]
     result = {"benchmark": "floor", "device": name, "torch": torch.__version__, "requests": REQUESTS,
               "tokens": TOKENS, "dim": DIM, "per_message": PER_MESSAGE, "rounds": rounds}
-    slug = re.sub(r"[^a-z0-9]+", "-", name.lower().replace("nvidia", "")).strip("-").split("-")[0] or "cpu"
-    path = Path(args.json.replace("{device}", slug))
-    path.parent.mkdir(parents=True, exist_ok=True)
+    path = result_path(args.json, name)
     path.write_text(json.dumps(result, indent=2) + "\n")
     print(f"{name}: the API's floor per request, {REQUESTS} x {TOKENS} x {DIM} (us; one line per round)")
     for r in rounds:

@@ -32,7 +32,6 @@ from __future__ import annotations
 
 import argparse
 import json
-import re
 import statistics
 import sys
 import time
@@ -44,6 +43,9 @@ from embxfer.runtime import Config
 from embxfer.runtime.local import LocalCluster, random_payload
 from embxfer.runtime.payload import Item, Payload
 from embxfer.runtime.state import RequestState
+
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+from pipeline import result_path  # noqa: E402 - bench/pipeline.py, next to this file
 
 
 def sync(device: str) -> None:
@@ -219,9 +221,7 @@ def main(argv: list[str] | None = None) -> int:
     name = torch.cuda.get_device_name() if device == "cuda" else "cpu"
     cases = [chat_case(dim, args.picture_rows, tp, device, args.reps) for tp in (1, 2)]
     cases.append(cost_case(dim, args.picture_rows, device, args.cost_reps))
-    slug = re.sub(r"[^a-z0-9]+", "-", name.lower().replace("nvidia", "")).strip("-").split("-")[0] or "gpu"
-    path = Path(args.json.replace("{device}", slug))
-    path.parent.mkdir(parents=True, exist_ok=True)
+    path = result_path(args.json, name)
     path.write_text(json.dumps({"benchmark": "items", "device": name, "torch": torch.__version__,
                                 "cases": cases}, indent=2))
     print(f"{name}: D = {dim}, picture {args.picture_rows} rows")

@@ -120,6 +120,15 @@ def _sides(spent_per_rep: list[dict[str, float]], requests: int) -> dict:
     return out
 
 
+def result_path(template: str, device_name: str) -> Path:
+    """`template` with {device} as the device's short name ("NVIDIA H100 80GB HBM3" -> h100,
+    "cpu" -> cpu), its folder made: where a benchmark of this folder writes its JSON."""
+    slug = re.sub(r"[^a-z0-9]+", "-", device_name.lower().replace("nvidia", "")).strip("-").split("-")[0]
+    path = Path(template.replace("{device}", slug or "gpu"))
+    path.parent.mkdir(parents=True, exist_ok=True)
+    return path
+
+
 def run_case(name: str, lengths: list[int], dim: int, default_alloc: int, pool_blocks: int, staging_mb: int,
              reps: int, sides: bool = True) -> dict:
     config = Config(default_alloc_tokens=default_alloc, language_pool_blocks=pool_blocks,
@@ -250,9 +259,7 @@ def main(argv: list[str] | None = None) -> int:
         case["ideal_s"] = ideal
         case["fraction_of_ideal"] = ideal / case["median_s"]
         case["fraction_of_4_pass_ideal"] = 4 / PASSES * ideal / case["median_s"]
-    slug = re.sub(r"[^a-z0-9]+", "-", device.lower().replace("nvidia", "")).strip("-")
-    path = Path(args.json.replace("{device}", slug.split("-")[0] if slug else "gpu"))
-    path.parent.mkdir(parents=True, exist_ok=True)
+    path = result_path(args.json, device)
     out = {"benchmark": "pipeline", "device": device, "torch": torch.__version__, "ceiling_gbps": ceiling,
            "passes": PASSES, "launch": launch_options, "cases": cases}
     path.write_text(json.dumps(out, indent=2))
