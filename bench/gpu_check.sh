@@ -2,9 +2,9 @@
 # GPU check, run on the device machine from anywhere: every GPU test of the project
 # (pytest -m gpu tests/), the kernel and pipeline benchmarks (the copy ceiling measured in
 # the same run) and the real-model example in bf16. Results go to $OUT (default
-# /tmp/embxfer-gpu-check), eight files, no sub-folders:
+# /tmp/embxfer-gpu-check), nine files, no sub-folders:
 #   gpu-check.log (everything printed), kernels-<device>.json/.png, graph-probe-<device>.json,
-#   pipeline-<device>.json/.png, items-<device>.json, vlm-<device>.json
+#   pipeline-<device>.json/.png, items-<device>.json, rows-probe-<device>.json, vlm-<device>.json
 #   (and pipeline-<device>-before.json/.png with GPU_CHECK_BEFORE)
 # Arguments are passed to bench/kernels.py (e.g. --sweep, --cases ab).
 # GPU_CHECK_SKIP_TESTS=1 skips the tests, GPU_CHECK_SKIP_BENCH=1 the benchmarks,
@@ -96,6 +96,11 @@ if [ "${GPU_CHECK_SKIP_BENCH:-0}" != 1 ]; then
         items_status=${PIPESTATUS[0]}
         echo "items bench exit status: $items_status" | tee -a "$LOG"
         [ "$items_status" = 0 ] || status=$items_status
+        # requests as rows, both sides' usual steps, against the runtime in the same process
+        python3 bench/rows_probe.py --json "$OUT/rows-probe-{device}.json" 2>&1 | tee -a "$LOG"
+        rows_status=${PIPESTATUS[0]}
+        echo "rows probe exit status: $rows_status" | tee -a "$LOG"
+        [ "$rows_status" = 0 ] || status=$rows_status
     fi
 fi
 if [ "${GPU_CHECK_SKIP_VLM:-0}" != 1 ]; then
