@@ -10,6 +10,8 @@ from __future__ import annotations
 
 from collections.abc import Iterable, Sequence
 
+import numpy as np
+
 
 def blocks_for_tokens(num_tokens: int, block_size: int) -> int:
     """Whole blocks needed to hold `num_tokens` tokens."""
@@ -40,6 +42,7 @@ class BlockAllocator:
         # which `_pop` skips and `_compact` drops (a follower claims on every decision).
         self._free_stack: list[int] = list(range(num_blocks - 1, -1, -1))
         self._in_use = bytearray(num_blocks)
+        self._in_use_array = np.frombuffer(self._in_use, dtype=np.uint8)  # the same bytes, for numpy
         self._ids = list(range(num_blocks))  # a run is recognised by comparing with a slice of it
         self._free = num_blocks
 
@@ -76,6 +79,38 @@ class BlockAllocator:
             count = min(count, max(1, max_tokens // self.block_size))
         count = min(count, self._free)
         return self._pop(count) if count else None
+
+    def take(self, count: int) -> list[int] | None:
+        """`count` blocks (all or nothing: None when fewer are free), in the order `count`
+        one-block `allocate`s would hand them out; for a caller that cuts one list into
+        several requests' (the language lane's admissions)."""
+        if isinstance(count, bool) or not isinstance(count, int) or count < 1:
+            raise ValueError(f"count={count!r}: expected a positive integer")
+        return self._pop(count) if count <= self._free else None
+
+    def free_runs(self, starts: np.ndarray, counts: np.ndarray) -> None:
+        """`free_lists` of the runs `[starts[i], starts[i] + counts[i])`, in order, without a
+        list per run: the same stack afterwards and the same checks (a run out of range, or
+        a block not in use or named twice: ValueError, through `free_lists`, for the first
+        bad run, the runs before it freed)."""
+        starts = np.asarray(starts, dtype=np.int64)
+        counts = np.asarray(counts, dtype=np.int64)
+        total = int(counts.sum())
+        if not total:
+            return
+        ends = starts + counts
+        # each run's blocks in reverse, the runs in order: what `_push` stacks for each list
+        seq = np.repeat(ends - 1, counts) - (np.arange(total) - np.repeat(np.cumsum(counts) - counts, counts))
+        in_use = self._in_use_array
+        if (counts < 0).any() or (starts < 0).any() or (ends > self.num_blocks).any() or not in_use[seq].all() \
+                or len(np.unique(seq)) != total:
+            self.free_lists([list(range(a, b)) for a, b in zip(starts.tolist(), ends.tolist(), strict=True)])
+            return
+        in_use[seq] = 0
+        self._free_stack.extend(seq.tolist())
+        self._free += total
+        if len(self._free_stack) > 2 * self.num_blocks:
+            self._compact()
 
     def claim(self, blocks: Iterable[int]) -> None:
         """Take exactly these blocks; ValueError if any is out of range, repeated or in use."""

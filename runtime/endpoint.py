@@ -715,7 +715,7 @@ class Endpoint:
         for member in [m for m, until in self._leaving.items() if now >= until]:
             self._member_state(member, "left")
             worked = True
-        for request in list(self.requests.values()):
+        for request in self._live_requests(now):
             if request.state.terminal:
                 continue
             why = self._overdue(request, now)
@@ -723,6 +723,10 @@ class Endpoint:
                 self._fail(request, rec.AbortReason.TIMEOUT, why, notify=True)
                 worked = True
         return worked
+
+    def _live_requests(self, now: float) -> list[Request]:
+        """The requests the liveness check looks at for their deadlines (a copy)."""
+        return list(self.requests.values())
 
     def _overdue(self, request: Request, now: float) -> str | None:
         """Why a live request is past its deadline at `now` (its error then), or None: no

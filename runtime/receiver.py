@@ -48,6 +48,7 @@ takes those rules.
 
 from __future__ import annotations
 
+import logging
 import time
 from collections import OrderedDict, deque
 from collections.abc import Sequence
@@ -61,15 +62,31 @@ from embxfer.kernels import RowTensors, as_bits, ops
 from .allocator import BlockAllocator
 from .cache import PayloadCache
 from .channels import RecvChannel, RecvMessage, segment_plan, wire_to_rows
-from .endpoint import Endpoint, Finished, Request, check_request_id, checked_ids
+from .endpoint import (
+    FINISHED_MEMORY,
+    Endpoint,
+    Finished,
+    Request,
+    check_request_id,
+    checked_ids,
+    log,
+)
+from .lane import LANE_MIN_BATCH, LaneBatch, LaneRequests, LanguageLane
 from .membership import EngineView, Role
 from .payload import Item, Payload, check_items, content_hash_bytes, kept_rows, metadata_tensors
 from .pool import BlockPool
+from .rows import BOOTSTRAPPING as _BOOT
+from .rows import SUCCESS as _SUCCESS
+from .rows import TRANSFERRING as _TRANSFERRING
+from .rows import WAITING_FOR_INPUT as _WAITING
 from .state import RequestState
 
 # A TRANSFER whose request this rank has never heard of waits this long at the head of
 # its channel for the leader's ADMIT decision before its data is discarded.
 UNKNOWN_REQUEST_GRACE_S = 5.0
+# Whether a TP-1 language engine keeps its usual requests in the lane (`runtime/lane.py`):
+# read when an endpoint is made (tests compare the two paths).
+LANE_ENABLED = True
 EARLY_MEMORY = 4096
 _ADMIT, _RESUME, _COMPLETE, _PIN = rec.DecisionAction.ADMIT.value, rec.DecisionAction.RESUME.value, \
     rec.DecisionAction.COMPLETE.value, rec.DecisionAction.PIN.value
@@ -89,6 +106,7 @@ class Receiver(Endpoint):
         # TRANSFER and PAYLOAD_INFO records from an encoder rank whose engine this rank has
         # not found usable yet (`_early_channel`), replayed in order when its channel is made.
         self._early_records: dict[int, deque[rec.Record]] = {}
+        self._lane: LanguageLane | None = None
         super().__init__(**kwargs)
         if self.me.role != Role.LANGUAGE.value:
             raise ValueError(f"{self.me.describe()} is not a language rank")
@@ -126,6 +144,11 @@ class Receiver(Endpoint):
         # request id, then by the encoder rank that sent it (`_bind_segment`).
         self._pinned: dict[int, list[bytes]] = {}
         self._infos: OrderedDict[int, dict[int, rec.PayloadInfo]] = OrderedDict()
+        # A TP-1 engine's usual requests as rows (`runtime/lane.py`); `requests` then hands
+        # out any of them as a Request when asked for it.
+        if self.me.tp_size == 1 and LANE_ENABLED:
+            self._lane = LanguageLane()
+            self.requests = LaneRequests(self._lane.rows.slot_of, self._lane_materialize)
 
     # -- public API -----------------------------------------------------------------
     def admit(self, request_id: int, encoder_engine: str | int = 0, *, expected_tokens: int | None = None,
@@ -168,6 +191,12 @@ class Receiver(Endpoint):
         for index, request_id in enumerate(ids):
             self._check_admissible(request_id, name, f"request_ids[{index}]")
         resolved = self._peer_view(name) if self.broken is None else None
+        if self._lane is not None and len(ids) >= LANE_MIN_BATCH and resolved is not None \
+                and resolved[0] is not None and resolved[1] is None and self.is_leader and self.metrics is None \
+                and not log.isEnabledFor(logging.DEBUG) \
+                and not (self._early_aborts and any(i in self._early_aborts for i in ids)):
+            self._lane_admit_many(ids, resolved[0])
+            return
         for request_id in ids:
             self._admit(request_id, name, resolved, None, None, ())
 
@@ -254,6 +283,12 @@ class Receiver(Endpoint):
         landed = request.sent_tokens + (request.round_landed if request.direct else 0)
         return landed + request.rows - request.total_tokens, request.rows
 
+    def _lookup(self, request_id: int) -> Request | Finished:
+        slot = self._lane.rows.slot_of.get(request_id) if self._lane is not None else None
+        if slot is not None:  # read as it stands, not materialized
+            return self._lane.finished_view(slot)
+        return super()._lookup(request_id)
+
     def take(self, request_id: int) -> Payload:
         """The completed payload as contiguous tensors; the request is forgotten. The
         tensors are the engine's from now on (and no longer count against the budget)."""
@@ -265,6 +300,10 @@ class Receiver(Endpoint):
         the first other bad one: `request_ids[i]` not an id, repeated, not SUCCESS) and then
         nothing is taken."""
         ids = checked_ids(request_ids)
+        if self._lane is not None and self._lane.rows.slot_of:
+            payloads = self._lane_take(ids)
+            if payloads is not None:
+                return payloads
         requests = [self._takeable(request_id, f"request_ids[{index}]") for index, request_id in enumerate(ids)]
         return self._hand_over_all(requests)
 
@@ -412,6 +451,12 @@ class Receiver(Endpoint):
             self._announced_size(request_id, total_tokens, view, record.src_rank)
 
     def _announced_size(self, request_id: int, total_tokens: int, view: EngineView, src_rank: int) -> None:
+        slot = self._lane.rows.slot_of.get(request_id) if self._lane is not None else None
+        if slot is not None:  # (the rule below, on the row)
+            c = self._lane.rows._columns
+            if c["state"][slot] == _BOOT and c["expected"][slot] < 0 and self._lane.views[c["peer"][slot]].name == view.name:
+                c["expected"][slot] = total_tokens
+            return
         request = self.requests.get(request_id)
         if request is None:
             # Kept for the id's admission, also for an id this rank has retired: a size is a
@@ -460,6 +505,10 @@ class Receiver(Endpoint):
     def _accept(self, channel: RecvChannel, message: RecvMessage) -> bool:
         """Head-of-line gate of a staging message: bind each segment to its request (or to
         nothing: discard), or wait until every request is known on this rank."""
+        if self._lane is not None and self._lane.rows.slot_of:
+            accepted = self._lane_accept(channel, message)
+            if accepted is not None:
+                return accepted
         now = time.monotonic()
         for segment in message.record.segments:
             request = self.requests.get(segment.request_id)
@@ -626,6 +675,8 @@ class Receiver(Endpoint):
     def _landed(self, message: RecvMessage, staging) -> None:
         """A staging message arrived: its live segments go straight into their outputs
         (one launch), or into landing blocks (one launch) for first rounds without them."""
+        if message.lane is not None and self._lane_landed(message, staging):
+            return
         pooled, blocks, offsets, counts = [], [], [], []
         direct, outputs, starts = [], [], []
         for index, (segment, request) in enumerate(zip(message.record.segments, message.requests, strict=True)):
@@ -872,28 +923,42 @@ class Receiver(Endpoint):
                 return worked
             self._resume_waiting.popleft()
             worked = True
-        admission, allocator, admitted = self._admission, self.allocator, []
-        pool_tokens = allocator.num_blocks * self.config.block_size
+        admission, admitted = self._admission, []
+        pool_tokens = self.allocator.num_blocks * self.config.block_size
         while admission:
             request = admission[0]
+            if type(request) is LaneBatch:
+                done, moved = self._lane_admissions(request, admitted, pool_tokens)
+                worked |= moved
+                if not done:
+                    break
+                admission.popleft()
+                continue
             if request.state is not RequestState.BOOTSTRAPPING or request.round >= 0:
                 admission.popleft()
                 continue
-            tokens = self.default_tokens
-            if request.expected_tokens is not None:
-                tokens = min(request.expected_tokens, pool_tokens)
-            blocks = allocator.allocate(tokens)
-            if blocks is None:
+            if not self._admit_one(request, admitted, pool_tokens):
                 break
             admission.popleft()
-            request.round = 0
-            self._assign(request, blocks)
-            admitted.append(request)
-            self._broadcast_decision(request, rec.DecisionAction.ADMIT)
-            self._announce(request)
         if admitted:
             self._set_states(admitted, RequestState.WAITING_FOR_INPUT)
         return worked or bool(admitted)
+
+    def _admit_one(self, request: Request, admitted: list[Request], pool_tokens: int) -> bool:
+        """The first allocation of a request waiting for blocks (`admitted` takes it), or
+        False when the pool cannot hold it now."""
+        tokens = self.default_tokens
+        if request.expected_tokens is not None:
+            tokens = min(request.expected_tokens, pool_tokens)
+        blocks = self.allocator.allocate(tokens)
+        if blocks is None:
+            return False
+        request.round = 0
+        self._assign(request, blocks)
+        admitted.append(request)
+        self._broadcast_decision(request, rec.DecisionAction.ADMIT)
+        self._announce(request)
+        return True
 
     def _assign(self, request: Request, blocks: list[int], array: np.ndarray | None = None) -> None:
         request.blocks = blocks
@@ -932,6 +997,12 @@ class Receiver(Endpoint):
             if pending:
                 fit = kind.entries_that_fit(capacity)
                 for dst, items in pending.items():
+                    if kind is not rec.HeldItems:  # tuples, and the lane's entries as arrays
+                        entries = _entry_array(items, kind.ENTRY)
+                        for first in range(0, len(entries), fit):
+                            self._publish(kind.trusted(src_rank=self.rank, dst_rank=dst,
+                                                       entries=entries[first : first + fit]))
+                        continue
                     for first in range(0, len(items), fit):
                         self._publish(kind.of(self.rank, dst, items[first : first + fit]))
                 pending.clear()
@@ -1267,6 +1338,283 @@ class Receiver(Endpoint):
             self._release_blocks(request)
             self._drop_outputs(request)
         self._awaiting_free.clear()
+
+    # -- the lane (runtime/lane.py) ---------------------------------------------------------
+    def _lane_admit_many(self, ids: list[int], view: EngineView) -> None:
+        """`_admit` and `_bind` of checked ids, as rows: one batch in the admission queue."""
+        lane, now = self._lane, time.monotonic()
+        if self.retired:
+            retired = self.retired
+            for request_id in ids:
+                retired.pop(request_id, None)
+        expected: object = -1
+        if self._announced:
+            announced, members, expected = self._announced, view.members, [-1] * len(ids)
+            for index, request_id in enumerate(ids):
+                size = announced.pop(request_id, None)
+                if size is not None and size[1] in members:
+                    expected[index] = size[0]
+        self._source(view)
+        slots, gens = lane.add(ids, state=_BOOT, total=-1, expected=expected, peer=lane.peer_index(view),
+                               admitted_at=now, last_progress=now)
+        self.stats.requests += len(ids)
+        self.in_flight += len(ids)
+        self._admission.append(LaneBatch(ids, slots, gens))
+
+    def _lane_admissions(self, batch: LaneBatch, admitted: list[Request], pool_tokens: int) -> tuple[bool, bool]:
+        """First allocations for a lane batch, in its order, while the pool holds them: (the
+        batch is done, any request of it was admitted). A row materialized meanwhile is
+        admitted here as the object it became, if it still waits."""
+        columns, moved = self._lane.rows._columns, False
+        while batch.pos < len(batch.ids):
+            slots, gens = batch.slots[batch.pos:], batch.gens[batch.pos:]
+            alive = (columns["gen"][slots] == gens) & (columns["state"][slots] == _BOOT)
+            run = len(slots) if alive.all() else int(np.argmin(alive))
+            if run:
+                fitted = self._lane_allocate(slots[:run], pool_tokens)
+                batch.pos += fitted
+                moved |= fitted > 0
+                if fitted < run:
+                    return False, moved
+                continue
+            request = self._lane.left.pop(int(gens[0]), None)
+            if request is not None and request.state is RequestState.BOOTSTRAPPING and request.round < 0:
+                if not self._admit_one(request, admitted, pool_tokens):
+                    self._lane.keep_left(int(gens[0]), request)
+                    return False, moved
+            batch.pos += 1
+        return True, moved
+
+    def _lane_allocate(self, slots: np.ndarray, pool_tokens: int) -> int:
+        """The first allocations of these rows (all waiting), in order, as many as the pool
+        holds now, announced to the encoder engine as columns; how many were allocated. A
+        row's blocks are kept as a run (its first block and count) when they are one, else
+        as their list (`LanguageLane.block_lists`)."""
+        columns, block_size = self._lane.rows._columns, self.config.block_size
+        expected = columns["expected"][slots]
+        tokens = np.where(expected >= 0, np.minimum(expected, pool_tokens), self.default_tokens)
+        blocks = -(-tokens // block_size)
+        ends = np.cumsum(blocks)
+        fitted = int(np.searchsorted(ends, self.allocator.num_free, side="right"))
+        if not fitted:
+            return 0
+        slots, blocks, ends = slots[:fitted], blocks[:fitted], ends[:fitted]
+        taken = np.asarray(self.allocator.take(int(ends[-1])), dtype=np.int64)
+        starts = taken[ends - blocks]
+        # a row's blocks are a run when each of its blocks is the one before it plus one
+        steps = np.concatenate(([0], np.cumsum(np.diff(taken) != 1)))
+        runs = steps[ends - 1] == steps[ends - blocks]
+        now = time.monotonic()
+        columns["block_start"][slots] = np.where(runs, starts, -1)
+        columns["blocks"][slots] = blocks
+        columns["allocated"][slots] = blocks * block_size
+        columns["state"][slots] = _WAITING
+        columns["last_progress"][slots] = now
+        if not runs.all():
+            lists = self._lane.block_lists
+            for index in np.flatnonzero(~runs).tolist():
+                lists[int(slots[index])] = taken[ends[index] - blocks[index]:ends[index]].tolist()
+        entries = np.zeros(fitted, rec.Allocations.ENTRY)
+        entries["request_id"] = columns["request_id"][slots]
+        entries["allocated_tokens"] = columns["allocated"][slots]
+        leader = self._lane.views[int(columns["peer"][slots[0]])].leader
+        self._allocations.setdefault(leader, []).append(entries)
+        return fitted
+
+    def _lane_accept(self, channel: RecvChannel, message: RecvMessage) -> bool | None:
+        """`_accept` of a message whose every segment is a lane request's usual first (and
+        only) round: bound by column, its outputs made together (True). None when it is
+        not: its lane requests are materialized first, and the object path takes it."""
+        lane = self._lane
+        slot_of, segments = lane.rows.slot_of, message.record.segments
+        slots = [slot_of.get(s.request_id, -1) for s in segments]
+        if -1 in slots:
+            self._lane_let_go(segments)
+            return None
+        columns = lane.rows._columns
+        at = np.array(slots, dtype=np.int64)
+        counts = [s.count for s in segments]
+        need = sum(counts) * self.spec.bytes_per_token
+        usual = (channel.source is not None and len(set(slots)) == len(slots) and self.metrics is None
+                 and not self._budget_waiting and self.output_bytes + need <= self.config.output_budget_bytes
+                 and all(s.round == 0 and s.start == 0 and s.count == s.total_tokens for s in segments)
+                 and not (self._infos and any(s.request_id in self._infos for s in segments)))
+        if usual:
+            peer = lane._view_index.get(channel.source.incarnation, -1)
+            usual = peer >= 0 and lane.views[peer] is channel.source and (columns["peer"][at] == peer).all() \
+                and (columns["state"][at] == _WAITING).all() and (columns["allocated"][at] >= counts).all()
+        if not usual:
+            self._lane_let_go(segments)
+            return None
+        now, per_token = time.monotonic(), self.spec.bytes_per_token
+        columns["total"][at] = counts
+        columns["mrope_delta"][at] = [s.mrope_delta for s in segments]
+        columns["state"][at] = _TRANSFERRING
+        columns["last_progress"][at] = now
+        columns["output_bytes"][at] = np.asarray(counts, dtype=np.int64) * per_token
+        together, views = self.pool.empty_rows_together(counts)
+        outputs = lane.outputs
+        for slot, view in zip(slots, views, strict=True):
+            outputs[slot] = view
+        self.output_bytes += need
+        message.together = together
+        message.lane = (at, columns["gen"][at].copy(), counts)
+        return True
+
+    def _lane_let_go(self, segments: Sequence[rec.Segment]) -> None:
+        """Materialize the lane requests a message names (it takes the object path)."""
+        slot_of = self._lane.rows.slot_of
+        for segment in segments:
+            if segment.request_id in slot_of:
+                self._lane_materialize(segment.request_id)
+
+    def _lane_landed(self, message: RecvMessage, staging) -> bool:
+        """`_landed` of a lane message: unpacked into its outputs with one launch, every
+        request read and complete (its blocks freed, its COMPLETE queued, SUCCESS), by
+        column. False when a request of it left the lane meanwhile: the message is then
+        turned into the object path's form (its requests as Requests) for `_landed`."""
+        lane = self._lane
+        at, gens, counts = message.lane
+        columns = lane.rows._columns
+        if not (columns["gen"][at] == gens).all() or self.metrics is not None:
+            alive = (columns["gen"][at] == gens).tolist()
+            ids = columns["request_id"][at].tolist()
+            message.requests = [self._lane_materialize(rid) if ok else lane.left.pop(int(gen), None)
+                                for rid, ok, gen in zip(ids, alive, gens.tolist(), strict=True)]
+            message.lane = None
+            return False
+        outputs = [lane.outputs[slot] for slot in at.tolist()]
+        if self.spec.is_cuda:
+            ops.unpack_addressed_rows(staging, message.layout, outputs[0], ops.together_addresses(message.together, counts),
+                                      np.zeros(len(counts), dtype=np.int64), outputs)
+        else:
+            ops.unpack_together(staging, message.layout, message.together)
+        starts = columns["block_start"][at]
+        if (starts >= 0).all():
+            self.allocator.free_runs(starts, columns["blocks"][at])
+        else:
+            self.allocator.free_lists([lane.blocks_of(slot, start, count) for slot, start, count
+                                       in zip(at.tolist(), starts.tolist(), columns["blocks"][at].tolist(), strict=True)])
+        columns["block_start"][at] = -1
+        columns["blocks"][at] = 0
+        columns["allocated"][at] = 0
+        columns["state"][at] = _SUCCESS
+        columns["last_progress"][at] = time.monotonic()
+        ids = columns["request_id"][at].tolist()
+        done, tokens = len(ids), sum(counts)
+        self.stats.rounds += done
+        self.stats.tokens += tokens
+        self.stats.succeeded += done
+        self.in_flight -= done
+        self._just_finished.extend(ids)
+        entries = np.zeros(done, rec.Completions.ENTRY)
+        entries["request_id"] = ids
+        entries["sent_tokens"] = entries["total_tokens"] = counts
+        leader = lane.views[int(columns["peer"][at[0]])].leader
+        self._completions.setdefault(leader, []).append(entries)
+        return True
+
+    def _lane_take(self, ids: list[int]) -> list[Payload] | None:
+        """`take_many` of lane requests, all SUCCESS; None for any other batch (the object
+        path, which materializes what it looks up, takes it and names what is wrong)."""
+        lane = self._lane
+        get = lane.rows.slot_of.get
+        slots = [get(request_id, -1) for request_id in ids]
+        if -1 in slots or len(set(slots)) != len(slots):
+            return None
+        columns = lane.rows._columns
+        at = np.array(slots, dtype=np.int64)
+        if not (columns["state"][at] == _SUCCESS).all():
+            return None
+        deltas, totals = columns["mrope_delta"][at].tolist(), columns["total"][at].tolist()
+        self.output_bytes -= int(columns["output_bytes"][at].sum())
+        outputs, trusted, payloads = lane.outputs, Payload._trusted, []
+        for slot, delta in zip(slots, deltas, strict=True):
+            rows = outputs[slot]
+            outputs[slot] = None
+            payloads.append(trusted(rows[0], rows[1], rows[2], delta, rows[3]))
+        retired, value = self.retired, RequestState.SUCCESS._value_
+        for request_id, total in zip(ids, totals, strict=True):
+            retired[request_id] = (value, None, total, 0)
+        for _ in range(len(retired) - FINISHED_MEMORY):
+            retired.popitem(last=False)
+        columns["gen"][at] = 0
+        lane.rows.remove(at)
+        return payloads
+
+    def _lane_materialize(self, request_id: int) -> Request:
+        """The lane request `request_id` as the Request the object path would hold at this
+        point of its life; it leaves the lane (its place in an admission batch or a message
+        is kept: `LanguageLane.left`)."""
+        lane = self._lane
+        slot = lane.rows.slot_of[request_id]
+        c = lane.rows._columns
+        state, view = int(c["state"][slot]), lane.views[int(c["peer"][slot])]
+        expected = int(c["expected"][slot])
+        request = Request(request_id, view.name, expected_tokens=expected if expected >= 0 else None,
+                          engine_admitted=True)
+        request.peer = view
+        request.admitted_at, request.last_progress = float(c["admitted_at"][slot]), float(c["last_progress"][slot])
+        if state >= _WAITING:
+            request.round = 0
+        if state in (_WAITING, _TRANSFERRING):
+            count = int(c["blocks"][slot])
+            request.blocks = lane.blocks_of(slot, int(c["block_start"][slot]), count)
+            request.allocated_tokens = count * self.config.block_size
+        if state >= _TRANSFERRING:
+            total = int(c["total"][slot])
+            request.total_tokens = request.rows = request.round_tokens = request.round_accepted = total
+            request.mrope_delta = int(c["mrope_delta"][slot])
+            request.outputs, request.direct = lane.outputs[slot], True
+            request.output_bytes = int(c["output_bytes"][slot])
+        if state == _SUCCESS:
+            request.sent_tokens = request.total_tokens
+        request.state = _LANE_STATES[state]
+        lane.outputs[slot] = None
+        gen = int(c["gen"][slot])
+        c["gen"][slot] = 0  # (no batch or message takes the slot for this row any more)
+        lane.rows.remove_id(request_id)
+        dict.__setitem__(self.requests, request_id, request)
+        if state in (_BOOT, _TRANSFERRING):  # in an admission batch or a message in flight
+            lane.keep_left(gen, request)
+        return request
+
+    def _live_requests(self, now: float) -> list[Request]:
+        """What the liveness check looks at: the lane's requests past their deadline
+        (found by column) become Requests first; the others stay rows."""
+        lane = self._lane
+        if lane is not None and lane.rows.slot_of:
+            c = lane.rows._columns
+            used = np.fromiter(lane.rows.slot_of.values(), dtype=np.int64, count=len(lane.rows.slot_of))
+            state = c["state"][used]
+            late = used[((state == _WAITING) | (state == _TRANSFERRING))
+                        & (now - c["last_progress"][used] > self.config.request_timeout_s)]
+            for request_id in c["request_id"][late].tolist():
+                self._lane_materialize(request_id)
+            return list(dict.values(self.requests))
+        return super()._live_requests(now)
+
+
+_LANE_STATES = tuple(RequestState)  # a row's state code -> its RequestState (rows.py: the same order)
+
+
+def _entry_array(items: list, dtype: np.dtype) -> np.ndarray:
+    """A batch record's entries from a step's queue: tuples (the object path's), and
+    structured arrays (the lane's), in the order they were queued."""
+    pieces, run = [], []
+    for item in items:
+        if type(item) is tuple:
+            run.append(item)
+        else:
+            if run:
+                pieces.append(np.array(run, dtype=dtype))
+                run = []
+            pieces.append(item)
+    if not pieces:
+        return np.array(run, dtype=dtype)
+    if run:
+        pieces.append(np.array(run, dtype=dtype))
+    return pieces[0] if len(pieces) == 1 else np.concatenate(pieces)
 
 
 def _output_addresses(request: Request) -> tuple[int, ...]:

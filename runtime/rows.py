@@ -1,10 +1,11 @@
 """`Rows`: one side's requests as rows of preallocated columns (issue 18, item 1).
 
-Where this stands: the table is built and tested here, and `bench/rows_probe.py` drives
-an encoder and a language lane on it through many_small's batches (bit-exact, the real
-records, payload checks, outputs and launches), to measure what the design costs per
-request against the runtime in the same process before the endpoints move onto it.
-`Sender` and `Receiver` still keep a `Request` object per request.
+Where this stands: a TP-1 language leader keeps its usual requests here (the language
+lane, `runtime/lane.py`); the encoder side and TP followers still keep a `Request` object
+per request. `bench/rows_probe.py` drives both sides' usual steps on the table through
+many_small's batches (bit-exact, the real records, payload checks, outputs and launches),
+against the runtime in the same process: what the design costs per request where it is
+complete.
 
 The design the endpoints are to follow (one lane per side, the same rules on both):
 

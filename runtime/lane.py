@@ -1,0 +1,176 @@
+"""The language lane: a TP-1 language leader's usual requests as rows (`runtime/rows.py`).
+
+What the lane holds. A request admitted by `Receiver.admit_many` in a batch of at least
+`LANE_MIN_BATCH` ids (no size, cache key or items given; its encoder engine usable; no
+abort waiting for the id; no metrics hook and no debug log on the endpoint) is a row, not
+a `Request`, for as long as every step it takes is the usual one:
+
+    BOOTSTRAPPING      queued for blocks, in arrival order with the other admissions
+                       (a `LaneBatch` in `Receiver._admission`)
+    WAITING_FOR_INPUT  its first allocation taken as one run of blocks and announced
+                       (the ALLOCATIONS entries built from the columns)
+    TRANSFERRING       its first segment came in a message whose every segment is a lane
+                       request's whole payload in round 0, within its allocation, from
+                       the engine it is bound to, with no PAYLOAD_INFO; the message's
+                       outputs made together, within the output budget
+    SUCCESS            the message landed: unpacked straight into the outputs (one
+                       launch), the blocks freed, the COMPLETIONS entries built from the
+                       columns, the ids reported by `finished()`; `take_many` hands the
+                       payloads out and the rows leave
+
+A single request, or a step's few, costs less as objects than as numpy calls on a few
+rows (bench/rows_probe.py's latency case): `LANE_MIN_BATCH` keeps those on the object path.
+
+Materialization. Anything else that concerns a lane request turns its row into the
+`Request` today's code would hold at that point (`Receiver._lane_materialize`), which
+then takes today's rules: an abort from either side, a PAYLOAD_INFO, a segment or message
+that is not the usual one (every lane request of the message goes), a request past its
+deadline (found by column, `_live_requests`), a lost engine or channel, `release`,
+`abort`, `take` of one id, any other lookup by id or walk over `Receiver.requests`
+(`LaneRequests` materializes what it is asked for). A row materialized while in an
+admission batch or a message keeps its place there: the batch admits the object, the
+message lands it through the object path (`left`).
+
+`state`, `poll`, `error`, `arrived`, `finished` and `take_many` read the lane without
+materializing; so do the size announcements of an encoder (`_announced_size`).
+"""
+
+from __future__ import annotations
+
+from collections import OrderedDict
+from collections.abc import Callable
+
+import numpy as np
+
+from .endpoint import Finished, Request
+from .membership import EngineView
+from .rows import STATE_NAMES, Rows
+
+# The fewest ids of an admit_many that enter the lane (see the docstring).
+LANE_MIN_BATCH = 8
+# Requests materialized while in an admission batch or an in-flight message, kept (by
+# generation) until the batch or message reaches them; bounded for messages that never land.
+LEFT_MEMORY = 4096
+
+COLUMNS = {
+    "state": "u1",
+    "total": "i8",  # N once its first segment came, else -1
+    "expected": "i8",  # an announced size, -1 if none
+    "allocated": "i8",
+    "block_start": "i8",  # the first of its blocks when they are one run, else -1 (block_lists)
+    "blocks": "i8",
+    "mrope_delta": "i8",
+    "output_bytes": "i8",
+    "peer": "i4",  # index into LanguageLane.views
+    "gen": "i8",  # a number no other row ever had: a batch or message knows its rows by it
+    "admitted_at": "f8",
+    "last_progress": "f8",
+}
+
+
+class LaneBatch:
+    """The rows one `admit_many` added, in the admission queue: `pos` of them allocated."""
+
+    __slots__ = ("ids", "slots", "gens", "pos")
+
+    def __init__(self, ids: list[int], slots: np.ndarray, gens: np.ndarray) -> None:
+        self.ids, self.slots, self.gens, self.pos = ids, slots, gens, 0
+
+
+class LanguageLane:
+    def __init__(self, capacity: int = 256) -> None:
+        self.rows = Rows(COLUMNS, capacity)
+        self.outputs: list = [None] * capacity  # slot -> the request's RowTensors once made
+        self.block_lists: list = [None] * capacity  # slot -> its blocks, when they are not one run
+        self.views: list[EngineView] = []  # `peer` column -> the encoder incarnation
+        self._view_index: dict[int, int] = {}
+        self._next_gen = 1
+        self.left: OrderedDict[int, Request] = OrderedDict()
+
+    def peer_index(self, view: EngineView) -> int:
+        index = self._view_index.get(view.incarnation)
+        if index is None or self.views[index] is not view:
+            index = self._view_index[view.incarnation] = len(self.views)
+            self.views.append(view)
+        return index
+
+    def add(self, ids: list[int], **values: object) -> tuple[np.ndarray, np.ndarray]:
+        gens = np.arange(self._next_gen, self._next_gen + len(ids), dtype=np.int64)
+        self._next_gen += len(ids)
+        slots = self.rows.add(ids, gen=gens, **values)
+        if self.rows.capacity > len(self.outputs):
+            self.outputs.extend([None] * (self.rows.capacity - len(self.outputs)))
+            self.block_lists.extend([None] * (self.rows.capacity - len(self.block_lists)))
+        return slots, gens
+
+    def blocks_of(self, slot: int, start: int, count: int) -> list[int]:
+        """A row's blocks as a list (taken out of `block_lists` when kept there)."""
+        if start >= 0:
+            return list(range(start, start + count))
+        blocks, self.block_lists[slot] = self.block_lists[slot], None
+        return blocks
+
+    def keep_left(self, gen: int, request: Request) -> None:
+        self.left[gen] = request
+        while len(self.left) > LEFT_MEMORY:
+            self.left.popitem(last=False)
+
+    def finished_view(self, slot: int) -> Finished:
+        """What `state`, `error` and `arrived` read of a row (as of a retired request)."""
+        c = self.rows._columns
+        total = int(c["total"][slot])
+        # (tuple.__new__: a NamedTuple's own __new__ is a Python frame; the loop asks per request)
+        return tuple.__new__(Finished, (STATE_NAMES[c["state"][slot]], None, total if total >= 0 else None, 0))
+
+
+class LaneRequests(dict):
+    """`Endpoint.requests` of a rank with a lane: its `Request` objects, and any lane id asked
+    for by key (`get`, `[]`) or by a walk over all (`values`, `items`, iteration) comes out
+    of the lane as a `Request` first, so that no rule of the object path ever misses one."""
+
+    __slots__ = ("_materialize", "_slot_of")
+
+    def __init__(self, slot_of: dict[int, int], materialize: Callable[[int], Request]) -> None:
+        super().__init__()
+        self._slot_of = slot_of
+        self._materialize = materialize
+
+    def get(self, key, default=None):
+        found = dict.get(self, key)
+        if found is not None:
+            return found
+        if key in self._slot_of:
+            return self._materialize(key)
+        return default
+
+    def __getitem__(self, key):
+        found = self.get(key)
+        if found is None:
+            raise KeyError(key)
+        return found
+
+    def __contains__(self, key) -> bool:
+        return dict.__contains__(self, key) or key in self._slot_of
+
+    def __len__(self) -> int:
+        return dict.__len__(self) + len(self._slot_of)
+
+    def _all(self) -> None:
+        for key in list(self._slot_of):
+            self._materialize(key)
+
+    def values(self):
+        self._all()
+        return dict.values(self)
+
+    def items(self):
+        self._all()
+        return dict.items(self)
+
+    def keys(self):
+        self._all()
+        return dict.keys(self)
+
+    def __iter__(self):
+        self._all()
+        return dict.__iter__(self)
