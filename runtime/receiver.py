@@ -283,6 +283,12 @@ class Receiver(Endpoint):
         landed = request.sent_tokens + (request.round_landed if request.direct else 0)
         return landed + request.rows - request.total_tokens, request.rows
 
+    def state(self, request_id: int) -> RequestState:
+        slot = self._lane.rows.slot_of.get(request_id) if self._lane is not None and type(request_id) is int else None
+        if slot is not None:  # (what the engine's loop asks of every request: the row's state alone)
+            return _LANE_STATES[self._lane.rows._columns["state"][slot]]
+        return super().state(request_id)
+
     def _lookup(self, request_id: int) -> Request | Finished:
         slot = self._lane.rows.slot_of.get(request_id) if self._lane is not None else None
         if slot is not None:  # read as it stands, not materialized
