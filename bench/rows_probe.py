@@ -12,6 +12,9 @@ process, for two of bench/pipeline.py's cases at 256 MiB staging (`SHAPES`):
               every wave after the first)
   latency     one request of 1024 tokens, blind (the default allocation, 8192 tokens)
 
+Each round measures the probe, the runtime as it is ("today") and the runtime without
+the language lane ("objects": `receiver.LANE_ENABLED` off), in that order.
+
 D = 3584 in bf16 on CUDA; on a CPU D = 64 by default (the runtime copies with torch
 there, inside progress(), and at D = 3584 the copies would be most of its time).
 
@@ -41,6 +44,7 @@ include.
 from __future__ import annotations
 
 import argparse
+import gc
 import json
 import statistics
 import struct
@@ -54,7 +58,7 @@ import torch
 
 from embxfer.control import records as rec
 from embxfer.kernels import ops, staging_layout
-from embxfer.runtime import Config
+from embxfer.runtime import Config, receiver
 from embxfer.runtime import rows as R
 from embxfer.runtime.endpoint import checked_ids
 from embxfer.runtime.local import LocalCluster, random_payload
@@ -374,12 +378,18 @@ def one_batch(shape: Shape, encoder: Encoder, language: Language, wire: Wire, pa
     return taken
 
 
-def today(device: torch.device, shape: Shape, reps: int) -> dict:
-    """Each side's host time per request through the runtime as it is (LocalCluster with
+def today(device: torch.device, shape: Shape, reps: int, lane: bool = True) -> dict:
+    """Each side's host time per request through the runtime (LocalCluster with
     bench/pipeline.py's configuration of the case at 256 MiB staging; the latency case one
-    request at a time, admit + submit -> take, as pipeline.one_request runs it)."""
+    request at a time, admit + submit -> take, as pipeline.one_request runs it); with
+    `lane` False, without the language lane (`receiver.LANE_ENABLED`): every request a
+    Request object on both sides, as before the lane."""
     config = Config(default_alloc_tokens=8192, language_pool_blocks=shape.pool_blocks, staging_bytes=256 << 20)
-    cluster = LocalCluster(config=config, dim=DIM, device=device)
+    enabled, receiver.LANE_ENABLED = receiver.LANE_ENABLED, lane
+    try:
+        cluster = LocalCluster(config=config, dim=DIM, device=device)
+    finally:
+        receiver.LANE_ENABLED = enabled
     payloads = [random_payload(shape.tokens, DIM, seed=i, device=device) for i in range(shape.requests)]
     next_id = 0
 
@@ -452,20 +462,26 @@ def main(argv: list[str] | None = None) -> int:
     for case, shape in SHAPES.items():
         reps = args.reps if shape.requests > 1 else 10 * args.reps
         rounds = []
-        for _ in range(args.rounds):  # the two, alternating
+        for _ in range(args.rounds):  # the three, alternating, each after a full collection
+            gc.collect()
             rows = measure(device, shape, reps)
-            rounds.append({"rows": rows, "today": today(device, shape, max(5, reps // 5))})
+            gc.collect()
+            now = today(device, shape, max(5, reps // 5))
+            gc.collect()
+            rounds.append({"rows": rows, "today": now, "objects": today(device, shape, max(5, reps // 5), lane=False)})
         cases[case] = {**shape._asdict(), "rounds": rounds}
     result = {"benchmark": "rows_probe", "device": name, "torch": torch.__version__, "dim": DIM, "cases": cases}
     path = result_path(args.json, name)
     path.write_text(json.dumps(result, indent=2) + "\n")
-    print(f"{name}, D = {DIM}: host time per request (us), rows (this probe) / today (the runtime, same process)")
+    print(f"{name}, D = {DIM}: host time per request (us), rows (this probe) / today (the runtime, same process) / "
+          "objects (the runtime without the language lane)")
     for case, found in cases.items():
         print(f"  {case}: {found['requests']} x {found['tokens']} tokens")
         for r in found["rounds"]:
-            rows, now = r["rows"], r["today"]
-            print(f"    encoder {rows['encoder_us']:.2f} / {now['encoder_us']:.2f}   language {rows['language_us']:.2f}"
-                  f" / {now['language_us']:.2f}   wall {rows['wall_us']:.2f} / {now['wall_us']:.2f}")
+            rows, now, old = r["rows"], r["today"], r["objects"]
+            print(f"    encoder {rows['encoder_us']:.2f} / {now['encoder_us']:.2f} / {old['encoder_us']:.2f}   language "
+                  f"{rows['language_us']:.2f} / {now['language_us']:.2f} / {old['language_us']:.2f}   wall "
+                  f"{rows['wall_us']:.2f} / {now['wall_us']:.2f} / {old['wall_us']:.2f}")
             print("      " + "  ".join(f"{k} {v:.2f}" for k, v in rows.items() if "." in k or k in ("wire", "device")))
     return 0
 
