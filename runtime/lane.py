@@ -124,14 +124,17 @@ class LanguageLane:
 
 
 class LaneRequests(dict):
-    """`Endpoint.requests` of a rank with a lane: its `Request` objects, and any lane id asked
-    for by key (`get`, `[]`) or by a walk over all (`values`, `items`, iteration) comes out
-    of the lane as a `Request` first, so that no rule of the object path ever misses one."""
+    """`Endpoint.requests` of a rank while its lane holds requests: its `Request` objects,
+    and any lane id asked for by key (`get`, `[]`) or by a walk over all (`values`, `items`,
+    iteration) comes out of the lane as a `Request` first, so that no rule of the object
+    path ever misses one. The receiver swaps it in when the lane takes its first rows and
+    back to a plain dict at the first step the lane is empty (`Receiver._pump`)."""
 
     __slots__ = ("_materialize", "_slot_of")
 
-    def __init__(self, slot_of: dict[int, int], materialize: Callable[[int], Request]) -> None:
-        super().__init__()
+    def __init__(self, slot_of: dict[int, int], materialize: Callable[[int], Request],
+                 requests: dict[int, Request]) -> None:
+        super().__init__(requests)
         self._slot_of = slot_of
         self._materialize = materialize
 

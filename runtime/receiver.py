@@ -144,11 +144,11 @@ class Receiver(Endpoint):
         # request id, then by the encoder rank that sent it (`_bind_segment`).
         self._pinned: dict[int, list[bytes]] = {}
         self._infos: OrderedDict[int, dict[int, rec.PayloadInfo]] = OrderedDict()
-        # A TP-1 engine's usual requests as rows (`runtime/lane.py`); `requests` then hands
-        # out any of them as a Request when asked for it.
+        # A TP-1 engine's usual requests as rows (`runtime/lane.py`); while it holds any,
+        # `requests` is a LaneRequests, which hands out any of them as a Request when asked
+        # for it (a plain dict otherwise: a lookup of the object path costs what it did).
         if self.me.tp_size == 1 and LANE_ENABLED:
             self._lane = LanguageLane()
-            self.requests = LaneRequests(self._lane.rows.slot_of, self._lane_materialize)
 
     # -- public API -----------------------------------------------------------------
     def admit(self, request_id: int, encoder_engine: str | int = 0, *, expected_tokens: int | None = None,
@@ -284,15 +284,19 @@ class Receiver(Endpoint):
         return landed + request.rows - request.total_tokens, request.rows
 
     def state(self, request_id: int) -> RequestState:
-        slot = self._lane.rows.slot_of.get(request_id) if self._lane is not None and type(request_id) is int else None
-        if slot is not None:  # (what the engine's loop asks of every request: the row's state alone)
-            return _LANE_STATES[self._lane.rows._columns["state"][slot]]
-        return super().state(request_id)
+        lane = self._lane
+        if lane is not None and lane.rows.slot_of and type(request_id) is int:
+            slot = lane.rows.slot_of.get(request_id)
+            if slot is not None:  # (what the engine's loop asks of every request: the row's state alone)
+                return _LANE_STATES[lane.rows._columns["state"][slot]]
+        return self._lookup(check_request_id(request_id)).state
 
     def _lookup(self, request_id: int) -> Request | Finished:
-        slot = self._lane.rows.slot_of.get(request_id) if self._lane is not None else None
-        if slot is not None:  # read as it stands, not materialized
-            return self._lane.finished_view(slot)
+        lane = self._lane
+        if lane is not None and lane.rows.slot_of:
+            slot = lane.rows.slot_of.get(request_id)
+            if slot is not None:  # read as it stands, not materialized
+                return lane.finished_view(slot)
         return super()._lookup(request_id)
 
     def take(self, request_id: int) -> Payload:
@@ -457,7 +461,8 @@ class Receiver(Endpoint):
             self._announced_size(request_id, total_tokens, view, record.src_rank)
 
     def _announced_size(self, request_id: int, total_tokens: int, view: EngineView, src_rank: int) -> None:
-        slot = self._lane.rows.slot_of.get(request_id) if self._lane is not None else None
+        lane = self._lane
+        slot = lane.rows.slot_of.get(request_id) if lane is not None and lane.rows.slot_of else None
         if slot is not None:  # (the rule below, on the row)
             c = self._lane.rows._columns
             if c["state"][slot] == _BOOT and c["expected"][slot] < 0 and self._lane.views[c["peer"][slot]].name == view.name:
@@ -1244,6 +1249,8 @@ class Receiver(Endpoint):
 
     # -- pumping and failure ---------------------------------------------------------------
     def _pump(self) -> bool:
+        if self._lane is not None and not self._lane.rows.slot_of and type(self.requests) is not dict:
+            self.requests = dict.copy(self.requests)  # the lane is empty: plain lookups again
         worked = self._admit_waiting() if self.is_leader else False
         for channel in self.channels.values():
             worked |= channel.pump(lambda m, c=channel: self._accept(c, m), self._landed)
@@ -1361,6 +1368,8 @@ class Receiver(Endpoint):
                 if size is not None and size[1] in members:
                     expected[index] = size[0]
         self._source(view)
+        if type(self.requests) is dict:
+            self.requests = LaneRequests(lane.rows.slot_of, self._lane_materialize, self.requests)
         slots, gens = lane.add(ids, state=_BOOT, total=-1, expected=expected, peer=lane.peer_index(view),
                                admitted_at=now, last_progress=now)
         self.stats.requests += len(ids)

@@ -139,7 +139,6 @@ def test_the_usual_batch_stays_in_the_lane_from_admission_to_take() -> None:
     leader, made = cluster.leader, []
     materialize = leader._lane_materialize
     leader._lane_materialize = lambda rid: made.append(rid) or materialize(rid)
-    leader.requests._materialize = leader._lane_materialize
     payloads = {rid: random_payload(5 + rid % 50, DIM, seed=rid) for rid in range(100, 140)}
     for _ in range(3):
         taken = cluster.transfer(payloads)
