@@ -520,8 +520,25 @@ class Receiver(Endpoint):
             accepted = self._lane_accept(channel, message)
             if accepted is not None:
                 return accepted
+        if not self._accept_gate(message, message.record.segments):
+            return False
+        source = channel.source
+        whole: list[Request] = []
+        started: list[Request] = []
+        src_rank = message.record.src_rank
+        message.requests = [self._bind_segment(segment, source, src_rank, whole, started)
+                            for segment in message.record.segments]
+        if started:  # (one may have failed on a later segment of this message)
+            self._set_states([r for r in started if not r.state.terminal], RequestState.TRANSFERRING)
+        if whole:
+            self._take_outputs_together(whole, message)
+        return True
+
+    def _accept_gate(self, message: RecvMessage, segments: Sequence[rec.Segment]) -> bool:
+        """False while a segment's request may still become known on this rank, or its
+        round's decision has not been applied here: the message waits at the head."""
         now = time.monotonic()
-        for segment in message.record.segments:
+        for segment in segments:
             request = self.requests.get(segment.request_id)
             if request is None:
                 if segment.request_id in self.retired:
@@ -534,16 +551,6 @@ class Receiver(Endpoint):
             if not request.state.terminal and (segment.round > request.round
                                                or segment.round == request.round and not request.blocks):
                 return False  # this rank has not applied the leader's decision for that round yet
-        source = channel.source
-        whole: list[Request] = []
-        started: list[Request] = []
-        src_rank = message.record.src_rank
-        message.requests = [self._bind_segment(segment, source, src_rank, whole, started)
-                            for segment in message.record.segments]
-        if started:  # (one may have failed on a later segment of this message)
-            self._set_states([r for r in started if not r.state.terminal], RequestState.TRANSFERRING)
-        if whole:
-            self._take_outputs_together(whole, message)
         return True
 
     def _bind_segment(self, segment: rec.Segment, source: EngineView, src_rank: int, whole: list[Request],
@@ -686,8 +693,11 @@ class Receiver(Endpoint):
     def _landed(self, message: RecvMessage, staging) -> None:
         """A staging message arrived: its live segments go straight into their outputs
         (one launch), or into landing blocks (one launch) for first rounds without them."""
-        if message.lane is not None and self._lane_landed(message, staging):
-            return
+        laned = 0  # segments the lane landed (its positions are None in message.requests)
+        if message.lane is not None:
+            laned = self._lane_landed(message, staging)
+            if laned < 0:
+                return
         pooled, blocks, offsets, counts = [], [], [], []
         direct, outputs, starts = [], [], []
         for index, (segment, request) in enumerate(zip(message.record.segments, message.requests, strict=True)):
@@ -704,7 +714,7 @@ class Receiver(Endpoint):
                 offsets.append(segment.start - request.sent_tokens)
                 counts.append(segment.count)
         channel = self.channels[message.record.src_rank]
-        channel.discarded += len(message.requests) - len(pooled) - len(direct)
+        channel.discarded += len(message.requests) - len(pooled) - len(direct) - laned
         if direct:
             whole = len(direct) == len(message.requests)
             if whole and message.together is not None and not self.spec.is_cuda:
@@ -1437,43 +1447,75 @@ class Receiver(Endpoint):
         return fitted
 
     def _lane_accept(self, channel: RecvChannel, message: RecvMessage) -> bool | None:
-        """`_accept` of a message whose every segment is a lane request's usual first (and
-        only) round: bound by column, its outputs made together (True). None when it is
-        not: its lane requests are materialized first, and the object path takes it."""
+        """`_accept` of a message with segments of lane requests. Those that are their
+        request's usual first (and only) round are bound by column, their outputs made
+        together; a lane request with any other segment is materialized first, and the
+        message's other segments take the object path's gate and binding. True when
+        accepted, False to wait (nothing bound), None when no segment stays in the lane
+        (the object path takes the whole message)."""
         lane = self._lane
         slot_of, segments = lane.rows.slot_of, message.record.segments
         slots = [slot_of.get(s.request_id, -1) for s in segments]
-        if -1 in slots:
-            self._lane_let_go(segments)
-            return None
         columns = lane.rows._columns
-        at = np.array(slots, dtype=np.int64)
-        counts = [s.count for s in segments]
-        need = sum(counts) * self.spec.bytes_per_token
-        usual = (channel.source is not None and len(set(slots)) == len(slots) and self.metrics is None
-                 and not self._budget_waiting and self.output_bytes + need <= self.config.output_budget_bytes
-                 and all(s.round == 0 and s.start == 0 and s.count == s.total_tokens for s in segments)
-                 and not (self._infos and any(s.request_id in self._infos for s in segments)))
-        if usual:
-            peer = lane._view_index.get(channel.source.incarnation, -1)
-            usual = peer >= 0 and lane.views[peer] is channel.source and (columns["peer"][at] == peer).all() \
-                and (columns["state"][at] == _WAITING).all() and (columns["allocated"][at] >= counts).all()
-        if not usual:
+        source = channel.source
+        peer = lane._view_index.get(source.incarnation, -1) if source is not None else -1
+        if peer < 0 or lane.views[peer] is not source or self.metrics is not None or self._budget_waiting:
             self._lane_let_go(segments)
             return None
+        infos = self._infos
+        usual = [slot >= 0 and s.round == 0 and s.start == 0 and s.count == s.total_tokens
+                 and not (infos and s.request_id in infos) for slot, s in zip(slots, segments, strict=True)]
+        at = np.array([slot for slot, ok in zip(slots, usual, strict=True) if ok], dtype=np.int64)
+        if len(at):
+            counts = np.array([s.count for s, ok in zip(segments, usual, strict=True) if ok], dtype=np.int64)
+            fine = (columns["peer"][at] == peer) & (columns["state"][at] == _WAITING) \
+                & (columns["allocated"][at] >= counts)
+            if len(set(at.tolist())) != len(at):
+                fine[:] = False
+            if not fine.all():
+                index = iter(fine.tolist())
+                usual = [ok and next(index) for ok in usual]
+        positions = [i for i, ok in enumerate(usual) if ok]
+        need = sum(segments[i].count for i in positions) * self.spec.bytes_per_token
+        if positions and self.output_bytes + need > self.config.output_budget_bytes:
+            positions = []
+        if not positions:
+            self._lane_let_go(segments)
+            return None
+        mixed = len(positions) < len(segments)
+        if mixed:
+            others = [s for i, s in enumerate(segments) if not usual[i]]
+            self._lane_let_go(others)
+            if not self._accept_gate(message, others):
+                return False
+        lane_segments = [segments[i] for i in positions]
+        at = np.array([slots[i] for i in positions], dtype=np.int64)
+        counts = [s.count for s in lane_segments]
         now, per_token = time.monotonic(), self.spec.bytes_per_token
         columns["total"][at] = counts
-        columns["mrope_delta"][at] = [s.mrope_delta for s in segments]
+        columns["mrope_delta"][at] = [s.mrope_delta for s in lane_segments]
         columns["state"][at] = _TRANSFERRING
         columns["last_progress"][at] = now
         columns["output_bytes"][at] = np.asarray(counts, dtype=np.int64) * per_token
         together, views = self.pool.empty_rows_together(counts)
         outputs = lane.outputs
-        for slot, view in zip(slots, views, strict=True):
+        for slot, view in zip(at.tolist(), views, strict=True):
             outputs[slot] = view
         self.output_bytes += need
-        message.together = together
-        message.lane = (at, columns["gen"][at].copy(), counts)
+        message.lane = (at, columns["gen"][at].copy(), counts, positions if mixed else None, together)
+        if not mixed:
+            message.together = together
+            return True
+        lane_at = set(positions)
+        whole: list[Request] = []
+        started: list[Request] = []
+        src_rank = message.record.src_rank
+        message.requests = [None if i in lane_at else self._bind_segment(s, source, src_rank, whole, started)
+                            for i, s in enumerate(segments)]
+        if started:
+            self._set_states([r for r in started if not r.state.terminal], RequestState.TRANSFERRING)
+        if whole:
+            self._take_outputs_together(whole, message)
         return True
 
     def _lane_let_go(self, segments: Sequence[rec.Segment]) -> None:
@@ -1483,27 +1525,34 @@ class Receiver(Endpoint):
             if segment.request_id in slot_of:
                 self._lane_materialize(segment.request_id)
 
-    def _lane_landed(self, message: RecvMessage, staging) -> bool:
-        """`_landed` of a lane message: unpacked into its outputs with one launch, every
-        request read and complete (its blocks freed, its COMPLETE queued, SUCCESS), by
-        column. False when a request of it left the lane meanwhile: the message is then
-        turned into the object path's form (its requests as Requests) for `_landed`."""
+    def _lane_landed(self, message: RecvMessage, staging) -> int:
+        """`_landed` of a message's lane segments: unpacked into their outputs with one
+        launch, every request read and complete (its blocks freed, its COMPLETE queued,
+        SUCCESS), by column. -1 when the message was all lane (done); else how many
+        segments the lane landed, the object path landing the others (their positions
+        in `message.requests`). When a request of the lane's segments left the lane
+        meanwhile, they are all turned into the object path's form first (0)."""
         lane = self._lane
-        at, gens, counts = message.lane
+        at, gens, counts, positions, together = message.lane
+        message.lane = None
         columns = lane.rows._columns
+        if positions is None:
+            message.requests = [None] * len(counts)
         if not (columns["gen"][at] == gens).all() or self.metrics is not None:
             alive = (columns["gen"][at] == gens).tolist()
             ids = columns["request_id"][at].tolist()
-            message.requests = [self._lane_materialize(rid) if ok else lane.left.pop(int(gen), None)
-                                for rid, ok, gen in zip(ids, alive, gens.tolist(), strict=True)]
-            message.lane = None
-            return False
+            for index, rid, ok, gen in zip(positions or range(len(counts)), ids, alive, gens.tolist(), strict=True):
+                message.requests[index] = self._lane_materialize(rid) if ok else lane.left.pop(int(gen), None)
+            return 0
         outputs = [lane.outputs[slot] for slot in at.tolist()]
+        zeros = np.zeros(len(counts), dtype=np.int64)
         if self.spec.is_cuda:
-            ops.unpack_addressed_rows(staging, message.layout, outputs[0], ops.together_addresses(message.together, counts),
-                                      np.zeros(len(counts), dtype=np.int64), outputs)
+            ops.unpack_addressed_rows(staging, message.layout, outputs[0], ops.together_addresses(together, counts),
+                                      zeros, outputs, segments=positions)
+        elif positions is None:
+            ops.unpack_together(staging, message.layout, together)
         else:
-            ops.unpack_together(staging, message.layout, message.together)
+            ops.unpack_to_rows(staging, message.layout, outputs, zeros, segments=positions)
         starts = columns["block_start"][at]
         if (starts >= 0).all():
             self.allocator.free_runs(starts, columns["blocks"][at])
@@ -1527,35 +1576,44 @@ class Receiver(Endpoint):
         entries["sent_tokens"] = entries["total_tokens"] = counts
         leader = lane.views[int(columns["peer"][at[0]])].leader
         self._completions.setdefault(leader, []).append(entries)
-        return True
+        return -1 if positions is None else done
 
     def _lane_take(self, ids: list[int]) -> list[Payload] | None:
-        """`take_many` of lane requests, all SUCCESS; None for any other batch (the object
-        path, which materializes what it looks up, takes it and names what is wrong)."""
+        """`take_many` of checked ids some of which are lane requests, all SUCCESS: those
+        by column, the others through the object path's checks and hand-over, the payloads
+        in the ids' order. None when no id is in the lane or one of them is not SUCCESS
+        (the object path, which materializes what it looks up, takes the batch or names
+        what is wrong). Every id is checked before any is taken."""
         lane = self._lane
         get = lane.rows.slot_of.get
         slots = [get(request_id, -1) for request_id in ids]
-        if -1 in slots or len(set(slots)) != len(slots):
+        positions = [k for k, slot in enumerate(slots) if slot >= 0]
+        if not positions:
             return None
         columns = lane.rows._columns
-        at = np.array(slots, dtype=np.int64)
+        at = np.array([slots[k] for k in positions], dtype=np.int64)
         if not (columns["state"][at] == _SUCCESS).all():
             return None
+        objects = [self._takeable(ids[k], f"request_ids[{k}]") for k, slot in enumerate(slots) if slot < 0]
         deltas, totals = columns["mrope_delta"][at].tolist(), columns["total"][at].tolist()
         self.output_bytes -= int(columns["output_bytes"][at].sum())
-        outputs, trusted, payloads = lane.outputs, Payload._trusted, []
-        for slot, delta in zip(slots, deltas, strict=True):
+        outputs, trusted, taken = lane.outputs, Payload._trusted, []
+        for slot, delta in zip(at.tolist(), deltas, strict=True):
             rows = outputs[slot]
             outputs[slot] = None
-            payloads.append(trusted(rows[0], rows[1], rows[2], delta, rows[3]))
+            taken.append(trusted(rows[0], rows[1], rows[2], delta, rows[3]))
         retired, value = self.retired, RequestState.SUCCESS._value_
-        for request_id, total in zip(ids, totals, strict=True):
-            retired[request_id] = (value, None, total, 0)
+        for k, total in zip(positions, totals, strict=True):
+            retired[ids[k]] = (value, None, total, 0)
         for _ in range(len(retired) - FINISHED_MEMORY):
             retired.popitem(last=False)
         columns["gen"][at] = 0
         lane.rows.remove(at)
-        return payloads
+        if not objects:
+            return taken
+        handed = iter(self._hand_over_all(objects))
+        laned = iter(taken)
+        return [next(laned) if slot >= 0 else next(handed) for slot in slots]
 
     def _lane_materialize(self, request_id: int) -> Request:
         """The lane request `request_id` as the Request the object path would hold at this
