@@ -12,8 +12,8 @@ process, for two of bench/pipeline.py's cases at 256 MiB staging (`SHAPES`):
               every wave after the first)
   latency     one request of 1024 tokens, blind (the default allocation, 8192 tokens)
 
-Each round measures the probe, the runtime as it is ("today") and the runtime without
-the language lane ("objects": `receiver.LANE_ENABLED` off), in that order.
+Each round measures the probe, the runtime with the language lane ("lane":
+`receiver.LANE_ENABLED` on) and without it ("objects", the default), in that order.
 
 D = 3584 in bf16 on CUDA; on a CPU D = 64 by default (the runtime copies with torch
 there, inside progress(), and at D = 3584 the copies would be most of its time).
@@ -378,12 +378,12 @@ def one_batch(shape: Shape, encoder: Encoder, language: Language, wire: Wire, pa
     return taken
 
 
-def today(device: torch.device, shape: Shape, reps: int, lane: bool = True) -> dict:
+def today(device: torch.device, shape: Shape, reps: int, lane: bool) -> dict:
     """Each side's host time per request through the runtime (LocalCluster with
     bench/pipeline.py's configuration of the case at 256 MiB staging; the latency case one
-    request at a time, admit + submit -> take, as pipeline.one_request runs it); with
-    `lane` False, without the language lane (`receiver.LANE_ENABLED`): every request a
-    Request object on both sides, as before the lane."""
+    request at a time, admit + submit -> take, as pipeline.one_request runs it): with the
+    language lane (`receiver.LANE_ENABLED`, off by default) or without it (every request
+    a Request object on both sides)."""
     config = Config(default_alloc_tokens=8192, language_pool_blocks=shape.pool_blocks, staging_bytes=256 << 20)
     enabled, receiver.LANE_ENABLED = receiver.LANE_ENABLED, lane
     try:
@@ -466,19 +466,19 @@ def main(argv: list[str] | None = None) -> int:
             gc.collect()
             rows = measure(device, shape, reps)
             gc.collect()
-            now = today(device, shape, max(5, reps // 5))
+            now = today(device, shape, max(5, reps // 5), lane=True)
             gc.collect()
-            rounds.append({"rows": rows, "today": now, "objects": today(device, shape, max(5, reps // 5), lane=False)})
+            rounds.append({"rows": rows, "lane": now, "objects": today(device, shape, max(5, reps // 5), lane=False)})
         cases[case] = {**shape._asdict(), "rounds": rounds}
     result = {"benchmark": "rows_probe", "device": name, "torch": torch.__version__, "dim": DIM, "cases": cases}
     path = result_path(args.json, name)
     path.write_text(json.dumps(result, indent=2) + "\n")
-    print(f"{name}, D = {DIM}: host time per request (us), rows (this probe) / today (the runtime, same process) / "
-          "objects (the runtime without the language lane)")
+    print(f"{name}, D = {DIM}: host time per request (us), rows (this probe) / lane (the runtime with the language "
+          "lane) / objects (the runtime without it, its default)")
     for case, found in cases.items():
         print(f"  {case}: {found['requests']} x {found['tokens']} tokens")
         for r in found["rounds"]:
-            rows, now, old = r["rows"], r["today"], r["objects"]
+            rows, now, old = r["rows"], r["lane"], r["objects"]
             print(f"    encoder {rows['encoder_us']:.2f} / {now['encoder_us']:.2f} / {old['encoder_us']:.2f}   language "
                   f"{rows['language_us']:.2f} / {now['language_us']:.2f} / {old['language_us']:.2f}   wall "
                   f"{rows['wall_us']:.2f} / {now['wall_us']:.2f} / {old['wall_us']:.2f}")

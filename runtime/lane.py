@@ -1,5 +1,11 @@
 """The language lane: a TP-1 language leader's usual requests as rows (`runtime/rows.py`).
 
+Off by default (`receiver.LANE_ENABLED`): on the 2-core CPU it saves about a tenth of
+the language side's host time where a batch's messages hold whole requests and costs
+10-40 % more where they end inside requests (bench/lane_ab.py), and its final form was not
+measured on a GPU (bench/results/host-NOTES.md, pipeline-NOTES.md). The tests run both
+paths.
+
 What the lane holds. A request admitted by `Receiver.admit_many` in a batch of at least
 `LANE_MIN_BATCH` ids (no size, cache key or items given; its encoder engine usable; no
 abort waiting for the id; no metrics hook and no debug log on the endpoint) is a row, not

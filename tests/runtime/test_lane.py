@@ -29,11 +29,16 @@ from embxfer.runtime.local import random_payload
 DIM = 16
 
 
-def _cluster(staging_bytes: int = 1 << 14) -> LocalCluster:
+def _cluster(staging_bytes: int = 1 << 14, lane: bool = True) -> LocalCluster:
     """Staging of 16 KiB holds 341 tokens here: messages often end inside a request."""
     config = Config(block_size=16, default_alloc_tokens=64, language_pool_blocks=48, staging_bytes=staging_bytes,
                     request_timeout_s=3600.0)
-    return LocalCluster(Topology(1, 1, 1), config, dim=DIM)
+    old = receiver_module.LANE_ENABLED
+    receiver_module.LANE_ENABLED = lane
+    try:
+        return LocalCluster(Topology(1, 1, 1), config, dim=DIM)
+    finally:
+        receiver_module.LANE_ENABLED = old
 
 
 def _canonical(record: rec.Record) -> bytes:
@@ -68,12 +73,7 @@ def _plain(value: object) -> object:
 
 def run_program(seed: int, lane: bool) -> list:
     """A random engine program on a fresh cluster; the log of everything observable."""
-    old = receiver_module.LANE_ENABLED
-    receiver_module.LANE_ENABLED = lane
-    try:
-        cluster = _cluster()
-    finally:
-        receiver_module.LANE_ENABLED = old
+    cluster = _cluster(lane=lane)
     leader, sender = cluster.leader, cluster.senders[0]
     assert (leader._lane is not None) is lane
     log: list = []
@@ -170,12 +170,7 @@ def test_a_materialized_request_is_the_one_the_object_path_holds(state: str) -> 
                                                                          "peer")]
     seen = {}
     for lane in (True, False):
-        old = receiver_module.LANE_ENABLED
-        receiver_module.LANE_ENABLED = lane
-        try:
-            cluster = _cluster()
-        finally:
-            receiver_module.LANE_ENABLED = old
+        cluster = _cluster(lane=lane)
         leader, sender = cluster.leader, cluster.senders[0]
         ids = list(range(1, 13))
         payloads = {rid: random_payload(10 + rid, DIM, seed=rid) for rid in ids}
@@ -205,12 +200,7 @@ def _held_wire_program(lane: bool) -> list:
     """A lane message accepted (its requests TRANSFERRING, its receive posted) whose data
     has not come yet, when one of its requests is aborted by the language engine and
     another by the encoder engine: the others land, those two do not."""
-    old = receiver_module.LANE_ENABLED
-    receiver_module.LANE_ENABLED = lane
-    try:
-        cluster = _cluster(staging_bytes=1 << 20)
-    finally:
-        receiver_module.LANE_ENABLED = old
+    cluster = _cluster(staging_bytes=1 << 20, lane=lane)
     leader, sender, hub = cluster.leader, cluster.senders[0], cluster.p2p
     log: list = []
     for endpoint, side in ((leader, "language"), (sender, "encoder")):

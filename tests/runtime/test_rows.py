@@ -122,5 +122,5 @@ def test_the_probe_writes_both_measurements_of_each_round(tmp_path):
     assert result["dim"] == 16 and set(result["cases"]) == {"many_small", "latency"}
     for case in result["cases"].values():
         (only,) = case["rounds"]
-        assert set(only) == {"rows", "today", "objects"}
+        assert set(only) == {"rows", "lane", "objects"}
         assert all(only[side][key] > 0 for side in only for key in ("encoder_us", "language_us", "wall_us"))

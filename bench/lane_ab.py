@@ -1,0 +1,109 @@
+"""The language lane on and off, alternating in one process: bench/pipeline.py's batch and
+many_small shapes through `LocalCluster`, with staging that holds whole requests or ends
+messages inside them.
+
+    python bench/lane_ab.py --json bench/results/lane-ab-{device}.json
+
+Each round builds one cluster with the lane and one without (`receiver.LANE_ENABLED`, read
+when an endpoint is made), in alternating order, and times `--reps` batches on each after
+two warm-ups: wall time and each side's host time per request (bench/pipeline.py's timers).
+The staging sizes are given in tokens per message so that the CPU (D = 64) and a GPU
+(D = 3584) cut messages alike, as bench/pipeline.py's 256 and 32 MiB do at D = 3584:
+many_small's messages hold whole requests at 256 MiB (52 of them, 5 messages) and end
+inside one at 32 MiB (18 a message); the batch case's (64 requests of 64..4096 tokens)
+end inside one at both.
+"""
+
+from __future__ import annotations
+
+import argparse
+import gc
+import json
+import random
+import statistics
+import sys
+import time
+from pathlib import Path
+
+import torch
+
+from embxfer.runtime import Config, receiver
+from embxfer.runtime.local import LocalCluster, random_payload
+
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+from pipeline import result_path, time_engine_calls  # noqa: E402 - bench/pipeline.py, next to this file
+
+BATCH = [random.Random(0).randint(64, 4096) for _ in range(64)]
+CASES = {  # name: (lengths, staging tokens per message: what 256 / 32 MiB hold at D = 3584)
+    "many_small_256MiB": ([256] * 256, 37_364),
+    "many_small_32MiB": ([256] * 256, 4_670),
+    "batch_256MiB": (BATCH, 37_364),
+    "batch_32MiB": (BATCH, 4_670),
+}
+
+
+def one(device: torch.device, dim: int, lengths: list[int], tokens: int, lane: bool, reps: int) -> dict:
+    config = Config(default_alloc_tokens=8192, language_pool_blocks=2048, staging_bytes=tokens * (2 * dim + 16))
+    enabled, receiver.LANE_ENABLED = receiver.LANE_ENABLED, lane
+    try:
+        cluster = LocalCluster(config=config, dim=dim, device=device)
+    finally:
+        receiver.LANE_ENABLED = enabled
+    payloads = [random_payload(n, dim, seed=i, device=device) for i, n in enumerate(lengths)]
+    next_id, walls, sides = 0, [], []
+    sync = torch.cuda.synchronize if device.type == "cuda" else (lambda: None)
+    for rep in range(reps + 2):
+        batch = {next_id + i: p for i, p in enumerate(payloads)}
+        next_id += len(payloads)
+        if rep == 2:
+            spent = time_engine_calls(cluster)
+        before = dict(spent) if rep >= 2 else None
+        sync()
+        started = time.perf_counter()
+        taken = cluster.transfer(batch)
+        sync()
+        if rep == 0:
+            assert all(copies[0].bit_equal(batch[rid]) for rid, copies in taken.items()), "not bit-exact"
+        if rep >= 2:
+            walls.append(time.perf_counter() - started)
+            sides.append({side: spent[side] - before[side] for side in spent})
+    cluster.close()
+    n = len(lengths)
+    return {"wall_us": 1e6 * statistics.median(walls) / n,
+            **{f"{side}_us": 1e6 * statistics.median(s[side] for s in sides) / n for side in ("encoder", "language")}}
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--json", default="bench/results/lane-ab-{device}.json")
+    parser.add_argument("--reps", type=int, default=5)
+    parser.add_argument("--rounds", type=int, default=4)
+    args = parser.parse_args(argv)
+    cuda = torch.cuda.is_available()
+    device = torch.device("cuda", torch.cuda.current_device()) if cuda else torch.device("cpu")
+    name = torch.cuda.get_device_name() if cuda else "cpu"
+    dim = 3584 if cuda else 64
+    torch.set_num_threads(1)
+    out = {"benchmark": "lane_ab", "device": name, "dim": dim, "cases": {}}
+    print(f"{name}, D = {dim}: per request (us), with the lane / without; wall, language side, encoder side")
+    for case, (lengths, tokens) in CASES.items():
+        rounds = []
+        for r in range(args.rounds):
+            pair = {}
+            for lane in ((True, False) if r % 2 else (False, True)):
+                gc.collect()
+                pair["lane" if lane else "objects"] = one(device, dim, lengths, tokens, lane, args.reps)
+            rounds.append(pair)
+        ratio = statistics.median(p["lane"]["wall_us"] / p["objects"]["wall_us"] for p in rounds)
+        lang = statistics.median(p["lane"]["language_us"] / p["objects"]["language_us"] for p in rounds)
+        out["cases"][case] = {"requests": len(lengths), "tokens_per_message": tokens, "rounds": rounds,
+                              "wall_ratio_median": ratio, "language_ratio_median": lang}
+        print(f"  {case:17s} wall ratio {ratio:.3f}, language ratio {lang:.3f}: " + "; ".join(
+            f"{p['lane']['wall_us']:.1f}/{p['objects']['wall_us']:.1f}" for p in rounds))
+    path = result_path(args.json, name)
+    path.write_text(json.dumps(out, indent=2) + "\n")
+    return 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())
