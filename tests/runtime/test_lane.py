@@ -51,6 +51,20 @@ def _canonical(record: rec.Record) -> bytes:
     return rec.encode(record)
 
 
+def _recording(leader, sender) -> list:
+    """A log that every record either endpoint publishes goes into, as it goes."""
+    log: list = []
+    for endpoint, side in ((leader, "language"), (sender, "encoder")):
+        publish = endpoint._publish
+
+        def recorded(record, publish=publish, side=side):
+            log.append((side, "record", _canonical(record)))
+            publish(record)
+
+        endpoint._publish = recorded
+    return log
+
+
 def _call(log: list, what: str, work) -> object:
     try:
         result = work()
@@ -76,15 +90,7 @@ def run_program(seed: int, lane: bool) -> list:
     cluster = _cluster(lane=lane)
     leader, sender = cluster.leader, cluster.senders[0]
     assert (leader._lane is not None) is lane
-    log: list = []
-    for endpoint, side in ((leader, "language"), (sender, "encoder")):
-        publish = endpoint._publish
-
-        def recorded(record, publish=publish, side=side):
-            log.append((side, "record", _canonical(record)))
-            publish(record)
-
-        endpoint._publish = recorded
+    log = _recording(leader, sender)
     rng = random.Random(seed)
     payloads: dict[int, object] = {}
     admitted: list[int] = []
@@ -202,15 +208,7 @@ def _held_wire_program(lane: bool) -> list:
     another by the encoder engine: the others land, those two do not."""
     cluster = _cluster(staging_bytes=1 << 20, lane=lane)
     leader, sender, hub = cluster.leader, cluster.senders[0], cluster.p2p
-    log: list = []
-    for endpoint, side in ((leader, "language"), (sender, "encoder")):
-        publish = endpoint._publish
-
-        def recorded(record, publish=publish, side=side):
-            log.append((side, "record", _canonical(record)))
-            publish(record)
-
-        endpoint._publish = recorded
+    log = _recording(leader, sender)
     ids = list(range(1, 13))
     payloads = {rid: random_payload(10 + rid, DIM, seed=rid) for rid in ids}
     leader.admit_many(ids)
