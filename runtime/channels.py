@@ -360,8 +360,9 @@ class RecvMessage:
     # The one allocation per field whose views are the outputs of every segment's request,
     # in order (each request arriving whole in this message), else None.
     together: object = None
-    # A message whose every segment is a request of the language lane (`runtime/lane.py`):
-    # (slots, their generations, counts); `requests` then stays empty.
+    # The segments of language-lane requests (`runtime/lane.py`): (slots, their generations,
+    # counts, their positions or None for every segment, their outputs' allocation); those
+    # positions of `requests` stay None (all of them when every segment is the lane's).
     lane: object = None
 
 

@@ -15,10 +15,11 @@ a `Request`, for as long as every step it takes is the usual one:
                        (a `LaneBatch` in `Receiver._admission`)
     WAITING_FOR_INPUT  its first allocation taken as one run of blocks and announced
                        (the ALLOCATIONS entries built from the columns)
-    TRANSFERRING       its first segment came in a message whose every segment is a lane
-                       request's whole payload in round 0, within its allocation, from
-                       the engine it is bound to, with no PAYLOAD_INFO; the message's
-                       outputs made together, within the output budget
+    TRANSFERRING       its first segment is its whole payload in round 0, within its
+                       allocation, from the engine it is bound to, with no PAYLOAD_INFO;
+                       the outputs of a message's lane requests made together, within
+                       the output budget (the message's other segments take the object
+                       path: their lane requests are materialized first)
     SUCCESS            the message landed: unpacked straight into the outputs (one
                        launch), the blocks freed, the COMPLETIONS entries built from the
                        columns, the ids reported by `finished()`; `take_many` hands the
@@ -30,7 +31,7 @@ rows (bench/rows_probe.py's latency case): `LANE_MIN_BATCH` keeps those on the o
 Materialization. Anything else that concerns a lane request turns its row into the
 `Request` today's code would hold at that point (`Receiver._lane_materialize`), which
 then takes today's rules: an abort from either side, a PAYLOAD_INFO, a segment or message
-that is not the usual one (every lane request of the message goes), a request past its
+that is not the usual one, a request past its
 deadline (found by column, `_live_requests`), a lost engine or channel, `release`,
 `abort`, `take` of one id, any other lookup by id or walk over `Receiver.requests`
 (`LaneRequests` materializes what it is asked for). A row materialized while in an
