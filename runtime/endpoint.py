@@ -641,9 +641,13 @@ class Endpoint:
 
     def _remember_finished(self, requests: Sequence[Request]) -> None:
         """Put these requests, no longer live, in the bounded memory of finished ones."""
-        retired, kept = self.retired, Finished.kept
-        for request in requests:
-            retired[request.request_id] = kept(request)
+        kept = Finished.kept
+        self._remember_kept([(request.request_id, kept(request)) for request in requests])
+
+    def _remember_kept(self, pairs: Sequence[tuple[int, tuple]]) -> None:
+        """The bounded memory of finished requests takes these (id, `Finished.kept`) pairs."""
+        retired = self.retired
+        retired.update(pairs)
         for _ in range(len(retired) - FINISHED_MEMORY):
             retired.popitem(last=False)
 

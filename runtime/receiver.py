@@ -63,7 +63,6 @@ from .allocator import BlockAllocator
 from .cache import PayloadCache
 from .channels import RecvChannel, RecvMessage, segment_plan, wire_to_rows
 from .endpoint import (
-    FINISHED_MEMORY,
     Endpoint,
     Finished,
     Request,
@@ -288,7 +287,9 @@ class Receiver(Endpoint):
 
     def state(self, request_id: int) -> RequestState:
         lane = self._lane
-        if lane is not None and lane.rows.slot_of and type(request_id) is int:
+        if lane is None:  # (the object path: what Endpoint.state does, no frame more)
+            return Endpoint._lookup(self, check_request_id(request_id)).state
+        if lane.rows.slot_of and type(request_id) is int:
             slot = lane.rows.slot_of.get(request_id)
             if slot is not None:  # (what the engine's loop asks of every request: the row's state alone)
                 return _LANE_STATES[lane.rows._columns["state"][slot]]
@@ -1021,7 +1022,7 @@ class Receiver(Endpoint):
             if pending:
                 fit = kind.entries_that_fit(capacity)
                 for dst, items in pending.items():
-                    if kind is not rec.HeldItems:  # tuples, and the lane's entries as arrays
+                    if kind is not rec.HeldItems and self._lane is not None:  # the lane's entries are arrays
                         entries = _entry_array(items, kind.ENTRY)
                         for first in range(0, len(entries), fit):
                             self._publish(kind.trusted(src_rank=self.rank, dst_rank=dst,
@@ -1605,11 +1606,8 @@ class Receiver(Endpoint):
             rows = outputs[slot]
             outputs[slot] = None
             taken.append(trusted(rows[0], rows[1], rows[2], delta, rows[3]))
-        retired, value = self.retired, RequestState.SUCCESS._value_
-        for k, total in zip(positions, totals, strict=True):
-            retired[ids[k]] = (value, None, total, 0)
-        for _ in range(len(retired) - FINISHED_MEMORY):
-            retired.popitem(last=False)
+        value = RequestState.SUCCESS._value_
+        self._remember_kept([(ids[k], (value, None, total, 0)) for k, total in zip(positions, totals, strict=True)])
         columns["gen"][at] = 0
         lane.rows.remove(at)
         if not objects:

@@ -105,10 +105,10 @@ def test_a_transfer_read_by_column_is_the_record_transfer_encodes():
         rows_probe.transfer_columns(frame, 1)
 
 
-def test_the_probes_lanes_move_every_payload_bit_exact_and_leave_nothing_behind():
+def test_the_probes_lanes_move_every_payload_bit_exact_and_leave_nothing_behind(monkeypatch):
     """bench/rows_probe.py's measure() asserts on its first batch that every payload came
     out bit for bit and that both tables and the block pool are empty again."""
-    rows_probe.DIM = 16
+    monkeypatch.setattr(rows_probe, "DIM", 16)
     for shape in (rows_probe.SHAPES["latency"], rows_probe.Shape(40, 24, 40, 64, 16)):  # 3 messages
         out = rows_probe.measure(rows_probe.torch.device("cpu"), shape, reps=1)
         assert out["encoder_us"] > 0 and out["language_us"] > 0
