@@ -1,11 +1,12 @@
-"""The language lane on and off, alternating in one process: bench/pipeline.py's batch and
+"""The lanes on and off, alternating in one process: bench/pipeline.py's batch and
 many_small shapes through `LocalCluster`, with staging that holds whole requests or ends
 messages inside them.
 
-    python bench/lane_ab.py --json bench/results/lane-ab-{device}.json
+    python bench/lane_ab.py --lanes encoder --json bench/results/lane-ab-encoder-{device}.json
 
-Each round builds one cluster with the lane and one without (`receiver.LANE_ENABLED`, read
-when an endpoint is made), in alternating order, and times `--reps` batches on each after
+Each round builds one cluster with the lanes `--lanes` names on (language, encoder or
+both: `receiver.LANE_ENABLED`, `sender.LANE_ENABLED`, read when an endpoint is made) and
+one with both off, in alternating order, and times `--reps` batches on each after
 two warm-ups: wall time and each side's host time per request (bench/pipeline.py's timers).
 The staging sizes are given in tokens per message so that the CPU (D = 64) and a GPU
 (D = 3584) cut messages alike, as bench/pipeline.py's 256 and 32 MiB do at D = 3584:
@@ -27,7 +28,7 @@ from pathlib import Path
 
 import torch
 
-from embxfer.runtime import Config, receiver
+from embxfer.runtime import Config, receiver, sender
 from embxfer.runtime.local import LocalCluster, random_payload
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
@@ -42,13 +43,17 @@ CASES = {  # name: (lengths, staging tokens per message: what 256 / 32 MiB hold 
 }
 
 
-def one(device: torch.device, dim: int, lengths: list[int], tokens: int, lane: bool, reps: int) -> dict:
+LANES = {"language": (True, False), "encoder": (False, True), "both": (True, True)}
+
+
+def one(device: torch.device, dim: int, lengths: list[int], tokens: int, lanes: tuple[bool, bool], reps: int) -> dict:
     config = Config(default_alloc_tokens=8192, language_pool_blocks=2048, staging_bytes=tokens * (2 * dim + 16))
-    enabled, receiver.LANE_ENABLED = receiver.LANE_ENABLED, lane
+    enabled = receiver.LANE_ENABLED, sender.LANE_ENABLED
+    receiver.LANE_ENABLED, sender.LANE_ENABLED = lanes
     try:
         cluster = LocalCluster(config=config, dim=dim, device=device)
     finally:
-        receiver.LANE_ENABLED = enabled
+        receiver.LANE_ENABLED, sender.LANE_ENABLED = enabled
     payloads = [random_payload(n, dim, seed=i, device=device) for i, n in enumerate(lengths)]
     next_id, walls, sides = 0, [], []
     sync = torch.cuda.synchronize if device.type == "cuda" else (lambda: None)
@@ -78,27 +83,32 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--json", default="bench/results/lane-ab-{device}.json")
     parser.add_argument("--reps", type=int, default=5)
     parser.add_argument("--rounds", type=int, default=4)
+    parser.add_argument("--lanes", choices=sorted(LANES), default="language",
+                        help="the lanes on in the 'lane' runs (the 'objects' runs have none)")
     args = parser.parse_args(argv)
     cuda = torch.cuda.is_available()
     device = torch.device("cuda", torch.cuda.current_device()) if cuda else torch.device("cpu")
     name = torch.cuda.get_device_name() if cuda else "cpu"
     dim = 3584 if cuda else 64
     torch.set_num_threads(1)
-    out = {"benchmark": "lane_ab", "device": name, "dim": dim, "cases": {}}
-    print(f"{name}, D = {dim}: per request (us), with the lane / without; wall, language side, encoder side")
+    out = {"benchmark": "lane_ab", "device": name, "dim": dim, "lanes": args.lanes, "cases": {}}
+    print(f"{name}, D = {dim}: per request (us), with the {args.lanes} lane(s) / without; ratios of the wall, "
+          "language side, encoder side")
     for case, (lengths, tokens) in CASES.items():
         rounds = []
         for r in range(args.rounds):
             pair = {}
             for lane in ((True, False) if r % 2 else (False, True)):
                 gc.collect()
-                pair["lane" if lane else "objects"] = one(device, dim, lengths, tokens, lane, args.reps)
+                pair["lane" if lane else "objects"] = one(device, dim, lengths, tokens,
+                                                          LANES[args.lanes] if lane else (False, False), args.reps)
             rounds.append(pair)
-        ratio = statistics.median(p["lane"]["wall_us"] / p["objects"]["wall_us"] for p in rounds)
-        lang = statistics.median(p["lane"]["language_us"] / p["objects"]["language_us"] for p in rounds)
-        out["cases"][case] = {"requests": len(lengths), "tokens_per_message": tokens, "rounds": rounds,
-                              "wall_ratio_median": ratio, "language_ratio_median": lang}
-        print(f"  {case:17s} wall ratio {ratio:.3f}, language ratio {lang:.3f}: " + "; ".join(
+        ratios = {f"{side}_ratio_median": statistics.median(p["lane"][f"{side}_us"] / p["objects"][f"{side}_us"]
+                                                            for p in rounds)
+                  for side in ("wall", "language", "encoder")}
+        out["cases"][case] = {"requests": len(lengths), "tokens_per_message": tokens, "rounds": rounds, **ratios}
+        print(f"  {case:17s} ratios {ratios['wall_ratio_median']:.3f} / {ratios['language_ratio_median']:.3f} / "
+              f"{ratios['encoder_ratio_median']:.3f}: " + "; ".join(
             f"{p['lane']['wall_us']:.1f}/{p['objects']['wall_us']:.1f}" for p in rounds))
     path = result_path(args.json, name)
     path.write_text(json.dumps(out, indent=2) + "\n")

@@ -52,10 +52,19 @@ from pathlib import Path
 import torch
 
 from embxfer.kernels import launch
-from embxfer.runtime import Config
+from embxfer.runtime import Config, receiver, sender
 from embxfer.runtime.local import LocalCluster, random_payload
 from embxfer.runtime.sender import Sender
 from embxfer.runtime.state import RequestState
+
+# The lanes (runtime/lane.py) a run turns on: every cluster made after `use_lanes` has them.
+LANES = {"none": (False, False), "language": (True, False), "encoder": (False, True), "both": (True, True)}
+
+
+def use_lanes(name: str) -> None:
+    """Turn the language and encoder lanes on or off for the clusters made from now on."""
+    receiver.LANE_ENABLED, sender.LANE_ENABLED = LANES[name]
+
 
 PASSES = 5
 
@@ -234,12 +243,16 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--graph-max-mb", type=float, default=launch.GRAPH_MAX_BYTES / (1 << 20),
                         help="messages of at most this many MiB launch as graphs, bigger ones direct "
                              "(inf: every message)")
+    parser.add_argument("--lanes", choices=sorted(LANES), default=None,
+                        help="turn these lanes on (runtime/lane.py; default: as the runtime ships)")
     parser.add_argument("--no-sides", dest="sides", action="store_false",
                         help="skip the repetitions that time each engine's calls (see the module's docstring)")
     args = parser.parse_args(argv)
     if not torch.cuda.is_available():
         print("bench/pipeline.py: needs a CUDA device", file=sys.stderr)
         return 2
+    if args.lanes is not None:
+        use_lanes(args.lanes)
     graph_max_bytes = int(min(args.graph_max_mb * (1 << 20), 1 << 62))  # (inf: every message)
     launch.use_launcher(launch.Launcher(torch.device("cuda", torch.cuda.current_device()),
                                         graph_max_bytes=graph_max_bytes, graph_fetch=args.graph_fetch))
@@ -261,6 +274,7 @@ def main(argv: list[str] | None = None) -> int:
         case["fraction_of_4_pass_ideal"] = 4 / PASSES * ideal / case["median_s"]
     path = result_path(args.json, device)
     out = {"benchmark": "pipeline", "device": device, "torch": torch.__version__, "ceiling_gbps": ceiling,
+           "lanes": {"language": receiver.LANE_ENABLED, "encoder": sender.LANE_ENABLED},
            "passes": PASSES, "launch": launch_options, "cases": cases}
     path.write_text(json.dumps(out, indent=2))
     print(f"{device}: copy ceiling {ceiling:.0f} GB/s (read + write); launch {launch_options}")

@@ -149,6 +149,7 @@ class _Sent:
     posts: dict[int, Handle | None]  # peer -> its send, None until the pair is ready
     nbytes: int
     requests: list  # the requests it carries rows of
+    gens: list  # the generations of the lane rows it carries rows of (runtime/lane.py)
 
 
 class SendChannel(_Staging):
@@ -181,16 +182,21 @@ class SendChannel(_Staging):
     def idle(self) -> bool:
         return self.dead or (not self.queue and not self.inflight)
 
-    def enqueue(self, chunk: SendChunk) -> None:
+    def enqueue(self, chunk) -> None:
+        """Queue a `SendChunk`, or a lane's `LaneChunks` (rounds of rows, in order)."""
         if not self.dead:
             self.queue.append(chunk)
 
     def delivered(self, request) -> bool:
         """True once every row of `request` this channel was given has reached every peer
-        (none queued, none in a message whose sends have not finished)."""
+        (none queued, none in a message whose sends have not finished), also those it was
+        given while it was a lane row (`request.lane_gen`)."""
         self._retire()
-        return not any(c.request is request for c in self.queue) \
-            and not any(request in sent.requests for sent in self.inflight)
+        gen = request.lane_gen
+        for chunk in self.queue:
+            if chunk.request is request if type(chunk) is SendChunk else gen and chunk.names(gen):
+                return False
+        return not any(request in sent.requests or (gen and gen in sent.gens) for sent in self.inflight)
 
     def drop_peer(self, peer: int) -> None:
         """Stop sending to `peer` (lost); with no peer left, drop everything queued."""
@@ -258,10 +264,19 @@ class SendChannel(_Staging):
         return worked
 
     def _send_one(self) -> bool:
-        segments, requests, rows = [], [], []
+        segments, requests, rows, payloads, addresses, gens = [], [], [], [], [], []
         tokens = 0
         while self.queue and len(segments) < self.max_segments and tokens < self.capacity:
             chunk = self.queue[0]
+            if type(chunk) is not SendChunk:  # a lane's rounds, taken by column
+                took, became = chunk.take(self.capacity - tokens, self.max_segments - len(segments), segments,
+                                          payloads, addresses, rows, gens)
+                tokens += took
+                if not len(chunk):
+                    self.queue.popleft()
+                if became is not None:  # a row that left the lane: the object it became, at its place
+                    self.queue.appendleft(SendChunk(*became))
+                continue
             request = chunk.request
             if request.state.terminal:  # failed meanwhile: none of it is announced
                 self.queue.popleft()
@@ -278,6 +293,8 @@ class SendChannel(_Staging):
             segments.append(rec.Segment(request.request_id, chunk.round, chunk.start, take,
                                         request.total_tokens, request.mrope_delta))
             requests.append(request)
+            payloads.append(request.payload)
+            addresses.append(request.addresses)
             rows.append(row)
             tokens += take
             if take == chunk.count:
@@ -291,14 +308,13 @@ class SendChannel(_Staging):
         slot = self.free_slots.popleft()
         staging = self.staging[slot]
         if self.spec.is_cuda:
-            ops.pack_addressed_rows(requests[0].payload, [r.addresses for r in requests], rows,
-                                    [r.payload for r in requests], staging, layout)
+            ops.pack_addressed_rows(payloads[0], addresses, rows, payloads, staging, layout)
         else:
-            ops.pack_rows([r.payload for r in requests], rows, staging, layout)
+            ops.pack_rows(payloads, rows, staging, layout)
         self.publish(rec.Transfer.trusted(src_rank=self.rank, dst_rank=self.destination, message=self.next_message,
                                   nbytes=layout.nbytes, segments=tuple(segments)))
         self.next_message += 1
-        sent = _Sent(slot, self.prefix(slot, layout.nbytes), dict.fromkeys(self.peers), layout.nbytes, requests)
+        sent = _Sent(slot, self.prefix(slot, layout.nbytes), dict.fromkeys(self.peers), layout.nbytes, requests, gens)
         self.inflight.append(sent)
         if len(self.inflight) == 1 or all(h is not None for h in self.inflight[-2].posts.values()):
             self._post(sent)

@@ -93,6 +93,8 @@ class Request:
         "round_landed", "direct", "outputs", "output_addresses", "output_bytes", "acks", "round_read", "resume_due",
         # both: what travels with the payload (items, metadata) and where the wire's rows go
         "info", "kept", "rows", "items",
+        # the generation of the lane row it was made from (0: never a row; runtime/lane.py)
+        "lane_gen",
     )
 
     def __init__(self, request_id: int, engine: str | None, *, total_tokens: int | None = None,
@@ -137,6 +139,7 @@ class Request:
         self.kept: list[tuple[int, int, int]] | None = None
         self.rows = total_tokens
         self.items: tuple = ()
+        self.lane_gen = 0
 
     @property
     def failed(self) -> bool:
@@ -144,6 +147,7 @@ class Request:
 
 
 _STATE_OF_VALUE = {state.value: state for state in RequestState}
+_LANE_STATES = tuple(RequestState)  # a lane row's state code -> its RequestState (rows.py: the same order)
 
 
 class Finished(NamedTuple):
@@ -176,6 +180,8 @@ class Endpoint:
 
     role = "endpoint"
     my_role: Role
+    # The side's lane (runtime/lane.py: its usual requests as rows), None where it has none.
+    _lane = None
 
     def __init__(
         self,
@@ -254,6 +260,11 @@ class Endpoint:
 
     def state(self, request_id: int) -> RequestState:
         """The request's state, without doing any work (cheap; see `progress`)."""
+        lane = self._lane
+        if lane is not None and lane.rows.slot_of and type(request_id) is int:
+            slot = lane.rows.slot_of.get(request_id)
+            if slot is not None:  # (what the engine's loop asks of every request: the row's state alone)
+                return _LANE_STATES[lane.rows._columns["state"][slot]]
         return self._lookup(check_request_id(request_id)).state
 
     def poll(self, request_id: int) -> RequestState:
@@ -560,6 +571,11 @@ class Endpoint:
         return request
 
     def _lookup(self, request_id: int) -> Request | Finished:
+        lane = self._lane
+        if lane is not None and lane.rows.slot_of:
+            slot = lane.rows.slot_of.get(request_id)
+            if slot is not None:  # read as it stands, not materialized
+                return lane.finished_view(slot)
         request = self.requests.get(request_id)
         if request is None:
             kept = self.retired.get(request_id)

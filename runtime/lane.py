@@ -49,9 +49,11 @@ from collections.abc import Callable
 
 import numpy as np
 
+from embxfer.control.records import Segment
+
 from .endpoint import Finished, Request
 from .membership import EngineView
-from .rows import STATE_NAMES, Rows
+from .rows import STATE_NAMES, TRANSFERRING, Rows
 
 # The fewest ids of an admit_many that enter the lane (see the docstring).
 LANE_MIN_BATCH = 8
@@ -74,6 +76,19 @@ COLUMNS = {
     "last_progress": "f8",
 }
 
+ENCODER_COLUMNS = {
+    "state": "u1",
+    "total": "i8",  # N (the payload's rows: every row travels)
+    "mrope_delta": "i8",
+    "sent": "i8",  # tokens scheduled (Request.sent_tokens)
+    "round": "i8",  # -1 until the first allocation
+    "peer": "i4",  # index into EncoderLane.views, -1 until an allocation binds it
+    "engine": "i4",  # index into EncoderLane.engines: the language engine named at submit (0: any)
+    "gen": "i8",
+    "admitted_at": "f8",
+    "last_progress": "f8",
+}
+
 
 class LaneBatch:
     """The rows one `admit_many` added, in the admission queue: `pos` of them allocated."""
@@ -84,12 +99,14 @@ class LaneBatch:
         self.ids, self.slots, self.gens, self.pos = ids, slots, gens, 0
 
 
-class LanguageLane:
-    def __init__(self, capacity: int = 256) -> None:
-        self.rows = Rows(COLUMNS, capacity)
-        self.outputs: list = [None] * capacity  # slot -> the request's RowTensors once made
-        self.block_lists: list = [None] * capacity  # slot -> its blocks, when they are not one run
-        self.views: list[EngineView] = []  # `peer` column -> the encoder incarnation
+class _Lane:
+    """What both sides' lanes keep: the rows, the peer incarnations their `peer` column
+    indexes, generations, and the requests materialized while a batch, queue or message
+    still names their row (`left`, by generation)."""
+
+    def __init__(self, columns: dict[str, str], capacity: int) -> None:
+        self.rows = Rows(columns, capacity)
+        self.views: list[EngineView] = []  # `peer` column -> the peer incarnation
         self._view_index: dict[int, int] = {}
         self._next_gen = 1
         self.left: OrderedDict[int, Request] = OrderedDict()
@@ -105,17 +122,11 @@ class LanguageLane:
         gens = np.arange(self._next_gen, self._next_gen + len(ids), dtype=np.int64)
         self._next_gen += len(ids)
         slots = self.rows.add(ids, gen=gens, **values)
-        if self.rows.capacity > len(self.outputs):
-            self.outputs.extend([None] * (self.rows.capacity - len(self.outputs)))
-            self.block_lists.extend([None] * (self.rows.capacity - len(self.block_lists)))
+        self._grown()
         return slots, gens
 
-    def blocks_of(self, slot: int, start: int, count: int) -> list[int]:
-        """A row's blocks as a list (taken out of `block_lists` when kept there)."""
-        if start >= 0:
-            return list(range(start, start + count))
-        blocks, self.block_lists[slot] = self.block_lists[slot], None
-        return blocks
+    def _grown(self) -> None:
+        """The table may have grown: so must the per-slot lists."""
 
     def keep_left(self, gen: int, request: Request) -> None:
         self.left[gen] = request
@@ -128,6 +139,116 @@ class LanguageLane:
         total = int(c["total"][slot])
         # (tuple.__new__: a NamedTuple's own __new__ is a Python frame; the loop asks per request)
         return tuple.__new__(Finished, (STATE_NAMES[c["state"][slot]], None, total if total >= 0 else None, 0))
+
+
+class LanguageLane(_Lane):
+    def __init__(self, capacity: int = 256) -> None:
+        self.outputs: list = [None] * capacity  # slot -> the request's RowTensors once made
+        self.block_lists: list = [None] * capacity  # slot -> its blocks, when they are not one run
+        super().__init__(COLUMNS, capacity)
+
+    def _grown(self) -> None:
+        if self.rows.capacity > len(self.outputs):
+            self.outputs.extend([None] * (self.rows.capacity - len(self.outputs)))
+            self.block_lists.extend([None] * (self.rows.capacity - len(self.block_lists)))
+
+    def blocks_of(self, slot: int, start: int, count: int) -> list[int]:
+        """A row's blocks as a list (taken out of `block_lists` when kept there)."""
+        if start >= 0:
+            return list(range(start, start + count))
+        blocks, self.block_lists[slot] = self.block_lists[slot], None
+        return blocks
+
+
+class EncoderLane(_Lane):
+    """A TP-1 encoder rank's usual requests as rows (`Sender`, see the module docstring)."""
+
+    def __init__(self, capacity: int = 256) -> None:
+        self.payloads: list = [None] * capacity  # slot -> the Payload submitted (sent from, never copied)
+        self.addresses: list = [None] * capacity  # slot -> its `ops.row_addresses` (CUDA)
+        self.engines: list[str | None] = [None]  # `engine` column -> the engine named at submit (0: any)
+        super().__init__(ENCODER_COLUMNS, capacity)
+
+    def _grown(self) -> None:
+        if self.rows.capacity > len(self.payloads):
+            self.payloads.extend([None] * (self.rows.capacity - len(self.payloads)))
+            self.addresses.extend([None] * (self.rows.capacity - len(self.addresses)))
+
+    def engine_index(self, name: str | None) -> int:
+        if name is None:
+            return 0
+        if name not in self.engines:
+            self.engines.append(name)
+        return self.engines.index(name)
+
+
+class LaneChunks:
+    """Rounds of lane rows queued on a send channel, in order: what `SendChunk`s are for
+    requests (their rows `[starts[i], starts[i] + counts[i])`), as columns; `pos` of them
+    are taken. A row materialized meanwhile is found by its generation in the lane's
+    `left` and sent as the object it became, at its place."""
+
+    __slots__ = ("lane", "slots", "gens", "rounds", "starts", "counts", "pos")
+
+    def __init__(self, lane: EncoderLane, slots: np.ndarray, gens: np.ndarray, rounds: np.ndarray,
+                 counts: np.ndarray) -> None:
+        self.lane, self.slots, self.gens, self.rounds = lane, slots, gens, rounds
+        self.starts = np.zeros(len(slots), dtype=np.int64)
+        self.counts = counts.astype(np.int64, copy=True)
+        self.pos = 0
+
+    def __len__(self) -> int:
+        return len(self.slots) - self.pos
+
+    def names(self, gen: int) -> bool:
+        """True if a round of the row of generation `gen` is still queued here."""
+        return bool((self.gens[self.pos:] == gen).any())
+
+    def take(self, room_tokens: int, room_segments: int, segments: list, payloads: list, addresses: list,
+             rows: list, gens: list) -> tuple[int, tuple | None]:
+        """Take the next rounds of live rows into the message being built, as many as
+        `room_tokens` and `room_segments` hold (the last one cut where the room ends): their
+        segments, payloads, addresses, first payload rows and generations are appended.
+        Returns (tokens taken, None), or (0, `(request, round, start, count)`) when the
+        head entry's row left the lane meanwhile: the entry is consumed and the request it
+        became is to be sent as an object (None in place of the tuple: nothing to send, the
+        row finished or was forgotten)."""
+        lane, pos = self.lane, self.pos
+        end = min(len(self.slots), pos + room_segments)
+        slots, entry_gens = self.slots[pos:end], self.gens[pos:end]
+        c = lane.rows._columns
+        live = (c["gen"][slots] == entry_gens) & (c["state"][slots] == TRANSFERRING)
+        run = len(slots) if live.all() else int(np.argmin(live))
+        if run == 0:
+            self.pos += 1
+            request = lane.left.pop(int(entry_gens[0]), None)
+            if request is None:
+                return 0, None
+            return 0, (request, int(self.rounds[pos]), int(self.starts[pos]), int(self.counts[pos]))
+        counts = self.counts[pos:pos + run]
+        ends = np.cumsum(counts)
+        whole = int(np.searchsorted(ends, room_tokens, side="right"))
+        tokens = int(ends[whole - 1]) if whole else 0
+        cut = room_tokens - tokens if whole < run else 0  # the next entry, cut where the room ends
+        n = whole + (1 if cut else 0)
+        at = slots[:n]
+        taken = counts[:n].tolist()
+        starts = self.starts[pos:pos + n].tolist()
+        if cut:
+            taken[-1] = cut
+            self.starts[pos + whole] += cut
+            self.counts[pos + whole] -= cut
+        self.pos = pos + whole
+        segments.extend(map(Segment._make, zip(c["request_id"][at].tolist(), self.rounds[pos:pos + n].tolist(),
+                                                starts, taken, c["total"][at].tolist(),
+                                                c["mrope_delta"][at].tolist(), strict=True)))
+        slot_list = at.tolist()
+        lane_payloads, lane_addresses = lane.payloads, lane.addresses
+        payloads.extend([lane_payloads[s] for s in slot_list])
+        addresses.extend([lane_addresses[s] for s in slot_list])
+        rows.extend(starts)
+        gens.extend(entry_gens[:n].tolist())
+        return tokens + cut, None
 
 
 class LaneRequests(dict):

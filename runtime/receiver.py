@@ -63,6 +63,7 @@ from .allocator import BlockAllocator
 from .cache import PayloadCache
 from .channels import RecvChannel, RecvMessage, segment_plan, wire_to_rows
 from .endpoint import (
+    _LANE_STATES,
     Endpoint,
     Finished,
     Request,
@@ -284,24 +285,6 @@ class Receiver(Endpoint):
         # is read: `round_landed` counts only a round not read yet), the cached items' rows
         landed = request.sent_tokens + (request.round_landed if request.direct else 0)
         return landed + request.rows - request.total_tokens, request.rows
-
-    def state(self, request_id: int) -> RequestState:
-        lane = self._lane
-        if lane is None:  # (the object path: what Endpoint.state does, no frame more)
-            return Endpoint._lookup(self, check_request_id(request_id)).state
-        if lane.rows.slot_of and type(request_id) is int:
-            slot = lane.rows.slot_of.get(request_id)
-            if slot is not None:  # (what the engine's loop asks of every request: the row's state alone)
-                return _LANE_STATES[lane.rows._columns["state"][slot]]
-        return self._lookup(check_request_id(request_id)).state
-
-    def _lookup(self, request_id: int) -> Request | Finished:
-        lane = self._lane
-        if lane is not None and lane.rows.slot_of:
-            slot = lane.rows.slot_of.get(request_id)
-            if slot is not None:  # read as it stands, not materialized
-                return lane.finished_view(slot)
-        return super()._lookup(request_id)
 
     def take(self, request_id: int) -> Payload:
         """The completed payload as contiguous tensors; the request is forgotten. The
@@ -1669,7 +1652,6 @@ class Receiver(Endpoint):
         return super()._live_requests(now)
 
 
-_LANE_STATES = tuple(RequestState)  # a row's state code -> its RequestState (rows.py: the same order)
 
 
 def _entry_array(items: list, dtype: np.dtype) -> np.ndarray:

@@ -23,22 +23,31 @@ which fans out to the language ranks this encoder rank serves.
 
 from __future__ import annotations
 
+import logging
 import time
 from collections import OrderedDict
 from collections.abc import Sequence
 
+import numpy as np
 import torch
 
 from embxfer.control import records as rec
 from embxfer.kernels import ops
 
 from .channels import SendChannel, SendChunk
-from .endpoint import Endpoint, Request, check_request_id, checked_ids
+from .endpoint import _LANE_STATES, Endpoint, Request, check_request_id, checked_ids, log
+from .lane import LANE_MIN_BATCH, EncoderLane, LaneBatch, LaneChunks, LaneRequests
 from .membership import EngineView, Role
 from .payload import Payload, kept_rows, metadata_records
+from .rows import BOOTSTRAPPING as _BOOT
+from .rows import SUCCESS as _SUCCESS
+from .rows import TRANSFERRING as _TRANSFERRING
 from .state import RequestState
 
 MAX_PENDING_ALLOCATIONS = 4096
+# The encoder lane (runtime/lane.py) on a TP-1 encoder rank; off by default until it is
+# measured on a GPU (see the module docstring of lane.py).
+LANE_ENABLED = False
 # What an encoder rank reads of the records every peer publishes (the rest is stepped over).
 WANTED = frozenset({rec.RecordType.ALLOCATIONS, rec.RecordType.COMPLETIONS, rec.RecordType.ABORT,
                     rec.RecordType.MEMBER, rec.RecordType.HELD})
@@ -75,6 +84,8 @@ class Sender(Endpoint):
         self._unallocated_due: list[Request] = []
         self._unallocated_new: list[Request] = []
         self._announcements: dict[int, list[tuple[int, int]]] = {}  # this step's, by language leader
+        if self.me.tp_size == 1 and LANE_ENABLED:
+            self._lane = EncoderLane()
 
     @property
     def dummy(self) -> bool:
@@ -128,6 +139,10 @@ class Sender(Endpoint):
             except ValueError as exc:
                 raise ValueError(f"submits[{index}]: {exc}") from None
         resolved = self._peer_view(target) if target is not None and self.broken is None else None
+        if self._lane is not None and len(pairs) >= LANE_MIN_BATCH and self._lane_takes(pairs, metadata, target,
+                                                                                         resolved):
+            self._lane_submit_many(pairs, target)
+            return
         for (request_id, payload), info in zip(pairs, metadata, strict=True):
             self._submit(request_id, payload, info, target, resolved)
 
@@ -213,19 +228,27 @@ class Sender(Endpoint):
         due, self._unallocated_due, self._unallocated_new = self._unallocated_due, self._unallocated_new, []
         only = False  # the single usable language engine, looked up once (False: not yet)
         for request in due:
+            if type(request) is LaneBatch:
+                only = self._lane_announce(request, only)
+                continue
             if request.round >= 0 or request.state.terminal or not request.total_tokens \
                     or self.requests.get(request.request_id) is not request:
                 continue
-            if request.engine is not None:
-                view, _ = self._peer_view(request.engine)
-            else:
-                if only is False:
-                    usable = [v for v in self.directory.engines(Role.LANGUAGE) if v.state == "usable"]
-                    only = usable[0] if len(usable) == 1 else None
-                view = only
+            view, only = self._announce_target(request.engine, only)
             if view is not None:
                 self._announcements.setdefault(view.leader, []).append((request.request_id, request.total_tokens))
                 self.stats.announced += 1
+
+    def _announce_target(self, engine: str | None, only: EngineView | None | bool
+                         ) -> tuple[EngineView | None, EngineView | None | bool]:
+        """The engine a request bound to `engine` (None: any) is announced to, and `only`:
+        the single usable language engine, looked up once a step (False: not yet)."""
+        if engine is not None:
+            return self._peer_view(engine)[0], only
+        if only is False:
+            usable = [v for v in self.directory.engines(Role.LANGUAGE) if v.state == "usable"]
+            only = usable[0] if len(usable) == 1 else None
+        return only, only
 
     def _emit(self) -> None:
         if self._announcements:
@@ -284,6 +307,8 @@ class Sender(Endpoint):
         """True when the language side has served `request_id` from its cache (a content
         hash it already holds): the engine can skip the vision model and `submit` nothing.
         Non-blocking; make `progress()` calls for the answer to arrive."""
+        if self._lane is not None and request_id in self._lane.rows.slot_of:
+            return False  # (a lane request is never served from the cache: no lookup materializes it)
         request = self.requests.get(request_id)
         if request is not None:
             return request.cached
@@ -328,6 +353,12 @@ class Sender(Endpoint):
         """Forget a finished request (SUCCESS or FAILED), so its id can be submitted again.
         ValueError if it is still in flight (abort it first); an unknown or already
         released id: nothing to do."""
+        lane = self._lane
+        if lane is not None and lane.rows.slot_of and type(request_id) is int:
+            slot = lane.rows.slot_of.get(request_id)
+            if slot is not None and lane.rows._columns["state"][slot] == _SUCCESS:
+                self._lane_release(request_id, slot)
+                return
         request = self._finished_request(request_id)
         if request is None:
             return
@@ -403,9 +434,19 @@ class Sender(Endpoint):
         sent, allocated = e["sent_tokens"].tolist(), e["allocated_tokens"].tolist()
         requests, block_size, name = self.requests, self.config.block_size, view.name
         usable = view.state in ("usable", "draining")
+        laned = self._lane_first_allocations(e, view, usable) if self._lane is not None else None
+        run = -1  # the first of the lane entries since the last object entry
         entries = None
         started: list[Request] = []  # scheduled; their state moves at once, before any other entry's rules
         for index, request_id in enumerate(ids):
+            if laned is not None:
+                if laned[index] >= 0:
+                    if run < 0:
+                        run = index
+                    continue
+                if run >= 0:
+                    self._lane_schedule(laned[run:index], e["allocated_tokens"][run:index], view)
+                    run = -1
             request = requests.get(request_id)
             if request is not None and not request.state.terminal and rounds[index] == request.round + 1 \
                     and sent[index] == request.sent_tokens and not allocated[index] % block_size:
@@ -425,6 +466,8 @@ class Sender(Endpoint):
             if entries is None:
                 entries = record.items()
             self._on_resume(entries[index], view)
+        if run >= 0:
+            self._lane_schedule(laned[run:], e["allocated_tokens"][run:], view)
         if started:
             self._set_states(started, RequestState.TRANSFERRING)
 
@@ -436,9 +479,22 @@ class Sender(Endpoint):
         ids, sent = e["request_id"].tolist(), e["sent_tokens"].tolist()
         totals, flags = e["total_tokens"].tolist(), e["flags"].tolist()
         requests, held = self.requests, self._early_allocations
+        laned = self._lane_completes(e, view) if self._lane is not None else None
+        run = -1  # the first of the lane entries since the last object entry
         entries = None
         done: list[Request] = []
         for index, request_id in enumerate(ids):
+            if laned is not None:
+                if laned[index] >= 0:
+                    if done:  # (the ids turn SUCCESS in the record's order)
+                        self._set_states(done, RequestState.SUCCESS)
+                        done = []
+                    if run < 0:
+                        run = index
+                    continue
+                if run >= 0:
+                    self._lane_complete(laned[run:index])
+                    run = -1
             request = requests.get(request_id)
             if request is not None and request.peer is view and not flags[index] and not request.state.terminal \
                     and totals[index] == sent[index] == request.total_tokens == request.sent_tokens \
@@ -452,6 +508,8 @@ class Sender(Endpoint):
             if entries is None:
                 entries = record.items()
             self._on_completion(entries[index], view)
+        if run >= 0:
+            self._lane_complete(laned[run:])
         if done:
             self._set_states(done, RequestState.SUCCESS)
 
@@ -646,6 +704,8 @@ class Sender(Endpoint):
         self.stats.rounds += 1
 
     def _pump(self) -> bool:
+        if self._lane is not None and not self._lane.rows.slot_of and type(self.requests) is not dict:
+            self.requests = dict.copy(self.requests)  # the lane is empty: plain lookups again
         worked = False
         if self._unallocated_due or self._unallocated_new:
             self._announce_unallocated()
@@ -716,6 +776,209 @@ class Sender(Endpoint):
         for peer in self.peers.values():
             if peer.channel is not None:
                 peer.channel.queue.clear()
+
+
+    # -- the lane (runtime/lane.py) ---------------------------------------------------------
+    def _lane_takes(self, pairs: list[tuple[int, Payload]], metadata: list[tuple], target: str | None,
+                    resolved: tuple[EngineView | None, str | None] | None) -> bool:
+        """Whether a checked `submit_many` batch enters the lane: nothing but rows travels
+        (no items, no metadata), nothing came for its ids before the submit, the named
+        engine (if any) is not gone, and nothing watches each request (metrics, debug log)."""
+        if self.broken is not None or self.metrics is not None or not self.is_leader \
+                or (target is not None and (resolved is None or resolved[1] is not None)) \
+                or log.isEnabledFor(logging.DEBUG) or any(metadata) or any(p.items for _, p in pairs):
+            return False
+        early = [m for m in (self._early_allocations, self._early_completions, self._early_aborts, self._early_cached)
+                 if m]
+        return not early or not any(request_id in m for request_id, _ in pairs for m in early)
+
+    def _lane_submit_many(self, pairs: list[tuple[int, Payload]], target: str | None) -> None:
+        """`_submit` of a checked batch, as rows: one marker in the queue of submits whose
+        allocation is awaited (`_announce_unallocated`)."""
+        lane, now = self._lane, time.monotonic()
+        ids = [request_id for request_id, _ in pairs]
+        for memory in (self.retired, self._gave_up):
+            if memory:
+                for request_id in ids:
+                    memory.pop(request_id, None)
+        if type(self.requests) is dict:
+            self.requests = LaneRequests(lane.rows.slot_of, self._lane_materialize, self.requests)
+        payloads = [payload for _, payload in pairs]
+        slots, gens = lane.add(ids, state=_BOOT, total=[p.num_tokens for p in payloads],
+                               mrope_delta=[p.mrope_delta for p in payloads], round=-1, peer=-1,
+                               engine=lane.engine_index(target), admitted_at=now, last_progress=now)
+        slot_list = slots.tolist()
+        for slot, payload in zip(slot_list, payloads, strict=True):
+            lane.payloads[slot] = payload
+        if self.spec.is_cuda:
+            for slot, payload in zip(slot_list, payloads, strict=True):
+                lane.addresses[slot] = ops.row_addresses(payload)
+        self.stats.requests += len(ids)
+        self.in_flight += len(ids)
+        self._unallocated_new.append(LaneBatch(ids, slots, gens))
+
+    def _lane_announce(self, batch: LaneBatch, only: EngineView | None | bool) -> EngineView | None | bool:
+        """`_announce_unallocated` of a lane batch, in its order: the rows still waiting for
+        their first allocation by column; a row materialized meanwhile as the object it became."""
+        lane = self._lane
+        c = lane.rows._columns
+        alive = c["gen"][batch.slots] == batch.gens
+        if alive.all():
+            waiting = batch.slots[c["state"][batch.slots] == _BOOT]
+            for engine in np.unique(c["engine"][waiting]).tolist():
+                at = waiting[c["engine"][waiting] == engine]
+                view, only = self._announce_target(lane.engines[engine], only)
+                if view is not None:
+                    self._announcements.setdefault(view.leader, []).extend(
+                        zip(c["request_id"][at].tolist(), c["total"][at].tolist(), strict=True))
+                    self.stats.announced += len(at)
+            return only
+        for slot, gen, live in zip(batch.slots.tolist(), batch.gens.tolist(), alive.tolist(), strict=True):
+            if live:
+                if c["state"][slot] != _BOOT:
+                    continue
+                request_id, total, engine = int(c["request_id"][slot]), int(c["total"][slot]), lane.engines[c["engine"][slot]]
+            else:
+                request = lane.left.pop(gen, None)
+                if request is None or request.round >= 0 or request.state.terminal \
+                        or self.requests.get(request.request_id) is not request:
+                    continue
+                request_id, total, engine = request.request_id, request.total_tokens, request.engine
+            view, only = self._announce_target(engine, only)
+            if view is not None:
+                self._announcements.setdefault(view.leader, []).append((request_id, total))
+                self.stats.announced += 1
+        return only
+
+    def _lane_first_allocations(self, entries: np.ndarray, view: EngineView, usable: bool) -> list[int] | None:
+        """Per entry of an ALLOCATIONS record, the lane slot it is the usual first
+        allocation of (what `_on_allocations` applies to a request by `_schedule_round`),
+        else -1; None when no entry is (the record then takes the object path alone). A
+        lane row named by any other entry is materialized by its lookup there."""
+        lane = self._lane
+        if not lane.rows.slot_of or not usable or self.metrics is not None or log.isEnabledFor(logging.DEBUG):
+            return None
+        get = lane.rows.slot_of.get
+        slots = np.array([get(request_id, -1) for request_id in entries["request_id"].tolist()], dtype=np.int64)
+        named = slots >= 0
+        if not named.any():
+            return None
+        c = lane.rows._columns
+        at = np.where(named, slots, 0)
+        engine = lane.engines.index(view.name) if view.name in lane.engines else -1
+        usual = named & (c["state"][at] == _BOOT) & (entries["round"] == 0) & (entries["sent_tokens"] == 0) \
+            & (entries["allocated_tokens"] % self.config.block_size == 0) \
+            & ((c["engine"][at] == 0) | (c["engine"][at] == engine))
+        if len(np.unique(slots[named])) != int(named.sum()):
+            return None  # an id named twice: the object path's order of rules decides
+        return np.where(usual, slots, -1).tolist()
+
+    def _lane_schedule(self, slots: list[int], allocated: np.ndarray, view: EngineView) -> None:
+        """`_schedule_round` of the first rounds of lane rows bound to `view` now, as columns:
+        their rounds queued on its channel in order, each row TRANSFERRING."""
+        lane = self._lane
+        c = lane.rows._columns
+        at = np.asarray(slots, dtype=np.int64)
+        counts = np.minimum(c["total"][at], allocated)
+        c["round"][at] = 0
+        c["sent"][at] = counts
+        c["peer"][at] = lane.peer_index(view)
+        c["engine"][at] = lane.engine_index(view.name)
+        c["last_progress"][at] = time.monotonic()
+        c["state"][at] = _TRANSFERRING
+        channel = self._peer(view).channel
+        if channel is not None:
+            channel.enqueue(LaneChunks(lane, at, c["gen"][at].copy(), np.zeros(len(at), dtype=np.int64), counts))
+            self.stats.tokens += int(counts.sum())
+        self.stats.rounds += len(at)
+
+    def _lane_completes(self, entries: np.ndarray, view: EngineView) -> list[int] | None:
+        """Per entry of a COMPLETIONS record, the lane slot it is the usual COMPLETE of (a
+        row bound to `view` and sent in full, as `_on_completions` applies by column), else
+        -1; None when no entry is."""
+        lane = self._lane
+        if not lane.rows.slot_of or self.metrics is not None or log.isEnabledFor(logging.DEBUG):
+            return None
+        get = lane.rows.slot_of.get
+        slots = np.array([get(request_id, -1) for request_id in entries["request_id"].tolist()], dtype=np.int64)
+        named = slots >= 0
+        if not named.any():
+            return None
+        peer = lane._view_index.get(view.incarnation, -1)
+        if peer < 0 or lane.views[peer] is not view or len(np.unique(slots[named])) != int(named.sum()):
+            return None
+        c = lane.rows._columns
+        at = np.where(named, slots, 0)
+        total = c["total"][at]
+        usual = named & (c["peer"][at] == peer) & (c["state"][at] == _TRANSFERRING) & (entries["flags"] == 0) \
+            & (entries["total_tokens"] == total) & (entries["sent_tokens"] == total) & (c["sent"][at] == total)
+        if self._early_allocations:
+            usual &= np.array([request_id not in self._early_allocations
+                               for request_id in entries["request_id"].tolist()], dtype=bool)
+        return np.where(usual, slots, -1).tolist()
+
+    def _lane_complete(self, slots: list[int]) -> None:
+        """Lane rows the language side completed: SUCCESS, their payloads let go."""
+        lane = self._lane
+        at = np.asarray(slots, dtype=np.int64)
+        lane.rows._columns["state"][at] = _SUCCESS
+        payloads, addresses = lane.payloads, lane.addresses
+        for slot in slots:
+            payloads[slot] = addresses[slot] = None
+        self._just_finished.extend(lane.rows._columns["request_id"][at].tolist())
+        self.in_flight -= len(slots)
+        self.stats.succeeded += len(slots)
+
+    def _lane_release(self, request_id: int, slot: int) -> None:
+        """`release` of a lane row that succeeded: into the memory of finished requests."""
+        lane = self._lane
+        c = lane.rows._columns
+        self._remember_kept([(request_id, (RequestState.SUCCESS._value_, None, int(c["total"][slot]), 0))])
+        c["gen"][slot] = 0
+        lane.rows.remove_id(request_id)
+
+    def _lane_materialize(self, request_id: int) -> Request:
+        """The lane request `request_id` as the Request the object path would hold at this
+        point of its life; it leaves the lane (a batch marker or queued round that names
+        its row finds it by generation: `EncoderLane.left`)."""
+        lane = self._lane
+        slot = lane.rows.slot_of[request_id]
+        c = lane.rows._columns
+        state = int(c["state"][slot])
+        request = Request(request_id, lane.engines[int(c["engine"][slot])], total_tokens=int(c["total"][slot]),
+                          mrope_delta=int(c["mrope_delta"][slot]), engine_admitted=True)
+        peer = int(c["peer"][slot])
+        if peer >= 0:
+            request.peer = lane.views[peer]
+        request.round, request.sent_tokens = int(c["round"][slot]), int(c["sent"][slot])
+        request.admitted_at, request.last_progress = float(c["admitted_at"][slot]), float(c["last_progress"][slot])
+        request.state = _LANE_STATES[state]
+        if state != _SUCCESS:
+            request.payload, request.addresses = lane.payloads[slot], lane.addresses[slot]
+        lane.payloads[slot] = lane.addresses[slot] = None
+        gen = request.lane_gen = int(c["gen"][slot])
+        c["gen"][slot] = 0  # (no marker or queued round takes the slot for this row any more)
+        lane.rows.remove_id(request_id)
+        dict.__setitem__(self.requests, request_id, request)
+        if state != _SUCCESS:
+            lane.keep_left(gen, request)
+        return request
+
+    def _live_requests(self, now: float) -> list[Request]:
+        """What the liveness check looks at: the lane's requests past their deadline
+        (`_overdue`'s, by column) become Requests first; the others stay rows."""
+        lane = self._lane
+        if lane is not None and lane.rows.slot_of:
+            c = lane.rows._columns
+            used = np.fromiter(lane.rows.slot_of.values(), dtype=np.int64, count=len(lane.rows.slot_of))
+            state = c["state"][used]
+            late = used[((state == _BOOT) & (now - c["admitted_at"][used] > self.config.admission_timeout_s))
+                        | ((state == _TRANSFERRING)
+                           & (now - c["last_progress"][used] > self.config.request_timeout_s))]
+            for request_id in c["request_id"][late].tolist():
+                self._lane_materialize(request_id)
+            return list(dict.values(self.requests))
+        return super()._live_requests(now)
 
 
 class _LanguagePeer:

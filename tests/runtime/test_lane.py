@@ -1,7 +1,8 @@
-"""The language lane (runtime/lane.py) against the object path it stands for.
+"""The lanes (runtime/lane.py) against the object path they stand for.
 
-The same engine traffic runs twice on a TP-1 cluster, with the lane and without
-(`receiver.LANE_ENABLED`), and everything an outsider can observe must be the same:
+The same engine traffic runs on a TP-1 cluster with each side's lane on or off
+(`receiver.LANE_ENABLED`, `sender.LANE_ENABLED`), and everything an outsider can observe
+must be what it is with both off:
 every record either side publishes (byte for byte, a batch record's entries in id
 order), what `state`, `arrived` and `finished` (in id order) say after every step, what each API call returns or raises, the payloads
 taken (bit for bit) and the counters. The programs mix what the lane holds (batches of
@@ -23,22 +24,23 @@ from hypothesis import strategies as st
 from embxfer import Config, LocalCluster, RequestState, Topology
 from embxfer.control import records as rec
 from embxfer.runtime import receiver as receiver_module
+from embxfer.runtime import sender as sender_module
 from embxfer.runtime.lane import LANE_MIN_BATCH
 from embxfer.runtime.local import random_payload
 
 DIM = 16
 
 
-def _cluster(staging_bytes: int = 1 << 14, lane: bool = True) -> LocalCluster:
+def _cluster(staging_bytes: int = 1 << 14, lane: bool = True, encoder_lane: bool = False, **config) -> LocalCluster:
     """Staging of 16 KiB holds 341 tokens here: messages often end inside a request."""
-    config = Config(block_size=16, default_alloc_tokens=64, language_pool_blocks=48, staging_bytes=staging_bytes,
-                    request_timeout_s=3600.0)
-    old = receiver_module.LANE_ENABLED
-    receiver_module.LANE_ENABLED = lane
+    config = Config(**{"block_size": 16, "default_alloc_tokens": 64, "language_pool_blocks": 48,
+                       "staging_bytes": staging_bytes, "request_timeout_s": 3600.0, **config})
+    old = receiver_module.LANE_ENABLED, sender_module.LANE_ENABLED
+    receiver_module.LANE_ENABLED, sender_module.LANE_ENABLED = lane, encoder_lane
     try:
         return LocalCluster(Topology(1, 1, 1), config, dim=DIM)
     finally:
-        receiver_module.LANE_ENABLED = old
+        receiver_module.LANE_ENABLED, sender_module.LANE_ENABLED = old
 
 
 def _canonical(record: rec.Record) -> bytes:
@@ -85,15 +87,19 @@ def _plain(value: object) -> object:
     return value
 
 
-def run_program(seed: int, lane: bool) -> list:
-    """A random engine program on a fresh cluster; the log of everything observable."""
-    cluster = _cluster(lane=lane)
+def run_program(seed: int, lane: bool, encoder_lane: bool = False, sort_finished: bool = True) -> list:
+    """A random engine program on a fresh cluster; the log of everything observable (the
+    ids of `finished()` sorted on the language side, and on the encoder side with
+    `sort_finished`: the language lane lands a message's lane segments first, so the
+    COMPLETEs of one step may come in another order)."""
+    cluster = _cluster(lane=lane, encoder_lane=encoder_lane)
     leader, sender = cluster.leader, cluster.senders[0]
-    assert (leader._lane is not None) is lane
+    assert (leader._lane is not None) is lane and (sender._lane is not None) is encoder_lane
     log = _recording(leader, sender)
     rng = random.Random(seed)
     payloads: dict[int, object] = {}
     admitted: list[int] = []
+    submitted: list[int] = []
     next_id = 1
     for _ in range(40):
         action = rng.random()
@@ -106,12 +112,18 @@ def run_program(seed: int, lane: bool) -> list:
             for rid in ids:  # most fit the default allocation (64 tokens), some need a resume
                 payloads[rid] = random_payload(rng.choice([1, 7, 16, 40, 64, 64, 90]), DIM, seed=rid)
         elif action < 0.45 and admitted:
-            chosen = sorted(rng.sample(admitted, min(len(admitted), rng.randint(1, 12))))
-            chosen = [rid for rid in chosen if rid not in sender.requests]
+            chosen = sorted(rng.sample(admitted, min(len(admitted), rng.randint(1, 16))))
+            chosen = [rid for rid in chosen if rid not in submitted]
             if rng.random() < 0.3 and chosen:  # the encoder announces sizes first
                 for rid in chosen:
                     sender.announce(rid, payloads[rid].num_tokens)
-            _call(log, "submit_many", lambda c=chosen: sender.submit_many([(rid, payloads[rid]) for rid in c]))
+            engine = rng.choice([None, None, 0])
+            if rng.random() < 0.1 and chosen:  # the vision model failed: the engine aborts before submitting
+                dropped = chosen.pop()
+                _call(log, "abort unsubmitted", lambda r=dropped: sender.abort(r, "no payload"))
+            _call(log, "submit_many", lambda c=chosen, e=engine: sender.submit_many([(rid, payloads[rid]) for rid in c],
+                                                                                  language_engine=e))
+            submitted.extend(rid for rid in chosen if rid in sender.requests)
         elif action < 0.5 and admitted:
             rid = rng.choice(admitted)
             side = rng.choice([leader, sender])
@@ -123,7 +135,18 @@ def run_program(seed: int, lane: bool) -> list:
             _call(log, "step", cluster.step)
         # (sorted: the ids of one message that land together may turn SUCCESS in another
         # order, the lane's segments first; when each turned is the same step)
-        log.append(("finished", sorted(leader.finished()), sorted(sender.finished())))
+        encoder_finished = sender.finished()
+        log.append(("finished", sorted(leader.finished()), sorted(encoder_finished) if sort_finished
+                    else encoder_finished))
+        for rid in list(submitted):
+            state = _call(log, f"encoder state {rid}", lambda r=rid: sender.state(r))
+            _call(log, f"encoder error {rid}", lambda r=rid: sender.error(r))
+            _call(log, f"encoder lookup {rid}", lambda r=rid: sender.lookup(r))
+            if state is not None and state.terminal and rng.random() < 0.5:
+                _call(log, "encoder release", lambda r=rid: sender.release(r))
+                submitted.remove(rid)
+            elif state is not None and not state.terminal and rng.random() < 0.02:
+                _call(log, "encoder release early", lambda r=rid: sender.release(r))
         for rid in list(admitted):
             state = _call(log, f"state {rid}", lambda r=rid: leader.state(r))
             _call(log, f"arrived {rid}", lambda r=rid: leader.arrived(r))
@@ -140,16 +163,16 @@ def run_program(seed: int, lane: bool) -> list:
     # (which blocks are free may differ: a message's lane segments free theirs first; SPEC
     # R6 keeps block indices out of every record and answer)
     log.append(("stats", leader.stats.as_dict(), sender.stats.as_dict(), leader.output_bytes,
-                leader.allocator.num_used, leader.allocator.num_free))
+                leader.allocator.num_used, leader.allocator.num_free, sender.in_flight, sender.busy))
     return log
 
 
 @settings(max_examples=30, deadline=None)
-@given(st.integers(0, 10_000))
-def test_a_program_observes_the_same_with_and_without_the_lane(seed: int) -> None:
-    with_lane, without = run_program(seed, True), run_program(seed, False)
+@given(st.integers(0, 10_000), st.sampled_from([(True, False), (False, True), (True, True)]))
+def test_a_program_observes_the_same_with_and_without_the_lanes(seed: int, lanes: tuple[bool, bool]) -> None:
+    with_lane, without = run_program(seed, *lanes, lanes[0]), run_program(seed, False, False, lanes[0])
     for index, (a, b) in enumerate(zip(with_lane, without, strict=False)):
-        assert a == b, f"step {index}: with the lane {a!r:.300}, without {b!r:.300}"
+        assert a == b, f"step {index}: with the lanes {lanes} {a!r:.300}, without {b!r:.300}"
     assert len(with_lane) == len(without)
 
 
@@ -275,3 +298,88 @@ def test_lane_requests_past_their_deadline_fail_as_requests_do(lane: bool) -> No
     assert states[10:] == [RequestState.WAITING_FOR_INPUT] * 2
     if lane:
         assert len(leader._lane.rows) == 2
+
+
+def test_the_usual_batch_stays_in_the_encoder_lane_from_submit_to_release() -> None:
+    """Batches whose messages end inside requests and whose requests wait for blocks (their
+    sizes announced): no encoder row is ever materialized (the language lane's are, where
+    a message ends inside them)."""
+    cluster = _cluster(staging_bytes=1 << 13, lane=True, encoder_lane=True)
+    sender, made = cluster.senders[0], []
+    materialize = sender._lane_materialize
+    sender._lane_materialize = lambda rid: made.append(rid) or materialize(rid)
+    payloads = {rid: random_payload(5 + rid % 60, DIM, seed=rid) for rid in range(100, 140)}
+    for _ in range(3):
+        taken = cluster.transfer(payloads)
+        assert all(copies[0].bit_equal(payloads[rid]) for rid, copies in taken.items())
+        payloads = {rid + 1000: p for rid, p in payloads.items()}
+    assert made == [] and sender.stats.announced > 0
+    sender.progress()  # (the first step with an empty lane makes `requests` a plain dict again)
+    assert len(sender._lane.rows) == 0 and sender.in_flight == 0 and type(sender.requests) is dict
+
+
+def _lost_engine_program(encoder_lane: bool, dead: int) -> list:
+    """Rows queued, in a message on the wire and waiting for their allocation when the
+    language engine (`dead` = 1) or the encoder's own rank (0) is found dead."""
+    cluster = _cluster(staging_bytes=1 << 12, lane=False, encoder_lane=encoder_lane)
+    leader, sender, hub = cluster.leader, cluster.senders[0], cluster.p2p
+    log = _recording(leader, sender)
+    ids = list(range(1, 21))
+    payloads = {rid: random_payload(10 + 3 * rid, DIM, seed=rid) for rid in ids}
+    leader.admit_many(ids[:16])
+    sender.submit_many(list(payloads.items()))
+    held, match = [], hub._match
+    hub._match = held.append
+    for _ in range(3):
+        cluster.step()
+    log.append(("before", [sender.state(r).value for r in ids], sender.in_flight))
+    cluster.bus_hub.dead[dead] = "stopped publishing heartbeats"
+    for endpoint in cluster.endpoints:
+        endpoint._next_liveness = 0.0
+    cluster.step()
+    hub._match = match
+    for _ in range(5):
+        cluster.step()
+    log.append(("after", [(sender.state(r).value, sender.error(r)) for r in ids], sender.finished(),
+                sender.in_flight, sender.busy, sender.stats.as_dict()))
+    for rid in ids:
+        _call(log, "release", lambda r=rid: sender.release(r))
+    log.append(("released", [sender.state(r).value for r in ids], len(sender.requests)))
+    return log
+
+
+@pytest.mark.parametrize("dead", [0, 1])
+def test_a_lost_engine_fails_encoder_lane_rows_as_it_fails_requests(dead: int) -> None:
+    with_lane, without = _lost_engine_program(True, dead), _lost_engine_program(False, dead)
+    assert with_lane == without
+    after = next(entry for entry in with_lane if entry[0] == "after")
+    # Those bound to the language engine fail (the twelve it allocated for; with the encoder
+    # dead, its aborts reach all sixteen it admitted); those bound to none wait for one.
+    failed = 16 if dead == 0 else 12
+    assert [state for state, _ in after[1]] == ["FAILED"] * failed + ["BOOTSTRAPPING"] * (20 - failed)
+    assert after[3] == 20 - failed
+
+
+@pytest.mark.parametrize("encoder_lane", [True, False])
+def test_encoder_lane_rows_past_their_deadlines_fail_as_requests_do(encoder_lane: bool) -> None:
+    """Submitted and never allocated (admission_timeout_s), and allocated with their data
+    held on the wire (request_timeout_s): the liveness check finds both by column."""
+    cluster = _cluster(staging_bytes=1 << 20, lane=False, encoder_lane=encoder_lane, heartbeat_interval_s=0.01,
+                       request_timeout_s=0.05, admission_timeout_s=0.05)
+    leader, sender, hub = cluster.leader, cluster.senders[0], cluster.p2p
+    ids = list(range(1, 21))
+    payloads = {rid: random_payload(8, DIM, seed=rid) for rid in ids}
+    leader.admit_many(ids[:10])  # the other ten are never admitted
+    sender.submit_many(list(payloads.items()))
+    hub._match = lambda pair: None  # nothing ever arrives
+    for _ in range(3):
+        cluster.step()
+    assert [sender.state(r) for r in ids] == [RequestState.TRANSFERRING] * 10 + [RequestState.BOOTSTRAPPING] * 10
+    time.sleep(0.1)
+    sender.progress()
+    assert [sender.state(r) for r in ids] == [RequestState.FAILED] * 20
+    assert all(sender.error(r).startswith("timeout: no progress for") for r in ids[:10])
+    assert all("no allocation from the language side" in sender.error(r) for r in ids[10:])
+    assert sender.in_flight == 0
+    if encoder_lane:
+        assert len(sender._lane.rows) == 0
