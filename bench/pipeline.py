@@ -85,7 +85,7 @@ def copy_ceiling() -> float:
 
 
 ENGINE_CALLS = ("progress", "admit", "admit_many", "submit", "submit_many", "take", "take_many", "finished",
-                "release", "state")
+                "release", "release_many", "state")
 
 
 def time_engine_calls(cluster: LocalCluster) -> dict[str, float]:

@@ -1,12 +1,15 @@
-"""The language lane: a TP-1 language leader's usual requests as rows (`runtime/rows.py`).
+"""The lanes: a TP-1 rank's usual requests as rows (`runtime/rows.py`), one per side.
 
-Off by default (`receiver.LANE_ENABLED`): on the 2-core CPU it saves about a tenth of
-the language side's host time where a batch's messages hold whole requests and costs
-10-40 % more where they end inside requests (bench/lane_ab.py), and its final form was not
-measured on a GPU (bench/results/host-NOTES.md, pipeline-NOTES.md). The tests run both
-paths.
+Both are off by default (`receiver.LANE_ENABLED`, `sender.LANE_ENABLED`). On the 2-core
+CPU (bench/lane_ab.py, bench/results/host-NOTES.md) a lane saves host time only where one
+record or message carries many requests: numpy's fixed cost per call (1-3 us) is paid
+back from about 30 requests a call, and below that a numpy scalar read or write (about
+0.1 us) costs more than an attribute of a `Request`. Where many_small's messages hold 52
+requests each, the encoder lane takes 13 % off the encoder's bookkeeping; where the
+batch case's records and messages carry a few requests, it adds 17-22 %. Neither lane
+ran on a GPU in its final form. The tests run every path against the object path.
 
-What the lane holds. A request admitted by `Receiver.admit_many` in a batch of at least
+**The language lane.** A request admitted by `Receiver.admit_many` in a batch of at least
 `LANE_MIN_BATCH` ids (no size, cache key or items given; its encoder engine usable; no
 abort waiting for the id; no metrics hook and no debug log on the endpoint) is a row, not
 a `Request`, for as long as every step it takes is the usual one:
@@ -28,18 +31,42 @@ a `Request`, for as long as every step it takes is the usual one:
 A single request, or a step's few, costs less as objects than as numpy calls on a few
 rows (bench/rows_probe.py's latency case): `LANE_MIN_BATCH` keeps those on the object path.
 
-Materialization. Anything else that concerns a lane request turns its row into the
-`Request` today's code would hold at that point (`Receiver._lane_materialize`), which
-then takes today's rules: an abort from either side, a PAYLOAD_INFO, a segment or message
-that is not the usual one, a request past its
-deadline (found by column, `_live_requests`), a lost engine or channel, `release`,
-`abort`, `take` of one id, any other lookup by id or walk over `Receiver.requests`
-(`LaneRequests` materializes what it is asked for). A row materialized while in an
-admission batch or a message keeps its place there: the batch admits the object, the
-message lands it through the object path (`left`).
+**The encoder lane** (`EncoderLane`, `Sender._lane_*`). A request submitted by
+`Sender.submit_many` in a batch of at least `LANE_MIN_BATCH` pairs (on a TP-1 leader; no
+items or metadata; nothing heard for its id before the submit: no allocation, COMPLETE,
+abort or cache hit; the named engine not gone; no metrics hook, no debug log) is a row:
+
+    BOOTSTRAPPING      waiting for its first allocation; the batch is one marker in the
+                       queue of submits to announce (`_lane_announce`: the sizes of the
+                       rows still waiting a step later, by column)
+    TRANSFERRING       its first allocation applied by column (bound to the language
+                       engine, `sent` = min(N, allocated)); its round queued on the
+                       engine's channel as part of a `LaneChunks` (the rounds of one
+                       ALLOCATIONS run), which `SendChannel._send_one` takes into
+                       messages with the object path's chunks, in queue order
+    SUCCESS            the COMPLETE of a row sent in full, by column; `release` and
+                       `release_many` put it in the memory of finished requests
+
+A record or message of at most `SCALAR_ENTRIES` / `SCALAR_ROUNDS` entries is worked row
+by row over the columns (no array call), a bigger one by column. A resume, an abort, a
+lost engine, a deadline, a duplicate entry or any other record about a row materializes it
+(`Sender._lane_materialize`); a queued round or announcement marker that names its row
+finds the object by generation (`left`) and handles it at its place, as the object path
+would have; `SendChannel.delivered` knows a materialized request's rounds by its
+`lane_gen`.
+
+**Materialization** (both lanes). Anything else that concerns a lane request turns its
+row into the `Request` today's code would hold at that point, which then takes today's
+rules: an abort from either side, a PAYLOAD_INFO, a segment or message that is not the
+usual one, a request past its deadline (found by column, `_live_requests`), a lost engine
+or channel, `release` of an unfinished id, `abort`, `take` of one id, any other lookup by
+id or walk over `requests` (`LaneRequests` materializes what it is asked for). A row
+materialized while in an admission batch, a queue or a message keeps its place there
+(`left`, by generation).
 
 `state`, `poll`, `error`, `arrived`, `finished` and `take_many` read the lane without
-materializing; so do the size announcements of an encoder (`_announced_size`).
+materializing (`Endpoint.state`, `Endpoint._lookup`); so do the size announcements of an
+encoder (`_announced_size`) and the encoder's `lookup` (a lane row is never a cache hit).
 """
 
 from __future__ import annotations
@@ -57,6 +84,9 @@ from .rows import STATE_NAMES, TRANSFERRING, Rows
 
 # The fewest ids of an admit_many that enter the lane (see the docstring).
 LANE_MIN_BATCH = 8
+# The first rounds of a message that `LaneChunks.take` takes one by one before it takes the
+# rest by column (a message of a few segments then pays no numpy call).
+SCALAR_ROUNDS = 32
 # Requests materialized while in an admission batch or an in-flight message, kept (by
 # generation) until the batch or message reaches them; bounded for messages that never land.
 LEFT_MEMORY = 4096
@@ -183,71 +213,131 @@ class EncoderLane(_Lane):
 
 
 class LaneChunks:
-    """Rounds of lane rows queued on a send channel, in order: what `SendChunk`s are for
-    requests (their rows `[starts[i], starts[i] + counts[i])`), as columns; `pos` of them
-    are taken. A row materialized meanwhile is found by its generation in the lane's
-    `left` and sent as the object it became, at its place."""
+    """First rounds of lane rows queued on a send channel, in order: what `SendChunk`s are
+    for requests (row i's tokens `[starts[i], starts[i] + counts[i])`), kept as lists
+    (taken one by one: a numpy scalar costs more than a list item) and, once a message
+    takes many at a time, as arrays too (taken by column); `pos` of them are taken. What a
+    row's segments say besides (its id, N, mrope delta) is read once, when it is queued. A
+    row materialized meanwhile is found by its generation in the lane's `left` and sent as
+    the object it became, at its place."""
 
-    __slots__ = ("lane", "slots", "gens", "rounds", "starts", "counts", "pos")
+    __slots__ = ("lane", "pos", "slot_list", "gen_list", "start_list", "count_list", "ids", "totals", "deltas",
+                 "arrays")
 
-    def __init__(self, lane: EncoderLane, slots: np.ndarray, gens: np.ndarray, rounds: np.ndarray,
-                 counts: np.ndarray) -> None:
-        self.lane, self.slots, self.gens, self.rounds = lane, slots, gens, rounds
-        self.starts = np.zeros(len(slots), dtype=np.int64)
-        self.counts = counts.astype(np.int64, copy=True)
-        self.pos = 0
+    def __init__(self, lane: EncoderLane, slots: list[int], gens: list[int], counts: list[int]) -> None:
+        c = lane.rows._columns
+        self.lane, self.pos = lane, 0
+        self.slot_list, self.gen_list, self.count_list = slots, gens, counts
+        self.start_list = [0] * len(slots)
+        if len(slots) <= SCALAR_ROUNDS:
+            ids, totals, deltas = c["request_id"], c["total"], c["mrope_delta"]
+            self.ids = [int(ids[slot]) for slot in slots]
+            self.totals = [int(totals[slot]) for slot in slots]
+            self.deltas = [int(deltas[slot]) for slot in slots]
+        else:
+            at = np.asarray(slots, dtype=np.int64)
+            self.ids, self.totals = c["request_id"][at].tolist(), c["total"][at].tolist()
+            self.deltas = c["mrope_delta"][at].tolist()
+        self.arrays: tuple[np.ndarray, ...] | None = None  # (slots, gens, starts, counts), made on first use
 
     def __len__(self) -> int:
-        return len(self.slots) - self.pos
+        return len(self.slot_list) - self.pos
 
     def names(self, gen: int) -> bool:
         """True if a round of the row of generation `gen` is still queued here."""
-        return bool((self.gens[self.pos:] == gen).any())
+        return gen in self.gen_list[self.pos:]
 
     def take(self, room_tokens: int, room_segments: int, segments: list, payloads: list, addresses: list,
              rows: list, gens: list) -> tuple[int, tuple | None]:
         """Take the next rounds of live rows into the message being built, as many as
         `room_tokens` and `room_segments` hold (the last one cut where the room ends): their
         segments, payloads, addresses, first payload rows and generations are appended.
-        Returns (tokens taken, None), or (0, `(request, round, start, count)`) when the
-        head entry's row left the lane meanwhile: the entry is consumed and the request it
-        became is to be sent as an object (None in place of the tuple: nothing to send, the
-        row finished or was forgotten)."""
+        Returns (tokens taken, `became`): `became` is None, or, when the next entry's row
+        left the lane meanwhile, `(request, round, start, count)` for the request it became,
+        to be sent as an object next (the entry is consumed; a row that finished or was
+        forgotten is skipped). The first SCALAR_ROUNDS entries are taken one by one (a
+        message of a few segments pays no numpy call), the rest by column."""
+        lane = self.lane
+        row_gen, row_state = lane.rows._columns["gen"], lane.rows._columns["state"]
+        tokens = taken = 0
+        end = len(self.slot_list)
+        while self.pos < end and taken < SCALAR_ROUNDS and taken < room_segments and tokens < room_tokens:
+            pos = self.pos
+            slot, gen = self.slot_list[pos], self.gen_list[pos]
+            if row_gen[slot] != gen or row_state[slot] != TRANSFERRING:
+                if taken:
+                    return tokens, None
+                return 0, self._left_at(pos)
+            count, start = self.count_list[pos], self.start_list[pos]
+            take = min(count, room_tokens - tokens)
+            segments.append(Segment(self.ids[pos], 0, start, take, self.totals[pos], self.deltas[pos]))
+            payloads.append(lane.payloads[slot])
+            addresses.append(lane.addresses[slot])
+            rows.append(start)
+            gens.append(gen)
+            tokens += take
+            taken += 1
+            if take < count:  # the room is full: the rest of this round goes in the next message
+                self._cut(pos, take)
+                return tokens, None
+            self.pos += 1
+        if taken < room_segments and tokens < room_tokens and self.pos < end:
+            more, became = self._take_columns(room_tokens - tokens, room_segments - taken, segments, payloads,
+                                              addresses, rows, gens, first=not taken)
+            return tokens + more, became
+        return tokens, None
+
+    def _cut(self, pos: int, take: int) -> None:
+        """Entry `pos` sent its first `take` tokens: the rest stays queued."""
+        self.start_list[pos] += take
+        self.count_list[pos] -= take
+        if self.arrays is not None:
+            self.arrays[2][pos] += take
+            self.arrays[3][pos] -= take
+
+    def _left_at(self, pos: int) -> tuple | None:
+        """Consume entry `pos`, whose row left the lane: the request it became, if any."""
+        self.pos = pos + 1
+        request = self.lane.left.pop(self.gen_list[pos], None)
+        if request is None:
+            return None
+        return request, 0, self.start_list[pos], self.count_list[pos]
+
+    def _take_columns(self, room_tokens: int, room_segments: int, segments: list, payloads: list, addresses: list,
+                      rows: list, gens: list, first: bool) -> tuple[int, tuple | None]:
+        """`take` by column from `pos`; `first`: nothing was taken before in this message
+        (a head entry whose row left the lane is then consumed, else left for the next)."""
         lane, pos = self.lane, self.pos
-        end = min(len(self.slots), pos + room_segments)
-        slots, entry_gens = self.slots[pos:end], self.gens[pos:end]
+        if self.arrays is None:
+            self.arrays = (np.array(self.slot_list, dtype=np.int64), np.array(self.gen_list, dtype=np.int64),
+                           np.array(self.start_list, dtype=np.int64), np.array(self.count_list, dtype=np.int64))
+        all_slots, all_gens, _, all_counts = self.arrays
+        end = min(len(self.slot_list), pos + room_segments)
+        slots, entry_gens = all_slots[pos:end], all_gens[pos:end]
         c = lane.rows._columns
         live = (c["gen"][slots] == entry_gens) & (c["state"][slots] == TRANSFERRING)
         run = len(slots) if live.all() else int(np.argmin(live))
         if run == 0:
-            self.pos += 1
-            request = lane.left.pop(int(entry_gens[0]), None)
-            if request is None:
-                return 0, None
-            return 0, (request, int(self.rounds[pos]), int(self.starts[pos]), int(self.counts[pos]))
-        counts = self.counts[pos:pos + run]
-        ends = np.cumsum(counts)
+            return 0, (self._left_at(pos) if first else None)
+        ends = np.cumsum(all_counts[pos:pos + run])
         whole = int(np.searchsorted(ends, room_tokens, side="right"))
         tokens = int(ends[whole - 1]) if whole else 0
         cut = room_tokens - tokens if whole < run else 0  # the next entry, cut where the room ends
         n = whole + (1 if cut else 0)
-        at = slots[:n]
-        taken = counts[:n].tolist()
-        starts = self.starts[pos:pos + n].tolist()
+        taken = self.count_list[pos:pos + n]
+        starts = self.start_list[pos:pos + n]
         if cut:
             taken[-1] = cut
-            self.starts[pos + whole] += cut
-            self.counts[pos + whole] -= cut
+            self._cut(pos + whole, cut)
         self.pos = pos + whole
-        segments.extend(map(Segment._make, zip(c["request_id"][at].tolist(), self.rounds[pos:pos + n].tolist(),
-                                                starts, taken, c["total"][at].tolist(),
-                                                c["mrope_delta"][at].tolist(), strict=True)))
-        slot_list = at.tolist()
+        segments.extend(map(Segment._make, zip(self.ids[pos:pos + n], [0] * n, starts, taken,
+                                                self.totals[pos:pos + n], self.deltas[pos:pos + n], strict=True)))
+        slot_list = self.slot_list[pos:pos + n]
         lane_payloads, lane_addresses = lane.payloads, lane.addresses
         payloads.extend([lane_payloads[s] for s in slot_list])
         addresses.extend([lane_addresses[s] for s in slot_list])
         rows.extend(starts)
-        gens.extend(entry_gens[:n].tolist())
+        gens.extend(self.gen_list[pos:pos + n])
         return tokens + cut, None
 
 

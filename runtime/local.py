@@ -149,8 +149,7 @@ class LocalCluster:
         copies = [r.take_many(ids) for r in receivers]
         taken = {rid: [payloads_of[index] for payloads_of in copies] for index, rid in enumerate(ids)}
         for sender in self.senders.values():
-            for rid in finished[id(sender)]:
-                sender.release(rid)
+            sender.release_many(finished[id(sender)])
         self.settle(**run_kwargs)
         return taken
 

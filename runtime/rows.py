@@ -1,9 +1,9 @@
 """`Rows`: one side's requests as rows of preallocated columns (issue 18, item 1).
 
-Where this stands: a TP-1 language leader can keep its usual requests here (the language
-lane, `runtime/lane.py`, built and tested against the object path, off by default:
-`receiver.LANE_ENABLED` says why); the encoder side and TP followers keep a `Request`
-object per request. `bench/rows_probe.py` drives both sides' usual steps on the table through
+Where this stands: a TP-1 language leader and a TP-1 encoder rank can keep their usual
+requests here (the lanes, `runtime/lane.py`, built and tested against the object path,
+off by default: its docstring says why); TP followers keep a `Request` object per
+request. `bench/rows_probe.py` drives both sides' usual steps on the table through
 many_small's batches (bit-exact, the real records, payload checks, outputs and launches),
 against the runtime in the same process: what the design costs per request where it is
 complete.

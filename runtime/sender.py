@@ -35,7 +35,7 @@ from embxfer.control import records as rec
 from embxfer.kernels import ops
 
 from .channels import SendChannel, SendChunk
-from .endpoint import _LANE_STATES, Endpoint, Request, check_request_id, checked_ids, log
+from .endpoint import _LANE_STATES, Endpoint, Finished, Request, check_request_id, checked_ids, log
 from .lane import LANE_MIN_BATCH, EncoderLane, LaneBatch, LaneChunks, LaneRequests
 from .membership import EngineView, Role
 from .payload import Payload, kept_rows, metadata_records
@@ -48,6 +48,9 @@ MAX_PENDING_ALLOCATIONS = 4096
 # The encoder lane (runtime/lane.py) on a TP-1 encoder rank; off by default until it is
 # measured on a GPU (see the module docstring of lane.py).
 LANE_ENABLED = False
+# Records of at most this many entries are checked against the lane row by row (numpy's
+# fixed cost per call is more than a few rows' checks in Python).
+SCALAR_ENTRIES = 32
 # What an encoder rank reads of the records every peer publishes (the rest is stepped over).
 WANTED = frozenset({rec.RecordType.ALLOCATIONS, rec.RecordType.COMPLETIONS, rec.RecordType.ABORT,
                     rec.RecordType.MEMBER, rec.RecordType.HELD})
@@ -363,6 +366,45 @@ class Sender(Endpoint):
         if request is None:
             return
         self._retire(request)
+
+    def release_many(self, request_ids: Sequence[int]) -> None:
+        """`release` of each id, in order: what an engine releases of a step's `finished()`
+        in one call. Every id is checked before any is released (ValueError naming the
+        first bad one, `request_ids[i]`: not an id, repeated, still in flight) and then
+        nothing is released."""
+        self._check_open("release_many")
+        ids = checked_ids(request_ids)
+        lane = self._lane
+        slot_of = lane.rows.slot_of if lane is not None else {}
+        state = lane.rows._columns["state"] if slot_of else None
+        done: list[tuple[int, Request | int]] = []  # (id, its Request or its lane slot)
+        for index, request_id in enumerate(ids):
+            slot = slot_of.get(request_id) if slot_of else None
+            if slot is not None and state[slot] == _SUCCESS:
+                done.append((request_id, slot))
+                continue
+            try:
+                request = self._finished_request(request_id)
+            except ValueError as exc:
+                raise ValueError(f"request_ids[{index}]: {exc}") from None
+            if request is not None:
+                done.append((request_id, request))
+        if not done:
+            return
+        kept, live, slots = Finished.kept, self.requests, []
+        pairs, value = [], RequestState.SUCCESS._value_
+        for request_id, found in done:
+            if type(found) is int:
+                slots.append(found)
+                pairs.append((request_id, (value, None, int(lane.rows._columns["total"][found]), 0)))
+            else:
+                dict.pop(live, request_id, None)
+                pairs.append((request_id, kept(found)))
+        if slots:
+            at = np.array(slots, dtype=np.int64)
+            lane.rows._columns["gen"][at] = 0
+            lane.rows.remove(at)
+        self._remember_kept(pairs)
 
     # -- records ------------------------------------------------------------------
     def _on_record(self, record: rec.Record) -> None:
@@ -859,18 +901,25 @@ class Sender(Endpoint):
         if not lane.rows.slot_of or not usable or self.metrics is not None or log.isEnabledFor(logging.DEBUG):
             return None
         get = lane.rows.slot_of.get
-        slots = np.array([get(request_id, -1) for request_id in entries["request_id"].tolist()], dtype=np.int64)
-        named = slots >= 0
-        if not named.any():
+        found = [get(request_id, -1) for request_id in entries["request_id"].tolist()]
+        if max(found) < 0:
             return None
-        c = lane.rows._columns
-        at = np.where(named, slots, 0)
-        engine = lane.engines.index(view.name) if view.name in lane.engines else -1
-        usual = named & (c["state"][at] == _BOOT) & (entries["round"] == 0) & (entries["sent_tokens"] == 0) \
-            & (entries["allocated_tokens"] % self.config.block_size == 0) \
-            & ((c["engine"][at] == 0) | (c["engine"][at] == engine))
-        if len(np.unique(slots[named])) != int(named.sum()):
+        named = [slot for slot in found if slot >= 0]
+        if len(set(named)) != len(named):
             return None  # an id named twice: the object path's order of rules decides
+        c, block_size = lane.rows._columns, self.config.block_size
+        engine = lane.engines.index(view.name) if view.name in lane.engines else -1
+        if len(found) <= SCALAR_ENTRIES:  # a few: row by row (numpy's fixed cost per call is more)
+            rounds, sent = entries["round"].tolist(), entries["sent_tokens"].tolist()
+            allocated = entries["allocated_tokens"].tolist()
+            state, engines = c["state"], c["engine"]
+            return [slot if slot >= 0 and state[slot] == _BOOT and not rounds[i] and not sent[i]
+                    and not allocated[i] % block_size and engines[slot] in (0, engine) else -1
+                    for i, slot in enumerate(found)]
+        slots = np.array(found, dtype=np.int64)
+        at = np.where(slots >= 0, slots, 0)
+        usual = (slots >= 0) & (c["state"][at] == _BOOT) & (entries["round"] == 0) & (entries["sent_tokens"] == 0) \
+            & (entries["allocated_tokens"] % block_size == 0) & ((c["engine"][at] == 0) | (c["engine"][at] == engine))
         return np.where(usual, slots, -1).tolist()
 
     def _lane_schedule(self, slots: list[int], allocated: np.ndarray, view: EngineView) -> None:
@@ -878,19 +927,34 @@ class Sender(Endpoint):
         their rounds queued on its channel in order, each row TRANSFERRING."""
         lane = self._lane
         c = lane.rows._columns
-        at = np.asarray(slots, dtype=np.int64)
-        counts = np.minimum(c["total"][at], allocated)
-        c["round"][at] = 0
-        c["sent"][at] = counts
-        c["peer"][at] = lane.peer_index(view)
-        c["engine"][at] = lane.engine_index(view.name)
-        c["last_progress"][at] = time.monotonic()
-        c["state"][at] = _TRANSFERRING
+        peer, engine, now = lane.peer_index(view), lane.engine_index(view.name), time.monotonic()
+        if len(slots) <= SCALAR_ENTRIES:
+            total, gen = c["total"], c["gen"]
+            counts = [min(int(total[slot]), tokens) for slot, tokens in zip(slots, allocated.tolist(), strict=True)]
+            gens = [int(gen[slot]) for slot in slots]
+            for name, values in (("round", 0), ("peer", peer), ("engine", engine), ("last_progress", now),
+                                 ("state", _TRANSFERRING)):
+                column = c[name]
+                for slot in slots:
+                    column[slot] = values
+            column = c["sent"]
+            for slot, count in zip(slots, counts, strict=True):
+                column[slot] = count
+        else:
+            at = np.asarray(slots, dtype=np.int64)
+            counted = np.minimum(c["total"][at], allocated)
+            c["round"][at] = 0
+            c["sent"][at] = counted
+            c["peer"][at] = peer
+            c["engine"][at] = engine
+            c["last_progress"][at] = now
+            c["state"][at] = _TRANSFERRING
+            counts, gens = counted.tolist(), c["gen"][at].tolist()
         channel = self._peer(view).channel
         if channel is not None:
-            channel.enqueue(LaneChunks(lane, at, c["gen"][at].copy(), np.zeros(len(at), dtype=np.int64), counts))
-            self.stats.tokens += int(counts.sum())
-        self.stats.rounds += len(at)
+            channel.enqueue(LaneChunks(lane, slots, gens, counts))
+            self.stats.tokens += sum(counts)
+        self.stats.rounds += len(slots)
 
     def _lane_completes(self, entries: np.ndarray, view: EngineView) -> list[int] | None:
         """Per entry of a COMPLETIONS record, the lane slot it is the usual COMPLETE of (a
@@ -900,14 +964,24 @@ class Sender(Endpoint):
         if not lane.rows.slot_of or self.metrics is not None or log.isEnabledFor(logging.DEBUG):
             return None
         get = lane.rows.slot_of.get
-        slots = np.array([get(request_id, -1) for request_id in entries["request_id"].tolist()], dtype=np.int64)
-        named = slots >= 0
-        if not named.any():
+        ids = entries["request_id"].tolist()
+        found = [get(request_id, -1) for request_id in ids]
+        if max(found) < 0:
             return None
         peer = lane._view_index.get(view.incarnation, -1)
-        if peer < 0 or lane.views[peer] is not view or len(np.unique(slots[named])) != int(named.sum()):
+        named = [slot for slot in found if slot >= 0]
+        if peer < 0 or lane.views[peer] is not view or len(set(named)) != len(named):
             return None
         c = lane.rows._columns
+        if len(ids) <= SCALAR_ENTRIES:  # a few: numpy's fixed cost per call is more than the rows' checks
+            held = self._early_allocations
+            flags, totals, sent = entries["flags"].tolist(), entries["total_tokens"].tolist(), \
+                entries["sent_tokens"].tolist()
+            return [slot if slot >= 0 and c["peer"][slot] == peer and c["state"][slot] == _TRANSFERRING
+                    and not flags[i] and totals[i] == sent[i] == c["total"][slot] == c["sent"][slot]
+                    and not (held and ids[i] in held) else -1 for i, slot in enumerate(found)]
+        slots = np.array(found, dtype=np.int64)
+        named = slots >= 0
         at = np.where(named, slots, 0)
         total = c["total"][at]
         usual = named & (c["peer"][at] == peer) & (c["state"][at] == _TRANSFERRING) & (entries["flags"] == 0) \
@@ -920,12 +994,19 @@ class Sender(Endpoint):
     def _lane_complete(self, slots: list[int]) -> None:
         """Lane rows the language side completed: SUCCESS, their payloads let go."""
         lane = self._lane
-        at = np.asarray(slots, dtype=np.int64)
-        lane.rows._columns["state"][at] = _SUCCESS
+        c = lane.rows._columns
         payloads, addresses = lane.payloads, lane.addresses
         for slot in slots:
             payloads[slot] = addresses[slot] = None
-        self._just_finished.extend(lane.rows._columns["request_id"][at].tolist())
+        if len(slots) <= SCALAR_ENTRIES:
+            state, ids = c["state"], c["request_id"]
+            for slot in slots:
+                state[slot] = _SUCCESS
+            self._just_finished.extend([int(ids[slot]) for slot in slots])
+        else:
+            at = np.asarray(slots, dtype=np.int64)
+            c["state"][at] = _SUCCESS
+            self._just_finished.extend(c["request_id"][at].tolist())
         self.in_flight -= len(slots)
         self.stats.succeeded += len(slots)
 

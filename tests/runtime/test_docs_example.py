@@ -251,6 +251,7 @@ def check_cell(scene: Scene, side: str, call: str, cell: str) -> None:
         "submit_many": lambda e: e.submit_many([(RID, scene.payload)]),
         "abort": lambda e: e.abort(RID, "the test aborts it"),
         "release": lambda e: e.release(RID),
+        "release_many": lambda e: e.release_many([RID]),
     }
     method = calls[call]
     start = calls["admit" if side == "language side" else "submit"]
@@ -317,7 +318,7 @@ def test_the_tables_cover_every_state_and_call() -> None:
     assert {call for call, _ in LANGUAGE_TABLE} == {"admit", "admit_many", "take", "take_many", "abort", "release"}
     assert {state for _, state in ENCODER_TABLE} == {
         "BOOTSTRAPPING", "TRANSFERRING", "SUCCESS", "FAILED", "released", "unknown"}
-    assert {call for call, _ in ENCODER_TABLE} == {"submit", "submit_many", "abort", "release"}
+    assert {call for call, _ in ENCODER_TABLE} == {"submit", "submit_many", "abort", "release", "release_many"}
 
 
 @pytest.mark.parametrize("topology", TOPOLOGIES, ids=lambda t: f"enc_tp{t[1]}-lang_tp{t[2]}")
