@@ -18,15 +18,18 @@ a `Request`, for as long as every step it takes is the usual one:
                        (a `LaneBatch` in `Receiver._admission`)
     WAITING_FOR_INPUT  its first allocation taken as one run of blocks and announced
                        (the ALLOCATIONS entries built from the columns)
-    TRANSFERRING       its first segment is its whole payload in round 0, within its
-                       allocation, from the engine it is bound to, with no PAYLOAD_INFO;
-                       the outputs of a message's lane requests made together, within
-                       the output budget (the message's other segments take the object
-                       path: their lane requests are materialized first)
-    SUCCESS            the message landed: unpacked straight into the outputs (one
-                       launch), the blocks freed, the COMPLETIONS entries built from the
-                       columns, the ids reported by `finished()`; `take_many` hands the
-                       payloads out and the rows leave
+    TRANSFERRING       its payload fits its first allocation (one round) and its
+                       segments come in order from the engine it is bound to, with no
+                       PAYLOAD_INFO; a message may hold a whole payload or a stretch of
+                       one (a message that ends inside a request: the rest comes in the
+                       next ones, still by column); the outputs of a message's new lane
+                       requests made together at their first segment, within the output
+                       budget (the message's other segments take the object path: their
+                       lane requests are materialized first); each landed stretch is
+                       unpacked straight into the outputs (one launch a message)
+    SUCCESS            its last stretch landed: the blocks freed, the COMPLETIONS entries
+                       built from the columns, the ids reported by `finished()`;
+                       `take_many` hands the payloads out and the rows leave
 
 A single request, or a step's few, costs less as objects than as numpy calls on a few
 rows (bench/rows_probe.py's latency case): `LANE_MIN_BATCH` keeps those on the object path.
@@ -84,6 +87,9 @@ from .rows import STATE_NAMES, TRANSFERRING, Rows
 
 # The fewest ids of an admit_many that enter the lane (see the docstring).
 LANE_MIN_BATCH = 8
+# The fewest usual lane segments a message must hold to be taken by column; a message
+# with fewer lets its lane requests go to the object path.
+LANE_MIN_SEGMENTS = 8
 # The first rounds of a message that `LaneChunks.take` takes one by one before it takes the
 # rest by column (a message of a few segments then pays no numpy call).
 SCALAR_ROUNDS = 32
@@ -94,6 +100,8 @@ LEFT_MEMORY = 4096
 COLUMNS = {
     "state": "u1",
     "total": "i8",  # N once its first segment came, else -1
+    "accepted": "i8",  # tokens of its segments in messages this rank accepted
+    "landed": "i8",  # of them, unpacked into its outputs
     "expected": "i8",  # an announced size, -1 if none
     "allocated": "i8",
     "block_start": "i8",  # the first of its blocks when they are one run, else -1 (block_lists)
@@ -174,13 +182,19 @@ class _Lane:
 class LanguageLane(_Lane):
     def __init__(self, capacity: int = 256) -> None:
         self.outputs: list = [None] * capacity  # slot -> the request's RowTensors once made
+        self.output_addresses: list = [None] * capacity  # slot -> their `ops.row_addresses` (CUDA)
         self.block_lists: list = [None] * capacity  # slot -> its blocks, when they are not one run
         super().__init__(COLUMNS, capacity)
 
     def _grown(self) -> None:
-        if self.rows.capacity > len(self.outputs):
-            self.outputs.extend([None] * (self.rows.capacity - len(self.outputs)))
-            self.block_lists.extend([None] * (self.rows.capacity - len(self.block_lists)))
+        for per_slot in (self.outputs, self.output_addresses, self.block_lists):
+            if self.rows.capacity > len(per_slot):
+                per_slot.extend([None] * (self.rows.capacity - len(per_slot)))
+
+    def set_output_addresses(self, slots: list[int], addresses: np.ndarray) -> None:
+        """The `row_addresses` of these rows' outputs (`ops.together_addresses`' rows)."""
+        for slot, row in zip(slots, addresses.tolist(), strict=True):
+            self.output_addresses[slot] = tuple(row)
 
     def blocks_of(self, slot: int, start: int, count: int) -> list[int]:
         """A row's blocks as a list (taken out of `block_lists` when kept there)."""

@@ -59,6 +59,7 @@ import torch
 from embxfer.control import records as rec
 from embxfer.kernels import RowTensors, as_bits, ops
 
+from . import lane as lane_module
 from .allocator import BlockAllocator
 from .cache import PayloadCache
 from .channels import RecvChannel, RecvMessage, segment_plan, wire_to_rows
@@ -272,6 +273,11 @@ class Receiver(Endpoint):
         """(rows of the request in its outputs so far, its N or None while unknown): for a
         scheduler that starts on what is there, and for debugging a slow transfer. Rows of
         cached items count once its outputs exist."""
+        lane = self._lane
+        if lane is not None and lane.rows.slot_of and type(request_id) is int:
+            slot = lane.rows.slot_of.get(request_id)
+            if slot is not None and lane.rows._columns["state"][slot] == _TRANSFERRING:  # (its stretches landed)
+                return int(lane.rows._columns["landed"][slot]), int(lane.rows._columns["total"][slot])
         request = self._lookup(check_request_id(request_id))
         if request.state is RequestState.SUCCESS:
             return request.rows, request.rows
@@ -1450,22 +1456,36 @@ class Receiver(Endpoint):
             self._lane_let_go(segments)
             return None
         infos = self._infos
-        usual = [slot >= 0 and s.round == 0 and s.start == 0 and s.count == s.total_tokens
-                 and not (infos and s.request_id in infos) for slot, s in zip(slots, segments, strict=True)]
+        usual = [slot >= 0 and s.round == 0 and not (infos and s.request_id in infos)
+                 for slot, s in zip(slots, segments, strict=True)]
         at = np.array([slot for slot, ok in zip(slots, usual, strict=True) if ok], dtype=np.int64)
         if len(at):
-            counts = np.array([s.count for s, ok in zip(segments, usual, strict=True) if ok], dtype=np.int64)
-            fine = (columns["peer"][at] == peer) & (columns["state"][at] == _WAITING) \
-                & (columns["allocated"][at] >= counts)
+            # (request_id, round, start, count, total_tokens, mrope_delta) per segment
+            seg = np.array([s for s, ok in zip(segments, usual, strict=True) if ok], dtype=np.int64)
+            starts, counts, totals = seg[:, 2], seg[:, 3], seg[:, 4]
+            state = columns["state"][at]
+            # a first segment: its payload fits the first allocation (one round); a later one:
+            # where the last one this rank accepted ended, saying what the first said
+            fine = (columns["peer"][at] == peer) & (starts + counts <= totals) & np.where(
+                state == _WAITING, (starts == 0) & (columns["allocated"][at] >= totals),
+                (state == _TRANSFERRING) & (starts == columns["accepted"][at]) & (totals == columns["total"][at])
+                & (seg[:, 5] == columns["mrope_delta"][at]))
             if len(set(at.tolist())) != len(at):
                 fine[:] = False
             if not fine.all():
                 index = iter(fine.tolist())
                 usual = [ok and next(index) for ok in usual]
         positions = [i for i, ok in enumerate(usual) if ok]
-        need = sum(segments[i].count for i in positions) * self.spec.bytes_per_token
-        if positions and self.output_bytes + need > self.config.output_budget_bytes:
-            positions = []
+        if len(positions) < lane_module.LANE_MIN_SEGMENTS:
+            positions = []  # a few: numpy's fixed cost per message is more than the rows save
+        if positions:
+            at = np.array([slots[i] for i in positions], dtype=np.int64)
+            seg = np.array([segments[i] for i in positions], dtype=np.int64)
+            new = columns["state"][at] == _WAITING
+            per_token = self.spec.bytes_per_token
+            need = int(seg[new, 4].sum()) * per_token
+            if self.output_bytes + need > self.config.output_budget_bytes:
+                positions = []
         if not positions:
             self._lane_let_go(segments)
             return None
@@ -1475,23 +1495,29 @@ class Receiver(Endpoint):
             self._lane_let_go(others)
             if not self._accept_gate(message, others):
                 return False
-        lane_segments = [segments[i] for i in positions]
-        at = np.array([slots[i] for i in positions], dtype=np.int64)
-        counts = [s.count for s in lane_segments]
-        now, per_token = time.monotonic(), self.spec.bytes_per_token
-        columns["total"][at] = counts
-        columns["mrope_delta"][at] = [s.mrope_delta for s in lane_segments]
-        columns["state"][at] = _TRANSFERRING
-        columns["last_progress"][at] = now
-        columns["output_bytes"][at] = np.asarray(counts, dtype=np.int64) * per_token
-        together, views = self.pool.empty_rows_together(counts)
-        outputs = lane.outputs
-        for slot, view in zip(at.tolist(), views, strict=True):
-            outputs[slot] = view
-        self.output_bytes += need
-        message.lane = (at, columns["gen"][at].copy(), counts, positions if mixed else None, together)
+        starts, counts, totals = seg[:, 2], seg[:, 3], seg[:, 4]
+        columns["accepted"][at] += counts
+        columns["last_progress"][at] = time.monotonic()
+        together = None
+        if new.any():  # first segments: N and delta from them (R3), their outputs made together
+            first, first_totals = at[new], seg[new, 4]
+            columns["total"][first] = first_totals
+            columns["mrope_delta"][first] = seg[new, 5]
+            columns["state"][first] = _TRANSFERRING
+            columns["output_bytes"][first] = first_totals * per_token
+            together, views = self.pool.empty_rows_together(first_totals.tolist())
+            outputs = lane.outputs
+            for slot, view in zip(first.tolist(), views, strict=True):
+                outputs[slot] = view
+            if self.spec.is_cuda:  # (where a later message's stretch of the request lands)
+                lane.set_output_addresses(first.tolist(), ops.together_addresses(together, first_totals.tolist()))
+            self.output_bytes += need
+        whole = bool(new.all() and (counts == totals).all())  # each is all of a new request
+        message.lane = (at, columns["gen"][at].copy(), counts.tolist(), positions if mixed else None,
+                        together if whole else None, None if whole else starts.tolist())
         if not mixed:
-            message.together = together
+            if whole:
+                message.together = together
             return True
         lane_at = set(positions)
         whole: list[Request] = []
@@ -1520,7 +1546,7 @@ class Receiver(Endpoint):
         in `message.requests`). When a request of the lane's segments left the lane
         meanwhile, they are all turned into the object path's form first (0)."""
         lane = self._lane
-        at, gens, counts, positions, together = message.lane
+        at, gens, counts, positions, together, starts = message.lane
         message.lane = None
         columns = lane.rows._columns
         if positions is None:
@@ -1529,17 +1555,35 @@ class Receiver(Endpoint):
             alive = (columns["gen"][at] == gens).tolist()
             ids = columns["request_id"][at].tolist()
             for index, rid, ok, gen in zip(positions or range(len(counts)), ids, alive, gens.tolist(), strict=True):
-                message.requests[index] = self._lane_materialize(rid) if ok else lane.left.pop(int(gen), None)
+                # (a row that left the lane may have stretches in several messages: `get`)
+                message.requests[index] = self._lane_materialize(rid) if ok else lane.left.get(int(gen))
             return 0
-        outputs = [lane.outputs[slot] for slot in at.tolist()]
-        zeros = np.zeros(len(counts), dtype=np.int64)
-        if self.spec.is_cuda:
-            ops.unpack_addressed_rows(staging, message.layout, outputs[0], ops.together_addresses(together, counts),
-                                      zeros, outputs, segments=positions)
-        elif positions is None:
-            ops.unpack_together(staging, message.layout, together)
+        slot_list = at.tolist()
+        outputs = [lane.outputs[slot] for slot in slot_list]
+        if together is not None:  # each segment all of a request whose outputs this message made
+            zeros = np.zeros(len(counts), dtype=np.int64)
+            if self.spec.is_cuda:
+                ops.unpack_addressed_rows(staging, message.layout, outputs[0], ops.together_addresses(together, counts),
+                                          zeros, outputs, segments=positions)
+            elif positions is None:
+                ops.unpack_together(staging, message.layout, together)
+            else:
+                ops.unpack_to_rows(staging, message.layout, outputs, zeros, segments=positions)
+        elif self.spec.is_cuda:  # stretches of requests, at their rows
+            addresses = np.array([lane.output_addresses[slot] for slot in slot_list], dtype=np.int64)
+            ops.unpack_addressed_rows(staging, message.layout, outputs[0], addresses,
+                                      np.asarray(starts, dtype=np.int64), outputs, segments=positions)
         else:
-            ops.unpack_to_rows(staging, message.layout, outputs, zeros, segments=positions)
+            ops.unpack_to_rows(staging, message.layout, outputs, starts, segments=positions)
+        landed = columns["landed"][at] + counts
+        columns["landed"][at] = landed
+        now = time.monotonic()
+        columns["last_progress"][at] = now
+        complete = landed == columns["total"][at]
+        if not complete.all():  # the rest of those comes in later messages
+            at = at[complete]
+            if not len(at):
+                return -1 if positions is None else len(slot_list)
         starts = columns["block_start"][at]
         if (starts >= 0).all():
             self.allocator.free_runs(starts, columns["blocks"][at])
@@ -1550,20 +1594,19 @@ class Receiver(Endpoint):
         columns["blocks"][at] = 0
         columns["allocated"][at] = 0
         columns["state"][at] = _SUCCESS
-        columns["last_progress"][at] = time.monotonic()
-        ids = columns["request_id"][at].tolist()
-        done, tokens = len(ids), sum(counts)
+        ids, totals = columns["request_id"][at].tolist(), columns["total"][at]
+        done = len(ids)
         self.stats.rounds += done
-        self.stats.tokens += tokens
+        self.stats.tokens += int(totals.sum())
         self.stats.succeeded += done
         self.in_flight -= done
         self._just_finished.extend(ids)
         entries = np.zeros(done, rec.Completions.ENTRY)
         entries["request_id"] = ids
-        entries["sent_tokens"] = entries["total_tokens"] = counts
+        entries["sent_tokens"] = entries["total_tokens"] = totals
         leader = lane.views[int(columns["peer"][at[0]])].leader
         self._completions.setdefault(leader, []).append(entries)
-        return -1 if positions is None else done
+        return -1 if positions is None else len(slot_list)
 
     def _lane_take(self, ids: list[int]) -> list[Payload] | None:
         """`take_many` of checked ids some of which are lane requests, all SUCCESS: those
@@ -1620,7 +1663,10 @@ class Receiver(Endpoint):
             request.allocated_tokens = count * self.config.block_size
         if state >= _TRANSFERRING:
             total = int(c["total"][slot])
-            request.total_tokens = request.rows = request.round_tokens = request.round_accepted = total
+            request.total_tokens = request.rows = request.round_tokens = total
+            request.round_accepted = int(c["accepted"][slot])
+            if state == _TRANSFERRING:
+                request.round_landed = int(c["landed"][slot])
             request.mrope_delta = int(c["mrope_delta"][slot])
             request.outputs, request.direct = lane.outputs[slot], True
             request.output_bytes = int(c["output_bytes"][slot])

@@ -177,26 +177,30 @@ def run_program(seed: int, lane: bool, encoder_lane: bool = False, sort_finished
 @given(st.integers(0, 10_000), st.sampled_from([(True, False), (False, True), (True, True)]), st.booleans())
 def test_a_program_observes_the_same_with_and_without_the_lanes(seed: int, lanes: tuple[bool, bool],
                                                                by_column: bool) -> None:
-    """`by_column`: the encoder lane takes every record and message by column (its
-    thresholds for taking a few row by row at 1), else as it ships (this program's
-    records and messages are all small enough to be taken row by row)."""
-    old = sender_module.SCALAR_ENTRIES, lane_module.SCALAR_ROUNDS
+    """`by_column`: the lanes take every record and message by column (the encoder
+    lane's thresholds for taking a few row by row at 1, and a message of any number of
+    lane segments taken by the language lane), else as they ship (this program's records
+    and messages are mostly small enough to be taken row by row or let go)."""
+    old = sender_module.SCALAR_ENTRIES, lane_module.SCALAR_ROUNDS, lane_module.LANE_MIN_SEGMENTS
     if by_column:
-        sender_module.SCALAR_ENTRIES, lane_module.SCALAR_ROUNDS = 1, 1
+        sender_module.SCALAR_ENTRIES, lane_module.SCALAR_ROUNDS, lane_module.LANE_MIN_SEGMENTS = 1, 1, 1
     try:
         with_lane = run_program(seed, *lanes, lanes[0])
     finally:
-        sender_module.SCALAR_ENTRIES, lane_module.SCALAR_ROUNDS = old
+        sender_module.SCALAR_ENTRIES, lane_module.SCALAR_ROUNDS, lane_module.LANE_MIN_SEGMENTS = old
     without = run_program(seed, False, False, lanes[0])
     for index, (a, b) in enumerate(zip(with_lane, without, strict=False)):
         assert a == b, f"step {index}: with the lanes {lanes} {a!r:.300}, without {b!r:.300}"
     assert len(with_lane) == len(without)
 
 
-def test_the_usual_batch_stays_in_the_lane_from_admission_to_take() -> None:
-    """A batch of usual requests (each whole in one message) is never materialized: the
-    lane is not a detour."""
-    cluster = _cluster(staging_bytes=1 << 20)
+@pytest.mark.parametrize("staging_bytes", [1 << 20, 1 << 13])
+def test_the_usual_batch_stays_in_the_lane_from_admission_to_take(staging_bytes: int, monkeypatch) -> None:
+    """A batch of usual requests (each whole in one message, or, with 8 KiB of staging,
+    messages that end inside requests, each message taken by column however few lane
+    segments it holds) is never materialized: the lane is not a detour."""
+    monkeypatch.setattr(lane_module, "LANE_MIN_SEGMENTS", 1)
+    cluster = _cluster(staging_bytes=staging_bytes)
     leader, made = cluster.leader, []
     materialize = leader._lane_materialize
     leader._lane_materialize = lambda rid: made.append(rid) or materialize(rid)
@@ -317,14 +321,16 @@ def test_lane_requests_past_their_deadline_fail_as_requests_do(lane: bool) -> No
         assert len(leader._lane.rows) == 2
 
 
-def test_the_usual_batch_stays_in_the_encoder_lane_from_submit_to_release() -> None:
-    """Batches whose messages end inside requests and whose requests wait for blocks (their
-    sizes announced): no encoder row is ever materialized (the language lane's are, where
-    a message ends inside them)."""
+def test_the_usual_batch_stays_in_the_encoder_lane_from_submit_to_release(monkeypatch) -> None:
+    """Both lanes, batches whose messages end inside requests and whose requests wait for
+    blocks (their sizes announced): no row of either side is ever materialized (the
+    language lane taking every message by column)."""
+    monkeypatch.setattr(lane_module, "LANE_MIN_SEGMENTS", 1)
     cluster = _cluster(staging_bytes=1 << 13, lane=True, encoder_lane=True)
-    sender, made = cluster.senders[0], []
-    materialize = sender._lane_materialize
-    sender._lane_materialize = lambda rid: made.append(rid) or materialize(rid)
+    leader, sender, made = cluster.leader, cluster.senders[0], []
+    for endpoint in (leader, sender):
+        materialize = endpoint._lane_materialize
+        endpoint._lane_materialize = lambda rid, m=materialize: made.append(rid) or m(rid)
     payloads = {rid: random_payload(5 + rid % 60, DIM, seed=rid) for rid in range(100, 140)}
     for _ in range(3):
         taken = cluster.transfer(payloads)
