@@ -83,7 +83,7 @@ from embxfer.control.records import Segment
 
 from .endpoint import Finished, Request
 from .membership import EngineView
-from .rows import STATE_NAMES, TRANSFERRING, Rows
+from .rows import STATE_NAMES, SUCCESS, TRANSFERRING, Rows
 
 # The fewest ids of an admit_many that enter the lane (see the docstring).
 LANE_MIN_BATCH = 8
@@ -217,6 +217,11 @@ class EncoderLane(_Lane):
         if self.rows.capacity > len(self.payloads):
             self.payloads.extend([None] * (self.rows.capacity - len(self.payloads)))
             self.addresses.extend([None] * (self.rows.capacity - len(self.addresses)))
+
+    def kept(self, slot: int) -> tuple:
+        """What the memory of finished requests keeps of a row that succeeded
+        (`Finished.kept`'s form: a lane row has no error and no resume)."""
+        return (STATE_NAMES[SUCCESS], None, int(self.rows._columns["total"][slot]), 0)
 
     def engine_index(self, name: str | None) -> int:
         if name is None:

@@ -391,12 +391,11 @@ class Sender(Endpoint):
                 done.append((request_id, request))
         if not done:
             return
-        kept, live, slots = Finished.kept, self.requests, []
-        pairs, value = [], RequestState.SUCCESS._value_
+        kept, live, slots, pairs = Finished.kept, self.requests, [], []
         for request_id, found in done:
             if type(found) is int:
                 slots.append(found)
-                pairs.append((request_id, (value, None, int(lane.rows._columns["total"][found]), 0)))
+                pairs.append((request_id, lane.kept(found)))
             else:
                 dict.pop(live, request_id, None)
                 pairs.append((request_id, kept(found)))
@@ -1013,9 +1012,8 @@ class Sender(Endpoint):
     def _lane_release(self, request_id: int, slot: int) -> None:
         """`release` of a lane row that succeeded: into the memory of finished requests."""
         lane = self._lane
-        c = lane.rows._columns
-        self._remember_kept([(request_id, (RequestState.SUCCESS._value_, None, int(c["total"][slot]), 0))])
-        c["gen"][slot] = 0
+        self._remember_kept([(request_id, lane.kept(slot))])
+        lane.rows._columns["gen"][slot] = 0
         lane.rows.remove_id(request_id)
 
     def _lane_materialize(self, request_id: int) -> Request:
