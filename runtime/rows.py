@@ -18,8 +18,8 @@ The design the endpoints are to follow (one lane per side, the same rules on bot
 * **The usual case only.** A request enters the lane at a batch call (`admit_many`,
   `submit_many`) when nothing unusual is pending for its id (no early abort, cache key,
   items or metadata; the peer engine known and usable) and stays while every step it
-  takes is the usual one: one round, its blocks one run, a segment that is exactly what
-  was allocated, outputs within the budget. The moment anything else concerns it (an
+  takes is the usual one: one round, its segments in order and within what was
+  allocated, outputs within the budget. The moment anything else concerns it (an
   abort from either side, a resume, a record that fails the usual checks, its engine
   lost, a deadline passed, a follower rank), the side *materializes* it: a `Request` with
   exactly the row's state, which from then on takes today's code, the reference for every
@@ -27,11 +27,12 @@ The design the endpoints are to follow (one lane per side, the same rules on bot
   (the same traffic through both paths gives the same records and the same answers)
   holds the two together.
 * **Lookups.** `self.requests` keeps only materialized requests. What the engine's loop
-  asks every step (`state`, `poll`, `finished`, `take_many`, `release`) reads the lane
-  without materializing; every other path that looks an id up (records from outside,
-  `abort`, `arrived`, liveness, a lost engine) materializes first, so no rule ever sees a
-  half-kept request. A message is all-lane or all-objects: if any of its segments is not
-  the usual one, its lane requests are materialized before it is bound.
+  asks every step (`state`, `poll`, `finished`, `arrived`, `take_many`, `release`,
+  `release_many`) reads the lane without materializing; every other path that looks an
+  id up (records from outside, `abort`, liveness, a lost engine) materializes first, so
+  no rule ever sees a half-kept request. A message's usual lane segments are bound by
+  column and its other segments through the object path (their lane requests
+  materialized first); a record's usual entries likewise, in the record's order.
 * **Deadlines.** The liveness check compares `last_progress` by column and materializes
   only the rows past their deadline (never the whole lane on each heartbeat).
 * **Records by column.** A step's allocations, completions and decisions are built from
@@ -40,6 +41,15 @@ The design the endpoints are to follow (one lane per side, the same rules on bot
   read as arrays, checked with today's bounds, and looked up as slots once.
 * **Objects at the edge.** The API keeps its objects: `Payload`s in and out and their
   tensors (bench/floor.py measures what those cost on their own).
+* **Where it pays** (measured, twentieth session: bench/results/host-NOTES.md,
+  pipeline-NOTES.md). A numpy call costs 1-3 us whatever its size and a numpy scalar
+  read or write about 0.1 us, against 0.02-0.04 us for an attribute: columns pay from
+  about 30 requests a call (many_small's records of 256 and messages of 52), and cost
+  more than objects below (the batch case's records of a few). Calls of a few entries
+  are worked row by row (`sender.SCALAR_ENTRIES`, `lane.SCALAR_ROUNDS`), messages of few
+  lane segments let them go (`lane.LANE_MIN_SEGMENTS`). On an H100 host the Python
+  bookkeeping the lanes save is a smaller share than on the CPU: a request's output
+  views and payload checks, which both paths pay, lead there.
 """
 
 from __future__ import annotations

@@ -1,4 +1,4 @@
-"""A step's requests in one call: `admit_many`, `submit_many`, `take_many`.
+"""A step's requests in one call: `admit_many`, `submit_many`, `take_many`, `release_many`.
 
 Each does what the one-request call does for every id, in order (the lifecycle tables of
 docs/integration.md check them cell by cell in tests/runtime/test_docs_example.py); here:
@@ -174,3 +174,45 @@ def test_take_many_takes_nothing_unless_it_can_take_everything() -> None:
     assert rx.state(1) is rx.state(2) is RequestState.SUCCESS  # nothing was taken
     assert all(p.bit_equal(payload) for p in rx.take_many([2, 1]))
     assert rx.output_bytes == 0
+
+
+@pytest.mark.parametrize("encoder_lane", [False, True])
+def test_release_many_releases_nothing_unless_it_can_release_everything(encoder_lane: bool, monkeypatch) -> None:
+    """A step's finished ids in one call, on the object path and from the encoder lane
+    (a batch of 8 or more enters it): an id still in flight, repeated or not an id names
+    itself and nothing is released; then every finished id, SUCCESS or FAILED, is forgotten
+    (its id may be submitted again), an unknown or released one is nothing to do."""
+    from embxfer.runtime import sender as sender_module
+
+    monkeypatch.setattr(sender_module, "LANE_ENABLED", encoder_lane)
+    cluster = make_cluster()
+    rx, tx = cluster.leader, cluster.senders[0]
+    assert (tx._lane is not None) is encoder_lane
+    ids = list(range(1, 11))
+    payloads = {rid: random_payload(10 + rid, DIM, seed=rid) for rid in ids}
+    rx.admit_many(ids[:9])  # 10 is never admitted: it stays in flight on the encoder side
+    tx.submit_many(list(payloads.items()))
+    tx.abort(9, "the vision model failed")
+    cluster.run_until(lambda: all(tx.state(r).terminal for r in ids[:9]))
+    with pytest.raises(ValueError, match=r"request_ids\[2\]: request_id=10: release\(\) needs a finished request"):
+        tx.release_many([1, 2, 10])
+    with pytest.raises(ValueError, match=r"request_ids\[1\]=1: repeated in the batch"):
+        tx.release_many([1, 1])
+    with pytest.raises(ValueError, match=r"request_ids\[0\]"):
+        tx.release_many([-1])
+    assert [tx.state(r) for r in ids[:9]] == [RequestState.SUCCESS] * 8 + [RequestState.FAILED]  # nothing released
+    if encoder_lane:  # the eight that succeeded are still rows (the abort and the check made 9 and 10 objects)
+        assert len(tx._lane.rows) == 8
+    tx.release_many([*ids[:9], 12345])
+    if encoder_lane:
+        assert len(tx._lane.rows) == 0
+    assert [tx.state(r) for r in ids[:9]] == [RequestState.SUCCESS] * 8 + [RequestState.FAILED]  # (as remembered)
+    assert all(r not in tx.requests for r in ids[:9]) and tx.state(10) is RequestState.BOOTSTRAPPING
+    tx.release_many(ids[:9])  # released already: nothing to do
+    taken = rx.take_many(ids[:8])
+    assert all(p.bit_equal(payloads[rid]) for rid, p in zip(ids[:8], taken, strict=True))
+    rx.release(9)
+    rx.admit_many([1])  # an id released on both sides is a new request
+    tx.submit_many([(1, payloads[1])])
+    cluster.run_until(lambda: rx.state(1) is RequestState.SUCCESS)
+    assert rx.take(1).bit_equal(payloads[1])
