@@ -5,9 +5,12 @@ CPU (bench/lane_ab.py, bench/results/host-NOTES.md) a lane saves host time only 
 record or message carries many requests: numpy's fixed cost per call (1-3 us) is paid
 back from about 30 requests a call, and below that a numpy scalar read or write (about
 0.1 us) costs more than an attribute of a `Request`. Where many_small's messages hold 52
-requests each, the encoder lane takes 13 % off the encoder's bookkeeping; where the
-batch case's records and messages carry a few requests, it adds 17-22 %. Neither lane
-ran on a GPU in its final form. The tests run every path against the object path.
+requests each, the encoder lane takes 12 % off the encoder's bookkeeping and both lanes
+14 % off the wall; where the batch case's records and messages carry a few requests, the
+encoder lane adds 13-23 % and both lanes 27-43 %. On an H100 host (c9e85fc,
+bench/results/pipeline-NOTES.md) the encoder lane took 0.4-1.0 of the encoder's 10 us a
+request, the language lane nothing of many_small's 17 us, and it added 40 % to the batch
+case's. The tests run every path against the object path.
 
 **The language lane.** A request admitted by `Receiver.admit_many` in a batch of at least
 `LANE_MIN_BATCH` ids (no size, cache key or items given; its encoder engine usable; no
