@@ -745,8 +745,23 @@ class Endpoint:
         return worked
 
     def _live_requests(self, now: float) -> list[Request]:
-        """The requests the liveness check looks at for their deadlines (a copy)."""
+        """The requests the liveness check looks at for their deadlines (a copy). A lane's
+        rows past their deadline (`_lane_late`, by column) become Requests first; the
+        others stay rows (never the whole lane on each heartbeat)."""
+        lane = self._lane
+        if lane is not None and lane.rows.slot_of:
+            used = np.fromiter(lane.rows.slot_of.values(), dtype=np.int64, count=len(lane.rows.slot_of))
+            late = used[self._lane_late(lane.rows._columns, used, now)]
+            for request_id in lane.rows._columns["request_id"][late].tolist():
+                self._lane_materialize(request_id)
+            return list(dict.values(self.requests))
         return list(self.requests.values())
+
+    def _lane_settled(self) -> None:
+        """At the first step with an empty lane, `requests` is a plain dict again (its
+        lookups cost what the object path's did)."""
+        if self._lane is not None and not self._lane.rows.slot_of and type(self.requests) is not dict:
+            self.requests = dict.copy(self.requests)
 
     def _overdue(self, request: Request, now: float) -> str | None:
         """Why a live request is past its deadline at `now` (its error then), or None: no

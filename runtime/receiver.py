@@ -86,10 +86,9 @@ from .state import RequestState
 # its channel for the leader's ADMIT decision before its data is discarded.
 UNKNOWN_REQUEST_GRACE_S = 5.0
 # Whether a TP-1 language engine keeps its usual requests in the lane (`runtime/lane.py`),
-# read when an endpoint is made. Off: the lane wins where a batch's messages hold whole
-# requests (many_small) and loses where they end inside requests (bench/lane_ab.py's cut
-# cases, on the 2-core CPU; bench/results/host-NOTES.md), so it waits for that to be
-# fixed and measured on a GPU. The tests run both paths.
+# read when an endpoint is made. Off: it pays only where a step carries many requests per
+# record and message, and on an H100 host it took nothing off many_small and added 40 %
+# to the batch case's language side (lane.py's docstring). The tests run both paths.
 LANE_ENABLED = False
 EARLY_MEMORY = 4096
 _ADMIT, _RESUME, _COMPLETE, _PIN = rec.DecisionAction.ADMIT.value, rec.DecisionAction.RESUME.value, \
@@ -457,8 +456,8 @@ class Receiver(Endpoint):
         lane = self._lane
         slot = lane.rows.slot_of.get(request_id) if lane is not None and lane.rows.slot_of else None
         if slot is not None:  # (the rule below, on the row)
-            c = self._lane.rows._columns
-            if c["state"][slot] == _BOOT and c["expected"][slot] < 0 and self._lane.views[c["peer"][slot]].name == view.name:
+            c = lane.rows._columns
+            if c["state"][slot] == _BOOT and c["expected"][slot] < 0 and lane.views[c["peer"][slot]].name == view.name:
                 c["expected"][slot] = total_tokens
             return
         request = self.requests.get(request_id)
@@ -1252,8 +1251,7 @@ class Receiver(Endpoint):
 
     # -- pumping and failure ---------------------------------------------------------------
     def _pump(self) -> bool:
-        if self._lane is not None and not self._lane.rows.slot_of and type(self.requests) is not dict:
-            self.requests = dict.copy(self.requests)  # the lane is empty: plain lookups again
+        self._lane_settled()
         worked = self._admit_waiting() if self.is_leader else False
         for channel in self.channels.values():
             worked |= channel.pump(lambda m, c=channel: self._accept(c, m), self._landed)
@@ -1682,22 +1680,12 @@ class Receiver(Endpoint):
             lane.keep_left(gen, request)
         return request
 
-    def _live_requests(self, now: float) -> list[Request]:
-        """What the liveness check looks at: the lane's requests past their deadline
-        (found by column) become Requests first; the others stay rows."""
-        lane = self._lane
-        if lane is not None and lane.rows.slot_of:
-            c = lane.rows._columns
-            used = np.fromiter(lane.rows.slot_of.values(), dtype=np.int64, count=len(lane.rows.slot_of))
-            state = c["state"][used]
-            late = used[((state == _WAITING) | (state == _TRANSFERRING))
-                        & (now - c["last_progress"][used] > self.config.request_timeout_s)]
-            for request_id in c["request_id"][late].tolist():
-                self._lane_materialize(request_id)
-            return list(dict.values(self.requests))
-        return super()._live_requests(now)
-
-
+    def _lane_late(self, c: dict, used: np.ndarray, now: float) -> np.ndarray:
+        """Which of the lane's rows `used` are past `_overdue`'s deadline: allocated or
+        transferring with no progress for request_timeout_s (waiting for blocks is not late)."""
+        state = c["state"][used]
+        return ((state == _WAITING) | (state == _TRANSFERRING)) \
+            & (now - c["last_progress"][used] > self.config.request_timeout_s)
 
 
 def _entry_array(items: list, dtype: np.dtype) -> np.ndarray:
