@@ -121,14 +121,17 @@ class LocalCluster:
         endpoints = [*self.senders.values(), *receivers]
         for endpoint in endpoints:
             endpoint.finished()  # what finished before is not this transfer's
-        # What a step's scheduler does: one batch call per engine and run of its requests.
+        # What a step's scheduler does: one batch call per engine and run of its requests
+        # (and the count of finished() ids to wait for, per run, not per request).
+        expected = 0
         for engine, run in groupby(payloads.items(), key=lambda item: engine_of(item[0])):
             run = list(run)
+            senders = self.engine_senders(engine)
             for receiver in receivers:
                 receiver.admit_many([rid for rid, _ in run], encoder_engine=engine)
-            for sender in self.engine_senders(engine):
+            for sender in senders:
                 sender.submit_many(run)
-        expected = sum(len(receivers) + len(self.engine_senders(engine_of(rid))) for rid in payloads)
+            expected += len(run) * (len(receivers) + len(senders))
         finished: dict[int, list[int]] = {id(e): [] for e in endpoints}
         count = 0
 
@@ -147,7 +150,7 @@ class LocalCluster:
             raise RuntimeError(f"requests failed: {failed}")
         ids = list(payloads)
         copies = [r.take_many(ids) for r in receivers]
-        taken = {rid: [payloads_of[index] for payloads_of in copies] for index, rid in enumerate(ids)}
+        taken = dict(zip(ids, map(list, zip(*copies, strict=True)), strict=True))
         for sender in self.senders.values():
             sender.release_many(finished[id(sender)])
         self.settle(**run_kwargs)
