@@ -194,7 +194,10 @@ class SendChannel(_Staging):
         self._retire()
         gen = request.lane_gen
         for chunk in self.queue:
-            if chunk.request is request if type(chunk) is SendChunk else gen and chunk.names(gen):
+            if type(chunk) is SendChunk:
+                if chunk.request is request:
+                    return False
+            elif gen and chunk.names(gen):  # a lane's rounds, naming the row it was
                 return False
         return not any(request in sent.requests or (gen and gen in sent.gens) for sent in self.inflight)
 

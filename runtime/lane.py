@@ -167,7 +167,13 @@ class _Lane:
         return slots, gens
 
     def _grown(self) -> None:
-        """The table may have grown: so must the per-slot lists."""
+        """The table may have grown: so must the per-slot lists (`_per_slot`)."""
+        for per_slot in self._per_slot():
+            if self.rows.capacity > len(per_slot):
+                per_slot.extend([None] * (self.rows.capacity - len(per_slot)))
+
+    def _per_slot(self) -> tuple[list, ...]:
+        return ()
 
     def keep_left(self, gen: int, request: Request) -> None:
         self.left[gen] = request
@@ -189,10 +195,8 @@ class LanguageLane(_Lane):
         self.block_lists: list = [None] * capacity  # slot -> its blocks, when they are not one run
         super().__init__(COLUMNS, capacity)
 
-    def _grown(self) -> None:
-        for per_slot in (self.outputs, self.output_addresses, self.block_lists):
-            if self.rows.capacity > len(per_slot):
-                per_slot.extend([None] * (self.rows.capacity - len(per_slot)))
+    def _per_slot(self) -> tuple[list, ...]:
+        return self.outputs, self.output_addresses, self.block_lists
 
     def set_output_addresses(self, slots: list[int], addresses: np.ndarray) -> None:
         """The `row_addresses` of these rows' outputs (`ops.together_addresses`' rows)."""
@@ -216,10 +220,8 @@ class EncoderLane(_Lane):
         self.engines: list[str | None] = [None]  # `engine` column -> the engine named at submit (0: any)
         super().__init__(ENCODER_COLUMNS, capacity)
 
-    def _grown(self) -> None:
-        if self.rows.capacity > len(self.payloads):
-            self.payloads.extend([None] * (self.rows.capacity - len(self.payloads)))
-            self.addresses.extend([None] * (self.rows.capacity - len(self.addresses)))
+    def _per_slot(self) -> tuple[list, ...]:
+        return self.payloads, self.addresses
 
     def kept(self, slot: int) -> tuple:
         """What the memory of finished requests keeps of a row that succeeded

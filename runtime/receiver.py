@@ -1438,12 +1438,12 @@ class Receiver(Endpoint):
         return fitted
 
     def _lane_accept(self, channel: RecvChannel, message: RecvMessage) -> bool | None:
-        """`_accept` of a message with segments of lane requests. Those that are their
-        request's usual first (and only) round are bound by column, their outputs made
-        together; a lane request with any other segment is materialized first, and the
-        message's other segments take the object path's gate and binding. True when
-        accepted, False to wait (nothing bound), None when no segment stays in the lane
-        (the object path takes the whole message)."""
+        """`_accept` of a message with segments of lane requests. Those that are the next
+        stretch of their request's usual first (and only) round are bound by column, the
+        outputs of the requests they start made together; a lane request with any other
+        segment is materialized first, and the message's other segments take the object
+        path's gate and binding. True when accepted, False to wait (nothing bound), None
+        when no segment stays in the lane (the object path takes the whole message)."""
         lane = self._lane
         slot_of, segments = lane.rows.slot_of, message.record.segments
         slots = [slot_of.get(s.request_id, -1) for s in segments]
@@ -1473,12 +1473,11 @@ class Receiver(Endpoint):
             if not fine.all():
                 index = iter(fine.tolist())
                 usual = [ok and next(index) for ok in usual]
+                at, seg = at[fine], seg[fine]  # (the usual segments' slots and fields, in order)
         positions = [i for i, ok in enumerate(usual) if ok]
         if len(positions) < lane_module.LANE_MIN_SEGMENTS:
             positions = []  # a few: numpy's fixed cost per message is more than the rows save
         if positions:
-            at = np.array([slots[i] for i in positions], dtype=np.int64)
-            seg = np.array([segments[i] for i in positions], dtype=np.int64)
             new = columns["state"][at] == _WAITING
             per_token = self.spec.bytes_per_token
             need = int(seg[new, 4].sum()) * per_token

@@ -26,7 +26,7 @@ from __future__ import annotations
 import logging
 import time
 from collections import OrderedDict
-from collections.abc import Sequence
+from collections.abc import Iterable, Sequence
 
 import numpy as np
 import torch
@@ -238,21 +238,26 @@ class Sender(Endpoint):
             if request.round >= 0 or request.state.terminal or not request.total_tokens \
                     or self.requests.get(request.request_id) is not request:
                 continue
-            view, only = self._announce_target(request.engine, only)
-            if view is not None:
-                self._announcements.setdefault(view.leader, []).append((request.request_id, request.total_tokens))
-                self.stats.announced += 1
+            only = self._announce(request.engine, [(request.request_id, request.total_tokens)], only)
 
-    def _announce_target(self, engine: str | None, only: EngineView | None | bool
-                         ) -> tuple[EngineView | None, EngineView | None | bool]:
-        """The engine a request bound to `engine` (None: any) is announced to, and `only`:
-        the single usable language engine, looked up once a step (False: not yet)."""
+    def _announce(self, engine: str | None, sizes: Iterable[tuple[int, int]],
+                  only: EngineView | None | bool) -> EngineView | None | bool:
+        """Queue the (request_id, total_tokens) `sizes` of requests bound to `engine` (None:
+        any) for the engine they go to, if one is known; returns `only`: the single usable
+        language engine, looked up once a step (False: not yet)."""
         if engine is not None:
-            return self._peer_view(engine)[0], only
-        if only is False:
-            usable = [v for v in self.directory.engines(Role.LANGUAGE) if v.state == "usable"]
-            only = usable[0] if len(usable) == 1 else None
-        return only, only
+            view = self._peer_view(engine)[0]
+        else:
+            if only is False:
+                usable = [v for v in self.directory.engines(Role.LANGUAGE) if v.state == "usable"]
+                only = usable[0] if len(usable) == 1 else None
+            view = only
+        if view is not None:
+            announced = self._announcements.setdefault(view.leader, [])
+            before = len(announced)
+            announced.extend(sizes)
+            self.stats.announced += len(announced) - before
+        return only
 
     def _emit(self) -> None:
         if self._announcements:
@@ -818,7 +823,6 @@ class Sender(Endpoint):
             if peer.channel is not None:
                 peer.channel.queue.clear()
 
-
     # -- the lane (runtime/lane.py) ---------------------------------------------------------
     def _lane_takes(self, pairs: list[tuple[int, Payload]], metadata: list[tuple], target: str | None,
                     resolved: tuple[EngineView | None, str | None] | None) -> bool:
@@ -868,11 +872,8 @@ class Sender(Endpoint):
             waiting = batch.slots[c["state"][batch.slots] == _BOOT]
             for engine in np.unique(c["engine"][waiting]).tolist():
                 at = waiting[c["engine"][waiting] == engine]
-                view, only = self._announce_target(lane.engines[engine], only)
-                if view is not None:
-                    self._announcements.setdefault(view.leader, []).extend(
-                        zip(c["request_id"][at].tolist(), c["total"][at].tolist(), strict=True))
-                    self.stats.announced += len(at)
+                only = self._announce(lane.engines[engine],
+                                      zip(c["request_id"][at].tolist(), c["total"][at].tolist(), strict=True), only)
             return only
         for slot, gen, live in zip(batch.slots.tolist(), batch.gens.tolist(), alive.tolist(), strict=True):
             if live:
@@ -885,10 +886,7 @@ class Sender(Endpoint):
                         or self.requests.get(request.request_id) is not request:
                     continue
                 request_id, total, engine = request.request_id, request.total_tokens, request.engine
-            view, only = self._announce_target(engine, only)
-            if view is not None:
-                self._announcements.setdefault(view.leader, []).append((request_id, total))
-                self.stats.announced += 1
+            only = self._announce(engine, [(request_id, total)], only)
         return only
 
     def _lane_first_allocations(self, entries: np.ndarray, view: EngineView, usable: bool) -> list[int] | None:
