@@ -2,9 +2,10 @@
 # GPU check, run on the device machine from anywhere: every GPU test of the project
 # (pytest -m gpu tests/), the kernel and pipeline benchmarks (the copy ceiling measured in
 # the same run) and the real-model example in bf16. Results go to $OUT (default
-# /tmp/embxfer-gpu-check), nine files, no sub-folders:
+# /tmp/embxfer-gpu-check), ten files, no sub-folders:
 #   gpu-check.log (everything printed), kernels-<device>.json/.png, graph-probe-<device>.json,
-#   pipeline-<device>.json/.png, items-<device>.json, rows-probe-<device>.json, vlm-<device>.json
+#   pipeline-<device>.json/.png, items-<device>.json, rows-probe-<device>.json, steady.jsonl,
+#   vlm-<device>.json
 #   (and pipeline-<device>-before.json/.png with GPU_CHECK_BEFORE)
 # Arguments are passed to bench/kernels.py (e.g. --sweep, --cases ab).
 # GPU_CHECK_SKIP_TESTS=1 skips the tests, GPU_CHECK_SKIP_BENCH=1 the benchmarks,
@@ -101,6 +102,14 @@ if [ "${GPU_CHECK_SKIP_BENCH:-0}" != 1 ]; then
         rows_status=${PIPESTATUS[0]}
         echo "rows probe exit status: $rows_status" | tee -a "$LOG"
         [ "$rows_status" = 0 ] || status=$rows_status
+        # the steady state rep by rep (graph captures, collector passes), the collector
+        # as it is and frozen after set-up, alternating, each in a process of its own
+        for mode in on setup on setup; do
+            python3 bench/steady.py --gc "$mode" --out "$OUT/steady.jsonl" >>"$LOG" 2>&1
+            steady_status=$?
+            echo "steady ($mode) exit status: $steady_status" | tee -a "$LOG"
+            [ "$steady_status" = 0 ] || status=$steady_status
+        done
     fi
 fi
 if [ "${GPU_CHECK_SKIP_VLM:-0}" != 1 ]; then
