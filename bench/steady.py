@@ -5,11 +5,12 @@
 Two questions the pipeline benchmark's medians cannot answer, each left open by a GPU call
 (bench/results/pipeline-NOTES.md, twentieth and twenty-second sections):
 
-- Graph captures: does any message of the steady state still capture a CUDA graph (a
-  capture costs milliseconds of host time), or do all come in the first reps? Each rep
-  counts `Launcher._capture` calls, the waits for a graph's last replay
-  (`CudaDriver.event_synchronize`) and the rings dropped (`Launcher._drop_graphs`), with
-  the time they took.
+- Graph captures: does any message of the steady state still capture a CUDA graph, or do
+  all captures (one-time work, Triton's warm-up of a launcher included) come in the
+  first reps? Each rep
+  counts `Launcher._capture` calls, the host's waits on a CUDA event (a graph's last
+  replay, a table buffer's last use: `CudaDriver.event_synchronize`) and the rings
+  dropped (`Launcher._drop_graphs`), with the time they took.
 - The garbage collector: `--gc on` leaves it as it is; `--gc import` freezes the heap right
   after the imports; `--gc setup` collects and freezes it once each cluster is set up, as
   docs/integration.md advises an engine to do. Each rep counts the collector's passes per
@@ -17,9 +18,12 @@ Two questions the pipeline benchmark's medians cannot answer, each left open by 
 
 One JSON line per rep on stdout (and appended to `--out`): case, collector mode, objects
 frozen, rep, milliseconds, GB/s, then captures, waits, drops and the collector's passes
-of generation 0, 1 and 2 (`gc0`..`gc2`), each with its milliseconds (`*_ms`). On a machine without CUDA it runs at
-D = 64 (the captures are then always 0). Each mode should run in a process of its own,
-alternating (`for m in on setup on setup; do ...; done`): a frozen heap stays frozen.
+of generation 0, 1 and 2 (`gc0`..`gc2`), each with its milliseconds (`*_ms`). On a
+machine without CUDA it runs at D = 64 with the staging scaled to hold as many tokens
+(the captures are then always 0). Each mode should run in a process of its own,
+alternating (`for m in on setup on setup; do ...; done`): a frozen heap stays frozen
+until the run ends (a cluster frozen with it, the first case's under `setup`, is freed
+then).
 """
 
 from __future__ import annotations
