@@ -27,6 +27,10 @@ passes now (pack, move, unpack, read-out); `fraction_of_ideal` still compares wi
 5 passes of the earlier design, so the numbers stay comparable across versions, and
 `fraction_of_4_pass_ideal` is given too.
 
+The host's speed: `host_yardstick_us` (start and end of the run) times one fixed piece of
+plain Python (`host_yardstick`); the GPU machines' hosts differ by about 2x in such work,
+so a run's figures are read against its own yardstick.
+
 Each engine's own share (`--sides`, on by default): in this benchmark one thread runs both
 engines, so a case's time is the encoder's host time plus the language engine's plus the
 device's tail; in a deployment each engine runs its part on its own scheduler thread.
@@ -127,6 +131,34 @@ def _sides(spent_per_rep: list[dict[str, float]], requests: int) -> dict:
         out[f"{side}_host_s"] = median
         out[f"{side}_host_us_per_request"] = 1e6 * median / requests
     return out
+
+
+class _Item:
+    __slots__ = ("key", "value")
+
+    def __init__(self, key: int, value: int) -> None:
+        self.key, self.value = key, value
+
+
+def host_yardstick(rounds: int = 25) -> float:
+    """Microseconds of one fixed piece of plain Python of the runtime's kind (small objects
+    made, a dict filled and read, attributes updated, calls), the best of `rounds`.
+
+    The GPU machines' hosts differ by about 2x in such work, and one host's speed moves
+    between calls (a "slow mode"); the figures of a run are read against its own
+    yardstick, taken at its start and end, never against another host's figures alone."""
+    best = float("inf")
+    for _ in range(rounds):
+        started = time.perf_counter()
+        table: dict[int, _Item] = {}
+        for key in range(2000):
+            item = _Item(key, key)
+            table[key] = item
+            previous = table.get(key - 1)
+            if previous is not None:
+                previous.value += item.key
+        best = min(best, time.perf_counter() - started)
+    return 1e6 * best
 
 
 def result_path(template: str, device_name: str) -> Path:
@@ -258,6 +290,7 @@ def main(argv: list[str] | None = None) -> int:
                                         graph_max_bytes=graph_max_bytes, graph_fetch=args.graph_fetch))
     launch_options = {"graph_fetch": args.graph_fetch, "graph_max_bytes": graph_max_bytes}
     device = torch.cuda.get_device_name()
+    yardstick = [host_yardstick()]
     ceiling = copy_ceiling()
     batch = [random.Random(0).randint(64, 4096) for _ in range(64)]
     cases = []
@@ -267,6 +300,7 @@ def main(argv: list[str] | None = None) -> int:
         cases.append(run_case("batch", batch, 3584, 8192, 2048, staging_mb, args.reps, args.sides))
         cases.append(run_case("many_small", [256] * 256, 3584, 8192, 2048, staging_mb, args.reps, args.sides))
     cases.append(latency_case(1024, 3584, 256, args.latency_reps, args.sides))
+    yardstick.append(host_yardstick())
     for case in cases:
         ideal = PASSES * 2 * case["bytes"] / (ceiling * 1e9)
         case["ideal_s"] = ideal
@@ -275,9 +309,10 @@ def main(argv: list[str] | None = None) -> int:
     path = result_path(args.json, device)
     out = {"benchmark": "pipeline", "device": device, "torch": torch.__version__, "ceiling_gbps": ceiling,
            "lanes": {"language": receiver.LANE_ENABLED, "encoder": sender.LANE_ENABLED},
-           "passes": PASSES, "launch": launch_options, "cases": cases}
+           "passes": PASSES, "launch": launch_options, "host_yardstick_us": yardstick, "cases": cases}
     path.write_text(json.dumps(out, indent=2))
-    print(f"{device}: copy ceiling {ceiling:.0f} GB/s (read + write); launch {launch_options}")
+    print(f"{device}: copy ceiling {ceiling:.0f} GB/s (read + write); launch {launch_options}; host yardstick "
+          f"{yardstick[0]:.0f} / {yardstick[1]:.0f} us (start / end; lower is faster)")
     for c in cases:
         sides = (f"  [host per request: encoder {c['encoder_host_us_per_request']:.1f} us, language "
                  f"{c['language_host_us_per_request']:.1f} us]" if "encoder_host_s" in c else "")

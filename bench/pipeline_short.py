@@ -8,7 +8,8 @@ the older one again...), as many rounds as the call allows; GPU machines' host s
 drifts, so only neighbouring runs compare. 256 MiB staging (`--staging`); many_small 7 and
 batch 5 timed repetitions, latency 200; `--lanes` turns lanes on (bench/pipeline.py's
 `use_lanes`; an older code root without lanes takes none). Prints the line and appends it
-to `--out` when given.
+to `--out` when given, with the host's yardstick at the start and end
+(`pipeline.host_yardstick`: lower is a faster host).
 """
 
 from __future__ import annotations
@@ -32,11 +33,13 @@ def main(argv: list[str] | None = None) -> int:
     args = parser.parse_args(argv)
     if args.lanes is not None:
         pipeline.use_lanes(args.lanes)
+    yardstick = [pipeline.host_yardstick()]
     many = pipeline.run_case("many_small", [256] * 256, 3584, 8192, 2048, args.staging, 7)
     batch = pipeline.run_case("batch", [random.Random(0).randint(64, 4096) for _ in range(64)], 3584, 8192, 2048,
                               args.staging, 5)
     latency = pipeline.latency_case(1024, 3584, args.staging, 200)
-    row = {"tag": args.tag, "lanes": args.lanes, "staging_mb": args.staging, "many_small_gbps": many["gbps"],
+    yardstick.append(pipeline.host_yardstick())
+    row = {"tag": args.tag, "lanes": args.lanes, "host_yardstick_us": yardstick, "staging_mb": args.staging, "many_small_gbps": many["gbps"],
            "batch_gbps": batch["gbps"], "latency_p50_us": latency["p50_us"], "latency_p99_us": latency["p99_us"],
            **{f"{case}_{side}_us": c[f"{side}_host_us_per_request"] for case, c in (("many_small", many),
                                                                                  ("batch", batch))

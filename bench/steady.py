@@ -17,7 +17,7 @@ Two questions the pipeline benchmark's medians cannot answer, each left open by 
   generation and the time they took (a `gc.callbacks` hook).
 
 One JSON line per rep on stdout (and appended to `--out`): case, collector mode, objects
-frozen, rep, milliseconds, GB/s, then captures, waits, drops and the collector's passes
+frozen, the host's yardstick before the case (`pipeline.host_yardstick`), rep, milliseconds, GB/s, then captures, waits, drops and the collector's passes
 of generation 0, 1 and 2 (`gc0`..`gc2`), each with its milliseconds (`*_ms`). On a
 machine without CUDA it runs at D = 64 with the staging scaled to hold as many tokens
 (the captures are then always 0). Each mode should run in a process of its own,
@@ -32,6 +32,7 @@ import argparse
 import gc
 import json
 import random
+import sys
 import time
 from collections.abc import Callable
 from pathlib import Path
@@ -41,6 +42,9 @@ import torch
 from embxfer.kernels import cuda_driver, launch
 from embxfer.runtime import Config
 from embxfer.runtime.local import LocalCluster, random_payload
+
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+from pipeline import host_yardstick  # noqa: E402 - bench/pipeline.py, next to this file
 
 CASES = {"batch": [random.Random(0).randint(64, 4096) for _ in range(64)], "many_small": [256] * 256}
 KEYS = ("captures", "waits", "drops", "gc0", "gc1", "gc2")
@@ -86,7 +90,7 @@ def run(case: str, reps: int, mode: str, staging_mb: int, out: Path | None) -> l
     if mode == "setup":
         gc.collect()
         gc.freeze()
-    rows, next_id = [], 0
+    rows, next_id, yardstick = [], 0, round(host_yardstick(), 1)
     for rep in range(reps):
         batch = {next_id + i: p for i, p in enumerate(payloads)}
         next_id += len(payloads)
@@ -98,7 +102,7 @@ def run(case: str, reps: int, mode: str, staging_mb: int, out: Path | None) -> l
         elapsed = time.perf_counter() - started
         if rep == 0 and not all(taken[rid][0].bit_equal(p) for rid, p in batch.items()):
             raise SystemExit(f"{case}: not bit-exact")
-        row = {"case": case, "gc": mode, "frozen": gc.get_freeze_count(), "rep": rep,
+        row = {"case": case, "gc": mode, "frozen": gc.get_freeze_count(), "host_yardstick_us": yardstick, "rep": rep,
                "ms": round(1e3 * elapsed, 3), "gbps": round(nbytes / elapsed / 1e9, 2)}
         for key, value in sorted(counts.items()):
             if not key.startswith("_"):
