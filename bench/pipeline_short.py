@@ -39,8 +39,9 @@ def main(argv: list[str] | None = None) -> int:
                               args.staging, 5)
     latency = pipeline.latency_case(1024, 3584, args.staging, 200)
     yardstick.append(pipeline.host_yardstick())
-    row = {"tag": args.tag, "lanes": args.lanes, "host_yardstick_us": yardstick, "staging_mb": args.staging, "many_small_gbps": many["gbps"],
-           "batch_gbps": batch["gbps"], "latency_p50_us": latency["p50_us"], "latency_p99_us": latency["p99_us"],
+    row = {"tag": args.tag, "lanes": args.lanes, "host_yardstick_us": yardstick, "staging_mb": args.staging,
+           "many_small_gbps": many["gbps"], "batch_gbps": batch["gbps"], "latency_p50_us": latency["p50_us"],
+           "latency_p99_us": latency["p99_us"],
            **{f"{case}_{side}_us": c[f"{side}_host_us_per_request"] for case, c in (("many_small", many),
                                                                                  ("batch", batch))
               for side in ("encoder", "language")}}

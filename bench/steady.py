@@ -102,8 +102,8 @@ def run(case: str, reps: int, mode: str, staging_mb: int, out: Path | None) -> l
         elapsed = time.perf_counter() - started
         if rep == 0 and not all(taken[rid][0].bit_equal(p) for rid, p in batch.items()):
             raise SystemExit(f"{case}: not bit-exact")
-        row = {"case": case, "gc": mode, "frozen": gc.get_freeze_count(), "host_yardstick_us": yardstick, "rep": rep,
-               "ms": round(1e3 * elapsed, 3), "gbps": round(nbytes / elapsed / 1e9, 2)}
+        row = {"case": case, "gc": mode, "frozen": gc.get_freeze_count(), "host_yardstick_us": yardstick,
+               "rep": rep, "ms": round(1e3 * elapsed, 3), "gbps": round(nbytes / elapsed / 1e9, 2)}
         for key, value in sorted(counts.items()):
             if not key.startswith("_"):
                 spent = value - before.get(key, 0)
