@@ -38,17 +38,7 @@ calls: collections.Counter = collections.Counter()
 
 def timer(owner: object, name: str, key: str) -> None:
     """Replace `owner.name` by a wrapper that adds its wall time to `spent[key]`."""
-    original = getattr(owner, name)
-
-    def timed(*args, **kwargs):
-        started = time.perf_counter()
-        try:
-            return original(*args, **kwargs)
-        finally:
-            spent[key] += time.perf_counter() - started
-            calls[key] += 1
-
-    setattr(owner, name, timed)
+    pipeline.count_calls(owner, name, key, spent, calls)
 
 
 def add_timers(cluster: LocalCluster) -> None:

@@ -51,6 +51,7 @@ import re
 import statistics
 import sys
 import time
+from collections.abc import Callable
 from pathlib import Path
 
 import torch
@@ -90,6 +91,24 @@ def copy_ceiling() -> float:
 
 ENGINE_CALLS = ("progress", "admit", "admit_many", "submit", "submit_many", "take", "take_many", "finished",
                 "release", "release_many", "state")
+
+
+def count_calls(owner: object, name: str, key: str, spent: dict, calls: dict) -> Callable[[], None]:
+    """Replace `owner.name` by a wrapper that adds its seconds to `spent[key]` and 1 to
+    `calls[key]` (dicts that hold the key, or Counters); returns what puts the original
+    back. For the probes of this folder (bench/latency_probe.py, bench/steady.py)."""
+    original = getattr(owner, name)
+
+    def counted(*args, **kwargs):
+        started = time.perf_counter()
+        try:
+            return original(*args, **kwargs)
+        finally:
+            spent[key] += time.perf_counter() - started
+            calls[key] += 1
+
+    setattr(owner, name, counted)
+    return lambda: setattr(owner, name, original)
 
 
 def time_engine_calls(cluster: LocalCluster) -> dict[str, float]:

@@ -34,7 +34,6 @@ import json
 import random
 import sys
 import time
-from collections.abc import Callable
 from pathlib import Path
 
 import torch
@@ -44,37 +43,22 @@ from embxfer.runtime import Config
 from embxfer.runtime.local import LocalCluster, random_payload
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from pipeline import host_yardstick  # noqa: E402 - bench/pipeline.py, next to this file
+from pipeline import count_calls, host_yardstick  # noqa: E402 - bench/pipeline.py, next to this file
 
 CASES = {"batch": [random.Random(0).randint(64, 4096) for _ in range(64)], "many_small": [256] * 256}
 KEYS = ("captures", "waits", "drops", "gc0", "gc1", "gc2")
-counts: dict[str, float] = {**dict.fromkeys(KEYS, 0), **dict.fromkeys((k + "_s" for k in KEYS), 0.0)}
-
-
-def count(owner: type, name: str, key: str) -> Callable[[], None]:
-    """Wrap `owner.name` so that each call adds 1 to counts[key] and its seconds to
-    counts[key + '_s']; returns what puts the original back."""
-    original = getattr(owner, name)
-
-    def counted(*args, **kwargs):
-        started = time.perf_counter()
-        try:
-            return original(*args, **kwargs)
-        finally:
-            counts[key] = counts.get(key, 0) + 1
-            counts[key + "_s"] = counts.get(key + "_s", 0.0) + time.perf_counter() - started
-
-    setattr(owner, name, counted)
-    return lambda: setattr(owner, name, original)
+calls: dict[str, int] = dict.fromkeys(KEYS, 0)  # per key: calls (collector passes)
+spent: dict[str, float] = dict.fromkeys(KEYS, 0.0)  # and their seconds
+_collection_started = [0.0]
 
 
 def collector_hook(phase: str, info: dict) -> None:
-    key = f"gc{info['generation']}"
     if phase == "start":
-        counts["_gc_started"] = time.perf_counter()
+        _collection_started[0] = time.perf_counter()
     else:
-        counts[key] = counts.get(key, 0) + 1
-        counts[key + "_s"] = counts.get(key + "_s", 0.0) + time.perf_counter() - counts["_gc_started"]
+        key = f"gc{info['generation']}"
+        calls[key] += 1
+        spent[key] += time.perf_counter() - _collection_started[0]
 
 
 def run(case: str, reps: int, mode: str, staging_mb: int, out: Path | None) -> list[dict]:
@@ -94,7 +78,7 @@ def run(case: str, reps: int, mode: str, staging_mb: int, out: Path | None) -> l
     for rep in range(reps):
         batch = {next_id + i: p for i, p in enumerate(payloads)}
         next_id += len(payloads)
-        before = {k: v for k, v in counts.items() if not k.startswith("_")}
+        before = dict(calls), dict(spent)
         sync()
         started = time.perf_counter()
         taken = cluster.transfer(batch)
@@ -104,11 +88,9 @@ def run(case: str, reps: int, mode: str, staging_mb: int, out: Path | None) -> l
             raise SystemExit(f"{case}: not bit-exact")
         row = {"case": case, "gc": mode, "frozen": gc.get_freeze_count(), "host_yardstick_us": yardstick,
                "rep": rep, "ms": round(1e3 * elapsed, 3), "gbps": round(nbytes / elapsed / 1e9, 2)}
-        for key, value in sorted(counts.items()):
-            if not key.startswith("_"):
-                spent = value - before.get(key, 0)
-                row[key[:-2] + "_ms" if key.endswith("_s") else key] = (
-                    round(1e3 * spent, 3) if key.endswith("_s") else int(spent))
+        for key in KEYS:
+            row[key] = calls[key] - before[0][key]
+            row[key + "_ms"] = round(1e3 * (spent[key] - before[1][key]), 3)
         rows.append(row)
         print(json.dumps(row), flush=True)
         if out is not None:
@@ -130,9 +112,9 @@ def main(argv: list[str] | None = None) -> int:
         parser.error(f"--cases: {unknown} not in {sorted(CASES)}")
     if args.reps < 1:
         parser.error(f"--reps {args.reps}: expected >= 1")
-    restore = [count(launch.Launcher, "_capture", "captures"),
-               count(cuda_driver.CudaDriver, "event_synchronize", "waits"),
-               count(launch.Launcher, "_drop_graphs", "drops")]
+    restore = [count_calls(launch.Launcher, "_capture", "captures", spent, calls),
+               count_calls(cuda_driver.CudaDriver, "event_synchronize", "waits", spent, calls),
+               count_calls(launch.Launcher, "_drop_graphs", "drops", spent, calls)]
     gc.callbacks.append(collector_hook)
     if args.gc == "import":
         gc.freeze()

@@ -49,7 +49,8 @@ def test_transfers_leave_nothing_for_the_collector(topology, lanes, device, monk
     cluster = LocalCluster(topology, Config(block_size=16, default_alloc_tokens=64, language_pool_blocks=64,
                                             staging_bytes=16 * 1024), dim=16, device=device)
     # sizes below, at and above the default allocation (resume rounds), 12 at a time so
-    # that a batch enters the lanes; messages end inside requests at this staging
+    # that a batch enters the lanes (each batch to one encoder engine, in turn); messages
+    # end inside requests at this staging
     payloads = [random_payload(n, 16, seed=n, device=device)
                 for n in (5, 64, 150, 33, 64, 200, 7, 90, 16, 17, 120, 1)]
     next_id = 0
@@ -58,8 +59,8 @@ def test_transfers_leave_nothing_for_the_collector(topology, lanes, device, monk
         nonlocal next_id
         batch = {next_id + i: p for i, p in enumerate(payloads)}
         next_id += len(batch)
-        engines = topology.encoders
-        taken = cluster.transfer(batch, engine_of=lambda rid: rid % engines)
+        engines, size = topology.encoders, len(payloads)
+        taken = cluster.transfer(batch, engine_of=lambda rid: rid // size % engines)
         assert all(c.bit_equal(batch[rid]) for rid, copies in taken.items() for c in copies)
 
     one_batch()  # warm-up: what start-up allocates once is not the steady state's
@@ -67,4 +68,7 @@ def test_transfers_leave_nothing_for_the_collector(topology, lanes, device, monk
         for _ in range(3):
             one_batch()
         assert cyclic_garbage() == []
+    if lanes and topology.language_tp == 1:  # (lanes are for TP-1 ranks) rows went through them
+        for endpoint in (cluster.leader, *cluster.senders.values()):
+            assert endpoint._lane._next_gen > 1, endpoint
     cluster.close()
