@@ -4,8 +4,9 @@ from __future__ import annotations
 
 import copy
 
+import numpy as np
 import pytest
-from hypothesis import HealthCheck, settings
+from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 from hypothesis.stateful import RuleBasedStateMachine, invariant, precondition, rule
 
@@ -405,3 +406,27 @@ def test_free_held_of_a_run_with_a_block_already_free_raises_naming_it_and_frees
     assert alloc.num_free == 16
     assert alloc.allocate(16 * 4) == [0, 1, 2, 3, 4, 6, 7, 5] + list(range(8, 16))
 
+
+
+@settings(max_examples=300, deadline=None)
+@given(held=st.lists(st.integers(0, 15), unique=True),
+       runs=st.lists(st.tuples(st.integers(-1, 17), st.integers(-1, 4)), max_size=6))
+def test_free_runs_is_free_lists_of_the_runs(held, runs):
+    """free_runs(starts, counts) leaves what free_lists of the runs' blocks leaves (the free
+    stack's order included) and raises where it raises: overlapping, empty, unsorted, out
+    of range and not-in-use runs alike."""
+    by_runs = BlockAllocator(16, 4)
+    by_runs.claim(held)
+    by_lists = copy.deepcopy(by_runs)
+    starts = np.array([start for start, _ in runs], dtype=np.int64)
+    counts = np.array([count for _, count in runs], dtype=np.int64)
+    outcomes = []
+    for free in (lambda: by_runs.free_runs(starts, counts),
+                 lambda: by_lists.free_lists([list(range(a, a + n)) for a, n in runs])):
+        try:
+            free()
+            outcomes.append(None)
+        except ValueError as exc:
+            outcomes.append(str(exc))
+    assert outcomes[0] == outcomes[1]
+    assert snapshot(by_runs) == snapshot(by_lists)
