@@ -60,10 +60,13 @@ from embxfer.control import records as rec
 from embxfer.kernels import ops, staging_layout
 from embxfer.runtime import Config, receiver
 from embxfer.runtime import rows as R
+from embxfer.runtime.channels import SendChannel
 from embxfer.runtime.endpoint import checked_ids
 from embxfer.runtime.local import LocalCluster, random_payload
 from embxfer.runtime.payload import Payload, RowSpec
 from embxfer.runtime.pool import BlockPool
+from embxfer.runtime.sender import Sender
+from embxfer.runtime.transport import LoopbackHub
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 from pipeline import one_request, result_path, time_engine_calls  # noqa: E402 - bench/pipeline.py, next to this file
@@ -406,17 +409,83 @@ def today(device: torch.device, shape: Shape, reps: int, lane: bool) -> dict:
     for _ in range(3 if shape.requests > 1 else 20):
         batch()
     spent, per_rep, walls = time_engine_calls(cluster), [], []
+    phases = RuntimePhases(cluster)
     for _ in range(reps):
         before = dict(spent)
         started = time.perf_counter()
         batch()
         walls.append(time.perf_counter() - started)
         per_rep.append({side: spent[side] - before[side] for side in spent})
+    phases.restore()
     cluster.close()
     out = {f"{side}_us": 1e6 * statistics.median(rep[side] for rep in per_rep) / shape.requests
            for side in ("encoder", "language")}
     out["wall_us"] = 1e6 * statistics.median(walls) / shape.requests
+    out["phases"] = {key: 1e6 * seconds / reps / shape.requests for key, seconds in sorted(phases.spent.items())}
     return out
+
+
+class RuntimePhases:
+    """The runtime's host time by phase, named as this probe's steps where they match
+    (`language.message`, `encoder.pack`...), so that the gap between the rows design and the
+    runtime reads step by step. Each phase is a set of the runtime's functions, wrapped
+    while `today` times its batches (on the endpoint or bus instance, keyed by side, or on
+    the class or the ops module); the time of a wrapped call nested in another
+    (`ops.unpack_together` inside `Receiver._landed`) counts to its own phase only.
+    `language.records` and `encoder.records` are the records' handling and building,
+    `*.bus` their framing, encoding and decoding (which the probe pays inside its
+    steps); what a side's total holds beyond its phases is `progress()`'s own work. The
+    single calls (`admit`, `submit`, `take`, `release`: the latency case) count to their
+    batch call's phase."""
+
+    ENDPOINT = {"language": {"admit_many": "admit_many", "admit": "admit_many", "_admit_waiting": "admissions",
+                             "_accept": "message", "_landed": "landed", "take_many": "take_many",
+                             "take": "take_many", "_on_record": "records", "_emit": "records"},
+                "encoder": {"submit_many": "submit_many", "submit": "submit_many", "_on_record": "records",
+                            "release_many": "release", "release": "release"}}
+    BUS = ("drain", "flush", "publish")
+    OPS = {"pack_rows": "encoder.pack", "pack_addressed_rows": "encoder.pack", "unpack_together": "language.unpack",
+           "unpack_addressed_rows": "language.unpack", "unpack_to_rows": "language.unpack",
+           "gather_addressed": "language.unpack"}
+
+    def __init__(self, cluster: LocalCluster) -> None:
+        self.spent: dict[str, float] = {}
+        self._stack: list[float] = []  # per wrapped call in progress: the time of calls nested in it
+        self._undo: list = []
+        for endpoint in cluster.endpoints:
+            side = "encoder" if isinstance(endpoint, Sender) else "language"
+            for name, phase in self.ENDPOINT[side].items():
+                self._wrap(endpoint, name, f"{side}.{phase}", instance=True)
+            for name in self.BUS:
+                self._wrap(endpoint.bus, name, f"{side}.bus", instance=True)
+        self._wrap(SendChannel, "_send_one", "encoder.message")
+        self._wrap(LoopbackHub, "_match", "wire")
+        for name, key in self.OPS.items():
+            self._wrap(ops, name, key)
+
+    def _wrap(self, owner: object, name: str, key: str, instance: bool = False) -> None:
+        original = getattr(owner, name)
+        stack, spent, clock = self._stack, self.spent, time.perf_counter
+        spent.setdefault(key, 0.0)
+
+        def timed(*args, **kwargs):
+            started = clock()
+            stack.append(0.0)
+            try:
+                return original(*args, **kwargs)
+            finally:
+                took = clock() - started
+                spent[key] += took - stack.pop()
+                if stack:
+                    stack[-1] += took
+
+        own = not instance or name in vars(owner)  # (an instance's own attribute: another probe's wrapper)
+        setattr(owner, name, timed)
+        self._undo.append((lambda: setattr(owner, name, original)) if own else (lambda: delattr(owner, name)))
+
+    def restore(self) -> None:
+        for undo in reversed(self._undo):
+            undo()
 
 
 def measure(device: torch.device, shape: Shape, reps: int) -> dict:
@@ -482,7 +551,10 @@ def main(argv: list[str] | None = None) -> int:
             print(f"    encoder {rows['encoder_us']:.2f} / {now['encoder_us']:.2f} / {old['encoder_us']:.2f}   language "
                   f"{rows['language_us']:.2f} / {now['language_us']:.2f} / {old['language_us']:.2f}   wall "
                   f"{rows['wall_us']:.2f} / {now['wall_us']:.2f} / {old['wall_us']:.2f}")
-            print("      " + "  ".join(f"{k} {v:.2f}" for k, v in rows.items() if "." in k or k in ("wire", "device")))
+            print("      rows    " + "  ".join(f"{k} {v:.2f}" for k, v in rows.items()
+                                            if "." in k or k in ("wire", "device")))
+            print("      lane    " + "  ".join(f"{k} {v:.2f}" for k, v in now["phases"].items()))
+            print("      objects " + "  ".join(f"{k} {v:.2f}" for k, v in old["phases"].items()))
     return 0
 
 

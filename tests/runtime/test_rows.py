@@ -12,7 +12,9 @@ from hypothesis import given, settings
 from hypothesis import strategies as st
 
 from embxfer.control import records as rec
+from embxfer.runtime import Config
 from embxfer.runtime import rows as R
+from embxfer.runtime.local import LocalCluster, random_payload
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[2] / "bench"))
 import rows_probe  # noqa: E402 - bench/rows_probe.py
@@ -124,3 +126,34 @@ def test_the_probe_writes_both_measurements_of_each_round(tmp_path):
         (only,) = case["rounds"]
         assert set(only) == {"rows", "lane", "objects"}
         assert all(only[side][key] > 0 for side in only for key in ("encoder_us", "language_us", "wall_us"))
+
+
+def test_the_runtimes_phases_are_each_charged_once_and_put_back():
+    """bench/rows_probe.py's RuntimePhases: every phase of the usual path is charged, the
+    phases of a side add up to no more than its engine calls' total (a nested call charged
+    twice would overflow it), and restore() leaves every method as it was."""
+    cluster = LocalCluster(config=Config(block_size=16, default_alloc_tokens=64, language_pool_blocks=64), dim=16)
+    spent = rows_probe.time_engine_calls(cluster)
+    sender, leader = cluster.senders[0], cluster.leader
+    before = {name: getattr(leader, name) for name in rows_probe.RuntimePhases.ENDPOINT["language"]}
+    shared = [rows_probe.SendChannel._send_one, rows_probe.LoopbackHub._match,
+              *(getattr(rows_probe.ops, name) for name in rows_probe.RuntimePhases.OPS)]
+    phases = rows_probe.RuntimePhases(cluster)
+    payloads = {rid: random_payload(10 + rid, 16, seed=rid) for rid in range(12)}
+    taken = cluster.transfer(payloads)
+    cluster.submit(99, payloads[0])
+    cluster.admit(99)
+    cluster.run_until(lambda: 99 in leader.finished())  # the single calls too
+    phases.restore()
+    assert all(copies[0].bit_equal(payloads[rid]) for rid, copies in taken.items())
+    charged = phases.spent
+    for key in ("language.admit_many", "language.admissions", "language.message", "language.landed",
+                "language.take_many", "language.records", "language.bus", "language.unpack", "encoder.submit_many",
+                "encoder.records", "encoder.release", "encoder.bus", "encoder.message", "encoder.pack", "wire"):
+        assert charged[key] > 0, key
+    for side in ("language", "encoder"):
+        assert sum(v for k, v in charged.items() if k.startswith(side + ".")) <= spent[side]
+    assert {name: getattr(leader, name) for name in before} == before
+    assert [rows_probe.SendChannel._send_one, rows_probe.LoopbackHub._match,
+            *(getattr(rows_probe.ops, name) for name in rows_probe.RuntimePhases.OPS)] == shared
+    assert not {"drain", "flush", "publish"} & set(vars(sender.bus)) and not {"_on_record"} & set(vars(sender))
