@@ -6,7 +6,11 @@ off by default: its docstring says why); TP followers keep a `Request` object pe
 request. `bench/rows_probe.py` drives both sides' usual steps on the table through
 many_small's batches (bit-exact, the real records, payload checks, outputs and launches),
 against the runtime in the same process: what the design costs per request where it is
-complete.
+complete. It also times the runtime phase by phase under the probe's step names
+(`RuntimePhases`): on the CPU every phase of the lanes costs 1.4-8x the probe's
+(bench/results/pipeline-NOTES.md, twenty-third section), so what is left is each step's
+fixed work (the block allocator's Python stack, a TRANSFER's segments as tuples, the
+records' framing), not one hot spot.
 
 The design the endpoints are to follow (one lane per side, the same rules on both):
 
