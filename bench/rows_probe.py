@@ -434,7 +434,8 @@ class RuntimePhases:
     (`ops.unpack_together` inside `Receiver._landed`) counts to its own phase only.
     `language.records` and `encoder.records` are the records' handling and building,
     `*.bus` their framing, encoding and decoding (which the probe pays inside its
-    steps); what a side's total holds beyond its phases is `progress()`'s own work. The
+    steps); what a side's total holds beyond its phases is `progress()`'s own work and,
+    on whichever side posts it, the loopback wire's copy (`wire`). The
     single calls (`admit`, `submit`, `take`, `release`: the latency case) count to their
     batch call's phase."""
 
