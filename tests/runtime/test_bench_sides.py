@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import json
 import sys
 import time
 from pathlib import Path
@@ -13,6 +14,7 @@ from embxfer.runtime.topology import Topology
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[2] / "bench"))
 import pipeline  # noqa: E402 - bench/pipeline.py
+import views  # noqa: E402 - bench/views.py
 
 
 def test_each_engines_timed_calls_fit_in_the_wall_time_and_change_nothing():
@@ -66,3 +68,21 @@ def test_the_host_yardstick_is_a_best_of_several_and_finite():
     # the best of nine rounds of the same work is not slower than one round by much
     # (a round is about 0.3 ms on the 2-core VM; a stall can only make rounds slower)
     assert best <= 3 * one
+
+
+def test_the_view_benchmark_cuts_the_same_views_every_way(tmp_path):
+    """bench/views.py: each way makes one view per request of the shape and at the place the
+    runtime's outputs have (`BlockPool.empty_rows_together`), and its JSON holds a cost per way."""
+    made = {name: cut() for name, cut in views.ways("cpu").items()}
+    k, n = views.REQUESTS, views.TOKENS
+    for name, cut in made.items():
+        assert len(cut) == k, name
+        if "mrope" in name:
+            assert all(v.shape == (3, n) and v.is_contiguous() for v in cut), name
+            base = cut[0].data_ptr()
+            assert [v.data_ptr() - base for v in cut] == [i * 3 * n * 4 for i in range(k)], name
+        else:
+            assert all(v.shape[0] == n for v in cut), name
+    assert views.main(["--device", "cpu", "--number", "2", "--json", str(tmp_path / "views-{device}.json")]) == 0
+    result = json.loads((tmp_path / "views-cpu.json").read_text())
+    assert set(result["us_per_view"]) == set(made) and all(v > 0 for v in result["us_per_view"].values())
