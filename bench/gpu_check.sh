@@ -2,9 +2,10 @@
 # GPU check, run on the device machine from anywhere: every GPU test of the project
 # (pytest -m gpu tests/), the kernel and pipeline benchmarks (the copy ceiling measured in
 # the same run) and the real-model example in bf16. Results go to $OUT (default
-# /tmp/embxfer-gpu-check), ten files, no sub-folders:
+# /tmp/embxfer-gpu-check), eleven files, no sub-folders:
 #   gpu-check.log (everything printed), kernels-<device>.json/.png, graph-probe-<device>.json,
-#   pipeline-<device>.json/.png, items-<device>.json, rows-probe-<device>.json, steady.jsonl,
+#   pipeline-<device>.json/.png, items-<device>.json, rows-probe-<device>.json, views-<device>.json,
+#   steady.jsonl,
 #   vlm-<device>.json
 #   (and pipeline-<device>-before.json/.png with GPU_CHECK_BEFORE)
 # Arguments are passed to bench/kernels.py (e.g. --sweep, --cases ab).
@@ -102,6 +103,11 @@ if [ "${GPU_CHECK_SKIP_BENCH:-0}" != 1 ]; then
         rows_status=${PIPESTATUS[0]}
         echo "rows probe exit status: $rows_status" | tee -a "$LOG"
         [ "$rows_status" = 0 ] || status=$rows_status
+        # what one output view costs, each way to cut a message's outputs
+        python3 bench/views.py --json "$OUT/views-{device}.json" 2>&1 | tee -a "$LOG"
+        views_status=${PIPESTATUS[0]}
+        echo "views bench exit status: $views_status" | tee -a "$LOG"
+        [ "$views_status" = 0 ] || status=$views_status
         # the steady state rep by rep (graph captures, collector passes), the collector
         # as it is and frozen after set-up, alternating, each in a process of its own
         for mode in on setup on setup; do
