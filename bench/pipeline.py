@@ -93,22 +93,36 @@ ENGINE_CALLS = ("progress", "admit", "admit_many", "submit", "submit_many", "tak
                 "release", "release_many", "state")
 
 
-def count_calls(owner: object, name: str, key: str, spent: dict, calls: dict) -> Callable[[], None]:
+def count_calls(owner: object, name: str, key: str, spent: dict, calls: dict,
+                nested: list[float] | None = None) -> Callable[[], None]:
     """Replace `owner.name` by a wrapper that adds its seconds to `spent[key]` and 1 to
-    `calls[key]` (dicts that hold the key, or Counters); returns what puts the original
-    back. For the probes of this folder (bench/latency_probe.py, bench/steady.py)."""
+    `calls[key]` (dicts that hold the key, or Counters); returns what puts `owner` back as
+    it was (a name `owner` only inherited is removed again). With `nested`, a list shared
+    by the wrappers of one probe, a call's seconds leave out those of wrapped calls made
+    inside it (each counted under its own key). For the probes of this folder
+    (bench/latency_probe.py, bench/steady.py, bench/rows_probe.py)."""
     original = getattr(owner, name)
+    clock = time.perf_counter
 
     def counted(*args, **kwargs):
-        started = time.perf_counter()
+        started = clock()
+        if nested is not None:
+            nested.append(0.0)
         try:
             return original(*args, **kwargs)
         finally:
-            spent[key] += time.perf_counter() - started
+            took = clock() - started
+            if nested is not None:
+                spent[key] += took - nested.pop()
+                if nested:
+                    nested[-1] += took
+            else:
+                spent[key] += took
             calls[key] += 1
 
+    own = name in getattr(owner, "__dict__", {})
     setattr(owner, name, counted)
-    return lambda: setattr(owner, name, original)
+    return (lambda: setattr(owner, name, original)) if own else (lambda: delattr(owner, name))
 
 
 def time_engine_calls(cluster: LocalCluster) -> dict[str, float]:

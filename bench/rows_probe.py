@@ -44,12 +44,14 @@ include.
 from __future__ import annotations
 
 import argparse
+import collections
 import gc
 import json
 import statistics
 import struct
 import sys
 import time
+from collections.abc import Callable
 from pathlib import Path
 from typing import NamedTuple
 
@@ -69,7 +71,7 @@ from embxfer.runtime.sender import Sender
 from embxfer.runtime.transport import LoopbackHub
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from pipeline import one_request, result_path, time_engine_calls  # noqa: E402 - bench/pipeline.py, next to this file
+from pipeline import count_calls, one_request, result_path, time_engine_calls  # noqa: E402 - bench/pipeline.py, next to this file
 
 BLOCK = 128
 DIM = 3584  # main() sets it: 3584 on CUDA, 64 on a CPU unless --dim
@@ -451,38 +453,23 @@ class RuntimePhases:
 
     def __init__(self, cluster: LocalCluster) -> None:
         self.spent: dict[str, float] = {}
-        self._stack: list[float] = []  # per wrapped call in progress: the time of calls nested in it
-        self._undo: list = []
+        self._calls: collections.Counter = collections.Counter()
+        self._nested: list[float] = []  # shared by the wrappers: nested calls counted once
+        self._undo: list[Callable[[], None]] = []
         for endpoint in cluster.endpoints:
             side = "encoder" if isinstance(endpoint, Sender) else "language"
             for name, phase in self.ENDPOINT[side].items():
-                self._wrap(endpoint, name, f"{side}.{phase}", instance=True)
+                self._wrap(endpoint, name, f"{side}.{phase}")
             for name in self.BUS:
-                self._wrap(endpoint.bus, name, f"{side}.bus", instance=True)
+                self._wrap(endpoint.bus, name, f"{side}.bus")
         self._wrap(SendChannel, "_send_one", "encoder.message")
         self._wrap(LoopbackHub, "_match", "wire")
         for name, key in self.OPS.items():
             self._wrap(ops, name, key)
 
-    def _wrap(self, owner: object, name: str, key: str, instance: bool = False) -> None:
-        original = getattr(owner, name)
-        stack, spent, clock = self._stack, self.spent, time.perf_counter
-        spent.setdefault(key, 0.0)
-
-        def timed(*args, **kwargs):
-            started = clock()
-            stack.append(0.0)
-            try:
-                return original(*args, **kwargs)
-            finally:
-                took = clock() - started
-                spent[key] += took - stack.pop()
-                if stack:
-                    stack[-1] += took
-
-        own = not instance or name in vars(owner)  # (an instance's own attribute: another probe's wrapper)
-        setattr(owner, name, timed)
-        self._undo.append((lambda: setattr(owner, name, original)) if own else (lambda: delattr(owner, name)))
+    def _wrap(self, owner: object, name: str, key: str) -> None:
+        self.spent.setdefault(key, 0.0)
+        self._undo.append(count_calls(owner, name, key, self.spent, self._calls, nested=self._nested))
 
     def restore(self) -> None:
         for undo in reversed(self._undo):
