@@ -1347,10 +1347,13 @@ class Receiver(Endpoint):
 
     def _on_own_engine_lost(self, rank: int, why: str) -> None:
         """A TP peer of this language engine is lost: nothing of this incarnation can
-        complete any more; what the dead leader would have freed is freed here."""
+        complete any more; what the dead leader would have freed is freed here. A SUCCESS
+        is finished, not in flight: its payload (all its rows, read by this rank) stays for
+        the engine's `take`, which may be in the very step that learned of the loss."""
         for request in [*self.requests.values(), *self._awaiting_free.values()]:
             self._release_blocks(request)
-            self._drop_outputs(request)
+            if request.state is not RequestState.SUCCESS:
+                self._drop_outputs(request)
         self._awaiting_free.clear()
 
     # -- the lane (runtime/lane.py) ---------------------------------------------------------

@@ -724,3 +724,28 @@ def test_a_language_engine_that_drains_while_a_restarted_encoder_joins_it_still_
     cluster.run_until(lambda: leader.state(1) is RequestState.SUCCESS and sender.state(1).terminal)
     assert view.state == "draining" and sender.state(1) is RequestState.SUCCESS
     assert leader.take(1).bit_equal(payload)
+
+
+@pytest.mark.parametrize("lost", ["leader", "follower"])
+def test_a_success_not_yet_taken_when_a_tp_peer_dies_is_still_taken_whole(lost):
+    """A SUCCESS is finished, not in flight: losing a TP peer of the language engine fails
+    what is in flight, but a payload whose rows this rank all read stays for `take`. Before,
+    the loss dropped it and left the request SUCCESS without outputs, so that a `take` in
+    the very step that learned of the loss raised AttributeError (seen in the demo's
+    fault test, when the language leader was killed)."""
+    cluster = cluster_for(language_tp=2)
+    payload = start(cluster, 1, 3000)
+    cluster.run_until(lambda: all(r.poll(1) is RequestState.SUCCESS for r in cluster.receivers.values()))
+    leader = cluster.leader
+    follower = next(r for r in cluster.receivers.values() if r is not leader)
+    dead, survivor = (leader, follower) if lost == "leader" else (follower, leader)
+    start(cluster, 2, 3000)  # in flight when the peer dies
+    cluster.bus_hub.dead[dead.rank] = f"rank {dead.rank} stopped publishing heartbeats"
+    survivor._next_liveness = 0.0
+    survivor.progress()
+    assert survivor.broken is not None and dead.rank in survivor.dead_peers
+    assert survivor.poll(2) is RequestState.FAILED and "peer_dead" in survivor.error(2)
+    assert survivor.poll(1) is RequestState.SUCCESS
+    assert survivor.take(1).bit_equal(payload)
+    survivor.release(2)
+    assert survivor.output_bytes == 0 and survivor.allocator.num_used == 0
