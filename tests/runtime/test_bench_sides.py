@@ -7,9 +7,12 @@ import sys
 import time
 from pathlib import Path
 
+import torch
+
 from embxfer.runtime import Config
 from embxfer.runtime.endpoint import Endpoint
 from embxfer.runtime.local import LocalCluster, random_payload
+from embxfer.runtime.pool import BlockPool
 from embxfer.runtime.topology import Topology
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[2] / "bench"))
@@ -86,3 +89,25 @@ def test_the_view_benchmark_cuts_the_same_views_every_way(tmp_path):
     assert views.main(["--device", "cpu", "--number", "2", "--json", str(tmp_path / "views-{device}.json")]) == 0
     result = json.loads((tmp_path / "views-cpu.json").read_text())
     assert set(result["us_per_view"]) == set(made) and all(v > 0 for v in result["us_per_view"].values())
+    assert set(result["us_per_allocation"]) == set(views.allocations("cpu"))
+    assert all(v > 0 for v in result["us_per_allocation"].values())
+
+
+def test_the_one_buffer_outputs_are_the_shipped_outputs_shapes_apart_in_one_allocation():
+    """bench/views.py's single-buffer way: each field has the shape, dtype and contiguity of
+    `BlockPool.empty_rows`' own, and the three lie apart inside one buffer (writing one
+    changes nothing of another)."""
+    pool = BlockPool(2, 16, 64, torch.bfloat16)
+    for n in (1, 7, 1024):
+        shipped = pool.empty_rows(n)
+        made = views.one_buffer(n, 64, "cpu")
+        for mine, theirs in zip(made, shipped[:3], strict=True):
+            assert (mine.shape, mine.dtype, mine.is_contiguous()) == (theirs.shape, theirs.dtype, True)
+        assert len({t.untyped_storage().data_ptr() for t in made}) == 1
+        spans = sorted((t.data_ptr(), t.data_ptr() + t.numel() * t.element_size()) for t in made)
+        assert all(end <= start for (_, end), (start, _) in zip(spans[:-1], spans[1:], strict=True))
+        assert spans[-1][1] - spans[0][0] <= made[0].untyped_storage().nbytes()
+        made[1].fill_(-1)
+        made[2].fill_(-2)
+        made[0].view(torch.int16).fill_(7)
+        assert (made[1] == -1).all() and (made[2] == -2).all()
