@@ -287,15 +287,29 @@ class RankLifetime:
         threading.Thread(target=self._watchdog, name="embxfer-demo-watchdog", daemon=True).start()
 
     def _watchdog(self) -> None:
+        main = threading.main_thread().ident
         time.sleep(self.grace_s)
+        where = _where(sys._current_frames().get(main))
         try:
             from embxfer.control.hygiene import remove_own_segments
 
             removed = f"removed its {len(remove_own_segments(self.prefix))} shared-memory entries"
         except Exception as exc:  # exiting matters more than a complete clean-up
             removed = f"could not remove its shared memory ({type(exc).__name__}: {exc})"
-        say(f"embxfer demo: {self.label}: tear-down took more than {self.grace_s:g}s; {removed} and exited")
+        say(f"embxfer demo: {self.label}: tear-down took more than {self.grace_s:g}s (at {where}); {removed} "
+            "and exited")
         os._exit(self.code)
+
+
+def _where(frame: object, depth: int = 4) -> str:
+    """The innermost `depth` calls of a thread's stack, outermost first ("file:line
+    function > ..."): what a tear-down that overran was doing."""
+    calls = []
+    while frame is not None and len(calls) < depth:
+        code = frame.f_code
+        calls.append(f"{os.path.basename(code.co_filename)}:{frame.f_lineno} {code.co_name}")
+        frame = frame.f_back
+    return " > ".join(reversed(calls)) or "an unknown place"
 
 
 def _end_process(code: int) -> None:

@@ -109,13 +109,22 @@ class PairTransport:
                 backend = _make_nccl(store, my_rank, 2, self.op_timeout)
             else:
                 backend = _make_gloo(store, my_rank, 2, self.op_timeout, self.local_address)
-            pair.backend = backend
+            with self._lock:  # a pair closed or dropped meanwhile never starts its handshake
+                abandoned = self._closed or pair.state != "pending"
+                if not abandoned:
+                    pair.backend = backend
+            if abandoned:
+                _stop_backend(backend, False)
+                return
             self._handshake(pair, lo, hi, my_rank)
         except Exception as exc:
             first = (str(exc).splitlines() or [""])[0][:300]
             with self._lock:
-                pair.state, pair.error = "failed", f"{type(exc).__name__}: {first}"
-            log.error("embxfer: data pair with %s failed: %s", self.describe(pair.peer), pair.error)
+                abandoned = self._closed or pair.state != "pending"  # (its wait was severed by `_stop_pair`)
+                if not abandoned:
+                    pair.state, pair.error = "failed", f"{type(exc).__name__}: {first}"
+            log.log(logging.DEBUG if abandoned else logging.ERROR, "embxfer: data pair with %s failed: %s",
+                    self.describe(pair.peer), f"{type(exc).__name__}: {first}")
             return
         with self._lock:
             if self._closed or pair.state != "pending":
@@ -165,20 +174,31 @@ class PairTransport:
         self._stop_pair(pair)
 
     def _stop_pair(self, pair: _Pair) -> None:
+        """Called once the pair is out of `_pairs` (and, closing, `_closed` is set): its
+        backend, if `_make` had set one, is this call's to stop; one `_make` sets later is
+        stopped there. A pair still in its handshake has a thread waiting in the backend
+        for the peer's nonce or proof (up to `setup_timeout`): that wait is cut like a
+        transfer's."""
         for waiter in pair.waiters.values():
             waiter.stop()
-        if pair.backend is not None:
-            pending = any(not w.is_completed() for w in pair.in_flight)
+        with self._lock:
+            backend = pair.backend
+        if backend is not None:
+            pending = pair.state not in ("ready", "dropped") or any(not w.is_completed() for w in pair.in_flight)
             if self.backend == "gloo" and pending:
-                _sever_gloo(pair.backend, 1 - pair.peer_rank, 2)
-            _stop_backend(pair.backend, pending)
-        # Nothing of the pair may outlive this call inside gloo: its waiter threads leave
-        # (a severed wait raises at once) and its works go, so the backend is destroyed
-        # now, on this thread, not during interpreter shutdown.
-        for waiter in pair.waiters.values():
-            if not waiter.join(WAITER_JOIN_S):
-                log.warning("%s: a waiter thread did not leave within %.0f s", self.describe(pair.peer),
-                            WAITER_JOIN_S)
+                _sever_gloo(backend, 1 - pair.peer_rank, 2)
+            _stop_backend(backend, pending)
+        # Nothing of the pair may outlive this call inside gloo: its waiter threads and the
+        # thread that made it leave (a severed wait raises at once) and its works go, so the
+        # backend is destroyed now, on this thread, not during interpreter shutdown.
+        left = [waiter.join(WAITER_JOIN_S) for waiter in pair.waiters.values()]
+        maker = pair.thread
+        if backend is not None and maker is not None and maker is not threading.current_thread():
+            maker.join(WAITER_JOIN_S)
+            left.append(not maker.is_alive())
+        if not all(left):
+            log.warning("%s: a thread of the pair did not leave within %.0f s", self.describe(pair.peer),
+                        WAITER_JOIN_S)
         pair.waiters.clear()
         pair.in_flight = []
         pair.backend = None

@@ -164,7 +164,8 @@ def test_a_tear_down_that_hangs_is_cut_short_by_the_watchdog(tmp_path):
     result = subprocess.run([sys.executable, "-c", script], capture_output=True, text=True, timeout=60)
     elapsed = time.monotonic() - started
     assert result.returncode == 7, result.stderr
-    assert re.search(r"tear-down took more than 0.5s; removed its \d+ shared-memory entries", result.stderr)
+    assert re.search(r"tear-down took more than 0.5s \(at <string>:\d+ <module>\); removed its \d+ shared-memory "
+                     r"entries", result.stderr), result.stderr
     assert elapsed < 30
     assert not shm_entries(prefix)
 

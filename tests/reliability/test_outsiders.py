@@ -6,7 +6,10 @@ dropped (security issue, rows 1 and 2 of its table).
 
 from __future__ import annotations
 
+import re
 import secrets
+import subprocess
+import sys
 import threading
 import time
 from datetime import timedelta
@@ -158,3 +161,52 @@ def test_a_pair_whose_peer_lacks_the_secret_sends_nothing():
         theirs.close()
     finally:
         server.close()
+
+
+STALLED_PEER = """
+import sys, threading, time, torch
+from embxfer.runtime.pairs import PairTransport
+from embxfer.runtime.rendezvous import RendezvousServer
+from embxfer.runtime.secret import load_secret
+
+class Stalled(PairTransport):  # makes its end of the pair, then never answers the handshake
+    release = threading.Event()
+    def _handshake(self, pair, lo, hi, my_rank):
+        self.release.wait(60)
+        raise RuntimeError("stalled")
+
+server = RendezvousServer("127.0.0.1", 0)
+secret = load_secret({"EMBXFER_SECRET": "a" * 32})
+ours = PairTransport(server.client(), 10, secret, torch.device("cpu"), setup_timeout_s=60, op_timeout_s=60)
+theirs = Stalled(server.client(), 20, secret, torch.device("cpu"), setup_timeout_s=60, op_timeout_s=60)
+ours.ensure(20)
+theirs.ensure(10)
+deadline = time.monotonic() + 30
+while ours._pairs[20].backend is None and time.monotonic() < deadline:
+    time.sleep(0.01)
+time.sleep(0.3)  # ours is waiting for the peer's nonce now
+assert ours.state(20)[0] == "pending", ours.state(20)
+started = time.monotonic()
+ours.close()
+print(f"closed in {time.monotonic() - started:.3f} s; pair threads alive "
+      f"{sum(t.name.startswith('embxfer-pair-a-') and t.is_alive() for t in threading.enumerate())}")
+Stalled.release.set()
+theirs.close()
+server.close()
+"""
+
+
+def test_closing_during_a_pairs_handshake_cuts_its_wait_and_leaves_no_thread_in_gloo():
+    """A pair is made on its own thread, which waits in gloo for the peer's nonce (up to
+    the setup timeout, 30 s or more). Closing the transport then severs that wait like a
+    transfer's: close returns at once, the thread is gone, and the process exits cleanly.
+    Before, the thread stayed in gloo until the timeout, and an exit meanwhile aborted the
+    process ("terminate called without an active exception")."""
+    started = time.monotonic()
+    result = subprocess.run([sys.executable, "-c", STALLED_PEER], capture_output=True, text=True, timeout=120)
+    assert result.returncode == 0, result.stderr[-3000:]
+    assert "terminate called" not in result.stderr, result.stderr[-3000:]
+    closed = re.search(r"closed in ([\d.]+) s; pair threads alive (\d+)", result.stdout)
+    assert closed, result.stdout + result.stderr[-3000:]
+    assert float(closed.group(1)) < 2.0 and closed.group(2) == "0", closed.group(0)
+    assert time.monotonic() - started < 30
