@@ -28,6 +28,7 @@ from __future__ import annotations
 import logging
 import secrets
 import threading
+import time
 from dataclasses import dataclass, field
 from datetime import timedelta
 from typing import Any
@@ -105,6 +106,8 @@ class PairTransport:
         my_rank = 1 - pair.peer_rank
         try:
             store = dist.PrefixStore(f"embxfer/pair/{tag}/", self.store.clone())
+            if not self._await_peer(store, pair, my_rank):
+                return
             if self.backend == "nccl":
                 backend = _make_nccl(store, my_rank, 2, self.op_timeout)
             else:
@@ -130,6 +133,28 @@ class PairTransport:
             if self._closed or pair.state != "pending":
                 return
             pair.state = "ready"
+
+    def _await_peer(self, store: Any, pair: _Pair, my_rank: int) -> bool:
+        """Both sides say they are here before either builds its backend, whose
+        construction waits for the peer inside the store's C++ call (up to the store's
+        timeout) where nothing can cut it: this wait is Python's, so a pair closed or
+        dropped while its peer has not come leaves no thread behind (False). The peer
+        is looked for every 1 ms at first, then less often, at most every 50 ms;
+        TimeoutError once `setup_timeout` has passed."""
+        store.set(f"here/{my_rank}", b"1")
+        peer_key = f"here/{1 - my_rank}"
+        deadline = time.monotonic() + self.setup_timeout.total_seconds()
+        pause = 0.001
+        while not store.check([peer_key]):
+            with self._lock:
+                if self._closed or pair.state != "pending":
+                    return False
+            if time.monotonic() > deadline:
+                raise TimeoutError(f"{self.describe(pair.peer)} did not come to the pair within "
+                                   f"{self.setup_timeout.total_seconds():g} s")
+            time.sleep(pause)
+            pause = min(2 * pause, 0.05)
+        return True
 
     def _handshake(self, pair: _Pair, lo: int, hi: int, my_rank: int) -> None:
         """Nonces, then MACs, lower rank sending first (a receive posted before a send the
@@ -173,12 +198,15 @@ class PairTransport:
             pair.state = "failed" if pair.state != "ready" else "dropped"
         self._stop_pair(pair)
 
-    def _stop_pair(self, pair: _Pair) -> None:
+    def _stop_pair(self, pair: _Pair, closing: bool = False) -> None:
         """Called once the pair is out of `_pairs` (and, closing, `_closed` is set): its
         backend, if `_make` had set one, is this call's to stop; one `_make` sets later is
         stopped there. A pair still in its handshake has a thread waiting in the backend
         for the peer's nonce or proof (up to `setup_timeout`): that wait is cut like a
-        transfer's."""
+        transfer's, and the thread joined. One still waiting for its peer to come leaves
+        within 50 ms (`_await_peer`): `close` joins it; `drop`, on the engine's loop, does
+        not wait for it (its peer may have died inside gloo's construction, which only the
+        store's timeout ends)."""
         for waiter in pair.waiters.values():
             waiter.stop()
         with self._lock:
@@ -193,7 +221,7 @@ class PairTransport:
         # backend is destroyed now, on this thread, not during interpreter shutdown.
         left = [waiter.join(WAITER_JOIN_S) for waiter in pair.waiters.values()]
         maker = pair.thread
-        if backend is not None and maker is not None and maker is not threading.current_thread():
+        if (backend is not None or closing) and maker is not None and maker is not threading.current_thread():
             maker.join(WAITER_JOIN_S)
             left.append(not maker.is_alive())
         if not all(left):
@@ -238,7 +266,7 @@ class PairTransport:
             self._closed = True
             pairs, self._pairs = list(self._pairs.values()), {}
         for pair in pairs:
-            self._stop_pair(pair)
+            self._stop_pair(pair, closing=True)
         self.store = None
 
 
