@@ -406,3 +406,39 @@ def test_encoder_lane_rows_past_their_deadlines_fail_as_requests_do(encoder_lane
     assert sender.in_flight == 0
     if encoder_lane:
         assert len(sender._lane.rows) == 0
+
+
+@pytest.mark.parametrize("dead", ["encoder", "language"])
+@pytest.mark.parametrize("at_step", [0, 1, 2, 3, 4, 5, 6, 7, 9, 12])
+def test_whatever_step_a_peer_dies_at_the_survivors_lane_rows_end_takeable_or_releasable(dead, at_step):
+    """Both lanes on, a batch in them (whole payloads and messages that end inside one), and
+    the other side's rank dies after `at_step` steps: on the survivor each request, row or
+    object, ends SUCCESS (taken whole, bit-exact) or FAILED by the loss (released), or
+    waits unbound for a language engine (a submit never allocated: aborted here); then
+    nothing is held, no row, request, block or output byte."""
+    cluster = _cluster(lane=True, encoder_lane=True)
+    leader, sender = cluster.leader, cluster.senders[0]
+    ids = list(range(1, 25))
+    payloads = {rid: random_payload(8 + 37 * (rid % 7), DIM, seed=rid) for rid in ids}
+    leader.admit_many(ids)
+    sender.submit_many(list(payloads.items()))
+    for _ in range(at_step):
+        cluster.step()
+    victim, survivor = (sender, leader) if dead == "encoder" else (leader, sender)
+    cluster.bus_hub.dead[victim.rank] = f"rank {victim.rank} stopped publishing heartbeats"
+    survivor._next_liveness = 0.0
+    survivor.progress()
+    for rid, payload in payloads.items():
+        state = survivor.state(rid)
+        if state is RequestState.BOOTSTRAPPING and survivor is sender and sender._lookup(rid).peer is None:
+            sender.abort(rid)
+            state = sender.state(rid)
+        assert state.terminal, (rid, state)
+        if state is RequestState.SUCCESS and survivor is leader:
+            assert leader.take(rid).bit_equal(payload), rid
+        else:
+            if state is RequestState.FAILED:
+                assert "peer_dead" in survivor.error(rid) or "user" in survivor.error(rid), survivor.error(rid)
+            survivor.release(rid)
+    assert survivor.in_flight == 0 and not survivor.requests and not survivor._lane.rows.slot_of
+    assert survivor._blocks_in_use() == 0 and getattr(survivor, "output_bytes", 0) == 0
