@@ -826,3 +826,43 @@ def test_whatever_step_any_rank_dies_at_every_survivor_ends_each_request_and_hol
                 endpoint.release(rid)
         assert endpoint.in_flight == 0 and not endpoint.requests, endpoint.rank
         assert endpoint._blocks_in_use() == 0 and getattr(endpoint, "output_bytes", 0) == 0, endpoint.rank
+
+
+@pytest.mark.parametrize("aborter", ["encoder leader", "encoder follower", "language leader", "language follower"])
+@pytest.mark.parametrize("at_step", [0, 1, 2, 4, 7, 11, 16, 22, 29, 35, 38])
+def test_an_abort_from_any_rank_at_any_step_fails_that_request_alone(aborter, at_step):
+    """One TP rank of either engine aborts a request that resumes (9000 tokens through a
+    pool of 6144, done at step 39 if left alone) at each of 11 points of a mixed load: it
+    ends FAILED with the abort's reason on every rank of both engines; every other
+    request arrives bit-exact on both language ranks; then nothing is held anywhere and
+    the next request goes through."""
+    config = Config(block_size=128, default_alloc_tokens=1024, language_pool_blocks=48, staging_bytes=1 << 14)
+    cluster = LocalCluster(Topology(1, 2, 2), config, dim=DIM)
+    sizes = [100, 3000, 700, 9000, 128, 2500]
+    payloads = {rid: start(cluster, rid, n) for rid, n in enumerate(sizes, start=1)}
+    doomed = 4
+    side, which = aborter.split()
+    ranks = list((cluster.senders if side == "encoder" else cluster.receivers).values())
+    rank = next(e for e in ranks if e.is_leader == (which == "leader"))
+    for _ in range(at_step):
+        cluster.step()
+    assert not rank.state(doomed).terminal
+    rank.abort(doomed, "the engine gave up")
+    cluster.settle()
+    for endpoint in cluster.endpoints:
+        assert endpoint.state(doomed) is RequestState.FAILED, (endpoint.rank, endpoint.state(doomed))
+        assert "user" in endpoint.error(doomed) and "the engine gave up" in endpoint.error(doomed), \
+            (endpoint.rank, endpoint.error(doomed))
+        endpoint.release(doomed)
+        for rid, payload in payloads.items():
+            if rid != doomed:
+                assert endpoint.state(rid) is RequestState.SUCCESS, (endpoint.rank, rid, endpoint.state(rid))
+                if endpoint in cluster.receivers.values():
+                    assert endpoint.take(rid).bit_equal(payload), (endpoint.rank, rid)
+                else:
+                    endpoint.release(rid)
+    cluster.settle()
+    for endpoint in cluster.endpoints:
+        assert endpoint.in_flight == 0 and not endpoint.requests, endpoint.rank
+        assert endpoint._blocks_in_use() == 0 and getattr(endpoint, "output_bytes", 0) == 0, endpoint.rank
+    assert_healthy_afterwards(cluster)
