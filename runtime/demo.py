@@ -245,8 +245,8 @@ class RankLifetime:
     The first SIGTERM or SIGINT unwinds the rank (SystemExit, KeyboardInterrupt) through
     its tear-down. Once tear-down has started, further signals are ignored (a second one
     would cut `close()` short and leave gloo's connections half closed), and a watchdog
-    thread bounds it: after `grace_s` it unlinks this process's own shared memory and ends
-    the process with the status decided so far.
+    thread bounds it: after `grace_s` it unlinks this process's own shared memory and what
+    dead processes of the job left, and ends the process with the status decided so far.
     """
 
     def __init__(self, grace_s: float = TEARDOWN_GRACE_S) -> None:
@@ -291,9 +291,14 @@ class RankLifetime:
         time.sleep(self.grace_s)
         where = _where(sys._current_frames().get(main))
         try:
-            from embxfer.control.hygiene import remove_own_segments
+            from embxfer.control.hygiene import remove_own_segments, remove_segments
 
             removed = f"removed its {len(remove_own_segments(self.prefix))} shared-memory entries"
+            # and what dead peers left, as the tear-down would have (`run_rank`): under
+            # torchrun no launcher of ours removes it
+            stale = len(remove_segments(stale_only=True, prefix=self.prefix))
+            if stale:
+                removed += f" and {stale} of dead processes"
         except Exception as exc:  # exiting matters more than a complete clean-up
             removed = f"could not remove its shared memory ({type(exc).__name__}: {exc})"
         say(f"embxfer demo: {self.label}: tear-down took more than {self.grace_s:g}s (at {where}); {removed} "
