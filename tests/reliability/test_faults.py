@@ -204,7 +204,7 @@ def test_sigkill_under_torchrun_leaves_no_rank_and_no_segment(tmp_path):
         while prefix_processes(prefix) or shm_entries(prefix):
             if time.monotonic() - killed >= BOUND_S:
                 left = prefix_processes(prefix), shm_entries(prefix)
-                launcher.kill()
+                os.killpg(launcher.pid, signal.SIGKILL)  # (its session: torchrun and the ranks)
                 raise AssertionError(f"left after {BOUND_S:g}s: {left}\n{launcher.communicate(timeout=30)[1][-3000:]}")
             time.sleep(0.02)
         gone_s = time.monotonic() - killed
