@@ -171,13 +171,18 @@ def test_a_tear_down_that_hangs_is_cut_short_by_the_watchdog(tmp_path):
         "time.sleep(60)  # the tear-down that never finishes\n"
     )
     started = time.monotonic()
-    result = subprocess.run([sys.executable, "-c", script], capture_output=True, text=True, timeout=60)
-    elapsed = time.monotonic() - started
+    try:
+        result = subprocess.run([sys.executable, "-c", script], capture_output=True, text=True, timeout=60)
+        elapsed = time.monotonic() - started
+        left = shm_entries(prefix)
+    finally:  # (a failing run leaves nothing behind either)
+        for name in shm_entries(prefix):
+            os.unlink(os.path.join("/dev/shm", name))
     assert result.returncode == 7, result.stderr
     assert re.search(r"tear-down took more than 0.5s \(at <string>:\d+ <module>\); removed its \d+ shared-memory "
                      r"entries and [2-9] of dead processes and exited", result.stderr), result.stderr
     assert elapsed < 30
-    assert not shm_entries(prefix)
+    assert not left
 
 
 def test_sigkill_under_torchrun_leaves_no_rank_and_no_segment(tmp_path):
