@@ -118,6 +118,7 @@ def test_a_squatter_with_another_secret_gets_no_slot_and_no_data():
         assert all(e["status"] == "verified" for events in done.values() for e in events)
         assert squatter.first("up") is None and not [e for e in squatter.events if e.get("event") == "done"]
         squatter.process.kill()
+        squatter.process.wait(timeout=30)  # dead before the members close (a kill is not instant)
         assert len(real) == 2
     assert not shm_entries(prefix)
 
