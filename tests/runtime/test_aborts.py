@@ -751,54 +751,35 @@ def test_a_success_not_yet_taken_when_a_tp_peer_dies_is_still_taken_whole(lost):
     assert survivor.output_bytes == 0 and survivor.allocator.num_used == 0
 
 
-@pytest.mark.parametrize("lost", ["leader", "follower"])
-@pytest.mark.parametrize("at_step", [0, 1, 2, 3, 5, 8, 12, 18, 25, 35, 50, 70, 100, 140, 200])
-def test_whatever_step_a_tp_peer_dies_at_every_request_ends_takeable_or_releasable(lost, at_step):
-    """A TP peer of the language engine dies after `at_step` steps of a mixed load (one
-    round and resumes, admissions waiting for blocks; all of it SUCCESS by step 200, most
-    steps finishing some). On the survivor, as an engine's
-    loop sees it: every request is SUCCESS (taken whole, bit-exact) or FAILED (released),
-    none is left in flight, and once that is done nothing is held: no output bytes, no
-    block."""
-    cluster = cluster_for(language_tp=2, pool_blocks=48)
-    sizes = [100, 3000, 700, 9000, 128, 2500, 5000, 64]
-    payloads = {rid: start(cluster, rid, n) for rid, n in enumerate(sizes, start=1)}
-    leader = cluster.leader
-    follower = next(r for r in cluster.receivers.values() if r is not leader)
-    dead, survivor = (leader, follower) if lost == "leader" else (follower, leader)
-    for _ in range(at_step):
-        cluster.step()
-    cluster.bus_hub.dead[dead.rank] = f"rank {dead.rank} stopped publishing heartbeats"
-    survivor._next_liveness = 0.0
-    survivor.progress()
-    assert survivor.broken is not None
-    for rid, payload in payloads.items():
-        state = survivor.state(rid)
-        assert state.terminal, (rid, state)
-        if state is RequestState.SUCCESS:
-            assert survivor.take(rid).bit_equal(payload), rid
-        else:
-            assert "peer_dead" in survivor.error(rid), survivor.error(rid)
-            survivor.release(rid)
-    assert survivor.output_bytes == 0 and survivor.allocator.num_used == 0
+def mixed_load_tp2x2(sizes: list[int]) -> tuple[LocalCluster, dict[int, Payload]]:
+    """One encoder engine and one language engine of two TP ranks each, a pool of 48 blocks
+    (6144 tokens), 16 KiB messages, and these requests admitted and submitted (ids 1..)."""
+    config = Config(block_size=128, default_alloc_tokens=1024, language_pool_blocks=48, staging_bytes=1 << 14)
+    cluster = LocalCluster(Topology(1, 2, 2), config, dim=DIM)
+    return cluster, {rid: start(cluster, rid, n) for rid, n in enumerate(sizes, start=1)}
+
+
+def rank_named(cluster: LocalCluster, who: str):
+    """'encoder leader', 'language follower'... of a layout with one engine a side."""
+    side, which = who.split()
+    ranks = (cluster.senders if side == "encoder" else cluster.receivers).values()
+    return next(e for e in ranks if e.is_leader == (which == "leader"))
 
 
 @pytest.mark.parametrize("victim", ["encoder leader", "encoder follower", "language leader", "language follower"])
-@pytest.mark.parametrize("at_step", [0, 2, 5, 9, 14, 20, 30, 45, 70, 110])
+@pytest.mark.parametrize("at_step", [0, 1, 2, 3, 5, 9, 14, 20, 30, 45, 70, 110, 200])
 def test_whatever_step_any_rank_dies_at_every_survivor_ends_each_request_and_holds_nothing(victim, at_step):
-    """The same, on a layout with two TP ranks on each side and any rank the victim: every
-    survivor (the dead rank's TP peer, whose engine is lost, and both ranks of the other
-    engine, which lose it) ends each request SUCCESS, taken whole, or FAILED by the loss,
-    released; then no request, output byte or block is left anywhere. (A submit that no
-    language engine has allocated yet is bound to none: it waits, within its deadline, for
-    the engine that admits its id, a restarted one included; here the engine aborts it.)"""
-    config = Config(block_size=128, default_alloc_tokens=1024, language_pool_blocks=48, staging_bytes=1 << 14)
-    cluster = LocalCluster(Topology(1, 2, 2), config, dim=DIM)
-    sizes = [100, 3000, 700, 9000, 128, 2500, 5000, 64]
-    payloads = {rid: start(cluster, rid, n) for rid, n in enumerate(sizes, start=1)}
-    side, which = victim.split()
-    ranks = list((cluster.senders if side == "encoder" else cluster.receivers).values())
-    dead = next(e for e in ranks if e.is_leader == (which == "leader"))
+    """Any rank of a TP-2 x TP-2 layout dies after `at_step` steps of a mixed load (one
+    round and resumes, admissions waiting for blocks; all of it SUCCESS by step 200, most
+    steps finishing some). Every survivor (the dead rank's TP peer, whose engine is lost,
+    and both ranks of the other engine, which lose it), as an engine's loop sees it, ends
+    each request SUCCESS, taken whole, or FAILED by the loss, released; then no request,
+    output byte or block is left anywhere. Before 9166743 a language rank that lost a TP
+    peer dropped its SUCCESSes' payloads, and `take` raised. (A submit that no language
+    engine has allocated yet is bound to none: it waits, within its deadline, for the
+    engine that admits its id, a restarted one included; here the engine aborts it.)"""
+    cluster, payloads = mixed_load_tp2x2([100, 3000, 700, 9000, 128, 2500, 5000, 64])
+    dead = rank_named(cluster, victim)
     for _ in range(at_step):
         cluster.step()
     cluster.bus_hub.dead[dead.rank] = f"rank {dead.rank} stopped publishing heartbeats"
@@ -807,6 +788,8 @@ def test_whatever_step_any_rank_dies_at_every_survivor_ends_each_request_and_hol
         for endpoint in survivors:
             endpoint._next_liveness = 0.0
             endpoint.progress()
+    peer = next(e for e in survivors if e.role == dead.role)
+    assert peer.broken is not None  # its engine is lost
     for endpoint in survivors:
         for rid, payload in payloads.items():
             state = endpoint.state(rid)
@@ -836,14 +819,9 @@ def test_an_abort_from_any_rank_at_any_step_fails_that_request_alone(aborter, at
     ends FAILED with the abort's reason on every rank of both engines; every other
     request arrives bit-exact on both language ranks; then nothing is held anywhere and
     the next request goes through."""
-    config = Config(block_size=128, default_alloc_tokens=1024, language_pool_blocks=48, staging_bytes=1 << 14)
-    cluster = LocalCluster(Topology(1, 2, 2), config, dim=DIM)
-    sizes = [100, 3000, 700, 9000, 128, 2500]
-    payloads = {rid: start(cluster, rid, n) for rid, n in enumerate(sizes, start=1)}
+    cluster, payloads = mixed_load_tp2x2([100, 3000, 700, 9000, 128, 2500])
     doomed = 4
-    side, which = aborter.split()
-    ranks = list((cluster.senders if side == "encoder" else cluster.receivers).values())
-    rank = next(e for e in ranks if e.is_leader == (which == "leader"))
+    rank = rank_named(cluster, aborter)
     for _ in range(at_step):
         cluster.step()
     assert not rank.state(doomed).terminal
