@@ -103,7 +103,7 @@ if [ "${GPU_CHECK_SKIP_BENCH:-0}" != 1 ]; then
         rows_status=${PIPESTATUS[0]}
         echo "rows probe exit status: $rows_status" | tee -a "$LOG"
         [ "$rows_status" = 0 ] || status=$rows_status
-        # what one output view costs, each way to cut a message's outputs
+        # what one output view and the outputs' allocation cost, each way to make them
         python3 bench/views.py --json "$OUT/views-{device}.json" 2>&1 | tee -a "$LOG"
         views_status=${PIPESTATUS[0]}
         echo "views bench exit status: $views_status" | tee -a "$LOG"
